@@ -1,0 +1,234 @@
+"""The reservation engine: validates every request, then makes exactly one store call.
+
+The engine is what the gRPC service and the CLI call; it knows nothing of gRPC or Redis.
+It also remembers which organizations it has seen recently, so the background sweeper can
+expire their overdue holds even when no request touches them again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from ecu_sidecar.errors import InvalidArgument
+from ecu_sidecar.model import (
+    MAX_GRANTED_UECU,
+    MAX_REQUEST_UECU,
+    AccountRef,
+    Balance,
+    CommitItem,
+    CommitOutcome,
+    ExtendOutcome,
+    GrantKind,
+    GrantOutcome,
+    JobType,
+    ReleaseOutcome,
+    ReserveItem,
+    ReserveOutcome,
+    ScopeUsage,
+)
+from ecu_sidecar.settings import Settings
+from ecu_sidecar.store import RedisStore
+from ecu_sidecar.validation import (
+    CALLER_ID_MAX,
+    check_amount,
+    check_count,
+    check_id,
+    check_model,
+    check_optional_id,
+)
+
+__all__ = ["QuotaEngine"]
+
+_MODEL_REQUIRED = frozenset({JobType.INFERENCE, JobType.JUDGE})
+#: Latest expiry a grant may carry (year 9999), so it stays a sane epoch in milliseconds.
+_MAX_EPOCH_MS = 253_402_300_799_000
+
+
+class QuotaEngine:
+    """Reserve, commit, release, extend, grant: validated, one script call each."""
+
+    def __init__(self, store: RedisStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._recent: OrderedDict[str, None] = OrderedDict()
+
+    # -- validation helpers -------------------------------------------------------------------
+
+    def _account(self, field: str, account: AccountRef) -> AccountRef:
+        check_id(f"{field}.organization", account.organization)
+        check_optional_id(f"{field}.team", account.team)
+        check_optional_id(f"{field}.project", account.project)
+        check_optional_id(f"{field}.user", account.user)
+        return account
+
+    def _ttl(self, field: str, ttl_ms: int, *, zero_means: int) -> int:
+        if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int):
+            raise InvalidArgument(field, "must be an integer number of milliseconds")
+        if ttl_ms == 0:
+            return zero_means
+        lo, hi = self.settings.min_ttl_ms, self.settings.max_ttl_ms
+        if not lo <= ttl_ms <= hi:
+            raise InvalidArgument(
+                field, f"must be 0 (default) or between {lo} and {hi} ms, got {ttl_ms}"
+            )
+        return ttl_ms
+
+    def _batch_size(self, field: str, n: int) -> None:
+        if n == 0:
+            raise InvalidArgument(field, "must hold at least one item")
+        if n > self.settings.max_batch_items:
+            raise InvalidArgument(
+                field, f"must hold at most {self.settings.max_batch_items} items, got {n}"
+            )
+
+    def _seen(self, org: str) -> None:
+        recent = self._recent
+        if org in recent:
+            recent.move_to_end(org)
+            return
+        recent[org] = None
+        if len(recent) > self.settings.sweep_max_orgs:
+            recent.popitem(last=False)
+
+    def recent_organizations(self) -> list[str]:
+        """Organizations this process served recently (for the background sweeper)."""
+        return list(self._recent)
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def reserve(
+        self, account: AccountRef, items: Sequence[ReserveItem], *, batch: bool = False
+    ) -> ReserveOutcome:
+        """Hold each item's worst case against the account (and its caps), all or nothing."""
+        self._account("account", account)
+        if batch:
+            self._batch_size("items", len(items))
+        seen: set[str] = set()
+        resolved = []
+        total = 0
+        for i, it in enumerate(items):
+            f = f"items[{i}]." if batch else ""
+            check_id(f"{f}reservation_id", it.reservation_id, CALLER_ID_MAX)
+            if it.reservation_id in seen:
+                raise InvalidArgument(
+                    f"{f}reservation_id", f"{it.reservation_id} appears twice in the batch"
+                )
+            seen.add(it.reservation_id)
+            check_amount(f"{f}amount_uecu", it.amount_uecu)
+            if not isinstance(it.job_type, JobType):
+                raise InvalidArgument(f"{f}job_type", "must be one of " + ", ".join(JobType))
+            check_model(f"{f}model", it.model, it.job_type in _MODEL_REQUIRED)
+            ttl = self._ttl(f"{f}ttl_ms", it.ttl_ms, zero_means=self.settings.default_ttl_ms)
+            total += it.amount_uecu
+            resolved.append(
+                ReserveItem(it.reservation_id, it.amount_uecu, it.job_type, it.model, ttl)
+            )
+        if total > MAX_REQUEST_UECU:
+            raise InvalidArgument(
+                "items", f"total amount must be at most {MAX_REQUEST_UECU} uECU, got {total}"
+            )
+        outcome = await self.store.reserve(account, resolved)
+        self._seen(account.organization)
+        return outcome
+
+    async def commit(
+        self, org: str, items: Sequence[CommitItem], *, batch: bool = False
+    ) -> list[CommitOutcome]:
+        """Settle holds with their actual costs; each item succeeds or fails on its own."""
+        check_id("organization", org)
+        if batch:
+            self._batch_size("items", len(items))
+        seen: set[str] = set()
+        for i, it in enumerate(items):
+            f = f"items[{i}]." if batch else ""
+            check_id(f"{f}reservation_id", it.reservation_id, CALLER_ID_MAX)
+            if it.reservation_id in seen:
+                raise InvalidArgument(
+                    f"{f}reservation_id", f"{it.reservation_id} appears twice in the batch"
+                )
+            seen.add(it.reservation_id)
+            check_amount(f"{f}actual_uecu", it.actual_uecu, allow_zero=True)
+            check_count(f"{f}usage.tokens_in", it.usage.tokens_in)
+            check_count(f"{f}usage.tokens_out", it.usage.tokens_out)
+            check_count(f"{f}usage.calls", it.usage.calls)
+        outcomes = await self.store.commit(org, items, self.settings.overage_max_percent)
+        self._seen(org)
+        return outcomes
+
+    async def release(self, org: str, reservation_id: str) -> ReleaseOutcome:
+        """Void a hold; its amount returns to available."""
+        check_id("organization", org)
+        check_id("reservation_id", reservation_id, CALLER_ID_MAX)
+        return await self.store.release(org, reservation_id)
+
+    async def extend(
+        self, org: str, reservation_id: str, ttl_ms: int, sequence: int
+    ) -> ExtendOutcome:
+        """Push a live hold's deadline to now + ttl (heartbeat number ``sequence``)."""
+        check_id("organization", org)
+        check_id("reservation_id", reservation_id, CALLER_ID_MAX)
+        ttl = self._ttl("ttl_ms", ttl_ms, zero_means=0)
+        if (
+            isinstance(sequence, bool)
+            or not isinstance(sequence, int)
+            or not 1 <= sequence <= 2**53 - 1
+        ):
+            raise InvalidArgument(
+                "sequence", f"must be an integer from 1 to {2**53 - 1}, got {sequence}"
+            )
+        outcome = await self.store.extend(org, reservation_id, ttl, sequence)
+        self._seen(org)
+        return outcome
+
+    async def balance(self, org: str) -> Balance:
+        """The organization's wallet, hold counters and caps."""
+        check_id("organization", org)
+        return await self.store.balance(org)
+
+    async def grant(
+        self, org: str, grant_id: str, amount_uecu: int, kind: GrantKind, expires_at_ms: int = 0
+    ) -> GrantOutcome:
+        """Credit an organization with a caller-chosen, idempotent grant id."""
+        check_id("organization", org)
+        check_id("grant_id", grant_id, CALLER_ID_MAX)
+        check_amount("amount_uecu", amount_uecu)
+        if not isinstance(kind, GrantKind):
+            raise InvalidArgument("kind", "must be one of " + ", ".join(GrantKind))
+        if (
+            isinstance(expires_at_ms, bool)
+            or not isinstance(expires_at_ms, int)
+            or not 0 <= expires_at_ms <= _MAX_EPOCH_MS
+        ):
+            raise InvalidArgument(
+                "expires_at_unix_ms",
+                f"must be 0 (never) or a Unix time in ms up to {_MAX_EPOCH_MS}",
+            )
+        return await self.store.grant(org, grant_id, amount_uecu, kind, expires_at_ms)
+
+    async def set_cap(
+        self, org: str, scope: str, scope_id: str, cap_uecu: int | None
+    ) -> ScopeUsage:
+        """Set (or with None clear) a team or project cap."""
+        check_id("organization", org)
+        if scope not in ("team", "project"):
+            raise InvalidArgument("scope", "must be team or project")
+        check_id("id", scope_id)
+        if cap_uecu is not None:
+            if (
+                isinstance(cap_uecu, bool)
+                or not isinstance(cap_uecu, int)
+                or not 0 <= cap_uecu <= MAX_GRANTED_UECU
+            ):
+                raise InvalidArgument(
+                    "cap_uecu", f"must be between 0 and {MAX_GRANTED_UECU} uECU, got {cap_uecu}"
+                )
+        return await self.store.set_cap(org, scope, scope_id, cap_uecu)
+
+    async def sweep_recent(self) -> int:
+        """Expire overdue holds of every recently seen organization; returns how many expired."""
+        total = 0
+        for org in self.recent_organizations():
+            expired, _ = await self.store.sweep(org)
+            total += expired
+        return total

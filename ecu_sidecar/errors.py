@@ -1,0 +1,142 @@
+"""Domain errors: one root type, one subclass per outcome a caller can act on.
+
+Each error carries a machine-readable ``reason`` (the google.rpc ErrorInfo reason) and
+``metadata``. The mapping to gRPC status codes lives in one table, in ecu_sidecar.status.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccountNotFound",
+    "AdminDisabled",
+    "BalanceLimit",
+    "EcuError",
+    "HoldCommitted",
+    "HoldExpired",
+    "HoldNotFound",
+    "HoldReleased",
+    "IdempotencyConflict",
+    "InsufficientEcu",
+    "InvalidArgument",
+    "PermissionDenied",
+    "StaleSequence",
+    "StoreUnavailable",
+    "Unauthenticated",
+]
+
+
+class EcuError(Exception):
+    """Root of every error the sidecar reports to a caller."""
+
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, **metadata: str | int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+
+class InvalidArgument(EcuError):
+    """A request field is malformed or out of range; nothing was changed."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}", field=field)
+        self.field = field
+        self.description = description
+
+
+class InsufficientEcu(EcuError):
+    """The organization (or a team/project cap) cannot cover the requested hold."""
+
+    reason = "INSUFFICIENT_ECU"
+
+
+class AccountNotFound(EcuError):
+    """The organization has no ECU account (it was never granted anything)."""
+
+    reason = "ACCOUNT_NOT_FOUND"
+
+
+class HoldNotFound(EcuError):
+    """No hold with that reservation id exists (never made, or its tombstone was purged)."""
+
+    reason = "HOLD_NOT_FOUND"
+
+
+class HoldCommitted(EcuError):
+    """The hold was already committed; it cannot be released or extended."""
+
+    reason = "HOLD_COMMITTED"
+
+
+class HoldReleased(EcuError):
+    """The hold was released; it cannot be committed or extended."""
+
+    reason = "HOLD_RELEASED"
+
+
+class HoldExpired(EcuError):
+    """The hold's deadline passed; it cannot be extended."""
+
+    reason = "HOLD_EXPIRED"
+
+
+class IdempotencyConflict(EcuError):
+    """A caller id was reused with different parameters."""
+
+    reason = "IDEMPOTENCY_CONFLICT"
+
+
+class StaleSequence(EcuError):
+    """An extend carried a sequence number older than one already applied."""
+
+    reason = "STALE_SEQUENCE"
+
+
+class BalanceLimit(EcuError):
+    """A grant would take an account past the largest total it may hold."""
+
+    reason = "BALANCE_LIMIT"
+
+
+class StoreUnavailable(EcuError):
+    """Redis did not answer within the configured timeout, or refused the connection."""
+
+    reason = "STORE_UNAVAILABLE"
+
+
+class AdminDisabled(EcuError):
+    """Admin RPCs are off because no admin token is configured."""
+
+    reason = "ADMIN_DISABLED"
+
+
+class Unauthenticated(EcuError):
+    """An admin RPC arrived without a bearer token."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(EcuError):
+    """An admin RPC arrived with the wrong token."""
+
+    reason = "PERMISSION_DENIED"
+
+
+#: Script error reasons (returned by the Lua scripts) to the exception raised for them.
+BY_REASON: dict[str, type[EcuError]] = {
+    cls.reason: cls
+    for cls in (
+        InsufficientEcu,
+        AccountNotFound,
+        HoldNotFound,
+        HoldCommitted,
+        HoldReleased,
+        HoldExpired,
+        IdempotencyConflict,
+        StaleSequence,
+        BalanceLimit,
+    )
+}

@@ -1,0 +1,215 @@
+"""Value types shared by the engine, the store adapter and the gRPC edge.
+
+Every amount is an integer number of micro-ECU (1 ECU = 1,000,000 µECU).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = [
+    "MAX_GRANTED_UECU",
+    "MAX_REQUEST_UECU",
+    "UECU_PER_ECU",
+    "AccountRef",
+    "Balance",
+    "CommitItem",
+    "CommitOutcome",
+    "ExtendOutcome",
+    "GrantKind",
+    "GrantOutcome",
+    "HoldState",
+    "HoldView",
+    "JobType",
+    "ReleaseOutcome",
+    "ReserveItem",
+    "ReserveOutcome",
+    "ScopeUsage",
+    "Usage",
+]
+
+UECU_PER_ECU = 1_000_000
+#: The largest amount one request may move (a hold, a batch's total, a commit, a grant):
+#: 10^15 µECU = 10^9 ECU. Far below 2^53 so sums in Lua doubles stay exact.
+MAX_REQUEST_UECU = 10**15
+#: The largest total an account may ever be granted (2^52 µECU ≈ 4.5·10^9 ECU).
+MAX_GRANTED_UECU = 2**52
+
+
+class JobType(enum.StrEnum):
+    """The billable step a hold pays for."""
+
+    INFERENCE = "inference"
+    JUDGE = "judge"
+    GEPA = "gepa"
+    TRACE_EVAL = "trace_eval"
+    ENGINE = "engine"
+
+
+class HoldState(enum.StrEnum):
+    """Life-cycle state of a hold; the values are the one-letter codes the scripts store."""
+
+    ACTIVE = "A"
+    COMMITTED = "C"
+    RELEASED = "R"
+    EXPIRED = "E"
+
+
+class GrantKind(enum.StrEnum):
+    """Why an organization was credited."""
+
+    STARTER = "starter"
+    TOP_UP = "top_up"
+    AUTO_TOP_UP = "auto_top_up"
+    ENTERPRISE = "enterprise"
+    ADJUSTMENT = "adjustment"
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRef:
+    """Who pays: the organization wallet and the optional team/project caps."""
+
+    organization: str
+    team: str = ""
+    project: str = ""
+    user: str = ""
+    """Recorded for attribution only; users have no caps."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveItem:
+    """One step to hold: its caller-chosen id, worst-case amount and attribution."""
+
+    reservation_id: str
+    amount_uecu: int
+    job_type: JobType
+    model: str = ""
+    ttl_ms: int = 0
+    """Hold lifetime; 0 means the configured default (resolved by the engine)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a step consumed, recorded with its commit."""
+
+    tokens_in: int = 0
+    tokens_out: int = 0
+    calls: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CommitItem:
+    """One hold to settle with its actual cost."""
+
+    reservation_id: str
+    actual_uecu: int
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True, slots=True)
+class HoldView:
+    """A hold as a reserve answer reports it."""
+
+    reservation_id: str
+    amount_uecu: int
+    deadline_unix_ms: int
+    state: HoldState
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveOutcome:
+    """The answer to a (batch) reservation."""
+
+    holds: list[HoldView]
+    available_uecu: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOutcome:
+    """The answer to one commit; ``error`` is set instead when a batch item failed."""
+
+    reservation_id: str
+    committed_uecu: int = 0
+    released_uecu: int = 0
+    overage_uecu: int = 0
+    unbilled_overage_uecu: int = 0
+    late: bool = False
+    replayed: bool = False
+    available_uecu: int = 0
+    error: Exception | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOutcome:
+    """The answer to a release."""
+
+    reservation_id: str
+    released_uecu: int
+    state: HoldState
+    available_uecu: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendOutcome:
+    """The answer to an extend."""
+
+    reservation_id: str
+    deadline_unix_ms: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GrantOutcome:
+    """The answer to a grant."""
+
+    grant_id: str
+    balance_uecu: int
+    available_uecu: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeUsage:
+    """A team's or project's usage under its optional cap."""
+
+    id: str
+    cap_uecu: int | None
+    held_uecu: int
+    used_uecu: int
+
+    @property
+    def available_uecu(self) -> int:
+        """Room left under the cap (0 when uncapped)."""
+        if self.cap_uecu is None:
+            return 0
+        return self.cap_uecu - self.held_uecu - self.used_uecu
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """An organization's wallet and hold counters (see docs/architecture.md, conservation)."""
+
+    organization: str
+    granted_uecu: int
+    balance_uecu: int
+    held_uecu: int
+    committed_uecu: int
+    reserved_uecu: int
+    committed_from_holds_uecu: int
+    released_uecu: int
+    expired_uecu: int
+    overage_uecu: int
+    unbilled_overage_uecu: int
+    late_committed_uecu: int
+    outstanding_holds: int
+    expired_holds: int
+    teams: list[ScopeUsage]
+    projects: list[ScopeUsage]
+
+    @property
+    def available_uecu(self) -> int:
+        """What new reservations may still take: balance − held."""
+        return self.balance_uecu - self.held_uecu

@@ -1,0 +1,310 @@
+"""The gRPC service: protobuf in, engine call, protobuf out. Nothing else lives here.
+
+Every handler runs inside ``_handle``, which times the call, counts it, and turns a domain
+error into its gRPC status (ecu_sidecar.status) with google.rpc details.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from ecu_sidecar import errors
+from ecu_sidecar.api.v1 import quota_pb2 as pb
+from ecu_sidecar.api.v1 import quota_pb2_grpc
+from ecu_sidecar.engine import QuotaEngine
+from ecu_sidecar.errors import InvalidArgument
+from ecu_sidecar.metrics import Metrics
+from ecu_sidecar.model import (
+    AccountRef,
+    CommitItem,
+    CommitOutcome,
+    GrantKind,
+    HoldState,
+    JobType,
+    ReserveItem,
+    ScopeUsage,
+    Usage,
+)
+from ecu_sidecar.status import code_for, to_grpc_status
+
+__all__ = ["QuotaService"]
+
+log = logging.getLogger(__name__)
+
+_JOB_TYPES = {
+    pb.JOB_TYPE_INFERENCE: JobType.INFERENCE,
+    pb.JOB_TYPE_JUDGE: JobType.JUDGE,
+    pb.JOB_TYPE_GEPA: JobType.GEPA,
+    pb.JOB_TYPE_TRACE_EVAL: JobType.TRACE_EVAL,
+    pb.JOB_TYPE_ENGINE: JobType.ENGINE,
+}
+_GRANT_KINDS = {
+    pb.GRANT_KIND_STARTER: GrantKind.STARTER,
+    pb.GRANT_KIND_TOP_UP: GrantKind.TOP_UP,
+    pb.GRANT_KIND_AUTO_TOP_UP: GrantKind.AUTO_TOP_UP,
+    pb.GRANT_KIND_ENTERPRISE: GrantKind.ENTERPRISE,
+    pb.GRANT_KIND_ADJUSTMENT: GrantKind.ADJUSTMENT,
+}
+_HOLD_STATES = {
+    HoldState.ACTIVE: pb.HOLD_STATE_ACTIVE,
+    HoldState.COMMITTED: pb.HOLD_STATE_COMMITTED,
+    HoldState.RELEASED: pb.HOLD_STATE_RELEASED,
+    HoldState.EXPIRED: pb.HOLD_STATE_EXPIRED,
+}
+_CAP_SCOPES = {pb.CAP_SCOPE_TEAM: "team", pb.CAP_SCOPE_PROJECT: "project"}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _enum(field: str, value: int, table: dict[int, Any], proto_enum: Any) -> Any:
+    try:
+        return table[value]
+    except KeyError:
+        names = ", ".join(proto_enum.Name(k) for k in table)
+        raise InvalidArgument(field, f"must be one of {names}, got {value}") from None
+
+
+def _account(msg: pb.Account) -> AccountRef:
+    return AccountRef(msg.organization, msg.team, msg.project, msg.user)
+
+
+def _usage(msg: pb.Usage) -> Usage:
+    return Usage(msg.tokens_in, msg.tokens_out, msg.calls)
+
+
+def _commit_pb(o: CommitOutcome) -> pb.CommitResponse:
+    return pb.CommitResponse(
+        reservation_id=o.reservation_id,
+        committed_uecu=o.committed_uecu,
+        released_uecu=o.released_uecu,
+        overage_uecu=o.overage_uecu,
+        unbilled_overage_uecu=o.unbilled_overage_uecu,
+        late=o.late,
+        available_uecu=o.available_uecu,
+        replayed=o.replayed,
+    )
+
+
+def _scope_pb(s: ScopeUsage) -> pb.ScopeUsage:
+    return pb.ScopeUsage(
+        id=s.id,
+        has_cap=s.cap_uecu is not None,
+        cap_uecu=s.cap_uecu or 0,
+        held_uecu=s.held_uecu,
+        used_uecu=s.used_uecu,
+        available_uecu=s.available_uecu,
+    )
+
+
+def _handle(
+    method: str,
+) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[..., Awaitable[Resp]]]:
+    """Time and count the RPC; answer domain errors with their status and details."""
+
+    def wrap(fn: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
+        @functools.wraps(fn)
+        async def handler(
+            self: QuotaService, request: Any, context: grpc.aio.ServicerContext
+        ) -> Resp:
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return await fn(self, request, context)
+            except errors.EcuError as exc:
+                code = code_for(exc).name
+                self.metrics.errors.labels(method, exc.reason).inc()
+                log.debug("%s refused: %s %s", method, exc.reason, exc.message)
+                status = to_grpc_status(exc)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                code = "INTERNAL"
+                self.metrics.errors.labels(method, "INTERNAL").inc()
+                log.exception("%s failed unexpectedly", method)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see sidecar logs")
+            finally:
+                self.metrics.rpcs.labels(method, code).inc()
+                self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        return handler
+
+    return wrap
+
+
+class QuotaService(quota_pb2_grpc.QuotaServicer):
+    """ecu_sidecar.api.v1.Quota on top of a QuotaEngine."""
+
+    def __init__(self, engine: QuotaEngine, metrics: Metrics, admin_token: str = "") -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self._admin_token = admin_token.encode()
+
+    def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._admin_token:
+            raise errors.AdminDisabled("admin RPCs are disabled: no ECU_ADMIN_TOKEN is configured")
+        supplied = b""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                text = value.decode() if isinstance(value, bytes) else value
+                if text.startswith("Bearer "):
+                    supplied = text[len("Bearer ") :].encode()
+        if not supplied:
+            raise errors.Unauthenticated(
+                "admin RPCs need 'authorization: Bearer <admin token>' metadata"
+            )
+        if not hmac.compare_digest(supplied, self._admin_token):
+            raise errors.PermissionDenied("the admin token does not match")
+
+    def _reserve_item(self, prefix: str, msg: Any) -> ReserveItem:
+        job = _enum(f"{prefix}job_type", msg.job_type, _JOB_TYPES, pb.JobType)
+        return ReserveItem(msg.reservation_id, msg.amount_uecu, job, msg.model, msg.ttl_ms)
+
+    def _hold_pb(self, org: str, h: Any) -> pb.Hold:
+        return pb.Hold(
+            reservation_id=h.reservation_id,
+            organization=org,
+            amount_uecu=h.amount_uecu,
+            deadline_unix_ms=h.deadline_unix_ms,
+            state=_HOLD_STATES[h.state],
+        )
+
+    @_handle("Reserve")
+    async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
+        account = _account(request.account)
+        out = await self.engine.reserve(account, [self._reserve_item("", request)])
+        return pb.ReserveResponse(
+            hold=self._hold_pb(account.organization, out.holds[0]),
+            available_uecu=out.available_uecu,
+            replayed=out.replayed,
+        )
+
+    @_handle("ReserveBatch")
+    async def ReserveBatch(
+        self, request: pb.ReserveBatchRequest, context: Any
+    ) -> pb.ReserveBatchResponse:
+        account = _account(request.account)
+        items = [self._reserve_item(f"items[{i}].", it) for i, it in enumerate(request.items)]
+        out = await self.engine.reserve(account, items, batch=True)
+        return pb.ReserveBatchResponse(
+            holds=[self._hold_pb(account.organization, h) for h in out.holds],
+            available_uecu=out.available_uecu,
+            replayed=out.replayed,
+        )
+
+    @_handle("Commit")
+    async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
+        item = CommitItem(request.reservation_id, request.actual_uecu, _usage(request.usage))
+        (out,) = await self.engine.commit(request.organization, [item])
+        if out.error is not None:
+            raise out.error
+        return _commit_pb(out)
+
+    @_handle("CommitBatch")
+    async def CommitBatch(
+        self, request: pb.CommitBatchRequest, context: Any
+    ) -> pb.CommitBatchResponse:
+        items = [
+            CommitItem(it.reservation_id, it.actual_uecu, _usage(it.usage)) for it in request.items
+        ]
+        outs = await self.engine.commit(request.organization, items, batch=True)
+        results = []
+        for o in outs:
+            if isinstance(o.error, errors.EcuError):
+                self.metrics.errors.labels("CommitBatch.item", o.error.reason).inc()
+                results.append(
+                    pb.CommitResult(
+                        code=code_for(o.error).value[0],
+                        message=o.error.message,
+                        reason=o.error.reason,
+                        commit=pb.CommitResponse(reservation_id=o.reservation_id),
+                    )
+                )
+            else:
+                results.append(pb.CommitResult(code=0, commit=_commit_pb(o)))
+        available = outs[-1].available_uecu if outs else 0
+        return pb.CommitBatchResponse(results=results, available_uecu=available)
+
+    @_handle("Release")
+    async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
+        out = await self.engine.release(request.organization, request.reservation_id)
+        return pb.ReleaseResponse(
+            reservation_id=out.reservation_id,
+            released_uecu=out.released_uecu,
+            state=_HOLD_STATES[out.state],
+            available_uecu=out.available_uecu,
+            replayed=out.replayed,
+        )
+
+    @_handle("Extend")
+    async def Extend(self, request: pb.ExtendRequest, context: Any) -> pb.ExtendResponse:
+        out = await self.engine.extend(
+            request.organization, request.reservation_id, request.ttl_ms, request.sequence
+        )
+        return pb.ExtendResponse(
+            reservation_id=out.reservation_id,
+            deadline_unix_ms=out.deadline_unix_ms,
+            replayed=out.replayed,
+        )
+
+    @_handle("GetBalance")
+    async def GetBalance(
+        self, request: pb.GetBalanceRequest, context: Any
+    ) -> pb.GetBalanceResponse:
+        b = await self.engine.balance(request.organization)
+        return pb.GetBalanceResponse(
+            balance=pb.Balance(
+                organization=b.organization,
+                granted_uecu=b.granted_uecu,
+                balance_uecu=b.balance_uecu,
+                held_uecu=b.held_uecu,
+                available_uecu=b.available_uecu,
+                committed_uecu=b.committed_uecu,
+                reserved_uecu=b.reserved_uecu,
+                committed_from_holds_uecu=b.committed_from_holds_uecu,
+                released_uecu=b.released_uecu,
+                expired_uecu=b.expired_uecu,
+                overage_uecu=b.overage_uecu,
+                unbilled_overage_uecu=b.unbilled_overage_uecu,
+                late_committed_uecu=b.late_committed_uecu,
+                outstanding_holds=b.outstanding_holds,
+                expired_holds=b.expired_holds,
+                teams=[_scope_pb(s) for s in b.teams],
+                projects=[_scope_pb(s) for s in b.projects],
+            )
+        )
+
+    @_handle("Grant")
+    async def Grant(self, request: pb.GrantRequest, context: Any) -> pb.GrantResponse:
+        self._require_admin(context)
+        kind = _enum("kind", request.kind, _GRANT_KINDS, pb.GrantKind)
+        out = await self.engine.grant(
+            request.organization,
+            request.grant_id,
+            request.amount_uecu,
+            kind,
+            request.expires_at_unix_ms,
+        )
+        return pb.GrantResponse(
+            grant_id=out.grant_id,
+            balance_uecu=out.balance_uecu,
+            available_uecu=out.available_uecu,
+            replayed=out.replayed,
+        )
+
+    @_handle("SetCap")
+    async def SetCap(self, request: pb.SetCapRequest, context: Any) -> pb.SetCapResponse:
+        self._require_admin(context)
+        scope = _enum("scope", request.scope, _CAP_SCOPES, pb.CapScope)
+        cap = None if request.clear else request.cap_uecu
+        out = await self.engine.set_cap(request.organization, scope, request.id, cap)
+        return pb.SetCapResponse(usage=_scope_pb(out))

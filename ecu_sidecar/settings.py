@@ -1,0 +1,235 @@
+"""Settings: one frozen dataclass, the only reader of the environment.
+
+Values come from, in rising precedence: the defaults below, an optional TOML file named by
+``ECU_CONFIG_FILE`` (keys are the variable names without the ``ECU_`` prefix, lower case), and
+``ECU_*`` environment variables. Everything is validated once, at start-up, with errors that
+name the variable, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Settings", "SettingsError", "describe"]
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+def _int(lo: int, hi: int) -> dict[str, Any]:
+    return {"kind": "int", "lo": lo, "hi": hi}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the sidecar can be configured with. Field docs name the variable."""
+
+    listen: str = field(default="127.0.0.1:50051", metadata={"kind": "str"})
+    """ECU_LISTEN: host:port the gRPC server binds (loopback by default)."""
+
+    redis_url: str = field(default="", metadata={"kind": "url"})
+    """ECU_REDIS_URL: redis:// or rediss:// URL; empty runs the embedded in-process store."""
+
+    redis_cluster: bool = field(default=False, metadata={"kind": "bool"})
+    """ECU_REDIS_CLUSTER: treat ECU_REDIS_URL as a Redis Cluster seed node."""
+
+    redis_timeout_ms: int = field(default=250, metadata=_int(1, 60_000))
+    """ECU_REDIS_TIMEOUT_MS: bound on one store call; past it the RPC answers UNAVAILABLE."""
+
+    redis_connect_timeout_ms: int = field(default=250, metadata=_int(1, 60_000))
+    """ECU_REDIS_CONNECT_TIMEOUT_MS: bound on opening a Redis connection."""
+
+    redis_pool_size: int = field(default=64, metadata=_int(1, 10_000))
+    """ECU_REDIS_POOL_SIZE: most Redis connections per node."""
+
+    key_prefix: str = field(default="ecu", metadata={"kind": "str"})
+    """ECU_KEY_PREFIX: namespace of every Redis key (ecu:{org}:...)."""
+
+    default_ttl_ms: int = field(default=300_000, metadata=_int(1_000, 7 * 86_400_000))
+    """ECU_DEFAULT_TTL_MS: hold lifetime when a request leaves ttl_ms at 0."""
+
+    min_ttl_ms: int = field(default=1_000, metadata=_int(1, 86_400_000))
+    """ECU_MIN_TTL_MS: shortest hold lifetime a request may ask for."""
+
+    max_ttl_ms: int = field(default=86_400_000, metadata=_int(1_000, 7 * 86_400_000))
+    """ECU_MAX_TTL_MS: longest hold lifetime a request (or one extend) may ask for."""
+
+    tombstone_ttl_ms: int = field(default=3_600_000, metadata=_int(1_000, 30 * 86_400_000))
+    """ECU_TOMBSTONE_TTL_MS: how long a settled hold still answers replays."""
+
+    overage_max_percent: int = field(default=20, metadata=_int(0, 1_000))
+    """ECU_OVERAGE_MAX_PERCENT: a commit above its hold is billed up to hold × (1 + pct/100)."""
+
+    max_batch_items: int = field(default=2_000, metadata=_int(1, 10_000))
+    """ECU_MAX_BATCH_ITEMS: most steps in one ReserveBatch/CommitBatch."""
+
+    sweep_interval_ms: int = field(default=1_000, metadata=_int(10, 3_600_000))
+    """ECU_SWEEP_INTERVAL_MS: how often the background sweeper expires overdue holds."""
+
+    sweep_limit: int = field(default=200, metadata=_int(1, 1_000))
+    """ECU_SWEEP_LIMIT: most expired holds (and old tombstones) one script call handles."""
+
+    sweep_max_orgs: int = field(default=10_000, metadata=_int(1, 1_000_000))
+    """ECU_SWEEP_MAX_ORGS: most recently seen organizations the background sweeper tracks."""
+
+    admin_token: str = field(default="", metadata={"kind": "secret"})
+    """ECU_ADMIN_TOKEN: bearer token for Grant/SetCap; empty disables the admin RPCs."""
+
+    shutdown_grace_s: float = field(default=10.0, metadata={"kind": "float", "lo": 0, "hi": 600})
+    """ECU_SHUTDOWN_GRACE_S: how long shutdown waits for in-flight RPCs to finish."""
+
+    metrics_listen: str = field(default="", metadata={"kind": "str"})
+    """ECU_METRICS_LISTEN: host:port for Prometheus /metrics; empty disables it."""
+
+    log_level: str = field(
+        default="INFO",
+        metadata={"kind": "choice", "choices": ("DEBUG", "INFO", "WARNING", "ERROR")},
+    )
+    """ECU_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
+
+    log_format: str = field(
+        default="text", metadata={"kind": "choice", "choices": ("text", "json")}
+    )
+    """ECU_LOG_FORMAT: text or json."""
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Redis URL is configured: the in-process store is used."""
+        return not self.redis_url
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read ECU_* variables (and ECU_CONFIG_FILE) and validate them."""
+        env = os.environ if environ is None else environ
+        raw: dict[str, tuple[str, Any]] = {}
+        path = env.get("ECU_CONFIG_FILE", "")
+        if path:
+            for key, value in _read_file(path).items():
+                raw[key] = (f"{path}: {key}", value)
+        for f in dataclasses.fields(cls):
+            var = "ECU_" + f.name.upper()
+            if var in env:
+                raw[f.name] = (var, env[var])
+        return cls.from_mapping(raw)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, tuple[str, Any]]) -> Settings:
+        """Build from {field: (where it came from, value)}; values may be strings."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for name, (origin, value) in raw.items():
+            if name not in known:
+                raise SettingsError(f"{origin}: unknown setting")
+            values[name] = _coerce(origin, known[name].metadata, value)
+        settings = cls(**values)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if not self.min_ttl_ms <= self.default_ttl_ms <= self.max_ttl_ms:
+            raise SettingsError(
+                "ECU_DEFAULT_TTL_MS: must lie between ECU_MIN_TTL_MS "
+                f"({self.min_ttl_ms}) and ECU_MAX_TTL_MS ({self.max_ttl_ms}), "
+                f"got {self.default_ttl_ms}"
+            )
+        _split_hostport("ECU_LISTEN", self.listen)
+        if self.metrics_listen:
+            _split_hostport("ECU_METRICS_LISTEN", self.metrics_listen)
+        if not self.key_prefix or not self.key_prefix.replace("-", "").replace("_", "").isalnum():
+            raise SettingsError(
+                f"ECU_KEY_PREFIX: must be 1 or more of [A-Za-z0-9_-], got {self.key_prefix!r}"
+            )
+        if self.redis_cluster and not self.redis_url:
+            raise SettingsError("ECU_REDIS_CLUSTER: set, but ECU_REDIS_URL is empty")
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SettingsError(f"ECU_CONFIG_FILE: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"ECU_CONFIG_FILE: {path} is not valid TOML: {exc}") from exc
+    return data
+
+
+def _coerce(origin: str, meta: Mapping[str, Any], value: Any) -> Any:
+    kind = meta["kind"]
+    text = value.strip() if isinstance(value, str) else value
+    if kind == "int":
+        if isinstance(text, bool) or not isinstance(text, (int, str)):
+            raise SettingsError(f"{origin}: expected an integer, got {value!r}")
+        try:
+            number = int(text)
+        except ValueError:
+            raise SettingsError(f"{origin}: expected an integer, got {value!r}") from None
+        if not meta["lo"] <= number <= meta["hi"]:
+            raise SettingsError(
+                f"{origin}: must be between {meta['lo']} and {meta['hi']}, got {number}"
+            )
+        return number
+    if kind == "float":
+        try:
+            number = float(text)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{origin}: expected a number, got {value!r}") from None
+        if not meta["lo"] <= number <= meta["hi"]:
+            raise SettingsError(
+                f"{origin}: must be between {meta['lo']} and {meta['hi']}, got {number}"
+            )
+        return number
+    if kind == "bool":
+        if isinstance(text, bool):
+            return text
+        lowered = str(text).lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{origin}: expected true or false, got {value!r}")
+    if not isinstance(text, str):
+        raise SettingsError(f"{origin}: expected a string, got {value!r}")
+    if kind == "choice":
+        for choice in meta["choices"]:
+            if choice.lower() == text.lower():
+                return choice
+        raise SettingsError(f"{origin}: must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if kind == "url" and text and not text.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(f"{origin}: must start with redis://, rediss:// or unix://")
+    return text
+
+
+def _split_hostport(var: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"{var}: expected host:port, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """The settings as a dict for logs and check-config, with secrets and URL passwords masked."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.metadata["kind"] == "secret":
+            value = "(set)" if value else "(not set)"
+        elif f.metadata["kind"] == "url" and value:
+            value = _mask_url(value)
+        out["ECU_" + f.name.upper()] = value
+    return out
+
+
+def _mask_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user + ':' if user else ''}***@{host}"

@@ -1,0 +1,28 @@
+"""The Redis key layout. Every key of one organization shares the hash tag ``{org}``.
+
+    <prefix>:{<org>}:acct        hash   wallet counters, team/project caps and usage
+    <prefix>:{<org>}:holds       hash   reservation id -> hold record (live and tombstones)
+    <prefix>:{<org>}:deadlines   zset   reservation id -> deadline ms of every ACTIVE hold
+    <prefix>:{<org>}:tombs       zset   reservation id -> purge time ms of settled holds
+    <prefix>:{<org>}:outbox      stream one event per state change, for the ledger flusher
+    <prefix>:{<org>}:grants      hash   grant id -> grant record
+
+Organization ids are validated (ecu_sidecar.validation) to exclude ``{``, ``}`` and ``:``, so a
+caller can neither move its keys to another slot nor into another organization's namespace.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+__all__ = ["SUFFIXES", "org_keys"]
+
+#: Suffixes in the order every script receives them as KEYS[1..6].
+SUFFIXES = ("acct", "holds", "deadlines", "tombs", "outbox", "grants")
+
+
+@lru_cache(maxsize=65_536)
+def org_keys(prefix: str, org: str) -> tuple[str, ...]:
+    """The six keys of one organization, in script order."""
+    base = f"{prefix}:{{{org}}}:"
+    return tuple(base + s for s in SUFFIXES)

@@ -1,0 +1,12 @@
+-- balance: sweep overdue holds, then read the organization's counters.
+--   KEYS: the organization's keys (see _lib.lua)
+-- Returns {'OK', outstanding holds, then the acct hash as field, value, ...}
+--   or {'ERR', 'ACCOUNT_NOT_FOUND', msg}
+
+if not account_exists() then
+  return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
+end
+sweep()
+local out = {'OK', redis.call('ZCARD', DEADLINES)}
+for _, x in ipairs(redis.call('HGETALL', ACCT)) do out[#out + 1] = x end
+return out

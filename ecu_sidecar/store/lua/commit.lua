@@ -1,0 +1,89 @@
+-- commit: settle one or more holds of one organization with what each step really cost.
+--   KEYS: the organization's keys (see _lib.lua)
+--   ARGV[5] overage bound in percent of the hold (billed = min(actual, hold + hold*pct/100))
+--   ARGV[6] item count n, then n groups of 5: reservation id, actual, tokens in, tokens out, calls
+-- Returns {'OK', available_after, then per item 9 values:
+--   id, status ('OK' or an error reason), message, committed, released, overage, unbilled, late (0|1),
+--   replayed (0|1)}
+-- Item errors: HOLD_NOT_FOUND, HOLD_RELEASED, IDEMPOTENCY_CONFLICT. Items are independent.
+-- An expired hold still commits (the work happened): it is billed as a late commit, flagged.
+
+sweep()
+local pct = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
+local out = {'OK', 0}
+
+local function item_err(rid, reason, message)
+  for _, x in ipairs({rid, reason, message, 0, 0, 0, 0, 0, 0}) do out[#out + 1] = x end
+end
+
+local function item_ok(rid, rec, replayed)
+  for _, x in ipairs({rid, 'OK', '', tonumber(rec.cm), tonumber(rec.rel), tonumber(rec.ov),
+      tonumber(rec.uov), tonumber(rec.late), replayed}) do
+    out[#out + 1] = x
+  end
+end
+
+for i = 0, n - 1 do
+  local b = 7 + i * 5
+  local rid, actual_s = ARGV[b], ARGV[b + 1]
+  local usage = {'tokens_in', ARGV[b + 2], 'tokens_out', ARGV[b + 3], 'calls', ARGV[b + 4]}
+  local rec = get_hold(rid)
+  if not rec then
+    item_err(rid, 'HOLD_NOT_FOUND', 'no hold ' .. rid .. ' in organization ' .. ORG)
+  else
+    settle_deadline(rid, rec)
+    if rec.st == 'C' then
+      if rec.act == actual_s then
+        item_ok(rid, rec, 1)
+      else
+        item_err(rid, 'IDEMPOTENCY_CONFLICT', 'hold ' .. rid .. ' was already committed with actual '
+          .. rec.act .. ' uECU')
+      end
+    elseif rec.st == 'R' then
+      item_err(rid, 'HOLD_RELEASED', 'hold ' .. rid .. ' was released; it cannot be committed')
+    else
+      local amt = tonumber(rec.amt)
+      local actual = tonumber(actual_s)
+      local late = rec.st == 'E'
+      local bound = math.floor(amt * pct / 100)
+      local billed = math.min(actual, amt + bound)
+      local overage = math.max(0, billed - amt)
+      local unbilled = actual - billed
+      local from_hold = math.min(billed, amt)
+      local released = 0
+      if not late then
+        released = amt - from_hold
+        redis.call('HINCRBY', ACCT, 'held', I(-amt))
+        redis.call('HINCRBY', ACCT, 'committed_from_holds', I(from_hold))
+        redis.call('HINCRBY', ACCT, 'released', I(released))
+        redis.call('HINCRBY', ACCT, 'overage', I(overage))
+        scope_incr(rec, 'held', -amt)
+      else
+        redis.call('HINCRBY', ACCT, 'late_committed', I(billed))
+      end
+      redis.call('HINCRBY', ACCT, 'balance', I(-billed))
+      redis.call('HINCRBY', ACCT, 'committed', I(billed))
+      if unbilled > 0 then redis.call('HINCRBY', ACCT, 'unbilled_overage', I(unbilled)) end
+      scope_incr(rec, 'used', billed)
+      rec.st = 'C'
+      rec.act = actual_s
+      rec.cm = I(billed)
+      rec.rel = I(released)
+      rec.ov = I(late and 0 or overage)
+      rec.uov = I(unbilled)
+      rec.late = late and '1' or '0'
+      rec.fin = I(NOW)
+      put_hold(rid, rec)
+      entomb(rid)
+      local ev = {'rid', rid, 'amount', rec.amt, 'actual', actual_s, 'committed', billed,
+        'released', released, 'overage', rec.ov, 'unbilled', unbilled, 'late', rec.late,
+        'team', rec.tm, 'project', rec.pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl}
+      for _, x in ipairs(usage) do ev[#ev + 1] = x end
+      emit('commit', 'commit:' .. rid, ev)
+      item_ok(rid, rec, 0)
+    end
+  end
+end
+out[2] = available()
+return out

@@ -1,0 +1,35 @@
+-- grant: credit an organization (creates its account on first grant).
+--   KEYS: the organization's keys (see _lib.lua)
+--   ARGV[5] grant id   ARGV[6] amount   ARGV[7] kind   ARGV[8] expires at (ms, '0' = never)
+--   ARGV[9] the largest granted total an account may reach (keeps sums exact in doubles)
+-- Returns {'OK', balance_after, available_after, replayed (0|1)}
+--   or {'ERR', 'IDEMPOTENCY_CONFLICT', msg, 'grant_id', id}
+--   or {'ERR', 'BALANCE_LIMIT', msg, 'limit', max}
+-- A replay answers the balance of the original grant.
+
+local gid, amt_s, kind, exp_s, max_s = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local raw = redis.call('HGET', GRANTS, gid)
+if raw then
+  local g = cjson.decode(raw)
+  if g.amt == amt_s and g.kind == kind and g.exp == exp_s then
+    return {'OK', tonumber(g.bal), tonumber(g.av), 1}
+  end
+  return err('IDEMPOTENCY_CONFLICT', 'grant_id ' .. gid .. ' was already used with different parameters',
+    'grant_id', gid)
+end
+sweep()
+local amt = tonumber(amt_s)
+local granted = N(redis.call('HGET', ACCT, 'granted'))
+if granted + amt > tonumber(max_s) then
+  return err('BALANCE_LIMIT', 'grant would take organization ' .. ORG .. ' past the '
+    .. max_s .. ' uECU total an account may be granted', 'limit', max_s)
+end
+redis.call('HSETNX', ACCT, 'balance', 0)
+redis.call('HSETNX', ACCT, 'held', 0)
+redis.call('HINCRBY', ACCT, 'granted', I(amt))
+local bal = redis.call('HINCRBY', ACCT, 'balance', I(amt))
+local av = available()
+redis.call('HSET', GRANTS, gid, cjson.encode({amt = amt_s, kind = kind, exp = exp_s, t = I(NOW),
+  bal = I(bal), av = I(av)}))
+emit('grant', 'grant:' .. gid, {'grant_id', gid, 'amount', amt_s, 'kind', kind, 'expires_at', exp_s})
+return {'OK', bal, av, 0}

@@ -1,0 +1,285 @@
+"""The store adapter: the only module that talks to Redis.
+
+One method per operation, each exactly one script call (one round trip). The same scripts run
+on real Redis (standalone or Cluster) and on the embedded in-process store (fakeredis + Lua),
+so the embedded default behaves as production does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from ecu_sidecar.errors import BY_REASON, EcuError, StoreUnavailable
+from ecu_sidecar.model import (
+    MAX_GRANTED_UECU,
+    AccountRef,
+    Balance,
+    CommitItem,
+    CommitOutcome,
+    ExtendOutcome,
+    GrantKind,
+    GrantOutcome,
+    HoldState,
+    HoldView,
+    ReleaseOutcome,
+    ReserveItem,
+    ReserveOutcome,
+    ScopeUsage,
+)
+from ecu_sidecar.settings import Settings
+from ecu_sidecar.store.keys import org_keys
+from ecu_sidecar.store.scripts import SCRIPTS, Script
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger(__name__)
+
+#: Replies that mean "this node cannot serve now": answered as UNAVAILABLE, never as a bug.
+_UNAVAILABLE_PREFIXES = (
+    "READONLY",
+    "OOM",
+    "LOADING",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "BUSY",
+    "NOREPLICAS",
+    "MOVED",
+    "ASK",
+)
+
+_BALANCE_FIELDS = {
+    "granted": "granted_uecu",
+    "balance": "balance_uecu",
+    "held": "held_uecu",
+    "committed": "committed_uecu",
+    "reserved": "reserved_uecu",
+    "committed_from_holds": "committed_from_holds_uecu",
+    "released": "released_uecu",
+    "expired": "expired_uecu",
+    "overage": "overage_uecu",
+    "unbilled_overage": "unbilled_overage_uecu",
+    "late_committed": "late_committed_uecu",
+    "expired_holds": "expired_holds",
+}
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisStore:
+    """Runs the quota scripts against one Redis deployment."""
+
+    def __init__(self, client: Any, settings: Settings, *, kind: str) -> None:
+        self._client = client
+        self._settings = settings
+        self._timeout_s = settings.redis_timeout_ms / 1000
+        self.kind = kind
+        """'embedded', 'standalone' or 'cluster' (for logs and health)."""
+        self.clock_offset_ms = 0
+        """Added to Redis TIME inside every script. Production leaves it at 0; tests move it
+        forward to let holds expire without sleeping."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisStore:
+        """Connect as configured: embedded when ECU_REDIS_URL is empty."""
+        if settings.embedded:
+            import fakeredis
+
+            return cls(
+                fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), settings, kind="embedded"
+            )
+        common: dict[str, Any] = {
+            "socket_timeout": settings.redis_timeout_ms / 1000,
+            "socket_connect_timeout": settings.redis_connect_timeout_ms / 1000,
+            "retry": Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
+            "health_check_interval": 30,
+        }
+        if settings.redis_cluster:
+            client = RedisCluster.from_url(
+                settings.redis_url, max_connections=settings.redis_pool_size, **common
+            )
+            return cls(client, settings, kind="cluster")
+        client = aioredis.Redis.from_url(
+            settings.redis_url, max_connections=settings.redis_pool_size, **common
+        )
+        return cls(client, settings, kind="standalone")
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless Redis answers within the timeout."""
+        await self._call(lambda: self._client.ping())
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def reserve(self, account: AccountRef, items: Sequence[ReserveItem]) -> ReserveOutcome:
+        """Hold every item against the account, all or nothing."""
+        args: list[Any] = [account.team, account.project, account.user, len(items)]
+        for it in items:
+            args += [it.reservation_id, it.amount_uecu, it.job_type.value, it.model, it.ttl_ms]
+        r = await self._run("reserve", account.organization, args)
+        holds = [
+            HoldView(_s(r[i]), int(r[i + 1]), int(r[i + 2]), HoldState(_s(r[i + 3])))
+            for i in range(3, len(r), 4)
+        ]
+        return ReserveOutcome(holds, int(r[1]), bool(r[2]))
+
+    async def commit(
+        self, org: str, items: Sequence[CommitItem], overage_max_percent: int
+    ) -> list[CommitOutcome]:
+        """Settle each hold with its actual cost; items succeed or fail independently."""
+        args: list[Any] = [overage_max_percent, len(items)]
+        for it in items:
+            u = it.usage
+            args += [it.reservation_id, it.actual_uecu, u.tokens_in, u.tokens_out, u.calls]
+        r = await self._run("commit", org, args)
+        available = int(r[1])
+        out = []
+        for i in range(2, len(r), 9):
+            rid, status = _s(r[i]), _s(r[i + 1])
+            if status != "OK":
+                error = BY_REASON[status](_s(r[i + 2]), reservation_id=rid)
+                out.append(CommitOutcome(rid, available_uecu=available, error=error))
+                continue
+            out.append(
+                CommitOutcome(
+                    rid,
+                    committed_uecu=int(r[i + 3]),
+                    released_uecu=int(r[i + 4]),
+                    overage_uecu=int(r[i + 5]),
+                    unbilled_overage_uecu=int(r[i + 6]),
+                    late=bool(r[i + 7]),
+                    replayed=bool(r[i + 8]),
+                    available_uecu=available,
+                )
+            )
+        return out
+
+    async def release(self, org: str, reservation_id: str) -> ReleaseOutcome:
+        """Void a hold."""
+        r = await self._run("release", org, [reservation_id])
+        return ReleaseOutcome(reservation_id, int(r[2]), HoldState(_s(r[3])), int(r[1]), bool(r[4]))
+
+    async def extend(
+        self, org: str, reservation_id: str, ttl_ms: int, sequence: int
+    ) -> ExtendOutcome:
+        """Push a live hold's deadline to now + ttl (0 = its own ttl)."""
+        r = await self._run("extend", org, [reservation_id, ttl_ms, sequence])
+        return ExtendOutcome(reservation_id, int(r[1]), bool(r[2]))
+
+    async def grant(
+        self, org: str, grant_id: str, amount_uecu: int, kind: GrantKind, expires_at_ms: int
+    ) -> GrantOutcome:
+        """Credit an organization, creating its account on the first grant."""
+        r = await self._run(
+            "grant", org, [grant_id, amount_uecu, kind.value, expires_at_ms, MAX_GRANTED_UECU]
+        )
+        return GrantOutcome(grant_id, int(r[1]), int(r[2]), bool(r[3]))
+
+    async def set_cap(
+        self, org: str, scope: str, scope_id: str, cap_uecu: int | None
+    ) -> ScopeUsage:
+        """Set (or with None clear) the cap of a team ('team') or project ('project')."""
+        prefix = {"team": "t", "project": "p"}[scope]
+        cap = "" if cap_uecu is None else str(cap_uecu)
+        r = await self._run("set_cap", org, [prefix, scope_id, cap])
+        cap_s = _s(r[1])
+        return ScopeUsage(scope_id, int(cap_s) if cap_s else None, int(r[2]), int(r[3]))
+
+    async def balance(self, org: str) -> Balance:
+        """Sweep overdue holds, then read the organization's counters."""
+        r = await self._run("balance", org, [])
+        fields = {_s(r[i]): _s(r[i + 1]) for i in range(2, len(r), 2)}
+        values = {attr: int(fields.get(name, 0)) for name, attr in _BALANCE_FIELDS.items()}
+        scopes: dict[str, dict[str, dict[str, int]]] = {"t": {}, "p": {}}
+        for name, value in fields.items():
+            kind, sep, rest = name.partition(":")
+            if sep and kind in scopes:
+                scope_id, _, attr = rest.rpartition(":")
+                scopes[kind].setdefault(scope_id, {})[attr] = int(value)
+        teams, projects = (
+            [
+                ScopeUsage(sid, c.get("cap"), c.get("held", 0), c.get("used", 0))
+                for sid, c in sorted(scopes[k].items())
+            ]
+            for k in ("t", "p")
+        )
+        return Balance(
+            organization=org, outstanding_holds=int(r[1]), teams=teams, projects=projects, **values
+        )
+
+    async def sweep(self, org: str) -> tuple[int, int]:
+        """Expire overdue holds of one organization: (expired now, overdue still waiting)."""
+        r = await self._run("sweep", org, [])
+        return int(r[1]), int(r[2])
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _run(self, name: str, org: str, args: list[Any]) -> list[Any]:
+        script = SCRIPTS[name]
+        keys = org_keys(self._settings.key_prefix, org)
+        argv = [
+            org,
+            self.clock_offset_ms,
+            self._settings.tombstone_ttl_ms,
+            self._settings.sweep_limit,
+            *args,
+        ]
+        reply = await self._call(lambda: self._eval(script, keys, argv))
+        if _s(reply[0]) == "ERR":
+            raise _script_error(reply)
+        return reply
+
+    async def _eval(self, script: Script, keys: Sequence[str], argv: list[Any]) -> Any:
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *argv)
+        except NoScriptError:
+            log.info("script %s not cached on this node; loading it", script.name)
+            return await self._client.eval(script.source, len(keys), *keys, *argv)
+
+    async def _call(self, fn: Any) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await fn()
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"Redis did not answer within {self._settings.redis_timeout_ms} ms"
+            ) from None
+        except (
+            ConnectionError,
+            RedisTimeoutError,
+            BusyLoadingError,
+            RedisClusterException,
+            OSError,
+        ) as exc:
+            raise StoreUnavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+        except ResponseError as exc:
+            if str(exc).startswith(_UNAVAILABLE_PREFIXES):
+                raise StoreUnavailable(f"Redis cannot serve: {str(exc).split()[0]}") from None
+            raise
+
+
+def _script_error(reply: list[Any]) -> EcuError:
+    reason, message = _s(reply[1]), _s(reply[2])
+    meta = {_s(reply[i]): _s(reply[i + 1]) for i in range(3, len(reply) - 1, 2)}
+    return BY_REASON[reason](message, **meta)

@@ -1,0 +1,139 @@
+"""Shared fixtures: real Redis (required in CI), the embedded store, a running sidecar.
+
+Set ECU_REQUIRE_SERVICES=1 (CI does) to turn "Redis unreachable -> skip" into a failure.
+Every test gets its own key prefix, so tests never see each other's keys.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from ecu_sidecar.api.v1 import quota_pb2_grpc
+from ecu_sidecar.engine import QuotaEngine
+from ecu_sidecar.model import GrantKind
+from ecu_sidecar.server import SidecarServer
+from ecu_sidecar.settings import Settings
+from ecu_sidecar.store import RedisStore
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+REQUIRE_SERVICES = os.environ.get("ECU_REQUIRE_SERVICES", "") not in ("", "0", "false")
+ADMIN_TOKEN = "test-admin-token"
+
+
+def redis_reachable(host: str = REDIS_HOST, port: int = REDIS_PORT) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def require_redis() -> None:
+    """Skip when Redis is down, unless the run forbids skipping (CI): then fail."""
+    if redis_reachable():
+        return
+    message = f"Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}"
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " and ECU_REQUIRE_SERVICES is set", pytrace=False)
+    pytest.skip(message)
+
+
+def make_settings(backend: str, **overrides: Any) -> Settings:
+    """Settings for a test: a fresh key prefix, the admin token, the given backend."""
+    raw: dict[str, tuple[str, Any]] = {
+        "key_prefix": ("test", "t" + uuid.uuid4().hex[:12]),
+        "admin_token": ("test", ADMIN_TOKEN),
+        "listen": ("test", "127.0.0.1:0"),
+    }
+    if backend == "redis":
+        raw["redis_url"] = ("test", REDIS_URL)
+    for key, value in overrides.items():
+        raw[key] = ("test", value)
+    return Settings.from_mapping(raw)
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each engine test runs on real Redis and on the embedded store."""
+    if request.param == "redis":
+        require_redis()
+    return request.param
+
+
+@pytest.fixture
+def settings(backend: str) -> Settings:
+    return make_settings(backend)
+
+
+@pytest_asyncio.fixture
+async def store(settings: Settings) -> AsyncIterator[RedisStore]:
+    st = RedisStore.from_settings(settings)
+    yield st
+    await drop_keys(st, settings.key_prefix)
+    await st.close()
+
+
+@pytest.fixture
+def engine(store: RedisStore, settings: Settings) -> QuotaEngine:
+    return QuotaEngine(store, settings)
+
+
+async def drop_keys(store: RedisStore, prefix: str) -> None:
+    client = store._client
+    keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+    for k in keys:
+        await client.delete(k)
+
+
+async def snapshot(store: RedisStore, prefix: str) -> dict[bytes, Any]:
+    """Every key under the prefix with its full contents (streams, hashes, zsets)."""
+    client = store._client
+    out: dict[bytes, Any] = {}
+    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        kind = (await client.type(key)).decode()
+        if kind == "hash":
+            out[key] = ("hash", await client.hgetall(key))
+        elif kind == "zset":
+            out[key] = ("zset", await client.zrange(key, 0, -1, withscores=True))
+        elif kind == "stream":
+            out[key] = ("stream", await client.xrange(key))
+        else:
+            out[key] = (kind, await client.dump(key))
+    return out
+
+
+async def funded(engine: QuotaEngine, amount: int, org: str | None = None) -> str:
+    """A fresh organization granted ``amount`` µECU."""
+    org = org or "org-" + uuid.uuid4().hex[:8]
+    await engine.grant(org, "seed-" + uuid.uuid4().hex[:8], amount, GrantKind.TOP_UP)
+    return org
+
+
+@pytest_asyncio.fixture
+async def sidecar(settings: Settings) -> AsyncIterator[SidecarServer]:
+    """A running sidecar on 127.0.0.1 (ephemeral port), on the test's backend."""
+    server = SidecarServer(settings)
+    await server.start()
+    yield server
+    await drop_keys(server.store, settings.key_prefix)
+    await server.stop(grace=0)
+
+
+@pytest_asyncio.fixture
+async def stub(sidecar: SidecarServer) -> AsyncIterator[quota_pb2_grpc.QuotaStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        yield quota_pb2_grpc.QuotaStub(channel)
+
+
+ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)

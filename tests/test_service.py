@@ -1,0 +1,140 @@
+"""The gRPC edge: status codes, google.rpc details, admin gating, health and reflection."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from ecu_sidecar import errors
+from ecu_sidecar.api.v1 import quota_pb2 as pb
+from ecu_sidecar.status import STATUS_BY_ERROR
+from tests.conftest import ADMIN_METADATA
+
+
+def details(exc: grpc.aio.AioRpcError) -> dict[str, object]:
+    status = rpc_status.from_call(exc)
+    assert status is not None, "error carries no google.rpc.Status"
+    out: dict[str, object] = {}
+    for any_ in status.details:
+        for cls in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.QuotaFailure,
+        ):
+            if any_.Is(cls.DESCRIPTOR):
+                msg = cls()
+                any_.Unpack(msg)
+                out[cls.__name__] = msg
+    return out
+
+
+async def grant(stub, org: str, amount: int, gid: str = "g1") -> pb.GrantResponse:
+    return await stub.Grant(
+        pb.GrantRequest(
+            grant_id=gid, organization=org, amount_uecu=amount, kind=pb.GRANT_KIND_TOP_UP
+        ),
+        metadata=ADMIN_METADATA,
+    )
+
+
+def test_every_error_has_a_status() -> None:
+    subclasses = {
+        c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.EcuError) and c is not errors.EcuError
+    }
+    assert subclasses == set(STATUS_BY_ERROR)
+
+
+async def test_reserve_commit_roundtrip(stub) -> None:
+    await grant(stub, "acme", 1_000_000)
+    r = await stub.Reserve(
+        pb.ReserveRequest(
+            reservation_id="r1",
+            account=pb.Account(organization="acme", team="t", user="u"),
+            amount_uecu=400_000,
+            job_type=pb.JOB_TYPE_INFERENCE,
+            model="gpt-4o",
+            ttl_ms=60_000,
+        )
+    )
+    assert r.hold.state == pb.HOLD_STATE_ACTIVE and r.available_uecu == 600_000
+    c = await stub.Commit(
+        pb.CommitRequest(
+            reservation_id="r1",
+            organization="acme",
+            actual_uecu=150_000,
+            usage=pb.Usage(tokens_in=10),
+        )
+    )
+    assert (c.committed_uecu, c.released_uecu, c.available_uecu) == (150_000, 250_000, 850_000)
+    b = (await stub.GetBalance(pb.GetBalanceRequest(organization="acme"))).balance
+    assert (b.granted_uecu, b.committed_uecu, b.held_uecu, b.available_uecu) == (
+        1_000_000,
+        150_000,
+        0,
+        850_000,
+    )
+    assert [t.id for t in b.teams] == ["t"] and b.teams[0].used_uecu == 150_000
+
+
+async def test_insufficient_ecu_has_quota_failure(stub) -> None:
+    await grant(stub, "acme", 100)
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub.Reserve(
+            pb.ReserveRequest(
+                reservation_id="r1",
+                account=pb.Account(organization="acme"),
+                amount_uecu=101,
+                job_type=pb.JOB_TYPE_GEPA,
+            )
+        )
+    assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    d = details(ei.value)
+    assert d["ErrorInfo"].reason == "INSUFFICIENT_ECU"
+    assert d["ErrorInfo"].metadata["available"] == "100"
+    assert d["QuotaFailure"].violations[0].subject == "organization:acme"
+    assert "available 100" in d["QuotaFailure"].violations[0].description
+
+
+async def test_invalid_argument_names_field(stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub.Reserve(
+            pb.ReserveRequest(
+                reservation_id="r{1}",
+                account=pb.Account(organization="acme"),
+                amount_uecu=1,
+                job_type=pb.JOB_TYPE_GEPA,
+            )
+        )
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "reservation_id" in ei.value.details()
+    assert details(ei.value)["BadRequest"].field_violations[0].field == "reservation_id"
+
+
+async def test_admin_rpcs_need_the_token(stub) -> None:
+    req = pb.GrantRequest(
+        grant_id="g", organization="acme", amount_uecu=5, kind=pb.GRANT_KIND_TOP_UP
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub.Grant(req)
+    assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub.Grant(req, metadata=(("authorization", "Bearer wrong"),))
+    assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub.GetBalance(pb.GetBalanceRequest(organization="acme"))
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND, (
+        "a refused grant must not create the account"
+    )
+
+
+async def test_health_serving(sidecar) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "ecu_sidecar.api.v1.Quota"):
+            resp = await h.Check(health_pb2.HealthCheckRequest(service=name))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
