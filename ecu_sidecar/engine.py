@@ -16,6 +16,7 @@ from ecu_sidecar.model import (
     MAX_REQUEST_UECU,
     AccountRef,
     Balance,
+    CommitBatchOutcome,
     CommitItem,
     CommitOutcome,
     ExtendOutcome,
@@ -136,6 +137,12 @@ class QuotaEngine:
         self, org: str, items: Sequence[CommitItem], *, batch: bool = False
     ) -> list[CommitOutcome]:
         """Settle holds with their actual costs; each item succeeds or fails on its own."""
+        return (await self.commit_batch(org, items, batch=batch)).outcomes
+
+    async def commit_batch(
+        self, org: str, items: Sequence[CommitItem], *, batch: bool = True
+    ) -> CommitBatchOutcome:
+        """Like commit, also answering the available balance after the whole batch."""
         check_id("organization", org)
         if batch:
             self._batch_size("items", len(items))
@@ -152,9 +159,9 @@ class QuotaEngine:
             check_count(f"{f}usage.tokens_in", it.usage.tokens_in)
             check_count(f"{f}usage.tokens_out", it.usage.tokens_out)
             check_count(f"{f}usage.calls", it.usage.calls)
-        outcomes = await self.store.commit(org, items, self.settings.overage_max_percent)
+        outcome = await self.store.commit(org, items, self.settings.overage_max_percent)
         self._seen(org)
-        return outcomes
+        return outcome
 
     async def release(self, org: str, reservation_id: str) -> ReleaseOutcome:
         """Void a hold; its amount returns to available."""

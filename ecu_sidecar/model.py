@@ -14,6 +14,7 @@ __all__ = [
     "UECU_PER_ECU",
     "AccountRef",
     "Balance",
+    "CommitBatchOutcome",
     "CommitItem",
     "CommitOutcome",
     "ExtendOutcome",
@@ -139,6 +140,14 @@ class CommitOutcome:
     replayed: bool = False
     available_uecu: int = 0
     error: Exception | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitBatchOutcome:
+    """The answer to a batch of commits: one outcome per item, and the balance after them."""
+
+    outcomes: list[CommitOutcome]
+    available_uecu: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,7 +216,8 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         items = [
             CommitItem(it.reservation_id, it.actual_uecu, _usage(it.usage)) for it in request.items
         ]
-        outs = await self.engine.commit(request.organization, items, batch=True)
+        batch = await self.engine.commit_batch(request.organization, items)
+        outs = batch.outcomes
         results = []
         for o in outs:
             if isinstance(o.error, errors.EcuError):
@@ -231,8 +232,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
                 )
             else:
                 results.append(pb.CommitResult(code=0, commit=_commit_pb(o)))
-        available = outs[-1].available_uecu if outs else 0
-        return pb.CommitBatchResponse(results=results, available_uecu=available)
+        return pb.CommitBatchResponse(results=results, available_uecu=batch.available_uecu)
 
     @_handle("Release")
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:

@@ -30,6 +30,7 @@ from ecu_sidecar.model import (
     MAX_GRANTED_UECU,
     AccountRef,
     Balance,
+    CommitBatchOutcome,
     CommitItem,
     CommitOutcome,
     ExtendOutcome,
@@ -64,6 +65,9 @@ _UNAVAILABLE_PREFIXES = (
     "ASK",
 )
 
+#: Bound on one embedded-store call (see RedisStore.__init__).
+EMBEDDED_TIMEOUT_S = 10.0
+
 _BALANCE_FIELDS = {
     "granted": "granted_uecu",
     "balance": "balance_uecu",
@@ -90,7 +94,11 @@ class RedisStore:
     def __init__(self, client: Any, settings: Settings, *, kind: str) -> None:
         self._client = client
         self._settings = settings
-        self._timeout_s = settings.redis_timeout_ms / 1000
+        # The embedded store has no network to lose: its only latency is queueing behind other
+        # scripts on this process's CPU, so a burst must wait rather than fail as "unreachable".
+        self._timeout_s = (
+            EMBEDDED_TIMEOUT_S if kind == "embedded" else settings.redis_timeout_ms / 1000
+        )
         self.kind = kind
         """'embedded', 'standalone' or 'cluster' (for logs and health)."""
         self.clock_offset_ms = 0
@@ -103,9 +111,12 @@ class RedisStore:
         if settings.embedded:
             import fakeredis
 
-            return cls(
-                fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), settings, kind="embedded"
+            client = fakeredis.FakeAsyncRedis(
+                server=fakeredis.FakeServer(),
+                max_connections=settings.redis_pool_size,
+                connection_pool_class=aioredis.BlockingConnectionPool,
             )
+            return cls(client, settings, kind="embedded")
         common: dict[str, Any] = {
             "socket_timeout": settings.redis_timeout_ms / 1000,
             "socket_connect_timeout": settings.redis_connect_timeout_ms / 1000,
@@ -117,9 +128,15 @@ class RedisStore:
                 settings.redis_url, max_connections=settings.redis_pool_size, **common
             )
             return cls(client, settings, kind="cluster")
-        client = aioredis.Redis.from_url(
-            settings.redis_url, max_connections=settings.redis_pool_size, **common
+        # A blocking pool: under a burst, calls queue for a connection (bounded by the call
+        # timeout) instead of failing at once when every connection is busy.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_pool_size,
+            timeout=settings.redis_timeout_ms / 1000,
+            **common,
         )
+        client = aioredis.Redis(connection_pool=pool)
         return cls(client, settings, kind="standalone")
 
     async def close(self) -> None:
@@ -146,20 +163,19 @@ class RedisStore:
 
     async def commit(
         self, org: str, items: Sequence[CommitItem], overage_max_percent: int
-    ) -> list[CommitOutcome]:
+    ) -> CommitBatchOutcome:
         """Settle each hold with its actual cost; items succeed or fail independently."""
         args: list[Any] = [overage_max_percent, len(items)]
         for it in items:
             u = it.usage
             args += [it.reservation_id, it.actual_uecu, u.tokens_in, u.tokens_out, u.calls]
         r = await self._run("commit", org, args)
-        available = int(r[1])
         out = []
-        for i in range(2, len(r), 9):
+        for i in range(2, len(r), 10):
             rid, status = _s(r[i]), _s(r[i + 1])
             if status != "OK":
                 error = BY_REASON[status](_s(r[i + 2]), reservation_id=rid)
-                out.append(CommitOutcome(rid, available_uecu=available, error=error))
+                out.append(CommitOutcome(rid, available_uecu=int(r[1]), error=error))
                 continue
             out.append(
                 CommitOutcome(
@@ -170,10 +186,10 @@ class RedisStore:
                     unbilled_overage_uecu=int(r[i + 6]),
                     late=bool(r[i + 7]),
                     replayed=bool(r[i + 8]),
-                    available_uecu=available,
+                    available_uecu=int(r[i + 9]),
                 )
             )
-        return out
+        return CommitBatchOutcome(out, int(r[1]))
 
     async def release(self, org: str, reservation_id: str) -> ReleaseOutcome:
         """Void a hold."""

@@ -2,9 +2,9 @@
 --   KEYS: the organization's keys (see _lib.lua)
 --   ARGV[5] overage bound in percent of the hold (billed = min(actual, hold + hold*pct/100))
 --   ARGV[6] item count n, then n groups of 5: reservation id, actual, tokens in, tokens out, calls
--- Returns {'OK', available_after, then per item 9 values:
+-- Returns {'OK', available_after, then per item 10 values:
 --   id, status ('OK' or an error reason), message, committed, released, overage, unbilled, late (0|1),
---   replayed (0|1)}
+--   replayed (0|1), available right after this item's commit (a replay answers the original)}
 -- Item errors: HOLD_NOT_FOUND, HOLD_RELEASED, IDEMPOTENCY_CONFLICT. Items are independent.
 -- An expired hold still commits (the work happened): it is billed as a late commit, flagged.
 
@@ -14,12 +14,12 @@ local n = tonumber(ARGV[6])
 local out = {'OK', 0}
 
 local function item_err(rid, reason, message)
-  for _, x in ipairs({rid, reason, message, 0, 0, 0, 0, 0, 0}) do out[#out + 1] = x end
+  for _, x in ipairs({rid, reason, message, 0, 0, 0, 0, 0, 0, 0}) do out[#out + 1] = x end
 end
 
 local function item_ok(rid, rec, replayed)
   for _, x in ipairs({rid, 'OK', '', tonumber(rec.cm), tonumber(rec.rel), tonumber(rec.ov),
-      tonumber(rec.uov), tonumber(rec.late), replayed}) do
+      tonumber(rec.uov), tonumber(rec.late), replayed, tonumber(rec.av1)}) do
     out[#out + 1] = x
   end
 end
@@ -74,6 +74,7 @@ for i = 0, n - 1 do
       rec.uov = I(unbilled)
       rec.late = late and '1' or '0'
       rec.fin = I(NOW)
+      rec.av1 = I(available())
       put_hold(rid, rec)
       entomb(rid)
       local ev = {'rid', rid, 'amount', rec.amt, 'actual', actual_s, 'committed', billed,

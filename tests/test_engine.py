@@ -1,0 +1,518 @@
+"""The reservation engine on real Redis and on the embedded store (same scripts, same tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+
+import pytest
+
+from ecu_sidecar import errors
+from ecu_sidecar.engine import QuotaEngine
+from ecu_sidecar.model import (
+    AccountRef,
+    Balance,
+    CommitItem,
+    GrantKind,
+    HoldState,
+    JobType,
+    ReserveItem,
+    Usage,
+)
+from ecu_sidecar.store import RedisStore
+from ecu_sidecar.store.keys import org_keys
+from tests.conftest import funded, snapshot
+
+
+def item(rid: str, amount: int, ttl_ms: int = 0, job: JobType = JobType.GEPA) -> ReserveItem:
+    return ReserveItem(rid, amount, job, "", ttl_ms)
+
+
+def assert_conserved(b: Balance) -> None:
+    """Both conservation laws of docs/architecture.md, from the counters alone."""
+    assert b.balance_uecu == b.granted_uecu - b.committed_uecu
+    assert b.granted_uecu == b.committed_uecu + b.held_uecu + b.available_uecu
+    assert b.reserved_uecu == (
+        b.committed_from_holds_uecu + b.released_uecu + b.expired_uecu + b.held_uecu
+    )
+    assert b.committed_uecu == (
+        b.committed_from_holds_uecu + b.overage_uecu + b.late_committed_uecu
+    )
+
+
+async def outbox(store: RedisStore, org: str) -> list[dict[str, str]]:
+    key = org_keys(store._settings.key_prefix, org)[4]
+    entries = await store._client.xrange(key)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+async def test_200_concurrent_reservers_never_overspend(engine: QuotaEngine) -> None:
+    budget = 5_000_000
+    org = await funded(engine, budget)
+    rng = random.Random(7)
+    granted: dict[str, int] = {}
+
+    async def reserver(worker: int) -> None:
+        for step in range(6):
+            amount = rng.randint(1, 60_000)
+            rid = f"w{worker}-s{step}"
+            try:
+                out = await engine.reserve(AccountRef(org), [item(rid, amount, 60_000)])
+            except errors.InsufficientEcu as exc:
+                left = int(exc.metadata["available"])
+                if left <= 0:
+                    return
+                # Demand exceeds supply: take exactly what is left, if nobody beats us to it.
+                try:
+                    out = await engine.reserve(AccountRef(org), [item(rid + "-rest", left, 60_000)])
+                except errors.InsufficientEcu:
+                    continue
+                granted[rid + "-rest"] = out.holds[0].amount_uecu
+                continue
+            granted[rid] = out.holds[0].amount_uecu
+
+    await asyncio.gather(*(reserver(w) for w in range(200)))
+    b = await engine.balance(org)
+    assert sum(granted.values()) <= budget
+    assert sum(granted.values()) == b.held_uecu
+    assert b.available_uecu == 0, "demand exceeded supply, so the account must end at exactly 0"
+    assert b.outstanding_holds == len(granted)
+    assert_conserved(b)
+
+    # Settle concurrently: a third committed below the hold, a third released, a third left open.
+    rids = sorted(granted)
+
+    async def settle(i: int, rid: str) -> None:
+        if i % 3 == 0:
+            await engine.commit(org, [CommitItem(rid, granted[rid] // 2)])
+        elif i % 3 == 1:
+            await engine.release(org, rid)
+
+    await asyncio.gather(*(settle(i, rid) for i, rid in enumerate(rids)))
+    b = await engine.balance(org)
+    committed = sum(granted[r] // 2 for i, r in enumerate(rids) if i % 3 == 0)
+    open_ = sum(granted[r] for i, r in enumerate(rids) if i % 3 == 2)
+    assert b.committed_uecu == committed
+    assert b.held_uecu == open_
+    assert b.available_uecu == budget - committed - open_
+    assert_conserved(b)
+
+
+async def test_concurrent_replays_of_one_id_charge_once(engine: QuotaEngine) -> None:
+    org = await funded(engine, 1_000)
+    outs = await asyncio.gather(
+        *(engine.reserve(AccountRef(org), [item("same", 300)]) for _ in range(50))
+    )
+    assert sum(not o.replayed for o in outs) == 1
+    assert {o.available_uecu for o in outs} == {700}
+    commits = await asyncio.gather(
+        *(engine.commit(org, [CommitItem("same", 100)]) for _ in range(50))
+    )
+    assert sum(not c[0].replayed for c in commits) == 1
+    b = await engine.balance(org)
+    assert (b.committed_uecu, b.held_uecu, b.available_uecu) == (100, 0, 900)
+
+
+# -- idempotency ----------------------------------------------------------------------------
+
+
+async def test_every_mutation_replays_its_first_outcome(
+    engine: QuotaEngine, store: RedisStore
+) -> None:
+    org = await funded(engine, 10_000)
+    acct = AccountRef(org, "t", "p", "u")
+    prefix = store._settings.key_prefix
+
+    first = await engine.reserve(acct, [item("r1", 1_000)])
+    ext = await engine.extend(org, "r1", 600_000, 1)
+    batch = await engine.reserve(acct, [item("b1", 100), item("b2", 200)], batch=True)
+    com = await engine.commit(org, [CommitItem("r1", 700, Usage(5, 6, 1))])
+    combatch = await engine.commit(org, [CommitItem("b1", 100), CommitItem("b2", 50)], batch=True)
+    await engine.reserve(acct, [item("r2", 400)])
+    rel = await engine.release(org, "r2")
+    gr = await engine.grant(org, "g2", 5_000, GrantKind.TOP_UP)
+    cap = await engine.set_cap(org, "team", "t", 50_000)
+
+    before = await snapshot(store, prefix)
+    again = [
+        await engine.reserve(acct, [item("r1", 1_000)]),
+        await engine.reserve(acct, [item("b1", 100), item("b2", 200)], batch=True),
+    ]
+    assert [h.reservation_id for h in again[0].holds] == ["r1"]
+    assert again[0].available_uecu == first.available_uecu and again[0].replayed
+    assert again[1].available_uecu == batch.available_uecu and again[1].replayed
+    assert await engine.commit(org, [CommitItem("r1", 700, Usage(5, 6, 1))]) == [
+        type(com[0])(**{**_fields(com[0]), "replayed": True})
+    ]
+    rebatch = await engine.commit(org, [CommitItem("b1", 100), CommitItem("b2", 50)], batch=True)
+    assert [(c.committed_uecu, c.released_uecu, c.replayed) for c in rebatch] == [
+        (c.committed_uecu, c.released_uecu, True) for c in combatch
+    ]
+    assert (await engine.release(org, "r2")).released_uecu == rel.released_uecu
+    assert (await engine.grant(org, "g2", 5_000, GrantKind.TOP_UP)).balance_uecu == gr.balance_uecu
+    assert await engine.set_cap(org, "team", "t", 50_000) == cap
+    assert await snapshot(store, prefix) == before, "replays must change nothing"
+
+    # Extend is replayed by its sequence number (the hold is committed now, so use a new one).
+    await engine.reserve(acct, [item("r3", 10)])
+    e1 = await engine.extend(org, "r3", 200_000, 1)
+    mid = await snapshot(store, prefix)
+    e1b = await engine.extend(org, "r3", 200_000, 1)
+    assert (e1b.deadline_unix_ms, e1b.replayed) == (e1.deadline_unix_ms, True)
+    assert ext.deadline_unix_ms > first.holds[0].deadline_unix_ms
+    assert await snapshot(store, prefix) == mid
+
+
+def _fields(obj: object) -> dict[str, object]:
+    return {name: getattr(obj, name) for name in obj.__slots__}  # type: ignore[attr-defined]
+
+
+async def test_same_id_different_parameters_is_a_conflict(
+    engine: QuotaEngine, store: RedisStore
+) -> None:
+    org = await funded(engine, 10_000)
+    acct = AccountRef(org, "t")
+    await engine.reserve(acct, [item("r1", 1_000)])
+    await engine.reserve(acct, [item("r2", 1_000)])
+    await engine.commit(org, [CommitItem("r2", 10)])
+    await engine.reserve(acct, [item("r3", 1_000)])
+    await engine.extend(org, "r3", 100_000, 2)
+    before = await snapshot(store, store._settings.key_prefix)
+
+    conflicts = [
+        engine.reserve(acct, [item("r1", 1_001)]),
+        engine.reserve(AccountRef(org, "other-team"), [item("r1", 1_000)]),
+        engine.reserve(acct, [item("r1", 1_000, job=JobType.ENGINE)]),
+        engine.reserve(acct, [item("new", 5), item("r1", 999)], batch=True),
+    ]
+    for call in conflicts:
+        with pytest.raises(errors.IdempotencyConflict):
+            await call
+    (c,) = await engine.commit(org, [CommitItem("r2", 11)])
+    assert isinstance(c.error, errors.IdempotencyConflict)
+    assert await snapshot(store, store._settings.key_prefix) == before
+    await engine.grant(org, "gx", 7, GrantKind.TOP_UP)
+    before = await snapshot(store, store._settings.key_prefix)
+    with pytest.raises(errors.IdempotencyConflict):
+        await engine.grant(org, "gx", 8, GrantKind.TOP_UP)
+    with pytest.raises(errors.IdempotencyConflict):
+        await engine.grant(org, "gx", 7, GrantKind.STARTER)
+    with pytest.raises(errors.IdempotencyConflict):
+        await engine.extend(org, "r3", 100_001, 2)
+    with pytest.raises(errors.StaleSequence):
+        await engine.extend(org, "r3", 100_000, 1)
+    assert await snapshot(store, store._settings.key_prefix) == before
+
+
+# -- hierarchy ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capped", ["team", "project"])
+async def test_cap_rejects_without_touching_wallet_or_other_cap(
+    engine: QuotaEngine, store: RedisStore, capped: str
+) -> None:
+    org = await funded(engine, 1_000_000)
+    await engine.set_cap(org, "team", "t1", 500_000 if capped == "project" else 300)
+    await engine.set_cap(org, "project", "p1", 500_000 if capped == "team" else 300)
+    acct = AccountRef(org, "t1", "p1")
+    await engine.reserve(acct, [item("ok", 200)])
+    before = await snapshot(store, store._settings.key_prefix)
+    with pytest.raises(errors.InsufficientEcu) as ei:
+        await engine.reserve(acct, [item("too-much", 101)])
+    assert ei.value.metadata == {
+        "scope": capped,
+        "scope_id": "t1" if capped == "team" else "p1",
+        "requested": "101",
+        "available": "100",
+    }
+    assert await snapshot(store, store._settings.key_prefix) == before
+    b = await engine.balance(org)
+    assert b.available_uecu == 1_000_000 - 200
+    assert [(s.id, s.held_uecu) for s in b.teams + b.projects] == [("t1", 200), ("p1", 200)]
+    # Exactly the remainder fits; the wallet and both scopes move together.
+    await engine.reserve(acct, [item("fits", 100)])
+    b = await engine.balance(org)
+    assert [(s.held_uecu, s.available_uecu) for s in (b.teams + b.projects)] == [
+        (300, 500_000 - 300 if capped == "project" else 0),
+        (300, 0 if capped == "project" else 500_000 - 300),
+    ]
+
+
+async def test_wallet_rejects_without_touching_caps(engine: QuotaEngine, store: RedisStore) -> None:
+    org = await funded(engine, 1_000)
+    await engine.set_cap(org, "team", "t1", 10_000)
+    before = await snapshot(store, store._settings.key_prefix)
+    with pytest.raises(errors.InsufficientEcu) as ei:
+        await engine.reserve(AccountRef(org, "t1"), [item("r", 1_001)])
+    assert ei.value.metadata["scope"] == "organization"
+    assert await snapshot(store, store._settings.key_prefix) == before
+
+
+async def test_cap_usage_follows_commit_and_release(engine: QuotaEngine) -> None:
+    org = await funded(engine, 10_000)
+    await engine.set_cap(org, "team", "t", 1_000)
+    acct = AccountRef(org, "t")
+    await engine.reserve(acct, [item("a", 600)])
+    await engine.commit(org, [CommitItem("a", 250)])
+    await engine.reserve(acct, [item("b", 700)])
+    await engine.release(org, "b")
+    (team,) = (await engine.balance(org)).teams
+    assert (team.cap_uecu, team.held_uecu, team.used_uecu, team.available_uecu) == (
+        1_000,
+        0,
+        250,
+        750,
+    )
+    cleared = await engine.set_cap(org, "team", "t", None)
+    assert cleared.cap_uecu is None
+    await engine.reserve(acct, [item("c", 5_000)])  # uncapped now
+
+
+async def test_batch_is_all_or_nothing(engine: QuotaEngine, store: RedisStore) -> None:
+    org = await funded(engine, 1_000)
+    before = await snapshot(store, store._settings.key_prefix)
+    with pytest.raises(errors.InsufficientEcu):
+        await engine.reserve(AccountRef(org), [item(f"i{i}", 100) for i in range(11)], batch=True)
+    assert await snapshot(store, store._settings.key_prefix) == before
+    out = await engine.reserve(AccountRef(org), [item(f"i{i}", 100) for i in range(10)], batch=True)
+    assert out.available_uecu == 0 and len(out.holds) == 10
+
+
+async def test_trace_eval_of_1500_steps_is_one_batch(engine: QuotaEngine) -> None:
+    org = await funded(engine, 10_000_000)
+    items = [
+        ReserveItem(f"trace{t}-judge{j}", 1_000, JobType.TRACE_EVAL, "judge-m", 0)
+        for t in range(500)
+        for j in range(3)
+    ]
+    out = await engine.reserve(AccountRef(org, user="u"), items, batch=True)
+    assert len(out.holds) == 1_500 and out.available_uecu == 10_000_000 - 1_500_000
+    done = await engine.commit(org, [CommitItem(i.reservation_id, 400) for i in items], batch=True)
+    assert all(d.error is None for d in done)
+    b = await engine.balance(org)
+    assert (b.committed_uecu, b.held_uecu, b.released_uecu) == (600_000, 0, 900_000)
+
+
+# -- commit semantics -------------------------------------------------------------------------
+
+
+async def test_commit_below_at_and_above_the_hold(engine: QuotaEngine) -> None:
+    org = await funded(engine, 100_000)
+    pct = engine.settings.overage_max_percent
+    for rid in ("below", "above", "beyond"):
+        await engine.reserve(AccountRef(org), [item(rid, 1_000)])
+    (below,) = await engine.commit(org, [CommitItem("below", 400)])
+    assert (below.committed_uecu, below.released_uecu, below.overage_uecu) == (400, 600, 0)
+    (above,) = await engine.commit(org, [CommitItem("above", 1_000 + 1_000 * pct // 100)])
+    assert (above.committed_uecu, above.overage_uecu, above.unbilled_overage_uecu) == (
+        1_000 + 1_000 * pct // 100,
+        1_000 * pct // 100,
+        0,
+    )
+    (beyond,) = await engine.commit(org, [CommitItem("beyond", 5_000)])
+    bound = 1_000 + 1_000 * pct // 100
+    assert (beyond.committed_uecu, beyond.unbilled_overage_uecu) == (bound, 5_000 - bound)
+    b = await engine.balance(org)
+    assert b.unbilled_overage_uecu == 5_000 - bound
+    assert b.committed_uecu == 400 + 2 * bound
+    assert_conserved(b)
+
+
+async def test_commit_after_release_and_release_after_commit(engine: QuotaEngine) -> None:
+    org = await funded(engine, 10_000)
+    await engine.reserve(AccountRef(org), [item("a", 10), item("b", 10)], batch=True)
+    await engine.release(org, "a")
+    (c,) = await engine.commit(org, [CommitItem("a", 5)])
+    assert isinstance(c.error, errors.HoldReleased)
+    await engine.commit(org, [CommitItem("b", 5)])
+    with pytest.raises(errors.HoldCommitted):
+        await engine.release(org, "b")
+    with pytest.raises(errors.HoldCommitted):
+        await engine.extend(org, "b", 0, 1)
+    with pytest.raises(errors.HoldReleased):
+        await engine.extend(org, "a", 0, 1)
+    with pytest.raises(errors.HoldNotFound):
+        await engine.release(org, "never")
+    (nf,) = await engine.commit(org, [CommitItem("never", 1)])
+    assert isinstance(nf.error, errors.HoldNotFound)
+
+
+async def test_unknown_organization_is_not_found(engine: QuotaEngine) -> None:
+    with pytest.raises(errors.AccountNotFound):
+        await engine.reserve(AccountRef("nobody-" + uuid.uuid4().hex[:6]), [item("r", 1)])
+    with pytest.raises(errors.AccountNotFound):
+        await engine.balance("nobody-" + uuid.uuid4().hex[:6])
+
+
+async def test_zero_available_blocks_new_work_but_holds_still_commit(engine: QuotaEngine) -> None:
+    org = await funded(engine, 1_000)
+    await engine.reserve(AccountRef(org), [item("all", 1_000)])
+    with pytest.raises(errors.InsufficientEcu):
+        await engine.reserve(AccountRef(org), [item("more", 1)])
+    ext = await engine.extend(org, "all", 600_000, 1)
+    assert ext.deadline_unix_ms > 0
+    (c,) = await engine.commit(org, [CommitItem("all", 1_100)])
+    assert c.error is None and c.overage_uecu == 100 and c.available_uecu == -100
+    with pytest.raises(errors.InsufficientEcu):
+        await engine.reserve(AccountRef(org), [item("more", 1)])
+
+
+# -- expiry ------------------------------------------------------------------------------------
+
+
+async def test_expired_holds_are_swept_and_counted(engine: QuotaEngine, store: RedisStore) -> None:
+    org = await funded(engine, 10_000)
+    await engine.reserve(
+        AccountRef(org, "t"), [item(f"h{i}", 100, ttl_ms=1_000) for i in range(5)], batch=True
+    )
+    await engine.reserve(AccountRef(org), [item("long", 100, ttl_ms=60_000)])
+    assert (await store.sweep(org)) == (0, 0)
+    store.clock_offset_ms = 1_001  # step the script clock past the short deadlines
+    assert (await store.sweep(org)) == (5, 0)
+    b = await engine.balance(org)
+    assert (b.expired_uecu, b.expired_holds, b.held_uecu, b.outstanding_holds) == (500, 5, 100, 1)
+    assert b.teams[0].held_uecu == 0
+    assert_conserved(b)
+    kinds = [e["type"] for e in await outbox(store, org)]
+    assert kinds.count("expire") == 5
+
+
+async def test_sweep_is_bounded_per_call(backend: str) -> None:
+    from tests.conftest import drop_keys, make_settings
+
+    settings = make_settings(backend, sweep_limit=3)
+    store = RedisStore.from_settings(settings)
+    engine = QuotaEngine(store, settings)
+    try:
+        org = await funded(engine, 10_000)
+        await engine.reserve(
+            AccountRef(org), [item(f"h{i}", 1, ttl_ms=1_000) for i in range(7)], batch=True
+        )
+        store.clock_offset_ms = 2_000
+        assert await store.sweep(org) == (3, 4)
+        assert await store.sweep(org) == (3, 1)
+        assert await store.sweep(org) == (1, 0)
+    finally:
+        await drop_keys(store, settings.key_prefix)
+        await store.close()
+
+
+async def test_expired_hold_cannot_extend_but_still_commits_late(
+    engine: QuotaEngine, store: RedisStore
+) -> None:
+    org = await funded(engine, 1_000)
+    await engine.reserve(
+        AccountRef(org), [item("a", 400, ttl_ms=1_000), item("b", 400, ttl_ms=1_000)], batch=True
+    )
+    store.clock_offset_ms = 5_000  # no sweep has run: the first touch expires them
+    with pytest.raises(errors.HoldExpired):
+        await engine.extend(org, "a", 0, 1)
+    rel = await engine.release(org, "b")
+    assert (rel.state, rel.released_uecu) == (HoldState.EXPIRED, 0)
+    (late,) = await engine.commit(org, [CommitItem("a", 300)])
+    assert late.late and late.committed_uecu == 300 and late.error is None
+    b = await engine.balance(org)
+    assert (b.expired_uecu, b.late_committed_uecu, b.available_uecu) == (800, 300, 700)
+    assert_conserved(b)
+
+
+async def test_extend_moves_the_deadline_forward_only(
+    engine: QuotaEngine, store: RedisStore
+) -> None:
+    org = await funded(engine, 1_000)
+    out = await engine.reserve(AccountRef(org), [item("a", 1, ttl_ms=10_000)])
+    short = await engine.extend(org, "a", 1_000, 1)
+    assert short.deadline_unix_ms == out.holds[0].deadline_unix_ms
+    long = await engine.extend(org, "a", 50_000, 2)
+    assert long.deadline_unix_ms > out.holds[0].deadline_unix_ms
+    store.clock_offset_ms = 20_000  # past the original deadline, before the extended one
+    assert (await store.sweep(org)) == (0, 0)
+    store.clock_offset_ms = 60_000
+    assert (await store.sweep(org)) == (1, 0)
+
+
+async def test_tombstones_answer_replays_then_are_purged(backend: str) -> None:
+    from tests.conftest import drop_keys, make_settings
+
+    settings = make_settings(backend, tombstone_ttl_ms=10_000)
+    store = RedisStore.from_settings(settings)
+    engine = QuotaEngine(store, settings)
+    try:
+        org = await funded(engine, 1_000)
+        await engine.reserve(AccountRef(org), [item("a", 10)])
+        await engine.release(org, "a")
+        store.clock_offset_ms = 9_000
+        assert (await engine.release(org, "a")).replayed
+        store.clock_offset_ms = 11_000
+        await store.sweep(org)
+        with pytest.raises(errors.HoldNotFound):
+            await engine.release(org, "a")
+    finally:
+        await drop_keys(store, settings.key_prefix)
+        await store.close()
+
+
+# -- outbox -------------------------------------------------------------------------------------
+
+
+async def test_every_state_change_appends_one_outbox_event(
+    engine: QuotaEngine, store: RedisStore
+) -> None:
+    org = await funded(engine, 10_000)
+    acct = AccountRef(org, "t", "p", "u")
+    await engine.reserve(acct, [ReserveItem("a", 500, JobType.INFERENCE, "gpt-4o", 0)])
+    await engine.reserve(acct, [ReserveItem("a", 500, JobType.INFERENCE, "gpt-4o", 0)])  # replay
+    await engine.extend(org, "a", 100_000, 1)
+    await engine.commit(org, [CommitItem("a", 120, Usage(1_000, 200, 1))])
+    await engine.reserve(acct, [item("b", 50, ttl_ms=1_000)])
+    await engine.release(org, "b")
+    await engine.set_cap(org, "team", "t", 9_000)
+    events = await outbox(store, org)
+    assert [e["type"] for e in events] == [
+        "grant",
+        "reserve",
+        "extend",
+        "commit",
+        "reserve",
+        "release",
+        "cap",
+    ]
+    assert len({e["eid"] for e in events}) == len(events)
+    commit = events[3]
+    assert {
+        k: commit[k]
+        for k in (
+            "rid",
+            "amount",
+            "actual",
+            "committed",
+            "released",
+            "team",
+            "project",
+            "user",
+            "job",
+            "model",
+            "tokens_in",
+            "tokens_out",
+            "calls",
+        )
+    } == {
+        "rid": "a",
+        "amount": "500",
+        "actual": "120",
+        "committed": "120",
+        "released": "380",
+        "team": "t",
+        "project": "p",
+        "user": "u",
+        "job": "inference",
+        "model": "gpt-4o",
+        "tokens_in": "1000",
+        "tokens_out": "200",
+        "calls": "1",
+    }
+    assert all(e["org"] == org for e in events)
