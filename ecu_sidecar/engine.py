@@ -8,7 +8,8 @@ expire their overdue holds even when no request touches them again.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from ecu_sidecar.errors import InvalidArgument
 from ecu_sidecar.model import (
@@ -96,18 +97,11 @@ class QuotaEngine:
         """Organizations this process served recently (for the background sweeper)."""
         return list(self._recent)
 
-    # -- operations ---------------------------------------------------------------------------
-
-    async def reserve(
-        self, account: AccountRef, items: Sequence[ReserveItem], *, batch: bool = False
-    ) -> ReserveOutcome:
-        """Hold each item's worst case against the account (and its caps), all or nothing."""
-        self._account("account", account)
+    def _items(self, items: Sequence[Any], batch: bool) -> Iterator[tuple[str, Any]]:
+        """Check the batch size and that item ids are valid and distinct; yield (prefix, item)."""
         if batch:
             self._batch_size("items", len(items))
         seen: set[str] = set()
-        resolved = []
-        total = 0
         for i, it in enumerate(items):
             f = f"items[{i}]." if batch else ""
             check_id(f"{f}reservation_id", it.reservation_id, CALLER_ID_MAX)
@@ -116,19 +110,36 @@ class QuotaEngine:
                     f"{f}reservation_id", f"{it.reservation_id} appears twice in the batch"
                 )
             seen.add(it.reservation_id)
-            check_amount(f"{f}amount_uecu", it.amount_uecu)
-            if not isinstance(it.job_type, JobType):
-                raise InvalidArgument(f"{f}job_type", "must be one of " + ", ".join(JobType))
-            check_model(f"{f}model", it.model, it.job_type in _MODEL_REQUIRED)
-            ttl = self._ttl(f"{f}ttl_ms", it.ttl_ms, zero_means=self.settings.default_ttl_ms)
-            total += it.amount_uecu
-            resolved.append(
-                ReserveItem(it.reservation_id, it.amount_uecu, it.job_type, it.model, ttl)
-            )
+            yield f, it
+
+    @staticmethod
+    def _total(amounts: Iterable[int]) -> None:
+        total = sum(amounts)
         if total > MAX_REQUEST_UECU:
             raise InvalidArgument(
                 "items", f"total amount must be at most {MAX_REQUEST_UECU} uECU, got {total}"
             )
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def reserve(
+        self, account: AccountRef, items: Sequence[ReserveItem], *, batch: bool = False
+    ) -> ReserveOutcome:
+        """Hold each item's worst case against the account (and its caps), all or nothing."""
+        self._account("account", account)
+        resolved = []
+        for f, it in self._items(items, batch):
+            check_amount(f"{f}amount_uecu", it.amount_uecu)
+            if not isinstance(it.job_type, JobType):
+                raise InvalidArgument(
+                    f"{f}job_type", f"must be one of {', '.join(JobType)}, got {it.job_type!r}"
+                )
+            check_model(f"{f}model", it.model, it.job_type in _MODEL_REQUIRED)
+            ttl = self._ttl(f"{f}ttl_ms", it.ttl_ms, zero_means=self.settings.default_ttl_ms)
+            resolved.append(
+                ReserveItem(it.reservation_id, it.amount_uecu, it.job_type, it.model, ttl)
+            )
+        self._total(it.amount_uecu for it in resolved)
         outcome = await self.store.reserve(account, resolved)
         self._seen(account.organization)
         return outcome
@@ -144,21 +155,12 @@ class QuotaEngine:
     ) -> CommitBatchOutcome:
         """Like commit, also answering the available balance after the whole batch."""
         check_id("organization", org)
-        if batch:
-            self._batch_size("items", len(items))
-        seen: set[str] = set()
-        for i, it in enumerate(items):
-            f = f"items[{i}]." if batch else ""
-            check_id(f"{f}reservation_id", it.reservation_id, CALLER_ID_MAX)
-            if it.reservation_id in seen:
-                raise InvalidArgument(
-                    f"{f}reservation_id", f"{it.reservation_id} appears twice in the batch"
-                )
-            seen.add(it.reservation_id)
+        for f, it in self._items(items, batch):
             check_amount(f"{f}actual_uecu", it.actual_uecu, allow_zero=True)
             check_count(f"{f}usage.tokens_in", it.usage.tokens_in)
             check_count(f"{f}usage.tokens_out", it.usage.tokens_out)
             check_count(f"{f}usage.calls", it.usage.calls)
+        self._total(it.actual_uecu for it in items)
         outcome = await self.store.commit(org, items, self.settings.overage_max_percent)
         self._seen(org)
         return outcome
@@ -201,7 +203,7 @@ class QuotaEngine:
         check_id("grant_id", grant_id, CALLER_ID_MAX)
         check_amount("amount_uecu", amount_uecu)
         if not isinstance(kind, GrantKind):
-            raise InvalidArgument("kind", "must be one of " + ", ".join(GrantKind))
+            raise InvalidArgument("kind", f"must be one of {', '.join(GrantKind)}, got {kind!r}")
         if (
             isinstance(expires_at_ms, bool)
             or not isinstance(expires_at_ms, int)
@@ -219,7 +221,7 @@ class QuotaEngine:
         """Set (or with None clear) a team or project cap."""
         check_id("organization", org)
         if scope not in ("team", "project"):
-            raise InvalidArgument("scope", "must be team or project")
+            raise InvalidArgument("scope", f"must be team or project, got {scope!r}")
         check_id("id", scope_id)
         if cap_uecu is not None:
             if (

@@ -19,7 +19,6 @@ from ecu_sidecar import errors
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.engine import QuotaEngine
-from ecu_sidecar.errors import InvalidArgument
 from ecu_sidecar.metrics import Metrics
 from ecu_sidecar.model import (
     AccountRef,
@@ -62,14 +61,6 @@ _CAP_SCOPES = {pb.CAP_SCOPE_TEAM: "team", pb.CAP_SCOPE_PROJECT: "project"}
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-
-
-def _enum(field: str, value: int, table: dict[int, Any], proto_enum: Any) -> Any:
-    try:
-        return table[value]
-    except KeyError:
-        names = ", ".join(proto_enum.Name(k) for k in table)
-        raise InvalidArgument(field, f"must be one of {names}, got {value}") from None
 
 
 def _account(msg: pb.Account) -> AccountRef:
@@ -166,7 +157,8 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             raise errors.PermissionDenied("the admin token does not match")
 
     def _reserve_item(self, prefix: str, msg: Any) -> ReserveItem:
-        job = _enum(f"{prefix}job_type", msg.job_type, _JOB_TYPES, pb.JobType)
+        # An unknown enum number passes through as an int; the engine refuses it in field order.
+        job = _JOB_TYPES.get(msg.job_type, msg.job_type)
         return ReserveItem(msg.reservation_id, msg.amount_uecu, job, msg.model, msg.ttl_ms)
 
     def _hold_pb(self, org: str, h: Any) -> pb.Hold:
@@ -286,7 +278,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     @_handle("Grant")
     async def Grant(self, request: pb.GrantRequest, context: Any) -> pb.GrantResponse:
         self._require_admin(context)
-        kind = _enum("kind", request.kind, _GRANT_KINDS, pb.GrantKind)
+        kind = _GRANT_KINDS.get(request.kind, request.kind)
         out = await self.engine.grant(
             request.organization,
             request.grant_id,
@@ -304,7 +296,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     @_handle("SetCap")
     async def SetCap(self, request: pb.SetCapRequest, context: Any) -> pb.SetCapResponse:
         self._require_admin(context)
-        scope = _enum("scope", request.scope, _CAP_SCOPES, pb.CapScope)
+        scope = _CAP_SCOPES.get(request.scope, request.scope)
         cap = None if request.clear else request.cap_uecu
         out = await self.engine.set_cap(request.organization, scope, request.id, cap)
         return pb.SetCapResponse(usage=_scope_pb(out))

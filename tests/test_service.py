@@ -138,3 +138,15 @@ async def test_health_serving(sidecar) -> None:
         for name in ("", "ecu_sidecar.api.v1.Quota"):
             resp = await h.Check(health_pb2.HealthCheckRequest(service=name))
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_services(sidecar) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        async for response in stub.ServerReflectionInfo(iter([request])):
+            names = {s.name for s in response.list_services_response.service}
+            break
+    assert {"ecu_sidecar.api.v1.Quota", "grpc.health.v1.Health"} <= names

@@ -4,6 +4,7 @@ outcome; a retry with the same id settles it exactly once."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -194,3 +195,40 @@ async def test_unavailable_then_recovers(private_redis: PrivateRedis, fault: str
             assert balance.held_uecu == 10 * balance.outstanding_holds
     finally:
         await server.stop(grace=0)
+
+
+async def test_shutdown_drains_in_flight_calls(private_redis: PrivateRedis) -> None:
+    """SIGTERM path: NOT_SERVING first, then in-flight RPCs finish, then new ones are refused."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = make_settings(
+        "redis", redis_url=f"redis://127.0.0.1:{private_redis.port}/0", redis_timeout_ms=5_000
+    )
+    server = SidecarServer(settings)
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = quota_pb2_grpc.QuotaStub(channel)
+        await stub.Grant(
+            pb.GrantRequest(
+                grant_id="g", organization="acme", amount_uecu=1_000, kind=pb.GRANT_KIND_TOP_UP
+            ),
+            metadata=ADMIN_METADATA,
+        )
+        private_redis.freeze()  # the next call is in flight until Redis thaws
+        in_flight = asyncio.ensure_future(reserve(stub, "in-flight"))
+        await asyncio.sleep(0.2)
+        assert not in_flight.done()
+        stopping = asyncio.ensure_future(server.stop(grace=10))
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(100):
+            if server.health._server_status.get("") == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.01)
+        assert server.health._server_status[""] == health_pb2.HealthCheckResponse.NOT_SERVING
+        private_redis.thaw()
+        out = await in_flight
+        assert out.available_uecu == 990, "the in-flight reservation must complete, not be cut"
+        await stopping
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -5,7 +5,8 @@
 -- Returns {'OK', available_after, then per item 10 values:
 --   id, status ('OK' or an error reason), message, committed, released, overage, unbilled, late (0|1),
 --   replayed (0|1), available right after this item's commit (a replay answers the original)}
--- Item errors: HOLD_NOT_FOUND, HOLD_RELEASED, IDEMPOTENCY_CONFLICT. Items are independent.
+-- Item errors: HOLD_NOT_FOUND, HOLD_RELEASED, IDEMPOTENCY_CONFLICT (a committed hold replayed
+-- with another actual or usage). Items are independent.
 -- An expired hold still commits (the work happened): it is billed as a late commit, flagged.
 
 sweep()
@@ -34,11 +35,12 @@ for i = 0, n - 1 do
   else
     settle_deadline(rid, rec)
     if rec.st == 'C' then
-      if rec.act == actual_s then
+      if rec.act == actual_s and rec.ti == ARGV[b + 2] and rec.to == ARGV[b + 3]
+          and rec.ca == ARGV[b + 4] then
         item_ok(rid, rec, 1)
       else
         item_err(rid, 'IDEMPOTENCY_CONFLICT', 'hold ' .. rid .. ' was already committed with actual '
-          .. rec.act .. ' uECU')
+          .. rec.act .. ' uECU and other usage or amount')
       end
     elseif rec.st == 'R' then
       item_err(rid, 'HOLD_RELEASED', 'hold ' .. rid .. ' was released; it cannot be committed')
@@ -68,6 +70,7 @@ for i = 0, n - 1 do
       scope_incr(rec, 'used', billed)
       rec.st = 'C'
       rec.act = actual_s
+      rec.ti, rec.to, rec.ca = ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
       rec.cm = I(billed)
       rec.rel = I(released)
       rec.ov = I(late and 0 or overage)
