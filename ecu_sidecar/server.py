@@ -54,13 +54,29 @@ class SidecarServer:
         """The bound gRPC port (useful when ECU_LISTEN asks for port 0)."""
 
     async def start(self) -> int:
-        """Bind, start serving and return the bound port."""
+        """Bind, start serving and return the bound port. On failure nothing is left running."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> int:
+        if self.settings.metrics_listen:
+            host, _, port = self.settings.metrics_listen.rpartition(":")
+            start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        try:
+            await self.store.connect()
+        except StoreUnavailable as exc:
+            # Serve anyway: calls answer UNAVAILABLE until Redis is reachable.
+            log.warning("store not reachable at start-up: %s", exc.message)
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 8 * 1024 * 1024),
             ]
         )
+        self._server = server
         quota_pb2_grpc.add_QuotaServicer_to_server(
             QuotaService(self.engine, self.metrics, self.settings.admin_token), server
         )
@@ -73,16 +89,15 @@ class SidecarServer:
             ),
             server,
         )
-        self.port = server.add_insecure_port(self.settings.listen)
+        try:
+            self.port = server.add_insecure_port(self.settings.listen)
+        except RuntimeError as exc:  # grpcio raises instead of returning 0 on bind failure
+            raise OSError(f"cannot bind ECU_LISTEN={self.settings.listen}: {exc}") from None
         if self.port == 0:
             raise OSError(f"cannot bind ECU_LISTEN={self.settings.listen}")
         await server.start()
-        self._server = server
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.settings.metrics_listen:
-            host, _, port = self.settings.metrics_listen.rpartition(":")
-            start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="ecu-sweeper")
         return self.port
 

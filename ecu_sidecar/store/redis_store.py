@@ -16,11 +16,16 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AskError,
     BusyLoadingError,
+    ClusterDownError,
     ConnectionError,
     NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     ResponseError,
+    TryAgainError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -52,6 +57,9 @@ __all__ = ["RedisStore"]
 log = logging.getLogger(__name__)
 
 #: Replies that mean "this node cannot serve now": answered as UNAVAILABLE, never as a bug.
+#: redis-py turns most of them into exception classes (and strips the code from the text);
+#: the rest are recognized by the reply's first word.
+_UNAVAILABLE_ERRORS = (ReadOnlyError, OutOfMemoryError, ClusterDownError, TryAgainError, AskError)
 _UNAVAILABLE_PREFIXES = (
     "READONLY",
     "OOM",
@@ -101,6 +109,9 @@ class RedisStore:
         )
         self.kind = kind
         """'embedded', 'standalone' or 'cluster' (for logs and health)."""
+        # redis-py's cluster client has no blocking pool: past max_connections on a node it
+        # fails at once. Queue calls here instead, inside the same timeout.
+        self._gate = asyncio.Semaphore(settings.redis_pool_size) if kind == "cluster" else None
         self.clock_offset_ms = 0
         """Added to Redis TIME inside every script. Production leaves it at 0; tests move it
         forward to let holds expire without sleeping."""
@@ -124,8 +135,17 @@ class RedisStore:
             "health_check_interval": 30,
         }
         if settings.redis_cluster:
+            # reinitialize_steps=0: a MOVED reply only patches that slot's route. With the
+            # default (a full topology refresh every 5th MOVED), redis-py closes every node's
+            # connections, including those other in-flight commands are using; and a client
+            # not yet initialized sends its first commands to one node regardless of key, so
+            # a concurrent first burst gets many MOVEDs and fails with ConnectionError
+            # (tests/test_cluster.py::test_cold_client_concurrent_burst).
             client = RedisCluster.from_url(
-                settings.redis_url, max_connections=settings.redis_pool_size, **common
+                settings.redis_url,
+                max_connections=settings.redis_pool_size,
+                reinitialize_steps=0,
+                **common,
             )
             return cls(client, settings, kind="cluster")
         # A blocking pool: under a burst, calls queue for a connection (bounded by the call
@@ -142,6 +162,12 @@ class RedisStore:
     async def close(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
+
+    async def connect(self) -> None:
+        """Learn the cluster layout up front (a no-op elsewhere), so the first burst of calls
+        is routed right instead of bouncing on MOVED. Raises StoreUnavailable."""
+        if self.kind == "cluster":
+            await self._call(lambda: self._client.initialize())
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless Redis answers within the timeout."""
@@ -270,13 +296,16 @@ class RedisStore:
         try:
             return await self._client.evalsha(script.sha, len(keys), *keys, *argv)
         except NoScriptError:
-            log.info("script %s not cached on this node; loading it", script.name)
+            log.debug("script %s not cached on this node; loading it", script.name)
             return await self._client.eval(script.source, len(keys), *keys, *argv)
 
     async def _call(self, fn: Any) -> Any:
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await fn()
+                if self._gate is None:
+                    return await fn()
+                async with self._gate:
+                    return await fn()
         except TimeoutError:
             raise StoreUnavailable(
                 f"Redis did not answer within {self._settings.redis_timeout_ms} ms"
@@ -290,6 +319,8 @@ class RedisStore:
         ) as exc:
             raise StoreUnavailable(f"Redis is unreachable: {type(exc).__name__}") from None
         except ResponseError as exc:
+            if isinstance(exc, _UNAVAILABLE_ERRORS):
+                raise StoreUnavailable(f"Redis cannot serve: {type(exc).__name__}") from None
             if str(exc).startswith(_UNAVAILABLE_PREFIXES):
                 raise StoreUnavailable(f"Redis cannot serve: {str(exc).split()[0]}") from None
             raise

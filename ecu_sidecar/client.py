@@ -1,0 +1,983 @@
+"""The Python client evaluation workers use to talk to the sidecar, async and sync.
+
+Both flavours share everything but the wire call: each public method is generated from one
+request builder below (``_reserve``, ``_commit`` ...) that validates plain Python values and
+returns a ``_Call`` (RPC name, request message, response converter). ``AsyncQuotaClient`` and
+``QuotaClient`` each add only the call layer: per-attempt deadline, admin metadata, retries.
+
+Retries: only UNAVAILABLE and DEADLINE_EXCEEDED, a bounded number of times with jittered
+backoff, and only because every mutating call is idempotent by its caller id: a request is
+built once, so a retry resends the same reservation id, grant id or extend sequence and the
+sidecar answers it from its record instead of charging twice. Retries after the first attempt
+wait (within their deadline) for the connection to come back rather than failing fast again.
+
+The star is ``hold``::
+
+    async with client.hold(org="acme", amount_uecu=400_000, job_type="inference",
+                           model="gpt-4o") as h:
+        ...                                   # the step; h.extend() heartbeats long runs
+        await h.commit(actual_uecu, usage=Usage(tokens_in=10))
+
+An exception in the block, or leaving it without commit or release, releases the hold, except
+after a commit whose outcome is unknown (retries exhausted): the commit may have landed, and
+the worker may still retry it, so the hold is left to that retry or to its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from ecu_sidecar.api.v1 import quota_pb2 as pb
+from ecu_sidecar.api.v1 import quota_pb2_grpc
+from ecu_sidecar.model import (
+    Balance,
+    CommitItem,
+    CommitOutcome,
+    ExtendOutcome,
+    GrantKind,
+    GrantOutcome,
+    HoldState,
+    HoldView,
+    JobType,
+    ReleaseOutcome,
+    ReserveItem,
+    ReserveOutcome,
+    ScopeUsage,
+    Usage,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "DEFAULT_TIMEOUT_S",
+    "RETRYABLE_CODES",
+    "AsyncHold",
+    "AsyncQuotaClient",
+    "Conflict",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Hold",
+    "InsufficientEcu",
+    "InvalidArgument",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "QuotaClient",
+    "QuotaError",
+    "RetryPolicy",
+    "Unavailable",
+    "error_from_rpc",
+    "new_caller_id",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+"""Where the sidecar listens by default (ECU_LISTEN's default)."""
+
+DEFAULT_TIMEOUT_S = 2.0
+"""Deadline of one attempt of one RPC."""
+
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+"""The only codes retried: the request may not have arrived, and replaying it is safe."""
+
+#: Reconnect quickly: the sidecar is on localhost, and a worker that started before it (or
+#: outlived a restart) should not wait gRPC's default 1-120 s reconnect backoff.
+_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+T = TypeVar("T")
+H = TypeVar("H")
+P = ParamSpec("P")
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+class QuotaError(Exception):
+    """Root of every error the client raises: a gRPC status with its google.rpc details."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        field: str = "",
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        """The gRPC status code."""
+        self.reason = reason or code.name
+        """The google.rpc ErrorInfo reason (e.g. INSUFFICIENT_ECU); the code's name if none."""
+        self.metadata: dict[str, str] = dict(metadata or {})
+        """The ErrorInfo metadata (e.g. requested/available for INSUFFICIENT_ECU)."""
+        self.attempts = attempts
+        """How many attempts were made before giving up."""
+        self._field = field
+
+    def __str__(self) -> str:
+        if self.reason == self.code.name:
+            return f"{self.code.name}: {self.message}"
+        return f"{self.code.name} {self.reason}: {self.message}"
+
+
+class InvalidArgument(QuotaError):
+    """A request value is malformed or out of range; nothing was changed."""
+
+    @property
+    def field(self) -> str:
+        """The offending request field (proto path, e.g. ``items[2].amount_uecu``)."""
+        return self._field or self.metadata.get("field", "")
+
+
+class InsufficientEcu(QuotaError):
+    """RESOURCE_EXHAUSTED: the organization, or a team/project cap, cannot cover the hold."""
+
+    def _int(self, key: str) -> int | None:
+        value = self.metadata.get(key)
+        return int(value) if value is not None and value.lstrip("-").isdigit() else None
+
+    @property
+    def available_uecu(self) -> int | None:
+        """What the limiting scope had available."""
+        return self._int("available")
+
+    @property
+    def requested_uecu(self) -> int | None:
+        """What the refused request asked for."""
+        return self._int("requested")
+
+
+class NotFound(QuotaError):
+    """NOT_FOUND: no such organization account or hold."""
+
+
+class FailedPrecondition(QuotaError):
+    """FAILED_PRECONDITION: the hold is committed, released or expired."""
+
+
+class Conflict(QuotaError):
+    """ALREADY_EXISTS or ABORTED: a caller id reused with other parameters, a stale sequence."""
+
+
+class OutOfRange(QuotaError):
+    """OUT_OF_RANGE: a grant would take an account past its largest total."""
+
+
+class PermissionDenied(QuotaError):
+    """PERMISSION_DENIED or UNAUTHENTICATED: admin RPCs without the right token."""
+
+
+class Unavailable(QuotaError):
+    """UNAVAILABLE: the sidecar (or its store) could not answer; retried before raising."""
+
+
+class DeadlineExceeded(Unavailable):
+    """DEADLINE_EXCEEDED: no answer within the per-call deadline; retried before raising."""
+
+
+_ERROR_BY_CODE: dict[grpc.StatusCode, type[QuotaError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: InsufficientEcu,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: Conflict,
+    grpc.StatusCode.ABORTED: Conflict,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+_CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _error(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str = "",
+    metadata: Mapping[str, str] | None = None,
+    field: str = "",
+    attempts: int = 1,
+) -> QuotaError:
+    cls = _ERROR_BY_CODE.get(code, QuotaError)
+    return cls(message, code=code, reason=reason, metadata=metadata, field=field, attempts=attempts)
+
+
+def _code_of(exc: grpc.RpcError) -> grpc.StatusCode:
+    # grpc.aio's AioRpcError is no grpc.Call, but both carry code(), details() and metadata.
+    code = getattr(exc, "code", None)
+    return code() if callable(code) else grpc.StatusCode.UNKNOWN
+
+
+def error_from_rpc(exc: grpc.RpcError, attempts: int = 1) -> QuotaError:
+    """The client error for a failed RPC, reason and metadata read from its status details."""
+    code = _code_of(exc)
+    details = getattr(exc, "details", None)
+    message = (details() if callable(details) else "") or ""
+    reason, metadata, field = "", {}, ""
+    try:
+        status = rpc_status.from_call(exc)
+    except (AttributeError, ValueError):  # not a call, or details contradicting the code
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            if bad.field_violations:
+                field = bad.field_violations[0].field
+    return _error(code, message, reason, metadata, field, attempts)
+
+
+def _invalid(field: str, description: str) -> InvalidArgument:
+    """A client-side InvalidArgument, shaped like the sidecar's own."""
+    return InvalidArgument(
+        f"{field}: {description}",
+        code=grpc.StatusCode.INVALID_ARGUMENT,
+        reason="INVALID_ARGUMENT",
+        metadata={"field": field},
+        field=field,
+    )
+
+
+# -- retries -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often, and how patiently, UNAVAILABLE and DEADLINE_EXCEEDED are retried."""
+
+    attempts: int = 3
+    """Total attempts per call, the first included (1 disables retries)."""
+    initial_backoff_s: float = 0.05
+    """Pause before the first retry; doubled before each further one."""
+    max_backoff_s: float = 0.5
+    """Longest pause between attempts."""
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
+        if not 0 <= self.initial_backoff_s <= self.max_backoff_s:
+            raise ValueError("need 0 <= initial_backoff_s <= max_backoff_s")
+
+    def should_retry(self, code: grpc.StatusCode, attempt: int) -> bool:
+        """Whether attempt number ``attempt`` failing with ``code`` earns another one."""
+        return code in RETRYABLE_CODES and attempt < self.attempts
+
+    def backoff_s(self, attempt: int) -> float:
+        """The jittered pause after failed attempt ``attempt`` (half fixed, half random)."""
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+# -- request building (shared by both flavours) ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[T]):
+    """One RPC to make: built (and its caller ids fixed) once, sent once per attempt."""
+
+    method: str
+    request: Message
+    convert: Callable[[Any], T]
+    admin: bool = False
+
+
+def new_caller_id() -> str:
+    """A fresh reservation (or grant) id: 32 hex digits, within [A-Za-z0-9._-]{1,128}."""
+    return uuid.uuid4().hex
+
+
+_JOB_TYPES = {
+    JobType.INFERENCE: pb.JOB_TYPE_INFERENCE,
+    JobType.JUDGE: pb.JOB_TYPE_JUDGE,
+    JobType.GEPA: pb.JOB_TYPE_GEPA,
+    JobType.TRACE_EVAL: pb.JOB_TYPE_TRACE_EVAL,
+    JobType.ENGINE: pb.JOB_TYPE_ENGINE,
+}
+_GRANT_KINDS = {
+    GrantKind.STARTER: pb.GRANT_KIND_STARTER,
+    GrantKind.TOP_UP: pb.GRANT_KIND_TOP_UP,
+    GrantKind.AUTO_TOP_UP: pb.GRANT_KIND_AUTO_TOP_UP,
+    GrantKind.ENTERPRISE: pb.GRANT_KIND_ENTERPRISE,
+    GrantKind.ADJUSTMENT: pb.GRANT_KIND_ADJUSTMENT,
+}
+_CAP_SCOPES = {"team": pb.CAP_SCOPE_TEAM, "project": pb.CAP_SCOPE_PROJECT}
+_HOLD_STATES = {
+    pb.HOLD_STATE_ACTIVE: HoldState.ACTIVE,
+    pb.HOLD_STATE_COMMITTED: HoldState.COMMITTED,
+    pb.HOLD_STATE_RELEASED: HoldState.RELEASED,
+    pb.HOLD_STATE_EXPIRED: HoldState.EXPIRED,
+}
+
+
+def _choice(field: str, value: Any, table: Mapping[Any, int]) -> int:
+    """An enum given as its Python enum member or its string value (any case)."""
+    key = value.lower() if isinstance(value, str) else value
+    if key in table:
+        return table[key]
+    raise _invalid(field, f"must be one of {', '.join(map(str, table))}, got {value!r}")
+
+
+def _int(field: str, value: Any) -> int:
+    """An integer (µECU, ms, count): floats and bools are refused, never rounded."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(field, f"must be an integer, got {type(value).__name__}")
+    return value
+
+
+def _usage(field: str, usage: Usage | None) -> pb.Usage:
+    u = usage or Usage()
+    return pb.Usage(
+        tokens_in=_int(f"{field}.tokens_in", u.tokens_in),
+        tokens_out=_int(f"{field}.tokens_out", u.tokens_out),
+        calls=_int(f"{field}.calls", u.calls),
+    )
+
+
+def _hold_view(h: pb.Hold) -> HoldView:
+    return HoldView(h.reservation_id, h.amount_uecu, h.deadline_unix_ms, _HOLD_STATES[h.state])
+
+
+def _reserve_outcome(resp: pb.ReserveResponse) -> ReserveOutcome:
+    return ReserveOutcome([_hold_view(resp.hold)], resp.available_uecu, resp.replayed)
+
+
+def _reserve_batch_outcome(resp: pb.ReserveBatchResponse) -> ReserveOutcome:
+    return ReserveOutcome([_hold_view(h) for h in resp.holds], resp.available_uecu, resp.replayed)
+
+
+def _commit_outcome(c: pb.CommitResponse) -> CommitOutcome:
+    return CommitOutcome(
+        reservation_id=c.reservation_id,
+        committed_uecu=c.committed_uecu,
+        released_uecu=c.released_uecu,
+        overage_uecu=c.overage_uecu,
+        unbilled_overage_uecu=c.unbilled_overage_uecu,
+        late=c.late,
+        replayed=c.replayed,
+        available_uecu=c.available_uecu,
+    )
+
+
+def _commit_batch_outcomes(resp: pb.CommitBatchResponse) -> list[CommitOutcome]:
+    out = []
+    for r in resp.results:
+        if r.code == 0:
+            out.append(_commit_outcome(r.commit))
+        else:
+            code = _CODE_BY_NUMBER.get(r.code, grpc.StatusCode.UNKNOWN)
+            error = _error(code, r.message, r.reason)
+            out.append(CommitOutcome(r.commit.reservation_id, error=error))
+    return out
+
+
+def _scope(s: pb.ScopeUsage) -> ScopeUsage:
+    return ScopeUsage(s.id, s.cap_uecu if s.has_cap else None, s.held_uecu, s.used_uecu)
+
+
+def _to_balance(resp: pb.GetBalanceResponse) -> Balance:
+    b = resp.balance
+    return Balance(
+        organization=b.organization,
+        granted_uecu=b.granted_uecu,
+        balance_uecu=b.balance_uecu,
+        held_uecu=b.held_uecu,
+        committed_uecu=b.committed_uecu,
+        reserved_uecu=b.reserved_uecu,
+        committed_from_holds_uecu=b.committed_from_holds_uecu,
+        released_uecu=b.released_uecu,
+        expired_uecu=b.expired_uecu,
+        overage_uecu=b.overage_uecu,
+        unbilled_overage_uecu=b.unbilled_overage_uecu,
+        late_committed_uecu=b.late_committed_uecu,
+        outstanding_holds=b.outstanding_holds,
+        expired_holds=b.expired_holds,
+        teams=[_scope(s) for s in b.teams],
+        projects=[_scope(s) for s in b.projects],
+    )
+
+
+def _reserve(
+    org: str,
+    amount_uecu: int,
+    *,
+    job_type: JobType | str,
+    model: str = "",
+    team: str = "",
+    project: str = "",
+    user: str = "",
+    ttl_ms: int = 0,
+    reservation_id: str | None = None,
+) -> _Call[ReserveOutcome]:
+    """Hold a step's worst-case cost; the reservation id is generated when not given."""
+    return _Call(
+        "Reserve",
+        pb.ReserveRequest(
+            reservation_id=reservation_id or new_caller_id(),
+            account=pb.Account(organization=org, team=team, project=project, user=user),
+            amount_uecu=_int("amount_uecu", amount_uecu),
+            job_type=_choice("job_type", job_type, _JOB_TYPES),
+            model=model,
+            ttl_ms=_int("ttl_ms", ttl_ms),
+        ),
+        _reserve_outcome,
+    )
+
+
+def _reserve_batch(
+    org: str,
+    items: Sequence[ReserveItem],
+    *,
+    team: str = "",
+    project: str = "",
+    user: str = "",
+) -> _Call[ReserveOutcome]:
+    """Hold many steps of one account, all or none; items with an empty id get one."""
+    return _Call(
+        "ReserveBatch",
+        pb.ReserveBatchRequest(
+            account=pb.Account(organization=org, team=team, project=project, user=user),
+            items=[
+                pb.ReserveItem(
+                    reservation_id=it.reservation_id or new_caller_id(),
+                    amount_uecu=_int(f"items[{i}].amount_uecu", it.amount_uecu),
+                    job_type=_choice(f"items[{i}].job_type", it.job_type, _JOB_TYPES),
+                    model=it.model,
+                    ttl_ms=_int(f"items[{i}].ttl_ms", it.ttl_ms),
+                )
+                for i, it in enumerate(items)
+            ],
+        ),
+        _reserve_batch_outcome,
+    )
+
+
+def _commit(
+    org: str, reservation_id: str, actual_uecu: int, *, usage: Usage | None = None
+) -> _Call[CommitOutcome]:
+    """Settle a hold with what the step really cost."""
+    return _Call(
+        "Commit",
+        pb.CommitRequest(
+            reservation_id=reservation_id,
+            organization=org,
+            actual_uecu=_int("actual_uecu", actual_uecu),
+            usage=_usage("usage", usage),
+        ),
+        _commit_outcome,
+    )
+
+
+def _commit_batch(org: str, items: Sequence[CommitItem]) -> _Call[list[CommitOutcome]]:
+    """Settle many holds; failed items carry their QuotaError in ``CommitOutcome.error``."""
+    return _Call(
+        "CommitBatch",
+        pb.CommitBatchRequest(
+            organization=org,
+            items=[
+                pb.CommitItem(
+                    reservation_id=it.reservation_id,
+                    actual_uecu=_int(f"items[{i}].actual_uecu", it.actual_uecu),
+                    usage=_usage(f"items[{i}].usage", it.usage),
+                )
+                for i, it in enumerate(items)
+            ],
+        ),
+        _commit_batch_outcomes,
+    )
+
+
+def _release(org: str, reservation_id: str) -> _Call[ReleaseOutcome]:
+    """Void a hold: its amount returns to available."""
+    return _Call(
+        "Release",
+        pb.ReleaseRequest(reservation_id=reservation_id, organization=org),
+        lambda r: ReleaseOutcome(
+            r.reservation_id, r.released_uecu, _HOLD_STATES[r.state], r.available_uecu, r.replayed
+        ),
+    )
+
+
+def _extend(
+    org: str, reservation_id: str, *, sequence: int, ttl_ms: int = 0
+) -> _Call[ExtendOutcome]:
+    """Push a live hold's deadline (heartbeat ``sequence``: from 1, increasing)."""
+    return _Call(
+        "Extend",
+        pb.ExtendRequest(
+            reservation_id=reservation_id,
+            organization=org,
+            ttl_ms=_int("ttl_ms", ttl_ms),
+            sequence=_int("sequence", sequence),
+        ),
+        lambda r: ExtendOutcome(r.reservation_id, r.deadline_unix_ms, r.replayed),
+    )
+
+
+def _balance(org: str) -> _Call[Balance]:
+    """The organization's wallet, hold counters and caps."""
+    return _Call("GetBalance", pb.GetBalanceRequest(organization=org), _to_balance)
+
+
+def _grant(
+    org: str,
+    amount_uecu: int,
+    *,
+    grant_id: str,
+    kind: GrantKind | str = GrantKind.TOP_UP,
+    expires_at_ms: int = 0,
+) -> _Call[GrantOutcome]:
+    """Admin: credit an organization under a caller-chosen, idempotent grant id."""
+    return _Call(
+        "Grant",
+        pb.GrantRequest(
+            grant_id=grant_id,
+            organization=org,
+            amount_uecu=_int("amount_uecu", amount_uecu),
+            kind=_choice("kind", kind, _GRANT_KINDS),
+            expires_at_unix_ms=_int("expires_at_unix_ms", expires_at_ms),
+        ),
+        lambda r: GrantOutcome(r.grant_id, r.balance_uecu, r.available_uecu, r.replayed),
+        admin=True,
+    )
+
+
+def _set_cap(org: str, scope: str, scope_id: str, cap_uecu: int | None) -> _Call[ScopeUsage]:
+    """Admin: set a team or project cap, or clear it with ``cap_uecu=None``."""
+    return _Call(
+        "SetCap",
+        pb.SetCapRequest(
+            organization=org,
+            scope=_choice("scope", scope, _CAP_SCOPES),
+            id=scope_id,
+            cap_uecu=0 if cap_uecu is None else _int("cap_uecu", cap_uecu),
+            clear=cap_uecu is None,
+        ),
+        lambda r: _scope(r.usage),
+        admin=True,
+    )
+
+
+def _method_signature(build: Callable[..., Any], returns: Any) -> inspect.Signature:
+    """The builder's signature with ``self`` in front and the converted return type."""
+    sig = inspect.signature(build)
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    return sig.replace(parameters=[this, *sig.parameters.values()], return_annotation=returns)
+
+
+def _result_annotation(build: Callable[..., Any]) -> Any:
+    """``T`` of a builder's ``_Call[T]`` annotation (a string: annotations are postponed)."""
+    ann = inspect.signature(build).return_annotation
+    if isinstance(ann, str) and ann.startswith("_Call[") and ann.endswith("]"):
+        return ann[len("_Call[") : -1]
+    return inspect.Signature.empty
+
+
+def _expose(build: Callable[..., Any], method: Callable[..., Any], returns: Any) -> None:
+    """Give a generated method the builder's public name, docstring and signature."""
+    method.__name__ = build.__name__.lstrip("_")
+    method.__qualname__ = method.__name__
+    method.__doc__ = build.__doc__
+    method.__signature__ = _method_signature(build, returns)  # type: ignore[attr-defined]
+
+
+def _async_rpc(
+    build: Callable[P, _Call[T]],
+) -> Callable[Concatenate[AsyncQuotaClient, P], Coroutine[Any, Any, T]]:
+    """An AsyncQuotaClient method: build the call, then await it through the call layer."""
+
+    async def method(self: AsyncQuotaClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._invoke(build(*args, **kwargs))
+
+    _expose(build, method, _result_annotation(build))
+    return method
+
+
+def _sync_rpc(build: Callable[P, _Call[T]]) -> Callable[Concatenate[QuotaClient, P], T]:
+    """A QuotaClient method: build the call, then make it through the call layer."""
+
+    def method(self: QuotaClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._invoke(build(*args, **kwargs))
+
+    _expose(build, method, _result_annotation(build))
+    return method
+
+
+# -- holds -------------------------------------------------------------------------------------
+
+
+class _HoldBase:
+    """State and bookkeeping shared by AsyncHold and Hold; the flavours only make the calls."""
+
+    def __init__(self, reserve: _Call[ReserveOutcome]) -> None:
+        request = reserve.request
+        assert isinstance(request, pb.ReserveRequest)
+        self._reserve_call = reserve
+        self.reservation_id: str = request.reservation_id
+        """The hold's reservation id (generated unless the caller chose one)."""
+        self.organization: str = request.account.organization
+        """The organization paying for the hold."""
+        self.amount_uecu: int = request.amount_uecu
+        """The amount held."""
+        self.deadline_unix_ms = 0
+        """When the sidecar will expire the hold (pushed by ``extend``)."""
+        self.available_uecu = 0
+        """The organization's available balance right after the hold was placed."""
+        self.state: HoldState | None = None
+        """None before the hold is placed, then ACTIVE, COMMITTED, RELEASED or EXPIRED."""
+        self.sequence = 0
+        """The last heartbeat sequence sent by ``extend`` (0 before the first)."""
+        self.committed: CommitOutcome | None = None
+        """The commit's answer once committed."""
+        self._commit_in_doubt = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.organization}/{self.reservation_id} "
+            f"{self.amount_uecu} uECU {self.state}>"
+        )
+
+    def _placed(self, out: ReserveOutcome) -> None:
+        (view,) = out.holds
+        self.deadline_unix_ms = view.deadline_unix_ms
+        self.available_uecu = out.available_uecu
+        self.state = view.state
+
+    def _commit_call(self, actual_uecu: int, usage: Usage | None) -> _Call[CommitOutcome]:
+        return _commit(self.organization, self.reservation_id, actual_uecu, usage=usage)
+
+    def _committed(self, out: CommitOutcome) -> CommitOutcome:
+        self.state, self.committed, self._commit_in_doubt = HoldState.COMMITTED, out, False
+        return out
+
+    def _commit_failed(self, error: QuotaError) -> None:
+        # After retries ran out the commit may still have landed; releasing now would make the
+        # caller's own retry of the commit fail, and the usage would never be billed.
+        if error.code in RETRYABLE_CODES:
+            self._commit_in_doubt = True
+
+    def _release_call(self) -> _Call[ReleaseOutcome]:
+        return _release(self.organization, self.reservation_id)
+
+    def _released(self, out: ReleaseOutcome) -> ReleaseOutcome:
+        self.state = out.state
+        return out
+
+    def _extend_call(self, ttl_ms: int) -> _Call[ExtendOutcome]:
+        # Advance before sending: a number never reused for another heartbeat, even when this
+        # one's outcome is unknown; retries inside the call layer resend the same number.
+        self.sequence += 1
+        return _extend(
+            self.organization, self.reservation_id, sequence=self.sequence, ttl_ms=ttl_ms
+        )
+
+    def _extended(self, out: ExtendOutcome) -> ExtendOutcome:
+        self.deadline_unix_ms = out.deadline_unix_ms
+        return out
+
+    def _must_release_on_exit(self) -> bool:
+        return self.state is HoldState.ACTIVE and not self._commit_in_doubt
+
+    def _release_failed_on_exit(self, error: QuotaError, block_error: BaseException | None) -> None:
+        if block_error is None:
+            raise error
+        log.warning(
+            "could not release hold %s/%s after %s: %s (it expires at its deadline)",
+            self.organization,
+            self.reservation_id,
+            type(block_error).__name__,
+            error,
+        )
+
+
+class AsyncHold(_HoldBase):
+    """A hold placed on entering ``async with client.hold(...)``, released unless committed."""
+
+    def __init__(self, client: AsyncQuotaClient, reserve: _Call[ReserveOutcome]) -> None:
+        super().__init__(reserve)
+        self._client = client
+
+    async def __aenter__(self) -> AsyncHold:
+        self._placed(await self._client._invoke(self._reserve_call))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._must_release_on_exit():
+            try:
+                await self.release()
+            except QuotaError as error:
+                self._release_failed_on_exit(error, exc)
+
+    async def commit(self, actual_uecu: int, *, usage: Usage | None = None) -> CommitOutcome:
+        """Settle the hold with what the step really cost (a replay answers the same)."""
+        try:
+            return self._committed(
+                await self._client._invoke(self._commit_call(actual_uecu, usage))
+            )
+        except QuotaError as error:
+            self._commit_failed(error)
+            raise
+
+    async def release(self) -> ReleaseOutcome:
+        """Void the hold now; its amount returns to available."""
+        return self._released(await self._client._invoke(self._release_call()))
+
+    async def extend(self, ttl_ms: int = 0) -> ExtendOutcome:
+        """Heartbeat: push the deadline to now + ttl_ms (0: the hold's original TTL)."""
+        return self._extended(await self._client._invoke(self._extend_call(ttl_ms)))
+
+
+class Hold(_HoldBase):
+    """A hold placed on entering ``with client.hold(...)``, released unless committed."""
+
+    def __init__(self, client: QuotaClient, reserve: _Call[ReserveOutcome]) -> None:
+        super().__init__(reserve)
+        self._client = client
+
+    def __enter__(self) -> Hold:
+        self._placed(self._client._invoke(self._reserve_call))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._must_release_on_exit():
+            try:
+                self.release()
+            except QuotaError as error:
+                self._release_failed_on_exit(error, exc)
+
+    def commit(self, actual_uecu: int, *, usage: Usage | None = None) -> CommitOutcome:
+        """Settle the hold with what the step really cost (a replay answers the same)."""
+        try:
+            return self._committed(self._client._invoke(self._commit_call(actual_uecu, usage)))
+        except QuotaError as error:
+            self._commit_failed(error)
+            raise
+
+    def release(self) -> ReleaseOutcome:
+        """Void the hold now; its amount returns to available."""
+        return self._released(self._client._invoke(self._release_call()))
+
+    def extend(self, ttl_ms: int = 0) -> ExtendOutcome:
+        """Heartbeat: push the deadline to now + ttl_ms (0: the hold's original TTL)."""
+        return self._extended(self._client._invoke(self._extend_call(ttl_ms)))
+
+
+def _hold_method(
+    build: Callable[P, _Call[ReserveOutcome]], hold_cls: Callable[[Any, _Call[ReserveOutcome]], H]
+) -> Callable[Concatenate[Any, P], H]:
+    """A ``hold`` method: builds the reservation (fixing its id) without placing it yet."""
+
+    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> H:
+        return hold_cls(self, build(*args, **kwargs))
+
+    _expose(build, method, getattr(hold_cls, "__name__", inspect.Signature.empty))
+    method.__name__ = method.__qualname__ = "hold"
+    method.__doc__ = (
+        "A context manager placing the hold on entry; released on exception or unless committed."
+    )
+    return method
+
+
+# -- clients -----------------------------------------------------------------------------------
+
+
+class _ClientBase:
+    """Connection settings shared by both flavours."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        admin_token: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        interceptors: Sequence[Any] = (),
+    ) -> None:
+        """Settings only; the channel opens on the first call. Interceptors of the flavour."""
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.target = target
+        """The sidecar's host:port."""
+        self.timeout_s = timeout_s
+        """Deadline of each attempt of each call."""
+        self.retry = retry or RetryPolicy()
+        """Which failures are retried, how often and after what pause."""
+        self._admin_token = admin_token or ""
+        self._options = [*_CHANNEL_OPTIONS, *channel_options]
+        self._interceptors = list(interceptors)
+
+    def _retry_after(self, call: _Call[Any], failures: Sequence[grpc.RpcError]) -> bool:
+        code = _code_of(failures[-1])
+        if not self.retry.should_retry(code, len(failures)):
+            return False
+        log.debug("%s attempt %d failed with %s; retrying", call.method, len(failures), code.name)
+        return True
+
+    @staticmethod
+    def _give_up(failures: Sequence[grpc.RpcError]) -> QuotaError:
+        # Retries wait for the connection, so a sidecar that is down ends in DEADLINE_EXCEEDED;
+        # the earlier UNAVAILABLE ("connection refused") says what went wrong.
+        last = failures[-1]
+        if _code_of(last) == grpc.StatusCode.DEADLINE_EXCEEDED:
+            last = next((f for f in failures if _code_of(f) == grpc.StatusCode.UNAVAILABLE), last)
+        return error_from_rpc(last, len(failures))
+
+    def _metadata(self, call: _Call[Any]) -> tuple[tuple[str, str], ...] | None:
+        if call.admin and self._admin_token:
+            return (("authorization", f"Bearer {self._admin_token}"),)
+        return None
+
+
+class AsyncQuotaClient(_ClientBase):
+    """The asyncio client (grpc.aio); use as ``async with AsyncQuotaClient(...) as client``."""
+
+    _channel: grpc.aio.Channel | None = None
+    _stub: quota_pb2_grpc.QuotaStub | None = None
+
+    def _get_stub(self) -> quota_pb2_grpc.QuotaStub:
+        # Opened lazily: a grpc.aio channel belongs to the running event loop.
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.target, options=self._options, interceptors=self._interceptors or None
+            )
+            self._stub = quota_pb2_grpc.QuotaStub(self._channel)
+        return self._stub
+
+    async def _invoke(self, call: _Call[T]) -> T:
+        rpc = getattr(self._get_stub(), call.method)
+        metadata = self._metadata(call)
+        failures: list[grpc.RpcError] = []
+        while True:
+            try:
+                response = await rpc(
+                    call.request,
+                    timeout=self.timeout_s,
+                    metadata=metadata,
+                    wait_for_ready=bool(failures),
+                )
+            except grpc.RpcError as exc:
+                failures.append(exc)
+                if not self._retry_after(call, failures):
+                    raise self._give_up(failures) from exc
+                await asyncio.sleep(self.retry.backoff_s(len(failures)))
+                continue
+            return call.convert(response)
+
+    async def close(self) -> None:
+        """Close the channel (in-flight calls are cancelled)."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+
+    async def __aenter__(self) -> AsyncQuotaClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    reserve = _async_rpc(_reserve)
+    reserve_batch = _async_rpc(_reserve_batch)
+    commit = _async_rpc(_commit)
+    commit_batch = _async_rpc(_commit_batch)
+    release = _async_rpc(_release)
+    extend = _async_rpc(_extend)
+    balance = _async_rpc(_balance)
+    grant = _async_rpc(_grant)
+    set_cap = _async_rpc(_set_cap)
+    hold = _hold_method(_reserve, AsyncHold)
+
+
+class QuotaClient(_ClientBase):
+    """The blocking client (grpc channel); use as ``with QuotaClient(...) as client``."""
+
+    _channel: grpc.Channel | None = None
+    _stub: quota_pb2_grpc.QuotaStub | None = None
+    _opening = threading.Lock()  # threads may share a client; open one channel, not several
+
+    def _get_stub(self) -> quota_pb2_grpc.QuotaStub:
+        with self._opening:
+            if self._stub is None:
+                self._channel = grpc.insecure_channel(self.target, options=self._options)
+                channel = grpc.intercept_channel(self._channel, *self._interceptors)
+                self._stub = quota_pb2_grpc.QuotaStub(channel)
+            return self._stub
+
+    def _invoke(self, call: _Call[T]) -> T:
+        rpc = getattr(self._get_stub(), call.method)
+        metadata = self._metadata(call)
+        failures: list[grpc.RpcError] = []
+        while True:
+            try:
+                response = rpc(
+                    call.request,
+                    timeout=self.timeout_s,
+                    metadata=metadata,
+                    wait_for_ready=bool(failures),
+                )
+            except grpc.RpcError as exc:
+                failures.append(exc)
+                if not self._retry_after(call, failures):
+                    raise self._give_up(failures) from exc
+                time.sleep(self.retry.backoff_s(len(failures)))
+                continue
+            return call.convert(response)
+
+    def close(self) -> None:
+        """Close the channel."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = self._stub = None
+
+    def __enter__(self) -> QuotaClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    reserve = _sync_rpc(_reserve)
+    reserve_batch = _sync_rpc(_reserve_batch)
+    commit = _sync_rpc(_commit)
+    commit_batch = _sync_rpc(_commit_batch)
+    release = _sync_rpc(_release)
+    extend = _sync_rpc(_extend)
+    balance = _sync_rpc(_balance)
+    grant = _sync_rpc(_grant)
+    set_cap = _sync_rpc(_set_cap)
+    hold = _hold_method(_reserve, Hold)

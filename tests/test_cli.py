@@ -1,0 +1,302 @@
+"""The ``ecu-sidecar`` command line, run as real subprocesses against a real ``serve``.
+
+The sidecar under test is ``python -m ecu_sidecar serve`` on the embedded store, started with
+ECU_* variables exactly as an operator would, and awaited on gRPC health.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ecu_sidecar.cli import format_ecu, parse_uecu
+from tests.conftest import ADMIN_TOKEN
+
+STARTUP_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**ecu: str) -> dict[str, str]:
+    """The test's environment without any ECU_* of the developer's, plus ``ecu``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECU_")}
+    return {**env, **ecu}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ecu_sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env if env is not None else clean_env(),
+    )
+
+
+@dataclass
+class Serve:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+
+def start_serve(log: Path, **ecu: str) -> Serve:
+    """``serve`` in a subprocess; returns once gRPC health says SERVING (bounded polling)."""
+    port = free_port()
+    env = clean_env(ECU_LISTEN=f"127.0.0.1:{port}", ECU_ADMIN_TOKEN=ADMIN_TOKEN, **ecu)
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ecu_sidecar", "serve"],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            env=env,
+        )
+    serve = Serve(proc, port, log)
+    deadline = time.monotonic() + STARTUP_S
+    with grpc.insecure_channel(serve.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return serve
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"serve did not become healthy in {STARTUP_S}s:\n{log.read_text()}")
+            time.sleep(0.05)
+
+
+def stop_serve(serve: Serve) -> int:
+    if serve.proc.poll() is None:
+        serve.proc.send_signal(signal.SIGTERM)
+    try:
+        return serve.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        serve.proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def sidecar_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    serve = start_serve(tmp_path_factory.mktemp("serve") / "serve.log", ECU_LOG_FORMAT="json")
+    yield serve
+    stop_serve(serve)
+
+
+def cli(serve: Serve, *args: str, **ecu: str) -> subprocess.CompletedProcess[str]:
+    """Run a client command against ``serve`` (target and admin token from ECU_* variables)."""
+    env = clean_env(ECU_LISTEN=serve.target, ECU_ADMIN_TOKEN=ADMIN_TOKEN)
+    return run_cli(*args, env={**env, **ecu})
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+# -- against a running sidecar -----------------------------------------------------------------
+
+
+def test_grant_reserve_commit_balance(sidecar_proc: Serve) -> None:
+    org = "cli-flow"
+    out = ok(cli(sidecar_proc, "grant", org, "2.5ECU", "--grant-id", "g1", "--kind", "starter"))
+    assert re.search(r"^balance\s+2500000 uECU \(2\.5 ECU\)$", out, re.M), out
+
+    reserved = json.loads(
+        ok(
+            cli(
+                sidecar_proc,
+                "reserve",
+                org,
+                "1ECU",
+                "--job-type",
+                "inference",
+                "--model",
+                "gpt-4o",
+                "--team",
+                "t1",
+                "--ttl-ms",
+                "60000",
+                "--json",
+            )
+        )
+    )
+    rid = reserved["reservation_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", rid)
+    assert (reserved["amount_uecu"], reserved["available_uecu"]) == (1_000_000, 1_500_000)
+    assert reserved["state"] == "active" and reserved["deadline_unix_ms"] > 0
+
+    committed = ok(cli(sidecar_proc, "commit", org, rid, "400000", "--tokens-in", "1200"))
+    assert re.search(r"^committed\s+400000 uECU \(0\.4 ECU\)$", committed, re.M), committed
+    assert re.search(r"^released\s+600000 uECU", committed, re.M), committed
+    assert re.search(r"^available\s+2100000 uECU \(2\.1 ECU\)$", committed, re.M), committed
+
+    balance = json.loads(ok(cli(sidecar_proc, "balance", org, "--json")))
+    assert (balance["granted_uecu"], balance["committed_uecu"]) == (2_500_000, 400_000)
+    assert (balance["held_uecu"], balance["available_uecu"]) == (0, 2_100_000)
+    assert balance["teams"] == [
+        {"id": "t1", "cap_uecu": None, "held_uecu": 0, "used_uecu": 400_000, "available_uecu": 0}
+    ]
+    human = ok(cli(sidecar_proc, "balance", org))
+    assert re.search(r"^available\s+2100000 uECU \(2\.1 ECU\)$", human, re.M), human
+
+
+def test_hold_release_extend_and_caps(sidecar_proc: Serve) -> None:
+    org = "cli-more"
+    ok(cli(sidecar_proc, "grant", org, "1000", "--grant-id", "g1"))
+    ok(cli(sidecar_proc, "reserve", org, "300uECU", "--job-type", "gepa", "--id", "r1"))
+    extended = json.loads(
+        ok(cli(sidecar_proc, "extend", org, "r1", "--sequence", "1", "--ttl-ms", "90000", "--json"))
+    )
+    assert extended["reservation_id"] == "r1" and not extended["replayed"]
+    released = json.loads(ok(cli(sidecar_proc, "release", org, "r1", "--json")))
+    assert (released["released_uecu"], released["state"]) == (300, "released")
+    assert released["available_uecu"] == 1000
+
+    capped = json.loads(ok(cli(sidecar_proc, "set-cap", org, "project", "p1", "250", "--json")))
+    assert (capped["cap_uecu"], capped["available_uecu"]) == (250, 250)
+    refused = cli(sidecar_proc, "reserve", org, "251", "--job-type", "gepa", "--project", "p1")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: RESOURCE_EXHAUSTED INSUFFICIENT_ECU: "), refused.stderr
+    cleared = json.loads(
+        ok(cli(sidecar_proc, "set-cap", org, "project", "p1", "--clear", "--json"))
+    )
+    assert cleared["cap_uecu"] is None
+    ok(cli(sidecar_proc, "reserve", org, "251", "--job-type", "gepa", "--project", "p1"))
+
+
+def test_client_errors_exit_1_with_code_and_reason(sidecar_proc: Serve) -> None:
+    missing = cli(sidecar_proc, "release", "cli-errors", "nope")
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert re.fullmatch(r"error: NOT_FOUND HOLD_NOT_FOUND: .+\n", missing.stderr), missing.stderr
+
+    no_token = cli(sidecar_proc, "grant", "cli-errors", "5", "--grant-id", "g", ECU_ADMIN_TOKEN="")
+    assert no_token.returncode == 1
+    assert no_token.stderr.startswith("error: UNAUTHENTICATED UNAUTHENTICATED: "), no_token.stderr
+    wrong = cli(
+        sidecar_proc, "grant", "cli-errors", "5", "--grant-id", "g", "--admin-token", "wrong"
+    )
+    assert wrong.stderr.startswith("error: PERMISSION_DENIED PERMISSION_DENIED: "), wrong.stderr
+
+    bad_model = cli(sidecar_proc, "reserve", "cli-errors", "5", "--job-type", "judge")
+    assert bad_model.returncode == 1
+    assert bad_model.stderr.startswith("error: INVALID_ARGUMENT INVALID_ARGUMENT: model"), (
+        bad_model.stderr
+    )
+
+
+def test_target_defaults_to_ecu_listen_with_wildcards_as_loopback(sidecar_proc: Serve) -> None:
+    ok(cli(sidecar_proc, "grant", "cli-target", "7", "--grant-id", "g"))
+    listen = f"0.0.0.0:{sidecar_proc.port}"
+    out = json.loads(ok(cli(sidecar_proc, "balance", "cli-target", "--json", ECU_LISTEN=listen)))
+    assert out["available_uecu"] == 7
+
+
+def test_unreachable_sidecar_exits_1_promptly() -> None:
+    started = time.monotonic()
+    result = run_cli("balance", "acme", "--target", f"127.0.0.1:{free_port()}", "--timeout", "0.3")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: UNAVAILABLE "), result.stderr
+    assert time.monotonic() - started < 15
+
+
+def test_amounts_that_are_not_whole_uecu_are_usage_errors() -> None:
+    for amount in ("0.0000001ECU", "1.5", "-3", "2.5 eth", "ECU"):
+        result = run_cli("reserve", "acme", amount, "--job-type", "gepa", "--target", "x:1")
+        assert result.returncode == 2, amount
+        assert "amount" in result.stderr, result.stderr
+
+
+def test_parse_and_format_amounts() -> None:
+    assert parse_uecu("2500000") == parse_uecu("2500000uECU") == parse_uecu("2.5ECU") == 2_500_000
+    assert parse_uecu("0.000001ECU") == 1 and parse_uecu("12 ecu") == 12_000_000
+    assert parse_uecu("123456789.123456ECU") == 123_456_789_123_456
+    for bad in ("1.0000001ECU", "1e3", "1.5", "1,5ECU", "", "NaNECU", "InfinityECU"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_uecu(bad)
+    assert [format_ecu(n) for n in (0, 1, 2_500_000, 10_000_000, -1_500_000)] == [
+        "0",
+        "0.000001",
+        "2.5",
+        "10",
+        "-1.5",
+    ]
+
+
+# -- configuration and the serve process -------------------------------------------------------
+
+
+def test_check_config_prints_masked_settings() -> None:
+    result = run_cli(
+        "check-config",
+        env=clean_env(
+            ECU_ADMIN_TOKEN="s3cret-token",
+            ECU_REDIS_URL="redis://app:hunter2@redis:6379/0",
+            ECU_REDIS_TIMEOUT_MS="125",
+        ),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert lines["ECU_REDIS_TIMEOUT_MS"] == "125"
+    assert lines["ECU_ADMIN_TOKEN"] == "(set)"
+    assert lines["ECU_REDIS_URL"] == "redis://app:***@redis:6379/0"
+    assert "s3cret" not in result.stdout and "hunter2" not in result.stdout
+
+
+def test_check_config_bad_value_exits_2_naming_the_variable() -> None:
+    result = run_cli("check-config", env=clean_env(ECU_REDIS_TIMEOUT_MS="abc"))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: ECU_REDIS_TIMEOUT_MS: expected an integer, got 'abc'\n"
+
+
+def test_serve_with_bad_settings_exits_2() -> None:
+    result = run_cli("serve", env=clean_env(ECU_LOG_FORMAT="xml"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ECU_LOG_FORMAT: must be one of text, json"), (
+        result.stderr
+    )
+
+
+def test_serve_logs_json_says_embedded_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    serve = start_serve(tmp_path / "serve.log", ECU_LOG_FORMAT="json")
+    try:
+        first = json.loads(serve.log_lines()[0])
+    finally:
+        code = stop_serve(serve)
+    assert set(first) == {"ts", "level", "logger", "msg"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["ts"])
+    assert (first["level"], first["logger"]) == ("WARNING", "ecu_sidecar.server")
+    assert "EMBEDDED" in first["msg"] and f"port {serve.port}" in first["msg"]
+    assert code == 0, serve.log.read_text()
+    records = [json.loads(line) for line in serve.log_lines()]
+    assert records[-1]["msg"] == "ecu-sidecar stopped"
+    assert any("signal received" in r["msg"] for r in records)
