@@ -370,7 +370,10 @@ async def test_retry_reaches_a_sidecar_that_starts_after_the_first_attempt(
     try:
         async with AsyncQuotaClient(f"127.0.0.1:{port}", interceptors=[seen]) as c:
             out = await c.reserve(ORG, 400, job_type="gepa", reservation_id="job-7.step-1")
-            assert [r.reservation_id for r in seen.of("Reserve")] == ["job-7.step-1"] * 2
+            ids = [r.reservation_id for r in seen.of("Reserve")]
+            # At least the refused attempt and the one that landed; a slow reconnect may cost
+            # one more. Every attempt carried the same id.
+            assert len(ids) >= 2 and set(ids) == {"job-7.step-1"}
             assert out.holds[0].reservation_id == "job-7.step-1" and not out.replayed
             assert (await c.balance(ORG)).held_uecu == 400
         assert rpcs(late, "Reserve", "OK") == 1
