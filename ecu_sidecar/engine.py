@@ -234,6 +234,15 @@ class QuotaEngine:
                 )
         return await self.store.set_cap(org, scope, scope_id, cap_uecu)
 
+    async def set_auto_topup(self, org: str, threshold_uecu: int | None, amount_uecu: int) -> None:
+        """Configure (None: turn off) when an auto_topup_requested notification fires, and for
+        how much."""
+        check_id("organization", org)
+        if threshold_uecu is not None:
+            check_amount("threshold_uecu", threshold_uecu)
+            check_amount("amount_uecu", amount_uecu)
+        await self.store.set_auto_topup(org, threshold_uecu, amount_uecu)
+
     async def sweep_recent(self) -> int:
         """Expire overdue holds of every recently seen organization; returns how many expired."""
         total = 0

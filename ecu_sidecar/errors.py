@@ -11,6 +11,7 @@ __all__ = [
     "AdminDisabled",
     "BalanceLimit",
     "EcuError",
+    "GrantAlreadyExpired",
     "HoldCommitted",
     "HoldExpired",
     "HoldNotFound",
@@ -101,6 +102,12 @@ class BalanceLimit(EcuError):
     reason = "BALANCE_LIMIT"
 
 
+class GrantAlreadyExpired(EcuError):
+    """A grant's expiry is not after the current time."""
+
+    reason = "GRANT_ALREADY_EXPIRED"
+
+
 class StoreUnavailable(EcuError):
     """Redis did not answer within the configured timeout, or refused the connection."""
 
@@ -138,5 +145,6 @@ BY_REASON: dict[str, type[EcuError]] = {
         IdempotencyConflict,
         StaleSequence,
         BalanceLimit,
+        GrantAlreadyExpired,
     )
 }

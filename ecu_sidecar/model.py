@@ -23,6 +23,7 @@ __all__ = [
     "HoldState",
     "HoldView",
     "JobType",
+    "LedgerAccount",
     "ReleaseOutcome",
     "ReserveItem",
     "ReserveOutcome",
@@ -198,6 +199,29 @@ class ScopeUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerAccount:
+    """What the ledger knows of one organization: enough to rebuild its Redis state."""
+
+    organization: str
+    granted_uecu: int
+    expired_grants_uecu: int
+    committed_uecu: int
+    generation: int
+    """Number of grants so far (numbers the low-balance notification crossings)."""
+    scopes: list[tuple[str, str, int | None, int]]
+    """('team' | 'project', id, cap or None, used)."""
+    expiring_grants: list[tuple[str, int, int]]
+    """(grant id, expiry ms, unspent rest) of unexpired expiring grants."""
+    auto_topup_threshold_uecu: int | None = None
+    auto_topup_amount_uecu: int = 0
+
+    @property
+    def balance_uecu(self) -> int:
+        """granted − expired grants − committed."""
+        return self.granted_uecu - self.expired_grants_uecu - self.committed_uecu
+
+
+@dataclass(frozen=True, slots=True)
 class Balance:
     """An organization's wallet and hold counters (see docs/architecture.md, conservation)."""
 
@@ -217,6 +241,17 @@ class Balance:
     expired_holds: int
     teams: list[ScopeUsage]
     projects: list[ScopeUsage]
+    expired_grants_uecu: int = 0
+    """Unspent rests of expired grants, gone from the balance."""
+    orphan_committed_uecu: int = 0
+    """Commits of holds Redis lost (after a rebuild from the ledger), billed at the actual."""
+    carried_committed_uecu: int = 0
+    """Committed total carried over when the account was rebuilt from the ledger."""
+    repaired_uecu: int = 0
+    """Sum of reconciliation corrections (ledger minus Redis) applied to the balance; drift only
+    a fault outside the scripts (lost writes, manual edits) can cause."""
+    auto_topup_threshold_uecu: int | None = None
+    auto_topup_amount_uecu: int = 0
 
     @property
     def available_uecu(self) -> int:

@@ -30,6 +30,7 @@ STATUS_BY_ERROR: dict[type[errors.EcuError], grpc.StatusCode] = {
     errors.IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
     errors.StaleSequence: grpc.StatusCode.ABORTED,
     errors.BalanceLimit: grpc.StatusCode.OUT_OF_RANGE,
+    errors.GrantAlreadyExpired: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.AdminDisabled: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,

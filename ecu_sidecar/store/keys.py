@@ -6,6 +6,7 @@
     <prefix>:{<org>}:tombs       zset   reservation id -> purge time ms of settled holds
     <prefix>:{<org>}:outbox      stream one event per state change, for the ledger flusher
     <prefix>:{<org>}:grants      hash   grant id -> grant record
+    <prefix>:{<org>}:gexp        zset   grant id -> expiry ms of expiring grants with a rest
 
 Organization ids are validated (ecu_sidecar.validation) to exclude ``{``, ``}`` and ``:``, so a
 caller can neither move its keys to another slot nor into another organization's namespace.
@@ -17,12 +18,12 @@ from functools import lru_cache
 
 __all__ = ["SUFFIXES", "org_keys"]
 
-#: Suffixes in the order every script receives them as KEYS[1..6].
-SUFFIXES = ("acct", "holds", "deadlines", "tombs", "outbox", "grants")
+#: Suffixes in the order every script receives them as KEYS[1..7].
+SUFFIXES = ("acct", "holds", "deadlines", "tombs", "outbox", "grants", "gexp")
 
 
 @lru_cache(maxsize=65_536)
 def org_keys(prefix: str, org: str) -> tuple[str, ...]:
-    """The six keys of one organization, in script order."""
+    """The seven keys of one organization, in script order."""
     base = f"{prefix}:{{{org}}}:"
     return tuple(base + s for s in SUFFIXES)

@@ -43,6 +43,7 @@ from ecu_sidecar.model import (
     GrantOutcome,
     HoldState,
     HoldView,
+    LedgerAccount,
     ReleaseOutcome,
     ReserveItem,
     ReserveOutcome,
@@ -89,6 +90,11 @@ _BALANCE_FIELDS = {
     "unbilled_overage": "unbilled_overage_uecu",
     "late_committed": "late_committed_uecu",
     "expired_holds": "expired_holds",
+    "expired_grants": "expired_grants_uecu",
+    "orphan_committed": "orphan_committed_uecu",
+    "carried_committed": "carried_committed_uecu",
+    "repaired": "repaired_uecu",
+    "atu_a": "auto_topup_amount_uecu",
 }
 
 
@@ -158,6 +164,14 @@ class RedisStore:
         )
         client = aioredis.Redis(connection_pool=pool)
         return cls(client, settings, kind="standalone")
+
+    def acct_key(self, org: str) -> str:
+        """The organization's account hash."""
+        return org_keys(self._settings.key_prefix, org)[0]
+
+    def outbox_key(self, org: str) -> str:
+        """The organization's outbox stream."""
+        return org_keys(self._settings.key_prefix, org)[4]
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -266,9 +280,48 @@ class RedisStore:
             ]
             for k in ("t", "p")
         )
+        threshold = fields.get("atu_t")
         return Balance(
-            organization=org, outstanding_holds=int(r[1]), teams=teams, projects=projects, **values
+            organization=org,
+            outstanding_holds=int(r[1]),
+            teams=teams,
+            projects=projects,
+            auto_topup_threshold_uecu=int(threshold) if threshold else None,
+            **values,
         )
+
+    async def set_auto_topup(self, org: str, threshold_uecu: int | None, amount_uecu: int) -> None:
+        """Configure (None: turn off) the organization's auto-top-up."""
+        threshold = "" if threshold_uecu is None else str(threshold_uecu)
+        await self._run("set_auto_topup", org, [threshold, amount_uecu])
+
+    async def hydrate(self, account: LedgerAccount) -> bool:
+        """Rebuild a missing organization from the ledger; False when it already existed."""
+        args: list[Any] = [
+            account.granted_uecu,
+            account.expired_grants_uecu,
+            account.committed_uecu,
+            account.generation,
+            "" if account.auto_topup_threshold_uecu is None else account.auto_topup_threshold_uecu,
+            account.auto_topup_amount_uecu,
+            len(account.scopes),
+        ]
+        for scope, scope_id, cap, used in account.scopes:
+            args += [scope[0], scope_id, "" if cap is None else cap, used]
+        args.append(len(account.expiring_grants))
+        for grant_id, expires_ms, rest in account.expiring_grants:
+            args += [grant_id, expires_ms, rest]
+        r = await self._run("hydrate", account.organization, args)
+        return bool(r[1])
+
+    async def reconcile(
+        self, org: str, flushed_id: str, ledger_balance_uecu: int, group: str
+    ) -> int | None:
+        """Repair Redis's balance to the ledger's when every event up to ``flushed_id`` is in
+        the ledger and nothing newer exists. Returns the drift (Redis − ledger) that was
+        repaired, or None when the check had to be skipped (events in flight)."""
+        r = await self._run("reconcile", org, [flushed_id, ledger_balance_uecu, group])
+        return None if _s(r[1]) == "SKIP" else int(r[2])
 
     async def sweep(self, org: str) -> tuple[int, int]:
         """Expire overdue holds of one organization: (expired now, overdue still waiting)."""

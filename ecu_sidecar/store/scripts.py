@@ -34,5 +34,17 @@ class Script:
 
 SCRIPTS: dict[str, Script] = {
     name: Script.load(name)
-    for name in ("reserve", "commit", "release", "extend", "grant", "set_cap", "balance", "sweep")
+    for name in (
+        "reserve",
+        "commit",
+        "release",
+        "extend",
+        "grant",
+        "set_cap",
+        "balance",
+        "sweep",
+        "hydrate",
+        "reconcile",
+        "set_auto_topup",
+    )
 }

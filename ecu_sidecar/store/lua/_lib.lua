@@ -2,12 +2,14 @@
 --
 -- Every operation script touches only the keys of one organization, all sharing the hash tag
 -- {org}, always passed in this order:
---   KEYS[1] acct       hash: wallet counters and team/project caps (t:<team>:cap|held|used, p:<project>:...)
+--   KEYS[1] acct       hash: wallet counters, team/project caps (t:<team>:cap|held|used, p:<project>:...),
+--                      the unspent rest of each expiring grant (g:<grant id>), threshold state
 --   KEYS[2] holds      hash: reservation id -> cjson hold record (live holds and tombstones)
 --   KEYS[3] deadlines  zset: reservation id -> deadline (ms) of every ACTIVE hold
 --   KEYS[4] tombs      zset: reservation id -> purge time (ms) of every terminal hold
 --   KEYS[5] outbox     stream: one event per state change, for the ledger flusher
 --   KEYS[6] grants     hash: grant id -> cjson grant record
+--   KEYS[7] gexp       zset: grant id -> expiry (ms) of every expiring grant with an unspent rest
 -- and these leading arguments:
 --   ARGV[1] organization id (recorded in events)
 --   ARGV[2] clock offset in ms added to Redis TIME (0 in production; tests step time with it)
@@ -23,6 +25,7 @@
 -- validates everything before its first write, so an error leaves no trace.
 
 local ACCT, HOLDS, DEADLINES, TOMBS, OUTBOX, GRANTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local GEXP = KEYS[7]
 local ORG = ARGV[1]
 local TOMB_MS = tonumber(ARGV[3])
 local SWEEP_LIMIT = tonumber(ARGV[4])
@@ -99,9 +102,45 @@ local function expire_hold(rid, rec)
     'user', rec.us, 'job', rec.job, 'model', rec.mdl})
 end
 
+-- Spend order: expiring grants soonest-expiry first, then the never-expiring pool (implicit).
+-- Each expiring grant keeps its unspent rest in acct g:<id>; a commit burns them in order.
+local function burn(amount)
+  while amount > 0 do
+    local first = redis.call('ZRANGE', GEXP, 0, 0)
+    if #first == 0 then return end
+    local gid = first[1]
+    local rest = N(redis.call('HGET', ACCT, 'g:' .. gid))
+    local take = math.min(rest, amount)
+    amount = amount - take
+    if rest - take <= 0 then
+      redis.call('HDEL', ACCT, 'g:' .. gid)
+      redis.call('ZREM', GEXP, gid)
+    else
+      redis.call('HINCRBY', ACCT, 'g:' .. gid, I(-take))
+    end
+  end
+end
+
+-- Expire up to SWEEP_LIMIT grants past their expiry: their unspent rest leaves the balance.
+local function expire_grants()
+  local due = redis.call('ZRANGEBYSCORE', GEXP, '-inf', I(NOW), 'LIMIT', 0, SWEEP_LIMIT)
+  for _, gid in ipairs(due) do
+    local rest = N(redis.call('HGET', ACCT, 'g:' .. gid))
+    redis.call('HDEL', ACCT, 'g:' .. gid)
+    redis.call('ZREM', GEXP, gid)
+    if rest > 0 then
+      redis.call('HINCRBY', ACCT, 'balance', I(-rest))
+      redis.call('HINCRBY', ACCT, 'expired_grants', I(rest))
+      emit('grant_expire', 'grant_expire:' .. gid, {'grant_id', gid, 'amount', rest})
+    end
+  end
+  return #due
+end
+
 -- Expire up to SWEEP_LIMIT overdue holds and purge up to SWEEP_LIMIT old tombstones.
 -- O(log n + limit). Returns the number of holds expired.
 local function sweep()
+  expire_grants()
   local n = 0
   local due = redis.call('ZRANGEBYSCORE', DEADLINES, '-inf', I(NOW), 'LIMIT', 0, SWEEP_LIMIT)
   for _, rid in ipairs(due) do
@@ -135,4 +174,35 @@ end
 
 local function account_exists()
   return redis.call('HEXISTS', ACCT, 'balance') == 1
+end
+
+-- Low-balance warnings and auto-top-up. "Remaining" is available (balance - held) as a share of
+-- the reference level: the available balance right after the latest grant. Each crossing of
+-- 20% and of 5%, and of the auto-top-up threshold, notifies once (a flag in acct); a grant
+-- re-arms all three and starts a new generation (part of the notification's event id).
+local function notify(kind, avail, extra)
+  local gen = redis.call('HGET', ACCT, 'gen') or '0'
+  local fields = {'kind', kind, 'available', avail, 'generation', gen}
+  for _, x in ipairs(extra) do fields[#fields + 1] = x end
+  emit('notify', 'notify:' .. kind .. ':' .. gen, fields)
+end
+
+local function check_thresholds()
+  local v = redis.call('HMGET', ACCT, 'balance', 'held', 'ref', 'w20', 'w5', 'atu_t', 'atu_a', 'atu_req')
+  local avail = N(v[1]) - N(v[2])
+  local ref = N(v[3])
+  if ref > 0 then
+    if not v[4] and avail * 100 < ref * 20 then
+      redis.call('HSET', ACCT, 'w20', '1')
+      notify('low_balance_20', avail, {'reference', ref})
+    end
+    if not v[5] and avail * 100 < ref * 5 then
+      redis.call('HSET', ACCT, 'w5', '1')
+      notify('low_balance_5', avail, {'reference', ref})
+    end
+  end
+  if v[6] and not v[8] and avail < N(v[6]) then
+    redis.call('HSET', ACCT, 'atu_req', '1')
+    notify('auto_topup_requested', avail, {'threshold', v[6], 'amount', v[7] or '0'})
+  end
 end

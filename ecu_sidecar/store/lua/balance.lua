@@ -7,6 +7,7 @@ if not account_exists() then
   return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
 end
 sweep()
+check_thresholds()
 local out = {'OK', redis.call('ZCARD', DEADLINES)}
 for _, x in ipairs(redis.call('HGETALL', ACCT)) do out[#out + 1] = x end
 return out

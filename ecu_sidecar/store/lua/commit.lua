@@ -8,6 +8,9 @@
 -- Item errors: HOLD_NOT_FOUND, HOLD_RELEASED, IDEMPOTENCY_CONFLICT (a committed hold replayed
 -- with another actual or usage). Items are independent.
 -- An expired hold still commits (the work happened): it is billed as a late commit, flagged.
+-- A hold Redis lost (the account was rebuilt from the ledger since: acct 'hydrated') still
+-- commits too: billed at the actual, flagged orphan. Without a rebuild an unknown id is
+-- HOLD_NOT_FOUND. Billed amounts burn expiring grants soonest-first.
 
 sweep()
 local pct = tonumber(ARGV[5])
@@ -30,6 +33,11 @@ for i = 0, n - 1 do
   local rid, actual_s = ARGV[b], ARGV[b + 1]
   local usage = {'tokens_in', ARGV[b + 2], 'tokens_out', ARGV[b + 3], 'calls', ARGV[b + 4]}
   local rec = get_hold(rid)
+  if not rec and redis.call('HEXISTS', ACCT, 'hydrated') == 1 then
+    -- Usage is never dropped: record it against a placeholder hold of amount 0.
+    rec = {st = 'O', amt = '0', job = '', mdl = '', ttl = '0', tm = '', pj = '', us = '',
+      dl = I(NOW), t0 = I(NOW), av0 = '0', seq = '0', ettl = '0'}
+  end
   if not rec then
     item_err(rid, 'HOLD_NOT_FOUND', 'no hold ' .. rid .. ' in organization ' .. ORG)
   else
@@ -47,9 +55,11 @@ for i = 0, n - 1 do
     else
       local amt = tonumber(rec.amt)
       local actual = tonumber(actual_s)
-      local late = rec.st == 'E'
+      local orphan = rec.st == 'O'
+      local late = rec.st == 'E' or orphan
       local bound = math.floor(amt * pct / 100)
       local billed = math.min(actual, amt + bound)
+      if orphan then billed = actual end
       local overage = math.max(0, billed - amt)
       local unbilled = actual - billed
       local from_hold = math.min(billed, amt)
@@ -61,9 +71,12 @@ for i = 0, n - 1 do
         redis.call('HINCRBY', ACCT, 'released', I(released))
         redis.call('HINCRBY', ACCT, 'overage', I(overage))
         scope_incr(rec, 'held', -amt)
+      elseif orphan then
+        redis.call('HINCRBY', ACCT, 'orphan_committed', I(billed))
       else
         redis.call('HINCRBY', ACCT, 'late_committed', I(billed))
       end
+      burn(billed)
       redis.call('HINCRBY', ACCT, 'balance', I(-billed))
       redis.call('HINCRBY', ACCT, 'committed', I(billed))
       if unbilled > 0 then redis.call('HINCRBY', ACCT, 'unbilled_overage', I(unbilled)) end
@@ -76,12 +89,14 @@ for i = 0, n - 1 do
       rec.ov = I(late and 0 or overage)
       rec.uov = I(unbilled)
       rec.late = late and '1' or '0'
+      rec.orphan = orphan and '1' or nil
       rec.fin = I(NOW)
       rec.av1 = I(available())
       put_hold(rid, rec)
       entomb(rid)
       local ev = {'rid', rid, 'amount', rec.amt, 'actual', actual_s, 'committed', billed,
         'released', released, 'overage', rec.ov, 'unbilled', unbilled, 'late', rec.late,
+        'orphan', orphan and '1' or '0',
         'team', rec.tm, 'project', rec.pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl}
       for _, x in ipairs(usage) do ev[#ev + 1] = x end
       emit('commit', 'commit:' .. rid, ev)
@@ -89,5 +104,6 @@ for i = 0, n - 1 do
     end
   end
 end
+check_thresholds()
 out[2] = available()
 return out

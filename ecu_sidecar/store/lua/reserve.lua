@@ -97,5 +97,6 @@ if fresh > 0 then
   redis.call('HINCRBY', ACCT, 'reserved', I(need))
   if team ~= '' then redis.call('HINCRBY', ACCT, 't:' .. team .. ':held', I(need)) end
   if project ~= '' then redis.call('HINCRBY', ACCT, 'p:' .. project .. ':held', I(need)) end
+  check_thresholds()
 end
 return out
