@@ -7,11 +7,12 @@ expire their overdue holds even when no request touches them again.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
 
-from ecu_sidecar.errors import InvalidArgument
+from ecu_sidecar.errors import AccountNotFound, InvalidArgument
 from ecu_sidecar.model import (
     MAX_GRANTED_UECU,
     MAX_REQUEST_UECU,
@@ -24,6 +25,7 @@ from ecu_sidecar.model import (
     GrantKind,
     GrantOutcome,
     JobType,
+    LedgerAccount,
     ReleaseOutcome,
     ReserveItem,
     ReserveOutcome,
@@ -40,7 +42,21 @@ from ecu_sidecar.validation import (
     check_optional_id,
 )
 
-__all__ = ["QuotaEngine"]
+__all__ = ["LedgerPort", "QuotaEngine"]
+
+T = TypeVar("T")
+
+
+class LedgerPort(Protocol):
+    """What the engine needs of the ledger repository (ecu_sidecar.ledger): durable grants
+    and the state to rebuild an organization from."""
+
+    def grant(
+        self, org: str, grant_id: str, amount_uecu: int, kind: str, expires_at_ms: int
+    ) -> bool: ...
+
+    def ledger_account(self, org: str) -> LedgerAccount | None: ...
+
 
 _MODEL_REQUIRED = frozenset({JobType.INFERENCE, JobType.JUDGE})
 #: Latest expiry a grant may carry (year 9999), so it stays a sane epoch in milliseconds.
@@ -50,9 +66,14 @@ _MAX_EPOCH_MS = 253_402_300_799_000
 class QuotaEngine:
     """Reserve, commit, release, extend, grant: validated, one script call each."""
 
-    def __init__(self, store: RedisStore, settings: Settings) -> None:
+    def __init__(
+        self, store: RedisStore, settings: Settings, ledger: LedgerPort | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
+        self.ledger = ledger
+        """With a ledger, grants are written to it first, and an organization Redis has lost is
+        rebuilt from it on first use."""
         self._recent: OrderedDict[str, None] = OrderedDict()
 
     # -- validation helpers -------------------------------------------------------------------
@@ -92,6 +113,25 @@ class QuotaEngine:
         recent[org] = None
         if len(recent) > self.settings.sweep_max_orgs:
             recent.popitem(last=False)
+
+    async def hydrate(self, org: str) -> bool:
+        """Rebuild ``org`` in Redis from the ledger if Redis lacks it; False if the ledger does
+        not know it either (or there is no ledger)."""
+        if self.ledger is None:
+            return False
+        account = await asyncio.to_thread(self.ledger.ledger_account, org)
+        if account is None:
+            return False
+        await self.store.hydrate(account)  # a no-op if another sidecar got there first
+        return True
+
+    async def _hydrating(self, org: str, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except AccountNotFound:
+            if not await self.hydrate(org):
+                raise
+            return await call()
 
     def recent_organizations(self) -> list[str]:
         """Organizations this process served recently (for the background sweeper)."""
@@ -140,7 +180,9 @@ class QuotaEngine:
                 ReserveItem(it.reservation_id, it.amount_uecu, it.job_type, it.model, ttl)
             )
         self._total(it.amount_uecu for it in resolved)
-        outcome = await self.store.reserve(account, resolved)
+        outcome = await self._hydrating(
+            account.organization, lambda: self.store.reserve(account, resolved)
+        )
         self._seen(account.organization)
         return outcome
 
@@ -161,7 +203,8 @@ class QuotaEngine:
             check_count(f"{f}usage.tokens_out", it.usage.tokens_out)
             check_count(f"{f}usage.calls", it.usage.calls)
         self._total(it.actual_uecu for it in items)
-        outcome = await self.store.commit(org, items, self.settings.overage_max_percent)
+        pct = self.settings.overage_max_percent
+        outcome = await self._hydrating(org, lambda: self.store.commit(org, items, pct))
         self._seen(org)
         return outcome
 
@@ -169,7 +212,7 @@ class QuotaEngine:
         """Void a hold; its amount returns to available."""
         check_id("organization", org)
         check_id("reservation_id", reservation_id, CALLER_ID_MAX)
-        return await self.store.release(org, reservation_id)
+        return await self._hydrating(org, lambda: self.store.release(org, reservation_id))
 
     async def extend(
         self, org: str, reservation_id: str, ttl_ms: int, sequence: int
@@ -186,14 +229,16 @@ class QuotaEngine:
             raise InvalidArgument(
                 "sequence", f"must be an integer from 1 to {2**53 - 1}, got {sequence}"
             )
-        outcome = await self.store.extend(org, reservation_id, ttl, sequence)
+        outcome = await self._hydrating(
+            org, lambda: self.store.extend(org, reservation_id, ttl, sequence)
+        )
         self._seen(org)
         return outcome
 
     async def balance(self, org: str) -> Balance:
         """The organization's wallet, hold counters and caps."""
         check_id("organization", org)
-        return await self.store.balance(org)
+        return await self._hydrating(org, lambda: self.store.balance(org))
 
     async def grant(
         self, org: str, grant_id: str, amount_uecu: int, kind: GrantKind, expires_at_ms: int = 0
@@ -213,6 +258,15 @@ class QuotaEngine:
                 "expires_at_unix_ms",
                 f"must be 0 (never) or a Unix time in ms up to {_MAX_EPOCH_MS}",
             )
+        if self.ledger is not None:
+            # Ledger first: once the ledger holds the grant it cannot be lost; a crash before
+            # Redis applies it is repaired by the caller's retry (same grant id, a replay on
+            # both sides) or by reconciliation. An organization Redis lost is rebuilt first, so
+            # this grant lands on its real balance.
+            await asyncio.to_thread(
+                self.ledger.grant, org, grant_id, amount_uecu, kind.value, expires_at_ms
+            )
+            await self.hydrate(org)
         return await self.store.grant(org, grant_id, amount_uecu, kind, expires_at_ms)
 
     async def set_cap(
@@ -232,7 +286,9 @@ class QuotaEngine:
                 raise InvalidArgument(
                     "cap_uecu", f"must be between 0 and {MAX_GRANTED_UECU} uECU, got {cap_uecu}"
                 )
-        return await self.store.set_cap(org, scope, scope_id, cap_uecu)
+        return await self._hydrating(
+            org, lambda: self.store.set_cap(org, scope, scope_id, cap_uecu)
+        )
 
     async def set_auto_topup(self, org: str, threshold_uecu: int | None, amount_uecu: int) -> None:
         """Configure (None: turn off) when an auto_topup_requested notification fires, and for
@@ -241,7 +297,9 @@ class QuotaEngine:
         if threshold_uecu is not None:
             check_amount("threshold_uecu", threshold_uecu)
             check_amount("amount_uecu", amount_uecu)
-        await self.store.set_auto_topup(org, threshold_uecu, amount_uecu)
+        await self._hydrating(
+            org, lambda: self.store.set_auto_topup(org, threshold_uecu, amount_uecu)
+        )
 
     async def sweep_recent(self) -> int:
         """Expire overdue holds of every recently seen organization; returns how many expired."""

@@ -214,6 +214,9 @@ class LedgerAccount:
     """(grant id, expiry ms, unspent rest) of unexpired expiring grants."""
     auto_topup_threshold_uecu: int | None = None
     auto_topup_amount_uecu: int = 0
+    recent_grants: list[tuple[str, int, str, int]] = field(default_factory=list)
+    """(grant id, amount, kind, expires at ms) of the latest grants (at most 1,000), so that a
+    retried grant is recognized after the rebuild."""
 
     @property
     def balance_uecu(self) -> int:

@@ -78,6 +78,33 @@ class Settings:
     sweep_max_orgs: int = field(default=10_000, metadata=_int(1, 1_000_000))
     """ECU_SWEEP_MAX_ORGS: most recently seen organizations the background sweeper tracks."""
 
+    ledger_url: str = field(default="", metadata={"kind": "dsn"})
+    """ECU_LEDGER_URL: postgresql://... or sqlite:///path; empty runs without a ledger."""
+
+    flusher_in_serve: bool | None = field(default=None, metadata={"kind": "bool"})
+    """ECU_FLUSHER_IN_SERVE: run the flusher inside `serve` (default: yes on the embedded store
+    when a ledger is configured, no with real Redis, where `ecu-sidecar flush` runs apart)."""
+
+    flusher_batch: int = field(default=1_000, metadata=_int(1, 100_000))
+    """ECU_FLUSHER_BATCH: most entries read from one outbox stream per cycle."""
+
+    flusher_interval_ms: int = field(default=200, metadata=_int(1, 60_000))
+    """ECU_FLUSHER_INTERVAL_MS: pause between cycles when the outboxes are empty."""
+
+    flusher_claim_idle_ms: int = field(default=30_000, metadata=_int(0, 3_600_000))
+    """ECU_FLUSHER_CLAIM_IDLE_MS: entries pending this long with a silent flusher are claimed."""
+
+    flusher_discovery_interval_ms: int = field(default=5_000, metadata=_int(0, 3_600_000))
+    """ECU_FLUSHER_DISCOVERY_INTERVAL_MS: how often outbox streams are rediscovered (SCAN)."""
+
+    reconcile_interval_ms: int = field(default=30_000, metadata=_int(0, 86_400_000))
+    """ECU_RECONCILE_INTERVAL_MS: how often ledger and Redis balances are compared (and lost
+    organizations rebuilt from the ledger)."""
+
+    flusher_fault: str = field(default="", metadata={"kind": "str"})
+    """ECU_FLUSHER_FAULT: test-only fault injection, `before_insert:N` or `after_commit:N`
+    SIGKILLs the flusher at that point of its N-th batch. Never set in production."""
+
     admin_token: str = field(default="", metadata={"kind": "secret"})
     """ECU_ADMIN_TOKEN: bearer token for Grant/SetCap; empty disables the admin RPCs."""
 
@@ -97,6 +124,13 @@ class Settings:
         default="text", metadata={"kind": "choice", "choices": ("text", "json")}
     )
     """ECU_LOG_FORMAT: text or json."""
+
+    @property
+    def run_flusher_in_serve(self) -> bool:
+        """Whether `serve` also runs the flusher."""
+        if not self.ledger_url:
+            return False
+        return self.embedded if self.flusher_in_serve is None else self.flusher_in_serve
 
     @property
     def embedded(self) -> bool:
@@ -144,6 +178,20 @@ class Settings:
         if not self.key_prefix or not self.key_prefix.replace("-", "").replace("_", "").isalnum():
             raise SettingsError(
                 f"ECU_KEY_PREFIX: must be 1 or more of [A-Za-z0-9_-], got {self.key_prefix!r}"
+            )
+        if self.ledger_url and not self.ledger_url.startswith(
+            ("postgresql://", "postgres://", "sqlite://")
+        ):
+            raise SettingsError(
+                "ECU_LEDGER_URL: must start with postgresql://, postgres:// or sqlite://"
+            )
+        if self.flusher_fault and self.flusher_fault.partition(":")[0] not in (
+            "before_insert",
+            "after_commit",
+        ):
+            raise SettingsError(
+                "ECU_FLUSHER_FAULT: must be before_insert[:N] or after_commit[:N], "
+                f"got {self.flusher_fault!r}"
             )
         if self.redis_cluster and not self.redis_url:
             raise SettingsError("ECU_REDIS_CLUSTER: set, but ECU_REDIS_URL is empty")
@@ -196,6 +244,8 @@ def _coerce(origin: str, meta: Mapping[str, Any], value: Any) -> Any:
         raise SettingsError(f"{origin}: expected true or false, got {value!r}")
     if not isinstance(text, str):
         raise SettingsError(f"{origin}: expected a string, got {value!r}")
+    if kind == "dsn":
+        return text
     if kind == "choice":
         for choice in meta["choices"]:
             if choice.lower() == text.lower():
@@ -220,7 +270,7 @@ def describe(settings: Settings) -> dict[str, Any]:
         value = getattr(settings, f.name)
         if f.metadata["kind"] == "secret":
             value = "(set)" if value else "(not set)"
-        elif f.metadata["kind"] == "url" and value:
+        elif f.metadata["kind"] in ("url", "dsn") and value:
             value = _mask_url(value)
         out["ECU_" + f.name.upper()] = value
     return out

@@ -197,7 +197,7 @@ def test_hold_release_extend_and_caps(sidecar_proc: Serve) -> None:
 def test_client_errors_exit_1_with_code_and_reason(sidecar_proc: Serve) -> None:
     missing = cli(sidecar_proc, "release", "cli-errors", "nope")
     assert missing.returncode == 1 and missing.stdout == ""
-    assert re.fullmatch(r"error: NOT_FOUND HOLD_NOT_FOUND: .+\n", missing.stderr), missing.stderr
+    assert re.fullmatch(r"error: NOT_FOUND ACCOUNT_NOT_FOUND: .+\n", missing.stderr), missing.stderr
 
     no_token = cli(sidecar_proc, "grant", "cli-errors", "5", "--grant-id", "g", ECU_ADMIN_TOKEN="")
     assert no_token.returncode == 1

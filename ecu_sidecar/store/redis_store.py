@@ -173,6 +173,20 @@ class RedisStore:
         """The organization's outbox stream."""
         return org_keys(self._settings.key_prefix, org)[4]
 
+    async def missing_accounts(self, orgs: Sequence[str]) -> list[str]:
+        """The organizations among ``orgs`` that have no account in Redis."""
+        if not orgs:
+            return []
+
+        async def check() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for org in orgs:
+                pipe.hexists(self.acct_key(org), "balance")
+            return await pipe.execute()
+
+        found = await self._call(check)
+        return [org for org, present in zip(orgs, found, strict=True) if not present]
+
     async def close(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
@@ -311,6 +325,9 @@ class RedisStore:
         args.append(len(account.expiring_grants))
         for grant_id, expires_ms, rest in account.expiring_grants:
             args += [grant_id, expires_ms, rest]
+        args.append(len(account.recent_grants))
+        for grant_id, amount, kind, expires_ms in account.recent_grants:
+            args += [grant_id, amount, kind, expires_ms]
         r = await self._run("hydrate", account.organization, args)
         return bool(r[1])
 

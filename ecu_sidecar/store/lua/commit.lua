@@ -12,6 +12,9 @@
 -- commits too: billed at the actual, flagged orphan. Without a rebuild an unknown id is
 -- HOLD_NOT_FOUND. Billed amounts burn expiring grants soonest-first.
 
+if not account_exists() then
+  return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
+end
 sweep()
 local pct = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])

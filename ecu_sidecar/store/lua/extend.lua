@@ -7,6 +7,9 @@
 --   HOLD_RELEASED, HOLD_EXPIRED, IDEMPOTENCY_CONFLICT (same sequence, other ttl) or
 --   STALE_SEQUENCE (a sequence below the last one applied).
 
+if not account_exists() then
+  return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
+end
 sweep()
 local rid, ttl_s, seq_s = ARGV[5], ARGV[6], ARGV[7]
 local rec = get_hold(rid)

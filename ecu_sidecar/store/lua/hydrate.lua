@@ -5,6 +5,8 @@
 --   ARGV[9] auto-top-up threshold ('' = off)   ARGV[10] auto-top-up amount
 --   ARGV[11] n scopes, then n groups of 4: prefix ('t' | 'p'), id, cap ('' = none), used
 --   then m, then m groups of 3: expiring grant id, expiry ms, unspent rest
+--   then k, then k groups of 4: recent grant id, amount, kind, expires at ms (so that a retry of
+--   a grant the ledger already holds is answered as a replay, not applied twice)
 -- Returns {'OK', 1} when it rebuilt the account, {'OK', 0} when the account already existed.
 -- Holds Redis lost are gone (released by definition); the committed total carries over as
 -- carried_committed so the hold counters restart from zero and still add up.
@@ -29,6 +31,13 @@ for _ = 1, m do
   redis.call('HSET', ACCT, 'g:' .. ARGV[b], ARGV[b + 2])
   redis.call('ZADD', GEXP, ARGV[b + 1], ARGV[b])
   b = b + 3
+end
+local k = tonumber(ARGV[b])
+b = b + 1
+for _ = 1, k do
+  redis.call('HSET', GRANTS, ARGV[b], cjson.encode({amt = ARGV[b + 1], kind = ARGV[b + 2],
+    exp = ARGV[b + 3], t = I(NOW), bal = I(balance), av = I(balance)}))
+  b = b + 4
 end
 emit('hydrate', 'hydrate:' .. I(NOW) .. ':' .. I(granted) .. ':' .. I(committed),
   {'granted', granted, 'expired', expired, 'committed', committed, 'balance', balance})

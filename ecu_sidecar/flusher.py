@@ -1,0 +1,233 @@
+"""The flusher: moves every outbox event into the ledger exactly once, keeps Redis and the
+ledger in agreement, and rebuilds organizations Redis has lost.
+
+One cycle: read new entries (consumer group ``ledger``) and entries a dead flusher left pending
+for ``ECU_FLUSHER_CLAIM_IDLE_MS`` → write them in ONE ledger transaction (each event id applied
+at most once: ``ON CONFLICT DO NOTHING``) → acknowledge and delete them in Redis. A crash
+before the transaction loses nothing (the entries stay pending and are claimed again); a crash
+after the commit and before the acknowledgement re-delivers events whose ids the ledger
+already holds, so they change nothing. Several flushers may run at once: the group hands each
+entry to one of them, and a claimed entry written twice is still applied once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ecu_sidecar.errors import StoreUnavailable
+from ecu_sidecar.metrics import FlusherMetrics
+from ecu_sidecar.model import LedgerAccount
+from ecu_sidecar.settings import Settings
+from ecu_sidecar.store import RedisStore
+from ecu_sidecar.store.outbox import GROUP, OutboxEntry, OutboxReader
+
+__all__ = ["Flusher", "LedgerPort"]
+
+log = logging.getLogger(__name__)
+
+
+class LedgerPort(Protocol):
+    """What the flusher needs of the ledger repository (ecu_sidecar.ledger)."""
+
+    def write_events(self, events: Sequence[dict[str, str]]) -> Any: ...
+
+    def ledger_account(self, org: str) -> LedgerAccount | None: ...
+
+    def organizations(self) -> list[str]: ...
+
+    def record_snapshot(self, org: str, ledger_balance: int, redis_balance: int) -> None: ...
+
+
+class Flusher:
+    """One flusher process's loop (also run inside ``serve`` for the embedded default)."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        ledger: LedgerPort,
+        settings: Settings,
+        metrics: FlusherMetrics,
+        *,
+        consumer: str | None = None,
+    ) -> None:
+        self.store = store
+        self.ledger = ledger
+        self.settings = settings
+        self.metrics = metrics
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.reader = OutboxReader(store, self.consumer)
+        self._orgs: list[str] = []
+        self._next_discovery = 0.0
+        self._next_reconcile = 0.0
+        self._next_hydrate = 0.0
+        self._batches = 0
+        self._unwritten: list[OutboxEntry] = []
+
+    # -- fault injection (tests kill the process at the dangerous points) --------------------
+
+    def _maybe_die(self, point: str) -> None:
+        fault = self.settings.flusher_fault
+        if not fault:
+            return
+        name, _, nth = fault.partition(":")
+        if name == point and self._batches == int(nth or 1):
+            log.warning("fault injection: SIGKILL at %s of batch %d", point, self._batches)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- one cycle --------------------------------------------------------------------------
+
+    async def discover(self, force: bool = False) -> list[str]:
+        """Refresh the list of organizations with an outbox (every discovery interval)."""
+        now = time.monotonic()
+        if force or now >= self._next_discovery:
+            self._orgs = await self.reader.discover()
+            self._next_discovery = now + self.settings.flusher_discovery_interval_ms / 1000
+        return self._orgs
+
+    async def flush_once(self) -> int:
+        """Move one batch from the outboxes into the ledger; returns how many entries."""
+        orgs = await self.discover()
+        if self._unwritten:  # a batch the ledger refused last time: retry it first
+            entries = self._unwritten
+        else:
+            per_stream = self.settings.flusher_batch
+            entries = await self.reader.claim(orgs, self.settings.flusher_claim_idle_ms, per_stream)
+            entries += await self.reader.read(orgs, per_stream)
+        if not entries:
+            return 0
+        self._batches += 1
+        self._maybe_die("before_insert")
+        started = time.perf_counter()
+        try:
+            result = await asyncio.to_thread(self.ledger.write_events, [e.fields for e in entries])
+        except Exception:
+            self._unwritten = entries
+            self.metrics.write_errors.inc()
+            raise
+        self._unwritten = []
+        self._maybe_die("after_commit")
+        await self.reader.ack(entries)
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(entries))
+        inserted = getattr(result, "inserted", len(entries))
+        self.metrics.events.labels("written").inc(inserted)
+        self.metrics.events.labels("duplicate").inc(len(entries) - inserted)
+        for e in entries:
+            if e.fields.get("type") == "notify":
+                self.metrics.notifications.labels(e.fields.get("kind", "")).inc()
+        return len(entries)
+
+    async def drain(self, max_batches: int = 1_000) -> int:
+        """Flush until the outboxes are empty (or ``max_batches``); returns entries moved."""
+        await self.discover(force=True)
+        total = 0
+        for _ in range(max_batches):
+            n = await self.flush_once()
+            total += n
+            if n == 0:
+                break
+        return total
+
+    # -- reconciliation and hydration -----------------------------------------------------
+
+    async def reconcile(self) -> dict[str, int]:
+        """Compare each fully flushed organization's ledger balance with Redis; repair drift.
+        Returns {org: drift} for the organizations checked (skipped ones are absent)."""
+        drifts: dict[str, int] = {}
+        for org in await self.discover(force=True):
+            state = await self.reader.state(org)
+            if not state.fully_flushed:
+                continue
+            account = await asyncio.to_thread(self.ledger.ledger_account, org)
+            if account is None:
+                continue
+            drift = await self.store.reconcile(org, state.last_id, account.balance_uecu, GROUP)
+            if drift is None:
+                continue
+            drifts[org] = drift
+            await asyncio.to_thread(
+                self.ledger.record_snapshot, org, account.balance_uecu, account.balance_uecu + drift
+            )
+            if drift:
+                log.warning("drift in %s: Redis was %+d uECU off the ledger; repaired", org, drift)
+        self.metrics.drift_accounts.set(sum(1 for d in drifts.values() if d))
+        self.metrics.drift_uecu.set(sum(abs(d) for d in drifts.values()))
+        self.metrics.repairs.inc(sum(1 for d in drifts.values() if d))
+        return drifts
+
+    async def hydrate_missing(self) -> list[str]:
+        """Rebuild every organization the ledger knows and Redis has lost."""
+        orgs = await asyncio.to_thread(self.ledger.organizations)
+        missing = await self.store.missing_accounts(orgs)
+        rebuilt = []
+        for org in missing:
+            if await self.hydrate(org):
+                rebuilt.append(org)
+        return rebuilt
+
+    async def hydrate(self, org: str) -> bool:
+        """Rebuild one organization from the ledger if Redis lacks it (race-free)."""
+        account = await asyncio.to_thread(self.ledger.ledger_account, org)
+        if account is None:
+            return False
+        done = await self.store.hydrate(account)
+        if done:
+            self.metrics.hydrations.inc()
+            log.warning("rebuilt %s from the ledger (balance %d uECU)", org, account.balance_uecu)
+        return done
+
+    async def observe(self) -> None:
+        """Outbox length, lag and pending gauges over every known organization."""
+        length = pending = 0
+        oldest: int | None = None
+        for org in self._orgs:
+            state = await self.reader.state(org)
+            length += state.length
+            pending += state.pending
+            first = await self.reader.oldest_pending_ms(org)
+            if first is not None and (oldest is None or first < oldest):
+                oldest = first
+        self.metrics.outbox_length.set(length)
+        self.metrics.pending.set(pending)
+        self.metrics.lag_seconds.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush, reconcile and hydrate until ``stop`` is set; back off while a side is down."""
+        backoff = 0.0
+        interval = self.settings.flusher_interval_ms / 1000
+        while not stop.is_set():
+            try:
+                moved = await self.flush_once()
+                now = time.monotonic()
+                if now >= self._next_reconcile:
+                    await self.hydrate_missing()
+                    await self.reconcile()
+                    await self.observe()
+                    self._next_reconcile = now + self.settings.reconcile_interval_ms / 1000
+                backoff = 0.0
+            except StoreUnavailable as exc:
+                moved = 0
+                backoff = min(max(backoff * 2, 0.05), 5.0)
+                log.warning(
+                    "flusher: Redis unavailable (%s); retrying in %.2fs", exc.message, backoff
+                )
+            except Exception as exc:  # the ledger is down or refusing: keep the batch, back off
+                moved = 0
+                backoff = min(max(backoff * 2, 0.05), 5.0)
+                log.warning("flusher: ledger write failed (%s); retrying in %.2fs", exc, backoff)
+            if moved and not backoff:
+                continue  # more may be waiting: no pause while draining a backlog
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=backoff or interval)
+            except TimeoutError:
+                pass

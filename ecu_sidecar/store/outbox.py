@@ -1,0 +1,156 @@
+"""The Redis side of the flusher: find outbox streams, read them with a consumer group,
+claim what dead consumers left pending, acknowledge and delete what the ledger committed.
+
+Streams are found by SCAN (``<prefix>:{*}:outbox``, type stream) on every primary, so a
+Redis Cluster needs no registry key (which would sit in another slot than the scripts that
+write the streams). Discovery runs periodically; a new organization's stream is picked up at
+the next discovery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from ecu_sidecar.store.redis_store import RedisStore, _s
+
+__all__ = ["GROUP", "OutboxEntry", "OutboxReader", "StreamState"]
+
+#: The consumer group every flusher joins: each entry goes to one flusher at a time.
+GROUP = "ledger"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One event read from an organization's outbox."""
+
+    org: str
+    entry_id: str
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """Where an outbox stands: its last id, and what the ledger group has not finished."""
+
+    last_id: str
+    length: int
+    pending: int
+    delivered_id: str
+    lag: int
+    """Entries not yet delivered to any flusher."""
+
+    @property
+    def fully_flushed(self) -> bool:
+        """Every entry up to last_id was delivered and acknowledged (is in the ledger)."""
+        return self.pending == 0 and (self.last_id == "0-0" or self.delivered_id == self.last_id)
+
+
+class OutboxReader:
+    """Consumer-group access to every organization's outbox, for one flusher process."""
+
+    def __init__(self, store: RedisStore, consumer: str) -> None:
+        self.store = store
+        self.consumer = consumer
+        self._client = store._client
+        prefix = store._settings.key_prefix
+        self._match = f"{prefix}:{{*}}:outbox"
+        self._known: set[str] = set()
+
+    @staticmethod
+    def org_of(key: str) -> str:
+        """The organization in a key ``<prefix>:{org}:outbox``."""
+        return key[key.index("{") + 1 : key.rindex("}")]
+
+    async def discover(self) -> list[str]:
+        """Organizations that have an outbox stream (SCAN over every primary)."""
+        orgs = []
+        async for key in self._client.scan_iter(match=self._match, count=1000, _type="stream"):
+            orgs.append(self.org_of(_s(key)))
+        for org in orgs:
+            if org not in self._known:
+                await self._ensure_group(org)
+                self._known.add(org)
+        return sorted(orgs)
+
+    async def _ensure_group(self, org: str) -> None:
+        try:
+            await self._client.xgroup_create(self.store.outbox_key(org), GROUP, id="0")
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(self, orgs: list[str], count: int) -> list[OutboxEntry]:
+        """New entries (never delivered) of these organizations, up to ``count`` per stream."""
+        if not orgs:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for org in orgs:
+            pipe.xreadgroup(GROUP, self.consumer, {self.store.outbox_key(org): ">"}, count=count)
+        replies = await pipe.execute(raise_on_error=False)
+        out: list[OutboxEntry] = []
+        for org, reply in zip(orgs, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                if "NOGROUP" in str(reply):  # the stream was recreated: join it again
+                    self._known.discard(org)
+                    continue
+                raise reply
+            for _key, entries in reply or []:
+                out.extend(self._entries(org, entries))
+        return out
+
+    async def claim(self, orgs: list[str], min_idle_ms: int, count: int) -> list[OutboxEntry]:
+        """Entries another consumer read but did not acknowledge for ``min_idle_ms``."""
+        out: list[OutboxEntry] = []
+        for org in orgs:
+            reply = await self._client.xautoclaim(
+                self.store.outbox_key(org), GROUP, self.consumer, min_idle_ms, "0-0", count=count
+            )
+            out.extend(self._entries(org, reply[1]))
+        return out
+
+    async def ack(self, entries: list[OutboxEntry]) -> None:
+        """Acknowledge and delete entries the ledger has committed."""
+        by_org: dict[str, list[str]] = {}
+        for e in entries:
+            by_org.setdefault(e.org, []).append(e.entry_id)
+        pipe = self._client.pipeline(transaction=False)
+        for org, ids in by_org.items():
+            key = self.store.outbox_key(org)
+            pipe.xack(key, GROUP, *ids)
+            pipe.xdel(key, *ids)
+        await pipe.execute()
+
+    async def state(self, org: str) -> StreamState:
+        """The stream's last id and the ledger group's progress on it."""
+        key = self.store.outbox_key(org)
+        try:
+            info = await self._client.xinfo_stream(key)
+        except ResponseError:
+            return StreamState("0-0", 0, 0, "0-0", 0)
+        last = _s(info["last-generated-id"])
+        pending, delivered, lag = 0, "0-0", int(info["length"])
+        for group in await self._client.xinfo_groups(key):
+            if _s(group["name"]) == GROUP:
+                pending = int(group["pending"])
+                delivered = _s(group["last-delivered-id"])
+                lag = int(group.get("lag") or 0)
+        return StreamState(last, int(info["length"]), pending, delivered, lag)
+
+    async def oldest_pending_ms(self, org: str) -> int | None:
+        """Timestamp (ms) of the oldest entry not yet acknowledged, or None."""
+        key = self.store.outbox_key(org)
+        first: list[Any] = await self._client.xrange(key, count=1)
+        if not first:
+            return None
+        return int(_s(first[0][0]).split("-")[0])
+
+    @staticmethod
+    def _entries(org: str, entries: list[Any]) -> list[OutboxEntry]:
+        return [
+            OutboxEntry(org, _s(eid), {_s(k): _s(v) for k, v in fields.items()})
+            for eid, fields in entries
+            if fields is not None  # an entry deleted while pending comes back empty
+        ]
