@@ -8,8 +8,10 @@ expire their overdue holds even when no request touches them again.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from ecu_sidecar.errors import AccountNotFound, InvalidArgument
@@ -30,7 +32,21 @@ from ecu_sidecar.model import (
     ReserveItem,
     ReserveOutcome,
     ScopeUsage,
+    Usage,
 )
+from ecu_sidecar.pricing import (
+    GepaSpec,
+    InferenceSpec,
+    JobSpec,
+    JudgeSpec,
+    Quote,
+    RateCard,
+    RateCardRegistry,
+    TraceEvalSpec,
+    preview,
+    price_usage,
+)
+from ecu_sidecar.pricing.registry import NoRateCard
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.validation import (
@@ -59,6 +75,69 @@ class LedgerPort(Protocol):
 
 
 _MODEL_REQUIRED = frozenset({JobType.INFERENCE, JobType.JUDGE})
+#: Job specs with more prompt text than this are priced on a worker thread.
+_INLINE_PRICING_CHARS = 16_384
+_JOB_TYPE_OF_ITEM = {
+    InferenceSpec: JobType.INFERENCE,
+    JudgeSpec: JobType.JUDGE,
+    GepaSpec: JobType.GEPA,
+    TraceEvalSpec: JobType.TRACE_EVAL,
+}
+
+
+def _text_size(job: Any) -> int:
+    """Characters of prompt text in a job spec (to decide where to tokenize it)."""
+    if isinstance(job, (list, tuple)):
+        return sum(_text_size(x) for x in job)
+    if isinstance(job, (InferenceSpec, JudgeSpec)):
+        size = len(job.prompt_text or "")
+        for m in job.messages or ():
+            size += len(m["content"] if isinstance(m, dict) else m.content)
+        return size
+    if isinstance(job, GepaSpec):
+        return _text_size(list(job.per_iteration))
+    if isinstance(job, TraceEvalSpec):
+        return _text_size(list(job.judges))
+    return 0
+
+
+def _from_quote(item: ReserveItem, quote: Quote) -> ReserveItem:
+    """The item holding a quote's total: job type and model derived when not given."""
+    job_type = item.job_type
+    if not isinstance(job_type, JobType):
+        first = item.job[0] if item.job else None
+        job_type = _JOB_TYPE_OF_ITEM.get(type(first), JobType.ENGINE)
+    models = {line.model for line in quote.lines if line.model}
+    model = item.model or (models.pop() if len(models) == 1 else "")
+    return replace(
+        item,
+        amount_uecu=quote.total_uecu,
+        job_type=job_type,
+        model=model,
+        rate_card_version=quote.rate_card_version,
+    )
+
+
+def _priced_commit(item: CommitItem, quote: Quote) -> CommitItem:
+    """The item committing a usage quote's total, its usage summed from the lines."""
+    lines = item.usage_lines
+    usage = Usage(
+        tokens_in=sum(u.tokens_in for u in lines),
+        tokens_out=sum(u.tokens_out for u in lines),
+        calls=sum(u.calls for u in lines),
+    )
+    breakdown = json.dumps(
+        [
+            [x.description, x.quantity, str(x.unit), x.rate_uecu, x.per, x.subtotal_uecu, x.model]
+            for x in quote.lines
+        ],
+        separators=(",", ":"),
+    )
+    return replace(
+        item, actual_uecu=quote.total_uecu, usage=usage, breakdown=breakdown, usage_lines=None
+    )
+
+
 #: Latest expiry a grant may carry (year 9999), so it stays a sane epoch in milliseconds.
 _MAX_EPOCH_MS = 253_402_300_799_000
 
@@ -67,10 +146,16 @@ class QuotaEngine:
     """Reserve, commit, release, extend, grant: validated, one script call each."""
 
     def __init__(
-        self, store: RedisStore, settings: Settings, ledger: LedgerPort | None = None
+        self,
+        store: RedisStore,
+        settings: Settings,
+        ledger: LedgerPort | None = None,
+        rates: RateCardRegistry | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
+        self.rates = rates
+        """The rate cards that price job specs and usage (None: amounts only)."""
         self.ledger = ledger
         """With a ledger, grants are written to it first, and an organization Redis has lost is
         rebuilt from it on first use."""
@@ -165,26 +250,59 @@ class QuotaEngine:
     async def reserve(
         self, account: AccountRef, items: Sequence[ReserveItem], *, batch: bool = False
     ) -> ReserveOutcome:
-        """Hold each item's worst case against the account (and its caps), all or nothing."""
+        """Hold each item's worst case against the account (and its caps), all or nothing.
+        An item with a job spec holds exactly the spec's preview total, pinned to the card."""
         self._account("account", account)
         resolved = []
+        quotes: list[Quote | None] = []
         for f, it in self._items(items, batch):
-            check_amount(f"{f}amount_uecu", it.amount_uecu)
+            quote = None
+            if it.job is not None:
+                if it.amount_uecu:
+                    raise InvalidArgument(f"{f}amount_uecu", "give amount_uecu or job, not both")
+                quote = await self._price_job(account.organization, it.job, f"{f}job")
+                it = _from_quote(it, quote)
+            else:
+                check_amount(f"{f}amount_uecu", it.amount_uecu)
             if not isinstance(it.job_type, JobType):
                 raise InvalidArgument(
                     f"{f}job_type", f"must be one of {', '.join(JobType)}, got {it.job_type!r}"
                 )
-            check_model(f"{f}model", it.model, it.job_type in _MODEL_REQUIRED)
+            check_model(f"{f}model", it.model, it.job_type in _MODEL_REQUIRED and quote is None)
             ttl = self._ttl(f"{f}ttl_ms", it.ttl_ms, zero_means=self.settings.default_ttl_ms)
-            resolved.append(
-                ReserveItem(it.reservation_id, it.amount_uecu, it.job_type, it.model, ttl)
-            )
+            resolved.append(replace(it, ttl_ms=ttl, job=None))
+            quotes.append(quote)
         self._total(it.amount_uecu for it in resolved)
         outcome = await self._hydrating(
             account.organization, lambda: self.store.reserve(account, resolved)
         )
         self._seen(account.organization)
-        return outcome
+        return replace(outcome, quotes=quotes)
+
+    async def preview(self, account: AccountRef, job: JobSpec) -> tuple[Quote, int | None]:
+        """The worst case of ``job`` for the account, and its available balance (None when the
+        organization has no account). No side effects beyond sweeping overdue holds."""
+        self._account("account", account)
+        quote = await self._price_job(account.organization, job, "job")
+        try:
+            balance = await self._hydrating(
+                account.organization, lambda: self.store.balance(account.organization)
+            )
+        except AccountNotFound:
+            return quote, None
+        return quote, balance.available_uecu
+
+    def _card(self, version: str | None = None) -> RateCard:
+        if self.rates is None:
+            raise NoRateCard("no rate card is configured (set ECU_RATE_CARD_FILE)")
+        return self.rates.current if version is None else self.rates.get(version)
+
+    async def _price_job(self, org: str, job: JobSpec, field: str) -> Quote:
+        card = self._card()
+        if _text_size(job) > _INLINE_PRICING_CHARS:
+            # tiktoken releases the GIL: a long prompt is counted off the event loop.
+            return await asyncio.to_thread(preview, card, org, job, field=field)
+        return preview(card, org, job, field=field)
 
     async def commit(
         self, org: str, items: Sequence[CommitItem], *, batch: bool = False
@@ -197,15 +315,44 @@ class QuotaEngine:
     ) -> CommitBatchOutcome:
         """Like commit, also answering the available balance after the whole batch."""
         check_id("organization", org)
+        resolved: list[CommitItem] = []
+        quotes: list[Quote | None] = []
         for f, it in self._items(items, batch):
+            quote = None
+            if it.usage_lines:
+                if it.actual_uecu:
+                    raise InvalidArgument(
+                        f"{f}actual_uecu", "give actual_uecu or usage_lines, not both"
+                    )
+                if not it.rate_card_version:
+                    raise InvalidArgument(
+                        f"{f}rate_card_version",
+                        "is required with usage_lines (the version the hold was priced with)",
+                    )
+                card = self._card(it.rate_card_version)
+                quote = price_usage(card, org, it.usage_lines, field=f"{f}usage_lines")
+                it = _priced_commit(it, quote)
+            elif it.rate_card_version:
+                raise InvalidArgument(
+                    f"{f}rate_card_version", "is only meaningful with usage_lines"
+                )
             check_amount(f"{f}actual_uecu", it.actual_uecu, allow_zero=True)
             check_count(f"{f}usage.tokens_in", it.usage.tokens_in)
             check_count(f"{f}usage.tokens_out", it.usage.tokens_out)
             check_count(f"{f}usage.calls", it.usage.calls)
+            resolved.append(it)
+            quotes.append(quote)
+        items = resolved
         self._total(it.actual_uecu for it in items)
         pct = self.settings.overage_max_percent
         outcome = await self._hydrating(org, lambda: self.store.commit(org, items, pct))
         self._seen(org)
+        if any(quotes):
+            outs = [
+                replace(o, quote=q) if q else o
+                for o, q in zip(outcome.outcomes, quotes, strict=True)
+            ]
+            outcome = replace(outcome, outcomes=outs)
         return outcome
 
     async def release(self, org: str, reservation_id: str) -> ReleaseOutcome:

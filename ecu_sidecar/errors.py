@@ -20,6 +20,7 @@ __all__ = [
     "InsufficientEcu",
     "InvalidArgument",
     "PermissionDenied",
+    "RateCardMismatch",
     "StaleSequence",
     "StoreUnavailable",
     "Unauthenticated",
@@ -108,6 +109,12 @@ class GrantAlreadyExpired(EcuError):
     reason = "GRANT_ALREADY_EXPIRED"
 
 
+class RateCardMismatch(EcuError):
+    """Usage was priced with another rate card version than the hold pinned."""
+
+    reason = "RATE_CARD_MISMATCH"
+
+
 class StoreUnavailable(EcuError):
     """Redis did not answer within the configured timeout, or refused the connection."""
 
@@ -146,5 +153,6 @@ BY_REASON: dict[str, type[EcuError]] = {
         StaleSequence,
         BalanceLimit,
         GrantAlreadyExpired,
+        RateCardMismatch,
     )
 }

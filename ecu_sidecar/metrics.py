@@ -41,6 +41,23 @@ class Metrics:
         self.swept = Counter(
             "ecu_holds_swept_total", "Holds expired by the background sweeper.", registry=registry
         )
+        self.rate_card_reloads = Counter(
+            "ecu_rate_card_reloads_total",
+            "Rate card reloads, by result (ok, failed).",
+            ["result"],
+            registry=registry,
+        )
+        self.rate_card = Gauge(
+            "ecu_rate_card_info",
+            "The rate card version pricing now (value 1; one series).",
+            ["version"],
+            registry=registry,
+        )
+
+    def rate_card_loaded(self, version: str) -> None:
+        """Point ecu_rate_card_info at the version now pricing (the old series is removed)."""
+        self.rate_card.clear()
+        self.rate_card.labels(version).set(1)
 
 
 class FlusherMetrics:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "MAX_GRANTED_UECU",
@@ -89,6 +90,12 @@ class ReserveItem:
     model: str = ""
     ttl_ms: int = 0
     """Hold lifetime; 0 means the configured default (resolved by the engine)."""
+    rate_card_version: str = ""
+    """The rate card that priced the amount from a job spec ('' for a caller's amount)."""
+    fingerprint: str = ""
+    """Digest of the job spec that was priced: what a replay is compared by."""
+    job: Any = None
+    """A job spec (ecu_sidecar.pricing.JobSpec) to price instead of amount_uecu."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +114,13 @@ class CommitItem:
     reservation_id: str
     actual_uecu: int
     usage: Usage = field(default_factory=Usage)
+    rate_card_version: str = ""
+    """The rate card that priced actual from usage lines ('' for a caller's amount)."""
+    breakdown: str = ""
+    """The priced lines as compact JSON, recorded on the outbox event for the ledger."""
+    usage_lines: Any = None
+    """Usage (ecu_sidecar.pricing.UsageLine list) to price, with rate_card_version, instead
+    of actual_uecu."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +131,8 @@ class HoldView:
     amount_uecu: int
     deadline_unix_ms: int
     state: HoldState
+    rate_card_version: str = ""
+    """The rate card version the hold was priced with ('' for a caller's amount)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +142,8 @@ class ReserveOutcome:
     holds: list[HoldView]
     available_uecu: int
     replayed: bool
+    quotes: list[Any] = field(default_factory=list)
+    """Per item, the pricing Quote of a job-spec item (None for a caller's amount)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +159,8 @@ class CommitOutcome:
     replayed: bool = False
     available_uecu: int = 0
     error: Exception | None = None
+    quote: Any = None
+    """The pricing Quote when actual was priced from usage lines."""
 
 
 @dataclass(frozen=True, slots=True)

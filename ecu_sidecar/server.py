@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,16 +21,31 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ecu_sidecar.api.v1 import quota_pb2, quota_pb2_grpc
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.errors import StoreUnavailable
-from ecu_sidecar.metrics import Metrics
+from ecu_sidecar.flusher import Flusher
+from ecu_sidecar.metrics import FlusherMetrics, Metrics
+from ecu_sidecar.pricing import RateCardError, RateCardRegistry
 from ecu_sidecar.service import QuotaService
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 
-__all__ = ["SERVICE_NAME", "SidecarServer"]
+__all__ = ["SERVICE_NAME", "SidecarServer", "load_rates"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["Quota"].full_name
+
+
+def load_rates(settings: Settings) -> RateCardRegistry | None:
+    """The rate cards of ECU_RATE_CARD_FILE (current) and ECU_RATE_CARD_ARCHIVE_DIR (older
+    versions, for commits pinned to them). Raises RateCardError: a bad card stops start-up."""
+    if not settings.rate_card_file:
+        return None
+    rates = RateCardRegistry()
+    if settings.rate_card_archive_dir:
+        for path in sorted(Path(settings.rate_card_archive_dir).glob("*.toml")):
+            rates.register(path)
+    rates.load(settings.rate_card_file)
+    return rates
 
 
 class SidecarServer:
@@ -40,16 +57,27 @@ class SidecarServer:
         *,
         store: RedisStore | None = None,
         registry: CollectorRegistry | None = None,
+        ledger: Any = None,
+        rates: RateCardRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.store = store or RedisStore.from_settings(settings)
-        self.engine = QuotaEngine(self.store, settings)
+        self.rates = rates if rates is not None else load_rates(settings)
+        self.ledger = ledger
+        """The ledger (ecu_sidecar.ledger.Ledger), when ECU_LEDGER_URL is set."""
+        self.engine = QuotaEngine(self.store, settings, ledger=ledger, rates=self.rates)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self.flusher: Flusher | None = None
+        if ledger is not None and settings.run_flusher_in_serve:
+            self.flusher = Flusher(self.store, ledger, settings, FlusherMetrics(self.registry))
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop_flusher = asyncio.Event()
         self._stopped = asyncio.Event()
+        if self.rates is not None:
+            self.metrics.rate_card_loaded(self.rates.current.version)
         self.port = 0
         """The bound gRPC port (useful when ECU_LISTEN asks for port 0)."""
 
@@ -98,8 +126,40 @@ class SidecarServer:
         await server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._sweeper = asyncio.create_task(self._sweep_loop(), name="ecu-sweeper")
+        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="ecu-sweeper"))
+        if self.rates is not None and self.settings.rate_card_poll_ms:
+            self._tasks.append(asyncio.create_task(self._rate_card_loop(), name="ecu-rate-card"))
+        if self.flusher is not None:
+            self._tasks.append(
+                asyncio.create_task(self.flusher.run(self._stop_flusher), name="ecu-flusher")
+            )
         return self.port
+
+    async def reload_rate_card(self, *, force: bool = False) -> None:
+        """Load the rate card file again if it changed (or always, with force: SIGHUP). A bad
+        new card is refused: the old one keeps pricing, the failure is logged and counted."""
+        if self.rates is None:
+            return
+        try:
+            card = await asyncio.to_thread(self.rates.reload if force else self.rates.maybe_reload)
+        except RateCardError as exc:
+            self.metrics.rate_card_reloads.labels("failed").inc()
+            log.error(
+                "rate card reload refused, still pricing with %s: %s",
+                self.rates.current.version,
+                exc,
+            )
+            return
+        if card is not None:
+            self.metrics.rate_card_reloads.labels("ok").inc()
+            self.metrics.rate_card_loaded(card.version)
+            log.info("rate card %s loaded", card.version)
+
+    async def _rate_card_loop(self) -> None:
+        interval = self.settings.rate_card_poll_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await self.reload_rate_card()
 
     async def _sweep_loop(self) -> None:
         interval = self.settings.sweep_interval_ms / 1000
@@ -125,10 +185,19 @@ class SidecarServer:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._stop_flusher.set()
+        for task in self._tasks:
+            if task.get_name() != "ecu-flusher":
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+                await task
+        if self.flusher is not None:
+            # The final flush: everything acknowledged so far goes to the ledger before exit.
+            try:
+                moved = await self.flusher.drain()
+                log.info("final flush moved %d events into the ledger", moved)
+            except Exception as exc:
+                log.error("final flush failed; events stay in the outbox: %s", exc)
         await self.store.close()
         self._stopped.set()
         log.info("ecu-sidecar stopped")
@@ -139,6 +208,9 @@ class SidecarServer:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(self.reload_rate_card(force=True))
+        )
         await self.start()
         if self.store.kind == "embedded":
             log.warning(

@@ -18,6 +18,7 @@ import grpc
 from ecu_sidecar import errors
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
+from ecu_sidecar.convert import fingerprint, job_from_pb, quote_to_pb, usage_from_pb
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.metrics import Metrics
 from ecu_sidecar.model import (
@@ -31,6 +32,7 @@ from ecu_sidecar.model import (
     ScopeUsage,
     Usage,
 )
+from ecu_sidecar.pricing import NoRateCard
 from ecu_sidecar.status import code_for, to_grpc_status
 
 __all__ = ["QuotaService"]
@@ -81,6 +83,17 @@ def _commit_pb(o: CommitOutcome) -> pb.CommitResponse:
         late=o.late,
         available_uecu=o.available_uecu,
         replayed=o.replayed,
+        quote=quote_to_pb(o.quote) if o.quote else None,
+    )
+
+
+def _commit_item(msg: Any) -> CommitItem:
+    return CommitItem(
+        msg.reservation_id,
+        msg.actual_uecu,
+        _usage(msg.usage),
+        rate_card_version=msg.rate_card_version,
+        usage_lines=usage_from_pb(msg.usage_lines) or None,
     )
 
 
@@ -158,8 +171,20 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
 
     def _reserve_item(self, prefix: str, msg: Any) -> ReserveItem:
         # An unknown enum number passes through as an int; the engine refuses it in field order.
-        job = _JOB_TYPES.get(msg.job_type, msg.job_type)
-        return ReserveItem(msg.reservation_id, msg.amount_uecu, job, msg.model, msg.ttl_ms)
+        job_type = _JOB_TYPES.get(msg.job_type, msg.job_type)
+        if not msg.HasField("job"):
+            return ReserveItem(msg.reservation_id, msg.amount_uecu, job_type, msg.model, msg.ttl_ms)
+        if msg.job_type == pb.JOB_TYPE_UNSPECIFIED:
+            job_type = None  # derived from the job by the engine
+        return ReserveItem(
+            msg.reservation_id,
+            msg.amount_uecu,
+            job_type,
+            msg.model,
+            msg.ttl_ms,
+            fingerprint=fingerprint(msg.job),
+            job=job_from_pb(msg.job),
+        )
 
     def _hold_pb(self, org: str, h: Any) -> pb.Hold:
         return pb.Hold(
@@ -174,10 +199,12 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
         account = _account(request.account)
         out = await self.engine.reserve(account, [self._reserve_item("", request)])
+        quote = out.quotes[0] if out.quotes else None
         return pb.ReserveResponse(
             hold=self._hold_pb(account.organization, out.holds[0]),
             available_uecu=out.available_uecu,
             replayed=out.replayed,
+            quote=quote_to_pb(quote) if quote else None,
         )
 
     @_handle("ReserveBatch")
@@ -191,12 +218,12 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             holds=[self._hold_pb(account.organization, h) for h in out.holds],
             available_uecu=out.available_uecu,
             replayed=out.replayed,
+            quotes=[quote_to_pb(q) if q else pb.Quote() for q in out.quotes],
         )
 
     @_handle("Commit")
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
-        item = CommitItem(request.reservation_id, request.actual_uecu, _usage(request.usage))
-        (out,) = await self.engine.commit(request.organization, [item])
+        (out,) = await self.engine.commit(request.organization, [_commit_item(request)])
         if out.error is not None:
             raise out.error
         return _commit_pb(out)
@@ -205,9 +232,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     async def CommitBatch(
         self, request: pb.CommitBatchRequest, context: Any
     ) -> pb.CommitBatchResponse:
-        items = [
-            CommitItem(it.reservation_id, it.actual_uecu, _usage(it.usage)) for it in request.items
-        ]
+        items = [_commit_item(it) for it in request.items]
         batch = await self.engine.commit_batch(request.organization, items)
         outs = batch.outcomes
         results = []
@@ -272,6 +297,13 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
                 expired_holds=b.expired_holds,
                 teams=[_scope_pb(s) for s in b.teams],
                 projects=[_scope_pb(s) for s in b.projects],
+                expired_grants_uecu=b.expired_grants_uecu,
+                orphan_committed_uecu=b.orphan_committed_uecu,
+                carried_committed_uecu=b.carried_committed_uecu,
+                repaired_uecu=b.repaired_uecu,
+                has_auto_topup=b.auto_topup_threshold_uecu is not None,
+                auto_topup_threshold_uecu=b.auto_topup_threshold_uecu or 0,
+                auto_topup_amount_uecu=b.auto_topup_amount_uecu,
             )
         )
 
@@ -300,3 +332,54 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         cap = None if request.clear else request.cap_uecu
         out = await self.engine.set_cap(request.organization, scope, request.id, cap)
         return pb.SetCapResponse(usage=_scope_pb(out))
+
+    @_handle("SetAutoTopUp")
+    async def SetAutoTopUp(
+        self, request: pb.SetAutoTopUpRequest, context: Any
+    ) -> pb.SetAutoTopUpResponse:
+        self._require_admin(context)
+        threshold = None if request.disable else request.threshold_uecu
+        await self.engine.set_auto_topup(request.organization, threshold, request.amount_uecu)
+        return pb.SetAutoTopUpResponse()
+
+    @_handle("Preview")
+    async def Preview(self, request: pb.PreviewRequest, context: Any) -> pb.PreviewResponse:
+        account = _account(request.account)
+        quote, available = await self.engine.preview(account, job_from_pb(request.job))
+        total = quote.total_uecu
+        return pb.PreviewResponse(
+            quote=quote_to_pb(quote),
+            covered=available is not None and available >= total,
+            available_uecu=available or 0,
+            available_after_uecu=(available or 0) - total,
+        )
+
+    @_handle("GetRateCard")
+    async def GetRateCard(
+        self, request: pb.GetRateCardRequest, context: Any
+    ) -> pb.GetRateCardResponse:
+        rates = self.engine.rates
+        if rates is None:
+            raise NoRateCard("no rate card is configured (set ECU_RATE_CARD_FILE)")
+        card = rates.current
+        return pb.GetRateCardResponse(
+            version=card.version,
+            models=[
+                pb.ModelRate(
+                    model=m.name,
+                    input_uecu_per_mtok=m.input_uecu_per_mtok,
+                    output_uecu_per_mtok=m.output_uecu_per_mtok,
+                    encoding=m.encoding,
+                    context_window=m.context_window,
+                    max_output_tokens=m.max_output_tokens,
+                    estimate_factor_percent=m.estimate_factor_percent,
+                )
+                for m in sorted(card.models.values(), key=lambda m: m.name)
+            ],
+            engine_call_uecu=card.fees.engine_call_uecu,
+            judge_call_uecu=card.fees.judge_call_uecu,
+            gepa_iteration_uecu=card.fees.gepa_iteration_uecu,
+            trace_uecu=card.fees.trace_uecu,
+            organizations_with_terms=sorted(card.organizations),
+            versions=list(rates.versions()),
+        )

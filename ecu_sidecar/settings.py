@@ -78,6 +78,18 @@ class Settings:
     sweep_max_orgs: int = field(default=10_000, metadata=_int(1, 1_000_000))
     """ECU_SWEEP_MAX_ORGS: most recently seen organizations the background sweeper tracks."""
 
+    rate_card_file: str = field(default="", metadata={"kind": "str"})
+    """ECU_RATE_CARD_FILE: the rate card (TOML) that prices job specs and usage; empty: the
+    sidecar takes amounts only (Preview and job-spec reservations answer FAILED_PRECONDITION)."""
+
+    rate_card_archive_dir: str = field(default="", metadata={"kind": "str"})
+    """ECU_RATE_CARD_ARCHIVE_DIR: older rate cards (*.toml) loaded at start so commits of holds
+    pinned to them still price after a restart."""
+
+    rate_card_poll_ms: int = field(default=2_000, metadata=_int(0, 3_600_000))
+    """ECU_RATE_CARD_POLL_MS: how often the rate card file is checked for changes (0 = only on
+    SIGHUP)."""
+
     ledger_url: str = field(default="", metadata={"kind": "dsn"})
     """ECU_LEDGER_URL: postgresql://... or sqlite:///path; empty runs without a ledger."""
 

@@ -13,6 +13,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ecu_sidecar import errors
+from ecu_sidecar.pricing.registry import NoRateCard, UnknownRateCardVersion
 
 __all__ = ["DOMAIN", "STATUS_BY_ERROR", "code_for", "to_grpc_status", "to_rpc_status"]
 
@@ -31,6 +32,9 @@ STATUS_BY_ERROR: dict[type[errors.EcuError], grpc.StatusCode] = {
     errors.StaleSequence: grpc.StatusCode.ABORTED,
     errors.BalanceLimit: grpc.StatusCode.OUT_OF_RANGE,
     errors.GrantAlreadyExpired: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.RateCardMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    UnknownRateCardVersion: grpc.StatusCode.FAILED_PRECONDITION,
+    NoRateCard: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.AdminDisabled: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,8 @@ from ecu_sidecar.store import RedisStore
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+#: The example rate card shipped in the repository (docs/pricing.md).
+EXAMPLE_RATE_CARD = str(Path(__file__).resolve().parent.parent / "ratecards" / "example.toml")
 REQUIRE_SERVICES = os.environ.get("ECU_REQUIRE_SERVICES", "") not in ("", "0", "false")
 ADMIN_TOKEN = "test-admin-token"
 
@@ -55,6 +58,7 @@ def make_settings(backend: str, **overrides: Any) -> Settings:
         "key_prefix": ("test", "t" + uuid.uuid4().hex[:12]),
         "admin_token": ("test", ADMIN_TOKEN),
         "listen": ("test", "127.0.0.1:0"),
+        "rate_card_file": ("test", EXAMPLE_RATE_CARD),
     }
     if backend == "redis":
         raw["redis_url"] = ("test", REDIS_URL)

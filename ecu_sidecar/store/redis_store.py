@@ -207,11 +207,14 @@ class RedisStore:
         """Hold every item against the account, all or nothing."""
         args: list[Any] = [account.team, account.project, account.user, len(items)]
         for it in items:
-            args += [it.reservation_id, it.amount_uecu, it.job_type.value, it.model, it.ttl_ms]
+            args += [
+                it.reservation_id, it.amount_uecu, it.job_type.value, it.model, it.ttl_ms,
+                it.rate_card_version, it.fingerprint,
+            ]  # fmt: skip
         r = await self._run("reserve", account.organization, args)
         holds = [
-            HoldView(_s(r[i]), int(r[i + 1]), int(r[i + 2]), HoldState(_s(r[i + 3])))
-            for i in range(3, len(r), 4)
+            HoldView(_s(r[i]), int(r[i + 1]), int(r[i + 2]), HoldState(_s(r[i + 3])), _s(r[i + 4]))
+            for i in range(3, len(r), 5)
         ]
         return ReserveOutcome(holds, int(r[1]), bool(r[2]))
 
@@ -222,7 +225,10 @@ class RedisStore:
         args: list[Any] = [overage_max_percent, len(items)]
         for it in items:
             u = it.usage
-            args += [it.reservation_id, it.actual_uecu, u.tokens_in, u.tokens_out, u.calls]
+            args += [
+                it.reservation_id, it.actual_uecu, u.tokens_in, u.tokens_out, u.calls,
+                it.rate_card_version, it.breakdown,
+            ]  # fmt: skip
         r = await self._run("commit", org, args)
         out = []
         for i in range(2, len(r), 10):

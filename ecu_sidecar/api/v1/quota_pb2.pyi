@@ -24,6 +24,14 @@ class HoldState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HOLD_STATE_RELEASED: _ClassVar[HoldState]
     HOLD_STATE_EXPIRED: _ClassVar[HoldState]
 
+class UsageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_KIND_UNSPECIFIED: _ClassVar[UsageKind]
+    USAGE_KIND_INFERENCE: _ClassVar[UsageKind]
+    USAGE_KIND_JUDGE: _ClassVar[UsageKind]
+    USAGE_KIND_GEPA_ITERATION: _ClassVar[UsageKind]
+    USAGE_KIND_TRACE: _ClassVar[UsageKind]
+
 class GrantKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     GRANT_KIND_UNSPECIFIED: _ClassVar[GrantKind]
@@ -49,6 +57,11 @@ HOLD_STATE_ACTIVE: HoldState
 HOLD_STATE_COMMITTED: HoldState
 HOLD_STATE_RELEASED: HoldState
 HOLD_STATE_EXPIRED: HoldState
+USAGE_KIND_UNSPECIFIED: UsageKind
+USAGE_KIND_INFERENCE: UsageKind
+USAGE_KIND_JUDGE: UsageKind
+USAGE_KIND_GEPA_ITERATION: UsageKind
+USAGE_KIND_TRACE: UsageKind
 GRANT_KIND_UNSPECIFIED: GrantKind
 GRANT_KIND_STARTER: GrantKind
 GRANT_KIND_TOP_UP: GrantKind
@@ -95,46 +108,266 @@ class Hold(_message.Message):
     state: HoldState
     def __init__(self, reservation_id: _Optional[str] = ..., organization: _Optional[str] = ..., amount_uecu: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., state: _Optional[_Union[HoldState, str]] = ...) -> None: ...
 
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content", "name")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    name: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ChatMessages(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class InferenceSpec(_message.Message):
+    __slots__ = ("model", "prompt_text", "messages", "prompt_tokens", "max_output_tokens", "samples", "byok")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BYOK_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt_text: str
+    messages: ChatMessages
+    prompt_tokens: int
+    max_output_tokens: int
+    samples: int
+    byok: bool
+    def __init__(self, model: _Optional[str] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., samples: _Optional[int] = ..., byok: _Optional[bool] = ...) -> None: ...
+
+class JudgeSpec(_message.Message):
+    __slots__ = ("judge_model", "calls", "prompt_text", "messages", "prompt_tokens_per_call", "max_output_tokens_per_call", "byok")
+    JUDGE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
+    BYOK_FIELD_NUMBER: _ClassVar[int]
+    judge_model: str
+    calls: int
+    prompt_text: str
+    messages: ChatMessages
+    prompt_tokens_per_call: int
+    max_output_tokens_per_call: int
+    byok: bool
+    def __init__(self, judge_model: _Optional[str] = ..., calls: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_tokens_per_call: _Optional[int] = ..., max_output_tokens_per_call: _Optional[int] = ..., byok: _Optional[bool] = ...) -> None: ...
+
+class GepaStep(_message.Message):
+    __slots__ = ("inference", "judge")
+    INFERENCE_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    inference: InferenceSpec
+    judge: JudgeSpec
+    def __init__(self, inference: _Optional[_Union[InferenceSpec, _Mapping]] = ..., judge: _Optional[_Union[JudgeSpec, _Mapping]] = ...) -> None: ...
+
+class GepaSpec(_message.Message):
+    __slots__ = ("iterations", "per_iteration")
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    PER_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    iterations: int
+    per_iteration: _containers.RepeatedCompositeFieldContainer[GepaStep]
+    def __init__(self, iterations: _Optional[int] = ..., per_iteration: _Optional[_Iterable[_Union[GepaStep, _Mapping]]] = ...) -> None: ...
+
+class TraceEvalSpec(_message.Message):
+    __slots__ = ("traces", "judges")
+    TRACES_FIELD_NUMBER: _ClassVar[int]
+    JUDGES_FIELD_NUMBER: _ClassVar[int]
+    traces: int
+    judges: _containers.RepeatedCompositeFieldContainer[JudgeSpec]
+    def __init__(self, traces: _Optional[int] = ..., judges: _Optional[_Iterable[_Union[JudgeSpec, _Mapping]]] = ...) -> None: ...
+
+class JobItem(_message.Message):
+    __slots__ = ("inference", "judge", "gepa", "trace_eval")
+    INFERENCE_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    GEPA_FIELD_NUMBER: _ClassVar[int]
+    TRACE_EVAL_FIELD_NUMBER: _ClassVar[int]
+    inference: InferenceSpec
+    judge: JudgeSpec
+    gepa: GepaSpec
+    trace_eval: TraceEvalSpec
+    def __init__(self, inference: _Optional[_Union[InferenceSpec, _Mapping]] = ..., judge: _Optional[_Union[JudgeSpec, _Mapping]] = ..., gepa: _Optional[_Union[GepaSpec, _Mapping]] = ..., trace_eval: _Optional[_Union[TraceEvalSpec, _Mapping]] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[JobItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[JobItem, _Mapping]]] = ...) -> None: ...
+
+class QuoteLine(_message.Message):
+    __slots__ = ("description", "quantity", "unit", "rate_uecu", "per", "subtotal_uecu", "model", "job_type", "item", "byok", "negotiated", "gross_uecu", "discount_uecu")
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    RATE_UECU_FIELD_NUMBER: _ClassVar[int]
+    PER_FIELD_NUMBER: _ClassVar[int]
+    SUBTOTAL_UECU_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    JOB_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    BYOK_FIELD_NUMBER: _ClassVar[int]
+    NEGOTIATED_FIELD_NUMBER: _ClassVar[int]
+    GROSS_UECU_FIELD_NUMBER: _ClassVar[int]
+    DISCOUNT_UECU_FIELD_NUMBER: _ClassVar[int]
+    description: str
+    quantity: int
+    unit: str
+    rate_uecu: int
+    per: int
+    subtotal_uecu: int
+    model: str
+    job_type: JobType
+    item: str
+    byok: bool
+    negotiated: bool
+    gross_uecu: int
+    discount_uecu: int
+    def __init__(self, description: _Optional[str] = ..., quantity: _Optional[int] = ..., unit: _Optional[str] = ..., rate_uecu: _Optional[int] = ..., per: _Optional[int] = ..., subtotal_uecu: _Optional[int] = ..., model: _Optional[str] = ..., job_type: _Optional[_Union[JobType, str]] = ..., item: _Optional[str] = ..., byok: _Optional[bool] = ..., negotiated: _Optional[bool] = ..., gross_uecu: _Optional[int] = ..., discount_uecu: _Optional[int] = ...) -> None: ...
+
+class Quote(_message.Message):
+    __slots__ = ("total_uecu", "lines", "rate_card_version")
+    TOTAL_UECU_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    RATE_CARD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    total_uecu: int
+    lines: _containers.RepeatedCompositeFieldContainer[QuoteLine]
+    rate_card_version: str
+    def __init__(self, total_uecu: _Optional[int] = ..., lines: _Optional[_Iterable[_Union[QuoteLine, _Mapping]]] = ..., rate_card_version: _Optional[str] = ...) -> None: ...
+
+class UsageLine(_message.Message):
+    __slots__ = ("kind", "model", "tokens_in", "tokens_out", "calls", "byok")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_IN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_OUT_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    BYOK_FIELD_NUMBER: _ClassVar[int]
+    kind: UsageKind
+    model: str
+    tokens_in: int
+    tokens_out: int
+    calls: int
+    byok: bool
+    def __init__(self, kind: _Optional[_Union[UsageKind, str]] = ..., model: _Optional[str] = ..., tokens_in: _Optional[int] = ..., tokens_out: _Optional[int] = ..., calls: _Optional[int] = ..., byok: _Optional[bool] = ...) -> None: ...
+
+class PreviewRequest(_message.Message):
+    __slots__ = ("account", "job")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    account: Account
+    job: JobSpec
+    def __init__(self, account: _Optional[_Union[Account, _Mapping]] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class PreviewResponse(_message.Message):
+    __slots__ = ("quote", "covered", "available_uecu", "available_after_uecu")
+    QUOTE_FIELD_NUMBER: _ClassVar[int]
+    COVERED_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_UECU_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_AFTER_UECU_FIELD_NUMBER: _ClassVar[int]
+    quote: Quote
+    covered: bool
+    available_uecu: int
+    available_after_uecu: int
+    def __init__(self, quote: _Optional[_Union[Quote, _Mapping]] = ..., covered: _Optional[bool] = ..., available_uecu: _Optional[int] = ..., available_after_uecu: _Optional[int] = ...) -> None: ...
+
+class GetRateCardRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelRate(_message.Message):
+    __slots__ = ("model", "input_uecu_per_mtok", "output_uecu_per_mtok", "encoding", "context_window", "max_output_tokens", "estimate_factor_percent")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_UECU_PER_MTOK_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_UECU_PER_MTOK_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FACTOR_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    input_uecu_per_mtok: int
+    output_uecu_per_mtok: int
+    encoding: str
+    context_window: int
+    max_output_tokens: int
+    estimate_factor_percent: int
+    def __init__(self, model: _Optional[str] = ..., input_uecu_per_mtok: _Optional[int] = ..., output_uecu_per_mtok: _Optional[int] = ..., encoding: _Optional[str] = ..., context_window: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., estimate_factor_percent: _Optional[int] = ...) -> None: ...
+
+class GetRateCardResponse(_message.Message):
+    __slots__ = ("version", "models", "engine_call_uecu", "judge_call_uecu", "gepa_iteration_uecu", "trace_uecu", "organizations_with_terms", "versions")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_CALL_UECU_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_CALL_UECU_FIELD_NUMBER: _ClassVar[int]
+    GEPA_ITERATION_UECU_FIELD_NUMBER: _ClassVar[int]
+    TRACE_UECU_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATIONS_WITH_TERMS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelRate]
+    engine_call_uecu: int
+    judge_call_uecu: int
+    gepa_iteration_uecu: int
+    trace_uecu: int
+    organizations_with_terms: _containers.RepeatedScalarFieldContainer[str]
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRate, _Mapping]]] = ..., engine_call_uecu: _Optional[int] = ..., judge_call_uecu: _Optional[int] = ..., gepa_iteration_uecu: _Optional[int] = ..., trace_uecu: _Optional[int] = ..., organizations_with_terms: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ReserveRequest(_message.Message):
-    __slots__ = ("reservation_id", "account", "amount_uecu", "job_type", "model", "ttl_ms")
+    __slots__ = ("reservation_id", "account", "amount_uecu", "job_type", "model", "ttl_ms", "job")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_UECU_FIELD_NUMBER: _ClassVar[int]
     JOB_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     account: Account
     amount_uecu: int
     job_type: JobType
     model: str
     ttl_ms: int
-    def __init__(self, reservation_id: _Optional[str] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., amount_uecu: _Optional[int] = ..., job_type: _Optional[_Union[JobType, str]] = ..., model: _Optional[str] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+    job: JobSpec
+    def __init__(self, reservation_id: _Optional[str] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., amount_uecu: _Optional[int] = ..., job_type: _Optional[_Union[JobType, str]] = ..., model: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("hold", "available_uecu", "replayed")
+    __slots__ = ("hold", "available_uecu", "replayed", "quote")
     HOLD_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_UECU_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    QUOTE_FIELD_NUMBER: _ClassVar[int]
     hold: Hold
     available_uecu: int
     replayed: bool
-    def __init__(self, hold: _Optional[_Union[Hold, _Mapping]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    quote: Quote
+    def __init__(self, hold: _Optional[_Union[Hold, _Mapping]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("reservation_id", "organization", "actual_uecu", "usage")
+    __slots__ = ("reservation_id", "organization", "actual_uecu", "usage", "usage_lines", "rate_card_version")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
     ACTUAL_UECU_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_LINES_FIELD_NUMBER: _ClassVar[int]
+    RATE_CARD_VERSION_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     organization: str
     actual_uecu: int
     usage: Usage
-    def __init__(self, reservation_id: _Optional[str] = ..., organization: _Optional[str] = ..., actual_uecu: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    usage_lines: _containers.RepeatedCompositeFieldContainer[UsageLine]
+    rate_card_version: str
+    def __init__(self, reservation_id: _Optional[str] = ..., organization: _Optional[str] = ..., actual_uecu: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., usage_lines: _Optional[_Iterable[_Union[UsageLine, _Mapping]]] = ..., rate_card_version: _Optional[str] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
-    __slots__ = ("reservation_id", "committed_uecu", "released_uecu", "overage_uecu", "unbilled_overage_uecu", "late", "available_uecu", "replayed")
+    __slots__ = ("reservation_id", "committed_uecu", "released_uecu", "overage_uecu", "unbilled_overage_uecu", "late", "available_uecu", "replayed", "quote")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_UECU_FIELD_NUMBER: _ClassVar[int]
     RELEASED_UECU_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +376,7 @@ class CommitResponse(_message.Message):
     LATE_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_UECU_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    QUOTE_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     committed_uecu: int
     released_uecu: int
@@ -151,7 +385,8 @@ class CommitResponse(_message.Message):
     late: bool
     available_uecu: int
     replayed: bool
-    def __init__(self, reservation_id: _Optional[str] = ..., committed_uecu: _Optional[int] = ..., released_uecu: _Optional[int] = ..., overage_uecu: _Optional[int] = ..., unbilled_overage_uecu: _Optional[int] = ..., late: _Optional[bool] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    quote: Quote
+    def __init__(self, reservation_id: _Optional[str] = ..., committed_uecu: _Optional[int] = ..., released_uecu: _Optional[int] = ..., overage_uecu: _Optional[int] = ..., unbilled_overage_uecu: _Optional[int] = ..., late: _Optional[bool] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("reservation_id", "organization")
@@ -198,18 +433,20 @@ class ExtendResponse(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ReserveItem(_message.Message):
-    __slots__ = ("reservation_id", "amount_uecu", "job_type", "model", "ttl_ms")
+    __slots__ = ("reservation_id", "amount_uecu", "job_type", "model", "ttl_ms", "job")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_UECU_FIELD_NUMBER: _ClassVar[int]
     JOB_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     amount_uecu: int
     job_type: JobType
     model: str
     ttl_ms: int
-    def __init__(self, reservation_id: _Optional[str] = ..., amount_uecu: _Optional[int] = ..., job_type: _Optional[_Union[JobType, str]] = ..., model: _Optional[str] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+    job: JobSpec
+    def __init__(self, reservation_id: _Optional[str] = ..., amount_uecu: _Optional[int] = ..., job_type: _Optional[_Union[JobType, str]] = ..., model: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class ReserveBatchRequest(_message.Message):
     __slots__ = ("account", "items")
@@ -220,24 +457,30 @@ class ReserveBatchRequest(_message.Message):
     def __init__(self, account: _Optional[_Union[Account, _Mapping]] = ..., items: _Optional[_Iterable[_Union[ReserveItem, _Mapping]]] = ...) -> None: ...
 
 class ReserveBatchResponse(_message.Message):
-    __slots__ = ("holds", "available_uecu", "replayed")
+    __slots__ = ("holds", "available_uecu", "replayed", "quotes")
     HOLDS_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_UECU_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    QUOTES_FIELD_NUMBER: _ClassVar[int]
     holds: _containers.RepeatedCompositeFieldContainer[Hold]
     available_uecu: int
     replayed: bool
-    def __init__(self, holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    quotes: _containers.RepeatedCompositeFieldContainer[Quote]
+    def __init__(self, holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., quotes: _Optional[_Iterable[_Union[Quote, _Mapping]]] = ...) -> None: ...
 
 class CommitItem(_message.Message):
-    __slots__ = ("reservation_id", "actual_uecu", "usage")
+    __slots__ = ("reservation_id", "actual_uecu", "usage", "usage_lines", "rate_card_version")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     ACTUAL_UECU_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_LINES_FIELD_NUMBER: _ClassVar[int]
+    RATE_CARD_VERSION_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     actual_uecu: int
     usage: Usage
-    def __init__(self, reservation_id: _Optional[str] = ..., actual_uecu: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    usage_lines: _containers.RepeatedCompositeFieldContainer[UsageLine]
+    rate_card_version: str
+    def __init__(self, reservation_id: _Optional[str] = ..., actual_uecu: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., usage_lines: _Optional[_Iterable[_Union[UsageLine, _Mapping]]] = ..., rate_card_version: _Optional[str] = ...) -> None: ...
 
 class CommitBatchRequest(_message.Message):
     __slots__ = ("organization", "items")
@@ -290,7 +533,7 @@ class ScopeUsage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., has_cap: _Optional[bool] = ..., cap_uecu: _Optional[int] = ..., held_uecu: _Optional[int] = ..., used_uecu: _Optional[int] = ..., available_uecu: _Optional[int] = ...) -> None: ...
 
 class Balance(_message.Message):
-    __slots__ = ("organization", "granted_uecu", "balance_uecu", "held_uecu", "available_uecu", "committed_uecu", "reserved_uecu", "committed_from_holds_uecu", "released_uecu", "expired_uecu", "overage_uecu", "unbilled_overage_uecu", "late_committed_uecu", "outstanding_holds", "expired_holds", "teams", "projects")
+    __slots__ = ("organization", "granted_uecu", "balance_uecu", "held_uecu", "available_uecu", "committed_uecu", "reserved_uecu", "committed_from_holds_uecu", "released_uecu", "expired_uecu", "overage_uecu", "unbilled_overage_uecu", "late_committed_uecu", "outstanding_holds", "expired_holds", "teams", "projects", "expired_grants_uecu", "orphan_committed_uecu", "carried_committed_uecu", "repaired_uecu", "has_auto_topup", "auto_topup_threshold_uecu", "auto_topup_amount_uecu")
     ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
     GRANTED_UECU_FIELD_NUMBER: _ClassVar[int]
     BALANCE_UECU_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +551,13 @@ class Balance(_message.Message):
     EXPIRED_HOLDS_FIELD_NUMBER: _ClassVar[int]
     TEAMS_FIELD_NUMBER: _ClassVar[int]
     PROJECTS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_GRANTS_UECU_FIELD_NUMBER: _ClassVar[int]
+    ORPHAN_COMMITTED_UECU_FIELD_NUMBER: _ClassVar[int]
+    CARRIED_COMMITTED_UECU_FIELD_NUMBER: _ClassVar[int]
+    REPAIRED_UECU_FIELD_NUMBER: _ClassVar[int]
+    HAS_AUTO_TOPUP_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TOPUP_THRESHOLD_UECU_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TOPUP_AMOUNT_UECU_FIELD_NUMBER: _ClassVar[int]
     organization: str
     granted_uecu: int
     balance_uecu: int
@@ -325,7 +575,14 @@ class Balance(_message.Message):
     expired_holds: int
     teams: _containers.RepeatedCompositeFieldContainer[ScopeUsage]
     projects: _containers.RepeatedCompositeFieldContainer[ScopeUsage]
-    def __init__(self, organization: _Optional[str] = ..., granted_uecu: _Optional[int] = ..., balance_uecu: _Optional[int] = ..., held_uecu: _Optional[int] = ..., available_uecu: _Optional[int] = ..., committed_uecu: _Optional[int] = ..., reserved_uecu: _Optional[int] = ..., committed_from_holds_uecu: _Optional[int] = ..., released_uecu: _Optional[int] = ..., expired_uecu: _Optional[int] = ..., overage_uecu: _Optional[int] = ..., unbilled_overage_uecu: _Optional[int] = ..., late_committed_uecu: _Optional[int] = ..., outstanding_holds: _Optional[int] = ..., expired_holds: _Optional[int] = ..., teams: _Optional[_Iterable[_Union[ScopeUsage, _Mapping]]] = ..., projects: _Optional[_Iterable[_Union[ScopeUsage, _Mapping]]] = ...) -> None: ...
+    expired_grants_uecu: int
+    orphan_committed_uecu: int
+    carried_committed_uecu: int
+    repaired_uecu: int
+    has_auto_topup: bool
+    auto_topup_threshold_uecu: int
+    auto_topup_amount_uecu: int
+    def __init__(self, organization: _Optional[str] = ..., granted_uecu: _Optional[int] = ..., balance_uecu: _Optional[int] = ..., held_uecu: _Optional[int] = ..., available_uecu: _Optional[int] = ..., committed_uecu: _Optional[int] = ..., reserved_uecu: _Optional[int] = ..., committed_from_holds_uecu: _Optional[int] = ..., released_uecu: _Optional[int] = ..., expired_uecu: _Optional[int] = ..., overage_uecu: _Optional[int] = ..., unbilled_overage_uecu: _Optional[int] = ..., late_committed_uecu: _Optional[int] = ..., outstanding_holds: _Optional[int] = ..., expired_holds: _Optional[int] = ..., teams: _Optional[_Iterable[_Union[ScopeUsage, _Mapping]]] = ..., projects: _Optional[_Iterable[_Union[ScopeUsage, _Mapping]]] = ..., expired_grants_uecu: _Optional[int] = ..., orphan_committed_uecu: _Optional[int] = ..., carried_committed_uecu: _Optional[int] = ..., repaired_uecu: _Optional[int] = ..., has_auto_topup: _Optional[bool] = ..., auto_topup_threshold_uecu: _Optional[int] = ..., auto_topup_amount_uecu: _Optional[int] = ...) -> None: ...
 
 class GetBalanceResponse(_message.Message):
     __slots__ = ("balance",)
@@ -378,3 +635,19 @@ class SetCapResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     usage: ScopeUsage
     def __init__(self, usage: _Optional[_Union[ScopeUsage, _Mapping]] = ...) -> None: ...
+
+class SetAutoTopUpRequest(_message.Message):
+    __slots__ = ("organization", "threshold_uecu", "amount_uecu", "disable")
+    ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_UECU_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_UECU_FIELD_NUMBER: _ClassVar[int]
+    DISABLE_FIELD_NUMBER: _ClassVar[int]
+    organization: str
+    threshold_uecu: int
+    amount_uecu: int
+    disable: bool
+    def __init__(self, organization: _Optional[str] = ..., threshold_uecu: _Optional[int] = ..., amount_uecu: _Optional[int] = ..., disable: _Optional[bool] = ...) -> None: ...
+
+class SetAutoTopUpResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

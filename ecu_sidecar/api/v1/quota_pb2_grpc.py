@@ -79,6 +79,21 @@ class QuotaStub:
                 request_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetCapRequest.SerializeToString,
                 response_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetCapResponse.FromString,
                 _registered_method=True)
+        self.SetAutoTopUp = channel.unary_unary(
+                '/ecu_sidecar.api.v1.Quota/SetAutoTopUp',
+                request_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetAutoTopUpRequest.SerializeToString,
+                response_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetAutoTopUpResponse.FromString,
+                _registered_method=True)
+        self.Preview = channel.unary_unary(
+                '/ecu_sidecar.api.v1.Quota/Preview',
+                request_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.PreviewRequest.SerializeToString,
+                response_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.PreviewResponse.FromString,
+                _registered_method=True)
+        self.GetRateCard = channel.unary_unary(
+                '/ecu_sidecar.api.v1.Quota/GetRateCard',
+                request_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardRequest.SerializeToString,
+                response_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaServicer:
@@ -147,6 +162,27 @@ class QuotaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAutoTopUp(self, request, context):
+        """Admin: configure auto-top-up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Preview(self, request, context):
+        """The worst-case cost of a job, itemized, and whether the balance covers it. No side effects.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRateCard(self, request, context):
+        """The rate card this sidecar prices with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +230,21 @@ def add_QuotaServicer_to_server(servicer, server):
                     servicer.SetCap,
                     request_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetCapRequest.FromString,
                     response_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetCapResponse.SerializeToString,
+            ),
+            'SetAutoTopUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAutoTopUp,
+                    request_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetAutoTopUpRequest.FromString,
+                    response_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetAutoTopUpResponse.SerializeToString,
+            ),
+            'Preview': grpc.unary_unary_rpc_method_handler(
+                    servicer.Preview,
+                    request_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.PreviewRequest.FromString,
+                    response_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.PreviewResponse.SerializeToString,
+            ),
+            'GetRateCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRateCard,
+                    request_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardRequest.FromString,
+                    response_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +490,87 @@ class Quota:
             '/ecu_sidecar.api.v1.Quota/SetCap',
             ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetCapRequest.SerializeToString,
             ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetCapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAutoTopUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ecu_sidecar.api.v1.Quota/SetAutoTopUp',
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetAutoTopUpRequest.SerializeToString,
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.SetAutoTopUpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Preview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ecu_sidecar.api.v1.Quota/Preview',
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.PreviewRequest.SerializeToString,
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.PreviewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRateCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ecu_sidecar.api.v1.Quota/GetRateCard',
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardRequest.SerializeToString,
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,12 +1,14 @@
 -- commit: settle one or more holds of one organization with what each step really cost.
 --   KEYS: the organization's keys (see _lib.lua)
 --   ARGV[5] overage bound in percent of the hold (billed = min(actual, hold + hold*pct/100))
---   ARGV[6] item count n, then n groups of 5: reservation id, actual, tokens in, tokens out, calls
+--   ARGV[6] item count n, then n groups of 7: reservation id, actual, tokens in, tokens out, calls,
+--   rate card version the actual was priced with ('' = a plain amount), breakdown JSON ('' = none)
 -- Returns {'OK', available_after, then per item 10 values:
 --   id, status ('OK' or an error reason), message, committed, released, overage, unbilled, late (0|1),
 --   replayed (0|1), available right after this item's commit (a replay answers the original)}
 -- Item errors: HOLD_NOT_FOUND, HOLD_RELEASED, IDEMPOTENCY_CONFLICT (a committed hold replayed
--- with another actual or usage). Items are independent.
+-- with another actual or usage), RATE_CARD_MISMATCH (usage priced with another rate card
+-- version than the hold pinned). Items are independent.
 -- An expired hold still commits (the work happened): it is billed as a late commit, flagged.
 -- A hold Redis lost (the account was rebuilt from the ledger since: acct 'hydrated') still
 -- commits too: billed at the actual, flagged orphan. Without a rebuild an unknown id is
@@ -32,8 +34,8 @@ local function item_ok(rid, rec, replayed)
 end
 
 for i = 0, n - 1 do
-  local b = 7 + i * 5
-  local rid, actual_s = ARGV[b], ARGV[b + 1]
+  local b = 7 + i * 7
+  local rid, actual_s, rcv, lines = ARGV[b], ARGV[b + 1], ARGV[b + 5], ARGV[b + 6]
   local usage = {'tokens_in', ARGV[b + 2], 'tokens_out', ARGV[b + 3], 'calls', ARGV[b + 4]}
   local rec = get_hold(rid)
   if not rec and redis.call('HEXISTS', ACCT, 'hydrated') == 1 then
@@ -55,6 +57,9 @@ for i = 0, n - 1 do
       end
     elseif rec.st == 'R' then
       item_err(rid, 'HOLD_RELEASED', 'hold ' .. rid .. ' was released; it cannot be committed')
+    elseif rcv ~= '' and rec.st ~= 'O' and rcv ~= (rec.rcv or '') then
+      item_err(rid, 'RATE_CARD_MISMATCH', "hold " .. rid .. " was priced with rate card version '"
+        .. (rec.rcv or '') .. "'; its usage must be priced with that version, not '" .. rcv .. "'")
     else
       local amt = tonumber(rec.amt)
       local actual = tonumber(actual_s)
@@ -102,6 +107,9 @@ for i = 0, n - 1 do
         'orphan', orphan and '1' or '0',
         'team', rec.tm, 'project', rec.pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl}
       for _, x in ipairs(usage) do ev[#ev + 1] = x end
+      if rcv ~= '' then
+        for _, x in ipairs({'rcv', rcv, 'lines', lines}) do ev[#ev + 1] = x end
+      end
       emit('commit', 'commit:' .. rid, ev)
       item_ok(rid, rec, 0)
     end

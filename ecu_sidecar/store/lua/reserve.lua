@@ -1,13 +1,17 @@
 -- reserve: place one or more holds for one account, all or nothing.
 --   KEYS: the organization's keys (see _lib.lua)
 --   ARGV[5] team ('' = none)   ARGV[6] project ('' = none)   ARGV[7] user ('' = none)
---   ARGV[8] item count n, then n groups of 5: reservation id, amount, job type, model, ttl ms
--- Returns {'OK', available_after, replayed_all (0|1), then per item: id, amount, deadline, state}
+--   ARGV[8] item count n, then n groups of 7: reservation id, amount, job type, model, ttl ms,
+--   rate card version ('' = a plain amount), job fingerprint ('' = a plain amount)
+-- Returns {'OK', available_after, replayed_all (0|1), then per item: id, amount, deadline, state,
+--   pinned rate card version}
 --   or {'ERR', 'ACCOUNT_NOT_FOUND', msg}
 --   or {'ERR', 'IDEMPOTENCY_CONFLICT', msg, 'reservation_id', id}
 --   or {'ERR', 'INSUFFICIENT_ECU', msg, 'scope', s, 'scope_id', id, 'requested', r, 'available', a}
 -- A reservation id already held with the same parameters is answered from its record (a replay)
--- and not charged again; with different parameters the whole call is refused.
+-- and not charged again; with different parameters the whole call is refused. A hold priced
+-- from a job spec is compared by the spec's fingerprint, not its amount, so a retry that lands
+-- after a rate card reload is still a replay of the hold priced (and pinned) the first time.
 
 if not account_exists() then
   return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
@@ -22,11 +26,14 @@ local fresh = 0
 
 -- Phase 1: read and check everything; no writes.
 for i = 0, n - 1 do
-  local b = 9 + i * 5
-  local it = {rid = ARGV[b], amt = ARGV[b + 1], job = ARGV[b + 2], mdl = ARGV[b + 3], ttl = ARGV[b + 4]}
+  local b = 9 + i * 7
+  local it = {rid = ARGV[b], amt = ARGV[b + 1], job = ARGV[b + 2], mdl = ARGV[b + 3], ttl = ARGV[b + 4],
+    rcv = ARGV[b + 5], fp = ARGV[b + 6]}
   local rec = get_hold(it.rid)
   if rec then
-    if rec.amt ~= it.amt or rec.job ~= it.job or rec.mdl ~= it.mdl or rec.ttl ~= it.ttl
+    local same_cost = rec.amt == it.amt and (rec.fp or '') == ''
+    if (rec.fp or '') ~= '' then same_cost = rec.fp == it.fp end
+    if not same_cost or rec.job ~= it.job or rec.mdl ~= it.mdl or rec.ttl ~= it.ttl
         or rec.tm ~= team or rec.pj ~= project or rec.us ~= user then
       return err('IDEMPOTENCY_CONFLICT',
         'reservation_id ' .. it.rid .. ' was already used with different parameters',
@@ -81,16 +88,19 @@ for _, it in ipairs(items) do
   if not rec then
     local dl = NOW + tonumber(it.ttl)
     rec = {st = 'A', amt = it.amt, job = it.job, mdl = it.mdl, ttl = it.ttl, tm = team, pj = project,
-      us = user, dl = I(dl), t0 = I(NOW), av0 = I(after), seq = '0', ettl = '0'}
+      us = user, dl = I(dl), t0 = I(NOW), av0 = I(after), seq = '0', ettl = '0', rcv = it.rcv,
+      fp = it.fp}
     put_hold(it.rid, rec)
     redis.call('ZADD', DEADLINES, I(dl), it.rid)
     emit('reserve', 'reserve:' .. it.rid, {'rid', it.rid, 'amount', it.amt, 'team', team,
-      'project', project, 'user', user, 'job', it.job, 'model', it.mdl, 'deadline', rec.dl})
+      'project', project, 'user', user, 'job', it.job, 'model', it.mdl, 'deadline', rec.dl,
+      'rcv', it.rcv})
   end
   out[#out + 1] = it.rid
   out[#out + 1] = tonumber(rec.amt)
   out[#out + 1] = tonumber(rec.dl)
   out[#out + 1] = rec.st
+  out[#out + 1] = rec.rcv or ''
 end
 if fresh > 0 then
   redis.call('HINCRBY', ACCT, 'held', I(need))
