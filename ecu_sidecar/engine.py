@@ -406,14 +406,15 @@ class QuotaEngine:
                 f"must be 0 (never) or a Unix time in ms up to {_MAX_EPOCH_MS}",
             )
         if self.ledger is not None:
-            # Ledger first: once the ledger holds the grant it cannot be lost; a crash before
-            # Redis applies it is repaired by the caller's retry (same grant id, a replay on
-            # both sides) or by reconciliation. An organization Redis lost is rebuilt first, so
-            # this grant lands on its real balance.
+            # An organization Redis lost is rebuilt first (from what Redis had confirmed), so
+            # this grant lands on its real balance. Then ledger first: once the ledger holds
+            # the grant it cannot be lost. A crash before Redis applies it is finished by the
+            # caller's retry (same grant id: a replay on both sides) or by the flusher, which
+            # applies grants the ledger holds and Redis never confirmed.
+            await self.hydrate(org)
             await asyncio.to_thread(
                 self.ledger.grant, org, grant_id, amount_uecu, kind.value, expires_at_ms
             )
-            await self.hydrate(org)
         return await self.store.grant(org, grant_id, amount_uecu, kind, expires_at_ms)
 
     async def set_cap(

@@ -22,9 +22,9 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ecu_sidecar.errors import StoreUnavailable
+from ecu_sidecar.errors import GrantAlreadyExpired, IdempotencyConflict, StoreUnavailable
 from ecu_sidecar.metrics import FlusherMetrics
-from ecu_sidecar.model import LedgerAccount
+from ecu_sidecar.model import GrantKind, LedgerAccount
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.outbox import GROUP, OutboxEntry, OutboxReader
@@ -117,9 +117,14 @@ class Flusher:
         await self.reader.ack(entries)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(entries))
-        inserted = getattr(result, "inserted", len(entries))
-        self.metrics.events.labels("written").inc(inserted)
-        self.metrics.events.labels("duplicate").inc(len(entries) - inserted)
+        self.metrics.events.labels("written").inc(result.inserted)
+        self.metrics.events.labels("duplicate").inc(result.duplicates)
+        if result.quarantined:
+            self.metrics.events.labels("quarantined").inc(result.quarantined)
+            log.error(
+                "%d outbox events quarantined in the ledger (see ledger.quarantined())",
+                result.quarantined,
+            )
         for e in entries:
             if e.fields.get("type") == "notify":
                 self.metrics.notifications.labels(e.fields.get("kind", "")).inc()
@@ -149,19 +154,32 @@ class Flusher:
             account = await asyncio.to_thread(self.ledger.ledger_account, org)
             if account is None:
                 continue
-            drift = await self.store.reconcile(org, state.last_id, account.balance_uecu, GROUP)
+            if account.unconfirmed_grants:
+                # Every Redis event is in the ledger, yet these ledger-first grants have none:
+                # Redis never applied them (the caller died between the two writes). Finish
+                # them; a grant Redis did apply meanwhile answers as a replay.
+                await self._finish_grants(org, account.unconfirmed_grants)
+                continue  # the new grant events must be flushed before balances compare
+            expected = account.balance_uecu
+            drift = await self.store.reconcile(org, state.last_id, expected, GROUP)
             if drift is None:
                 continue
             drifts[org] = drift
-            await asyncio.to_thread(
-                self.ledger.record_snapshot, org, account.balance_uecu, account.balance_uecu + drift
-            )
+            await asyncio.to_thread(self.ledger.record_snapshot, org, expected, expected + drift)
             if drift:
                 log.warning("drift in %s: Redis was %+d uECU off the ledger; repaired", org, drift)
         self.metrics.drift_accounts.set(sum(1 for d in drifts.values() if d))
         self.metrics.drift_uecu.set(sum(abs(d) for d in drifts.values()))
         self.metrics.repairs.inc(sum(1 for d in drifts.values() if d))
         return drifts
+
+    async def _finish_grants(self, org: str, grants: list[tuple[str, int, str, int]]) -> None:
+        for grant_id, amount, kind, expires_at in grants:
+            try:
+                await self.store.grant(org, grant_id, amount, GrantKind(kind), expires_at)
+                log.warning("applied ledger-first grant %s of %s to Redis", grant_id, org)
+            except (GrantAlreadyExpired, IdempotencyConflict) as exc:
+                log.error("cannot apply ledger-first grant %s of %s: %s", grant_id, org, exc)
 
     async def hydrate_missing(self) -> list[str]:
         """Rebuild every organization the ledger knows and Redis has lost."""

@@ -68,7 +68,7 @@ class FlusherMetrics:
         self.events = Counter(
             "ecu_flusher_events_total",
             "Outbox events handled, by result (written: newly in the ledger; duplicate: the "
-            "ledger already had the event id).",
+            "ledger had the event id; quarantined: refused by the ledger, kept for review).",
             ["result"],
             registry=registry,
         )

@@ -224,6 +224,7 @@ class LedgerAccount:
 
     organization: str
     granted_uecu: int
+    """Granted and confirmed by Redis (see unconfirmed_grants)."""
     expired_grants_uecu: int
     committed_uecu: int
     generation: int
@@ -237,6 +238,9 @@ class LedgerAccount:
     recent_grants: list[tuple[str, int, str, int]] = field(default_factory=list)
     """(grant id, amount, kind, expires at ms) of the latest grants (at most 1,000), so that a
     retried grant is recognized after the rebuild."""
+    unconfirmed_grants: list[tuple[str, int, str, int]] = field(default_factory=list)
+    """Grants written ledger-first whose Redis side has not been seen yet (no outbox event):
+    (grant id, amount, kind, expires at ms). They are NOT in granted_uecu or the balance."""
 
     @property
     def balance_uecu(self) -> int:

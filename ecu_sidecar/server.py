@@ -63,6 +63,11 @@ class SidecarServer:
         self.settings = settings
         self.store = store or RedisStore.from_settings(settings)
         self.rates = rates if rates is not None else load_rates(settings)
+        self._owns_ledger = ledger is None and bool(settings.ledger_url)
+        if self._owns_ledger:
+            from ecu_sidecar.ledger import open_configured
+
+            ledger = open_configured(settings)
         self.ledger = ledger
         """The ledger (ecu_sidecar.ledger.Ledger), when ECU_LEDGER_URL is set."""
         self.engine = QuotaEngine(self.store, settings, ledger=ledger, rates=self.rates)
@@ -199,6 +204,8 @@ class SidecarServer:
             except Exception as exc:
                 log.error("final flush failed; events stay in the outbox: %s", exc)
         await self.store.close()
+        if self._owns_ledger:
+            self.ledger.close()
         self._stopped.set()
         log.info("ecu-sidecar stopped")
 

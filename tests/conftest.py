@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -141,3 +143,65 @@ async def stub(sidecar: SidecarServer) -> AsyncIterator[quota_pb2_grpc.QuotaStub
 
 
 ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+
+
+# -- the ledger databases ----------------------------------------------------------------
+
+PG_URL = os.environ.get("ECU_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def postgres_error() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_URL, connect_timeout=2):
+            return None
+    except Exception as exc:
+        return f"PostgreSQL is not reachable at {PG_URL}: {exc}"
+
+
+def require_postgres() -> None:
+    """Skip when PostgreSQL is down, unless the run forbids skipping (CI): then fail."""
+    error = postgres_error()
+    if error is None:
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(error + " and ECU_REQUIRE_SERVICES is set", pytrace=False)
+    pytest.skip(error)
+
+
+@dataclass
+class Database:
+    """A fresh, empty database for one test, and raw access to it (to inject faults)."""
+
+    dialect: str
+    url: str
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        if self.dialect == "sqlite":
+            with sqlite3.connect(self.url.removeprefix("sqlite://")) as conn:
+                conn.execute(sql, params)
+        else:
+            import psycopg
+
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute(sql.replace("?", "%s"), params)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Database]:
+    if request.param == "sqlite":
+        yield Database("sqlite", f"sqlite://{tmp_path}/ledger.db")
+        return
+    require_postgres()
+    import psycopg
+
+    schema = "ledger_test_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield Database("postgresql", f"{PG_URL}{sep}options=-csearch_path%3D{schema}")
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -9,12 +9,33 @@ the next discovery.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.store.redis_store import RedisStore, _s
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Redis unreachable -> StoreUnavailable, as for the scripts (the flusher backs off)."""
+
+    @functools.wraps(fn)
+    async def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except (ConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+
+    return wrapped
+
 
 __all__ = ["GROUP", "OutboxEntry", "OutboxReader", "StreamState"]
 
@@ -64,6 +85,7 @@ class OutboxReader:
         """The organization in a key ``<prefix>:{org}:outbox``."""
         return key[key.index("{") + 1 : key.rindex("}")]
 
+    @_unavailable
     async def discover(self) -> list[str]:
         """Organizations that have an outbox stream (SCAN over every primary)."""
         orgs = []
@@ -77,11 +99,14 @@ class OutboxReader:
 
     async def _ensure_group(self, org: str) -> None:
         try:
-            await self._client.xgroup_create(self.store.outbox_key(org), GROUP, id="0")
+            await self._client.xgroup_create(
+                self.store.outbox_key(org), GROUP, id="0", mkstream=True
+            )
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    @_unavailable
     async def read(self, orgs: list[str], count: int) -> list[OutboxEntry]:
         """New entries (never delivered) of these organizations, up to ``count`` per stream."""
         if not orgs:
@@ -93,24 +118,37 @@ class OutboxReader:
         out: list[OutboxEntry] = []
         for org, reply in zip(orgs, replies, strict=True):
             if isinstance(reply, ResponseError):
-                if "NOGROUP" in str(reply):  # the stream was recreated: join it again
-                    self._known.discard(org)
+                if "NOGROUP" in str(reply):  # the stream was recreated (Redis lost it)
+                    await self._ensure_group(org)
                     continue
                 raise reply
             for _key, entries in reply or []:
                 out.extend(self._entries(org, entries))
         return out
 
+    @_unavailable
     async def claim(self, orgs: list[str], min_idle_ms: int, count: int) -> list[OutboxEntry]:
         """Entries another consumer read but did not acknowledge for ``min_idle_ms``."""
         out: list[OutboxEntry] = []
         for org in orgs:
-            reply = await self._client.xautoclaim(
-                self.store.outbox_key(org), GROUP, self.consumer, min_idle_ms, "0-0", count=count
-            )
+            try:
+                reply = await self._client.xautoclaim(
+                    self.store.outbox_key(org),
+                    GROUP,
+                    self.consumer,
+                    min_idle_ms,
+                    "0-0",
+                    count=count,
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._ensure_group(org)  # the stream was recreated (Redis lost it)
+                continue
             out.extend(self._entries(org, reply[1]))
         return out
 
+    @_unavailable
     async def ack(self, entries: list[OutboxEntry]) -> None:
         """Acknowledge and delete entries the ledger has committed."""
         by_org: dict[str, list[str]] = {}
@@ -123,6 +161,7 @@ class OutboxReader:
             pipe.xdel(key, *ids)
         await pipe.execute()
 
+    @_unavailable
     async def state(self, org: str) -> StreamState:
         """The stream's last id and the ledger group's progress on it."""
         key = self.store.outbox_key(org)
@@ -139,6 +178,7 @@ class OutboxReader:
                 lag = int(group.get("lag") or 0)
         return StreamState(last, int(info["length"]), pending, delivered, lag)
 
+    @_unavailable
     async def oldest_pending_ms(self, org: str) -> int | None:
         """Timestamp (ms) of the oldest entry not yet acknowledged, or None."""
         key = self.store.outbox_key(org)

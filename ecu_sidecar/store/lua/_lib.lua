@@ -63,6 +63,8 @@ local function put_hold(rid, rec)
 end
 
 -- Append one event to the outbox. fields: flat list of name, value (strings or numbers).
+-- eid is unique per organization for all time: hold events carry the hold's creation time
+-- (t0), so a reservation id reused after its tombstone was purged makes new event ids.
 local function emit(etype, eid, fields)
   local args = {'XADD', OUTBOX, '*', 'type', etype, 'eid', eid, 'org', ORG, 'ts', I(NOW)}
   for i = 1, #fields, 2 do
@@ -98,7 +100,7 @@ local function expire_hold(rid, rec)
   redis.call('HINCRBY', ACCT, 'expired', I(amt))
   redis.call('HINCRBY', ACCT, 'expired_holds', 1)
   scope_incr(rec, 'held', -amt)
-  emit('expire', 'expire:' .. rid, {'rid', rid, 'amount', amt, 'team', rec.tm, 'project', rec.pj,
+  emit('expire', 'expire:' .. rid .. ':' .. rec.t0, {'rid', rid, 'amount', amt, 'team', rec.tm, 'project', rec.pj,
     'user', rec.us, 'job', rec.job, 'model', rec.mdl})
 end
 

@@ -110,7 +110,7 @@ for i = 0, n - 1 do
       if rcv ~= '' then
         for _, x in ipairs({'rcv', rcv, 'lines', lines}) do ev[#ev + 1] = x end
       end
-      emit('commit', 'commit:' .. rid, ev)
+      emit('commit', 'commit:' .. rid .. ':' .. rec.t0, ev)
       item_ok(rid, rec, 0)
     end
   end

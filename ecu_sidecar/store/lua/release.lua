@@ -42,6 +42,6 @@ local after = available()
 rec.av1 = I(after)
 put_hold(rid, rec)
 entomb(rid)
-emit('release', 'release:' .. rid, {'rid', rid, 'amount', amt, 'team', rec.tm, 'project', rec.pj,
+emit('release', 'release:' .. rid .. ':' .. rec.t0, {'rid', rid, 'amount', amt, 'team', rec.tm, 'project', rec.pj,
   'user', rec.us, 'job', rec.job, 'model', rec.mdl})
 return {'OK', after, amt, 'R', 0}

@@ -92,7 +92,7 @@ for _, it in ipairs(items) do
       fp = it.fp}
     put_hold(it.rid, rec)
     redis.call('ZADD', DEADLINES, I(dl), it.rid)
-    emit('reserve', 'reserve:' .. it.rid, {'rid', it.rid, 'amount', it.amt, 'team', team,
+    emit('reserve', 'reserve:' .. it.rid .. ':' .. rec.t0, {'rid', it.rid, 'amount', it.amt, 'team', team,
       'project', project, 'user', user, 'job', it.job, 'model', it.mdl, 'deadline', rec.dl,
       'rcv', it.rcv})
   end

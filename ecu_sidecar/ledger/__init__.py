@@ -1,0 +1,90 @@
+"""The durable ledger of ECU: the only package that holds SQL.
+
+``open_ledger(url)`` returns a ``Ledger`` on PostgreSQL (``postgresql://…``) or SQLite
+(``sqlite:///path/to/ledger.db``, ``sqlite://:memory:``). See docs/ledger.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ecu_sidecar.ledger.events import SPECS as EVENT_SPECS
+from ecu_sidecar.ledger.repository import DAY_MS, REPORT_DIMENSIONS, Ledger, open_ledger
+from ecu_sidecar.ledger.schema import MIGRATIONS, Migration
+from ecu_sidecar.ledger.types import (
+    AccountState,
+    AutoTopup,
+    Conservation,
+    ConsumerRow,
+    ConsumptionRow,
+    Forecast,
+    GrantConflict,
+    GrantState,
+    HoldTotals,
+    LedgerArgumentError,
+    LedgerError,
+    LedgerUnavailable,
+    Notification,
+    NotificationKind,
+    QuarantinedEvent,
+    SchemaAhead,
+    SchemaBehind,
+    SchemaError,
+    SchemaModified,
+    ScopeState,
+    Snapshot,
+    WriteResult,
+)
+
+if TYPE_CHECKING:
+    from ecu_sidecar.settings import Settings
+
+__all__ = [
+    "DAY_MS",
+    "EVENT_SPECS",
+    "MIGRATIONS",
+    "REPORT_DIMENSIONS",
+    "AccountState",
+    "AutoTopup",
+    "Conservation",
+    "ConsumerRow",
+    "ConsumptionRow",
+    "Forecast",
+    "GrantConflict",
+    "GrantState",
+    "HoldTotals",
+    "Ledger",
+    "LedgerArgumentError",
+    "LedgerError",
+    "LedgerUnavailable",
+    "Migration",
+    "Notification",
+    "NotificationKind",
+    "QuarantinedEvent",
+    "SchemaAhead",
+    "SchemaBehind",
+    "SchemaError",
+    "SchemaModified",
+    "ScopeState",
+    "Snapshot",
+    "WriteResult",
+    "open_configured",
+    "open_ledger",
+]
+
+
+def open_configured(settings: Settings, *, check: bool = True) -> Ledger:
+    """Open ECU_LEDGER_URL. With ``check``, verify its schema is current (start-up check); on
+    the embedded default with a SQLite ledger, apply pending migrations instead, so the
+    no-install set-up needs no separate migrate step."""
+    ledger = open_ledger(settings.ledger_url)
+    if not check:
+        return ledger
+    try:
+        if settings.embedded and ledger.dialect == "sqlite":
+            ledger.migrate()
+        ledger.check_schema()
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger

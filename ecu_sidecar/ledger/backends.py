@@ -1,0 +1,327 @@
+"""Connections and transactions: PostgreSQL (psycopg 3 + psycopg_pool) and SQLite (stdlib).
+
+The repository writes SQL once, with ``?`` placeholders, and runs it through ``Tx``; this module
+holds every difference between the two engines: placeholders, transaction start, the migration
+lock, the UTC month expression, and which driver errors mean "retry" or "unavailable".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from ecu_sidecar.ledger.types import LedgerArgumentError, LedgerUnavailable
+
+__all__ = ["Backend", "PostgresBackend", "Retry", "SqliteBackend", "Tx", "backend_for_url"]
+
+#: SQLite 3.35 brought RETURNING, which the repository uses on both engines.
+SQLITE_MIN_VERSION = (3, 35, 0)
+# Identifies the migration advisory lock (first key); the second is the schema's hash.
+_MIGRATION_LOCK_CLASS = 0x45435531  # "ECU1"
+
+
+class Retry(Exception):
+    """A transaction lost a race (deadlock, serialization failure): run it again."""
+
+
+class Tx(Protocol):
+    """An open transaction."""
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement, return its rows ([] when it returns none)."""
+        ...
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement, return its row count."""
+        ...
+
+    def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        """Run one statement once per parameter row."""
+        ...
+
+
+class Backend(Protocol):
+    """One database engine behind the repository."""
+
+    dialect: str
+    refusals: tuple[type[Exception], ...]
+    """Driver errors meaning the database refused a row (data or constraint), not an outage."""
+
+    def transaction(self, *, write: bool) -> contextlib.AbstractContextManager[Tx]:
+        """A transaction: committed when the block ends, rolled back when it raises."""
+        ...
+
+    def lock_migrations(self, tx: Tx) -> None:
+        """Serialize migrate() across processes for the rest of the transaction."""
+        ...
+
+    def table_exists(self, tx: Tx, name: str) -> bool:
+        """Whether a table exists in the schema in use."""
+        ...
+
+    def month_start_ms(self, column: str) -> str:
+        """SQL: the UTC start of the month of a ms timestamp column, in ms."""
+        ...
+
+    def close(self) -> None:
+        """Close every connection."""
+        ...
+
+
+def backend_for_url(url: str, *, pool_size: int, timeout_s: float) -> Backend:
+    """The backend a URL names: postgresql:// | postgres:// | sqlite://PATH | sqlite://:memory:."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("postgresql", "postgres"):
+        return PostgresBackend(url, pool_size=pool_size, timeout_s=timeout_s)
+    if scheme == "sqlite":
+        return SqliteBackend.from_url(url, timeout_s=timeout_s)
+    raise LedgerArgumentError(
+        "ledger URL: expected postgresql://…, postgres://…, sqlite:///path/to/file.db or "
+        f"sqlite://:memory:, got {_mask(url)!r}"
+    )
+
+
+def _mask(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(":" + parts.password + "@", ":***@", 1)
+    return url
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+class _PgTx:
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self._cur.execute(_pg(sql), params)
+        return self._cur.fetchall() if self._cur.description else []
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._cur.execute(_pg(sql), params)
+        return self._cur.rowcount
+
+    def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        if params:
+            self._cur.executemany(_pg(sql), params)
+
+
+def _pg(sql: str) -> str:
+    # The repository's SQL holds no literal '?' or '%'; placeholders become psycopg's.
+    return sql.replace("?", "%s")
+
+
+class PostgresBackend:
+    """PostgreSQL through a psycopg_pool connection pool (autocommit connections, explicit
+    transactions, READ COMMITTED for writes, REPEATABLE READ READ ONLY for reads)."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, *, pool_size: int, timeout_s: float) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self._psycopg = psycopg
+        self.refusals = (psycopg.DataError, psycopg.IntegrityError)
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max(1, pool_size),
+            kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
+            timeout=timeout_s,
+            check=ConnectionPool.check_connection,
+            open=False,
+            name="ecu-ledger",
+        )
+        # Do not wait: a database that is down at start-up is an UNAVAILABLE later, not a crash.
+        self._pool.open(wait=False)
+
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool) -> Iterator[Tx]:
+        from psycopg import errors
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                if not write:
+                    cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield _PgTx(cur)
+        except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
+            raise Retry(str(exc)) from exc
+        except PoolTimeout as exc:
+            raise LedgerUnavailable(f"PostgreSQL: no connection within the timeout: {exc}") from exc
+        except self._psycopg.OperationalError as exc:
+            raise LedgerUnavailable(f"PostgreSQL: {exc}") from exc
+
+    def lock_migrations(self, tx: Tx) -> None:
+        tx.rows(
+            "SELECT pg_advisory_xact_lock(?, hashtext(current_schema()))",
+            (_MIGRATION_LOCK_CLASS,),
+        )
+
+    def table_exists(self, tx: Tx, name: str) -> bool:
+        return tx.rows("SELECT to_regclass(?) IS NOT NULL", (name,))[0][0]
+
+    def month_start_ms(self, column: str) -> str:
+        return (
+            "CAST(EXTRACT(EPOCH FROM date_trunc('month', "
+            f"to_timestamp({column} / 1000) AT TIME ZONE 'UTC')) AS BIGINT) * 1000"
+        )
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+# --------------------------------------------------------------------------- SQLite
+
+
+class _SqliteTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._conn.execute(sql, params).rowcount
+
+    def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        if params:
+            self._conn.executemany(sql, params)
+
+
+class SqliteBackend:
+    """SQLite: WAL, synchronous=FULL, foreign keys on, a busy timeout; writes start with
+    BEGIN IMMEDIATE (one writer at a time, across threads and processes). A file database keeps
+    a small pool of connections, one per concurrent caller; ``:memory:`` has one connection
+    shared under a lock (every connection to :memory: would be a database of its own)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str, *, busy_timeout_ms: int) -> None:
+        if sqlite3.sqlite_version_info < SQLITE_MIN_VERSION:
+            raise LedgerArgumentError(
+                f"SQLite {sqlite3.sqlite_version} is too old for the ledger: it needs "
+                f"{'.'.join(map(str, SQLITE_MIN_VERSION))} or later (RETURNING)"
+            )
+        self.path = path
+        self.refusals = (sqlite3.DataError, sqlite3.IntegrityError)
+        self._busy_ms = busy_timeout_ms
+        self._memory = path == ":memory:"
+        self._lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._all: list[sqlite3.Connection] = []
+        self._shared = threading.Lock() if self._memory else None
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float) -> SqliteBackend:
+        """``sqlite://`` + path: sqlite:///var/lib/ecu/ledger.db (absolute), sqlite://ledger.db
+        (relative), sqlite://:memory:. ``?busy_timeout_ms=N`` overrides the busy timeout."""
+        rest = url.split("://", 1)[1]
+        path, _, query = rest.partition("?")
+        if not path:
+            raise LedgerArgumentError(f"ledger URL: no database path in {url!r}")
+        busy = round(timeout_s * 1000)
+        for key, values in parse_qs(query, keep_blank_values=True).items():
+            if key != "busy_timeout_ms" or not values[-1].isdigit():
+                raise LedgerArgumentError(
+                    f"ledger URL: unknown or malformed parameter {key!r} (only busy_timeout_ms=N)"
+                )
+            busy = int(values[-1])
+        return cls(path, busy_timeout_ms=busy)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_ms / 1000, isolation_level=None, check_same_thread=False
+        )
+        try:
+            if not self._memory:
+                self._enable_wal(conn)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_ms)}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        # WAL is a property of the file: set once, every later connection finds it. Switching
+        # needs the file to itself, and SQLite answers "locked" at once (no busy wait) while a
+        # concurrent first connection holds it: retry for up to the busy timeout.
+        deadline = time.monotonic() + self._busy_ms / 1000
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc).lower() or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
+        if mode.lower() != "wal":
+            raise LedgerUnavailable(f"SQLite: cannot switch {self.path} to WAL ({mode})")
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        if self._shared is not None:
+            with self._shared:
+                if not self._all:
+                    self._all.append(self._connect())
+                yield self._all[0]
+            return
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._connect()
+            with self._lock:
+                self._all.append(conn)
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                self._idle.append(conn)
+
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool) -> Iterator[Tx]:
+        try:
+            with self._connection() as conn:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield _SqliteTx(conn)
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            if "locked" in text or "busy" in text or "disk" in text or "unable to open" in text:
+                raise LedgerUnavailable(f"SQLite {self.path}: {exc}") from exc
+            raise
+
+    def lock_migrations(self, tx: Tx) -> None:
+        # BEGIN IMMEDIATE already holds the database's write lock.
+        return None
+
+    def table_exists(self, tx: Tx, name: str) -> bool:
+        return bool(
+            tx.rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        )
+
+    def month_start_ms(self, column: str) -> str:
+        return (
+            f"CAST(strftime('%s', {column} / 1000, 'unixepoch', 'start of month') AS INTEGER) "
+            "* 1000"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all, self._idle = self._all, [], []
+        for conn in conns:
+            conn.close()

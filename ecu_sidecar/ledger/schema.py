@@ -1,0 +1,236 @@
+"""Versioned schema migrations, one dialect-neutral set rendered for PostgreSQL or SQLite.
+
+Each migration is a tuple of statements (never a script split on ';'). Three placeholders are
+the only dialect differences in the DDL: ``{json}`` (JSONB | TEXT), ``{bool}`` (BOOLEAN |
+INTEGER 0/1) and ``{id}`` (an identity primary key). A migration, once released, never
+changes: its checksum is recorded in ``schema_migrations`` and checked at start-up. Add a new
+one instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+__all__ = ["MIGRATIONS", "Migration", "render"]
+
+_TYPES = {
+    "postgresql": {
+        "json": "JSONB",
+        "bool": "BOOLEAN",
+        "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    },
+    "sqlite": {
+        "json": "TEXT",
+        "bool": "INTEGER",
+        "id": "INTEGER PRIMARY KEY",
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema version: its number, a name, and its statements."""
+
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+    def render(self, dialect: str) -> tuple[str, ...]:
+        """The statements for one dialect."""
+        return render(self.statements, dialect)
+
+    def checksum(self, dialect: str) -> str:
+        """sha256 of the rendered statements (what schema_migrations records)."""
+        text = "\n;\n".join(self.render(dialect))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def render(statements: tuple[str, ...], dialect: str) -> tuple[str, ...]:
+    """Substitute the dialect's types into statements."""
+    return tuple(s.format(**_TYPES[dialect]).strip() for s in statements)
+
+
+SCHEMA_MIGRATIONS_DDL = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version       INTEGER PRIMARY KEY,
+    name          TEXT NOT NULL,
+    checksum      TEXT NOT NULL,
+    applied_at_ms BIGINT NOT NULL
+)"""
+
+_V1 = (
+    # One row per organization, with the running totals of the money ledger.
+    # balance = granted - expired_grants - committed, kept as its own column so that the
+    # conservation query checks the identity instead of assuming it.
+    """
+    CREATE TABLE organizations (
+        org_id                    TEXT PRIMARY KEY,
+        created_at_ms             BIGINT NOT NULL,
+        last_event_at_ms          BIGINT,
+        granted_uecu              BIGINT NOT NULL DEFAULT 0,
+        expired_grants_uecu       BIGINT NOT NULL DEFAULT 0,
+        committed_uecu            BIGINT NOT NULL DEFAULT 0,
+        balance_uecu              BIGINT NOT NULL DEFAULT 0,
+        auto_topup_threshold_uecu BIGINT,
+        auto_topup_amount_uecu    BIGINT,
+        auto_topup_changed_at_ms  BIGINT,
+        auto_topup_change_seq     BIGINT NOT NULL DEFAULT 0,
+        auto_topup_event_id       TEXT NOT NULL DEFAULT '',
+        CHECK ((auto_topup_threshold_uecu IS NULL) = (auto_topup_amount_uecu IS NULL))
+    )""",
+    # Every outbox event ever applied: the exactly-once guard. Event ids are unique per
+    # organization (a grant id or a reservation id is the caller's, within its organization).
+    """
+    CREATE TABLE events (
+        org_id         TEXT NOT NULL REFERENCES organizations (org_id),
+        event_id       TEXT NOT NULL,
+        event_type     TEXT NOT NULL,
+        occurred_at_ms BIGINT NOT NULL,
+        recorded_at_ms BIGINT NOT NULL,
+        fingerprint    TEXT NOT NULL,
+        payload        {json} NOT NULL,
+        PRIMARY KEY (org_id, event_id)
+    )""",
+    # Credits. expires_at_ms NULL = never. event_id NULL while written ledger-first only.
+    """
+    CREATE TABLE grants (
+        org_id        TEXT NOT NULL REFERENCES organizations (org_id),
+        grant_id      TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        amount_uecu   BIGINT NOT NULL CHECK (amount_uecu > 0),
+        granted_at_ms BIGINT NOT NULL,
+        expires_at_ms BIGINT,
+        source        TEXT NOT NULL CHECK (source IN ('event', 'ledger')),
+        event_id      TEXT,
+        PRIMARY KEY (org_id, grant_id)
+    )""",
+    # The unspent rest of an expiring grant leaving the balance: at most once per grant. No
+    # foreign key to grants: with several flushers an expiry may land before its grant.
+    """
+    CREATE TABLE grant_expiries (
+        org_id        TEXT NOT NULL,
+        grant_id      TEXT NOT NULL,
+        amount_uecu   BIGINT NOT NULL CHECK (amount_uecu >= 0),
+        expired_at_ms BIGINT NOT NULL,
+        event_id      TEXT NOT NULL,
+        PRIMARY KEY (org_id, grant_id),
+        FOREIGN KEY (org_id, event_id) REFERENCES events (org_id, event_id)
+    )""",
+    # One row per commit: what was billed (amount_uecu) and the usage behind it.
+    """
+    CREATE TABLE usage_entries (
+        org_id            TEXT NOT NULL,
+        event_id          TEXT NOT NULL,
+        reservation_id    TEXT NOT NULL,
+        team              TEXT NOT NULL,
+        project           TEXT NOT NULL,
+        user_id           TEXT NOT NULL,
+        model             TEXT NOT NULL,
+        job_type          TEXT NOT NULL,
+        tokens_in         BIGINT NOT NULL,
+        tokens_out        BIGINT NOT NULL,
+        calls             BIGINT NOT NULL,
+        amount_uecu       BIGINT NOT NULL,
+        actual_uecu       BIGINT NOT NULL,
+        hold_uecu         BIGINT NOT NULL,
+        released_uecu     BIGINT NOT NULL,
+        overage_uecu      BIGINT NOT NULL,
+        unbilled_uecu     BIGINT NOT NULL,
+        late              {bool} NOT NULL,
+        orphan            {bool} NOT NULL,
+        rate_card_version TEXT,
+        breakdown         {json},
+        occurred_at_ms    BIGINT NOT NULL,
+        PRIMARY KEY (org_id, event_id),
+        FOREIGN KEY (org_id, event_id) REFERENCES events (org_id, event_id)
+    )""",
+    "CREATE INDEX usage_entries_by_time ON usage_entries (org_id, occurred_at_ms)",
+    # Reserve, extend, release and expire of holds (commits are usage entries).
+    """
+    CREATE TABLE hold_events (
+        org_id         TEXT NOT NULL,
+        event_id       TEXT NOT NULL,
+        reservation_id TEXT NOT NULL,
+        kind           TEXT NOT NULL CHECK (kind IN ('reserve', 'extend', 'release', 'expire')),
+        amount_uecu    BIGINT NOT NULL,
+        deadline_ms    BIGINT,
+        sequence       BIGINT,
+        team           TEXT NOT NULL,
+        project        TEXT NOT NULL,
+        user_id        TEXT NOT NULL,
+        job_type       TEXT NOT NULL,
+        model          TEXT NOT NULL,
+        occurred_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (org_id, event_id),
+        FOREIGN KEY (org_id, event_id) REFERENCES events (org_id, event_id)
+    )""",
+    "CREATE INDEX hold_events_by_reservation ON hold_events (org_id, reservation_id)",
+    # Current team/project caps (NULL = cleared); the newest change wins, whatever the order
+    # in which batches land. Every change stays in events.payload.
+    """
+    CREATE TABLE caps (
+        org_id        TEXT NOT NULL REFERENCES organizations (org_id),
+        scope         TEXT NOT NULL CHECK (scope IN ('team', 'project')),
+        scope_id      TEXT NOT NULL,
+        cap_uecu      BIGINT,
+        changed_at_ms BIGINT NOT NULL,
+        change_seq    BIGINT NOT NULL,
+        event_id      TEXT NOT NULL,
+        PRIMARY KEY (org_id, scope, scope_id)
+    )""",
+    """
+    CREATE TABLE balance_snapshots (
+        id                  {id},
+        org_id              TEXT NOT NULL REFERENCES organizations (org_id),
+        taken_at_ms         BIGINT NOT NULL,
+        ledger_balance_uecu BIGINT NOT NULL,
+        redis_balance_uecu  BIGINT NOT NULL,
+        drift_uecu          BIGINT NOT NULL
+    )""",
+    "CREATE INDEX balance_snapshots_by_time ON balance_snapshots (org_id, taken_at_ms)",
+    # One row per (organization, kind, crossing): a crossing is written once, however often
+    # it is reported.
+    """
+    CREATE TABLE notifications (
+        org_id            TEXT NOT NULL REFERENCES organizations (org_id),
+        kind              TEXT NOT NULL,
+        crossing_id       TEXT NOT NULL,
+        available_uecu    BIGINT NOT NULL,
+        threshold_uecu    BIGINT,
+        reference_uecu    BIGINT,
+        topup_amount_uecu BIGINT,
+        created_at_ms     BIGINT NOT NULL,
+        event_id          TEXT,
+        PRIMARY KEY (org_id, kind, crossing_id)
+    )""",
+    "CREATE INDEX notifications_by_time ON notifications (org_id, created_at_ms)",
+    # Absolute values reconciliation wrote into Redis (hydrate, repair): audit only.
+    """
+    CREATE TABLE reconciliations (
+        org_id         TEXT NOT NULL,
+        event_id       TEXT NOT NULL,
+        kind           TEXT NOT NULL,
+        fields         {json} NOT NULL,
+        occurred_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (org_id, event_id),
+        FOREIGN KEY (org_id, event_id) REFERENCES events (org_id, event_id)
+    )""",
+    # Events refused by the writer, with the reason (dead letters). payload is the entry as
+    # canonical ASCII JSON, lossless even for what PostgreSQL text could not hold.
+    """
+    CREATE TABLE quarantine (
+        id                {id},
+        org_id            TEXT NOT NULL,
+        event_id          TEXT NOT NULL,
+        event_type        TEXT NOT NULL,
+        fingerprint       TEXT NOT NULL,
+        reason            TEXT NOT NULL,
+        payload           TEXT NOT NULL,
+        quarantined_at_ms BIGINT NOT NULL,
+        UNIQUE (org_id, event_id, fingerprint)
+    )""",
+)
+
+#: Every migration, in version order. Versions are dense from 1.
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial ledger", _V1),)
