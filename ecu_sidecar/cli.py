@@ -6,6 +6,9 @@ Exit codes: 0 success; 1 the sidecar refused or could not be reached (``error: <
 Amounts are integer µECU (``2500000`` or ``2500000uECU``) or ECU with an explicit suffix
 (``2.5ECU``), converted exactly; anything that is not a whole number of µECU is refused.
 Defaults (target, admin token) come from the same ECU_* settings the sidecar reads.
+
+``preview JOB_FILE`` reads a job spec in the proto JSON form (``examples/job.json``), or YAML
+of the same shape when PyYAML is installed; the sidecar prices it.
 """
 
 from __future__ import annotations
@@ -21,14 +24,19 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
-from ecu_sidecar import __version__
+from google.protobuf.json_format import ParseDict, ParseError
+
+from ecu_sidecar import __version__, ledger_cli
+from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.client import DEFAULT_TIMEOUT_S, QuotaClient, QuotaError
+from ecu_sidecar.ledger import LedgerError
 from ecu_sidecar.model import UECU_PER_ECU, GrantKind, HoldState, JobType, Usage
 from ecu_sidecar.settings import Settings, SettingsError, describe
 
-__all__ = ["JsonFormatter", "build_parser", "format_ecu", "main", "parse_uecu"]
+__all__ = ["JsonFormatter", "UsageError", "build_parser", "format_ecu", "main", "parse_uecu"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,10 @@ def format_ecu(uecu: int) -> str:
 
 def _money(uecu: int) -> str:
     return f"{uecu} uECU ({format_ecu(uecu)} ECU)"
+
+
+class UsageError(Exception):
+    """A bad command line or input file: printed as ``error: ...``, exit status 2."""
 
 
 def _when(unix_ms: int) -> str:
@@ -128,6 +140,21 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], lines: Sequence[str]) 
 def _table(rows: Sequence[tuple[str, object]]) -> list[str]:
     width = max(len(k) for k, _ in rows)
     return [f"{k:<{width}}  {v}" for k, v in rows]
+
+
+def _columns(header: Sequence[str], rows: Sequence[Sequence[object]], right: set[int]) -> list[str]:
+    """An aligned text table; columns in ``right`` are right-aligned (numbers)."""
+    cells = [list(map(str, header)), *[list(map(str, r)) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        out = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        return "  ".join(out).rstrip()
+
+    return [fmt(cells[0]), *[fmt(row) for row in cells[1:]]]
 
 
 def _scope_line(kind: str, s: Any) -> str:
@@ -294,6 +321,159 @@ def _cmd_extend(args: argparse.Namespace, c: QuotaClient) -> None:
     _emit(args, dataclasses.asdict(out), _table(rows))
 
 
+def _read_job(path: str) -> pb.JobSpec:
+    """A job spec file (``-``: standard input): JSON, or YAML when PyYAML is installed."""
+    name = "<stdin>" if path == "-" else path
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{name}: cannot read the job file: {exc}") from None
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml  # type: ignore[import-untyped]
+        except ImportError:
+            raise UsageError(
+                f"{name}: reading YAML needs PyYAML, which is not installed "
+                "(pip install pyyaml); or give the job as JSON"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{name}: is not valid YAML: {exc}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"{name}: is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+            ) from None
+    if not isinstance(data, dict):
+        raise UsageError(f'{name}: must hold a job spec object ({{"items": [...]}})')
+    try:
+        return ParseDict(data, pb.JobSpec())
+    except ParseError as exc:
+        raise UsageError(f"{name}: is not a job spec: {exc}") from None
+
+
+#: Token rates are per this many tokens (ecu_sidecar.pricing.pricer.PER_MTOK).
+_PER_MTOK = 1_000_000
+
+
+def _per(unit: str, per: int) -> str:
+    if per == 1:
+        return unit
+    if per == _PER_MTOK:
+        return f"1M {unit}s"
+    return f"{per} {unit}s"
+
+
+def _cmd_preview(args: argparse.Namespace, c: QuotaClient) -> None:
+    job = _read_job(args.job_file)
+    out = c.preview(args.org, job, team=args.team, project=args.project, user=args.user)
+    q = out.quote
+    data = {
+        "organization": args.org,
+        "total_uecu": q.total_uecu,
+        "rate_card_version": q.rate_card_version,
+        "covered": out.covered,
+        "available_uecu": out.available_uecu,
+        "available_after_uecu": out.available_after_uecu,
+        "lines": [_plain(dataclasses.asdict(x)) for x in q.lines],
+    }
+    # Enterprise discounts make a subtotal less than quantity × rate: show them when present.
+    discounted = any(x.discount_uecu for x in q.lines)
+    header = ["description", "quantity", "unit", "rate (uECU per)"]
+    header += ["discount (uECU)"] if discounted else []
+    table = _columns(
+        [*header, "subtotal (uECU)"],
+        [
+            (
+                x.description,
+                x.quantity,
+                str(x.unit),
+                f"{x.rate_uecu} / {_per(str(x.unit), x.per)}",
+                *([f"-{x.discount_uecu}"] if discounted else []),
+                x.subtotal_uecu,
+            )
+            for x in q.lines
+        ],
+        right={1, 4, 5},
+    )
+    covered = "yes" if out.covered else "NO"
+    rows = [
+        ("total (worst case)", _money(q.total_uecu)),
+        ("rate card", q.rate_card_version),
+        ("available", _money(out.available_uecu)),
+        ("covered", f"{covered} (available after: {_money(out.available_after_uecu)})"),
+    ]
+    _emit(args, data, [*table, "", *_table(rows)])
+
+
+def _cmd_rates(args: argparse.Namespace, c: QuotaClient) -> None:
+    card = c.rate_card()
+    fees = dataclasses.asdict(card.fees)
+    data = {
+        "version": card.version,
+        "versions": card.versions,
+        "fees": fees,
+        "models": [dataclasses.asdict(m) for m in card.models],
+        "organizations_with_terms": card.organizations_with_terms,
+    }
+    rows = [
+        ("rate card", card.version),
+        ("loaded versions", ", ".join(card.versions)),
+        *[(name.removesuffix("_uecu").replace("_", " "), _money(v)) for name, v in fees.items()],
+        ("enterprise terms", ", ".join(card.organizations_with_terms) or "none"),
+    ]
+    models = _columns(
+        (
+            "model",
+            "input (uECU / 1M tokens)",
+            "output (uECU / 1M tokens)",
+            "encoding",
+            "context",
+            "max output",
+            "estimate factor",
+        ),
+        [
+            (
+                m.name,
+                m.input_uecu_per_mtok,
+                m.output_uecu_per_mtok,
+                m.encoding,
+                m.context_window,
+                m.max_output_tokens,
+                f"{m.estimate_factor_percent}%",
+            )
+            for m in card.models
+        ],
+        right={1, 2, 4, 5, 6},
+    )
+    _emit(args, data, [*_table(rows), "", *models])
+
+
+def _cmd_auto_top_up(args: argparse.Namespace, c: QuotaClient) -> None:
+    if args.off:
+        c.set_auto_topup(args.org, None)
+        _emit(
+            args, {"organization": args.org, "enabled": False}, [f"auto-top-up off for {args.org}"]
+        )
+        return
+    c.set_auto_topup(args.org, args.threshold, args.amount)
+    data = {
+        "organization": args.org,
+        "enabled": True,
+        "threshold_uecu": args.threshold,
+        "amount_uecu": args.amount,
+    }
+    rows = [
+        ("organization", args.org),
+        ("below", _money(args.threshold)),
+        ("top up", _money(args.amount)),
+    ]
+    _emit(args, data, _table(rows))
+
+
 def _cmd_set_cap(args: argparse.Namespace, c: QuotaClient) -> None:
     out = c.set_cap(args.org, args.scope, args.id, None if args.clear else args.cap)
     _emit(args, _scope_json(out), [_scope_line(args.scope, out)])
@@ -330,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ledger_cli.add_commands(sub)
 
     sub.add_parser(
         "serve", help="run the sidecar until SIGTERM/SIGINT (configured by ECU_* variables)"
@@ -416,12 +597,48 @@ def build_parser() -> argparse.ArgumentParser:
     cap = p.add_mutually_exclusive_group(required=True)
     cap.add_argument("cap", nargs="?", type=parse_uecu, help="uECU, or ECU with a suffix")
     cap.add_argument("--clear", action="store_true", help="remove the cap")
+
+    p = client_command("preview", "price a job spec's worst case (no side effects)", _cmd_preview)
+    p.add_argument(
+        "job_file",
+        metavar="JOB_FILE",
+        help="job spec in the proto JSON form (see examples/job.json); YAML with PyYAML; - = stdin",
+    )
+    p.add_argument("--org", required=True, help="the organization whose balance covers it")
+    p.add_argument("--team", default="")
+    p.add_argument("--project", default="")
+    p.add_argument("--user", default="")
+
+    client_command("rates", "show the rate card the sidecar prices with", _cmd_rates)
+
+    p = client_command(
+        "auto-top-up",
+        "admin: notify billing to top up when available falls below a threshold",
+        _cmd_auto_top_up,
+        is_admin=True,
+    )
+    p.add_argument("org")
+    p.add_argument("threshold", nargs="?", type=parse_uecu, help="below this: uECU or ECU")
+    p.add_argument("amount", nargs="?", type=parse_uecu, help="top up this much: uECU or ECU")
+    p.add_argument("--off", action="store_true", help="turn auto-top-up off")
     return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Argument combinations argparse cannot express."""
+    if args.command == "auto-top-up":
+        given = (args.threshold is not None) + (args.amount is not None)
+        if args.off and given:
+            parser.error("auto-top-up: give THRESHOLD AMOUNT or --off, not both")
+        if not args.off and given != 2:
+            parser.error("auto-top-up: give THRESHOLD AMOUNT (both), or --off")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     defaults = _Defaults()
     try:
         if hasattr(args, "run"):
@@ -429,9 +646,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _client(args, defaults) as c:
             args.call(args, c)
         return 0
-    except SettingsError as exc:
+    except (SettingsError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except QuotaError as exc:
         print(f"error: {exc.code.name} {exc.reason}: {exc.message}", file=sys.stderr)
+        return 1
+    except LedgerError as exc:
+        print(f"error: ledger: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -21,6 +21,19 @@ The star is ``hold``::
 An exception in the block, or leaving it without commit or release, releases the hold, except
 after a commit whose outcome is unknown (retries exhausted): the commit may have landed, and
 the worker may still retry it, so the hold is left to that retry or to its deadline.
+
+Workers never compute money: give ``job=`` (a ``pb.JobSpec`` or its proto JSON form as a dict)
+instead of an amount and the sidecar holds the job's worst case, pinned to its rate card
+version; then commit what was used as ``usage_lines`` and the sidecar prices it with that same
+version, which the hold sends by itself::
+
+    job = {"items": [{"inference": {"model": "gpt-4o", "promptText": prompt,
+                                    "maxOutputTokens": 500}}]}
+    print((await client.preview("acme", job)).quote.total_uecu)   # what the user approves
+    async with client.hold(org="acme", job=job) as h:
+        ...
+        await h.commit(usage_lines=[UsageLine("inference", "gpt-4o", tokens_in=812,
+                                              tokens_out=240, calls=1)])
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 import grpc
+from google.protobuf.json_format import ParseDict, ParseError
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -60,6 +74,7 @@ from ecu_sidecar.model import (
     ScopeUsage,
     Usage,
 )
+from ecu_sidecar.pricing import Fees, Line, ModelRates, Quote, Unit, UsageKind, UsageLine
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -76,10 +91,13 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "PreviewOutcome",
     "QuotaClient",
     "QuotaError",
+    "RateCardInfo",
     "RetryPolicy",
     "Unavailable",
+    "UsageLine",
     "error_from_rpc",
     "new_caller_id",
 ]
@@ -174,7 +192,9 @@ class NotFound(QuotaError):
 
 
 class FailedPrecondition(QuotaError):
-    """FAILED_PRECONDITION: the hold is committed, released or expired."""
+    """FAILED_PRECONDITION: the hold is committed, released or expired; or the rate card
+    version named is not loaded (RATE_CARD_VERSION_UNKNOWN) or not the hold's
+    (RATE_CARD_MISMATCH); or no rate card is configured (RATE_CARD_UNAVAILABLE)."""
 
 
 class Conflict(QuotaError):
@@ -334,6 +354,122 @@ _HOLD_STATES = {
     pb.HOLD_STATE_RELEASED: HoldState.RELEASED,
     pb.HOLD_STATE_EXPIRED: HoldState.EXPIRED,
 }
+_JOB_TYPES_BACK = {number: member for member, number in _JOB_TYPES.items()}
+_USAGE_KINDS = {
+    UsageKind.INFERENCE: pb.USAGE_KIND_INFERENCE,
+    UsageKind.JUDGE: pb.USAGE_KIND_JUDGE,
+    UsageKind.GEPA_ITERATION: pb.USAGE_KIND_GEPA_ITERATION,
+    UsageKind.TRACE: pb.USAGE_KIND_TRACE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewOutcome:
+    """A job's worst case as the sidecar priced it, and whether the balance covers it."""
+
+    quote: Quote
+    """The worst-case total, its itemized lines and the rate card version."""
+    covered: bool
+    """Whether the organization's available balance covers the total."""
+    available_uecu: int
+    """The organization's available balance (0 when it has no account)."""
+    available_after_uecu: int
+    """available - total: negative when not covered."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateCardInfo:
+    """The rate card a sidecar prices with (GetRateCard)."""
+
+    version: str
+    fees: Fees
+    models: list[ModelRates]
+    """Every model with its rates, sorted by name."""
+    organizations_with_terms: list[str]
+    """Organizations with negotiated terms (ids only)."""
+    versions: list[str]
+    """Every version the sidecar can still price commits with."""
+
+
+def _job(field: str, job: Any) -> pb.JobSpec:
+    """A job spec given as a pb.JobSpec or its proto JSON form (``{"items": [...]}``)."""
+    if isinstance(job, pb.JobSpec):
+        return job
+    if isinstance(job, Mapping):
+        try:
+            return ParseDict(job, pb.JobSpec())
+        except ParseError as exc:
+            raise _invalid(field, f"is not a job spec in the proto JSON form: {exc}") from None
+    raise _invalid(field, f"must be a pb.JobSpec or a dict, got {type(job).__name__}")
+
+
+def _usage_lines(field: str, lines: Sequence[Any]) -> list[pb.UsageLine]:
+    """Usage lines given as UsageLine, pb.UsageLine or a dict of UsageLine's fields."""
+    if isinstance(lines, (str, bytes, Mapping)) or not isinstance(lines, Sequence):
+        raise _invalid(field, f"must be a list of usage lines, got {type(lines).__name__}")
+    out = []
+    for i, line in enumerate(lines):
+        here = f"{field}[{i}]"
+        if isinstance(line, pb.UsageLine):
+            out.append(line)
+            continue
+        if isinstance(line, Mapping):
+            try:
+                line = UsageLine(**line)
+            except TypeError as exc:
+                raise _invalid(here, f"is not a usage line: {exc}") from None
+        if not isinstance(line, UsageLine):
+            raise _invalid(here, f"must be a UsageLine, got {type(line).__name__}")
+        if not isinstance(line.byok, bool):
+            raise _invalid(f"{here}.byok", f"must be true or false, got {line.byok!r}")
+        out.append(
+            pb.UsageLine(
+                kind=_choice(f"{here}.kind", line.kind, _USAGE_KINDS),
+                model=line.model,
+                tokens_in=_int(f"{here}.tokens_in", line.tokens_in),
+                tokens_out=_int(f"{here}.tokens_out", line.tokens_out),
+                calls=_int(f"{here}.calls", line.calls),
+                byok=line.byok,
+            )
+        )
+    return out
+
+
+def _unit(text: str) -> Unit | str:
+    try:
+        return Unit(text)
+    except ValueError:  # a unit newer than this client: kept as the sidecar named it
+        return text
+
+
+def _quote(q: pb.Quote) -> Quote:
+    return Quote(
+        total_uecu=q.total_uecu,
+        rate_card_version=q.rate_card_version,
+        lines=tuple(
+            Line(
+                description=x.description,
+                quantity=x.quantity,
+                unit=_unit(x.unit),  # type: ignore[arg-type]
+                rate_uecu=x.rate_uecu,
+                per=x.per,
+                subtotal_uecu=x.subtotal_uecu,
+                model=x.model,
+                job_type=_JOB_TYPES_BACK.get(x.job_type, x.job_type),  # type: ignore[arg-type]
+                item=x.item,
+                byok=x.byok,
+                negotiated=x.negotiated,
+                gross_uecu=x.gross_uecu,
+                discount_uecu=x.discount_uecu,
+            )
+            for x in q.lines
+        ),
+    )
+
+
+def _quote_or_none(q: pb.Quote) -> Quote | None:
+    """The quote of a job-priced hold or usage-priced commit; None for plain amounts."""
+    return _quote(q) if q.rate_card_version else None
 
 
 def _choice(field: str, value: Any, table: Mapping[Any, int]) -> int:
@@ -360,16 +496,31 @@ def _usage(field: str, usage: Usage | None) -> pb.Usage:
     )
 
 
-def _hold_view(h: pb.Hold) -> HoldView:
-    return HoldView(h.reservation_id, h.amount_uecu, h.deadline_unix_ms, _HOLD_STATES[h.state])
+def _hold_view(h: pb.Hold, quote: Quote | None) -> HoldView:
+    return HoldView(
+        h.reservation_id,
+        h.amount_uecu,
+        h.deadline_unix_ms,
+        _HOLD_STATES[h.state],
+        rate_card_version=quote.rate_card_version if quote else "",
+    )
 
 
 def _reserve_outcome(resp: pb.ReserveResponse) -> ReserveOutcome:
-    return ReserveOutcome([_hold_view(resp.hold)], resp.available_uecu, resp.replayed)
+    quote = _quote_or_none(resp.quote)
+    return ReserveOutcome(
+        [_hold_view(resp.hold, quote)], resp.available_uecu, resp.replayed, quotes=[quote]
+    )
 
 
 def _reserve_batch_outcome(resp: pb.ReserveBatchResponse) -> ReserveOutcome:
-    return ReserveOutcome([_hold_view(h) for h in resp.holds], resp.available_uecu, resp.replayed)
+    quotes = [_quote_or_none(q) for q in resp.quotes] or [None] * len(resp.holds)
+    return ReserveOutcome(
+        [_hold_view(h, q) for h, q in zip(resp.holds, quotes, strict=True)],
+        resp.available_uecu,
+        resp.replayed,
+        quotes=quotes,
+    )
 
 
 def _commit_outcome(c: pb.CommitResponse) -> CommitOutcome:
@@ -382,6 +533,7 @@ def _commit_outcome(c: pb.CommitResponse) -> CommitOutcome:
         late=c.late,
         replayed=c.replayed,
         available_uecu=c.available_uecu,
+        quote=_quote_or_none(c.quote),
     )
 
 
@@ -420,34 +572,51 @@ def _to_balance(resp: pb.GetBalanceResponse) -> Balance:
         expired_holds=b.expired_holds,
         teams=[_scope(s) for s in b.teams],
         projects=[_scope(s) for s in b.projects],
+        expired_grants_uecu=b.expired_grants_uecu,
+        orphan_committed_uecu=b.orphan_committed_uecu,
+        carried_committed_uecu=b.carried_committed_uecu,
+        repaired_uecu=b.repaired_uecu,
+        auto_topup_threshold_uecu=b.auto_topup_threshold_uecu if b.has_auto_topup else None,
+        auto_topup_amount_uecu=b.auto_topup_amount_uecu,
     )
+
+
+def _job_type(field: str, job_type: JobType | str | None, job: Any) -> int:
+    """The job type: required for an amount, optional (derived by the sidecar) with a job."""
+    if job_type is None:
+        if job is None:
+            raise _invalid(field, "is required when reserving an amount (not a job)")
+        return pb.JOB_TYPE_UNSPECIFIED
+    return _choice(field, job_type, _JOB_TYPES)
 
 
 def _reserve(
     org: str,
-    amount_uecu: int,
+    amount_uecu: int = 0,
     *,
-    job_type: JobType | str,
+    job_type: JobType | str | None = None,
     model: str = "",
     team: str = "",
     project: str = "",
     user: str = "",
     ttl_ms: int = 0,
     reservation_id: str | None = None,
+    job: pb.JobSpec | Mapping[str, Any] | None = None,
 ) -> _Call[ReserveOutcome]:
-    """Hold a step's worst-case cost; the reservation id is generated when not given."""
-    return _Call(
-        "Reserve",
-        pb.ReserveRequest(
-            reservation_id=reservation_id or new_caller_id(),
-            account=pb.Account(organization=org, team=team, project=project, user=user),
-            amount_uecu=_int("amount_uecu", amount_uecu),
-            job_type=_choice("job_type", job_type, _JOB_TYPES),
-            model=model,
-            ttl_ms=_int("ttl_ms", ttl_ms),
-        ),
-        _reserve_outcome,
+    """Hold a step's worst case: ``amount_uecu`` with its ``job_type``, or a ``job`` spec that
+    the sidecar prices (its quote in ``quotes[0]``, pinned to the rate card version). The
+    reservation id is generated when not given."""
+    request = pb.ReserveRequest(
+        reservation_id=reservation_id or new_caller_id(),
+        account=pb.Account(organization=org, team=team, project=project, user=user),
+        amount_uecu=_int("amount_uecu", amount_uecu),
+        job_type=_job_type("job_type", job_type, job),
+        model=model,
+        ttl_ms=_int("ttl_ms", ttl_ms),
     )
+    if job is not None:
+        request.job.CopyFrom(_job("job", job))
+    return _Call("Reserve", request, _reserve_outcome)
 
 
 def _reserve_batch(
@@ -458,44 +627,58 @@ def _reserve_batch(
     project: str = "",
     user: str = "",
 ) -> _Call[ReserveOutcome]:
-    """Hold many steps of one account, all or none; items with an empty id get one."""
+    """Hold many steps of one account, all or none; items with an empty id get one. An item
+    with ``job`` (amount 0, job_type None or given) is priced by the sidecar."""
     return _Call(
         "ReserveBatch",
         pb.ReserveBatchRequest(
             account=pb.Account(organization=org, team=team, project=project, user=user),
-            items=[
-                pb.ReserveItem(
-                    reservation_id=it.reservation_id or new_caller_id(),
-                    amount_uecu=_int(f"items[{i}].amount_uecu", it.amount_uecu),
-                    job_type=_choice(f"items[{i}].job_type", it.job_type, _JOB_TYPES),
-                    model=it.model,
-                    ttl_ms=_int(f"items[{i}].ttl_ms", it.ttl_ms),
-                )
-                for i, it in enumerate(items)
-            ],
+            items=[_reserve_item(f"items[{i}]", it) for i, it in enumerate(items)],
         ),
         _reserve_batch_outcome,
     )
 
 
-def _commit(
-    org: str, reservation_id: str, actual_uecu: int, *, usage: Usage | None = None
-) -> _Call[CommitOutcome]:
-    """Settle a hold with what the step really cost."""
-    return _Call(
-        "Commit",
-        pb.CommitRequest(
-            reservation_id=reservation_id,
-            organization=org,
-            actual_uecu=_int("actual_uecu", actual_uecu),
-            usage=_usage("usage", usage),
-        ),
-        _commit_outcome,
+def _reserve_item(field: str, it: ReserveItem) -> pb.ReserveItem:
+    item = pb.ReserveItem(
+        reservation_id=it.reservation_id or new_caller_id(),
+        amount_uecu=_int(f"{field}.amount_uecu", it.amount_uecu),
+        job_type=_job_type(f"{field}.job_type", it.job_type, it.job),
+        model=it.model,
+        ttl_ms=_int(f"{field}.ttl_ms", it.ttl_ms),
     )
+    if it.job is not None:
+        item.job.CopyFrom(_job(f"{field}.job", it.job))
+    return item
+
+
+def _commit(
+    org: str,
+    reservation_id: str,
+    actual_uecu: int = 0,
+    *,
+    usage: Usage | None = None,
+    usage_lines: Sequence[UsageLine | pb.UsageLine | Mapping[str, Any]] | None = None,
+    rate_card_version: str = "",
+) -> _Call[CommitOutcome]:
+    """Settle a hold with what the step really cost: ``actual_uecu``, or ``usage_lines`` that
+    the sidecar prices with ``rate_card_version`` (the version the hold was priced with; the
+    price and its breakdown come back in ``quote``)."""
+    request = pb.CommitRequest(
+        reservation_id=reservation_id,
+        organization=org,
+        actual_uecu=_int("actual_uecu", actual_uecu),
+        usage=_usage("usage", usage),
+        rate_card_version=rate_card_version,
+    )
+    if usage_lines is not None:
+        request.usage_lines.extend(_usage_lines("usage_lines", usage_lines))
+    return _Call("Commit", request, _commit_outcome)
 
 
 def _commit_batch(org: str, items: Sequence[CommitItem]) -> _Call[list[CommitOutcome]]:
-    """Settle many holds; failed items carry their QuotaError in ``CommitOutcome.error``."""
+    """Settle many holds; failed items carry their QuotaError in ``CommitOutcome.error``.
+    Items may carry ``usage_lines`` with ``rate_card_version`` instead of an actual."""
     return _Call(
         "CommitBatch",
         pb.CommitBatchRequest(
@@ -505,6 +688,8 @@ def _commit_batch(org: str, items: Sequence[CommitItem]) -> _Call[list[CommitOut
                     reservation_id=it.reservation_id,
                     actual_uecu=_int(f"items[{i}].actual_uecu", it.actual_uecu),
                     usage=_usage(f"items[{i}].usage", it.usage),
+                    usage_lines=_usage_lines(f"items[{i}].usage_lines", it.usage_lines or []),
+                    rate_card_version=it.rate_card_version,
                 )
                 for i, it in enumerate(items)
             ],
@@ -584,6 +769,69 @@ def _set_cap(org: str, scope: str, scope_id: str, cap_uecu: int | None) -> _Call
     )
 
 
+def _set_auto_topup(org: str, threshold_uecu: int | None, amount_uecu: int = 0) -> _Call[None]:
+    """Admin: when available falls below ``threshold_uecu``, notify billing to top up
+    ``amount_uecu``; ``threshold_uecu=None`` turns auto-top-up off."""
+    return _Call(
+        "SetAutoTopUp",
+        pb.SetAutoTopUpRequest(
+            organization=org,
+            threshold_uecu=0 if threshold_uecu is None else _int("threshold_uecu", threshold_uecu),
+            amount_uecu=0 if threshold_uecu is None else _int("amount_uecu", amount_uecu),
+            disable=threshold_uecu is None,
+        ),
+        lambda r: None,
+        admin=True,
+    )
+
+
+def _preview(
+    org: str,
+    job: pb.JobSpec | Mapping[str, Any],
+    *,
+    team: str = "",
+    project: str = "",
+    user: str = "",
+) -> _Call[PreviewOutcome]:
+    """A job's worst case, itemized, and whether the balance covers it (no side effects)."""
+    return _Call(
+        "Preview",
+        pb.PreviewRequest(
+            account=pb.Account(organization=org, team=team, project=project, user=user),
+            job=_job("job", job),
+        ),
+        lambda r: PreviewOutcome(
+            _quote(r.quote), r.covered, r.available_uecu, r.available_after_uecu
+        ),
+    )
+
+
+def _to_rate_card(r: pb.GetRateCardResponse) -> RateCardInfo:
+    return RateCardInfo(
+        version=r.version,
+        fees=Fees(r.engine_call_uecu, r.judge_call_uecu, r.gepa_iteration_uecu, r.trace_uecu),
+        models=[
+            ModelRates(
+                name=m.model,
+                input_uecu_per_mtok=m.input_uecu_per_mtok,
+                output_uecu_per_mtok=m.output_uecu_per_mtok,
+                encoding=m.encoding,
+                context_window=m.context_window,
+                max_output_tokens=m.max_output_tokens,
+                estimate_factor_percent=m.estimate_factor_percent,
+            )
+            for m in r.models
+        ],
+        organizations_with_terms=list(r.organizations_with_terms),
+        versions=list(r.versions),
+    )
+
+
+def _rate_card() -> _Call[RateCardInfo]:
+    """The rate card the sidecar prices with: version, fees, models, versions still loaded."""
+    return _Call("GetRateCard", pb.GetRateCardRequest(), _to_rate_card)
+
+
 def _method_signature(build: Callable[..., Any], returns: Any) -> inspect.Signature:
     """The builder's signature with ``self`` in front and the converted return type."""
     sig = inspect.signature(build)
@@ -644,7 +892,12 @@ class _HoldBase:
         self.organization: str = request.account.organization
         """The organization paying for the hold."""
         self.amount_uecu: int = request.amount_uecu
-        """The amount held."""
+        """The amount held (a job's worst case once the hold is placed)."""
+        self.quote: Quote | None = None
+        """With ``job=``: the priced worst case, once the hold is placed."""
+        self.rate_card_version = ""
+        """With ``job=``: the rate card version the hold pinned; ``commit(usage_lines=...)``
+        sends it."""
         self.deadline_unix_ms = 0
         """When the sidecar will expire the hold (pushed by ``extend``)."""
         self.available_uecu = 0
@@ -665,12 +918,32 @@ class _HoldBase:
 
     def _placed(self, out: ReserveOutcome) -> None:
         (view,) = out.holds
+        self.amount_uecu = view.amount_uecu
+        self.quote = out.quotes[0] if out.quotes else None
+        self.rate_card_version = view.rate_card_version
         self.deadline_unix_ms = view.deadline_unix_ms
         self.available_uecu = out.available_uecu
         self.state = view.state
 
-    def _commit_call(self, actual_uecu: int, usage: Usage | None) -> _Call[CommitOutcome]:
-        return _commit(self.organization, self.reservation_id, actual_uecu, usage=usage)
+    def _commit_call(
+        self, actual_uecu: int, usage: Usage | None, usage_lines: Sequence[Any] | None
+    ) -> _Call[CommitOutcome]:
+        if usage_lines is None:
+            return _commit(self.organization, self.reservation_id, actual_uecu, usage=usage)
+        if not self.rate_card_version:
+            raise _invalid(
+                "usage_lines",
+                "this hold was reserved with an amount, not a job: it has no rate card version "
+                "to price usage with; commit the actual amount instead",
+            )
+        return _commit(
+            self.organization,
+            self.reservation_id,
+            actual_uecu,
+            usage=usage,
+            usage_lines=usage_lines,
+            rate_card_version=self.rate_card_version,
+        )
 
     def _committed(self, out: CommitOutcome) -> CommitOutcome:
         self.state, self.committed, self._commit_in_doubt = HoldState.COMMITTED, out, False
@@ -739,12 +1012,19 @@ class AsyncHold(_HoldBase):
             except QuotaError as error:
                 self._release_failed_on_exit(error, exc)
 
-    async def commit(self, actual_uecu: int, *, usage: Usage | None = None) -> CommitOutcome:
-        """Settle the hold with what the step really cost (a replay answers the same)."""
+    async def commit(
+        self,
+        actual_uecu: int = 0,
+        *,
+        usage: Usage | None = None,
+        usage_lines: Sequence[UsageLine | pb.UsageLine | Mapping[str, Any]] | None = None,
+    ) -> CommitOutcome:
+        """Settle the hold with what the step really cost, or with the ``usage_lines`` it used
+        (a hold placed with ``job=``: priced by the sidecar with the hold's pinned rate card
+        version). A replay answers the same."""
+        call = self._commit_call(actual_uecu, usage, usage_lines)
         try:
-            return self._committed(
-                await self._client._invoke(self._commit_call(actual_uecu, usage))
-            )
+            return self._committed(await self._client._invoke(call))
         except QuotaError as error:
             self._commit_failed(error)
             raise
@@ -781,10 +1061,19 @@ class Hold(_HoldBase):
             except QuotaError as error:
                 self._release_failed_on_exit(error, exc)
 
-    def commit(self, actual_uecu: int, *, usage: Usage | None = None) -> CommitOutcome:
-        """Settle the hold with what the step really cost (a replay answers the same)."""
+    def commit(
+        self,
+        actual_uecu: int = 0,
+        *,
+        usage: Usage | None = None,
+        usage_lines: Sequence[UsageLine | pb.UsageLine | Mapping[str, Any]] | None = None,
+    ) -> CommitOutcome:
+        """Settle the hold with what the step really cost, or with the ``usage_lines`` it used
+        (a hold placed with ``job=``: priced by the sidecar with the hold's pinned rate card
+        version). A replay answers the same."""
+        call = self._commit_call(actual_uecu, usage, usage_lines)
         try:
-            return self._committed(self._client._invoke(self._commit_call(actual_uecu, usage)))
+            return self._committed(self._client._invoke(call))
         except QuotaError as error:
             self._commit_failed(error)
             raise
@@ -921,6 +1210,9 @@ class AsyncQuotaClient(_ClientBase):
     balance = _async_rpc(_balance)
     grant = _async_rpc(_grant)
     set_cap = _async_rpc(_set_cap)
+    set_auto_topup = _async_rpc(_set_auto_topup)
+    preview = _async_rpc(_preview)
+    rate_card = _async_rpc(_rate_card)
     hold = _hold_method(_reserve, AsyncHold)
 
 
@@ -980,4 +1272,7 @@ class QuotaClient(_ClientBase):
     balance = _sync_rpc(_balance)
     grant = _sync_rpc(_grant)
     set_cap = _sync_rpc(_set_cap)
+    set_auto_topup = _sync_rpc(_set_auto_topup)
+    preview = _sync_rpc(_preview)
+    rate_card = _sync_rpc(_rate_card)
     hold = _hold_method(_reserve, Hold)

@@ -277,6 +277,12 @@ class QuotaEngine:
             account.organization, lambda: self.store.reserve(account, resolved)
         )
         self._seen(account.organization)
+        # A replay of a hold priced before a rate card reload keeps its pinned price: answer
+        # the quote of the version it pinned, which is the one its commit must name.
+        for i, (hold, quote) in enumerate(zip(outcome.holds, quotes, strict=True)):
+            if quote is not None and hold.rate_card_version != quote.rate_card_version:
+                pinned = self._card(hold.rate_card_version)
+                quotes[i] = preview(pinned, account.organization, items[i].job, field="job")
         return replace(outcome, quotes=quotes)
 
     async def preview(self, account: AccountRef, job: JobSpec) -> tuple[Quote, int | None]:
@@ -324,6 +330,10 @@ class QuotaEngine:
                     raise InvalidArgument(
                         f"{f}actual_uecu", "give actual_uecu or usage_lines, not both"
                     )
+                if it.usage != Usage():
+                    raise InvalidArgument(
+                        f"{f}usage", "give usage or usage_lines, not both (lines carry the usage)"
+                    )
                 if not it.rate_card_version:
                     raise InvalidArgument(
                         f"{f}rate_card_version",
@@ -332,6 +342,8 @@ class QuotaEngine:
                 card = self._card(it.rate_card_version)
                 quote = price_usage(card, org, it.usage_lines, field=f"{f}usage_lines")
                 it = _priced_commit(it, quote)
+                for name in ("tokens_in", "tokens_out", "calls"):
+                    check_count(f"{f}usage_lines", getattr(it.usage, name))
             elif it.rate_card_version:
                 raise InvalidArgument(
                     f"{f}rate_card_version", "is only meaningful with usage_lines"

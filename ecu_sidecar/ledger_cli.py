@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.ledger import open_configured
 from ecu_sidecar.metrics import FlusherMetrics
-from ecu_sidecar.settings import Settings
+from ecu_sidecar.settings import Settings, SettingsError
 from ecu_sidecar.store import RedisStore
 
 __all__ = ["add_commands"]
@@ -55,7 +55,7 @@ def add_commands(sub: Any) -> None:
 
 def _require_ledger(settings: Settings) -> None:
     if not settings.ledger_url:
-        raise SystemExit("error: ECU_LEDGER_URL is not set (postgresql://... or sqlite:///path)")
+        raise SettingsError("ECU_LEDGER_URL: not set (postgresql://... or sqlite:///path)")
 
 
 def _migrate(args: argparse.Namespace, defaults: Any) -> int:
@@ -117,7 +117,7 @@ def _day_ms(text: str | None, name: str) -> int | None:
     try:
         day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
     except ValueError:
-        raise SystemExit(f"error: --{name}: expected YYYY-MM-DD, got {text!r}") from None
+        raise SettingsError(f"--{name}: expected YYYY-MM-DD, got {text!r}") from None
     return int(day.timestamp() * 1000)
 
 

@@ -43,8 +43,12 @@ STATUS_BY_ERROR: dict[type[errors.EcuError], grpc.StatusCode] = {
 
 
 def code_for(error: errors.EcuError) -> grpc.StatusCode:
-    """The status code of a domain error."""
-    return STATUS_BY_ERROR[type(error)]
+    """The status code of a domain error (or of its nearest mapped base class, e.g. the
+    ledger's GrantConflict is an IdempotencyConflict)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    raise KeyError(f"{type(error).__name__} has no gRPC status")
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -61,7 +65,7 @@ def to_rpc_status(error: errors.EcuError) -> status_pb2.Status:
             error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
         )
     ]
-    if isinstance(error, errors.InvalidArgument):
+    if isinstance(error, errors.InvalidArgument) and hasattr(error, "field"):
         details.append(
             _pack(
                 error_details_pb2.BadRequest(

@@ -3,8 +3,15 @@
 Each invalid request must be answered INVALID_ARGUMENT with a message naming the field, a
 google.rpc BadRequest whose first violation is that field path and an ErrorInfo with reason
 INVALID_ARGUMENT, and must leave Redis byte-for-byte as it was. Every case starts from the
-same seeded organization (funded, team and project caps, a live extended hold, a committed and
-a released hold) so there is state a wrongly accepted request could change.
+same seeded organization (funded, team and project caps, a live extended hold, a hold priced
+from a job spec and pinned to the rate card, a committed and a released hold) so there is state
+a wrongly accepted request could change.
+
+The pricing inputs are covered the same way: every field of a job spec (Preview, Reserve and
+ReserveBatch with ``job``, down to GEPA's per-iteration specs and a trace evaluation's judges),
+every usage line field of Commit/CommitBatch, and the oneofs and lists a spec must fill. An
+unknown model is refused naming its field, never priced as zero. Model limits (context window,
+max output tokens) are read from the example rate card the sidecar serves, not pasted.
 
 Refusals that are not about input (NOT_FOUND, RESOURCE_EXHAUSTED, ALREADY_EXISTS,
 FAILED_PRECONDITION, ABORTED, UNAUTHENTICATED, ...) and identical replays must change nothing
@@ -17,17 +24,21 @@ Every hold lives for an hour, so nothing expires (and no sweep writes) during a 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
+from ecu_sidecar.api.v1 import quota_pb2_grpc
+from ecu_sidecar.convert import fingerprint, job_from_pb
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.model import (
     MAX_GRANTED_UECU,
@@ -38,8 +49,10 @@ from ecu_sidecar.model import (
     JobType,
     ReserveItem,
 )
+from ecu_sidecar.pricing import ModelRates, RateCardRegistry, load_rate_card
 from ecu_sidecar.server import SidecarServer
-from tests.conftest import ADMIN_METADATA, snapshot
+from ecu_sidecar.settings import Settings
+from tests.conftest import ADMIN_METADATA, EXAMPLE_RATE_CARD, drop_keys, snapshot
 from tests.test_service import details
 
 ECU = 1_000_000
@@ -65,6 +78,29 @@ INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 MAX_BATCH = 2_000
 
+#: The card every test sidecar prices with (conftest.make_settings); limits are read from it.
+CARD = load_rate_card(EXAMPLE_RATE_CARD)
+V1 = CARD.version
+#: A live hold priced from SEED_JOB, pinned to V1.
+JOB_HELD = "job-held-1"
+SEED_JOB = pb.JobSpec(
+    items=[
+        pb.JobItem(
+            inference=pb.InferenceSpec(
+                model="gpt-4o", prompt_tokens=2_000, max_output_tokens=1_000, samples=2
+            )
+        ),
+        pb.JobItem(
+            judge=pb.JudgeSpec(
+                judge_model="gpt-4o-mini",
+                calls=3,
+                prompt_tokens_per_call=500,
+                max_output_tokens_per_call=100,
+            )
+        ),
+    ]
+)
+
 # -- the seeded state --------------------------------------------------------------------------
 
 
@@ -80,6 +116,15 @@ async def seed(engine: QuotaEngine) -> None:
             ReserveItem(HELD, HELD_UECU, JobType.INFERENCE, "gpt-4o", HOUR_MS),
             ReserveItem(DONE, 200_000, JobType.GEPA, "", HOUR_MS),
             ReserveItem(GONE, 300_000, JobType.JUDGE, "judge-1", HOUR_MS),
+            ReserveItem(
+                JOB_HELD,
+                0,
+                None,  # type: ignore[arg-type]  # derived from the job, as the service does
+                "",
+                HOUR_MS,
+                fingerprint=fingerprint(SEED_JOB),
+                job=job_from_pb(SEED_JOB),
+            ),
         ],
         batch=True,
     )
@@ -98,14 +143,14 @@ async def seeded_state(server: SidecarServer) -> dict[bytes, Any]:
     await seed(server.engine)
     snap = await state(server)
     holds = next(v for k, v in snap.items() if k.endswith(b":holds"))[1]
-    assert {HELD.encode(), DONE.encode(), GONE.encode()} <= set(holds)
+    assert {HELD.encode(), DONE.encode(), GONE.encode(), JOB_HELD.encode()} <= set(holds)
     assert any(k.endswith(b":outbox") for k in snap)
     return snap
 
 
 # -- calling the API ---------------------------------------------------------------------------
 
-ADMIN_RPCS = frozenset({"Grant", "SetCap"})
+ADMIN_RPCS = frozenset({"Grant", "SetCap", "SetAutoTopUp"})
 
 
 async def call(stub: Any, rpc: str, request: Message, metadata: Any = None) -> Message:
@@ -135,6 +180,104 @@ def assert_invalid(exc: grpc.aio.AioRpcError, field: str) -> None:
 # -- valid base requests, one per RPC; each case changes exactly the field(s) it names ---------
 
 ACCOUNT = pb.Account(organization=ORG, team=TEAM, project=PROJECT, user=USER)
+
+
+def chat(*messages: tuple[str, str, str]) -> pb.ChatMessages:
+    return pb.ChatMessages(
+        messages=[pb.ChatMessage(role=r, content=c, name=n) for r, c, n in messages]
+    )
+
+
+#: Where each kind of spec sits in JOB (proto paths below ``job.``), and the model it uses.
+INF = "items[0].inference"
+JUDGE = "items[1].judge"
+GEPA = "items[2].gepa"
+GEPA_INF = f"{GEPA}.per_iteration[0].inference"
+GEPA_JUDGE = f"{GEPA}.per_iteration[1].judge"
+TRACE = "items[3].trace_eval"
+TRACE_JUDGE = f"{TRACE}.judges[0]"
+MODEL_AT = {
+    INF: "gpt-4o",
+    JUDGE: "gpt-4o-mini",
+    GEPA_INF: "gpt-4-turbo",
+    GEPA_JUDGE: "gpt-4o-mini",
+    TRACE_JUDGE: "anthropic/claude-sonnet-4",
+}
+
+#: A valid job using every kind of spec and every way to give a prompt (text, chat messages,
+#: a known token count); its worst case fits the team cap, so Reserve can hold it.
+JOB = pb.JobSpec(
+    items=[
+        pb.JobItem(
+            inference=pb.InferenceSpec(
+                model=MODEL_AT[INF],
+                prompt_text="Summarize the trace in three sentences.",
+                max_output_tokens=500,
+                samples=2,
+            )
+        ),
+        pb.JobItem(
+            judge=pb.JudgeSpec(
+                judge_model=MODEL_AT[JUDGE],
+                calls=3,
+                messages=chat(
+                    ("system", "You are a strict judge.", ""), ("user", "Grade it.", "qa")
+                ),
+                max_output_tokens_per_call=200,
+            )
+        ),
+        pb.JobItem(
+            gepa=pb.GepaSpec(
+                iterations=4,
+                per_iteration=[
+                    pb.GepaStep(
+                        inference=pb.InferenceSpec(
+                            model=MODEL_AT[GEPA_INF], prompt_tokens=3_000, max_output_tokens=1_000
+                        )
+                    ),
+                    pb.GepaStep(
+                        judge=pb.JudgeSpec(
+                            judge_model=MODEL_AT[GEPA_JUDGE],
+                            calls=2,
+                            prompt_text="Judge the candidate prompt.",
+                            max_output_tokens_per_call=100,
+                        )
+                    ),
+                ],
+            )
+        ),
+        pb.JobItem(
+            trace_eval=pb.TraceEvalSpec(
+                traces=10,
+                judges=[
+                    pb.JudgeSpec(
+                        judge_model=MODEL_AT[TRACE_JUDGE],
+                        prompt_tokens_per_call=2_000,
+                        max_output_tokens_per_call=300,
+                    ),
+                    pb.JudgeSpec(
+                        judge_model="gpt-4o",
+                        calls=2,
+                        messages=chat(("user", "Is the trace correct?", "")),
+                        max_output_tokens_per_call=50,
+                    ),
+                ],
+            )
+        ),
+    ]
+)
+
+#: What the seeded JOB_HELD hold really used, by kind (priced with V1 at commit).
+USAGE = [
+    pb.UsageLine(
+        kind=pb.USAGE_KIND_INFERENCE, model="gpt-4o", tokens_in=3_900, tokens_out=800, calls=2
+    ),
+    pb.UsageLine(
+        kind=pb.USAGE_KIND_JUDGE, model="gpt-4o-mini", tokens_in=1_400, tokens_out=90, calls=3
+    ),
+    pb.UsageLine(kind=pb.USAGE_KIND_GEPA_ITERATION, calls=1),
+    pb.UsageLine(kind=pb.USAGE_KIND_TRACE, calls=1),
+]
 
 BASE: dict[str, Message] = {
     "Reserve": pb.ReserveRequest(
@@ -187,13 +330,46 @@ BASE: dict[str, Message] = {
     "SetCap": pb.SetCapRequest(
         organization=ORG, scope=pb.CAP_SCOPE_TEAM, id=TEAM, cap_uecu=6 * ECU
     ),
+    "SetAutoTopUp": pb.SetAutoTopUpRequest(
+        organization=ORG, threshold_uecu=2 * ECU, amount_uecu=5 * ECU
+    ),
+    "Preview": pb.PreviewRequest(account=ACCOUNT, job=JOB),
+    "GetRateCard": pb.GetRateCardRequest(),
+}
+#: RPCs whose request has no input field at all (the coverage test checks it stays so).
+NO_INPUT = frozenset({"GetRateCard"})
+
+#: The valid changes that turn a base request into one priced by the sidecar.
+RESERVE_JOB = {"amount_uecu": 0, "job": JOB}
+BATCH_JOB = {"items[2].amount_uecu": 0, "items[2].job": JOB}
+COMMIT_USAGE = {
+    "reservation_id": JOB_HELD,
+    "actual_uecu": 0,
+    "usage": pb.Usage(),
+    "usage_lines": USAGE,
+    "rate_card_version": V1,
+}
+BATCH_USAGE = {
+    "items[2].reservation_id": JOB_HELD,
+    "items[2].actual_uecu": 0,
+    "items[2].usage": pb.Usage(),
+    "items[2].usage_lines": USAGE,
+    "items[2].rate_card_version": V1,
 }
 
 _STEP = re.compile(r"([a-z_]+)(?:\[(\d+)\])?")
 
 
+#: Clears a oneof (``job.items[0].inference.prompt``) or a field.
+CLEAR = object()
+
+
 def assign(msg: Message, changes: Mapping[str, Any]) -> Message:
-    """Set each proto field path (``account.team``, ``items[2].usage.calls``) of ``msg``."""
+    """Set each proto field path (``account.team``, ``items[2].usage.calls``) of ``msg``.
+
+    A message value replaces the sub-message (setting it, even when empty), a list replaces a
+    repeated field, CLEAR clears a field or a oneof.
+    """
     for path, value in changes.items():
         *parents, leaf = path.split(".")
         target: Any = msg
@@ -203,7 +379,23 @@ def assign(msg: Message, changes: Mapping[str, Any]) -> Message:
             target = getattr(target, m.group(1))
             if m.group(2) is not None:
                 target = target[int(m.group(2))]
-        setattr(target, leaf, value)
+        m = _STEP.fullmatch(leaf)
+        assert m is not None, leaf
+        name, index = m.group(1), m.group(2)
+        if value is CLEAR:
+            target.ClearField(name)
+        elif index is not None:
+            getattr(target, name)[int(index)].CopyFrom(value)
+        elif isinstance(value, Message):
+            sub = getattr(target, name)
+            sub.SetInParent()
+            sub.CopyFrom(value)
+        elif isinstance(value, list):
+            field = getattr(target, name)
+            del field[:]
+            field.extend(value)
+        else:
+            setattr(target, name, value)
     return msg
 
 
@@ -214,13 +406,29 @@ def mutate(rpc: str, changes: Mapping[str, Any]) -> Message:
     return assign(msg, changes)
 
 
-def case(rpc: str, field: str, label: str, changes: Any, expect: str | None = None) -> Any:
-    """One test: ``changes`` is a value for ``field`` or a mapping of paths to values."""
+#: Proto paths (beyond its expected field) that a case exercises, by case id: a field with no
+#: invalid value of its own (a chat message's content) is refused through the field it feeds.
+COVERS: dict[str, set[str]] = {}
+
+
+def case(
+    rpc: str,
+    field: str,
+    label: str,
+    changes: Any,
+    expect: str | None = None,
+    *,
+    base: Mapping[str, Any] | None = None,
+    covers: tuple[str, ...] = (),
+) -> Any:
+    """One test: ``changes`` is a value for ``field`` or a mapping of paths to values, applied
+    after ``base`` (the valid changes a family of cases starts from)."""
     if not isinstance(changes, Mapping):
         changes = {field: changes}
-    return pytest.param(
-        rpc, mutate(rpc, changes), expect or field, id=f"{rpc}-{expect or field}-{label}"
-    )
+    case_id = f"{rpc}-{expect or field}-{label}"
+    if covers:
+        COVERS.setdefault(case_id, set()).update(covers)
+    return pytest.param(rpc, mutate(rpc, {**(base or {}), **changes}), expect or field, id=case_id)
 
 
 # -- invalid value classes ---------------------------------------------------------------------
@@ -425,6 +633,177 @@ SET_CAP = [
     case("SetCap", "scope", "clear-unspecified", {"clear": True, "scope": 0}),
 ]
 
+SET_AUTO_TOP_UP = [
+    *field_cases("SetAutoTopUp", "organization", SCOPE_IDS),
+    *field_cases("SetAutoTopUp", "threshold_uecu", BAD_POSITIVE_AMOUNTS),
+    *field_cases("SetAutoTopUp", "amount_uecu", BAD_POSITIVE_AMOUNTS),
+    # disable=True ignores threshold and amount but not the organization.
+    case("SetAutoTopUp", "organization", "disable-empty", {"disable": True, "organization": ""}),
+]
+
+# -- pricing inputs: job specs and usage lines -------------------------------------------------
+
+#: Counts that must be >= 1 (samples, calls, iterations, traces; 0 means 1 where documented).
+BAD_POSITIVE_COUNTS = [("negative", -1), ("2^53", 2**53), *EXTREMES]
+
+
+def over_window(model: ModelRates) -> str:
+    """A prompt one token longer than the model's context window (" a" is one token in both
+    shipped encodings, checked by test_over_window_text_is_one_token_too_long)."""
+    return " a" * (model.context_window + 1)
+
+
+def spec_cases(rpc: str, base: Mapping[str, Any], prefix: str, at: str, *, full: bool) -> list[Any]:
+    """Every field of the inference or judge spec at ``prefix + at`` (``job.items[0].inference``).
+
+    ``full`` runs every invalid value class; otherwise one per field (Reserve and ReserveBatch
+    reuse the Preview matrix's paths, priced by the same code)."""
+    model = CARD.models[MODEL_AT[at]]
+    judge = not at.endswith("inference")
+    model_f = "judge_model" if judge else "model"
+    tokens_f = "prompt_tokens_per_call" if judge else "prompt_tokens"
+    max_f = "max_output_tokens_per_call" if judge else "max_output_tokens"
+    count_f = "calls" if judge else "samples"
+    path = prefix + at
+    some = (lambda values: values) if full else (lambda values: values[:1])
+
+    def c(field: str, label: str, value: Any, **kw: Any) -> Any:
+        return case(rpc, f"{path}.{field}", label, value, base=base, **kw)
+
+    def chat_case(field: str, label: str, messages: pb.ChatMessages, covers: str = "") -> Any:
+        return case(
+            rpc,
+            f"{path}.{field}",
+            label,
+            {f"{path}.messages": messages},
+            base=base,
+            covers=(f"{path}.messages.{covers}",) if covers else (),
+        )
+
+    huge = over_window(model)
+    return [
+        c(model_f, "missing", ""),
+        # Never priced as zero: a model the card does not list is refused naming the field.
+        c(model_f, "unknown", "gpt-5"),
+        *[c(model_f, label, value) for label, value in some(BAD_MODELS)],
+        case(rpc, f"{path}.prompt", "missing", {f"{path}.prompt": CLEAR}, base=base),
+        c("prompt_text", "over-context-window", huge),
+        c(tokens_f, "over-context-window", model.context_window + 1),
+        *[c(tokens_f, label, value) for label, value in some(BAD_COUNTS)],
+        chat_case("messages", "empty", pb.ChatMessages(), covers="messages"),
+        chat_case("messages[1].role", "missing", chat(("system", "Be strict.", ""), ("", "x", ""))),
+        chat_case(
+            "messages",
+            "content-over-context-window",
+            chat(("user", huge, "")),
+            covers="messages[0].content",
+        ),
+        chat_case(
+            "messages",
+            "name-over-context-window",
+            chat(("user", "hi", huge)),
+            covers="messages[0].name",
+        ),
+        c(max_f, "over-model-max", model.max_output_tokens + 1),
+        *[c(max_f, label, value) for label, value in some(BAD_COUNTS)],
+        *[c(count_f, label, value) for label, value in some(BAD_POSITIVE_COUNTS)],
+    ]
+
+
+def job_cases(rpc: str, base: Mapping[str, Any], prefix: str, *, full: bool) -> list[Any]:
+    """Every field of JOB at ``prefix`` (``job.`` or ``items[2].job.``), nested specs included."""
+    some = (lambda values: values) if full else (lambda values: values[:1])
+    zero = [("zero", 0)]
+
+    def c(field: str, label: str, value: Any, expect: str | None = None, **kw: Any) -> Any:
+        return case(rpc, prefix + field, label, value, expect, base=base, **kw)
+
+    return [
+        *[
+            cc
+            for at in (INF, JUDGE, GEPA_INF, GEPA_JUDGE, TRACE_JUDGE)
+            for cc in spec_cases(rpc, base, prefix, at, full=full)
+        ],
+        c("items", "empty", {prefix + "items": []}),
+        c(
+            "items[1]",
+            "empty-item",
+            {prefix + "items[1]": pb.JobItem()},
+            covers=(prefix + "items[1].kind",),
+        ),
+        *[
+            c(f"{GEPA}.iterations", label, value)
+            for label, value in zero + some(BAD_POSITIVE_COUNTS)
+        ],
+        c(f"{GEPA}.per_iteration", "empty", {f"{prefix}{GEPA}.per_iteration": []}),
+        c(
+            f"{GEPA}.per_iteration[1]",
+            "empty-step",
+            {f"{prefix}{GEPA}.per_iteration[1]": pb.GepaStep()},
+            covers=(f"{prefix}{GEPA}.per_iteration[1].kind",),
+        ),
+        *[c(f"{TRACE}.traces", label, value) for label, value in zero + some(BAD_POSITIVE_COUNTS)],
+        c(f"{TRACE}.judges", "empty", {f"{prefix}{TRACE}.judges": []}),
+        # Valid counts whose worst case passes what one request may move: the item, then the job.
+        c("items[1]", "item-over-1e15", {f"{prefix}{JUDGE}.calls": 10**12}),
+        case(
+            rpc,
+            prefix.rstrip("."),
+            "job-over-1e15",
+            {f"{prefix}{JUDGE}.calls": 6 * 10**11, f"{prefix}{GEPA_JUDGE}.calls": 2 * 10**11},
+            base=base,
+        ),
+    ]
+
+
+def usage_cases(rpc: str, base: Mapping[str, Any], prefix: str, *, full: bool) -> list[Any]:
+    """Every usage-line field of a usage-priced commit at ``prefix`` ('' or ``items[2].``)."""
+    some = (lambda values: values) if full else (lambda values: values[:1])
+
+    def c(field: str, label: str, value: Any, **kw: Any) -> Any:
+        return case(rpc, prefix + field, label, value, base=base, **kw)
+
+    lines = prefix + "usage_lines"
+    return [
+        c("actual_uecu", "with-usage-lines", 400_000),
+        c("usage", "with-usage-lines", pb.Usage(tokens_in=1)),
+        c("rate_card_version", "missing-with-usage-lines", ""),
+        case(rpc, prefix + "rate_card_version", "without-usage-lines", V1),
+        *[c("usage_lines[1].kind", label, value) for label, value in BAD_ENUMS],
+        c("usage_lines[0].model", "missing", ""),
+        c("usage_lines[0].model", "unknown", "gpt-5"),
+        *[c("usage_lines[1].model", label, value) for label, value in some(BAD_MODELS)],
+        c("usage_lines[2].model", "given-for-gepa", "gpt-4o"),
+        *[c("usage_lines[0].tokens_in", label, value) for label, value in some(BAD_COUNTS)],
+        *[c("usage_lines[1].tokens_out", label, value) for label, value in some(BAD_COUNTS)],
+        *[c("usage_lines[0].calls", label, value) for label, value in some(BAD_COUNTS)],
+        c("usage_lines[3].tokens_in", "given-for-trace", 5),
+        c("usage_lines[2].tokens_out", "given-for-gepa", 5),
+        c("usage_lines", "total-over-1e15", {f"{lines}[0].tokens_out": 2**53 - 1}),
+    ]
+
+
+PREVIEW = [
+    *account_cases("Preview"),
+    *job_cases("Preview", {}, "job.", full=True),
+    pytest.param(
+        "Preview", pb.PreviewRequest(account=ACCOUNT), "job.items", id="Preview-job.items-no-job"
+    ),
+]
+
+RESERVE_WITH_JOB = [
+    case("Reserve", "amount_uecu", "with-job", {"job": JOB}),
+    case("Reserve", "job.items", "empty-job", {"amount_uecu": 0, "job": pb.JobSpec()}),
+    *job_cases("Reserve", RESERVE_JOB, "job.", full=False),
+    case("ReserveBatch", "items[2].amount_uecu", "with-job", {"items[2].job": JOB}),
+    *job_cases("ReserveBatch", BATCH_JOB, "items[2].job.", full=False),
+]
+
+COMMIT_WITH_USAGE = [
+    *usage_cases("Commit", COMMIT_USAGE, "", full=True),
+    *usage_cases("CommitBatch", BATCH_USAGE, "items[2].", full=False),
+]
+
 CASES = [
     *RESERVE,
     *RESERVE_BATCH,
@@ -435,29 +814,67 @@ CASES = [
     *GET_BALANCE,
     *GRANT,
     *SET_CAP,
+    *SET_AUTO_TOP_UP,
+    *PREVIEW,
+    *RESERVE_WITH_JOB,
+    *COMMIT_WITH_USAGE,
 ]
 
 
+def proto_path(field: str) -> str:
+    """An error's field path as the request's proto path (``job.items[].inference.model``):
+    indices dropped, and chat messages (``….messages[1].role``) through their wrapper."""
+    path = re.sub(r"\[\d+\]", "[]", field)
+    return re.sub(r"\.messages\[\]", ".messages.messages[]", path)
+
+
+def test_over_window_text_is_one_token_too_long() -> None:
+    from ecu_sidecar.pricing import count_text
+
+    for model in {CARD.models[name] for name in MODEL_AT.values()}:
+        assert count_text(" a" * 1_000, model.encoding) == 1_000
+        assert count_text(over_window(model), model.encoding) == model.context_window + 1
+
+
+def input_paths(desc: Any, prefix: str = "") -> set[str]:
+    """What a request can get wrong: every scalar field (but bools, which have no invalid
+    value), every list (empty, too long, or over a total) and every oneof (none of it given),
+    as proto paths with ``[]`` for list elements."""
+    out = {prefix + oneof.name for oneof in desc.oneofs}
+    for f in desc.fields:
+        if f.type == f.TYPE_BOOL:
+            continue
+        path = prefix + f.name
+        if f.message_type is None:
+            out.add(path + ("[]" if f.is_repeated else ""))
+            continue
+        if f.is_repeated:
+            out.add(path)
+        out |= input_paths(f.message_type, path + ("[]." if f.is_repeated else "."))
+    return out
+
+
 def test_matrix_covers_every_rpc_and_field() -> None:
-    """Every RPC and every scalar input field of its request appears in the matrix."""
+    """Every RPC, and every input field, list and oneof of its request, appears in the matrix."""
     service = pb.DESCRIPTOR.services_by_name["Quota"]
     assert {m.name for m in service.methods} == set(BASE)
-    fields_hit = {(p.values[0], re.sub(r"\[\d+\]", "[]", p.values[2])) for p in CASES}
-
-    def leaves(desc: Any, prefix: str = "") -> set[str]:
-        out: set[str] = set()
-        for f in desc.fields:
-            path = prefix + f.name + ("[]" if f.is_repeated else "")
-            if f.message_type is not None:
-                out |= leaves(f.message_type, path + ".")
-            elif f.name != "clear":  # a bool: no invalid value exists
-                out.add(path)
-        return out
+    fields_hit = {(p.values[0], proto_path(p.values[2])) for p in CASES}
+    for p in CASES:
+        fields_hit |= {(p.values[0], re.sub(r"\[\d+\]", "[]", c)) for c in COVERS.get(p.id, ())}
+    # Sanity: the walk reaches the deepest fields and leaves the bools out.
+    preview = input_paths(pb.PreviewRequest.DESCRIPTOR)
+    assert "job.items[].gepa.per_iteration[].judge.messages.messages[].content" in preview
+    assert "job.items[].trace_eval.judges[].prompt" in preview
+    assert "job.items[].inference.byok" not in preview
 
     for method in service.methods:
-        missing = {
-            path for path in leaves(method.input_type) if (method.name, path) not in fields_hit
-        }
+        paths = input_paths(method.input_type)
+        if method.name in NO_INPUT:
+            # Nothing to get wrong; test_base_request_is_valid and the no-side-effect test
+            # still call it. A field added later must get its cases here.
+            assert not paths, f"{method.name} gained input fields: {sorted(paths)}"
+            continue
+        missing = {path for path in paths if (method.name, path) not in fields_hit}
         assert not missing, f"{method.name}: no bad-input case for {sorted(missing)}"
 
 
@@ -507,6 +924,49 @@ BOUNDARIES = [
     case("SetCap", "cap_uecu", "zero", 0),
     case("SetCap", "cap_uecu", "2^52", MAX_GRANTED_UECU),
     case("SetCap", "cap_uecu", "clear-ignores-negative", {"clear": True, "cap_uecu": -1}),
+    case("SetAutoTopUp", "threshold_uecu", "1e15", MAX_REQUEST_UECU),
+    case(
+        "SetAutoTopUp",
+        "disable",
+        "ignores-threshold-and-amount",
+        {"disable": True, "threshold_uecu": -1, "amount_uecu": 0},
+    ),
+    # The model's own limits are accepted; 0 means the model's max output, and 1 call/sample.
+    case(
+        "Preview",
+        f"job.{INF}.prompt_tokens",
+        "context-window",
+        CARD.models["gpt-4o"].context_window,
+    ),
+    case(
+        "Preview",
+        f"job.{INF}.prompt_text",
+        "context-window",
+        " a" * CARD.models["gpt-4o"].context_window,
+    ),
+    case(
+        "Preview",
+        f"job.{INF}.max_output_tokens",
+        "model-max",
+        CARD.models["gpt-4o"].max_output_tokens,
+    ),
+    case("Preview", f"job.{INF}.max_output_tokens", "zero-model-max", 0),
+    case("Preview", f"job.{INF}.samples", "zero-is-one", 0),
+    case("Preview", f"job.{JUDGE}.calls", "zero-is-one", 0),
+    case("Preview", f"job.{INF}.prompt_tokens", "zero", 0),
+    case("Preview", f"job.{INF}.byok", "byok", True),
+    # An organization without an account gets its quote (covered = false), not an error.
+    case(
+        "Preview",
+        "account.organization",
+        "no-account",
+        {"account.organization": "nobody", "account.team": "", "account.project": ""},
+    ),
+    case("Reserve", "job", "instead-of-amount", RESERVE_JOB),
+    case("Reserve", "job", "type-and-model-derived", {**RESERVE_JOB, "job_type": 0, "model": ""}),
+    case("ReserveBatch", "items[2].job", "instead-of-amount", BATCH_JOB),
+    case("Commit", "usage_lines", "priced-with-the-pinned-version", COMMIT_USAGE),
+    case("Commit", "usage_lines", "empty-is-a-plain-commit", {"usage_lines": []}),
 ]
 
 
@@ -526,6 +986,78 @@ def _reserve(**over: Any) -> pb.ReserveRequest:
 
 
 REFUSALS = [
+    pytest.param(
+        "Reserve",
+        _reserve(
+            **{
+                **RESERVE_JOB,
+                "account.organization": "nobody",
+                "account.team": "",
+                "account.project": "",
+            }
+        ),
+        None,
+        grpc.StatusCode.NOT_FOUND,
+        "ACCOUNT_NOT_FOUND",
+        id="reserve-job-unknown-organization",
+    ),
+    pytest.param(
+        "Reserve",
+        _reserve(**{**RESERVE_JOB, f"job.{TRACE}.traces": 100_000}),
+        None,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "INSUFFICIENT_ECU",
+        id="reserve-job-over-team-cap",
+    ),
+    pytest.param(
+        "Reserve",
+        _reserve(**{**RESERVE_JOB, "reservation_id": JOB_HELD}),
+        None,
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_CONFLICT",
+        id="reserve-job-replay-other-job",
+    ),
+    pytest.param(
+        "Commit",
+        mutate("Commit", {**COMMIT_USAGE, "rate_card_version": "2020-01-01.1"}),
+        None,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RATE_CARD_VERSION_UNKNOWN",
+        id="commit-usage-version-not-loaded",
+    ),
+    pytest.param(
+        "CommitBatch",
+        mutate("CommitBatch", {**BATCH_USAGE, "items[2].rate_card_version": "2020-01-01.1"}),
+        None,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RATE_CARD_VERSION_UNKNOWN",
+        id="commit-batch-usage-version-not-loaded",
+    ),
+    # A hold placed with an amount pinned no card: its usage cannot be priced with one.
+    pytest.param(
+        "Commit",
+        mutate("Commit", {**COMMIT_USAGE, "reservation_id": HELD}),
+        None,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RATE_CARD_MISMATCH",
+        id="commit-usage-of-an-amount-hold",
+    ),
+    pytest.param(
+        "SetAutoTopUp",
+        BASE["SetAutoTopUp"],
+        (),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "UNAUTHENTICATED",
+        id="set-auto-top-up-without-token",
+    ),
+    pytest.param(
+        "SetAutoTopUp",
+        mutate("SetAutoTopUp", {"organization": "nobody"}),
+        None,
+        grpc.StatusCode.NOT_FOUND,
+        "ACCOUNT_NOT_FOUND",
+        id="set-auto-top-up-unknown-organization",
+    ),
     pytest.param(
         "Reserve",
         _reserve(**{"account.organization": "nobody", "account.team": "", "account.project": ""}),
@@ -700,6 +1232,71 @@ async def test_refusal_changes_nothing(
     assert await state(sidecar) == before
 
 
+#: A second card version the two-card sidecar also knows (not current).
+V2 = "2027-01-01.1"
+
+
+@pytest.fixture
+def v2_card(tmp_path: Path) -> Path:
+    """The example card under version V2 (same rates)."""
+    path = tmp_path / "v2.toml"
+    text = Path(EXAMPLE_RATE_CARD).read_text()
+    assert f'version = "{V1}"' in text
+    path.write_text(text.replace(f'version = "{V1}"', f'version = "{V2}"'))
+    return path
+
+
+@pytest_asyncio.fixture
+async def two_cards(settings: Settings, v2_card: Path) -> AsyncIterator[SidecarServer]:
+    """A sidecar pricing with the example card (V1) that also knows V2 (registered)."""
+    v2 = v2_card
+    rates = RateCardRegistry()
+    rates.register(v2)
+    rates.load(EXAMPLE_RATE_CARD)
+    server = SidecarServer(settings, rates=rates)
+    await server.start()
+    yield server
+    await drop_keys(server.store, settings.key_prefix)
+    await server.stop(grace=0)
+
+
+async def test_commit_priced_with_another_loaded_version_changes_nothing(two_cards) -> None:
+    """The hold pinned V1; usage priced with V2 (loaded, not the hold's) is refused by the
+    script, for Commit and per item in CommitBatch, and nothing changes."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{two_cards.port}") as channel:
+        stub = quota_pb2_grpc.QuotaStub(channel)
+        card = await stub.GetRateCard(pb.GetRateCardRequest())
+        assert card.version == V1 and set(card.versions) == {V1, V2}
+        before = await seeded_state(two_cards)
+
+        exc = await refused(
+            stub, "Commit", mutate("Commit", {**COMMIT_USAGE, "rate_card_version": V2})
+        )
+        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.details()
+        assert details(exc)["ErrorInfo"].reason == "RATE_CARD_MISMATCH"
+        assert V1 in (exc.details() or "") and V2 in (exc.details() or "")
+        assert await state(two_cards) == before
+
+        # Per item in a batch: the job hold priced with V2, the amount hold (no card) with V1.
+        batch = pb.CommitBatchRequest(
+            organization=ORG,
+            items=[
+                pb.CommitItem(reservation_id=JOB_HELD, usage_lines=USAGE, rate_card_version=V2),
+                pb.CommitItem(reservation_id=HELD, usage_lines=USAGE, rate_card_version=V1),
+            ],
+        )
+        out = await call(stub, "CommitBatch", batch)
+        mismatch = (grpc.StatusCode.FAILED_PRECONDITION.value[0], "RATE_CARD_MISMATCH")
+        assert [(r.code, r.reason) for r in out.results] == [mismatch, mismatch]
+        assert await state(two_cards) == before
+
+        exc = await refused(
+            stub, "Commit", mutate("Commit", {**COMMIT_USAGE, "rate_card_version": "2020-01-01.1"})
+        )
+        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.details()
+        assert details(exc)["ErrorInfo"].reason == "RATE_CARD_VERSION_UNKNOWN"
+
+
 async def test_grant_past_balance_limit_changes_nothing(sidecar, stub) -> None:
     await seeded_state(sidecar)
     for i in range(4):  # 4·10^15 + 10^7 granted; one more 10^15 passes 2^52
@@ -748,6 +1345,15 @@ REPLAYS = [
         id="set-cap-same",
     ),
     pytest.param("GetBalance", BASE["GetBalance"], id="balance"),
+    # The spec's fingerprint matches the seeded hold's: a replay, whatever it would cost now.
+    pytest.param(
+        "Reserve",
+        pb.ReserveRequest(reservation_id=JOB_HELD, account=ACCOUNT, ttl_ms=HOUR_MS, job=SEED_JOB),
+        id="reserve-job",
+    ),
+    # No side effects at all.
+    pytest.param("Preview", BASE["Preview"], id="preview"),
+    pytest.param("GetRateCard", BASE["GetRateCard"], id="rate-card"),
 ]
 
 

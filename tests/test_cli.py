@@ -1,7 +1,8 @@
 """The ``ecu-sidecar`` command line, run as real subprocesses against a real ``serve``.
 
 The sidecar under test is ``python -m ecu_sidecar serve`` on the embedded store, started with
-ECU_* variables exactly as an operator would, and awaited on gRPC health.
+ECU_* variables exactly as an operator would (the example rate card as ECU_RATE_CARD_FILE), and
+awaited on gRPC health.
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.json_format import ParseDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.cli import format_ecu, parse_uecu
-from tests.conftest import ADMIN_TOKEN
+from ecu_sidecar.convert import job_from_pb
+from ecu_sidecar.pricing import load_rate_card, preview
+from tests.conftest import ADMIN_TOKEN, EXAMPLE_RATE_CARD
+
+EXAMPLE_JOB = Path(__file__).resolve().parent.parent / "examples" / "job.json"
+CARD = load_rate_card(EXAMPLE_RATE_CARD)
 
 STARTUP_S = 20.0
 
@@ -107,7 +115,11 @@ def stop_serve(serve: Serve) -> int:
 
 @pytest.fixture(scope="module")
 def sidecar_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    serve = start_serve(tmp_path_factory.mktemp("serve") / "serve.log", ECU_LOG_FORMAT="json")
+    serve = start_serve(
+        tmp_path_factory.mktemp("serve") / "serve.log",
+        ECU_LOG_FORMAT="json",
+        ECU_RATE_CARD_FILE=EXAMPLE_RATE_CARD,
+    )
     yield serve
     stop_serve(serve)
 
@@ -219,6 +231,173 @@ def test_target_defaults_to_ecu_listen_with_wildcards_as_loopback(sidecar_proc: 
     listen = f"0.0.0.0:{sidecar_proc.port}"
     out = json.loads(ok(cli(sidecar_proc, "balance", "cli-target", "--json", ECU_LISTEN=listen)))
     assert out["available_uecu"] == 7
+
+
+# -- pricing: preview, rates, auto-top-up -------------------------------------------------------
+
+
+def example_total(org: str) -> int:
+    job = ParseDict(json.loads(EXAMPLE_JOB.read_text()), pb.JobSpec())
+    return preview(CARD, org, job_from_pb(job)).total_uecu
+
+
+def test_preview_prints_the_breakdown_and_the_total(sidecar_proc: Serve) -> None:
+    org = "cli-preview"
+    ok(cli(sidecar_proc, "grant", org, "20ECU", "--grant-id", "g1"))
+    total = example_total(org)
+    out = ok(cli(sidecar_proc, "preview", str(EXAMPLE_JOB), "--org", org, "--team", "t1"))
+    table, _, summary = out.partition("\n\n")
+    header, *rows = table.splitlines()
+    assert header.split()[:3] == ["description", "quantity", "unit"]
+    assert header.rstrip().endswith("subtotal (uECU)") and "discount" not in header
+    # Aligned: the right-aligned subtotal column ends every line at the same place.
+    assert len({len(line) for line in [header, *rows]}) == 1, table
+    subtotals = [int(row.rsplit(None, 1)[1]) for row in rows]
+    assert sum(subtotals) == total and len(rows) >= 4 * 3
+    assert any(" / 1M tokens " in row for row in rows) and any(" / call " in row for row in rows)
+    assert re.search(rf"^total \(worst case\)\s+{total} uECU \(", summary, re.M), summary
+    assert re.search(rf"^rate card\s+{re.escape(CARD.version)}$", summary, re.M), summary
+    assert re.search(r"^available\s+20000000 uECU \(20 ECU\)$", summary, re.M), summary
+    assert re.search(rf"^covered\s+yes \(available after: {20_000_000 - total} uECU", summary, re.M)
+    # Nothing was held.
+    balance = json.loads(ok(cli(sidecar_proc, "balance", org, "--json")))
+    assert (balance["held_uecu"], balance["available_uecu"]) == (0, 20_000_000)
+
+
+def test_preview_json_discounts_and_not_covered(sidecar_proc: Serve) -> None:
+    # acme has a volume discount in the example card, and no account on this sidecar.
+    assert CARD.organizations["acme"].discount_percent
+    data = json.loads(ok(cli(sidecar_proc, "preview", str(EXAMPLE_JOB), "--org", "acme", "--json")))
+    total = example_total("acme")
+    assert (data["total_uecu"], data["rate_card_version"]) == (total, CARD.version)
+    assert (data["covered"], data["available_uecu"], data["available_after_uecu"]) == (
+        False,
+        0,
+        -total,
+    )
+    assert sum(line["subtotal_uecu"] for line in data["lines"]) == total
+    assert {line["job_type"] for line in data["lines"]} == {
+        "inference",
+        "judge",
+        "gepa",
+        "trace_eval",
+    }
+    assert any(line["byok"] and line["subtotal_uecu"] == 0 for line in data["lines"])
+    human = ok(cli(sidecar_proc, "preview", str(EXAMPLE_JOB), "--org", "acme"))
+    assert "discount (uECU)" in human.splitlines()[0]
+    assert re.search(r"^covered\s+NO \(available after: -", human, re.M), human
+
+
+def test_preview_reads_stdin_and_refuses_bad_files(sidecar_proc: Serve, tmp_path: Path) -> None:
+    job = '{"items": [{"judge": {"judgeModel": "gpt-4o-mini", "promptTokensPerCall": 10}}]}'
+    env = clean_env(ECU_LISTEN=sidecar_proc.target)
+    piped = subprocess.run(
+        [sys.executable, "-m", "ecu_sidecar", "preview", "-", "--org", "x", "--json"],
+        input=job,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["total_uecu"] > 0
+
+    missing = cli(sidecar_proc, "preview", str(tmp_path / "nope.json"), "--org", "x")
+    assert missing.returncode == 2 and "nope.json: cannot read the job file" in missing.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"items": [\n  {"inference": }\n]}')
+    result = cli(sidecar_proc, "preview", str(broken), "--org", "x")
+    assert result.returncode == 2
+    assert re.match(r"error: .*broken\.json: is not valid JSON: .* \(line 2, column", result.stderr)
+    typo = tmp_path / "typo.json"
+    typo.write_text('{"items": [{"inference": {"modle": "gpt-4o"}}]}')
+    result = cli(sidecar_proc, "preview", str(typo), "--org", "x")
+    assert result.returncode == 2 and "is not a job spec" in result.stderr
+    assert "modle" in result.stderr
+    # The sidecar's own refusals: exit 1 naming the field; an unknown model is never priced.
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{"items": [{"inference": {"model": "gpt-5", "promptTokens": 9}}]}')
+    result = cli(sidecar_proc, "preview", str(unknown), "--org", "x")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(
+        "error: INVALID_ARGUMENT INVALID_ARGUMENT: job.items[0].inference.model: unknown model"
+    ), result.stderr
+
+
+def test_preview_yaml(sidecar_proc: Serve, tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    # Flow-style YAML (JSON is YAML): the test's stand-in parser below can read it too.
+    job.write_text(EXAMPLE_JOB.read_text())
+    try:
+        import yaml  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        result = cli(sidecar_proc, "preview", str(job), "--org", "x")
+        assert result.returncode == 2
+        assert "job.yaml: reading YAML needs PyYAML" in result.stderr, result.stderr
+        assert "give the job as JSON" in result.stderr
+    # With a yaml module importable, the file is read through yaml.safe_load.
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "yaml.py").write_text(
+        "import json\nYAMLError = ValueError\ndef safe_load(text):\n    return json.loads(text)\n"
+    )
+    result = cli(sidecar_proc, "preview", str(job), "--org", "x", "--json", PYTHONPATH=str(stub))
+    assert json.loads(ok(result))["total_uecu"] == example_total("x")
+
+
+def test_rates_shows_the_loaded_card(sidecar_proc: Serve) -> None:
+    data = json.loads(ok(cli(sidecar_proc, "rates", "--json")))
+    assert (data["version"], data["versions"]) == (CARD.version, [CARD.version])
+    assert data["fees"] == {
+        "engine_call_uecu": CARD.fees.engine_call_uecu,
+        "judge_call_uecu": CARD.fees.judge_call_uecu,
+        "gepa_iteration_uecu": CARD.fees.gepa_iteration_uecu,
+        "trace_uecu": CARD.fees.trace_uecu,
+    }
+    assert {m["name"]: m["input_uecu_per_mtok"] for m in data["models"]} == {
+        name: m.input_uecu_per_mtok for name, m in CARD.models.items()
+    }
+    assert data["organizations_with_terms"] == sorted(CARD.organizations)
+    human = ok(cli(sidecar_proc, "rates"))
+    assert re.search(rf"^rate card\s+{re.escape(CARD.version)}$", human, re.M), human
+    assert re.search(rf"^engine call\s+{CARD.fees.engine_call_uecu} uECU", human, re.M), human
+    models = human.split("\n\n", 1)[1].splitlines()
+    assert models[0].startswith("model ")
+    gpt4o = CARD.models["gpt-4o"]
+    row = next(line for line in models if line.startswith("gpt-4o "))
+    assert row.split() == [
+        "gpt-4o",
+        str(gpt4o.input_uecu_per_mtok),
+        str(gpt4o.output_uecu_per_mtok),
+        gpt4o.encoding,
+        str(gpt4o.context_window),
+        str(gpt4o.max_output_tokens),
+        f"{gpt4o.estimate_factor_percent}%",
+    ]
+    assert len(models) == 1 + len(CARD.models)
+
+
+def test_auto_top_up_on_and_off(sidecar_proc: Serve) -> None:
+    org = "cli-topup"
+    ok(cli(sidecar_proc, "grant", org, "10ECU", "--grant-id", "g1"))
+    out = ok(cli(sidecar_proc, "auto-top-up", org, "2ECU", "5000000"))
+    assert re.search(r"^below\s+2000000 uECU \(2 ECU\)$", out, re.M), out
+    balance = json.loads(ok(cli(sidecar_proc, "balance", org, "--json")))
+    assert (balance["auto_topup_threshold_uecu"], balance["auto_topup_amount_uecu"]) == (
+        2_000_000,
+        5_000_000,
+    )
+    off = json.loads(ok(cli(sidecar_proc, "auto-top-up", org, "--off", "--json")))
+    assert off == {"organization": org, "enabled": False}
+    balance = json.loads(ok(cli(sidecar_proc, "balance", org, "--json")))
+    assert balance["auto_topup_threshold_uecu"] is None
+
+    for args in ((org,), (org, "1ECU"), (org, "1ECU", "2ECU", "--off")):
+        result = cli(sidecar_proc, "auto-top-up", *args)
+        assert result.returncode == 2 and "THRESHOLD AMOUNT" in result.stderr, args
+    denied = cli(sidecar_proc, "auto-top-up", org, "--off", ECU_ADMIN_TOKEN="")
+    assert denied.returncode == 1
+    assert denied.stderr.startswith("error: UNAUTHENTICATED "), denied.stderr
 
 
 def test_unreachable_sidecar_exits_1_promptly() -> None:

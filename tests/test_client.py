@@ -10,18 +10,30 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf.json_format import ParseDict
 
 from ecu_sidecar import client as qc
+from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.client import AsyncQuotaClient, QuotaClient, RetryPolicy
 from ecu_sidecar.model import CommitItem, GrantKind, HoldState, JobType, ReserveItem, Usage
+from ecu_sidecar.pricing import (
+    InferenceSpec,
+    JudgeSpec,
+    UsageKind,
+    UsageLine,
+    load_rate_card,
+    preview,
+    price_usage,
+)
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings
-from tests.conftest import ADMIN_TOKEN, drop_keys
+from tests.conftest import ADMIN_TOKEN, EXAMPLE_RATE_CARD, drop_keys
 
 ORG = "acme"
 Hook = Callable[[str, int, Any, Any, Any], Awaitable[Any]]
@@ -476,3 +488,199 @@ def test_retry_policy() -> None:
         assert 0.075 <= p.backoff_s(5) <= 0.15
     with pytest.raises(ValueError):
         RetryPolicy(attempts=0)
+
+
+# -- pricing: preview, holds from a job spec, usage-priced commits, the rate card ----------------
+
+CARD = load_rate_card(EXAMPLE_RATE_CARD)
+#: A job in the proto JSON form (as the CLI reads it), and the pricer's own form of it.
+JOB_JSON = {
+    "items": [
+        {
+            "inference": {
+                "model": "gpt-4o",
+                "promptText": "Rate this answer.",
+                "maxOutputTokens": 500,
+                "samples": 2,
+            }
+        },
+        {"judge": {"judgeModel": "gpt-4o-mini", "calls": 3, "promptTokensPerCall": 900}},
+    ]
+}
+JOB_SPEC = [
+    InferenceSpec("gpt-4o", prompt_text="Rate this answer.", max_output_tokens=500, samples=2),
+    JudgeSpec("gpt-4o-mini", calls=3, prompt_tokens_per_call=900),
+]
+USED = [
+    UsageLine("inference", "gpt-4o", tokens_in=12, tokens_out=410, calls=2),
+    UsageLine(UsageKind.JUDGE, "gpt-4o-mini", tokens_in=2_700, tokens_out=1_200, calls=3),
+]
+
+
+async def test_preview_then_hold_a_job_and_commit_its_usage(sidecar: SidecarServer) -> None:
+    seen = Attempts()
+    async with AsyncQuotaClient(
+        f"127.0.0.1:{sidecar.port}", admin_token=ADMIN_TOKEN, interceptors=[seen]
+    ) as c:
+        await funded(c, 10_000_000)
+        worst = preview(CARD, ORG, JOB_SPEC)
+        shown = await c.preview(ORG, JOB_JSON, team="t1")
+        assert isinstance(shown, qc.PreviewOutcome)
+        assert shown.quote == replace(worst, lines=shown.quote.lines)
+        assert [
+            (x.description, x.subtotal_uecu, x.unit, x.job_type) for x in shown.quote.lines
+        ] == [(x.description, x.subtotal_uecu, x.unit, x.job_type) for x in worst.lines]
+        assert (shown.covered, shown.available_uecu) == (True, 10_000_000)
+        assert shown.available_after_uecu == 10_000_000 - worst.total_uecu
+
+        async with c.hold(org=ORG, job=JOB_JSON, team="t1") as h:
+            assert h.amount_uecu == worst.total_uecu and h.quote == shown.quote
+            assert h.rate_card_version == CARD.version
+            assert (await c.balance(ORG)).held_uecu == worst.total_uecu
+            out = await h.commit(usage_lines=USED)
+        price = price_usage(CARD, ORG, USED, field="usage_lines")
+        assert out.committed_uecu == price.total_uecu < worst.total_uecu
+        assert out.quote is not None and out.quote.total_uecu == price.total_uecu
+        assert [x.subtotal_uecu for x in out.quote.lines] == [x.subtotal_uecu for x in price.lines]
+        assert h.state is HoldState.COMMITTED
+    # The hold sent its pinned version; no amount, no job type of the worker's.
+    (reserve,) = seen.of("Reserve")
+    assert (reserve.amount_uecu, reserve.job_type, len(reserve.job.items)) == (0, 0, 2)
+    (commit,) = seen.of("Commit")
+    assert (commit.rate_card_version, commit.actual_uecu) == (CARD.version, 0)
+    assert [u.kind for u in commit.usage_lines] == [
+        pb.USAGE_KIND_INFERENCE,
+        pb.USAGE_KIND_JUDGE,
+    ]
+
+
+async def test_reserve_job_and_commit_usage_by_reservation_id(client: AsyncQuotaClient) -> None:
+    await funded(client, 10_000_000)
+    job = ParseDict(JOB_JSON, pb.JobSpec())
+    out = await client.reserve(ORG, job=job, reservation_id="step-1")
+    (quote,) = out.quotes
+    assert quote is not None and out.holds[0].amount_uecu == quote.total_uecu
+    assert out.holds[0].rate_card_version == quote.rate_card_version == CARD.version
+    again = await client.reserve(ORG, job=JOB_JSON, reservation_id="step-1")
+    assert again.replayed and again.holds[0].amount_uecu == quote.total_uecu
+
+    lines = [{"kind": "judge", "model": "gpt-4o-mini", "tokens_in": 900, "calls": 1}]
+    done = await client.commit(
+        ORG, "step-1", usage_lines=lines, rate_card_version=quote.rate_card_version
+    )
+    expected = price_usage(CARD, ORG, [UsageLine("judge", "gpt-4o-mini", 900, 0, 1)])
+    assert done.committed_uecu == expected.total_uecu
+    # Naming a version the sidecar never loaded is refused, not priced some other way.
+    await client.reserve(ORG, job=JOB_JSON, reservation_id="step-2")
+    with pytest.raises(qc.FailedPrecondition) as ei:
+        await client.commit(ORG, "step-2", usage_lines=lines, rate_card_version="1999-01-01.1")
+    assert ei.value.reason == "RATE_CARD_VERSION_UNKNOWN"
+
+
+async def test_batches_with_jobs_and_usage(client: AsyncQuotaClient) -> None:
+    await funded(client, 10_000_000)
+    out = await client.reserve_batch(
+        ORG,
+        [
+            ReserveItem("a", 0, None, job=JOB_JSON),  # type: ignore[arg-type]
+            ReserveItem("b", 700, JobType.ENGINE),
+        ],
+    )
+    worst = preview(CARD, ORG, JOB_SPEC).total_uecu
+    assert [h.amount_uecu for h in out.holds] == [worst, 700]
+    assert out.quotes[0] is not None and out.quotes[1] is None
+    assert [h.rate_card_version for h in out.holds] == [CARD.version, ""]
+    results = await client.commit_batch(
+        ORG,
+        [
+            CommitItem("a", 0, usage_lines=USED, rate_card_version=CARD.version),
+            CommitItem("b", 650),
+        ],
+    )
+    assert [r.error for r in results] == [None, None]
+    assert [r.committed_uecu for r in results] == [
+        price_usage(CARD, ORG, USED).total_uecu,
+        650,
+    ]
+    assert results[0].quote is not None and results[1].quote is None
+
+
+async def test_pricing_input_errors_are_caught_before_the_wire(
+    client: AsyncQuotaClient, sidecar: SidecarServer
+) -> None:
+    with pytest.raises(qc.InvalidArgument) as ei:
+        await client.preview(ORG, {"items": [{"inference": {"modle": "gpt-4o"}}]})
+    assert ei.value.field == "job" and "modle" in ei.value.message
+    with pytest.raises(qc.InvalidArgument) as ei:
+        await client.preview(ORG, ["not", "a", "spec"])  # type: ignore[arg-type]
+    assert ei.value.field == "job"
+    with pytest.raises(qc.InvalidArgument) as ei:
+        await client.reserve(ORG, 100)  # an amount needs its job type
+    assert ei.value.field == "job_type"
+    with pytest.raises(qc.InvalidArgument) as ei:
+        await client.commit(ORG, "r1", usage_lines=[UsageLine("training", "gpt-4o")])
+    assert ei.value.field == "usage_lines[0].kind"
+    with pytest.raises(qc.InvalidArgument) as ei:
+        await client.commit(ORG, "r1", usage_lines=[{"kind": "judge", "tokens": 5}])
+    assert ei.value.field == "usage_lines[0]"
+    with pytest.raises(qc.InvalidArgument) as ei:
+        await client.commit(ORG, "r1", usage_lines=[UsageLine("judge", "m", tokens_in=1.5)])  # type: ignore[arg-type]
+    assert ei.value.field == "usage_lines[0].tokens_in"
+    # A hold placed with an amount has no rate card version to price usage with.
+    await funded(client, 1_000)
+    async with client.hold(org=ORG, amount_uecu=100, job_type="gepa") as h:
+        with pytest.raises(qc.InvalidArgument) as ei:
+            await h.commit(usage_lines=USED)
+        assert ei.value.field == "usage_lines"
+        await h.commit(60)
+    assert rpcs(sidecar, "Preview", "INVALID_ARGUMENT") + rpcs(sidecar, "Preview", "OK") == 0
+    assert rpcs(sidecar, "Commit", "INVALID_ARGUMENT") == 0
+    assert rpcs(sidecar, "Commit", "OK") == 1  # the hold's own commit(60)
+    # Unknown models are the sidecar's to refuse (the card is), naming the field.
+    with pytest.raises(qc.InvalidArgument) as ei:
+        await client.preview(ORG, {"items": [{"judge": {"judgeModel": "gpt-5", "calls": 1}}]})
+    assert ei.value.field == "job.items[0].judge.judge_model"
+
+
+async def test_rate_card_and_auto_top_up(client: AsyncQuotaClient) -> None:
+    card = await client.rate_card()
+    assert isinstance(card, qc.RateCardInfo)
+    assert (card.version, card.versions) == (CARD.version, [CARD.version])
+    assert card.fees == CARD.fees
+    assert card.models == sorted(CARD.models.values(), key=lambda m: m.name)
+    assert card.organizations_with_terms == sorted(CARD.organizations)
+
+    await funded(client, 5_000_000)
+    assert await client.set_auto_topup(ORG, 1_000_000, 4_000_000) is None
+    b = await client.balance(ORG)
+    assert (b.auto_topup_threshold_uecu, b.auto_topup_amount_uecu) == (1_000_000, 4_000_000)
+    await client.set_auto_topup(ORG, None)
+    assert (await client.balance(ORG)).auto_topup_threshold_uecu is None
+    async with AsyncQuotaClient(client.target) as anonymous:
+        with pytest.raises(qc.PermissionDenied):
+            await anonymous.set_auto_topup(ORG, 1, 1)
+
+
+async def test_sync_client_pricing(sidecar: SidecarServer) -> None:
+    target = f"127.0.0.1:{sidecar.port}"
+
+    def worker() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        with QuotaClient(target, admin_token=ADMIN_TOKEN) as c:
+            c.grant(ORG, 10_000_000, grant_id="seed")
+            seen["preview"] = c.preview(ORG, ParseDict(JOB_JSON, pb.JobSpec()))
+            with c.hold(org=ORG, job=JOB_JSON) as h:
+                seen["held"] = (h.amount_uecu, h.rate_card_version)
+                seen["commit"] = h.commit(usage_lines=USED)
+            seen["card"] = c.rate_card().version
+            c.set_auto_topup(ORG, 2_000_000, 3_000_000)
+            seen["balance"] = c.balance(ORG)
+        return seen
+
+    seen = await asyncio.to_thread(worker)
+    worst = preview(CARD, ORG, JOB_SPEC).total_uecu
+    assert seen["preview"].quote.total_uecu == worst
+    assert seen["held"] == (worst, CARD.version)
+    assert seen["commit"].committed_uecu == price_usage(CARD, ORG, USED).total_uecu
+    assert seen["card"] == CARD.version
+    assert seen["balance"].auto_topup_threshold_uecu == 2_000_000

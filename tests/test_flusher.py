@@ -46,8 +46,9 @@ class Stack:
 
 @pytest_asyncio.fixture
 async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
-    settings = make_settings(backend, ledger_url=database.url, flusher_claim_idle_ms=0,
-                             flusher_discovery_interval_ms=0)
+    settings = make_settings(
+        backend, ledger_url=database.url, flusher_claim_idle_ms=0, flusher_discovery_interval_ms=0
+    )
     ledger = open_ledger(database.url)
     ledger.migrate()
     s = Stack(settings, ledger)
@@ -60,7 +61,7 @@ async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
 async def traffic(engine: QuotaEngine, org: str, steps: int, rng: random.Random) -> None:
     """Reserve, then commit (below or above the hold), release, or abandon."""
     for i in range(steps):
-        rid = f"{org}-s{i}-{uuid.uuid4().hex[:4]}"
+        rid = f"{org}-s{i}-{uuid.uuid4().hex[:12]}"
         amount = rng.randint(1_000, 50_000)
         try:
             await engine.reserve(AccountRef(org, "t1", "p1", "u1"), [item(rid, amount, 60_000)])
@@ -81,7 +82,10 @@ async def assert_agree(s: Stack, orgs: list[str]) -> None:
         c = await asyncio.to_thread(s.ledger.conservation, org)
         assert c is not None and c.ok, c
         assert (c.granted_uecu, c.expired_grants_uecu, c.committed_uecu) == (
-            b.granted_uecu, b.expired_grants_uecu, b.committed_uecu)
+            b.granted_uecu,
+            b.expired_grants_uecu,
+            b.committed_uecu,
+        )
         assert c.balance_uecu == b.balance_uecu
         state = await s.flusher.reader.state(org)
         assert state.fully_flushed and state.length == 0, state
@@ -120,15 +124,21 @@ async def test_redelivered_events_change_nothing(stack: Stack) -> None:
 
 
 async def test_two_flushers_at_once_apply_each_event_once(stack: Stack) -> None:
-    other = Flusher(stack.store, stack.ledger, stack.settings,
-                    FlusherMetrics(CollectorRegistry()), consumer="second")
+    other = Flusher(
+        stack.store,
+        stack.ledger,
+        stack.settings,
+        FlusherMetrics(CollectorRegistry()),
+        consumer="second",
+    )
     orgs = [f"two-{i}" for i in range(3)]
     for org in orgs:
         await stack.engine.grant(org, "g1", 2_000_000, GrantKind.TOP_UP)
     stop = asyncio.Event()
     runners = [asyncio.create_task(f.run(stop)) for f in (stack.flusher, other)]
-    await asyncio.gather(*(traffic(stack.engine, o, 30, random.Random(i))
-                           for i, o in enumerate(orgs)))
+    await asyncio.gather(
+        *(traffic(stack.engine, o, 30, random.Random(i)) for i, o in enumerate(orgs))
+    )
     for _ in range(200):
         states = [await stack.flusher.reader.state(o) for o in orgs]
         if all(st.fully_flushed and st.length == 0 for st in states):
@@ -215,8 +225,13 @@ async def test_ledger_down_then_back_loses_nothing(backend: str, tmp_path: Any) 
     import sqlite3
 
     url = f"sqlite://{tmp_path}/down.db"
-    settings = make_settings(backend, ledger_url=url, flusher_claim_idle_ms=0,
-                             flusher_discovery_interval_ms=0, flusher_interval_ms=10)
+    settings = make_settings(
+        backend,
+        ledger_url=url,
+        flusher_claim_idle_ms=0,
+        flusher_discovery_interval_ms=0,
+        flusher_interval_ms=10,
+    )
     ledger = open_ledger(url + "?busy_timeout_ms=50")
     ledger.migrate()
     s = Stack(settings, ledger)

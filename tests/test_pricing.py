@@ -674,3 +674,18 @@ def test_preview_bounds_the_price_of_any_usage_of_the_job(job, org: str, data) -
     priced = price_usage(CARD, org, usage)
     assert priced.total_uecu == sum(line.subtotal_uecu for line in priced.lines)
     assert priced.total_uecu <= worst.total_uecu
+
+
+def test_a_count_that_cannot_travel_as_int64_is_refused_even_at_a_zero_rate() -> None:
+    """BYOK token lines cost 0, so no money limit bounds their quantity: the count itself is
+    refused, naming the item, instead of overflowing the int64 it is sent back in."""
+    from ecu_sidecar.errors import InvalidArgument
+    from ecu_sidecar.pricing import InferenceSpec, load_rate_card, preview
+    from tests.conftest import EXAMPLE_RATE_CARD
+
+    card = load_rate_card(EXAMPLE_RATE_CARD)
+    spec = InferenceSpec("gpt-4o", prompt_tokens=100_000, samples=2**50, byok=True)
+    with pytest.raises(InvalidArgument) as ei:
+        preview(card, "acme", [spec])
+    assert ei.value.field == "job.items[0].inference"
+    assert "int64" in ei.value.description

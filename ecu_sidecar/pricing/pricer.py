@@ -51,6 +51,7 @@ __all__ = [
 PER_MTOK = 1_000_000
 #: Fees are per one call, iteration or trace.
 PER_CALL = 1
+_INT64_MAX = 2**63 - 1
 #: Most items in one list of a spec (job items, GEPA per-iteration items, trace judges, usage).
 MAX_LIST_ITEMS = 10_000
 
@@ -215,6 +216,10 @@ class _Pricer:
         byok: bool = False,
     ) -> Line:
         gross = _ceil_div(quantity * rate, per)
+        if quantity > _INT64_MAX and gross <= MAX_REQUEST_UECU:
+            # A zero rate lets any count pass the money limit: bound the count itself, which
+            # travels as an int64. Non-zero rates are refused by the money limit first.
+            raise InvalidArgument(item, f"{description}: {quantity} {unit}s do not fit in int64")
         discount = 0
         if not negotiated and self.terms.discount_percent:
             discount = gross - _ceil_div(gross * (100 - self.terms.discount_percent), 100)
@@ -353,6 +358,8 @@ def _preview_item(pricer: _Pricer, item: object, path: str) -> list[Line]:
         return _gepa(pricer, item, f"{path}.gepa")
     if isinstance(item, TraceEvalSpec):
         return _trace_eval(pricer, item, f"{path}.trace_eval")
+    if item is None:
+        raise InvalidArgument(path, "exactly one of inference, judge, gepa, trace_eval is required")
     raise InvalidArgument(
         path,
         f"must be an InferenceSpec, JudgeSpec, GepaSpec or TraceEvalSpec, "
@@ -439,6 +446,8 @@ def _gepa(pricer: _Pricer, spec: GepaSpec, path: str) -> list[Line]:
             lines += _judge(
                 pricer, item, f"{here}.judge", iterations, JobType.GEPA, f"{label}, judge"
             )
+        elif item is None:
+            raise InvalidArgument(here, "exactly one of inference, judge is required")
         else:
             raise InvalidArgument(
                 here, f"must be an InferenceSpec or JudgeSpec, got {type(item).__name__}"

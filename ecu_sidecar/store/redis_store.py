@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
@@ -28,7 +29,6 @@ from redis.exceptions import (
     TryAgainError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from ecu_sidecar.errors import BY_REASON, EcuError, StoreUnavailable
 from ecu_sidecar.model import (
@@ -140,6 +140,10 @@ class RedisStore:
             "retry": Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
             "health_check_interval": 30,
         }
+        if not settings.redis_cluster:
+            # A pooled connection broken by a Redis restart is retried once on a fresh
+            # connection (safe: every script is idempotent on its caller id).
+            common["retry_on_error"] = [ConnectionError]
         if settings.redis_cluster:
             # reinitialize_steps=0: a MOVED reply only patches that slot's route. With the
             # default (a full topology refresh every 5th MOVED), redis-py closes every node's
