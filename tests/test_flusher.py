@@ -267,3 +267,60 @@ async def test_ledger_down_then_back_loses_nothing(backend: str, tmp_path: Any) 
 
 def test_group_name_is_stable() -> None:
     assert GROUP == "ledger"  # renaming it would re-deliver every outbox from the start
+
+
+async def test_expiry_burn_order_and_notifications_reach_the_ledger_once(stack: Stack) -> None:
+    """Starter expiry with its burn order, the 20 % / 5 % warnings and the auto-top-up request
+    under concurrent spending: each lands in the ledger exactly once per crossing, and a
+    top-up re-arms them."""
+    org = "lifecycle"
+    seconds, micros = await stack.store._client.time()
+    now = seconds * 1000 + micros // 1000
+    await stack.engine.grant(org, "starter", 300_000, GrantKind.STARTER, now + 60_000)
+    await stack.engine.grant(org, "topup", 700_000, GrantKind.TOP_UP)
+    await stack.engine.set_auto_topup(org, 100_000, 500_000)
+
+    async def spender(w: int) -> None:
+        for s in range(12):
+            rid = f"w{w}-{s}"
+            try:
+                await stack.engine.reserve(AccountRef(org), [item(rid, 5_000)])
+            except errors.InsufficientEcu:
+                return
+            await stack.engine.commit(org, [CommitItem(rid, 5_000)])
+
+    await asyncio.gather(*(spender(w) for w in range(16)))  # 192 x 5,000 = 960,000 of 1,000,000
+    stack.store.clock_offset_ms = 60_001  # the starter's expiry passes: it was burned first
+    b = await stack.engine.balance(org)
+    assert b.expired_grants_uecu == 0, "soonest-expiring first: the starter was spent entirely"
+    await stack.flusher.drain()
+    notes = await asyncio.to_thread(stack.ledger.notifications, org)
+    assert sorted(n.kind for n in notes) == [
+        "auto_topup_requested",
+        "low_balance_20",
+        "low_balance_5",
+    ]
+    await stack.engine.grant(org, "auto-1", 500_000, GrantKind.AUTO_TOP_UP)
+    await asyncio.gather(*(spender(w) for w in range(16, 40)))
+    await stack.flusher.drain()
+    notes = await asyncio.to_thread(stack.ledger.notifications, org)
+    assert sorted(n.kind for n in notes) == sorted(
+        ["auto_topup_requested", "low_balance_20", "low_balance_5"] * 2
+    )
+    assert stack.metric("ecu_notifications_total", {"kind": "low_balance_5"}) == 2
+    await assert_agree(stack, [org])
+
+
+async def test_unspent_starter_leaves_the_ledger_balance_too(stack: Stack) -> None:
+    org = "expiring"
+    seconds, micros = await stack.store._client.time()
+    now = seconds * 1000 + micros // 1000
+    await stack.engine.grant(org, "starter", 300_000, GrantKind.STARTER, now + 60_000)
+    await stack.engine.grant(org, "topup", 100_000, GrantKind.TOP_UP)
+    await stack.engine.reserve(AccountRef(org), [item("a", 120_000)])
+    await stack.engine.commit(org, [CommitItem("a", 120_000)])
+    stack.store.clock_offset_ms = 60_001
+    b = await stack.engine.balance(org)
+    assert (b.expired_grants_uecu, b.balance_uecu) == (180_000, 100_000)
+    await stack.flusher.drain()
+    await assert_agree(stack, [org])
