@@ -25,6 +25,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -546,7 +547,7 @@ async def test_grpc_reserve_commit_over_cluster(
 
 
 async def test_flusher_finds_every_outbox_on_every_master(
-    cluster_store: RedisStore, cluster_settings: Settings, tmp_path: Any
+    cluster_store: RedisStore, cluster_settings: Settings, tmp_path: Path
 ) -> None:
     """Discovery is SCAN on every primary: organizations on all three masters reach the ledger,
     exactly once, and reconcile with zero drift."""
