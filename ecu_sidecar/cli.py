@@ -33,6 +33,8 @@ from ecu_sidecar import __version__, ledger_cli
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.client import DEFAULT_TIMEOUT_S, QuotaClient, QuotaError
 from ecu_sidecar.ledger import LedgerError
+from ecu_sidecar.logs import JsonFormatter
+from ecu_sidecar.logs import configure as configure_logging
 from ecu_sidecar.model import UECU_PER_ECU, GrantKind, HoldState, JobType, Usage
 from ecu_sidecar.settings import Settings, SettingsError, describe
 
@@ -88,30 +90,9 @@ def _when(unix_ms: int) -> str:
 # -- logging -----------------------------------------------------------------------------------
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts (UTC, ISO 8601), level, logger, msg (and exc)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """The record as one line of JSON."""
-        stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-        out: dict[str, Any] = {
-            "ts": stamp.replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
-
-
+# JSON or text lines with structured fields, secrets redacted: ecu_sidecar.logs.
 def _configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    configure_logging(settings)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -642,6 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = _Defaults()
     try:
         if hasattr(args, "run"):
+            if args.command in ("flush", "migrate"):  # long-running ops commands log like serve
+                _configure_logging(defaults.get())
             return int(args.run(args, defaults))
         with _client(args, defaults) as c:
             args.call(args, c)

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
-from ecu_sidecar.errors import AccountNotFound, InvalidArgument
+from ecu_sidecar.degraded import Journal, LocalHold
+from ecu_sidecar.degraded import now_ms as degraded_now_ms
+from ecu_sidecar.errors import (
+    AccountNotFound,
+    InsufficientEcu,
+    InvalidArgument,
+    OrganizationNotAllowed,
+    StoreUnavailable,
+)
 from ecu_sidecar.model import (
     MAX_GRANTED_UECU,
     MAX_REQUEST_UECU,
@@ -26,6 +35,8 @@ from ecu_sidecar.model import (
     ExtendOutcome,
     GrantKind,
     GrantOutcome,
+    HoldState,
+    HoldView,
     JobType,
     LedgerAccount,
     ReleaseOutcome,
@@ -61,6 +72,8 @@ from ecu_sidecar.validation import (
 __all__ = ["LedgerPort", "QuotaEngine"]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class LedgerPort(Protocol):
@@ -151,11 +164,14 @@ class QuotaEngine:
         settings: Settings,
         ledger: LedgerPort | None = None,
         rates: RateCardRegistry | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.rates = rates
         """The rate cards that price job specs and usage (None: amounts only)."""
+        self.journal = journal
+        """Degraded mode's journal (None: fail closed while Redis is unreachable)."""
         self.ledger = ledger
         """With a ledger, grants are written to it first, and an organization Redis has lost is
         rebuilt from it on first use."""
@@ -163,8 +179,18 @@ class QuotaEngine:
 
     # -- validation helpers -------------------------------------------------------------------
 
+    def _org(self, field: str, org: str) -> str:
+        """A valid organization id this sidecar may act for (ECU_ALLOWED_ORGS)."""
+        check_id(field, org)
+        allowed = self.settings.allowed_org_set
+        if allowed and org not in allowed:
+            raise OrganizationNotAllowed(
+                f"{field}: organization {org} is not one this sidecar may act for", field=field
+            )
+        return org
+
     def _account(self, field: str, account: AccountRef) -> AccountRef:
-        check_id(f"{field}.organization", account.organization)
+        self._org(f"{field}.organization", account.organization)
         check_optional_id(f"{field}.team", account.team)
         check_optional_id(f"{field}.project", account.project)
         check_optional_id(f"{field}.user", account.user)
@@ -217,6 +243,123 @@ class QuotaEngine:
             if not await self.hydrate(org):
                 raise
             return await call()
+
+    # -- degraded mode (ecu_sidecar.degraded) --------------------------------------------------
+
+    def _local_available(self, org: str) -> int:
+        assert self.journal is not None
+        return self.journal.allowance_uecu - self.journal.used(org)
+
+    def _reserve_locally(
+        self, account: AccountRef, item: ReserveItem, cause: StoreUnavailable
+    ) -> ReserveOutcome:
+        assert self.journal is not None
+        hold = self.journal.reserve(
+            LocalHold(
+                account.organization,
+                item.reservation_id,
+                item.amount_uecu,
+                account.team,
+                account.project,
+                account.user,
+                item.job_type.value,
+                item.model,
+                degraded_now_ms() + item.ttl_ms,
+            )
+        )
+        if hold is None:
+            raise StoreUnavailable(
+                f"{cause.message}; the degraded allowance of organization "
+                f"{account.organization} ({self.journal.allowance_uecu} uECU) is used up"
+            )
+        log.warning(
+            "Redis unreachable: hold %s of %s granted locally (%d uECU)",
+            item.reservation_id,
+            account.organization,
+            item.amount_uecu,
+        )
+        view = HoldView(
+            hold.reservation_id,
+            hold.amount_uecu,
+            hold.deadline_ms,
+            HoldState.ACTIVE,
+            item.rate_card_version,
+        )
+        return ReserveOutcome(
+            [view], self._local_available(account.organization), replayed=False, degraded=True
+        )
+
+    def _commit_locally(self, org: str, items: Sequence[CommitItem]) -> CommitBatchOutcome:
+        """Journal each commit: usage is never dropped, even while Redis is down."""
+        assert self.journal is not None
+        outs = []
+        for it in items:
+            usage = (it.usage.tokens_in, it.usage.tokens_out, it.usage.calls)
+            hold = self.journal.holds.get((org, it.reservation_id))
+            if hold is not None and not hold.done:
+                self.journal.settle(org, it.reservation_id, "commit", it.actual_uecu, usage)
+                released = max(0, hold.amount_uecu - it.actual_uecu)
+            else:
+                self.journal.remote_commit(org, it.reservation_id, it.actual_uecu, usage)
+                released = 0
+            outs.append(
+                CommitOutcome(
+                    it.reservation_id,
+                    committed_uecu=it.actual_uecu,
+                    released_uecu=released,
+                    degraded=True,
+                )
+            )
+        available = self._local_available(org)
+        return CommitBatchOutcome([replace(o, available_uecu=available) for o in outs], available)
+
+    async def replay_degraded(self) -> int:
+        """Move what degraded mode decided into Redis, oldest first; returns entries replayed.
+        Raises StoreUnavailable while Redis is still down."""
+        journal = self.journal
+        if journal is None or journal.pending() == 0:
+            return 0
+        pct = self.settings.overage_max_percent
+        done = 0
+        for (org, rid), hold in list(journal.holds.items()):
+            if hold.done:
+                continue
+            if hold.state == "A":
+                ttl = max(self.settings.min_ttl_ms, hold.deadline_ms - degraded_now_ms())
+                acct = AccountRef(org, hold.team, hold.project, hold.user)
+                item = ReserveItem(
+                    rid,
+                    hold.amount_uecu,
+                    JobType(hold.job),
+                    hold.model,
+                    min(ttl, self.settings.max_ttl_ms),
+                )
+                try:
+                    await self._hydrating(org, lambda a=acct, i=item: self.store.reserve(a, [i]))
+                except InsufficientEcu:
+                    continue  # stays local until its commit or release is replayed
+            elif hold.state == "C":
+                item = CommitItem(rid, hold.actual_uecu, Usage(*hold.usage))
+                await self._hydrating(
+                    org, lambda o=org, i=item: self.store.commit(o, [i], pct, orphan_ok=True)
+                )
+            journal.mark_done("hold", org, rid)
+            done += 1
+        for c in [c for c in journal.remote_commits if not c["done"]]:
+            item = CommitItem(c["rid"], c["actual"], Usage(*c["usage"]))
+            out = await self._hydrating(
+                c["org"], lambda o=c["org"], i=item: self.store.commit(o, [i], pct)
+            )
+            if out.outcomes[0].error is not None:
+                log.error(
+                    "degraded commit of %s/%s could not be replayed: %s",
+                    c["org"],
+                    c["rid"],
+                    out.outcomes[0].error,
+                )
+            journal.mark_done("remote", c["org"], c["rid"])
+            done += 1
+        return done
 
     def recent_organizations(self) -> list[str]:
         """Organizations this process served recently (for the background sweeper)."""
@@ -273,9 +416,14 @@ class QuotaEngine:
             resolved.append(replace(it, ttl_ms=ttl, job=None))
             quotes.append(quote)
         self._total(it.amount_uecu for it in resolved)
-        outcome = await self._hydrating(
-            account.organization, lambda: self.store.reserve(account, resolved)
-        )
+        try:
+            outcome = await self._hydrating(
+                account.organization, lambda: self.store.reserve(account, resolved)
+            )
+        except StoreUnavailable as exc:
+            if self.journal is None or len(resolved) != 1:
+                raise
+            return replace(self._reserve_locally(account, resolved[0], exc), quotes=quotes)
         self._seen(account.organization)
         # A replay of a hold priced before a rate card reload keeps its pinned price: answer
         # the quote of the version it pinned, which is the one its commit must name.
@@ -320,7 +468,7 @@ class QuotaEngine:
         self, org: str, items: Sequence[CommitItem], *, batch: bool = True
     ) -> CommitBatchOutcome:
         """Like commit, also answering the available balance after the whole batch."""
-        check_id("organization", org)
+        self._org("organization", org)
         resolved: list[CommitItem] = []
         quotes: list[Quote | None] = []
         for f, it in self._items(items, batch):
@@ -357,7 +505,12 @@ class QuotaEngine:
         items = resolved
         self._total(it.actual_uecu for it in items)
         pct = self.settings.overage_max_percent
-        outcome = await self._hydrating(org, lambda: self.store.commit(org, items, pct))
+        try:
+            outcome = await self._hydrating(org, lambda: self.store.commit(org, items, pct))
+        except StoreUnavailable:
+            if self.journal is None:
+                raise
+            outcome = self._commit_locally(org, items)
         self._seen(org)
         if any(quotes):
             outs = [
@@ -369,15 +522,28 @@ class QuotaEngine:
 
     async def release(self, org: str, reservation_id: str) -> ReleaseOutcome:
         """Void a hold; its amount returns to available."""
-        check_id("organization", org)
+        self._org("organization", org)
         check_id("reservation_id", reservation_id, CALLER_ID_MAX)
-        return await self._hydrating(org, lambda: self.store.release(org, reservation_id))
+        try:
+            return await self._hydrating(org, lambda: self.store.release(org, reservation_id))
+        except StoreUnavailable:
+            hold = self.journal.settle(org, reservation_id, "release") if self.journal else None
+            if hold is None or hold.done:
+                raise  # a hold that lives in Redis expires there if nobody releases it
+            return ReleaseOutcome(
+                reservation_id,
+                hold.amount_uecu,
+                HoldState.RELEASED,
+                self._local_available(org),
+                replayed=False,
+                degraded=True,
+            )
 
     async def extend(
         self, org: str, reservation_id: str, ttl_ms: int, sequence: int
     ) -> ExtendOutcome:
         """Push a live hold's deadline to now + ttl (heartbeat number ``sequence``)."""
-        check_id("organization", org)
+        self._org("organization", org)
         check_id("reservation_id", reservation_id, CALLER_ID_MAX)
         ttl = self._ttl("ttl_ms", ttl_ms, zero_means=0)
         if (
@@ -396,14 +562,14 @@ class QuotaEngine:
 
     async def balance(self, org: str) -> Balance:
         """The organization's wallet, hold counters and caps."""
-        check_id("organization", org)
+        self._org("organization", org)
         return await self._hydrating(org, lambda: self.store.balance(org))
 
     async def grant(
         self, org: str, grant_id: str, amount_uecu: int, kind: GrantKind, expires_at_ms: int = 0
     ) -> GrantOutcome:
         """Credit an organization with a caller-chosen, idempotent grant id."""
-        check_id("organization", org)
+        self._org("organization", org)
         check_id("grant_id", grant_id, CALLER_ID_MAX)
         check_amount("amount_uecu", amount_uecu)
         if not isinstance(kind, GrantKind):
@@ -433,7 +599,7 @@ class QuotaEngine:
         self, org: str, scope: str, scope_id: str, cap_uecu: int | None
     ) -> ScopeUsage:
         """Set (or with None clear) a team or project cap."""
-        check_id("organization", org)
+        self._org("organization", org)
         if scope not in ("team", "project"):
             raise InvalidArgument("scope", f"must be team or project, got {scope!r}")
         check_id("id", scope_id)
@@ -453,7 +619,7 @@ class QuotaEngine:
     async def set_auto_topup(self, org: str, threshold_uecu: int | None, amount_uecu: int) -> None:
         """Configure (None: turn off) when an auto_topup_requested notification fires, and for
         how much."""
-        check_id("organization", org)
+        self._org("organization", org)
         if threshold_uecu is not None:
             check_amount("threshold_uecu", threshold_uecu)
             check_amount("amount_uecu", amount_uecu)

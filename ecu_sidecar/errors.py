@@ -19,6 +19,7 @@ __all__ = [
     "IdempotencyConflict",
     "InsufficientEcu",
     "InvalidArgument",
+    "OrganizationNotAllowed",
     "PermissionDenied",
     "RateCardMismatch",
     "StaleSequence",
@@ -131,6 +132,12 @@ class Unauthenticated(EcuError):
     """An admin RPC arrived without a bearer token."""
 
     reason = "UNAUTHENTICATED"
+
+
+class OrganizationNotAllowed(EcuError):
+    """This sidecar is pinned (ECU_ALLOWED_ORGS) to organizations that do not include this one."""
+
+    reason = "ORGANIZATION_NOT_ALLOWED"
 
 
 class PermissionDenied(EcuError):

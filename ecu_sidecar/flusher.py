@@ -22,8 +22,13 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ecu_sidecar.errors import GrantAlreadyExpired, IdempotencyConflict, StoreUnavailable
-from ecu_sidecar.metrics import FlusherMetrics
+from ecu_sidecar.errors import (
+    AccountNotFound,
+    GrantAlreadyExpired,
+    IdempotencyConflict,
+    StoreUnavailable,
+)
+from ecu_sidecar.metrics import FlusherMetrics, StoreMetrics
 from ecu_sidecar.model import GrantKind, LedgerAccount
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
@@ -62,6 +67,8 @@ class Flusher:
         self.ledger = ledger
         self.settings = settings
         self.metrics = metrics
+        if store.metrics is None:  # `ecu-sidecar flush`: its own store, its own registry
+            store.metrics = StoreMetrics.of(metrics.registry)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.reader = OutboxReader(store, self.consumer)
         self._orgs: list[str] = []
@@ -125,9 +132,8 @@ class Flusher:
                 "%d outbox events quarantined in the ledger (see ledger.quarantined())",
                 result.quarantined,
             )
-        for e in entries:
-            if e.fields.get("type") == "notify":
-                self.metrics.notifications.labels(e.fields.get("kind", "")).inc()
+        for e in entries:  # money by job type, and notifications
+            self.metrics.count_event(e.fields)
         return len(entries)
 
     async def drain(self, max_batches: int = 1_000) -> int:
@@ -216,6 +222,16 @@ class Flusher:
         self.metrics.outbox_length.set(length)
         self.metrics.pending.set(pending)
         self.metrics.lag_seconds.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))
+        holds, held = await self.store.hold_totals(self._orgs)
+        self.metrics.holds_outstanding.set(holds)
+        self.metrics.held_uecu.set(held)
+        for org in self.settings.metrics_org_list:  # opt-in, bounded (ECU_METRICS_ORGS)
+            try:
+                b = await self.store.balance(org)
+            except AccountNotFound:
+                self.metrics.forget_organization(org)
+                continue
+            self.metrics.organization(org, b.balance_uecu, b.held_uecu)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -233,6 +249,7 @@ class Flusher:
                     await self.observe()
                     self._next_reconcile = now + self.settings.reconcile_interval_ms / 1000
                 backoff = 0.0
+                self.metrics.last_success.set(time.time())
             except StoreUnavailable as exc:
                 moved = 0
                 backoff = min(max(backoff * 2, 0.05), 5.0)

@@ -1,21 +1,98 @@
-"""Prometheus metrics of the gRPC edge, built against an injected registry.
+"""Prometheus metrics of the sidecar, the Redis store and the flusher, built against an
+injected registry.
 
-Label sets are bounded: method (the fixed RPC names), code (gRPC status names) and reason
-(the fixed ErrorInfo reasons). No organization, user or reservation ever becomes a label.
+Label sets are bounded: method (the fixed RPC names), code (gRPC status names), reason (the
+fixed ErrorInfo reasons), script (the fixed Lua script names), job_type (the five job types, or
+``other``), scope (organization, team, project). No organization, user, reservation or free text
+ever becomes a label — except ``organization`` on the opt-in per-organization balance gauges,
+which exist only for the bounded list an operator names in ECU_METRICS_ORGS (at most
+``MAX_METRICS_ORGS``).
+
+Who exports what (docs/operations.md lists every series):
+
+- the sidecar (``Metrics``): RPCs, refusals, insufficient-ECU rejections by scope, the sweeper,
+  the rate card; and through ``StoreMetrics`` the latency and errors of each Redis script.
+- the flusher (``FlusherMetrics``; inside ``serve`` on the embedded default, else
+  ``ecu-sidecar flush``): throughput, lag, drift, rebuilds, notifications, and the money that
+  moved, by job type, counted from the outbox events it writes to the ledger — the one place
+  that sees every state change of every sidecar, sweeps inside scripts included — plus the
+  holds outstanding across all organizations.
 """
 
 from __future__ import annotations
 
+import weakref
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["LATENCY_BUCKETS", "FlusherMetrics", "Metrics"]
+from ecu_sidecar import __version__
+from ecu_sidecar.model import JobType
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "MAX_METRICS_ORGS",
+    "FlusherMetrics",
+    "Metrics",
+    "StoreMetrics",
+]
 
 #: 100 µs to ~1.6 s, doubling: resolves a loopback Redis round trip and a slow outage alike.
 LATENCY_BUCKETS = tuple(0.0001 * 2**i for i in range(15))
 
+#: Most organizations ECU_METRICS_ORGS may name (one series per organization and gauge).
+MAX_METRICS_ORGS = 100
+
+#: Values of the ``job_type`` label; anything else (an event from a newer sidecar) is "other".
+JOB_TYPES = frozenset(j.value for j in JobType)
+
+#: Values of the ``scope`` label of ecu_insufficient_ecu_total.
+SCOPES = frozenset({"organization", "team", "project"})
+
+#: Values of the ``kind`` label of ecu_notifications_total.
+NOTIFICATION_KINDS = frozenset({"low_balance_20", "low_balance_5", "auto_topup_requested"})
+
+
+def job_type_label(value: str) -> str:
+    """A job type as a bounded label value."""
+    return value if value in JOB_TYPES else "other"
+
+
+class StoreMetrics:
+    """Latency and errors of each Redis script call (one instance per registry: the sidecar and
+    a flusher inside the same process share the store and its series)."""
+
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, StoreMetrics] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.script_seconds = Histogram(
+            "ecu_redis_script_duration_seconds",
+            "Time of one Redis script call (queueing for a connection included), by script.",
+            ["script"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.script_errors = Counter(
+            "ecu_redis_script_errors_total",
+            "Redis script calls that failed, by script and error (timeout: no answer within "
+            "ECU_REDIS_TIMEOUT_MS; unreachable: connection failed; refused: READONLY, OOM, "
+            "LOADING, CLUSTERDOWN and alike; error: any other Redis error).",
+            ["script", "error"],
+            registry=registry,
+        )
+        StoreMetrics._by_registry[registry] = self
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry) -> StoreMetrics:
+        """The registry's StoreMetrics, created on first use."""
+        found = cls._by_registry.get(registry)
+        return found if found is not None else cls(registry)
+
 
 class Metrics:
-    """The sidecar's RPC metrics."""
+    """The sidecar's metrics: the gRPC edge, the sweeper, the rate card, the store."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -38,6 +115,13 @@ class Metrics:
             ["method", "reason"],
             registry=registry,
         )
+        self.insufficient = Counter(
+            "ecu_insufficient_ecu_total",
+            "Reservations refused for insufficient ECU, by the scope that could not cover them "
+            "(organization, team, project).",
+            ["scope"],
+            registry=registry,
+        )
         self.swept = Counter(
             "ecu_holds_swept_total", "Holds expired by the background sweeper.", registry=registry
         )
@@ -53,15 +137,31 @@ class Metrics:
             ["version"],
             registry=registry,
         )
+        self.build = Gauge(
+            "ecu_build_info",
+            "The running ecu-sidecar version (value 1).",
+            ["version"],
+            registry=registry,
+        )
+        self.build.labels(__version__).set(1)
+        self.store = StoreMetrics.of(registry)
+        """Redis script latency and errors (attached to the store by the server)."""
+        # Exported at 0 from the start, so the first failure is an increase an alert can see.
+        self.rate_card_reloads.labels("failed")
 
     def rate_card_loaded(self, version: str) -> None:
         """Point ecu_rate_card_info at the version now pricing (the old series is removed)."""
         self.rate_card.clear()
         self.rate_card.labels(version).set(1)
 
+    def rejected_insufficient(self, scope: str) -> None:
+        """Count one insufficient-ECU refusal of the given scope."""
+        self.insufficient.labels(scope if scope in SCOPES else "organization").inc()
+
 
 class FlusherMetrics:
-    """The flusher's metrics: throughput, lag, drift, rebuilds, notifications."""
+    """The flusher's metrics: throughput, lag, drift, rebuilds, notifications, money moved,
+    holds outstanding, and the opt-in per-organization balances."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -87,6 +187,11 @@ class FlusherMetrics:
             "ecu_flusher_batch_duration_seconds",
             "Time to write and acknowledge one batch.",
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "ecu_flusher_last_success_timestamp_seconds",
+            "Unix time of the flusher's last cycle that reached Redis and the ledger.",
             registry=registry,
         )
         self.outbox_length = Gauge(
@@ -131,3 +236,108 @@ class FlusherMetrics:
             ["kind"],
             registry=registry,
         )
+        for kind in sorted(NOTIFICATION_KINDS):
+            self.notifications.labels(kind)
+        for result in ("written", "duplicate", "quarantined"):
+            self.events.labels(result)
+
+        def money(name: str, what: str) -> Counter:
+            counter = Counter(
+                name,
+                f"µECU {what}, by job type (counted from the outbox events written to the "
+                "ledger: every sidecar's, sweeps inside scripts included).",
+                ["job_type"],
+                registry=registry,
+            )
+            for job in sorted(JOB_TYPES):
+                counter.labels(job)  # every job type exported from the start, at 0
+            return counter
+
+        self.reserved_uecu = money("ecu_reserved_uecu_total", "held by new reservations")
+        self.committed_uecu = money(
+            "ecu_committed_uecu_total", "billed by commits (late and orphan commits included)"
+        )
+        self.released_uecu = money(
+            "ecu_released_uecu_total",
+            "returned to available: releases, and the rest of holds committed below their amount",
+        )
+        self.expired_uecu = money("ecu_expired_uecu_total", "returned by holds that expired")
+        self.overage_uecu = money(
+            "ecu_overage_uecu_total", "billed above their hold by commits (bounded overage)"
+        )
+        self.unbilled_uecu = money(
+            "ecu_unbilled_overage_uecu_total", "used above the overage bound, recorded unbilled"
+        )
+        self.holds_outstanding = Gauge(
+            "ecu_holds_outstanding",
+            "Active holds across every organization with an outbox (Redis ZCARD of the "
+            "deadlines; every flusher reports the same total: aggregate with max).",
+            registry=registry,
+        )
+        self.held_uecu = Gauge(
+            "ecu_held_uecu",
+            "µECU held by active holds across every organization with an outbox.",
+            registry=registry,
+        )
+        self.org_balance = Gauge(
+            "ecu_organization_balance_uecu",
+            "Balance of each organization named in ECU_METRICS_ORGS (opt-in).",
+            ["organization"],
+            registry=registry,
+        )
+        self.org_available = Gauge(
+            "ecu_organization_available_uecu",
+            "Available (balance - held) of each organization named in ECU_METRICS_ORGS.",
+            ["organization"],
+            registry=registry,
+        )
+        self.org_held = Gauge(
+            "ecu_organization_held_uecu",
+            "Held µECU of each organization named in ECU_METRICS_ORGS.",
+            ["organization"],
+            registry=registry,
+        )
+
+    def count_event(self, fields: dict[str, str]) -> None:
+        """Count the money and notification of one outbox event the ledger accepted."""
+        etype = fields.get("type", "")
+        if etype == "notify":
+            kind = fields.get("kind", "")
+            if kind in NOTIFICATION_KINDS:
+                self.notifications.labels(kind).inc()
+            return
+        if etype not in ("reserve", "commit", "release", "expire"):
+            return
+        job = job_type_label(fields.get("job", ""))
+
+        def amount(name: str) -> int:
+            try:
+                return max(0, int(fields.get(name) or 0))
+            except ValueError:
+                return 0
+
+        if etype == "reserve":
+            self.reserved_uecu.labels(job).inc(amount("amount"))
+        elif etype == "release":
+            self.released_uecu.labels(job).inc(amount("amount"))
+        elif etype == "expire":
+            self.expired_uecu.labels(job).inc(amount("amount"))
+        else:
+            self.committed_uecu.labels(job).inc(amount("committed"))
+            self.released_uecu.labels(job).inc(amount("released"))
+            self.overage_uecu.labels(job).inc(amount("overage"))
+            self.unbilled_uecu.labels(job).inc(amount("unbilled"))
+
+    def organization(self, org: str, balance: int, held: int) -> None:
+        """Set the opt-in gauges of one configured organization."""
+        self.org_balance.labels(org).set(balance)
+        self.org_held.labels(org).set(held)
+        self.org_available.labels(org).set(balance - held)
+
+    def forget_organization(self, org: str) -> None:
+        """Drop the series of an organization that has no account (any more)."""
+        for gauge in (self.org_balance, self.org_held, self.org_available):
+            try:
+                gauge.remove(org)
+            except KeyError:
+                pass

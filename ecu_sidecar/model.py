@@ -144,6 +144,8 @@ class ReserveOutcome:
     replayed: bool
     quotes: list[Any] = field(default_factory=list)
     """Per item, the pricing Quote of a job-spec item (None for a caller's amount)."""
+    degraded: bool = False
+    """Granted locally while Redis was unreachable (ecu_sidecar.degraded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +163,8 @@ class CommitOutcome:
     error: Exception | None = None
     quote: Any = None
     """The pricing Quote when actual was priced from usage lines."""
+    degraded: bool = False
+    """Journaled locally while Redis was unreachable; billed when it returns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +184,7 @@ class ReleaseOutcome:
     state: HoldState
     available_uecu: int
     replayed: bool
+    degraded: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ecu_sidecar.api.v1 import quota_pb2, quota_pb2_grpc
+from ecu_sidecar.degraded import Journal
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.flusher import Flusher
@@ -48,6 +49,38 @@ def load_rates(settings: Settings) -> RateCardRegistry | None:
     return rates
 
 
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (and mutual TLS with a client CA) from the settings; None for plaintext."""
+    if not settings.tls:
+        return None
+    with open(settings.tls_key_file, "rb") as fh:
+        key = fh.read()
+    with open(settings.tls_cert_file, "rb") as fh:
+        chain = fh.read()
+    ca = None
+    if settings.tls_client_ca_file:
+        with open(settings.tls_client_ca_file, "rb") as fh:
+            ca = fh.read()
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+def _bind(
+    server: grpc.aio.Server, var: str, address: str, creds: grpc.ServerCredentials | None
+) -> int:
+    try:
+        if creds is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, creds)
+    except RuntimeError as exc:  # grpcio raises instead of returning 0 on bind failure
+        raise OSError(f"cannot bind {var}={address}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot bind {var}={address}")
+    return port
+
+
 class SidecarServer:
     """One sidecar process: owns the store, the engine and the gRPC server."""
 
@@ -70,14 +103,25 @@ class SidecarServer:
             ledger = open_configured(settings)
         self.ledger = ledger
         """The ledger (ecu_sidecar.ledger.Ledger), when ECU_LEDGER_URL is set."""
-        self.engine = QuotaEngine(self.store, settings, ledger=ledger, rates=self.rates)
+        self.journal = (
+            Journal.open(settings.degraded_journal, settings.degraded_allowance_uecu)
+            if settings.degraded_allowance_uecu
+            else None
+        )
+        self.engine = QuotaEngine(
+            self.store, settings, ledger=ledger, rates=self.rates, journal=self.journal
+        )
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self.store.metrics = self.metrics.store
         self.flusher: Flusher | None = None
         if ledger is not None and settings.run_flusher_in_serve:
             self.flusher = Flusher(self.store, ledger, settings, FlusherMetrics(self.registry))
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        """The bound health-only port (ECU_HEALTH_LISTEN)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_flusher = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -85,6 +129,9 @@ class SidecarServer:
             self.metrics.rate_card_loaded(self.rates.current.version)
         self.port = 0
         """The bound gRPC port (useful when ECU_LISTEN asks for port 0)."""
+        self._metrics_http: Any = None
+        self.metrics_port = 0
+        """The bound /metrics port (ECU_METRICS_LISTEN; useful with port 0)."""
 
     async def start(self) -> int:
         """Bind, start serving and return the bound port. On failure nothing is left running."""
@@ -97,7 +144,10 @@ class SidecarServer:
     async def _start(self) -> int:
         if self.settings.metrics_listen:
             host, _, port = self.settings.metrics_listen.rpartition(":")
-            start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+            self._metrics_http, _ = start_http_server(
+                int(port), addr=host.strip("[]"), registry=self.registry
+            )
+            self.metrics_port = self._metrics_http.server_port
         try:
             await self.store.connect()
         except StoreUnavailable as exc:
@@ -122,16 +172,21 @@ class SidecarServer:
             ),
             server,
         )
-        try:
-            self.port = server.add_insecure_port(self.settings.listen)
-        except RuntimeError as exc:  # grpcio raises instead of returning 0 on bind failure
-            raise OSError(f"cannot bind ECU_LISTEN={self.settings.listen}: {exc}") from None
-        if self.port == 0:
-            raise OSError(f"cannot bind ECU_LISTEN={self.settings.listen}")
+        self.port = _bind(server, "ECU_LISTEN", self.settings.listen, _credentials(self.settings))
         await server.start()
+        if self.settings.health_listen:
+            # Health only, plaintext: kubelet probes reach the pod IP, never the quota service.
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = _bind(
+                self._health_server, "ECU_HEALTH_LISTEN", self.settings.health_listen, None
+            )
+            await self._health_server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="ecu-sweeper"))
+        if self.journal is not None:
+            self._tasks.append(asyncio.create_task(self._replay_loop(), name="ecu-degraded"))
         if self.rates is not None and self.settings.rate_card_poll_ms:
             self._tasks.append(asyncio.create_task(self._rate_card_loop(), name="ecu-rate-card"))
         if self.flusher is not None:
@@ -166,6 +221,20 @@ class SidecarServer:
             await asyncio.sleep(interval)
             await self.reload_rate_card()
 
+    async def _replay_loop(self) -> None:
+        """Replay degraded-mode decisions into Redis as soon as it answers again."""
+        interval = self.settings.sweep_interval_ms / 1000
+        while True:
+            try:
+                replayed = await self.engine.replay_degraded()
+                if replayed:
+                    log.warning("replayed %d degraded-mode entries into Redis", replayed)
+            except StoreUnavailable:
+                pass
+            except Exception:
+                log.exception("degraded-mode replay failed; retrying next interval")
+            await asyncio.sleep(interval)
+
     async def _sweep_loop(self) -> None:
         interval = self.settings.sweep_interval_ms / 1000
         while True:
@@ -190,6 +259,8 @@ class SidecarServer:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         self._stop_flusher.set()
         for task in self._tasks:
             if task.get_name() != "ecu-flusher":
@@ -204,6 +275,9 @@ class SidecarServer:
             except Exception as exc:
                 log.error("final flush failed; events stay in the outbox: %s", exc)
         await self.store.close()
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.shutdown)  # waits out one poll (0.5 s)
+            self._metrics_http.server_close()
         if self._owns_ledger:
             self.ledger.close()
         self._stopped.set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -84,6 +85,7 @@ def _commit_pb(o: CommitOutcome) -> pb.CommitResponse:
         available_uecu=o.available_uecu,
         replayed=o.replayed,
         quote=quote_to_pb(o.quote) if o.quote else None,
+        degraded=o.degraded,
     )
 
 
@@ -108,10 +110,60 @@ def _scope_pb(s: ScopeUsage) -> pb.ScopeUsage:
     )
 
 
+#: RPCs that change state: each success is logged once at DEBUG.
+_STATE_CHANGES = frozenset(
+    {"Reserve", "ReserveBatch", "Commit", "CommitBatch", "Release", "Extend", "Grant", "SetCap",
+     "SetAutoTopUp"}
+)  # fmt: skip
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:/+=-]")
+_MAX_LOGGED_IDS = 20
+
+
+def _request_id(context: Any) -> str:
+    """The caller's ``x-request-id`` metadata (sanitized, at most 128 characters), or ''."""
+    metadata = getattr(context, "invocation_metadata", None)
+    for key, value in (metadata() if metadata else None) or ():
+        if key == "x-request-id":
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            return _UNSAFE.sub("_", text[:128])
+    return ""
+
+
+def _log_fields(request: Any, context: Any, response: Any = None) -> dict[str, Any]:
+    """What a log line of this RPC carries: request id, organization, reservation or grant
+    ids, and the amounts of the outcome. Never metadata other than x-request-id (the
+    authorization header carries the admin token)."""
+    out: dict[str, Any] = {"request_id": _request_id(context)}
+    account = getattr(request, "account", None)
+    out["organization"] = (
+        account.organization if account is not None else getattr(request, "organization", "")
+    )
+    if getattr(request, "reservation_id", ""):
+        out["reservation_id"] = request.reservation_id
+    items = getattr(request, "items", None)
+    if items:
+        out["reservation_ids"] = [it.reservation_id for it in items[:_MAX_LOGGED_IDS]]
+        out["items"] = len(items)
+    if getattr(request, "grant_id", ""):
+        out["grant_id"] = request.grant_id
+    if response is not None:
+        hold = getattr(response, "hold", None)
+        if hold is not None and hold.reservation_id:
+            out["reservation_id"] = hold.reservation_id  # generated ids are logged too
+            out["amount_uecu"] = hold.amount_uecu
+        for name in ("committed_uecu", "released_uecu", "overage_uecu", "deadline_unix_ms"):
+            if getattr(response, name, 0):
+                out[name] = getattr(response, name)
+        if getattr(response, "replayed", False):
+            out["replayed"] = True
+    return out
+
+
 def _handle(
     method: str,
 ) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[..., Awaitable[Resp]]]:
-    """Time and count the RPC; answer domain errors with their status and details."""
+    """Time and count the RPC; answer domain errors with their status and details; log each
+    state change (and each refusal) once at DEBUG with the request and reservation ids."""
 
     def wrap(fn: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
         @functools.wraps(fn)
@@ -121,11 +173,23 @@ def _handle(
             start = time.perf_counter()
             code = "OK"
             try:
-                return await fn(self, request, context)
+                response = await fn(self, request, context)
+                if method in _STATE_CHANGES and log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s ok", method, extra=_log_fields(request, context, response))
+                return response
             except errors.EcuError as exc:
                 code = code_for(exc).name
                 self.metrics.errors.labels(method, exc.reason).inc()
-                log.debug("%s refused: %s %s", method, exc.reason, exc.message)
+                if isinstance(exc, errors.InsufficientEcu):
+                    self.metrics.rejected_insufficient(exc.metadata.get("scope", ""))
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "%s refused: %s %s",
+                        method,
+                        exc.reason,
+                        exc.message,
+                        extra={**_log_fields(request, context), "code": code},
+                    )
                 status = to_grpc_status(exc)
                 await context.abort(status.code, status.details, status.trailing_metadata)
             except grpc.aio.AbortError:
@@ -205,6 +269,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             available_uecu=out.available_uecu,
             replayed=out.replayed,
             quote=quote_to_pb(quote) if quote else None,
+            degraded=out.degraded,
         )
 
     @_handle("ReserveBatch")
@@ -260,6 +325,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             state=_HOLD_STATES[out.state],
             available_uecu=out.available_uecu,
             replayed=out.replayed,
+            degraded=out.degraded,
         )
 
     @_handle("Extend")

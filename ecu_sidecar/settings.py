@@ -9,6 +9,7 @@ name the variable, what was expected and what was found.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -22,6 +23,10 @@ class SettingsError(ValueError):
     """A configuration value is missing, malformed or out of range."""
 
 
+#: Bound of ECU_METRICS_ORGS (ecu_sidecar.metrics.MAX_METRICS_ORGS).
+_MAX_METRICS_ORGS = 100
+
+
 def _int(lo: int, hi: int) -> dict[str, Any]:
     return {"kind": "int", "lo": lo, "hi": hi}
 
@@ -31,7 +36,34 @@ class Settings:
     """Everything the sidecar can be configured with. Field docs name the variable."""
 
     listen: str = field(default="127.0.0.1:50051", metadata={"kind": "str"})
-    """ECU_LISTEN: host:port the gRPC server binds (loopback by default)."""
+    """ECU_LISTEN: host:port the gRPC server binds (loopback by default; any other address
+    requires ECU_TLS_CERT_FILE and ECU_TLS_KEY_FILE)."""
+
+    tls_cert_file: str = field(default="", metadata={"kind": "str"})
+    """ECU_TLS_CERT_FILE: PEM certificate chain of the gRPC server (turns TLS on)."""
+
+    tls_key_file: str = field(default="", metadata={"kind": "str"})
+    """ECU_TLS_KEY_FILE: PEM private key of ECU_TLS_CERT_FILE."""
+
+    tls_client_ca_file: str = field(default="", metadata={"kind": "str"})
+    """ECU_TLS_CLIENT_CA_FILE: PEM CA bundle; when set, clients must present a certificate it
+    signed (mutual TLS)."""
+
+    health_listen: str = field(default="", metadata={"kind": "str"})
+    """ECU_HEALTH_LISTEN: host:port of a plaintext server carrying only grpc.health.v1 (for
+    kubelet probes that cannot reach loopback); empty disables it."""
+
+    degraded_allowance_uecu: int = field(default=0, metadata=_int(0, 10**12))
+    """ECU_DEGRADED_ALLOWANCE_UECU: while Redis is unreachable, grant at most this many µECU of
+    holds per organization locally, journaled on disk (the explicit overspend bound per sidecar
+    and organization). 0 (the default) fails closed: UNAVAILABLE."""
+
+    degraded_journal: str = field(default="", metadata={"kind": "str"})
+    """ECU_DEGRADED_JOURNAL: the journal file of degraded mode (required with an allowance)."""
+
+    allowed_orgs: str = field(default="", metadata={"kind": "str"})
+    """ECU_ALLOWED_ORGS: comma-separated organizations this sidecar may act for; any other is
+    refused with PERMISSION_DENIED. Empty allows all."""
 
     redis_url: str = field(default="", metadata={"kind": "url"})
     """ECU_REDIS_URL: redis:// or rediss:// URL; empty runs the embedded in-process store."""
@@ -126,6 +158,11 @@ class Settings:
     metrics_listen: str = field(default="", metadata={"kind": "str"})
     """ECU_METRICS_LISTEN: host:port for Prometheus /metrics; empty disables it."""
 
+    metrics_orgs: str = field(default="", metadata={"kind": "str"})
+    """ECU_METRICS_ORGS: comma-separated organizations (at most 100) whose balance, held and
+    available the flusher exports as gauges labelled ``organization``; empty: none (the
+    default keeps organizations out of labels)."""
+
     log_level: str = field(
         default="INFO",
         metadata={"kind": "choice", "choices": ("DEBUG", "INFO", "WARNING", "ERROR")},
@@ -136,6 +173,26 @@ class Settings:
         default="text", metadata={"kind": "choice", "choices": ("text", "json")}
     )
     """ECU_LOG_FORMAT: text or json."""
+
+    @property
+    def tls(self) -> bool:
+        """Whether the gRPC server speaks TLS."""
+        return bool(self.tls_cert_file)
+
+    @property
+    def allowed_org_set(self) -> frozenset[str]:
+        """ECU_ALLOWED_ORGS as a set (empty: every organization is allowed)."""
+        return (
+            frozenset(o.strip() for o in self.allowed_orgs.split(",") if o.strip())
+            if (self.allowed_orgs.strip())
+            else frozenset()
+        )
+
+    @property
+    def metrics_org_list(self) -> tuple[str, ...]:
+        """ECU_METRICS_ORGS as a tuple, in the given order, without duplicates."""
+        orgs = (o.strip() for o in self.metrics_orgs.split(","))
+        return tuple(dict.fromkeys(o for o in orgs if o))
 
     @property
     def run_flusher_in_serve(self) -> bool:
@@ -184,9 +241,47 @@ class Settings:
                 f"({self.min_ttl_ms}) and ECU_MAX_TTL_MS ({self.max_ttl_ms}), "
                 f"got {self.default_ttl_ms}"
             )
-        _split_hostport("ECU_LISTEN", self.listen)
+        host, _ = _split_hostport("ECU_LISTEN", self.listen)
+        if not _is_loopback(host) and not self.tls:
+            raise SettingsError(
+                f"ECU_LISTEN: {self.listen} is not a loopback address; listening beyond this host "
+                "requires TLS (set ECU_TLS_CERT_FILE and ECU_TLS_KEY_FILE)"
+            )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise SettingsError("ECU_TLS_CERT_FILE and ECU_TLS_KEY_FILE: set both or neither")
+        if self.tls_client_ca_file and not self.tls:
+            raise SettingsError("ECU_TLS_CLIENT_CA_FILE: mutual TLS needs ECU_TLS_CERT_FILE too")
+        for var, path in (
+            ("ECU_TLS_CERT_FILE", self.tls_cert_file),
+            ("ECU_TLS_KEY_FILE", self.tls_key_file),
+            ("ECU_TLS_CLIENT_CA_FILE", self.tls_client_ca_file),
+        ):
+            if path and not os.path.isfile(path):
+                raise SettingsError(f"{var}: no such file: {path}")
+        if self.health_listen:
+            _split_hostport("ECU_HEALTH_LISTEN", self.health_listen)
+        if self.degraded_allowance_uecu and not self.degraded_journal:
+            raise SettingsError(
+                "ECU_DEGRADED_JOURNAL: required when ECU_DEGRADED_ALLOWANCE_UECU is set "
+                "(local grants must survive a crash)"
+            )
+        for org in self.allowed_org_set:
+            if not org or len(org) > 64 or not all(c.isalnum() or c in "._-" for c in org):
+                raise SettingsError(
+                    f"ECU_ALLOWED_ORGS: {org!r} is not an organization id ([A-Za-z0-9._-], 1-64)"
+                )
         if self.metrics_listen:
             _split_hostport("ECU_METRICS_LISTEN", self.metrics_listen)
+        if len(self.metrics_org_list) > _MAX_METRICS_ORGS:
+            raise SettingsError(
+                f"ECU_METRICS_ORGS: at most {_MAX_METRICS_ORGS} organizations, "
+                f"got {len(self.metrics_org_list)}"
+            )
+        for org in self.metrics_org_list:
+            if len(org) > 64 or not all(c.isalnum() or c in "._-" for c in org):
+                raise SettingsError(
+                    f"ECU_METRICS_ORGS: {org!r} is not an organization id ([A-Za-z0-9._-], 1-64)"
+                )
         if not self.key_prefix or not self.key_prefix.replace("-", "").replace("_", "").isalnum():
             raise SettingsError(
                 f"ECU_KEY_PREFIX: must be 1 or more of [A-Za-z0-9_-], got {self.key_prefix!r}"
@@ -266,6 +361,15 @@ def _coerce(origin: str, meta: Mapping[str, Any], value: Any) -> Any:
     if kind == "url" and text and not text.startswith(("redis://", "rediss://", "unix://")):
         raise SettingsError(f"{origin}: must start with redis://, rediss:// or unix://")
     return text
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _split_hostport(var: str, value: str) -> tuple[str, int]:

@@ -39,6 +39,7 @@ STATUS_BY_ERROR: dict[type[errors.EcuError], grpc.StatusCode] = {
     errors.AdminDisabled: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.OrganizationNotAllowed: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

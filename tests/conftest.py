@@ -61,6 +61,9 @@ def make_settings(backend: str, **overrides: Any) -> Settings:
         "admin_token": ("test", ADMIN_TOKEN),
         "listen": ("test", "127.0.0.1:0"),
         "rate_card_file": ("test", EXAMPLE_RATE_CARD),
+        # Generous: a loaded CI machine must not turn functional tests into latency tests
+        # (the tests of the timeout itself set their own).
+        "redis_timeout_ms": ("test", 2_000),
     }
     if backend == "redis":
         raw["redis_url"] = ("test", REDIS_URL)

@@ -226,11 +226,14 @@ def test_client_errors_exit_1_with_code_and_reason(sidecar_proc: Serve) -> None:
     )
 
 
-def test_target_defaults_to_ecu_listen_with_wildcards_as_loopback(sidecar_proc: Serve) -> None:
+def test_target_defaults_to_ecu_listen(sidecar_proc: Serve) -> None:
     ok(cli(sidecar_proc, "grant", "cli-target", "7", "--grant-id", "g"))
-    listen = f"0.0.0.0:{sidecar_proc.port}"
+    listen = f"localhost:{sidecar_proc.port}"
     out = json.loads(ok(cli(sidecar_proc, "balance", "cli-target", "--json", ECU_LISTEN=listen)))
     assert out["available_uecu"] == 7
+    # A wildcard address without TLS is refused before anything is sent.
+    refused = cli(sidecar_proc, "balance", "cli-target", ECU_LISTEN=f"0.0.0.0:{sidecar_proc.port}")
+    assert refused.returncode == 2 and "ECU_LISTEN" in refused.stderr and "TLS" in refused.stderr
 
 
 # -- pricing: preview, rates, auto-top-up -------------------------------------------------------

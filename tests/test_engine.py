@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from typing import Any
 
 import pytest
 
@@ -48,6 +49,15 @@ async def outbox(store: RedisStore, org: str) -> list[dict[str, str]]:
 
 
 # -- concurrency -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(backend: str) -> Any:
+    """This module's settings: correctness under contention, not latency, is what these tests
+    check, so a loaded machine's queueing must not read as an outage."""
+    from tests.conftest import make_settings
+
+    return make_settings(backend, redis_timeout_ms=15_000)
 
 
 async def test_200_concurrent_reservers_never_overspend(engine: QuotaEngine) -> None:

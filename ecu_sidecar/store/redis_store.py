@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -52,6 +53,9 @@ from ecu_sidecar.model import (
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store.keys import org_keys
 from ecu_sidecar.store.scripts import SCRIPTS, Script
+
+if TYPE_CHECKING:
+    from ecu_sidecar.metrics import StoreMetrics
 
 __all__ = ["RedisStore"]
 
@@ -121,6 +125,8 @@ class RedisStore:
         self.clock_offset_ms = 0
         """Added to Redis TIME inside every script. Production leaves it at 0; tests move it
         forward to let holds expire without sleeping."""
+        self.metrics: StoreMetrics | None = None
+        """Where script latency and errors are counted (set by the server or the flusher)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisStore:
@@ -191,6 +197,25 @@ class RedisStore:
         found = await self._call(check)
         return [org for org, present in zip(orgs, found, strict=True) if not present]
 
+    async def hold_totals(self, orgs: Sequence[str]) -> tuple[int, int]:
+        """(active holds, µECU held) summed over ``orgs``: one pipelined round trip of ZCARD
+        and HGET per organization (for the flusher's gauges)."""
+        if not orgs:
+            return 0, 0
+
+        async def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for org in orgs:
+                keys = org_keys(self._settings.key_prefix, org)
+                pipe.zcard(keys[2])
+                pipe.hget(keys[0], "held")
+            return await pipe.execute()
+
+        replies = await self._call(read)
+        holds = sum(int(n or 0) for n in replies[0::2])
+        held = sum(int(_s(v)) for v in replies[1::2] if v is not None)
+        return holds, held
+
     async def close(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
@@ -223,10 +248,16 @@ class RedisStore:
         return ReserveOutcome(holds, int(r[1]), bool(r[2]))
 
     async def commit(
-        self, org: str, items: Sequence[CommitItem], overage_max_percent: int
+        self,
+        org: str,
+        items: Sequence[CommitItem],
+        overage_max_percent: int,
+        *,
+        orphan_ok: bool = False,
     ) -> CommitBatchOutcome:
-        """Settle each hold with its actual cost; items succeed or fail independently."""
-        args: list[Any] = [overage_max_percent, len(items)]
+        """Settle each hold with its actual cost; items succeed or fail independently. With
+        ``orphan_ok``, an unknown reservation id is billed at its actual (degraded replay)."""
+        args: list[Any] = [overage_max_percent, "1" if orphan_ok else "0", len(items)]
         for it in items:
             u = it.usage
             args += [
@@ -367,7 +398,16 @@ class RedisStore:
             self._settings.sweep_limit,
             *args,
         ]
-        reply = await self._call(lambda: self._eval(script, keys, argv))
+        started = time.perf_counter()
+        try:
+            reply = await self._call(lambda: self._eval(script, keys, argv))
+        except Exception as exc:
+            if self.metrics is not None:
+                self.metrics.script_errors.labels(name, _error_kind(exc)).inc()
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.script_seconds.labels(name).observe(time.perf_counter() - started)
         if _s(reply[0]) == "ERR":
             raise _script_error(reply)
         return reply
@@ -399,11 +439,28 @@ class RedisStore:
         ) as exc:
             raise StoreUnavailable(f"Redis is unreachable: {type(exc).__name__}") from None
         except ResponseError as exc:
+            if isinstance(exc, ReadOnlyError) and self.kind == "standalone":
+                # The node we reach was demoted to a replica (a failover behind a stable
+                # address): drop every pooled connection so the next calls connect afresh and
+                # find the new primary, instead of failing on READONLY forever.
+                log.warning("Redis answered READONLY: reconnecting")
+                await self._client.connection_pool.disconnect()
             if isinstance(exc, _UNAVAILABLE_ERRORS):
                 raise StoreUnavailable(f"Redis cannot serve: {type(exc).__name__}") from None
             if str(exc).startswith(_UNAVAILABLE_PREFIXES):
                 raise StoreUnavailable(f"Redis cannot serve: {str(exc).split()[0]}") from None
             raise
+
+
+def _error_kind(exc: Exception) -> str:
+    """The ``error`` label of ecu_redis_script_errors_total, from the messages of _call."""
+    if not isinstance(exc, StoreUnavailable):
+        return "error"
+    if exc.message.startswith("Redis did not answer"):
+        return "timeout"
+    if exc.message.startswith("Redis cannot serve"):
+        return "refused"
+    return "unreachable"
 
 
 def _script_error(reply: list[Any]) -> EcuError:

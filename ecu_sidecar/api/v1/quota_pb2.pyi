@@ -339,16 +339,18 @@ class ReserveRequest(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., amount_uecu: _Optional[int] = ..., job_type: _Optional[_Union[JobType, str]] = ..., model: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("hold", "available_uecu", "replayed", "quote")
+    __slots__ = ("hold", "available_uecu", "replayed", "quote", "degraded")
     HOLD_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_UECU_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     QUOTE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     hold: Hold
     available_uecu: int
     replayed: bool
     quote: Quote
-    def __init__(self, hold: _Optional[_Union[Hold, _Mapping]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ...) -> None: ...
+    degraded: bool
+    def __init__(self, hold: _Optional[_Union[Hold, _Mapping]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("reservation_id", "organization", "actual_uecu", "usage", "usage_lines", "rate_card_version")
@@ -367,7 +369,7 @@ class CommitRequest(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., organization: _Optional[str] = ..., actual_uecu: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., usage_lines: _Optional[_Iterable[_Union[UsageLine, _Mapping]]] = ..., rate_card_version: _Optional[str] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
-    __slots__ = ("reservation_id", "committed_uecu", "released_uecu", "overage_uecu", "unbilled_overage_uecu", "late", "available_uecu", "replayed", "quote")
+    __slots__ = ("reservation_id", "committed_uecu", "released_uecu", "overage_uecu", "unbilled_overage_uecu", "late", "available_uecu", "replayed", "quote", "degraded")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_UECU_FIELD_NUMBER: _ClassVar[int]
     RELEASED_UECU_FIELD_NUMBER: _ClassVar[int]
@@ -377,6 +379,7 @@ class CommitResponse(_message.Message):
     AVAILABLE_UECU_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     QUOTE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     committed_uecu: int
     released_uecu: int
@@ -386,7 +389,8 @@ class CommitResponse(_message.Message):
     available_uecu: int
     replayed: bool
     quote: Quote
-    def __init__(self, reservation_id: _Optional[str] = ..., committed_uecu: _Optional[int] = ..., released_uecu: _Optional[int] = ..., overage_uecu: _Optional[int] = ..., unbilled_overage_uecu: _Optional[int] = ..., late: _Optional[bool] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ...) -> None: ...
+    degraded: bool
+    def __init__(self, reservation_id: _Optional[str] = ..., committed_uecu: _Optional[int] = ..., released_uecu: _Optional[int] = ..., overage_uecu: _Optional[int] = ..., unbilled_overage_uecu: _Optional[int] = ..., late: _Optional[bool] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("reservation_id", "organization")
@@ -397,18 +401,20 @@ class ReleaseRequest(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., organization: _Optional[str] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
-    __slots__ = ("reservation_id", "released_uecu", "state", "available_uecu", "replayed")
+    __slots__ = ("reservation_id", "released_uecu", "state", "available_uecu", "replayed", "degraded")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     RELEASED_UECU_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_UECU_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     released_uecu: int
     state: HoldState
     available_uecu: int
     replayed: bool
-    def __init__(self, reservation_id: _Optional[str] = ..., released_uecu: _Optional[int] = ..., state: _Optional[_Union[HoldState, str]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    degraded: bool
+    def __init__(self, reservation_id: _Optional[str] = ..., released_uecu: _Optional[int] = ..., state: _Optional[_Union[HoldState, str]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class ExtendRequest(_message.Message):
     __slots__ = ("reservation_id", "organization", "ttl_ms", "sequence")

@@ -1,7 +1,9 @@
 -- commit: settle one or more holds of one organization with what each step really cost.
 --   KEYS: the organization's keys (see _lib.lua)
 --   ARGV[5] overage bound in percent of the hold (billed = min(actual, hold + hold*pct/100))
---   ARGV[6] item count n, then n groups of 7: reservation id, actual, tokens in, tokens out, calls,
+--   ARGV[6] '1' to bill an unknown reservation id as a hold-less (orphan) commit: the replay of
+--   a hold granted locally in degraded mode (ecu_sidecar.degraded); '0' otherwise
+--   ARGV[7] item count n, then n groups of 7: reservation id, actual, tokens in, tokens out, calls,
 --   rate card version the actual was priced with ('' = a plain amount), breakdown JSON ('' = none)
 -- Returns {'OK', available_after, then per item 10 values:
 --   id, status ('OK' or an error reason), message, committed, released, overage, unbilled, late (0|1),
@@ -19,7 +21,8 @@ if not account_exists() then
 end
 sweep()
 local pct = tonumber(ARGV[5])
-local n = tonumber(ARGV[6])
+local orphan_ok = ARGV[6] == '1' or redis.call('HEXISTS', ACCT, 'hydrated') == 1
+local n = tonumber(ARGV[7])
 local out = {'OK', 0}
 
 local function item_err(rid, reason, message)
@@ -34,11 +37,11 @@ local function item_ok(rid, rec, replayed)
 end
 
 for i = 0, n - 1 do
-  local b = 7 + i * 7
+  local b = 8 + i * 7
   local rid, actual_s, rcv, lines = ARGV[b], ARGV[b + 1], ARGV[b + 5], ARGV[b + 6]
   local usage = {'tokens_in', ARGV[b + 2], 'tokens_out', ARGV[b + 3], 'calls', ARGV[b + 4]}
   local rec = get_hold(rid)
-  if not rec and redis.call('HEXISTS', ACCT, 'hydrated') == 1 then
+  if not rec and orphan_ok then
     -- Usage is never dropped: record it against a placeholder hold of amount 0.
     rec = {st = 'O', amt = '0', job = '', mdl = '', ttl = '0', tm = '', pj = '', us = '',
       dl = I(NOW), t0 = I(NOW), av0 = '0', seq = '0', ettl = '0'}

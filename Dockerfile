@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1
+# ecu-sidecar: the quota sidecar (`serve`, the default), the flusher (`flush`) and the ledger
+# migrations (`migrate`) in one image. Build: `make image` or `docker build -t ecu-sidecar .`
+# (docs/operations.md, "The image"). Pin the base by digest in your registry mirror for fully
+# reproducible builds: PYTHON_IMAGE=python:3.11.13-slim-bookworm@sha256:<digest>.
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+# -- build: a venv with the project and its dependencies (wheels only, no compiler) ---------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/ecu
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY ecu_sidecar ./ecu_sidecar
+RUN /opt/ecu/bin/pip install --only-binary=:all: --upgrade pip \
+ && /opt/ecu/bin/pip install --prefer-binary . \
+ && /opt/ecu/bin/python -m compileall -q /opt/ecu/lib \
+ && /opt/ecu/bin/ecu-sidecar --version
+
+# -- runtime: the venv and an unprivileged user, nothing else -------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="ecu-sidecar" \
+      org.opencontainers.image.description="ECU quota sidecar, ledger flusher and migrations" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 ecu \
+ && useradd --system --uid 10001 --gid ecu --home-dir /nonexistent --no-create-home \
+      --shell /usr/sbin/nologin ecu
+COPY --from=build /opt/ecu /opt/ecu
+COPY ratecards/example.toml /etc/ecu/ratecards/example.toml
+ENV PATH=/opt/ecu/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    ECU_LISTEN=127.0.0.1:50051 \
+    ECU_LOG_FORMAT=json
+# Numeric user, so Kubernetes can verify runAsNonRoot without a passwd lookup.
+USER 10001:10001
+WORKDIR /tmp
+# 50052: gRPC health (ECU_HEALTH_LISTEN), 9464: /metrics (ECU_METRICS_LISTEN). The quota gRPC
+# port stays on 127.0.0.1 inside the pod.
+EXPOSE 50052 9464
+ENTRYPOINT ["ecu-sidecar"]
+CMD ["serve"]
