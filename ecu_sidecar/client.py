@@ -58,6 +58,7 @@ from grpc_status import rpc_status
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
+from ecu_sidecar.convert import balance_from_pb, scope_from_pb
 from ecu_sidecar.model import (
     Balance,
     CommitItem,
@@ -549,36 +550,8 @@ def _commit_batch_outcomes(resp: pb.CommitBatchResponse) -> list[CommitOutcome]:
     return out
 
 
-def _scope(s: pb.ScopeUsage) -> ScopeUsage:
-    return ScopeUsage(s.id, s.cap_uecu if s.has_cap else None, s.held_uecu, s.used_uecu)
-
-
 def _to_balance(resp: pb.GetBalanceResponse) -> Balance:
-    b = resp.balance
-    return Balance(
-        organization=b.organization,
-        granted_uecu=b.granted_uecu,
-        balance_uecu=b.balance_uecu,
-        held_uecu=b.held_uecu,
-        committed_uecu=b.committed_uecu,
-        reserved_uecu=b.reserved_uecu,
-        committed_from_holds_uecu=b.committed_from_holds_uecu,
-        released_uecu=b.released_uecu,
-        expired_uecu=b.expired_uecu,
-        overage_uecu=b.overage_uecu,
-        unbilled_overage_uecu=b.unbilled_overage_uecu,
-        late_committed_uecu=b.late_committed_uecu,
-        outstanding_holds=b.outstanding_holds,
-        expired_holds=b.expired_holds,
-        teams=[_scope(s) for s in b.teams],
-        projects=[_scope(s) for s in b.projects],
-        expired_grants_uecu=b.expired_grants_uecu,
-        orphan_committed_uecu=b.orphan_committed_uecu,
-        carried_committed_uecu=b.carried_committed_uecu,
-        repaired_uecu=b.repaired_uecu,
-        auto_topup_threshold_uecu=b.auto_topup_threshold_uecu if b.has_auto_topup else None,
-        auto_topup_amount_uecu=b.auto_topup_amount_uecu,
-    )
+    return balance_from_pb(resp.balance)
 
 
 def _job_type(field: str, job_type: JobType | str | None, job: Any) -> int:
@@ -764,7 +737,7 @@ def _set_cap(org: str, scope: str, scope_id: str, cap_uecu: int | None) -> _Call
             cap_uecu=0 if cap_uecu is None else _int("cap_uecu", cap_uecu),
             clear=cap_uecu is None,
         ),
-        lambda r: _scope(r.usage),
+        lambda r: scope_from_pb(r.usage),
         admin=True,
     )
 

@@ -7,11 +7,12 @@ prompt_tokens" with the right field path; zero counts that the API documents as 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
-from ecu_sidecar.model import JobType
+from ecu_sidecar.model import Balance, JobType, ScopeUsage
 from ecu_sidecar.pricing import (
     ChatMessage,
     GepaSpec,
@@ -23,7 +24,16 @@ from ecu_sidecar.pricing import (
     UsageLine,
 )
 
-__all__ = ["fingerprint", "job_from_pb", "quote_to_pb", "usage_from_pb"]
+__all__ = [
+    "balance_from_pb",
+    "balance_to_pb",
+    "fingerprint",
+    "job_from_pb",
+    "quote_to_pb",
+    "scope_from_pb",
+    "scope_to_pb",
+    "usage_from_pb",
+]
 
 _JOB_TYPE_PB = {
     JobType.INFERENCE: pb.JOB_TYPE_INFERENCE,
@@ -134,4 +144,54 @@ def quote_to_pb(quote: Quote) -> pb.Quote:
             )
             for x in quote.lines
         ],
+    )
+
+
+#: Balance fields that are plain integers on both sides, converted by name.
+_BALANCE_SCALARS = tuple(
+    f.name
+    for f in dataclasses.fields(Balance)
+    if f.name in pb.Balance.DESCRIPTOR.fields_by_name
+    and f.name not in ("organization", "teams", "projects", "auto_topup_threshold_uecu")
+)
+
+
+def scope_to_pb(s: ScopeUsage) -> pb.ScopeUsage:
+    """A team's or project's usage as its protobuf message."""
+    return pb.ScopeUsage(
+        id=s.id,
+        has_cap=s.cap_uecu is not None,
+        cap_uecu=s.cap_uecu or 0,
+        held_uecu=s.held_uecu,
+        used_uecu=s.used_uecu,
+        available_uecu=s.available_uecu,
+    )
+
+
+def scope_from_pb(s: pb.ScopeUsage) -> ScopeUsage:
+    """The domain value of a protobuf ScopeUsage."""
+    return ScopeUsage(s.id, s.cap_uecu if s.has_cap else None, s.held_uecu, s.used_uecu)
+
+
+def balance_to_pb(b: Balance) -> pb.Balance:
+    """A Balance as its protobuf message (available and the auto-top-up flag derived)."""
+    return pb.Balance(
+        organization=b.organization,
+        available_uecu=b.available_uecu,
+        teams=[scope_to_pb(s) for s in b.teams],
+        projects=[scope_to_pb(s) for s in b.projects],
+        has_auto_topup=b.auto_topup_threshold_uecu is not None,
+        auto_topup_threshold_uecu=b.auto_topup_threshold_uecu or 0,
+        **{name: getattr(b, name) for name in _BALANCE_SCALARS},
+    )
+
+
+def balance_from_pb(m: pb.Balance) -> Balance:
+    """The domain Balance of a protobuf message."""
+    return Balance(
+        organization=m.organization,
+        teams=[scope_from_pb(s) for s in m.teams],
+        projects=[scope_from_pb(s) for s in m.projects],
+        auto_topup_threshold_uecu=m.auto_topup_threshold_uecu if m.has_auto_topup else None,
+        **{name: getattr(m, name) for name in _BALANCE_SCALARS},
     )

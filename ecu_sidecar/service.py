@@ -19,7 +19,14 @@ import grpc
 from ecu_sidecar import errors
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
-from ecu_sidecar.convert import fingerprint, job_from_pb, quote_to_pb, usage_from_pb
+from ecu_sidecar.convert import (
+    balance_to_pb,
+    fingerprint,
+    job_from_pb,
+    quote_to_pb,
+    scope_to_pb,
+    usage_from_pb,
+)
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.metrics import Metrics
 from ecu_sidecar.model import (
@@ -30,7 +37,6 @@ from ecu_sidecar.model import (
     HoldState,
     JobType,
     ReserveItem,
-    ScopeUsage,
     Usage,
 )
 from ecu_sidecar.pricing import NoRateCard
@@ -96,17 +102,6 @@ def _commit_item(msg: Any) -> CommitItem:
         _usage(msg.usage),
         rate_card_version=msg.rate_card_version,
         usage_lines=usage_from_pb(msg.usage_lines) or None,
-    )
-
-
-def _scope_pb(s: ScopeUsage) -> pb.ScopeUsage:
-    return pb.ScopeUsage(
-        id=s.id,
-        has_cap=s.cap_uecu is not None,
-        cap_uecu=s.cap_uecu or 0,
-        held_uecu=s.held_uecu,
-        used_uecu=s.used_uecu,
-        available_uecu=s.available_uecu,
     )
 
 
@@ -344,34 +339,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         self, request: pb.GetBalanceRequest, context: Any
     ) -> pb.GetBalanceResponse:
         b = await self.engine.balance(request.organization)
-        return pb.GetBalanceResponse(
-            balance=pb.Balance(
-                organization=b.organization,
-                granted_uecu=b.granted_uecu,
-                balance_uecu=b.balance_uecu,
-                held_uecu=b.held_uecu,
-                available_uecu=b.available_uecu,
-                committed_uecu=b.committed_uecu,
-                reserved_uecu=b.reserved_uecu,
-                committed_from_holds_uecu=b.committed_from_holds_uecu,
-                released_uecu=b.released_uecu,
-                expired_uecu=b.expired_uecu,
-                overage_uecu=b.overage_uecu,
-                unbilled_overage_uecu=b.unbilled_overage_uecu,
-                late_committed_uecu=b.late_committed_uecu,
-                outstanding_holds=b.outstanding_holds,
-                expired_holds=b.expired_holds,
-                teams=[_scope_pb(s) for s in b.teams],
-                projects=[_scope_pb(s) for s in b.projects],
-                expired_grants_uecu=b.expired_grants_uecu,
-                orphan_committed_uecu=b.orphan_committed_uecu,
-                carried_committed_uecu=b.carried_committed_uecu,
-                repaired_uecu=b.repaired_uecu,
-                has_auto_topup=b.auto_topup_threshold_uecu is not None,
-                auto_topup_threshold_uecu=b.auto_topup_threshold_uecu or 0,
-                auto_topup_amount_uecu=b.auto_topup_amount_uecu,
-            )
-        )
+        return pb.GetBalanceResponse(balance=balance_to_pb(b))
 
     @_handle("Grant")
     async def Grant(self, request: pb.GrantRequest, context: Any) -> pb.GrantResponse:
@@ -397,7 +365,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         scope = _CAP_SCOPES.get(request.scope, request.scope)
         cap = None if request.clear else request.cap_uecu
         out = await self.engine.set_cap(request.organization, scope, request.id, cap)
-        return pb.SetCapResponse(usage=_scope_pb(out))
+        return pb.SetCapResponse(usage=scope_to_pb(out))
 
     @_handle("SetAutoTopUp")
     async def SetAutoTopUp(
