@@ -115,7 +115,7 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 	touch $(BENCH_STAMP)
 
 ## Floors, sidecar, batches, preview, flusher, levers: prints the table and writes
-## bench/results.json and docs/benchmarks.md (about 5 minutes on 2 cores at the default).
+## bench/results.json and docs/benchmarks.md (about 8 minutes on 2 cores at the default).
 bench: $(BENCH_STAMP)
 	BENCH_VIA_MAKE=1 BENCH_SECONDS=$(BENCH_SECONDS) $(BIN)/python -m bench $(BENCH_ARGS)
 

@@ -77,6 +77,7 @@ class Flusher:
         self._next_hydrate = 0.0
         self._batches = 0
         self._unwritten: list[OutboxEntry] = []
+        self._reread = False
 
     # -- fault injection (tests kill the process at the dangerous points) --------------------
 
@@ -105,9 +106,18 @@ class Flusher:
         if self._unwritten:  # a batch the ledger refused last time: retry it first
             entries = self._unwritten
         else:
-            per_stream = self.settings.flusher_batch
+            # ECU_FLUSHER_BATCH bounds a whole cycle, spread over the streams, so a backlog in
+            # many outboxes never asks Redis for more than one reply can carry in time.
+            per_stream = max(1, self.settings.flusher_batch // max(1, len(orgs)))
             entries = await self.reader.claim(orgs, self.settings.flusher_claim_idle_ms, per_stream)
-            entries += await self.reader.read(orgs, per_stream)
+            try:
+                entries += await self.reader.read(orgs, per_stream, own_pending=self._reread)
+            except StoreUnavailable:
+                # The reply may have been lost after Redis delivered the entries to us: read
+                # our own pending entries next time instead of waiting for a claim.
+                self._reread = True
+                raise
+            self._reread = False
         if not entries:
             return 0
         self._batches += 1
@@ -136,16 +146,15 @@ class Flusher:
             self.metrics.count_event(e.fields)
         return len(entries)
 
-    async def drain(self, max_batches: int = 1_000) -> int:
-        """Flush until the outboxes are empty (or ``max_batches``); returns entries moved."""
+    async def drain(self) -> int:
+        """Flush until a cycle finds nothing left to move; returns entries moved."""
         await self.discover(force=True)
         total = 0
-        for _ in range(max_batches):
+        while True:
             n = await self.flush_once()
             total += n
             if n == 0:
-                break
-        return total
+                return total
 
     # -- reconciliation and hydration -----------------------------------------------------
 

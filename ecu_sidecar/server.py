@@ -308,5 +308,13 @@ class SidecarServer:
                 self.store.kind,
             )
         await stop.wait()
-        log.info("signal received: draining (grace %.1fs)", self.settings.shutdown_grace_s)
+        log.info(
+            "signal received: NOT_SERVING, draining (delay %.1fs, grace %.1fs)",
+            self.settings.shutdown_delay_s,
+            self.settings.shutdown_grace_s,
+        )
+        # Calls already sent (received, not yet handed to a handler) would be cancelled by
+        # server.stop(): keep serving briefly after NOT_SERVING so they are answered.
+        await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.settings.shutdown_delay_s)
         await self.stop()

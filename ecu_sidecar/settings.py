@@ -155,6 +155,10 @@ class Settings:
     shutdown_grace_s: float = field(default=10.0, metadata={"kind": "float", "lo": 0, "hi": 600})
     """ECU_SHUTDOWN_GRACE_S: how long shutdown waits for in-flight RPCs to finish."""
 
+    shutdown_delay_s: float = field(default=0.5, metadata={"kind": "float", "lo": 0, "hi": 60})
+    """ECU_SHUTDOWN_DELAY_S: on SIGTERM, keep serving this long after health turns NOT_SERVING
+    before the server stops accepting: calls already on the wire are handled, not cancelled."""
+
     metrics_listen: str = field(default="", metadata={"kind": "str"})
     """ECU_METRICS_LISTEN: host:port for Prometheus /metrics; empty disables it."""
 

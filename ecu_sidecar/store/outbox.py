@@ -107,13 +107,18 @@ class OutboxReader:
                 raise
 
     @_unavailable
-    async def read(self, orgs: list[str], count: int) -> list[OutboxEntry]:
-        """New entries (never delivered) of these organizations, up to ``count`` per stream."""
+    async def read(
+        self, orgs: list[str], count: int, *, own_pending: bool = False
+    ) -> list[OutboxEntry]:
+        """New entries (never delivered) of these organizations, up to ``count`` per stream;
+        with ``own_pending``, the entries already delivered to this consumer and not yet
+        acknowledged instead (after a read whose reply was lost)."""
         if not orgs:
             return []
+        start = "0" if own_pending else ">"
         pipe = self._client.pipeline(transaction=False)
         for org in orgs:
-            pipe.xreadgroup(GROUP, self.consumer, {self.store.outbox_key(org): ">"}, count=count)
+            pipe.xreadgroup(GROUP, self.consumer, {self.store.outbox_key(org): start}, count=count)
         replies = await pipe.execute(raise_on_error=False)
         out: list[OutboxEntry] = []
         for org, reply in zip(orgs, replies, strict=True):

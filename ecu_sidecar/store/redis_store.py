@@ -444,7 +444,10 @@ class RedisStore:
                 # address): drop every pooled connection so the next calls connect afresh and
                 # find the new primary, instead of failing on READONLY forever.
                 log.warning("Redis answered READONLY: reconnecting")
-                await self._client.connection_pool.disconnect()
+                # Only idle connections: those in use by other calls are dropped when they are
+                # released after meeting READONLY themselves (tearing them down mid-handshake
+                # would surface as an internal error in those calls).
+                await self._client.connection_pool.disconnect(inuse_connections=False)
             if isinstance(exc, _UNAVAILABLE_ERRORS):
                 raise StoreUnavailable(f"Redis cannot serve: {type(exc).__name__}") from None
             if str(exc).startswith(_UNAVAILABLE_PREFIXES):

@@ -1,0 +1,165 @@
+"""The benchmark's server processes: ``python -m bench.servers (noop | sidecar) [options]``.
+
+- ``noop`` (floor A): a ``grpc.aio`` server with the sidecar's server options serving the same
+  Quota service, every RPC answered with a canned response: the cost of gRPC in Python alone.
+  With ``--redis-url`` (floor A∘B) each handler first runs its script with redis-py.
+- ``sidecar``: the product's own ``ecu-sidecar serve`` (configured by the ``ECU_*`` environment
+  the harness sets), optionally with uvloop as the event loop policy and prototype patches
+  (bench.levers) applied in this process first.
+
+Both print one JSON line ``{"port": N, "pid": P}`` on stdout (the sidecar before it binds; the
+harness then waits for its health check) and stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+__all__ = ["NOOP_SERVER_OPTIONS", "main"]
+
+#: The options ecu_sidecar.server.SidecarServer passes to grpc.aio.server (kept in step by
+#: tests/test_bench_smoke.py, which reads them from the product's source).
+NOOP_SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+]
+
+
+def _use_uvloop() -> None:
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _noop(port: int, redis_url: str = "", prefix: str = "") -> None:
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from ecu_sidecar.api.v1 import quota_pb2 as pb
+    from ecu_sidecar.api.v1 import quota_pb2_grpc
+
+    hold = pb.Hold(
+        reservation_id="r" * 24,
+        organization="org-000000",
+        amount_uecu=1_000,
+        deadline_unix_ms=1_900_000_000_000,
+        state=pb.HOLD_STATE_ACTIVE,
+    )
+    reserve = pb.ReserveResponse(hold=hold, available_uecu=999_999_000)
+    commit = pb.CommitResponse(
+        reservation_id="r" * 24, committed_uecu=700, released_uecu=300, available_uecu=999_999_300
+    )
+    release = pb.ReleaseResponse(
+        reservation_id="r" * 24,
+        released_uecu=1_000,
+        state=pb.HOLD_STATE_RELEASED,
+        available_uecu=999_999_300,
+    )
+
+    class Noop(quota_pb2_grpc.QuotaServicer):
+        async def Reserve(self, request: pb.ReserveRequest, context: object) -> pb.ReserveResponse:
+            return reserve
+
+        async def Commit(self, request: pb.CommitRequest, context: object) -> pb.CommitResponse:
+            return commit
+
+        async def Release(self, request: pb.ReleaseRequest, context: object) -> pb.ReleaseResponse:
+            return release
+
+    servicer: quota_pb2_grpc.QuotaServicer = Noop()
+    if redis_url:
+        servicer = await _scripted(redis_url, prefix, reserve, commit, release)
+    server = grpc.aio.server(options=NOOP_SERVER_OPTIONS)
+    quota_pb2_grpc.add_QuotaServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    print(json.dumps({"port": bound, "pid": os.getpid()}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+async def _scripted(redis_url: str, prefix: str, reserve: Any, commit: Any, release: Any) -> Any:
+    """Floor A∘B: the same no-op server, whose handlers each run the operation's script with
+    redis-py (exactly the product's arguments, bench.scriptargs) before answering the canned
+    response. Sidecar − A∘B is what the sidecar's own code costs: validation, the engine,
+    parsing, metrics, timeouts."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import NoScriptError
+
+    from bench.scriptargs import ScriptCall, capture
+    from ecu_sidecar.api.v1 import quota_pb2 as pb
+    from ecu_sidecar.api.v1 import quota_pb2_grpc
+    from ecu_sidecar.settings import Settings
+
+    d = Settings.from_mapping({})
+    pool = aioredis.BlockingConnectionPool.from_url(
+        redis_url, max_connections=d.redis_pool_size, timeout=d.redis_timeout_ms / 1000
+    )
+    client = aioredis.Redis(connection_pool=pool)
+    calls = await capture(prefix)
+    for call in calls.values():
+        await client.script_load(call.source)
+
+    async def run(call: ScriptCall, org: str, rid: str) -> Any:
+        args = call.args(org, rid)
+        try:
+            return await client.evalsha(call.sha, *args)
+        except NoScriptError:
+            return await client.eval(call.source, *args)
+
+    class Scripted(quota_pb2_grpc.QuotaServicer):
+        async def Reserve(self, request: pb.ReserveRequest, context: object) -> pb.ReserveResponse:
+            await run(calls["reserve"], request.account.organization, request.reservation_id)
+            return reserve
+
+        async def Commit(self, request: pb.CommitRequest, context: object) -> pb.CommitResponse:
+            await run(calls["commit"], request.organization, request.reservation_id)
+            return commit
+
+        async def Release(self, request: pb.ReleaseRequest, context: object) -> pb.ReleaseResponse:
+            await run(calls["release"], request.organization, request.reservation_id)
+            return release
+
+    return Scripted()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.servers")
+    parser.add_argument("role", choices=("noop", "sidecar"))
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--uvloop", action="store_true", help="uvloop as the loop policy")
+    parser.add_argument("--patch", action="append", default=[], help="a bench.levers patch")
+    parser.add_argument("--redis-url", default="", help="noop: run the scripts (floor A∘B)")
+    parser.add_argument("--prefix", default="", help="noop with --redis-url: the key prefix")
+    args = parser.parse_args(argv)
+    if args.uvloop:
+        _use_uvloop()
+    if args.role == "noop":
+        asyncio.run(_noop(args.port, args.redis_url, args.prefix))
+        return 0
+    from bench.levers import apply
+
+    for name in args.patch:
+        apply(name)
+    port = int(os.environ["ECU_LISTEN"].rpartition(":")[2])
+    print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
+    from ecu_sidecar.cli import main as ecu_main
+
+    return ecu_main(["serve"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

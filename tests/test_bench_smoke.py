@@ -1,0 +1,111 @@
+"""The benchmark's smoke run (``python -m bench --smoke``): every section produces figures and
+the results JSON is well formed. Benchmarks are not tests: nothing here asserts a speed."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import require_postgres, require_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and x == x and x not in (float("inf"), float("-inf"))
+
+
+def test_noop_server_uses_the_sidecars_server_options() -> None:
+    """Floor A must be built like the sidecar's server: read the options from the source."""
+    from bench.servers import NOOP_SERVER_OPTIONS
+
+    tree = ast.parse((ROOT / "ecu_sidecar" / "server.py").read_text())
+    found = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "server"
+        ):
+            for kw in node.keywords:
+                if kw.arg == "options":  # literals and arithmetic on them (8 * 1024 * 1024)
+                    code = compile(ast.Expression(kw.value), "server.py", "eval")
+                    found.append(eval(code, {"__builtins__": {}}))
+    assert found, "no grpc.aio.server(options=...) call found in ecu_sidecar/server.py"
+    assert [list(map(tuple, f)) for f in found] == [[tuple(o) for o in NOOP_SERVER_OPTIONS]]
+
+
+def test_smoke_run_produces_every_section(tmp_path: Path) -> None:
+    require_redis()
+    require_postgres()
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out), "--no-doc"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())  # strict JSON: no NaN, no Infinity
+
+    runs = {r["id"]: r for r in results["runs"]}
+    sections = {r["section"] for r in results["runs"]}
+    assert {"floor_a", "floor_ab", "floor_b", "sidecar", "batch", "preview", "flusher_lag"} <= (
+        sections
+    )
+    for run in results["runs"]:
+        assert run["rpcs"] > 0, run["id"]
+        assert _finite(run["rpc_per_s"]) and run["rpc_per_s"] > 0, run["id"]
+        for method, s in run["latency_ms"].items():
+            assert s["n"] > 0 and all(_finite(s[k]) for k in ("p50", "p99", "p999")), (
+                run["id"],
+                method,
+            )
+    for run_id, run in runs.items():
+        if run["server"] == "sidecar":
+            assert _finite(run["server_cpu_s_per_1k_rpc"]), run_id
+            assert _finite(run["peak_rss_mb"]) and run["peak_rss_mb"] > 0, run_id
+
+    per_rpc = results["roundtrips"]["per_rpc"]
+    for kind in ("Reserve", "Commit", "Release", "Extend"):
+        assert _finite(per_rpc[kind]["round_trips"]), kind
+    assert any(k.startswith("ReserveBatch") for k in per_rpc)
+    assert any(k.startswith("CommitBatch") for k in per_rpc)
+
+    assert results["preview_prompt"]["tokens"] > 0
+    drain = results["flusher_drain"]
+    assert drain["events"] > 0 and _finite(drain["events_per_s"])
+    assert drain["ledger_events"] > 0
+    lag = results["flusher_lag"]
+    assert lag["samples"] > 0 and _finite(lag["committed_steps_per_s"])
+
+    ids = {t["id"] for t in results["targets"]}
+    assert {"round_trips", "reserve_p50", "reserve_p99", "batch", "preview", "rss"} <= ids
+    assert {"flusher_throughput", "flusher_lag"} <= ids
+    for t in results["targets"]:
+        assert isinstance(t["pass"], bool), t
+
+    env = results["meta"]["environment"]
+    assert env["nproc"] >= 1 and env["python"] and env["packages"]["grpcio"]
+
+
+@pytest.mark.parametrize("url", ["redis://10.0.0.1:6379/0", "redis://example.com/0"])
+def test_refuses_targets_other_than_loopback(url: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--redis-url", url, "--no-doc"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "127.0.0.1 only" in proc.stderr
