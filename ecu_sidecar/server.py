@@ -7,7 +7,6 @@ stop the sweeper -> close the Redis pool.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -32,6 +31,9 @@ from ecu_sidecar.store import RedisStore
 __all__ = ["SERVICE_NAME", "SidecarServer", "load_rates"]
 
 log = logging.getLogger(__name__)
+
+#: How long shutdown waits for the background loops (sweeper, flusher, reloads) to stop.
+LOOP_STOP_TIMEOUT_S = 10.0
 
 SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["Quota"].full_name
 
@@ -123,7 +125,7 @@ class SidecarServer:
         self.health_port = 0
         """The bound health-only port (ECU_HEALTH_LISTEN)."""
         self._tasks: list[asyncio.Task[None]] = []
-        self._stop_flusher = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         if self.rates is not None:
             self.metrics.rate_card_loaded(self.rates.current.version)
@@ -191,7 +193,7 @@ class SidecarServer:
             self._tasks.append(asyncio.create_task(self._rate_card_loop(), name="ecu-rate-card"))
         if self.flusher is not None:
             self._tasks.append(
-                asyncio.create_task(self.flusher.run(self._stop_flusher), name="ecu-flusher")
+                asyncio.create_task(self.flusher.run(self._stopping), name="ecu-flusher")
             )
         return self.port
 
@@ -217,14 +219,14 @@ class SidecarServer:
 
     async def _rate_card_loop(self) -> None:
         interval = self.settings.rate_card_poll_ms / 1000
-        while True:
+        while not self._stopping.is_set():
             await asyncio.sleep(interval)
             await self.reload_rate_card()
 
     async def _replay_loop(self) -> None:
         """Replay degraded-mode decisions into Redis as soon as it answers again."""
         interval = self.settings.sweep_interval_ms / 1000
-        while True:
+        while not self._stopping.is_set():
             try:
                 replayed = await self.engine.replay_degraded()
                 if replayed:
@@ -237,7 +239,7 @@ class SidecarServer:
 
     async def _sweep_loop(self) -> None:
         interval = self.settings.sweep_interval_ms / 1000
-        while True:
+        while not self._stopping.is_set():
             await asyncio.sleep(interval)
             try:
                 expired = await self.engine.sweep_recent()
@@ -261,12 +263,21 @@ class SidecarServer:
             await self._server.stop(grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
-        self._stop_flusher.set()
+        self._stopping.set()
+        # The loops check _stopping each turn; cancel them too, and bound the wait: on Python
+        # 3.11 a cancellation landing as a write completes can be swallowed (CPython
+        # gh-86296), and shutdown must not hang on a background loop.
         for task in self._tasks:
             if task.get_name() != "ecu-flusher":
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=LOOP_STOP_TIMEOUT_S)
+            for task in pending:
+                log.error(
+                    "background task %s did not stop in %.0fs; abandoning it",
+                    task.get_name(),
+                    LOOP_STOP_TIMEOUT_S,
+                )
         if self.flusher is not None:
             # The final flush: everything acknowledged so far goes to the ledger before exit.
             try:
