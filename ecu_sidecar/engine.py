@@ -254,19 +254,18 @@ class QuotaEngine:
         self, account: AccountRef, item: ReserveItem, cause: StoreUnavailable
     ) -> ReserveOutcome:
         assert self.journal is not None
-        hold = self.journal.reserve(
-            LocalHold(
-                account.organization,
-                item.reservation_id,
-                item.amount_uecu,
-                account.team,
-                account.project,
-                account.user,
-                item.job_type.value,
-                item.model,
-                degraded_now_ms() + item.ttl_ms,
-            )
+        asked = LocalHold(
+            account.organization,
+            item.reservation_id,
+            item.amount_uecu,
+            account.team,
+            account.project,
+            account.user,
+            item.job_type.value,
+            item.model,
+            degraded_now_ms() + item.ttl_ms,
         )
+        hold = self.journal.reserve(asked)
         if hold is None:
             raise StoreUnavailable(
                 f"{cause.message}; the degraded allowance of organization "
@@ -286,7 +285,10 @@ class QuotaEngine:
             item.rate_card_version,
         )
         return ReserveOutcome(
-            [view], self._local_available(account.organization), replayed=False, degraded=True
+            [view],
+            self._local_available(account.organization),
+            replayed=hold is not asked,
+            degraded=True,
         )
 
     def _commit_locally(self, org: str, items: Sequence[CommitItem]) -> CommitBatchOutcome:

@@ -144,6 +144,22 @@ class Metrics:
             registry=registry,
         )
         self.build.labels(__version__).set(1)
+        self.degraded_grants = Counter(
+            "ecu_degraded_grants_total",
+            "Holds granted locally while Redis was unreachable (opt-in degraded mode).",
+            registry=registry,
+        )
+        self.degraded_uecu = Counter(
+            "ecu_degraded_granted_uecu_total",
+            "µECU of holds granted locally while Redis was unreachable: the overspend the "
+            "degraded allowance permitted.",
+            registry=registry,
+        )
+        self.degraded_pending = Gauge(
+            "ecu_degraded_journal_pending",
+            "Degraded-mode decisions in the local journal not yet replayed into Redis.",
+            registry=registry,
+        )
         self.store = StoreMetrics.of(registry)
         """Redis script latency and errors (attached to the store by the server)."""
         # Exported at 0 from the start, so the first failure is an increase an alert can see.

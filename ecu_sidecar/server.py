@@ -115,6 +115,8 @@ class SidecarServer:
         )
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        if self.journal is not None:
+            self.metrics.degraded_pending.set_function(self.journal.pending)
         self.store.metrics = self.metrics.store
         self.flusher: Flusher | None = None
         if ledger is not None and settings.run_flusher_in_serve:

@@ -259,6 +259,9 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         account = _account(request.account)
         out = await self.engine.reserve(account, [self._reserve_item("", request)])
         quote = out.quotes[0] if out.quotes else None
+        if out.degraded and not out.replayed:
+            self.metrics.degraded_grants.inc()
+            self.metrics.degraded_uecu.inc(out.holds[0].amount_uecu)
         return pb.ReserveResponse(
             hold=self._hold_pb(account.organization, out.holds[0]),
             available_uecu=out.available_uecu,

@@ -112,8 +112,13 @@ async def test_bounded_local_grants_then_exact_replay(redis: PrivateRedis, tmp_p
                 "release",
             ]
 
+            sample = server.registry.get_sample_value
+            assert sample("ecu_degraded_grants_total") == 2  # r1 and r3; the replay of r1 not
+            assert sample("ecu_degraded_granted_uecu_total") == 600 + 300
+            assert sample("ecu_degraded_journal_pending") == 3
             redis.thaw()
             await wait_replayed(server.journal)
+            assert sample("ecu_degraded_journal_pending") == 0
             b = (await stub.GetBalance(pb.GetBalanceRequest(organization="acme"))).balance
             assert b.committed_uecu == 450 + 1_500
             assert b.balance_uecu == 10_000 - 450 - 1_500
