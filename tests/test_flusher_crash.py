@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from ecu_sidecar.engine import QuotaEngine
+from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.ledger import Ledger, open_ledger
 from ecu_sidecar.model import AccountRef, CommitItem, GrantKind
 from ecu_sidecar.settings import Settings
@@ -84,7 +85,12 @@ async def run_load(engine: QuotaEngine, stop: asyncio.Event, seed: int) -> int:
     rng = random.Random(seed)
     rounds = 0
     while not stop.is_set():
-        await asyncio.gather(*(traffic(engine, org, 3, rng) for org in ORGS))
+        try:
+            await asyncio.gather(*(traffic(engine, org, 3, rng) for org in ORGS))
+        except StoreUnavailable:
+            # A loaded machine may time a call out: an unknown outcome, which the audit at
+            # the end covers (Redis is the reference); keep the traffic flowing.
+            await asyncio.sleep(0.05)
         rounds += 1
     return rounds
 
@@ -96,7 +102,8 @@ async def wait_exit(proc: subprocess.Popen[bytes], limit_s: float = 60) -> tuple
         await asyncio.sleep(0.05)
     else:
         proc.kill()
-        raise AssertionError("flusher did not exit in time")
+        _, err = proc.communicate()
+        raise AssertionError(f"flusher did not exit in time:\n{err.decode()[-3000:]}")
     _, err = proc.communicate()
     return proc.returncode, err.decode()
 

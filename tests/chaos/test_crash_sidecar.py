@@ -89,7 +89,7 @@ async def run_round(
                 )
                 for seed in range(WORKERS)
             ]
-            await asyncio.sleep(1.2)
+            await asyncio.sleep(1.0)
             t_signal = time.monotonic()
             proc.signal(sig)
             code = await proc.wait_exit(timeout_s=20)

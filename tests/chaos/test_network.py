@@ -156,7 +156,7 @@ async def test_connection_fault_bounded_answers_and_recovery(
 
             for _ in range(rounds):
                 rec, healed = await under_load(
-                    stub, inject, proxy.heal, before_s=0.3, during_s=0.5, after_s=0.8
+                    stub, inject, proxy.heal, before_s=0.2, during_s=0.5, after_s=0.7
                 )
                 summary = check_answers(rec, healed, fault)
                 unknown, replayed = await exactly_once(rec, stub, server.store)
@@ -316,7 +316,7 @@ async def test_script_flush_under_load_reaches_no_worker(redis_servers: Any) -> 
                 await asyncio.sleep(0.01)
 
         rec, _ = await under_load(
-            stub, flushing, lambda: None, before_s=0.1, during_s=scale(1.5, 10.0), after_s=0.2
+            stub, flushing, lambda: None, before_s=0.1, during_s=scale(1.0, 10.0), after_s=0.2
         )
         codes = rec.codes()
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED/INSUFFICIENT_ECU"}, codes
