@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -68,6 +70,9 @@ from ecu_sidecar.validation import (
     check_model,
     check_optional_id,
 )
+
+#: An organization nobody touches is swept at least every this many sweep intervals.
+SWEEP_IDLE_INTERVALS = 30
 
 __all__ = ["LedgerPort", "QuotaEngine"]
 
@@ -175,7 +180,9 @@ class QuotaEngine:
         self.ledger = ledger
         """With a ledger, grants are written to it first, and an organization Redis has lost is
         rebuilt from it on first use."""
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._recent: OrderedDict[str, float] = OrderedDict()
+        """Organizations served recently (least recent first) -> when (time.monotonic()) the
+        background sweeper next has work there."""
 
     # -- validation helpers -------------------------------------------------------------------
 
@@ -216,14 +223,22 @@ class QuotaEngine:
                 field, f"must hold at most {self.settings.max_batch_items} items, got {n}"
             )
 
-    def _seen(self, org: str) -> None:
+    def _seen(self, org: str, due_within_ms: int | None = None) -> None:
+        """Track ``org`` for the background sweeper; ``due_within_ms``: a hold made now falls
+        due then, so sweep no later than that."""
         recent = self._recent
-        if org in recent:
-            recent.move_to_end(org)
+        due = recent.get(org)
+        if due is None:
+            wait_ms = self.settings.sweep_interval_ms if due_within_ms is None else due_within_ms
+            recent[org] = time.monotonic() + wait_ms / 1000
+            if len(recent) > self.settings.sweep_max_orgs:
+                recent.popitem(last=False)
             return
-        recent[org] = None
-        if len(recent) > self.settings.sweep_max_orgs:
-            recent.popitem(last=False)
+        recent.move_to_end(org)
+        if due_within_ms is not None:
+            at = time.monotonic() + due_within_ms / 1000
+            if at < due:
+                recent[org] = at
 
     async def hydrate(self, org: str) -> bool:
         """Rebuild ``org`` in Redis from the ledger if Redis lacks it; False if the ledger does
@@ -426,7 +441,10 @@ class QuotaEngine:
             if self.journal is None or len(resolved) != 1:
                 raise
             return replace(self._reserve_locally(account, resolved[0], exc), quotes=quotes)
-        self._seen(account.organization)
+        self._seen(
+            account.organization,
+            min(it.ttl_ms or self.settings.default_ttl_ms for it in resolved),
+        )
         # A replay of a hold priced before a rate card reload keeps its pinned price: answer
         # the quote of the version it pinned, which is the one its commit must name.
         for i, (hold, quote) in enumerate(zip(outcome.holds, quotes, strict=True)):
@@ -630,9 +648,34 @@ class QuotaEngine:
         )
 
     async def sweep_recent(self) -> int:
-        """Expire overdue holds of every recently seen organization; returns how many expired."""
+        """Expire overdue holds of every recently seen organization whose next hold deadline
+        or grant expiry has come; returns how many holds expired.
+
+        Every script sweeps its organization before deciding, so this pass only matters for
+        organizations nobody touches. Each sweep says when that organization next has work;
+        it is left alone until then, and at most SWEEP_IDLE_INTERVALS sweep intervals (holds
+        made by other sidecar processes, which this one does not hear of)."""
         total = 0
-        for org in self.recent_organizations():
-            expired, _ = await self.store.sweep(org)
-            total += expired
+        recent = self._recent
+        interval_s = self.settings.sweep_interval_ms / 1000
+        idle_s = interval_s * SWEEP_IDLE_INTERVALS
+        now = time.monotonic()
+        for org in [org for org, due in recent.items() if due <= now]:
+            # While the script runs, a reserve may bring the due time forward: keep the earlier.
+            recent[org] = math.inf
+            try:
+                out = await self.store.sweep(org)
+            except BaseException:
+                if recent.get(org) == math.inf:
+                    recent[org] = now + interval_s
+                raise
+            total += out.expired
+            if out.waiting:
+                wait_s = 0.0  # more were due than one sweep handles: the next tick goes on
+            elif out.next_due_ms is None:
+                wait_s = idle_s
+            else:
+                wait_s = min(out.next_due_ms / 1000, idle_s)
+            if org in recent:  # not evicted meanwhile
+                recent[org] = min(recent[org], time.monotonic() + wait_s)
         return total

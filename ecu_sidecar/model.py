@@ -29,6 +29,7 @@ __all__ = [
     "ReserveItem",
     "ReserveOutcome",
     "ScopeUsage",
+    "SweepOutcome",
     "Usage",
 ]
 
@@ -185,6 +186,18 @@ class ReleaseOutcome:
     available_uecu: int
     replayed: bool
     degraded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SweepOutcome:
+    """What one sweep of an organization did, and when the next one has work."""
+
+    expired: int
+    """Holds expired by this sweep."""
+    waiting: int
+    """Overdue holds still waiting (more than one sweep's limit were due)."""
+    next_due_ms: int | None
+    """Milliseconds until the next hold deadline or grant expiry falls due (None: none)."""
 
 
 @dataclass(frozen=True, slots=True)

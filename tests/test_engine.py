@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from typing import Any
 
 import pytest
 
 from ecu_sidecar import errors
-from ecu_sidecar.engine import QuotaEngine
+from ecu_sidecar.engine import SWEEP_IDLE_INTERVALS, QuotaEngine
 from ecu_sidecar.model import (
     AccountRef,
     Balance,
@@ -380,15 +381,54 @@ async def test_expired_holds_are_swept_and_counted(engine: QuotaEngine, store: R
         AccountRef(org, "t"), [item(f"h{i}", 100, ttl_ms=1_000) for i in range(5)], batch=True
     )
     await engine.reserve(AccountRef(org), [item("long", 100, ttl_ms=60_000)])
-    assert (await store.sweep(org)) == (0, 0)
+    first = await store.sweep(org)
+    assert (first.expired, first.waiting) == (0, 0)
+    assert first.next_due_ms is not None and 0 < first.next_due_ms <= 1_000
     store.clock_offset_ms = 1_001  # step the script clock past the short deadlines
-    assert (await store.sweep(org)) == (5, 0)
+    second = await store.sweep(org)
+    assert (second.expired, second.waiting) == (5, 0)
+    assert second.next_due_ms is not None and 55_000 < second.next_due_ms <= 59_000  # "long"
     b = await engine.balance(org)
     assert (b.expired_uecu, b.expired_holds, b.held_uecu, b.outstanding_holds) == (500, 5, 100, 1)
     assert b.teams[0].held_uecu == 0
     assert_conserved(b)
     kinds = [e["type"] for e in await outbox(store, org)]
     assert kinds.count("expire") == 5
+
+
+async def test_background_sweeper_visits_an_organization_when_it_has_work(
+    engine: QuotaEngine, store: RedisStore
+) -> None:
+    """sweep_recent sweeps an organization when its next deadline comes, not every interval:
+    an idle one costs nothing until a hold falls due (or the idle bound passes)."""
+    swept: list[str] = []
+    real_sweep = store.sweep
+
+    async def counting_sweep(org: str) -> Any:
+        swept.append(org)
+        return await real_sweep(org)
+
+    store.sweep = counting_sweep  # type: ignore[method-assign]
+    org = await funded(engine, 10_000)
+    await engine.reserve(AccountRef(org), [item("short", 100, ttl_ms=1_000)])
+    assert await engine.sweep_recent() == 0
+    assert swept == []  # nothing is due for a second
+    await asyncio.sleep(1.1)
+    assert await engine.sweep_recent() == 1  # the hold's deadline came: swept
+    assert swept == [org]
+    assert await engine.sweep_recent() == 0
+    assert swept == [org]  # no holds left: left alone (up to the idle bound)
+    await engine.reserve(AccountRef(org), [item("again", 100, ttl_ms=1_000)])
+    await asyncio.sleep(1.1)
+    assert await engine.sweep_recent() == 1  # a new hold brought the next visit forward
+    assert swept == [org, org]
+    # The idle bound: past SWEEP_IDLE_INTERVALS intervals an untouched organization is swept
+    # again (holds other sidecar processes made are found that way).
+    engine._recent[org] = time.monotonic() - 0.001
+    assert await engine.sweep_recent() == 0
+    assert swept == [org, org, org]
+    idle_s = SWEEP_IDLE_INTERVALS * engine.settings.sweep_interval_ms / 1000
+    assert idle_s - 1 < engine._recent[org] - time.monotonic() <= idle_s
 
 
 async def test_sweep_is_bounded_per_call(backend: str) -> None:
@@ -403,9 +443,9 @@ async def test_sweep_is_bounded_per_call(backend: str) -> None:
             AccountRef(org), [item(f"h{i}", 1, ttl_ms=1_000) for i in range(7)], batch=True
         )
         store.clock_offset_ms = 2_000
-        assert await store.sweep(org) == (3, 4)
-        assert await store.sweep(org) == (3, 1)
-        assert await store.sweep(org) == (1, 0)
+        outs = [await store.sweep(org) for _ in range(3)]
+        assert [(o.expired, o.waiting) for o in outs] == [(3, 4), (3, 1), (1, 0)]
+        assert outs[-1].next_due_ms is None  # nothing left to fall due
     finally:
         await drop_keys(store, settings.key_prefix)
         await store.close()
@@ -440,9 +480,12 @@ async def test_extend_moves_the_deadline_forward_only(
     long = await engine.extend(org, "a", 50_000, 2)
     assert long.deadline_unix_ms > out.holds[0].deadline_unix_ms
     store.clock_offset_ms = 20_000  # past the original deadline, before the extended one
-    assert (await store.sweep(org)) == (0, 0)
+    first = await store.sweep(org)
+    assert (first.expired, first.waiting) == (0, 0)
+    # Due where the extension put it: 50 s after the extend, 20 s of which the clock skipped.
+    assert first.next_due_ms is not None and 25_000 < first.next_due_ms <= 30_000
     store.clock_offset_ms = 60_000
-    assert (await store.sweep(org)) == (1, 0)
+    assert (await store.sweep(org)).expired == 1
 
 
 async def test_tombstones_answer_replays_then_are_purged(backend: str) -> None:

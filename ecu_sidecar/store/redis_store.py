@@ -49,9 +49,11 @@ from ecu_sidecar.model import (
     ReserveItem,
     ReserveOutcome,
     ScopeUsage,
+    SweepOutcome,
 )
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store.keys import org_keys
+from ecu_sidecar.store.multiplex import ScriptChannel, multiplexable
 from ecu_sidecar.store.scripts import SCRIPTS, Script
 
 if TYPE_CHECKING:
@@ -109,8 +111,18 @@ def _s(value: Any) -> str:
 class RedisStore:
     """Runs the quota scripts against one Redis deployment."""
 
-    def __init__(self, client: Any, settings: Settings, *, kind: str) -> None:
+    def __init__(
+        self,
+        client: Any,
+        settings: Settings,
+        *,
+        kind: str,
+        channel: ScriptChannel | None = None,
+    ) -> None:
         self._client = client
+        self._channel = channel
+        """Where script calls go when set (standalone Redis over TCP or a Unix socket);
+        redis-py's client otherwise, and for every other command."""
         self._settings = settings
         # The embedded store has no network to lose: its only latency is queueing behind other
         # scripts on this process's CPU, so a burst must wait rather than fail as "unreachable".
@@ -140,8 +152,10 @@ class RedisStore:
                 connection_pool_class=aioredis.BlockingConnectionPool,
             )
             return cls(client, settings, kind="embedded")
+        # No socket_timeout: RedisStore._call bounds every call with ECU_REDIS_TIMEOUT_MS
+        # already, and with one set redis-py wraps each send in asyncio.wait_for (a new Task
+        # per command) and each read in another timeout: a fifth of a script call's CPU.
         common: dict[str, Any] = {
-            "socket_timeout": settings.redis_timeout_ms / 1000,
             "socket_connect_timeout": settings.redis_connect_timeout_ms / 1000,
             "retry": Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
             "health_check_interval": 30,
@@ -151,6 +165,7 @@ class RedisStore:
             # connection (safe: every script is idempotent on its caller id).
             common["retry_on_error"] = [ConnectionError]
         if settings.redis_cluster:
+            common["socket_timeout"] = settings.redis_timeout_ms / 1000
             # reinitialize_steps=0: a MOVED reply only patches that slot's route. With the
             # default (a full topology refresh every 5th MOVED), redis-py closes every node's
             # connections, including those other in-flight commands are using; and a client
@@ -173,7 +188,12 @@ class RedisStore:
             **common,
         )
         client = aioredis.Redis(connection_pool=pool)
-        return cls(client, settings, kind="standalone")
+        channel = None
+        if multiplexable(settings.redis_url):
+            channel = ScriptChannel(
+                settings.redis_url, connect_timeout_s=settings.redis_connect_timeout_ms / 1000
+            )
+        return cls(client, settings, kind="standalone", channel=channel)
 
     def acct_key(self, org: str) -> str:
         """The organization's account hash."""
@@ -217,7 +237,9 @@ class RedisStore:
         return holds, held
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the script channel and the connection pool."""
+        if self._channel is not None:
+            await self._channel.close()
         await self._client.aclose()
 
     async def connect(self) -> None:
@@ -381,10 +403,11 @@ class RedisStore:
         r = await self._run("reconcile", org, [flushed_id, ledger_balance_uecu, group])
         return None if _s(r[1]) == "SKIP" else int(r[2])
 
-    async def sweep(self, org: str) -> tuple[int, int]:
-        """Expire overdue holds of one organization: (expired now, overdue still waiting)."""
+    async def sweep(self, org: str) -> SweepOutcome:
+        """Expire overdue holds and grants of one organization."""
         r = await self._run("sweep", org, [])
-        return int(r[1]), int(r[2])
+        next_due = int(r[3])
+        return SweepOutcome(int(r[1]), int(r[2]), None if next_due < 0 else next_due)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -413,13 +436,19 @@ class RedisStore:
         return reply
 
     async def _eval(self, script: Script, keys: Sequence[str], argv: list[Any]) -> Any:
+        channel = self._channel
         try:
+            if channel is not None:
+                return await channel.execute("EVALSHA", script.sha, len(keys), *keys, *argv)
             return await self._client.evalsha(script.sha, len(keys), *keys, *argv)
         except NoScriptError:
             log.debug("script %s not cached on this node; loading it", script.name)
+            if channel is not None:
+                return await channel.execute("EVAL", script.source, len(keys), *keys, *argv)
             return await self._client.eval(script.source, len(keys), *keys, *argv)
 
     async def _call(self, fn: Any) -> Any:
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self._timeout_s):
                 if self._gate is None:
@@ -427,6 +456,8 @@ class RedisStore:
                 async with self._gate:
                     return await fn()
         except TimeoutError:
+            if self._channel is not None:
+                self._channel.stalled(started)
             raise StoreUnavailable(
                 f"Redis did not answer within {self._settings.redis_timeout_ms} ms"
             ) from None
@@ -448,6 +479,8 @@ class RedisStore:
                 # released after meeting READONLY themselves (tearing them down mid-handshake
                 # would surface as an internal error in those calls).
                 await self._client.connection_pool.disconnect(inuse_connections=False)
+                if self._channel is not None:
+                    self._channel.retire()
             if isinstance(exc, _UNAVAILABLE_ERRORS):
                 raise StoreUnavailable(f"Redis cannot serve: {type(exc).__name__}") from None
             if str(exc).startswith(_UNAVAILABLE_PREFIXES):
