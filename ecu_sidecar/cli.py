@@ -14,7 +14,6 @@ of the same shape when PyYAML is installed; the sidecar prices it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import enum
 import json
@@ -182,12 +181,13 @@ def _client(args: argparse.Namespace, defaults: _Defaults) -> QuotaClient:
 
 
 def _cmd_serve(args: argparse.Namespace, defaults: _Defaults) -> int:
+    from ecu_sidecar import eventloop
     from ecu_sidecar.server import SidecarServer
 
     settings = defaults.get()
     _configure_logging(settings)
     try:
-        asyncio.run(SidecarServer(settings).run_until_signal())
+        eventloop.run(SidecarServer(settings).run_until_signal(), settings)
     except (OSError, RuntimeError) as exc:  # cannot bind ECU_LISTEN / ECU_METRICS_LISTEN
         log.critical("ecu-sidecar could not start: %s", exc)
         return 1

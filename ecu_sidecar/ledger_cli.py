@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from ecu_sidecar import eventloop
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.ledger import open_configured
 from ecu_sidecar.metrics import FlusherMetrics
@@ -76,7 +77,7 @@ def _migrate(args: argparse.Namespace, defaults: Any) -> int:
 def _flush(args: argparse.Namespace, defaults: Any) -> int:
     settings = defaults.get()
     _require_ledger(settings)
-    return asyncio.run(_run_flusher(settings, once=args.once))
+    return eventloop.run(_run_flusher(settings, once=args.once), settings)
 
 
 async def _run_flusher(settings: Settings, *, once: bool) -> int:

@@ -306,18 +306,21 @@ class SidecarServer:
             signal.SIGHUP, lambda: asyncio.ensure_future(self.reload_rate_card(force=True))
         )
         await self.start()
+        loop_name = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
         if self.store.kind == "embedded":
             log.warning(
-                "ecu-sidecar serving gRPC on %s (port %d) with the EMBEDDED in-process store: "
-                "state lives in this process only; set ECU_REDIS_URL for production",
+                "ecu-sidecar serving gRPC on %s (port %d, %s) with the EMBEDDED in-process "
+                "store: state lives in this process only; set ECU_REDIS_URL for production",
                 self.settings.listen,
                 self.port,
+                loop_name,
             )
         else:
             log.info(
-                "ecu-sidecar serving gRPC on %s (port %d) with %s Redis",
+                "ecu-sidecar serving gRPC on %s (port %d, %s) with %s Redis",
                 self.settings.listen,
                 self.port,
+                loop_name,
                 self.store.kind,
             )
         await stop.wait()

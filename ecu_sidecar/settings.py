@@ -178,6 +178,13 @@ class Settings:
     )
     """ECU_LOG_FORMAT: text or json."""
 
+    event_loop: str = field(
+        default="auto", metadata={"kind": "choice", "choices": ("auto", "uvloop", "asyncio")}
+    )
+    """ECU_EVENT_LOOP: the event loop ``serve`` and ``flush`` run on: uvloop (installed with
+    the package on Linux and macOS; ~10 % less CPU per RPC, docs/benchmarks.md), asyncio (the
+    standard library's), or auto: uvloop where it is installed, asyncio otherwise."""
+
     @property
     def tls(self) -> bool:
         """Whether the gRPC server speaks TLS."""

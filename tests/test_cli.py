@@ -468,6 +468,16 @@ def test_serve_with_bad_settings_exits_2() -> None:
     )
 
 
+def test_serve_runs_on_the_standard_loop_when_asked(tmp_path: Path) -> None:
+    serve = start_serve(tmp_path / "serve.log", ECU_EVENT_LOOP="asyncio")
+    try:
+        first = serve.log_lines()[0]
+    finally:
+        code = stop_serve(serve)
+    assert f"port {serve.port}, asyncio)" in first
+    assert code == 0, serve.log.read_text()
+
+
 def test_serve_logs_json_says_embedded_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     serve = start_serve(tmp_path / "serve.log", ECU_LOG_FORMAT="json")
     try:
@@ -477,7 +487,7 @@ def test_serve_logs_json_says_embedded_and_exits_0_on_sigterm(tmp_path: Path) ->
     assert set(first) == {"ts", "level", "logger", "msg"}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["ts"])
     assert (first["level"], first["logger"]) == ("WARNING", "ecu_sidecar.server")
-    assert "EMBEDDED" in first["msg"] and f"port {serve.port}" in first["msg"]
+    assert "EMBEDDED" in first["msg"] and f"port {serve.port}, uvloop)" in first["msg"]
     assert code == 0, serve.log.read_text()
     records = [json.loads(line) for line in serve.log_lines()]
     assert records[-1]["msg"] == "ecu-sidecar stopped"
