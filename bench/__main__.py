@@ -47,14 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, default=1, help="repeat the floors/sidecar matrix; keep medians"
     )
-    p.add_argument("--uvloop", action="store_true", help="run the servers with uvloop")
+    p.add_argument(
+        "--asyncio",
+        action="store_true",
+        help="run the servers on asyncio's loop (default: uvloop, the product's default)",
+    )
     p.add_argument("--no-levers", action="store_true", help="skip the levers section")
     p.add_argument(
         "--patch",
         action="append",
         default=[],
         choices=sorted(PATCHES),
-        help="the prototype patches the levers section measures (repeatable; default: all)",
+        help="the patches the levers section measures (repeatable; default: all)",
     )
     p.add_argument("--profile", action="store_true", help="py-spy the sidecar (bench/profiles)")
     return p
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "redis_url": args.redis_url,
         "pg_url": args.pg_url,
         "client_procs": args.client_procs,
-        "uvloop": args.uvloop,
+        "uvloop": not args.asyncio,
         "profile": args.profile,
         "repeats": max(1, args.repeats),
     }

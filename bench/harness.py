@@ -47,9 +47,10 @@ class Config:
     org_counts: tuple[int, ...] = (1, 1_000)
     modes: tuple[str, ...] = ("commit", "release")
     client_procs: int = 1
-    uvloop: bool = False
+    uvloop: bool = True
+    """Servers on uvloop (the product's default loop, ECU_EVENT_LOOP=auto); --asyncio: not."""
     levers: bool = True
-    lever_patches: tuple[str, ...] = ("coalesce", "no-socket-timeout", "lean-ranks")
+    lever_patches: tuple[str, ...] = ("redis-py-pool",)
     lever_repeats: int = 2
     repeats: int = 1
     profile: bool = False
@@ -75,7 +76,8 @@ class Config:
             "concurrencies": (4,),
             "org_counts": (1, 10),
             "modes": ("commit", "release"),
-            "levers": False,
+            "lever_repeats": 1,
+            "lever_seconds": 0.3,
             "preview_tokens": 5_000,
             "flusher_events": 1_000,
             "flusher_orgs": 5,
@@ -393,10 +395,11 @@ class Harness:
         patches: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
     ) -> procs.Child:
-        args = ["sidecar"] + (["--uvloop"] if uvloop else [])
+        args = ["sidecar"]
         for p in patches:
             args += ["--patch", p]
-        child = procs.start_server(name, args, self.sidecar_env(prefix, **(env or {})))
+        env = {"ECU_EVENT_LOOP": "uvloop" if uvloop else "asyncio", **(env or {})}
+        child = procs.start_server(name, args, self.sidecar_env(prefix, **env))
         self.children.append(child)
         self._wait_serving(child)
         child.info["prefix"] = prefix

@@ -397,8 +397,9 @@ RATIO_HEADER = [
 
 
 def cpu_rows(results: dict[str, Any]) -> list[list[str]]:
-    """Where the sidecar's CPU per RPC goes: gRPC alone (A), plus one redis-py script call per
-    RPC (A∘B), plus the sidecar's own code (the rest); and redis-py alone, client side (B)."""
+    """Where the sidecar's CPU per RPC goes: gRPC alone (A), plus one script call per RPC
+    through the product's script channel (A∘B), plus the sidecar's own code (the rest); and
+    redis-py alone, client side (B)."""
     cfg = results["config"]
     n_lo = min(cfg["org_counts"])
     rows = []
@@ -434,7 +435,7 @@ def cpu_rows(results: dict[str, Any]) -> list[list[str]]:
 CPU_HEADER = [
     "c",
     "gRPC (A) µs",
-    "+ redis-py script call (A∘B − A) µs",
+    "+ script call (A∘B − A) µs",
     "+ sidecar code (sidecar − A∘B) µs",
     "sidecar total µs",
     "redis-py alone, client side (B) µs",
@@ -520,10 +521,6 @@ def lever_rows(results: dict[str, Any]) -> list[list[str]]:
         if r["variant"] in ("floor A", "sidecar baseline")
     }
     for r in rowsrc:
-        if r.get("rss_only"):
-            rows.append([r["variant"], "RSS only", "–", "–", "–", "–", "–", "–",
-                         _f(r["idle_rss_mb"], ".0f"), _f(r.get("peak_rss_mb"), ".0f")])  # fmt: skip
-            continue
         b = base.get((r["variant"].startswith("floor"), r["concurrency"]))
         cpu, bcpu = r["server_cpu_s_per_1k_rpc"], (b or {}).get("server_cpu_s_per_1k_rpc")
         rows.append(
@@ -699,7 +696,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "### Server CPU per RPC, decomposed (1 organization, Reserve→Commit)",
         "",
         "CPU µs of the server process per RPC: floor A (gRPC alone), floor A∘B (the same no-op "
-        "server whose handlers run the operation's script with redis-py), the sidecar. The "
+        "server whose handlers run the operation's script through the product's script channel), "
+        "the sidecar. The "
         "last column is floor B's load generator: redis-py's own cost per script call.",
         "",
         _md_table(CPU_HEADER, cpu_rows(results)),
@@ -719,7 +717,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     if results.get("levers"):
         lines += [
             "",
-            "### Levers (same run, fresh sidecar per variant, one organization)",
+            "### Levers: the performance changes before and after (same run, fresh sidecar per "
+            "variant, one organization; baseline = the product's defaults; redis-py-pool = "
+            "script calls through redis-py's pool as before the multiplexed channel; asyncio = "
+            "the standard loop instead of uvloop)",
             "",
             _md_table(LEVER_HEADER, lever_rows(results)),
         ]

@@ -470,62 +470,18 @@ def flusher_lag(h: Harness, sidecar: procs.Child) -> None:
 
 
 def levers(h: Harness, noop: procs.Child) -> None:
-    """Each lever against a fresh baseline sidecar, one organization, at the lowest and the
-    highest concurrency, repeated ``lever_repeats`` times in turn (the median is kept): uvloop
-    for floor A and the sidecar, each prototype patch, and all of them together. A patch that
-    only changes memory (levers.RSS_ONLY) is measured by its idle RSS."""
-    from bench.levers import RECOMMENDED, RSS_ONLY
-
+    """This session's performance changes, before and after, in one run: fresh sidecars on
+    the product's defaults (uvloop, the multiplexed script channel), on asyncio's loop, with
+    redis-py's pool for scripts (bench.levers), and with both (the store and loop as they were
+    before), plus floor A on each loop; one organization, at the lowest and the highest
+    concurrency, repeated ``lever_repeats`` times in turn (the median is kept)."""
     cfg = h.cfg
-    load_patches = tuple(p for p in cfg.lever_patches if p not in RSS_ONLY)
-    variants: list[tuple[str, bool, tuple[str, ...]]] = [("baseline", False, ())]
-    variants.append(("uvloop", True, ()))
-    variants += [(p, False, (p,)) for p in load_patches]
-    together = tuple(p for p in RECOMMENDED if p in cfg.lever_patches)
-    if together:
-        variants.append(("uvloop+" + "+".join(together), True, together))
-    for patch in cfg.lever_patches:
-        if patch in RSS_ONLY:
-            child = h.start_sidecar(f"sidecar[{patch}]", h.new_prefix("lr"), patches=(patch,))
-            h.grant(child.target, ["lever-0", "pv-0"])
-            row: dict[str, Any] = {
-                "variant": f"sidecar {patch}",
-                "concurrency": None,
-                "idle_rss_mb": child.sample().rss_mb,
-                "rss_only": True,
-            }
-            # Its peak under the two loads that peaked the main sidecar: pairs and Preview.
-            peaks = [
-                h.measure(
-                    f"lever sidecar[{patch}] c={max(cfg.concurrencies)}",
-                    "levers",
-                    "grpc_pairs",
-                    child,
-                    {"target": child.target, "concurrency": max(cfg.concurrencies),
-                     "orgs": ["lever-0"], "mode": "commit"},
-                    seconds=min(cfg.seconds, cfg.lever_seconds),
-                    warmup=min(cfg.warmup_s, 0.5),
-                )["peak_rss_mb"]
-            ]  # fmt: skip
-            prompt = h.work / "prompt.txt"
-            if prompt.exists():
-                peaks.append(
-                    h.measure(
-                        f"lever sidecar[{patch}] Preview",
-                        "levers",
-                        "grpc_preview",
-                        child,
-                        {"target": child.target, "concurrency": 1, "orgs": ["pv-0"],
-                         "text_file": str(prompt), "model": cfg.preview_model},
-                        seconds=min(cfg.seconds, cfg.lever_seconds),
-                        warmup=min(cfg.warmup_s, 0.5),
-                    )["peak_rss_mb"]
-                )  # fmt: skip
-            row["peak_rss_mb"] = max(peaks)
-            h.results["levers"].append(row)
-            child.stop()
-    noop_uv = h.start_noop("floor-a-uvloop", uvloop=True)
-    servers: list[tuple[str, procs.Child]] = [("floor A", noop), ("floor A uvloop", noop_uv)]
+    variants: list[tuple[str, bool, tuple[str, ...]]] = [("baseline", True, ())]
+    variants.append(("asyncio", False, ()))
+    variants += [(p, True, (p,)) for p in cfg.lever_patches]
+    variants += [(f"asyncio+{p}", False, (p,)) for p in cfg.lever_patches]
+    noop_other = h.start_noop("floor-a-asyncio", uvloop=False)
+    servers: list[tuple[str, procs.Child]] = [("floor A", noop), ("floor A asyncio", noop_other)]
     for name, uv, patches in variants:
         prefix = h.new_prefix(f"l{len(servers)}")
         child = h.start_sidecar(f"sidecar[{name}]", prefix, uvloop=uv, patches=patches)
@@ -557,18 +513,16 @@ def levers(h: Harness, noop: procs.Child) -> None:
 def store_levers(h: Harness) -> None:
     """The Redis-client side alone (the product's RedisStore, no gRPC, no server): CPU of the
     calling process per reserve → commit pair, per lever, repeated in turn. Steadier than the
-    whole-sidecar runs on a shared machine, and it is where uvloop and the store patches act."""
+    whole-sidecar runs on a shared machine, and it is where the loop and the script channel act."""
     cfg = h.cfg
     prefix = h.new_prefix("sl")
     h.grant_direct(prefix, ["store-0"])
     variants: list[tuple[str, bool, list[str]]] = [
-        ("store baseline", False, []),
-        ("store uvloop", True, []),
+        ("store baseline", True, []),
+        ("store asyncio", False, []),
     ]
-    variants += [(f"store {p}", False, [p]) for p in ("no-socket-timeout", "coalesce")
-                 if p in cfg.lever_patches]  # fmt: skip
-    if "no-socket-timeout" in cfg.lever_patches:
-        variants.append(("store uvloop+no-socket-timeout", True, ["no-socket-timeout"]))
+    variants += [(f"store {p}", True, [p]) for p in cfg.lever_patches]
+    variants += [(f"store asyncio+{p}", False, [p]) for p in cfg.lever_patches]
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for rep in range(cfg.lever_repeats + 1):
         for c in sorted({min(cfg.concurrencies), max(cfg.concurrencies)}):

@@ -2,10 +2,11 @@
 
 - ``noop`` (floor A): a ``grpc.aio`` server with the sidecar's server options serving the same
   Quota service, every RPC answered with a canned response: the cost of gRPC in Python alone.
-  With ``--redis-url`` (floor A∘B) each handler first runs its script with redis-py.
+  With ``--redis-url`` (floor A∘B) each handler first runs its script through the product's
+  script channel.
 - ``sidecar``: the product's own ``ecu-sidecar serve`` (configured by the ``ECU_*`` environment
-  the harness sets), optionally with uvloop as the event loop policy and prototype patches
-  (bench.levers) applied in this process first.
+  the harness sets, ECU_EVENT_LOOP included), optionally with patches (bench.levers) applied in
+  this process first.
 
 Both print one JSON line ``{"port": N, "pid": P}`` on stdout (the sidecar before it binds; the
 harness then waits for its health check) and stop on SIGTERM.
@@ -92,33 +93,30 @@ async def _noop(port: int, redis_url: str = "", prefix: str = "") -> None:
 
 
 async def _scripted(redis_url: str, prefix: str, reserve: Any, commit: Any, release: Any) -> Any:
-    """Floor A∘B: the same no-op server, whose handlers each run the operation's script with
-    redis-py (exactly the product's arguments, bench.scriptargs) before answering the canned
-    response. Sidecar − A∘B is what the sidecar's own code costs: validation, the engine,
-    parsing, metrics, timeouts."""
-    import redis.asyncio as aioredis
+    """Floor A∘B: the same no-op server, whose handlers each run the operation's script
+    (exactly the product's arguments, bench.scriptargs) through the product's own script
+    channel (ecu_sidecar.store.multiplex) before answering the canned response. Sidecar − A∘B
+    is what the sidecar's own code costs: validation, the engine, parsing, metrics, timeouts."""
     from redis.exceptions import NoScriptError
 
     from bench.scriptargs import ScriptCall, capture
     from ecu_sidecar.api.v1 import quota_pb2 as pb
     from ecu_sidecar.api.v1 import quota_pb2_grpc
     from ecu_sidecar.settings import Settings
+    from ecu_sidecar.store.multiplex import ScriptChannel
 
     d = Settings.from_mapping({})
-    pool = aioredis.BlockingConnectionPool.from_url(
-        redis_url, max_connections=d.redis_pool_size, timeout=d.redis_timeout_ms / 1000
-    )
-    client = aioredis.Redis(connection_pool=pool)
+    channel = ScriptChannel(redis_url, connect_timeout_s=d.redis_connect_timeout_ms / 1000)
     calls = await capture(prefix)
     for call in calls.values():
-        await client.script_load(call.source)
+        await channel.execute("SCRIPT", "LOAD", call.source)
 
     async def run(call: ScriptCall, org: str, rid: str) -> Any:
         args = call.args(org, rid)
         try:
-            return await client.evalsha(call.sha, *args)
+            return await channel.execute("EVALSHA", call.sha, *args)
         except NoScriptError:
-            return await client.eval(call.source, *args)
+            return await channel.execute("EVAL", call.source, *args)
 
     class Scripted(quota_pb2_grpc.QuotaServicer):
         async def Reserve(self, request: pb.ReserveRequest, context: object) -> pb.ReserveResponse:
@@ -140,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.servers")
     parser.add_argument("role", choices=("noop", "sidecar"))
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--uvloop", action="store_true", help="uvloop as the loop policy")
+    parser.add_argument("--uvloop", action="store_true", help="noop: run on uvloop")
     parser.add_argument("--patch", action="append", default=[], help="a bench.levers patch")
     parser.add_argument("--redis-url", default="", help="noop: run the scripts (floor A∘B)")
     parser.add_argument("--prefix", default="", help="noop with --redis-url: the key prefix")
     args = parser.parse_args(argv)
-    if args.uvloop:
+    if args.uvloop and args.role == "noop":
         _use_uvloop()
     if args.role == "noop":
         asyncio.run(_noop(args.port, args.redis_url, args.prefix))
