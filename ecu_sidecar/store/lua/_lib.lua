@@ -45,6 +45,10 @@ local function now_ms()
 end
 
 local NOW = now_ms()
+-- The same as decimal strings, as commands take them (a Lua number argument would be formatted
+-- again on every call).
+local NOW_S = I(NOW)
+local SWEEP_LIMIT_S = I(SWEEP_LIMIT)
 
 local function err(reason, message, ...)
   local out = {'ERR', reason, message}
@@ -62,18 +66,32 @@ local function put_hold(rid, rec)
   redis.call('HSET', HOLDS, rid, cjson.encode(rec))
 end
 
--- Append one event to the outbox. fields: flat list of name, value (strings or numbers).
+-- Append one event to the outbox. fields: flat list of name, value (strings or numbers); the
+-- numbers are turned into decimal strings in place (callers pass a table they no longer use).
 -- eid is unique per organization for all time: hold events carry the hold's creation time
 -- (t0), so a reservation id reused after its tombstone was purged makes new event ids.
 local function emit(etype, eid, fields)
-  local args = {'XADD', OUTBOX, '*', 'type', etype, 'eid', eid, 'org', ORG, 'ts', I(NOW)}
-  for i = 1, #fields, 2 do
-    local v = fields[i + 1]
-    if type(v) == 'number' then v = I(v) end
-    args[#args + 1] = fields[i]
-    args[#args + 1] = v
+  for i = 2, #fields, 2 do
+    if type(fields[i]) == 'number' then fields[i] = I(fields[i]) end
   end
-  redis.call(unpack(args))
+  redis.call('XADD', OUTBOX, '*', 'type', etype, 'eid', eid, 'org', ORG, 'ts', NOW_S, unpack(fields))
+end
+
+-- Run one variadic command (HMGET, HSET, ZADD, ZREM ...) on key over a flat argument list of
+-- groups of `group` values, in slices of at most 1000 groups: unpack() stops at Lua's C stack
+-- limit (8000 values) and a batch may hold 10,000 items. args must not be empty. Returns the
+-- reply; for several slices, their array replies concatenated (HMGET: every value, in order).
+local function call_sliced(cmd, key, args, group)
+  local width = 1000 * group
+  if #args <= width then return redis.call(cmd, key, unpack(args)) end
+  local out = {}
+  for first = 1, #args, width do
+    local r = redis.call(cmd, key, unpack(args, first, math.min(first + width - 1, #args)))
+    if type(r) == 'table' then
+      for j = 1, #r do out[#out + 1] = r[j] end
+    end
+  end
+  return out
 end
 
 -- Move a terminal hold from the deadline index to the tombstone index.
@@ -108,7 +126,7 @@ end
 -- Each expiring grant keeps its unspent rest in acct g:<id>; a commit burns them in order.
 local function burn(amount)
   while amount > 0 do
-    local first = redis.call('ZRANGE', GEXP, 0, 0)
+    local first = redis.call('ZRANGE', GEXP, '0', '0')
     if #first == 0 then return end
     local gid = first[1]
     local rest = N(redis.call('HGET', ACCT, 'g:' .. gid))
@@ -125,7 +143,7 @@ end
 
 -- Expire up to SWEEP_LIMIT grants past their expiry: their unspent rest leaves the balance.
 local function expire_grants()
-  local due = redis.call('ZRANGEBYSCORE', GEXP, '-inf', I(NOW), 'LIMIT', 0, SWEEP_LIMIT)
+  local due = redis.call('ZRANGEBYSCORE', GEXP, '-inf', NOW_S, 'LIMIT', '0', SWEEP_LIMIT_S)
   for _, gid in ipairs(due) do
     local rest = N(redis.call('HGET', ACCT, 'g:' .. gid))
     redis.call('HDEL', ACCT, 'g:' .. gid)
@@ -144,7 +162,7 @@ end
 local function sweep()
   expire_grants()
   local n = 0
-  local due = redis.call('ZRANGEBYSCORE', DEADLINES, '-inf', I(NOW), 'LIMIT', 0, SWEEP_LIMIT)
+  local due = redis.call('ZRANGEBYSCORE', DEADLINES, '-inf', NOW_S, 'LIMIT', '0', SWEEP_LIMIT_S)
   for _, rid in ipairs(due) do
     local rec = get_hold(rid)
     if rec and rec.st == 'A' then
@@ -154,7 +172,7 @@ local function sweep()
       redis.call('ZREM', DEADLINES, rid)
     end
   end
-  local old = redis.call('ZRANGEBYSCORE', TOMBS, '-inf', I(NOW), 'LIMIT', 0, SWEEP_LIMIT)
+  local old = redis.call('ZRANGEBYSCORE', TOMBS, '-inf', NOW_S, 'LIMIT', '0', SWEEP_LIMIT_S)
   if #old > 0 then
     redis.call('HDEL', HOLDS, unpack(old))
     redis.call('ZREM', TOMBS, unpack(old))
@@ -189,8 +207,13 @@ local function notify(kind, avail, extra)
   emit('notify', 'notify:' .. kind .. ':' .. gen, fields)
 end
 
-local function check_thresholds()
-  local v = redis.call('HMGET', ACCT, 'balance', 'held', 'ref', 'w20', 'w5', 'atu_t', 'atu_a', 'atu_req')
+-- THRESHOLD_FIELDS: what check_thresholds reads. A caller that already holds their current
+-- values (balance and held as numbers, the rest as HMGET returned them) passes them as v and
+-- saves the read. Returns available (balance - held).
+local THRESHOLD_FIELDS = {'balance', 'held', 'ref', 'w20', 'w5', 'atu_t', 'atu_a', 'atu_req'}
+
+local function check_thresholds(v)
+  v = v or redis.call('HMGET', ACCT, unpack(THRESHOLD_FIELDS))
   local avail = N(v[1]) - N(v[2])
   local ref = N(v[3])
   if ref > 0 then
@@ -207,4 +230,5 @@ local function check_thresholds()
     redis.call('HSET', ACCT, 'atu_req', '1')
     notify('auto_topup_requested', avail, {'threshold', v[6], 'amount', v[7] or '0'})
   end
+  return avail
 end

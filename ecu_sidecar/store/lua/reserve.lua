@@ -13,6 +13,10 @@
 -- from a job spec is compared by the spec's fingerprint, not its amount, so a retry that lands
 -- after a rate card reload is still a replay of the hold priced (and pinned) the first time.
 
+-- Cost: a fixed handful of commands plus one XADD per fresh item: a batch reads its records
+-- with one HMGET and writes them with one HSET and its deadlines with one ZADD; the threshold
+-- state is read with the balance (nothing here changes it but held, whose new value is known).
+
 if not account_exists() then
   return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
 end
@@ -25,11 +29,19 @@ local need = 0
 local fresh = 0
 
 -- Phase 1: read and check everything; no writes.
+local raws
+if n == 1 then
+  raws = {redis.call('HGET', HOLDS, ARGV[9])}
+else
+  local rids = {}
+  for i = 0, n - 1 do rids[i + 1] = ARGV[9 + i * 7] end
+  raws = n > 0 and call_sliced('HMGET', HOLDS, rids, 1) or {}
+end
 for i = 0, n - 1 do
   local b = 9 + i * 7
   local it = {rid = ARGV[b], amt = ARGV[b + 1], job = ARGV[b + 2], mdl = ARGV[b + 3], ttl = ARGV[b + 4],
     rcv = ARGV[b + 5], fp = ARGV[b + 6]}
-  local rec = get_hold(it.rid)
+  local rec = raws[i + 1] and cjson.decode(raws[i + 1]) or nil
   if rec then
     local same_cost = rec.amt == it.amt and (rec.fp or '') == ''
     if (rec.fp or '') ~= '' then same_cost = rec.fp == it.fp end
@@ -47,12 +59,15 @@ for i = 0, n - 1 do
   items[#items + 1] = it
 end
 
-local fields = {'balance', 'held'}
+-- The threshold state is read here too: nothing below changes it but held, by need.
+local fields = {unpack(THRESHOLD_FIELDS)}
 if team ~= '' then
-  for _, f in ipairs({'cap', 'held', 'used'}) do fields[#fields + 1] = 't:' .. team .. ':' .. f end
+  local f = 't:' .. team .. ':'
+  fields[#fields + 1], fields[#fields + 2], fields[#fields + 3] = f .. 'cap', f .. 'held', f .. 'used'
 end
 if project ~= '' then
-  for _, f in ipairs({'cap', 'held', 'used'}) do fields[#fields + 1] = 'p:' .. project .. ':' .. f end
+  local f = 'p:' .. project .. ':'
+  fields[#fields + 1], fields[#fields + 2], fields[#fields + 3] = f .. 'cap', f .. 'held', f .. 'used'
 end
 local v = redis.call('HMGET', ACCT, unpack(fields))
 local avail = N(v[1]) - N(v[2])
@@ -63,7 +78,7 @@ if fresh > 0 then
       .. ' uECU available, ' .. I(need) .. ' requested',
       'scope', 'organization', 'scope_id', ORG, 'requested', I(need), 'available', I(avail))
   end
-  local k = 3
+  local k = #THRESHOLD_FIELDS + 1
   for _, sc in ipairs({{'team', team}, {'project', project}}) do
     if sc[2] ~= '' then
       if v[k] then
@@ -83,15 +98,18 @@ end
 local after = avail - need
 if fresh == 0 then after = tonumber(items[#items].rec.av0) end
 local out = {'OK', after, fresh == 0 and 1 or 0}
+local puts, deadlines, np = {}, {}, 0
+local after_s = I(after)
 for _, it in ipairs(items) do
   local rec = it.rec
   if not rec then
-    local dl = NOW + tonumber(it.ttl)
+    local dl = I(NOW + tonumber(it.ttl))
     rec = {st = 'A', amt = it.amt, job = it.job, mdl = it.mdl, ttl = it.ttl, tm = team, pj = project,
-      us = user, dl = I(dl), t0 = I(NOW), av0 = I(after), seq = '0', ettl = '0', rcv = it.rcv,
+      us = user, dl = dl, t0 = NOW_S, av0 = after_s, seq = '0', ettl = '0', rcv = it.rcv,
       fp = it.fp}
-    put_hold(it.rid, rec)
-    redis.call('ZADD', DEADLINES, I(dl), it.rid)
+    puts[np + 1], puts[np + 2] = it.rid, cjson.encode(rec)
+    deadlines[np + 1], deadlines[np + 2] = dl, it.rid
+    np = np + 2
     emit('reserve', 'reserve:' .. it.rid .. ':' .. rec.t0, {'rid', it.rid, 'amount', it.amt, 'team', team,
       'project', project, 'user', user, 'job', it.job, 'model', it.mdl, 'deadline', rec.dl,
       'rcv', it.rcv})
@@ -103,10 +121,13 @@ for _, it in ipairs(items) do
   out[#out + 1] = rec.rcv or ''
 end
 if fresh > 0 then
+  call_sliced('HSET', HOLDS, puts, 2)
+  call_sliced('ZADD', DEADLINES, deadlines, 2)
   redis.call('HINCRBY', ACCT, 'held', I(need))
   redis.call('HINCRBY', ACCT, 'reserved', I(need))
   if team ~= '' then redis.call('HINCRBY', ACCT, 't:' .. team .. ':held', I(need)) end
   if project ~= '' then redis.call('HINCRBY', ACCT, 'p:' .. project .. ':held', I(need)) end
-  check_thresholds()
+  v[1], v[2] = N(v[1]), N(v[2]) + need
+  check_thresholds(v)
 end
 return out
