@@ -193,19 +193,75 @@ async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 async def grpc_paced(spec: dict[str, Any]) -> dict[str, Any]:
-    """Open loop: pair k starts at begin + k / rate (or at once when behind)."""
+    """Open loop: step group k starts at begin + k × steps / rate (or at once when behind).
+    A group is a Reserve→Commit pair (``steps`` = 1) or a ReserveBatch→CommitBatch of
+    ``steps`` steps; ``rate`` counts committed steps per second either way."""
     import grpc
 
     from ecu_sidecar.api.v1 import quota_pb2 as pb
     from ecu_sidecar.api.v1 import quota_pb2_grpc
 
     win = Window(spec)
-    rate = float(spec["rate"])
+    steps = int(spec.get("steps", 1))
+    rate = float(spec["rate"]) / steps  # groups per second
     c = int(spec["concurrency"])
     prefix = spec["rid_prefix"]
     behind = 0
     async with grpc.aio.insecure_channel(spec["target"]) as channel:
         stub = quota_pb2_grpc.QuotaStub(channel)
+
+        async def pair(org: str, rid: str) -> bool:
+            t0 = time.perf_counter()
+            await stub.Reserve(
+                pb.ReserveRequest(
+                    reservation_id=rid,
+                    account=pb.Account(organization=org),
+                    amount_uecu=1_000,
+                    job_type=pb.JOB_TYPE_INFERENCE,
+                    model="gpt-4o",
+                ),
+                timeout=RPC_TIMEOUT_S,
+            )
+            t1 = time.perf_counter()
+            win.record("Reserve", t0, t1)
+            await stub.Commit(
+                pb.CommitRequest(reservation_id=rid, organization=org, actual_uecu=700),
+                timeout=RPC_TIMEOUT_S,
+            )
+            return win.record("Commit", t1, time.perf_counter())
+
+        async def batch(org: str, rid: str) -> bool:
+            rids = [f"{rid}-{k}" for k in range(steps)]
+            t0 = time.perf_counter()
+            await stub.ReserveBatch(
+                pb.ReserveBatchRequest(
+                    account=pb.Account(organization=org),
+                    items=[
+                        pb.ReserveItem(
+                            reservation_id=r,
+                            amount_uecu=1_000,
+                            job_type=pb.JOB_TYPE_INFERENCE,
+                            model="gpt-4o",
+                        )
+                        for r in rids
+                    ],
+                ),
+                timeout=RPC_TIMEOUT_S,
+            )
+            t1 = time.perf_counter()
+            win.record("ReserveBatch", t0, t1)
+            reply = await stub.CommitBatch(
+                pb.CommitBatchRequest(
+                    organization=org,
+                    items=[pb.CommitItem(reservation_id=r, actual_uecu=700) for r in rids],
+                ),
+                timeout=RPC_TIMEOUT_S,
+            )
+            if any(r.code for r in reply.results):
+                win.error("COMMIT_ITEM_FAILED")
+            return win.record("CommitBatch", t1, time.perf_counter())
+
+        group = pair if steps == 1 else batch
 
         async def task(t: int) -> None:
             nonlocal behind
@@ -219,28 +275,9 @@ async def grpc_paced(spec: dict[str, Any]) -> dict[str, Any]:
                     await asyncio.sleep(delay)
                 elif delay < -0.05:
                     behind += 1
-                org = _org(spec, t, i)
-                rid = f"{prefix}{t}-{i}"
                 try:
-                    t0 = time.perf_counter()
-                    await stub.Reserve(
-                        pb.ReserveRequest(
-                            reservation_id=rid,
-                            account=pb.Account(organization=org),
-                            amount_uecu=1_000,
-                            job_type=pb.JOB_TYPE_INFERENCE,
-                            model="gpt-4o",
-                        ),
-                        timeout=RPC_TIMEOUT_S,
-                    )
-                    t1 = time.perf_counter()
-                    win.record("Reserve", t0, t1)
-                    await stub.Commit(
-                        pb.CommitRequest(reservation_id=rid, organization=org, actual_uecu=700),
-                        timeout=RPC_TIMEOUT_S,
-                    )
-                    if win.record("Commit", t1, time.perf_counter()):
-                        win.ops += 1
+                    if await group(_org(spec, t, i), f"{prefix}{t}-{i}"):
+                        win.ops += steps
                 except Exception as exc:
                     _grpc_error(win, exc)
                     await asyncio.sleep(0.01)
@@ -248,7 +285,7 @@ async def grpc_paced(spec: dict[str, Any]) -> dict[str, Any]:
         watcher = asyncio.create_task(win.cpu_watch())
         await asyncio.gather(*(task(t) for t in range(c)))
         await watcher
-    return win.result(spec, target_rate=rate, late_starts=behind)
+    return win.result(spec, target_rate=float(spec["rate"]), late_starts=behind, steps=steps)
 
 
 async def grpc_batch(spec: dict[str, Any]) -> dict[str, Any]:

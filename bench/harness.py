@@ -60,6 +60,9 @@ class Config:
     flusher_events: int = 100_000
     flusher_orgs: int = 100
     lag_rate: float = 2_000.0
+    lag_steps: int = 0
+    """Steps per call in the lag test: 0 = one per pair when the machine sustains the rate
+    that way, else batches (sections.LAG_BATCH)."""
     lag_orgs: int = 20
     roundtrip_calls: int = 50
     start_margin_s: float = 0.6
@@ -82,6 +85,7 @@ class Config:
             "flusher_events": 1_000,
             "flusher_orgs": 5,
             "lag_rate": 100.0,
+            "lag_steps": 10,  # the batched path (the pairs path is the sidecar runs' code)
             "lag_orgs": 3,
             "roundtrip_calls": 5,
             "start_margin_s": 0.3,
