@@ -13,6 +13,7 @@ entry to one of them, and a claimed entry written twice is still applied once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -42,7 +43,11 @@ log = logging.getLogger(__name__)
 class LedgerPort(Protocol):
     """What the flusher needs of the ledger repository (ecu_sidecar.ledger)."""
 
-    def write_events(self, events: Sequence[dict[str, str]]) -> Any: ...
+    def parse_events(self, events: Sequence[dict[str, str]]) -> Any: ...
+
+    def write_events(self, events: Any) -> Any:
+        """Write entries (their fields), or what parse_events made of them."""
+        ...
 
     def ledger_account(self, org: str) -> LedgerAccount | None: ...
 
@@ -75,9 +80,14 @@ class Flusher:
         self._next_discovery = 0.0
         self._next_reconcile = 0.0
         self._next_hydrate = 0.0
+        self._next_claim = 0.0
+        self._backlogged: set[str] = set()
+        """Streams whose last read filled their share: more is probably waiting there."""
         self._batches = 0
-        self._unwritten: list[OutboxEntry] = []
+        self._unwritten: tuple[list[OutboxEntry], Any] = ([], None)
         self._reread = False
+        self._ahead: asyncio.Future[tuple[list[OutboxEntry], Any]] | None = None
+        """The next batch's read and validation, started while the ledger writes this one."""
 
     # -- fault injection (tests kill the process at the dangerous points) --------------------
 
@@ -100,36 +110,37 @@ class Flusher:
             self._next_discovery = now + self.settings.flusher_discovery_interval_ms / 1000
         return self._orgs
 
-    async def flush_once(self) -> int:
-        """Move one batch from the outboxes into the ledger; returns how many entries."""
+    async def flush_once(self, *, read_ahead: bool = True) -> int:
+        """Move one batch from the outboxes into the ledger; returns how many entries.
+
+        With ``read_ahead``, the next batch is read from Redis and validated while the ledger
+        writes this one, and the next call writes it.
+        """
         orgs = await self.discover()
-        if self._unwritten:  # a batch the ledger refused last time: retry it first
-            entries = self._unwritten
+        if self._unwritten[0]:  # a batch the ledger refused last time: retry it first
+            entries, parsed = self._unwritten
         else:
-            # ECU_FLUSHER_BATCH bounds a whole cycle, spread over the streams, so a backlog in
-            # many outboxes never asks Redis for more than one reply can carry in time.
-            per_stream = max(1, self.settings.flusher_batch // max(1, len(orgs)))
-            entries = await self.reader.claim(orgs, self.settings.flusher_claim_idle_ms, per_stream)
-            try:
-                entries += await self.reader.read(orgs, per_stream, own_pending=self._reread)
-            except StoreUnavailable:
-                # The reply may have been lost after Redis delivered the entries to us: read
-                # our own pending entries next time instead of waiting for a claim.
-                self._reread = True
-                raise
-            self._reread = False
+            entries, parsed = await self._next_batch(orgs)
         if not entries:
             return 0
         self._batches += 1
         self._maybe_die("before_insert")
         started = time.perf_counter()
+        if read_ahead and self._ahead is None and orgs and not self._reread:
+            # They stay pending in Redis until their own batch has committed and is
+            # acknowledged, like any entry read: a crash meanwhile loses nothing.
+            self._ahead = asyncio.ensure_future(self._read_ahead(orgs))
+            self._ahead.add_done_callback(_retrieved)  # a failure is raised when used
         try:
-            result = await asyncio.to_thread(self.ledger.write_events, [e.fields for e in entries])
+            result = await asyncio.to_thread(
+                self.ledger.write_events,
+                parsed if parsed is not None else [e.fields for e in entries],
+            )
         except Exception:
-            self._unwritten = entries
+            self._unwritten = (entries, parsed)
             self.metrics.write_errors.inc()
             raise
-        self._unwritten = []
+        self._unwritten = ([], None)
         self._maybe_die("after_commit")
         await self.reader.ack(entries)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -142,9 +153,76 @@ class Flusher:
                 "%d outbox events quarantined in the ledger (see ledger.quarantined())",
                 result.quarantined,
             )
-        for e in entries:  # money by job type, and notifications
-            self.metrics.count_event(e.fields)
+        self.metrics.count_events([e.fields for e in entries])  # money by job type, notices
         return len(entries)
+
+    async def _next_batch(self, orgs: list[str]) -> tuple[list[OutboxEntry], Any]:
+        """Entries claimed from silent flushers, and new ones: read (and validated) during the
+        previous batch's write when there was one, else now. Returns the entries, and what the
+        ledger's parse_events made of them, or None when not done yet."""
+        claimed: list[OutboxEntry] = []
+        idle_ms = self.settings.flusher_claim_idle_ms
+        now = time.monotonic()
+        if now >= self._next_claim:
+            # Entries become claimable after idle_ms: looking every idle_ms / 2 finds them
+            # at most half that late, without a claim round trip in every cycle.
+            claimed = await self.reader.claim(orgs, idle_ms, self._per_stream(orgs))
+            self._next_claim = now + idle_ms / 2000
+        fresh: list[OutboxEntry] = []
+        parsed = None
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            fresh, parsed = await ahead  # a failed read raises here (and set _reread)
+        if not fresh:
+            fresh = await self._read(orgs)
+        if claimed:
+            # A claim with a short idle time also returns what this consumer read ahead.
+            held = {(e.org, e.entry_id) for e in fresh}
+            claimed = [e for e in claimed if (e.org, e.entry_id) not in held]
+        if claimed:
+            return claimed + fresh, None  # rare: validated with the write
+        return fresh, parsed
+
+    async def _read_ahead(self, orgs: list[str]) -> tuple[list[OutboxEntry], Any]:
+        entries = await self._read(orgs)
+        if not entries:
+            return entries, None
+        try:
+            # Validation off the event loop, while the ledger's thread waits for the database.
+            parsed = await asyncio.to_thread(self.ledger.parse_events, [e.fields for e in entries])
+        except BaseException:
+            self._reread = True  # read and delivered to us, but never written: read them again
+            raise
+        return entries, parsed
+
+    async def _read(self, orgs: list[str]) -> list[OutboxEntry]:
+        counts = self._counts(orgs)
+        try:
+            entries = await self.reader.read(orgs, counts, own_pending=self._reread)
+        except (StoreUnavailable, asyncio.CancelledError):
+            # The reply may have been lost after Redis delivered the entries to us: read our
+            # own pending entries next time instead of waiting for a claim.
+            self._reread = True
+            raise
+        self._reread = False
+        got = collections.Counter(e.org for e in entries)
+        self._backlogged = {org for org, n in got.items() if n >= counts[org]}
+        return entries
+
+    def _per_stream(self, orgs: list[str]) -> int:
+        # ECU_FLUSHER_BATCH bounds a whole cycle, spread over the streams, so a backlog in
+        # many outboxes never asks Redis for more than one reply can carry in time.
+        return max(1, self.settings.flusher_batch // max(1, len(orgs)))
+
+    def _counts(self, orgs: list[str]) -> dict[str, int]:
+        """What to ask of each stream: its share of ECU_FLUSHER_BATCH, and the streams that
+        filled their share last time (a backlog) share the batch among themselves, so that a
+        backlog in one outbox among many still moves in full batches. At most twice the
+        batch in all."""
+        share = self._per_stream(orgs)
+        backlogged = self._backlogged.intersection(orgs)
+        more = max(share, self.settings.flusher_batch // max(1, len(backlogged)))
+        return {org: more if org in backlogged else share for org in orgs}
 
     async def drain(self) -> int:
         """Flush until a cycle finds nothing left to move; returns entries moved."""
@@ -250,7 +328,8 @@ class Flusher:
         interval = self.settings.flusher_interval_ms / 1000
         while not stop.is_set():
             try:
-                moved = await self.flush_once()
+                # No read ahead into a reconciliation: it needs nothing pending in the group.
+                moved = await self.flush_once(read_ahead=time.monotonic() < self._next_reconcile)
                 now = time.monotonic()
                 if now >= self._next_reconcile:
                     await self.hydrate_missing()
@@ -275,3 +354,12 @@ class Flusher:
                 await asyncio.wait_for(stop.wait(), timeout=backoff or interval)
             except TimeoutError:
                 pass
+        if self._ahead is not None:
+            # Let a read ahead finish (it is bounded) so that the final drain writes what it
+            # took, rather than leaving it pending until another flusher claims it.
+            await asyncio.wait([self._ahead])
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # marks it retrieved: flush_once raises it when it takes the batch

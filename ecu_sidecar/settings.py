@@ -129,11 +129,16 @@ class Settings:
     """ECU_FLUSHER_IN_SERVE: run the flusher inside `serve` (default: yes on the embedded store
     when a ledger is configured, no with real Redis, where `ecu-sidecar flush` runs apart)."""
 
-    flusher_batch: int = field(default=1_000, metadata=_int(1, 100_000))
-    """ECU_FLUSHER_BATCH: most entries read from one outbox stream per cycle."""
+    flusher_batch: int = field(default=2_000, metadata=_int(1, 100_000))
+    """ECU_FLUSHER_BATCH: entries the flusher reads per cycle, for one ledger transaction, spread
+    over the outbox streams; streams with a backlog share it among themselves."""
 
     flusher_interval_ms: int = field(default=200, metadata=_int(1, 60_000))
     """ECU_FLUSHER_INTERVAL_MS: pause between cycles when the outboxes are empty."""
+
+    flusher_redis_timeout_ms: int = field(default=5_000, metadata=_int(1, 60_000))
+    """ECU_FLUSHER_REDIS_TIMEOUT_MS: bound on one of the flusher's outbox calls (a bulk read,
+    claim or acknowledgement); past it the cycle fails as Redis unavailable and backs off."""
 
     flusher_claim_idle_ms: int = field(default=30_000, metadata=_int(0, 3_600_000))
     """ECU_FLUSHER_CLAIM_IDLE_MS: entries pending this long with a silent flusher are claimed."""

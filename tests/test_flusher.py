@@ -4,7 +4,9 @@ exactly once, reconciliation, rebuild after Redis lost everything, the ledger go
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,8 +23,9 @@ from ecu_sidecar.metrics import FlusherMetrics
 from ecu_sidecar.model import AccountRef, CommitItem, GrantKind, JobType, ReserveItem, Usage
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
-from ecu_sidecar.store.outbox import GROUP
-from tests.conftest import Database, drop_keys, make_settings
+from ecu_sidecar.store.outbox import GROUP, OutboxEntry, OutboxReader
+from tests.conftest import REDIS_PORT, Database, drop_keys, make_settings, require_redis
+from tests.tcp_proxy import TcpProxy
 
 
 def item(rid: str, amount: int, ttl_ms: int = 0) -> ReserveItem:
@@ -324,3 +327,180 @@ async def test_unspent_starter_leaves_the_ledger_balance_too(stack: Stack) -> No
     assert (b.expired_grants_uecu, b.balance_uecu) == (180_000, 100_000)
     await stack.flusher.drain()
     await assert_agree(stack, [org])
+
+
+# -- the reader's own bound on Redis, and what a lost reply leaves ---------------------------
+
+
+@pytest.mark.parametrize("call", ["discover", "read", "claim", "ack", "state"])
+async def test_every_outbox_call_of_a_silent_redis_fails_within_the_bound(call: str) -> None:
+    """Redis accepts the connection and never answers (a host gone without a RST): each of the
+    reader's calls gives up after ECU_FLUSHER_REDIS_TIMEOUT_MS, as StoreUnavailable, with no
+    help from a socket timeout."""
+    require_redis()
+    with TcpProxy(REDIS_PORT) as proxy:
+        proxy.mode = "blackhole"
+        settings = make_settings(
+            "redis", redis_url=f"redis://127.0.0.1:{proxy.port}/0", flusher_redis_timeout_ms=200
+        )
+        store = RedisStore.from_settings(settings)
+        reader = OutboxReader(store, "silent")
+        entry = OutboxEntry("org", "1-0", {"type": "grant"})
+        calls = {
+            "discover": lambda: reader.discover(),
+            "read": lambda: reader.read(["org"], 10),
+            "claim": lambda: reader.claim(["org"], 0, 10),
+            "ack": lambda: reader.ack([entry]),
+            "state": lambda: reader.state("org"),
+        }
+        try:
+            started = time.monotonic()
+            with pytest.raises(errors.StoreUnavailable, match="within 200 ms"):
+                await asyncio.wait_for(calls[call](), timeout=10)
+            elapsed = time.monotonic() - started
+            assert 0.19 <= elapsed < 2.0, elapsed
+            assert proxy.accepted >= 1, "the call did reach the silent host"
+        finally:
+            await store.close()
+
+
+async def test_a_read_whose_reply_is_lost_is_read_again_at_once(database: Database) -> None:
+    """Redis runs the read (the entries are delivered to this flusher) but the reply never comes
+    back: the cycle fails within the bound, and the next one reads the flusher's own pending
+    entries instead of leaving them to a claim (60 s away here)."""
+    require_redis()
+    with TcpProxy(REDIS_PORT) as proxy:
+        settings = make_settings(
+            "redis",
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            ledger_url=database.url,
+            flusher_redis_timeout_ms=300,
+            flusher_claim_idle_ms=60_000,
+            flusher_discovery_interval_ms=60_000,
+        )
+        ledger = open_ledger(database.url)
+        ledger.migrate()
+        s = Stack(settings, ledger)
+        org = "lost-reply"
+        try:
+            await s.engine.grant(org, "g1", 1_000, GrantKind.TOP_UP)
+            assert await s.flusher.drain() == 1
+            await s.engine.grant(org, "g2", 2_000, GrantKind.TOP_UP)
+            proxy.swallow_replies = True
+            with pytest.raises(errors.StoreUnavailable):
+                await asyncio.wait_for(s.flusher.flush_once(), timeout=10)
+            assert proxy.swallowed_chunks > 0
+            proxy.heal()
+            assert (await s.flusher.reader.state(org)).pending == 1, "delivered to us, unwritten"
+            assert await s.flusher.drain() == 1
+            await assert_agree(s, [org])
+            assert s.metric("ecu_flusher_events_total", {"result": "written"}) == 2
+        finally:
+            proxy.heal()
+            await drop_keys(s.store, settings.key_prefix)
+            await s.store.close()
+            ledger.close()
+
+
+# -- reading ahead ----------------------------------------------------------------------------
+
+
+async def test_the_batch_read_ahead_is_pending_until_written_and_survives_a_crash(
+    stack: Stack,
+) -> None:
+    """While the ledger writes one batch the flusher reads the next: those entries stay pending
+    in Redis, unacknowledged, until their own batch has committed. A flusher that dies holding
+    them loses nothing: another one claims and writes them, each once."""
+    org = "ahead"
+    settings = dataclasses.replace(stack.settings, flusher_batch=5)
+    first = Flusher(stack.store, stack.ledger, settings, FlusherMetrics(CollectorRegistry()))
+    await stack.engine.grant(org, "g1", 1_000_000, GrantKind.TOP_UP)
+    for i in range(5):
+        await stack.engine.set_cap(org, "team", "t1", 100_000 + i)
+    await traffic(stack.engine, org, 4, random.Random(2))
+    events = (await first.reader.state(org)).length
+    assert await first.flush_once() == 5
+    for _ in range(200):  # the read ahead may still be on its way
+        if (await first.reader.state(org)).pending == 5:
+            break
+        await asyncio.sleep(0.01)
+    state = await first.reader.state(org)
+    assert (state.pending, state.length) == (5, events - 5), "read ahead, not acknowledged"
+    # `first` dies here, holding the batch it read ahead: another flusher claims it.
+    second = Flusher(stack.store, stack.ledger, settings, FlusherMetrics(CollectorRegistry()))
+    assert await second.drain() == events - 5
+    await assert_agree(stack, [org])
+    assert await second.drain() == 0
+
+
+async def test_one_busy_outbox_among_many_moves_in_full_batches(stack: Stack) -> None:
+    """ECU_FLUSHER_BATCH is spread over the outboxes, and an outbox that filled its share
+    gets the batch to itself next time: a backlog in one outbox of many does not crawl."""
+    busy, quiet = "busy", [f"quiet-{i}" for i in range(9)]
+    settings = dataclasses.replace(stack.settings, flusher_batch=40)
+    flusher = Flusher(stack.store, stack.ledger, settings, FlusherMetrics(CollectorRegistry()))
+    for org in [busy, *quiet]:
+        await stack.engine.grant(org, "g1", 1_000_000, GrantKind.TOP_UP)
+    for i in range(80):
+        await stack.engine.set_cap(busy, "team", "t1", 100_000 + i)
+    sizes = []
+    while n := await flusher.flush_once():
+        sizes.append(n)
+    assert sum(sizes) == 10 + 80
+    assert sizes[0] == 10 + 3, "a share of 40 // 10 = 4 per outbox: each grant, 3 more caps"
+    assert max(sizes[1:]) == 40, "then the busy outbox has the whole batch"
+    await assert_agree(stack, [busy, *quiet])
+
+
+async def test_an_entry_that_is_not_utf8_is_quarantined_not_stuck(stack: Stack) -> None:
+    """Bytes no script writes (not UTF-8) cannot stop the flusher: the entry goes to the ledger's
+    quarantine, losslessly, and the rest of the outbox moves on."""
+    org = "binary"
+    await stack.engine.grant(org, "g1", 10_000, GrantKind.TOP_UP)
+    await stack.store._client.xadd(
+        stack.store.outbox_key(org),
+        {"type": "grant", "eid": "grant:odd", "org": org, "ts": "1", "kind": b"\xff\xfe"},
+    )
+    await stack.engine.grant(org, "g2", 5_000, GrantKind.TOP_UP)
+    assert await stack.flusher.drain() == 3
+    assert stack.metric("ecu_flusher_events_total", {"result": "quarantined"}) == 1
+    (bad,) = await asyncio.to_thread(stack.ledger.quarantined, org=org)
+    assert (bad.event_id, bad.fields["kind"]) == ("grant:odd", "\udcff\udcfe")
+    assert "not valid UTF-8" in bad.reason
+    await assert_agree(stack, [org])
+
+
+def test_batch_counting_equals_counting_each_event() -> None:
+    """FlusherMetrics.count_events adds, per series, what count_event adds event by event."""
+    rng = random.Random(4)
+    events = []
+    for i in range(300):
+        etype = rng.choice(["reserve", "commit", "release", "expire", "notify", "grant", "cap"])
+        events.append(
+            {
+                "type": etype,
+                "job": rng.choice(["inference", "judge", "", "made-up"]),
+                "kind": rng.choice(["low_balance_5", "low_balance_20", "other"]),
+                "amount": str(rng.randint(0, 10_000)),
+                "committed": rng.choice([str(rng.randint(0, 10_000)), "x", ""]),
+                "released": str(rng.randint(0, 500)),
+                "overage": str(rng.randint(0, 50)),
+                "unbilled": rng.choice(["0", "7", "-3"]),
+                "eid": f"e{i}",
+            }
+        )
+    one, batch = CollectorRegistry(), CollectorRegistry()
+    by_one, by_batch = FlusherMetrics(one), FlusherMetrics(batch)
+    for ev in events:
+        by_one.count_event(ev)
+    by_batch.count_events(events[:100])
+    by_batch.count_events(events[100:])
+    samples = {
+        (m.name, s.name, tuple(sorted(s.labels.items()))): s.value
+        for m in one.collect()
+        for s in m.samples
+        if not s.name.endswith("_created")
+    }
+    for key, value in samples.items():
+        got = batch.get_sample_value(key[1], dict(key[2]))
+        assert got == value, key

@@ -325,6 +325,35 @@ def test_same_batch_twice_is_applied_once(ledger: Ledger) -> None:
     assert_matches(ledger, sim)
 
 
+def test_a_batch_larger_than_any_statement_chunk_is_applied_once(ledger: Ledger) -> None:
+    """Thousands of events in one call: one bulk statement per table on PostgreSQL, several
+    multi-row statements on SQLite; the same rows either way, and once."""
+    sim = Sim(seed=11).run(1_500)
+    assert len(sim.events) > 2_000
+    first = ledger.write_events(sim.events)
+    assert first == WriteResult(inserted=len(sim.events), duplicates=0, quarantined=0)
+    assert ledger.write_events(sim.events[::-1]).duplicates == len(sim.events)
+    assert count_rows(ledger, "events") == len(sim.events)
+    holds = [e for e in sim.events if e["type"] in ("reserve", "extend", "release", "expire")]
+    assert count_rows(ledger, "hold_events") == len(holds)
+    assert_matches(ledger, sim)
+
+
+def test_events_validated_ahead_write_as_the_entries_would(ledger: Ledger) -> None:
+    """parse_events validates a batch without the database (the flusher does it while the
+    previous batch is written); write_events takes the result as it takes the entries."""
+    sim = Sim(seed=12).run(120)
+    bad = [{"type": "refund", "eid": "refund:1", "org": "acme", "ts": "13"}]
+    half = len(sim.events) // 2
+    parsed = ledger.parse_events(sim.events[:half] + bad)
+    assert len(parsed) == half + 1
+    assert ledger.write_events(parsed) == WriteResult(half, 0, 1)
+    assert ledger.write_events(parsed) == WriteResult(0, half, 1)
+    assert ledger.write_events(sim.events) == WriteResult(len(sim.events) - half, half, 0)
+    assert ledger.write_events(ledger.parse_events([])) == WriteResult(0, 0, 0)
+    assert_matches(ledger, sim)
+
+
 def test_overlapping_batches_in_any_order_give_the_same_ledger(ledger: Ledger) -> None:
     sim = Sim(seed=2).run(200)
     batches = windows(sim.events, size=40, step=25)

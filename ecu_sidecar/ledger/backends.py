@@ -8,6 +8,7 @@ lock, the UTC month expression, and which driver errors mean "retry" or "unavail
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 import threading
 import time
@@ -23,6 +24,11 @@ __all__ = ["Backend", "PostgresBackend", "Retry", "SqliteBackend", "Tx", "backen
 SQLITE_MIN_VERSION = (3, 35, 0)
 # Identifies the migration advisory lock (first key); the second is the schema's hash.
 _MIGRATION_LOCK_CLASS = 0x45435531  # "ECU1"
+#: The column kinds of a bulk insert (Tx.insert), as PostgreSQL array types.
+_PG_ARRAYS = {"text": "text[]", "bigint": "bigint[]", "bool": "boolean[]", "json": "jsonb[]"}
+#: Rows per multi-row INSERT on SQLite, and its limit of bound variables per statement.
+_SQLITE_CHUNK = 500
+_SQLITE_MAX_VARIABLES = 32_766
 
 
 class Retry(Exception):
@@ -42,6 +48,22 @@ class Tx(Protocol):
 
     def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         """Run one statement once per parameter row."""
+        ...
+
+    def insert(
+        self,
+        table: str,
+        columns: tuple[tuple[str, str], ...],
+        rows: Sequence[Sequence[Any]],
+        *,
+        conflict: str = "",
+        returning: str = "",
+    ) -> list[tuple[Any, ...]]:
+        """Insert many rows in as few statements as the engine allows, in the order given.
+
+        ``columns`` are (name, kind) pairs, kind one of text, bigint, bool, json; ``conflict``
+        is an ON CONFLICT clause; ``returning`` the columns to return of each inserted row.
+        """
         ...
 
 
@@ -112,10 +134,39 @@ class _PgTx:
         if params:
             self._cur.executemany(_pg(sql), params)
 
+    def insert(
+        self,
+        table: str,
+        columns: tuple[tuple[str, str], ...],
+        rows: Sequence[Sequence[Any]],
+        *,
+        conflict: str = "",
+        returning: str = "",
+    ) -> list[tuple[Any, ...]]:
+        if not rows:
+            return []
+        # One statement of fixed text whatever the number of rows (psycopg prepares it once),
+        # with one array per column, sent in binary: psycopg's text format for arrays quotes
+        # every element in Python, many times slower. unnest yields the rows in array order,
+        # so the rows are inserted, and their unique keys locked, in the order given.
+        sql = _pg_insert(table, columns, conflict, returning)
+        self._cur.execute(sql, [list(col) for col in zip(*rows, strict=True)])
+        return self._cur.fetchall() if returning else []
+
 
 def _pg(sql: str) -> str:
     # The repository's SQL holds no literal '?' or '%'; placeholders become psycopg's.
     return sql.replace("?", "%s")
+
+
+@functools.lru_cache(maxsize=64)
+def _pg_insert(
+    table: str, columns: tuple[tuple[str, str], ...], conflict: str, returning: str
+) -> str:
+    names = ", ".join(name for name, _ in columns)
+    arrays = ", ".join(f"%b::{_PG_ARRAYS[kind]}" for _, kind in columns)
+    tail = f" RETURNING {returning}" if returning else ""
+    return f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) {conflict}{tail}"
 
 
 class PostgresBackend:
@@ -195,6 +246,32 @@ class _SqliteTx:
     def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         if params:
             self._conn.executemany(sql, params)
+
+    def insert(
+        self,
+        table: str,
+        columns: tuple[tuple[str, str], ...],
+        rows: Sequence[Sequence[Any]],
+        *,
+        conflict: str = "",
+        returning: str = "",
+    ) -> list[tuple[Any, ...]]:
+        if not rows:
+            return []
+        names = ", ".join(name for name, _ in columns)
+        row = "(" + ", ".join("?" * len(columns)) + ")"
+        head = f"INSERT INTO {table} ({names}) VALUES "
+        if not returning:
+            self._conn.executemany(f"{head}{row} {conflict}", rows)
+            return []
+        # executemany cannot return rows: multi-row statements, in order.
+        size = max(1, min(_SQLITE_CHUNK, _SQLITE_MAX_VARIABLES // len(columns)))
+        out: list[tuple[Any, ...]] = []
+        for i in range(0, len(rows), size):
+            chunk = rows[i : i + size]
+            sql = f"{head}{', '.join([row] * len(chunk))} {conflict} RETURNING {returning}"
+            out += self._conn.execute(sql, [v for r in chunk for v in r]).fetchall()
+        return out
 
 
 class SqliteBackend:

@@ -14,7 +14,14 @@ from typing import Any
 
 from ecu_sidecar.ledger import burn
 from ecu_sidecar.ledger.backends import Backend, Retry, Tx, backend_for_url
-from ecu_sidecar.ledger.events import MAX_VALUE, Event, Rejected, parse_event
+from ecu_sidecar.ledger.events import (
+    MAX_VALUE,
+    Event,
+    Parsed,
+    Rejected,
+    parse_event,
+    parse_events,
+)
 from ecu_sidecar.ledger.schema import MIGRATIONS, SCHEMA_MIGRATIONS_DDL, Migration
 from ecu_sidecar.ledger.types import (
     AccountState,
@@ -57,8 +64,86 @@ _PERIODS = ("day", "month")
 _ATTEMPTS = 5
 #: Grants a Redis rebuild receives (so that a retried grant is still recognized as a replay).
 _RECENT = 1_000
-#: Events per multi-row INSERT (7 parameters each; far below SQLite's 32766-variable limit).
+#: Event ids per IN list when looking up the fingerprints of duplicates.
 _CHUNK = 500
+#: Bulk inserts (Tx.insert): (column, kind).
+_ORG_COLUMNS = (("org_id", "text"), ("created_at_ms", "bigint"))
+_EVENT_COLUMNS = (
+    ("org_id", "text"),
+    ("event_id", "text"),
+    ("event_type", "text"),
+    ("occurred_at_ms", "bigint"),
+    ("recorded_at_ms", "bigint"),
+    ("fingerprint", "text"),
+    ("payload", "json"),
+)
+_USAGE_COLUMNS = (
+    ("org_id", "text"),
+    ("event_id", "text"),
+    ("reservation_id", "text"),
+    ("team", "text"),
+    ("project", "text"),
+    ("user_id", "text"),
+    ("model", "text"),
+    ("job_type", "text"),
+    ("tokens_in", "bigint"),
+    ("tokens_out", "bigint"),
+    ("calls", "bigint"),
+    ("amount_uecu", "bigint"),
+    ("actual_uecu", "bigint"),
+    ("hold_uecu", "bigint"),
+    ("released_uecu", "bigint"),
+    ("overage_uecu", "bigint"),
+    ("unbilled_uecu", "bigint"),
+    ("late", "bool"),
+    ("orphan", "bool"),
+    ("rate_card_version", "text"),
+    ("breakdown", "json"),
+    ("occurred_at_ms", "bigint"),
+)
+_HOLD_COLUMNS = (
+    ("org_id", "text"),
+    ("event_id", "text"),
+    ("reservation_id", "text"),
+    ("kind", "text"),
+    ("amount_uecu", "bigint"),
+    ("deadline_ms", "bigint"),
+    ("sequence", "bigint"),
+    ("team", "text"),
+    ("project", "text"),
+    ("user_id", "text"),
+    ("job_type", "text"),
+    ("model", "text"),
+    ("occurred_at_ms", "bigint"),
+)
+_RECON_COLUMNS = (
+    ("org_id", "text"),
+    ("event_id", "text"),
+    ("kind", "text"),
+    ("fields", "json"),
+    ("occurred_at_ms", "bigint"),
+)
+_TOTALS_COLUMNS = (
+    ("org_id", "text"),
+    ("created_at_ms", "bigint"),
+    ("granted_uecu", "bigint"),
+    ("expired_grants_uecu", "bigint"),
+    ("committed_uecu", "bigint"),
+    ("balance_uecu", "bigint"),
+    ("last_event_at_ms", "bigint"),
+)
+#: Adds a batch's totals to organizations that exist (the batch inserted them first): an
+#: upsert is the bulk UPDATE both engines run as one statement, row by row in org order.
+_ADD_TOTALS = (
+    "ON CONFLICT (org_id) DO UPDATE SET "
+    "granted_uecu = organizations.granted_uecu + excluded.granted_uecu, "
+    "expired_grants_uecu = organizations.expired_grants_uecu + excluded.expired_grants_uecu, "
+    "committed_uecu = organizations.committed_uecu + excluded.committed_uecu, "
+    "balance_uecu = organizations.balance_uecu + excluded.balance_uecu, "
+    "last_event_at_ms = CASE WHEN organizations.last_event_at_ms IS NULL "
+    "OR organizations.last_event_at_ms < excluded.last_event_at_ms "
+    "THEN excluded.last_event_at_ms ELSE organizations.last_event_at_ms END"
+)
 
 
 def _wall_clock_ms() -> int:
@@ -229,20 +314,24 @@ class Ledger:
 
     # ------------------------------------------------------------------ events
 
-    def write_events(self, events: Iterable[Mapping[Any, Any]]) -> WriteResult:
+    @staticmethod
+    def parse_events(events: Iterable[Mapping[Any, Any]]) -> Parsed:
+        """Validate a batch for ``write_events``, without the database: a caller may do it
+        while the previous batch is being written."""
+        return parse_events(events)
+
+    def write_events(self, events: Iterable[Mapping[Any, Any]] | Parsed) -> WriteResult:
         """Record a batch of outbox events in ONE transaction, each at most once, ever.
 
         Every event's (organization, event id) is inserted into ``events`` with ON CONFLICT DO
         NOTHING; only the events whose row was newly inserted have effects, in the same
         transaction. A redelivered event (same id, same content) is a duplicate; a malformed
         one, an unknown type, or an id reused with different content is quarantined with the
-        reason and counted, never raised, so it cannot block the batch.
+        reason and counted, never raised, so it cannot block the batch. ``events`` are the
+        entries, or what ``parse_events`` made of them.
         """
-        parsed: list[Event] = []
-        rejected: list[Rejected] = []
-        for raw in events:
-            result = parse_event(raw)
-            (parsed if isinstance(result, Event) else rejected).append(result)
+        batch = events if isinstance(events, Parsed) else parse_events(events)
+        parsed, rejected = list(batch.events), list(batch.rejected)
         if not parsed and not rejected:
             return WriteResult(0, 0, 0)
         try:
@@ -287,26 +376,23 @@ class Ledger:
         created: dict[str, int] = {}
         for ev in batch:
             created[ev.org] = min(created.get(ev.org, ev.ts), ev.ts)
-        for org in sorted(created):
-            tx.run(
-                "INSERT INTO organizations (org_id, created_at_ms) VALUES (?, ?) "
-                "ON CONFLICT (org_id) DO NOTHING",
-                (org, created[org]),
-            )
-        fresh: set[tuple[str, str]] = set()
-        for i in range(0, len(batch), _CHUNK):
-            chunk = batch[i : i + _CHUNK]
-            params: list[Any] = []
-            for ev in chunk:
-                params += (ev.org, ev.event_id, ev.type, ev.ts, now, ev.fingerprint, ev.payload)
-            rows = tx.rows(
-                "INSERT INTO events (org_id, event_id, event_type, occurred_at_ms, "
-                "recorded_at_ms, fingerprint, payload) VALUES "
-                + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-                + " ON CONFLICT (org_id, event_id) DO NOTHING RETURNING org_id, event_id",
-                params,
-            )
-            fresh.update((r[0], r[1]) for r in rows)
+        tx.insert(
+            "organizations",
+            _ORG_COLUMNS,
+            sorted(created.items()),
+            conflict="ON CONFLICT (org_id) DO NOTHING",
+        )
+        rows = tx.insert(
+            "events",
+            _EVENT_COLUMNS,
+            [
+                (ev.org, ev.event_id, ev.type, ev.ts, now, ev.fingerprint, ev.payload)
+                for ev in batch
+            ],
+            conflict="ON CONFLICT (org_id, event_id) DO NOTHING",
+            returning="org_id, event_id",
+        )
+        fresh = {(r[0], r[1]) for r in rows}
         old = [ev for ev in batch if (ev.org, ev.event_id) not in fresh]
         stored = self._fingerprints(tx, old)
         for ev in old:
@@ -897,29 +983,21 @@ class _Effects:
         self.last[org] = max(self.last.get(org, ts), ts)
 
     def flush(self, tx: Tx) -> None:
-        tx.many(
-            "INSERT INTO usage_entries (org_id, event_id, reservation_id, team, project, "
-            "user_id, model, job_type, tokens_in, tokens_out, calls, amount_uecu, actual_uecu, "
-            "hold_uecu, released_uecu, overage_uecu, unbilled_uecu, late, orphan, "
-            "rate_card_version, breakdown, occurred_at_ms) VALUES "
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            self.usage,
-        )
-        tx.many(
-            "INSERT INTO hold_events (org_id, event_id, reservation_id, kind, amount_uecu, "
-            "deadline_ms, sequence, team, project, user_id, job_type, model, occurred_at_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            self.holds,
-        )
-        tx.many(
-            "INSERT INTO reconciliations (org_id, event_id, kind, fields, occurred_at_ms) "
-            "VALUES (?, ?, ?, ?, ?)",
-            self.recon,
-        )
+        tx.insert("usage_entries", _USAGE_COLUMNS, self.usage)
+        tx.insert("hold_events", _HOLD_COLUMNS, self.holds)
+        tx.insert("reconciliations", _RECON_COLUMNS, self.recon)
+        # Organization rows are locked last, in org order (concurrent writers wait, never
+        # deadlock).
+        totals = []
         for org in sorted(self.last):
             granted, expired, committed = self.totals.get(org, (0, 0, 0))
-            _add_totals(tx, org, granted, expired, committed, last_event_ms=self.last[org])
-            if org in self.autotopup:
+            last = self.last[org]
+            totals.append(
+                (org, last, granted, expired, committed, granted - expired - committed, last)
+            )
+        tx.insert("organizations", _TOTALS_COLUMNS, totals, conflict=_ADD_TOTALS)
+        for org in sorted(self.autotopup):
+            if org in self.last:
                 ts, seq, eid, threshold, amount = self.autotopup[org]
                 _set_auto_topup(tx, org, threshold, amount, ts, seq, eid)
 

@@ -9,10 +9,12 @@ the next discovery.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from redis.exceptions import ConnectionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -24,15 +26,32 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Redis unreachable -> StoreUnavailable, as for the scripts (the flusher backs off)."""
+@contextlib.contextmanager
+def _store_errors(timeout_s: float) -> Iterator[None]:
+    """Redis unreachable or silent -> StoreUnavailable, as for the scripts (the flusher backs
+    off)."""
+    try:
+        yield
+    except TimeoutError:  # before OSError, of which it is a subclass
+        raise StoreUnavailable(
+            f"Redis did not answer the flusher within {timeout_s * 1000:.0f} ms"
+        ) from None
+    except (ConnectionError, RedisTimeoutError, OSError) as exc:
+        raise StoreUnavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+
+
+def _unavailable(
+    fn: Callable[Concatenate[OutboxReader, P], Awaitable[R]],
+) -> Callable[Concatenate[OutboxReader, P], Awaitable[R]]:
+    """Each call bounded by ECU_FLUSHER_REDIS_TIMEOUT_MS (the reader's own bound: the store's
+    client sets no socket timeout, and a bulk read needs longer than a script), and Redis
+    unreachable or silent -> StoreUnavailable."""
 
     @functools.wraps(fn)
-    async def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except (ConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+    async def wrapped(self: OutboxReader, *args: P.args, **kwargs: P.kwargs) -> R:
+        with _store_errors(self.timeout_s):
+            async with asyncio.timeout(self.timeout_s):
+                return await fn(self, *args, **kwargs)
 
     return wrapped
 
@@ -76,6 +95,8 @@ class OutboxReader:
         self.store = store
         self.consumer = consumer
         self._client = store._client
+        self.timeout_s = store._settings.flusher_redis_timeout_ms / 1000
+        """The bound on each call (ECU_FLUSHER_REDIS_TIMEOUT_MS)."""
         prefix = store._settings.key_prefix
         self._match = f"{prefix}:{{*}}:outbox"
         self._known: set[str] = set()
@@ -85,18 +106,36 @@ class OutboxReader:
         """The organization in a key ``<prefix>:{org}:outbox``."""
         return key[key.index("{") + 1 : key.rindex("}")]
 
-    @_unavailable
     async def discover(self) -> list[str]:
         """Organizations that have an outbox stream (SCAN over every primary)."""
-        orgs = []
-        async for key in self._client.scan_iter(match=self._match, count=1000, _type="stream"):
-            orgs.append(self.org_of(_s(key)))
+        orgs = await self._scan()
         for org in orgs:
             if org not in self._known:
                 await self._ensure_group(org)
                 self._known.add(org)
         return sorted(orgs)
 
+    async def _scan(self) -> list[str]:
+        # Bounded on progress rather than as a whole: the walk grows with the keyspace, and
+        # every SCAN reply that arrives moves the deadline.
+        loop = asyncio.get_running_loop()
+        orgs = []
+        with _store_errors(self.timeout_s):
+            async with (
+                asyncio.timeout(self.timeout_s) as bound,
+                contextlib.aclosing(
+                    self._client.scan_iter(match=self._match, count=1000, _type="stream")
+                ) as keys,
+            ):
+                moved = loop.time()
+                async for key in keys:
+                    orgs.append(self.org_of(_s(key)))
+                    if loop.time() - moved > self.timeout_s / 4:
+                        moved = loop.time()
+                        bound.reschedule(moved + self.timeout_s)
+        return orgs
+
+    @_unavailable
     async def _ensure_group(self, org: str) -> None:
         try:
             await self._client.xgroup_create(
@@ -108,17 +147,18 @@ class OutboxReader:
 
     @_unavailable
     async def read(
-        self, orgs: list[str], count: int, *, own_pending: bool = False
+        self, orgs: list[str], count: int | Mapping[str, int], *, own_pending: bool = False
     ) -> list[OutboxEntry]:
-        """New entries (never delivered) of these organizations, up to ``count`` per stream;
-        with ``own_pending``, the entries already delivered to this consumer and not yet
-        acknowledged instead (after a read whose reply was lost)."""
+        """New entries (never delivered) of these organizations, up to ``count`` per stream
+        (or ``count[org]``); with ``own_pending``, the entries already delivered to this
+        consumer and not yet acknowledged instead (after a read whose reply was lost)."""
         if not orgs:
             return []
         start = "0" if own_pending else ">"
         pipe = self._client.pipeline(transaction=False)
         for org in orgs:
-            pipe.xreadgroup(GROUP, self.consumer, {self.store.outbox_key(org): start}, count=count)
+            n = count if isinstance(count, int) else count[org]
+            pipe.xreadgroup(GROUP, self.consumer, {self.store.outbox_key(org): start}, count=n)
         replies = await pipe.execute(raise_on_error=False)
         out: list[OutboxEntry] = []
         for org, reply in zip(orgs, replies, strict=True):
@@ -134,20 +174,19 @@ class OutboxReader:
     @_unavailable
     async def claim(self, orgs: list[str], min_idle_ms: int, count: int) -> list[OutboxEntry]:
         """Entries another consumer read but did not acknowledge for ``min_idle_ms``."""
-        out: list[OutboxEntry] = []
+        if not orgs:
+            return []
+        pipe = self._client.pipeline(transaction=False)
         for org in orgs:
-            try:
-                reply = await self._client.xautoclaim(
-                    self.store.outbox_key(org),
-                    GROUP,
-                    self.consumer,
-                    min_idle_ms,
-                    "0-0",
-                    count=count,
-                )
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
+            pipe.xautoclaim(
+                self.store.outbox_key(org), GROUP, self.consumer, min_idle_ms, "0-0", count=count
+            )
+        replies = await pipe.execute(raise_on_error=False)
+        out: list[OutboxEntry] = []
+        for org, reply in zip(orgs, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                if "NOGROUP" not in str(reply):
+                    raise reply
                 await self._ensure_group(org)  # the stream was recreated (Redis lost it)
                 continue
             out.extend(self._entries(org, reply[1]))
@@ -194,8 +233,22 @@ class OutboxReader:
 
     @staticmethod
     def _entries(org: str, entries: list[Any]) -> list[OutboxEntry]:
-        return [
-            OutboxEntry(org, _s(eid), {_s(k): _s(v) for k, v in fields.items()})
-            for eid, fields in entries
-            if fields is not None  # an entry deleted while pending comes back empty
-        ]
+        out = []
+        for eid, fields in entries:
+            if fields is None:  # an entry deleted while pending comes back empty
+                continue
+            try:
+                decoded = {k.decode(): v.decode() for k, v in fields.items()}
+            except (AttributeError, UnicodeDecodeError):
+                # Text from a decoding client, or bytes that are not UTF-8: kept losslessly
+                # (as surrogates), so that the ledger quarantines the entry instead of this
+                # cycle failing on it forever.
+                decoded = {_text(k): _text(v) for k, v in fields.items()}
+            out.append(OutboxEntry(org, eid.decode() if isinstance(eid, bytes) else eid, decoded))
+        return out
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
