@@ -430,7 +430,13 @@ class QuotaEngine:
                 )
             check_model(f"{f}model", it.model, it.job_type in _MODEL_REQUIRED and quote is None)
             ttl = self._ttl(f"{f}ttl_ms", it.ttl_ms, zero_means=self.settings.default_ttl_ms)
-            resolved.append(replace(it, ttl_ms=ttl, job=None))
+            if ttl != it.ttl_ms or it.job is not None:
+                # The constructor, not dataclasses.replace: this runs for every step of a batch.
+                it = ReserveItem(
+                    it.reservation_id, it.amount_uecu, it.job_type, it.model, ttl,
+                    it.rate_card_version, it.fingerprint,
+                )  # fmt: skip
+            resolved.append(it)
             quotes.append(quote)
         self._total(it.amount_uecu for it in resolved)
         try:

@@ -104,6 +104,10 @@ _BALANCE_FIELDS = {
 }
 
 
+#: A hold's state as the scripts reply it (one-letter bytes), to the enum.
+_HOLD_STATES = {state.value.encode(): state for state in HoldState}
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -263,8 +267,9 @@ class RedisStore:
                 it.rate_card_version, it.fingerprint,
             ]  # fmt: skip
         r = await self._run("reserve", account.organization, args)
+        states = _HOLD_STATES
         holds = [
-            HoldView(_s(r[i]), int(r[i + 1]), int(r[i + 2]), HoldState(_s(r[i + 3])), _s(r[i + 4]))
+            HoldView(r[i].decode(), r[i + 1], r[i + 2], states[r[i + 3]], r[i + 4].decode())
             for i in range(3, len(r), 5)
         ]
         return ReserveOutcome(holds, int(r[1]), bool(r[2]))
@@ -289,9 +294,9 @@ class RedisStore:
         r = await self._run("commit", org, args)
         out = []
         for i in range(2, len(r), 10):
-            rid, status = _s(r[i]), _s(r[i + 1])
-            if status != "OK":
-                error = BY_REASON[status](_s(r[i + 2]), reservation_id=rid)
+            rid, status = r[i].decode(), r[i + 1]
+            if status != b"OK":
+                error = BY_REASON[status.decode()](r[i + 2].decode(), reservation_id=rid)
                 out.append(CommitOutcome(rid, available_uecu=int(r[1]), error=error))
                 continue
             out.append(
