@@ -192,6 +192,38 @@ async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
     return win.result(spec)
 
 
+async def _batch_pair(
+    stub: Any, win: Window, org: str, rids: list[str], job_type: int, model: str, actual: int
+) -> bool:
+    """ReserveBatch of ``rids`` (1,000 µECU each) then CommitBatch of the same at ``actual``;
+    records both latencies, and COMMIT_ITEM_FAILED when an item failed."""
+    from ecu_sidecar.api.v1 import quota_pb2 as pb
+
+    t0 = time.perf_counter()
+    await stub.ReserveBatch(
+        pb.ReserveBatchRequest(
+            account=pb.Account(organization=org),
+            items=[
+                pb.ReserveItem(reservation_id=r, amount_uecu=1_000, job_type=job_type, model=model)
+                for r in rids
+            ],
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    t1 = time.perf_counter()
+    win.record("ReserveBatch", t0, t1)
+    reply = await stub.CommitBatch(
+        pb.CommitBatchRequest(
+            organization=org,
+            items=[pb.CommitItem(reservation_id=r, actual_uecu=actual) for r in rids],
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    if any(r.code for r in reply.results):
+        win.error("COMMIT_ITEM_FAILED")
+    return win.record("CommitBatch", t1, time.perf_counter())
+
+
 async def grpc_paced(spec: dict[str, Any]) -> dict[str, Any]:
     """Open loop: step group k starts at begin + k × steps / rate (or at once when behind).
     A group is a Reserve→Commit pair (``steps`` = 1) or a ReserveBatch→CommitBatch of
@@ -232,34 +264,7 @@ async def grpc_paced(spec: dict[str, Any]) -> dict[str, Any]:
 
         async def batch(org: str, rid: str) -> bool:
             rids = [f"{rid}-{k}" for k in range(steps)]
-            t0 = time.perf_counter()
-            await stub.ReserveBatch(
-                pb.ReserveBatchRequest(
-                    account=pb.Account(organization=org),
-                    items=[
-                        pb.ReserveItem(
-                            reservation_id=r,
-                            amount_uecu=1_000,
-                            job_type=pb.JOB_TYPE_INFERENCE,
-                            model="gpt-4o",
-                        )
-                        for r in rids
-                    ],
-                ),
-                timeout=RPC_TIMEOUT_S,
-            )
-            t1 = time.perf_counter()
-            win.record("ReserveBatch", t0, t1)
-            reply = await stub.CommitBatch(
-                pb.CommitBatchRequest(
-                    organization=org,
-                    items=[pb.CommitItem(reservation_id=r, actual_uecu=700) for r in rids],
-                ),
-                timeout=RPC_TIMEOUT_S,
-            )
-            if any(r.code for r in reply.results):
-                win.error("COMMIT_ITEM_FAILED")
-            return win.record("CommitBatch", t1, time.perf_counter())
+            return await _batch_pair(stub, win, org, rids, pb.JOB_TYPE_INFERENCE, "gpt-4o", 700)
 
         group = pair if steps == 1 else batch
 
@@ -301,37 +306,11 @@ async def grpc_batch(spec: dict[str, Any]) -> dict[str, Any]:
         stub = quota_pb2_grpc.QuotaStub(channel)
 
         async def op(t: int, i: int) -> bool:
-            org = _org(spec, t, i)
             rids = [f"{prefix}{t}-{i}-{k}" for k in range(n)]
             try:
-                t0 = time.perf_counter()
-                await stub.ReserveBatch(
-                    pb.ReserveBatchRequest(
-                        account=pb.Account(organization=org),
-                        items=[
-                            pb.ReserveItem(
-                                reservation_id=r,
-                                amount_uecu=1_000,
-                                job_type=pb.JOB_TYPE_JUDGE,
-                                model="gpt-4o-mini",
-                            )
-                            for r in rids
-                        ],
-                    ),
-                    timeout=RPC_TIMEOUT_S,
+                return await _batch_pair(
+                    stub, win, _org(spec, t, i), rids, pb.JOB_TYPE_JUDGE, "gpt-4o-mini", 600
                 )
-                t1 = time.perf_counter()
-                win.record("ReserveBatch", t0, t1)
-                reply = await stub.CommitBatch(
-                    pb.CommitBatchRequest(
-                        organization=org,
-                        items=[pb.CommitItem(reservation_id=r, actual_uecu=600) for r in rids],
-                    ),
-                    timeout=RPC_TIMEOUT_S,
-                )
-                if any(r.code for r in reply.results):
-                    win.error("COMMIT_ITEM_FAILED")
-                return win.record("CommitBatch", t1, time.perf_counter())
             except Exception as exc:
                 _grpc_error(win, exc)
                 await asyncio.sleep(0.01)

@@ -7,6 +7,7 @@ Every test gets its own key prefix, so tests never see each other's keys.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sqlite3
 import uuid
@@ -208,3 +209,19 @@ def database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Database
     finally:
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def private_redis() -> Iterator[Any]:
+    """A redis-server of the test's own on 127.0.0.1 (tests.test_unavailable.PrivateRedis), to
+    kill, freeze and restart."""
+    from tests.test_unavailable import PrivateRedis
+
+    if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server binary not found and ECU_REQUIRE_SERVICES is set")
+        pytest.skip("redis-server binary not found")
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.close()

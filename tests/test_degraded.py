@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -28,11 +27,8 @@ ORG = pb.Account(organization="acme")
 
 
 @pytest.fixture
-def redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.close()
+def redis(private_redis: PrivateRedis) -> PrivateRedis:
+    return private_redis
 
 
 def reserve(rid: str, amount: int) -> pb.ReserveRequest:

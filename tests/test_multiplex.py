@@ -16,7 +16,7 @@ from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.model import GrantKind
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.multiplex import ScriptChannel, multiplexable
-from tests.conftest import REQUIRE_SERVICES, make_settings
+from tests.conftest import make_settings
 from tests.test_unavailable import PrivateRedis
 
 ECHO = "return {ARGV[1], tonumber(ARGV[2]) * 2}"
@@ -27,27 +27,15 @@ def _connections(port: int) -> int:
     return int(redis.Redis(port=port).info("stats")["total_connections_received"])
 
 
-@pytest.fixture
-def server() -> PrivateRedis:
-    if shutil.which("redis-server") is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("redis-server binary not found and ECU_REQUIRE_SERVICES is set")
-        pytest.skip("redis-server binary not found")
-    srv = PrivateRedis()
-    srv.start()
-    yield srv
-    srv.close()
-
-
 def test_which_urls_are_multiplexed() -> None:
     assert multiplexable("redis://127.0.0.1:6379/0")
     assert multiplexable("unix:///run/redis.sock")
     assert not multiplexable("rediss://127.0.0.1:6380/0")
 
 
-async def test_concurrent_calls_share_one_connection(server: PrivateRedis) -> None:
-    channel = ScriptChannel(f"redis://127.0.0.1:{server.port}/0", connect_timeout_s=2)
-    before = _connections(server.port)
+async def test_concurrent_calls_share_one_connection(private_redis: PrivateRedis) -> None:
+    channel = ScriptChannel(f"redis://127.0.0.1:{private_redis.port}/0", connect_timeout_s=2)
+    before = _connections(private_redis.port)
     try:
         replies = await asyncio.gather(
             *(channel.execute("EVAL", ECHO, 0, f"caller-{i}", i) for i in range(500))
@@ -56,11 +44,11 @@ async def test_concurrent_calls_share_one_connection(server: PrivateRedis) -> No
         await channel.close()
     assert replies == [[f"caller-{i}".encode(), 2 * i] for i in range(500)]
     # The info call above and below are connections of their own: one more is the channel's.
-    assert _connections(server.port) - before == 2
+    assert _connections(private_redis.port) - before == 2
 
 
-async def test_error_replies_keep_the_stream_in_step(server: PrivateRedis) -> None:
-    channel = ScriptChannel(f"redis://127.0.0.1:{server.port}/0", connect_timeout_s=2)
+async def test_error_replies_keep_the_stream_in_step(private_redis: PrivateRedis) -> None:
+    channel = ScriptChannel(f"redis://127.0.0.1:{private_redis.port}/0", connect_timeout_s=2)
     try:
         calls = [
             channel.execute("EVALSHA", "0" * 40, 0),
@@ -77,10 +65,10 @@ async def test_error_replies_keep_the_stream_in_step(server: PrivateRedis) -> No
     assert results[3] == [b"b", 4]
 
 
-async def test_a_late_reply_goes_to_nobody(server: PrivateRedis) -> None:
+async def test_a_late_reply_goes_to_nobody(private_redis: PrivateRedis) -> None:
     """A caller that gave up does not receive another caller's reply, nor leave its own late
     reply to the next caller."""
-    channel = ScriptChannel(f"redis://127.0.0.1:{server.port}/0", connect_timeout_s=2)
+    channel = ScriptChannel(f"redis://127.0.0.1:{private_redis.port}/0", connect_timeout_s=2)
     slow = (
         "local t = redis.call('TIME'); while true do local n = redis.call('TIME'); "
         "if (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > 300000 then return 'slow' end end"
@@ -94,46 +82,46 @@ async def test_a_late_reply_goes_to_nobody(server: PrivateRedis) -> None:
         await channel.close()
 
 
-async def test_restarted_server_is_reconnected_transparently(server: PrivateRedis) -> None:
-    channel = ScriptChannel(f"redis://127.0.0.1:{server.port}/0", connect_timeout_s=2)
+async def test_restarted_server_is_reconnected_transparently(private_redis: PrivateRedis) -> None:
+    channel = ScriptChannel(f"redis://127.0.0.1:{private_redis.port}/0", connect_timeout_s=2)
     try:
         assert await channel.execute("EVAL", ECHO, 0, "x", 1) == [b"x", 2]
-        server.kill()
-        server.start()
+        private_redis.kill()
+        private_redis.start()
         # The old connection is dead; the call is retried once on a fresh one.
         assert await channel.execute("EVAL", ECHO, 0, "y", 2) == [b"y", 4]
-        server.kill()
+        private_redis.kill()
         with pytest.raises(ConnectionError):
             await channel.execute("EVAL", ECHO, 0, "z", 3)
     finally:
         await channel.close()
 
 
-async def test_store_aborts_a_stalled_connection_and_recovers(server: PrivateRedis) -> None:
+async def test_store_aborts_a_stalled_connection_and_recovers(private_redis: PrivateRedis) -> None:
     settings = make_settings(
         "redis",
-        redis_url=f"redis://127.0.0.1:{server.port}/0",
+        redis_url=f"redis://127.0.0.1:{private_redis.port}/0",
         redis_timeout_ms=200,
         redis_connect_timeout_ms=200,
     )
     store = RedisStore.from_settings(settings)
     try:
         await store.grant("acme", "g", 1_000, GrantKind.TOP_UP, 0)
-        server.freeze()
+        private_redis.freeze()
         for _ in range(2):
             with pytest.raises(StoreUnavailable):
                 await store.sweep("acme")
         # The connection that owed replies for a whole timeout was aborted: nothing waits on it.
         assert store._channel is not None and store._channel._conn is None
-        server.thaw()
+        private_redis.thaw()
         assert (await store.balance("acme")).balance_uecu == 1_000
     finally:
-        server.thaw()
+        private_redis.thaw()
         await store.close()
 
 
-async def test_retired_connection_finishes_its_calls(server: PrivateRedis) -> None:
-    channel = ScriptChannel(f"redis://127.0.0.1:{server.port}/0", connect_timeout_s=2)
+async def test_retired_connection_finishes_its_calls(private_redis: PrivateRedis) -> None:
+    channel = ScriptChannel(f"redis://127.0.0.1:{private_redis.port}/0", connect_timeout_s=2)
     try:
         await channel.execute("PING")
         old = channel._conn
@@ -150,22 +138,26 @@ async def test_retired_connection_finishes_its_calls(server: PrivateRedis) -> No
         await channel.close()
 
 
-async def test_auth_and_database_from_the_url(server: PrivateRedis) -> None:
-    admin = redis.Redis(port=server.port)
+async def test_auth_and_database_from_the_url(private_redis: PrivateRedis) -> None:
+    admin = redis.Redis(port=private_redis.port)
     admin.execute_command("ACL", "SETUSER", "ecu", "on", ">s3cret", "~*", "+@all")
-    channel = ScriptChannel(f"redis://ecu:s3cret@127.0.0.1:{server.port}/3", connect_timeout_s=2)
+    channel = ScriptChannel(
+        f"redis://ecu:s3cret@127.0.0.1:{private_redis.port}/3", connect_timeout_s=2
+    )
     try:
         await channel.execute("SET", "where", "db3")
-        assert redis.Redis(port=server.port, db=3).get("where") == b"db3"
+        assert redis.Redis(port=private_redis.port, db=3).get("where") == b"db3"
         assert admin.get("where") is None
     finally:
         await channel.close()
-    wrong = ScriptChannel(f"redis://ecu:wrong@127.0.0.1:{server.port}/0", connect_timeout_s=2)
+    wrong = ScriptChannel(
+        f"redis://ecu:wrong@127.0.0.1:{private_redis.port}/0", connect_timeout_s=2
+    )
     with pytest.raises(AuthenticationError):
         await wrong.execute("PING")
 
 
-async def test_unix_socket(server: PrivateRedis) -> None:
+async def test_unix_socket(private_redis: PrivateRedis) -> None:
     srv = PrivateRedis()
     path = os.path.join(srv.dir, "redis.sock")
     srv.extra_args = ("--unixsocket", path, "--unixsocketperm", "700")

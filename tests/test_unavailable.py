@@ -12,7 +12,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -21,7 +20,7 @@ from grpc_status import rpc_status
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.server import SidecarServer
-from tests.conftest import ADMIN_METADATA, REQUIRE_SERVICES, make_settings
+from tests.conftest import ADMIN_METADATA, make_settings
 
 #: The gRPC deadline each call gets: far above the store bound, so a hung call shows up as
 #: DEADLINE_EXCEEDED instead of the UNAVAILABLE the sidecar must answer by itself.
@@ -92,18 +91,6 @@ class PrivateRedis:
             self.thaw()
             self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("redis-server binary not found and ECU_REQUIRE_SERVICES is set")
-        pytest.skip("redis-server binary not found")
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.close()
 
 
 async def reserve(stub: quota_pb2_grpc.QuotaStub, rid: str) -> pb.ReserveResponse:
