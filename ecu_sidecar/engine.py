@@ -447,10 +447,7 @@ class QuotaEngine:
             if self.journal is None or len(resolved) != 1:
                 raise
             return replace(self._reserve_locally(account, resolved[0], exc), quotes=quotes)
-        self._seen(
-            account.organization,
-            min(it.ttl_ms or self.settings.default_ttl_ms for it in resolved),
-        )
+        self._seen(account.organization, min(it.ttl_ms for it in resolved))  # ttls resolved
         # A replay of a hold priced before a rate card reload keeps its pinned price: answer
         # the quote of the version it pinned, which is the one its commit must name.
         for i, (hold, quote) in enumerate(zip(outcome.holds, quotes, strict=True)):

@@ -328,36 +328,11 @@ class FlusherMetrics:
 
     def count_event(self, fields: dict[str, str]) -> None:
         """Count the money and notification of one outbox event the ledger accepted."""
-        etype = fields.get("type", "")
-        if etype == "notify":
-            kind = fields.get("kind", "")
-            if kind in NOTIFICATION_KINDS:
-                self.notifications.labels(kind).inc()
-            return
-        if etype not in ("reserve", "commit", "release", "expire"):
-            return
-        job = job_type_label(fields.get("job", ""))
-
-        def amount(name: str) -> int:
-            try:
-                return max(0, int(fields.get(name) or 0))
-            except ValueError:
-                return 0
-
-        if etype == "reserve":
-            self.reserved_uecu.labels(job).inc(amount("amount"))
-        elif etype == "release":
-            self.released_uecu.labels(job).inc(amount("amount"))
-        elif etype == "expire":
-            self.expired_uecu.labels(job).inc(amount("amount"))
-        else:
-            self.committed_uecu.labels(job).inc(amount("committed"))
-            self.released_uecu.labels(job).inc(amount("released"))
-            self.overage_uecu.labels(job).inc(amount("overage"))
-            self.unbilled_uecu.labels(job).inc(amount("unbilled"))
+        self.count_events([fields])
 
     def count_events(self, batch: list[dict[str, str]]) -> None:
-        """count_event for a whole batch: the sums per job type, added once per series."""
+        """Count the money and notifications of a batch of outbox events the ledger accepted:
+        the sums per job type, added once per series."""
         money: dict[tuple[Counter, str], int] = {}
         notices: dict[str, int] = {}
         for fields in batch:

@@ -441,16 +441,14 @@ class RedisStore:
         return reply
 
     async def _eval(self, script: Script, keys: Sequence[str], argv: list[Any]) -> Any:
-        channel = self._channel
+        # The multiplexed channel where there is one; redis-py's client (which routes EVALSHA
+        # by its keys on a Cluster) otherwise. Both raise redis-py's NoScriptError.
+        execute = self._client.execute_command if self._channel is None else self._channel.execute
         try:
-            if channel is not None:
-                return await channel.execute("EVALSHA", script.sha, len(keys), *keys, *argv)
-            return await self._client.evalsha(script.sha, len(keys), *keys, *argv)
+            return await execute("EVALSHA", script.sha, len(keys), *keys, *argv)
         except NoScriptError:
             log.debug("script %s not cached on this node; loading it", script.name)
-            if channel is not None:
-                return await channel.execute("EVAL", script.source, len(keys), *keys, *argv)
-            return await self._client.eval(script.source, len(keys), *keys, *argv)
+            return await execute("EVAL", script.source, len(keys), *keys, *argv)
 
     async def _call(self, fn: Any) -> Any:
         started = time.monotonic()
