@@ -259,6 +259,29 @@ def preview(h: Harness, sidecar: procs.Child) -> None:
             "model": cfg.preview_model,
         },
     )
+    # The same Preview on a sidecar that counts in one thread (ECU_TOKENIZER_THREADS=1): what
+    # the parallel count adds, and what it costs in server CPU.
+    one = h.start_sidecar(
+        "sidecar[tokenizer-threads-1]",
+        h.new_prefix("pv1"),
+        uvloop=cfg.uvloop,
+        env={"ECU_TOKENIZER_THREADS": "1"},
+    )
+    h.measure(
+        f"sidecar Preview {n:,}-token prompt c=1, tokenizer threads 1",
+        "preview",
+        "grpc_preview",
+        one,
+        {
+            "target": one.target,
+            "concurrency": 1,
+            "orgs": ["pv-0"],
+            "text_file": str(text_file),
+            "model": cfg.preview_model,
+            "mode": "tokenizer-threads-1",
+        },
+    )
+    one.stop()
     h.measure(
         f"tiktoken encode {n:,} tokens",
         "preview",

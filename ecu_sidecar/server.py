@@ -23,7 +23,7 @@ from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.metrics import FlusherMetrics, Metrics
-from ecu_sidecar.pricing import RateCardError, RateCardRegistry
+from ecu_sidecar.pricing import RateCardError, RateCardRegistry, tokens
 from ecu_sidecar.service import QuotaService
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
@@ -97,6 +97,7 @@ class SidecarServer:
     ) -> None:
         self.settings = settings
         self.store = store or RedisStore.from_settings(settings)
+        tokens.set_threads(settings.tokenizer_threads)
         self.rates = rates if rates is not None else load_rates(settings)
         self._owns_ledger = ledger is None and bool(settings.ledger_url)
         if self._owns_ledger:

@@ -118,6 +118,10 @@ class Settings:
     """ECU_RATE_CARD_ARCHIVE_DIR: older rate cards (*.toml) loaded at start so commits of holds
     pinned to them still price after a restart."""
 
+    tokenizer_threads: int = field(default=2, metadata=_int(1, 64))
+    """ECU_TOKENIZER_THREADS: a prompt text of 131,072 characters or more is cut where its token
+    count stays exact, and its parts are counted in up to this many threads (1: one thread)."""
+
     rate_card_poll_ms: int = field(default=2_000, metadata=_int(0, 3_600_000))
     """ECU_RATE_CARD_POLL_MS: how often the rate card file is checked for changes (0 = only on
     SIGHUP)."""

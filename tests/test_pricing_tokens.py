@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import tiktoken_ext.openai_public as openai_public
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ecu_sidecar.pricing import tokens
 from ecu_sidecar.pricing.tokens import ChatMessage, count_messages, count_text
@@ -29,6 +32,8 @@ CORPUS = [
     "   leading and trailing spaces   ",
     "a" * 5000,
     "The quick brown fox jumps over the lazy dog. " * 200,
+    # Long enough to be cut and counted in parallel threads (tokens.PARALLEL_MIN_CHARS).
+    "Judge the answer.\n  Score 1-5; don't explain 42 times!\r\n#Rubric: tone, ÉTÉ. " * 2_000,
 ]
 
 #: The OpenAI cookbook's example chat ("How to count tokens with tiktoken"), whose prompt the
@@ -156,6 +161,90 @@ def test_a_100k_token_prompt_counts() -> None:
     assert count_text(text, "o200k_base") >= 100_000
 
 
+# ------------------------------------------------------------------ cutting and parallel counts
+
+#: Characters that stress the pre-tokenizers around the cut places: newlines and other
+#: whitespace, ASCII and non-ASCII letters, combining marks, digits, apostrophes for the
+#: contractions, punctuation that takes trailing newlines, CJK, and a special-token string.
+_PIECES = [
+    "\n", "\r", " ", "  ", "\t", "\u00a0", "\u2028", "a", "b", "Z", "E", "é", "\u0301",
+    "ß", "1", "23", "'", "'s", "'LL", ".", "/", "#", "-", "?", "東", "\U0001f642",
+    "<|endoftext|>", "word", "Word", "don't",
+]  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=40), st.sampled_from(NAMES))
+def test_every_cut_place_keeps_the_count(parts: list[str], name: str) -> None:
+    text = "".join(parts)
+    enc = tokens.get_encoding(name)
+    whole = len(enc.encode_ordinary(text))
+    for m in tokens._CUT.finditer(text):
+        p = m.start()
+        left, right = enc.encode_ordinary(text[:p]), enc.encode_ordinary(text[p:])
+        assert len(left) + len(right) == whole, (text, p)
+
+
+def test_the_cut_places_and_an_unsafe_cut() -> None:
+    # The property above could fail: a cut inside a word changes the count. The rule offers
+    # only the space between the words and the place after each newline.
+    enc = tokens.get_encoding("cl100k_base")
+    assert len(enc.encode_ordinary("hel")) + len(enc.encode_ordinary("lo world")) != len(
+        enc.encode_ordinary("hello world")
+    )
+    assert [m.start() for m in tokens._CUT.finditer("hello world")] == [5]
+    assert [m.start() for m in tokens._CUT.finditer("a.\n\nB c\n 1\n2")] == [4, 5, 11]
+
+
+def test_cut_points_are_balanced_and_bounded() -> None:
+    text = "Score the answer.\n" * 10_000  # 180,000 characters
+    cuts = tokens.cut_points(text, 3, min_part=1_000)
+    assert len(cuts) == 2 and cuts == sorted(cuts)
+    bounds = [0, *cuts, len(text)]
+    sizes = [b - a for a, b in itertools.pairwise(bounds)]
+    assert max(sizes) - min(sizes) <= 2 * tokens._CUT_WINDOW
+    assert all(tokens._CUT.match(text, c) for c in cuts)
+    assert tokens.cut_points(text, 3, min_part=100_000) == []  # parts would be too small
+    assert tokens.cut_points("東" * 300_000, 4) == []  # no cut place: one part
+    assert tokens.cut_points(text, 1) == []
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("name", NAMES)
+def test_parallel_count_is_the_count(name: str, threads: int, monkeypatch) -> None:
+    text = CORPUS[-1] * 2
+    assert len(text) >= 4 * tokens.PART_MIN_CHARS
+    seen: list[str] = []
+    count = tokens._count
+
+    def recording(enc, part):
+        import threading
+
+        seen.append(threading.current_thread().name)
+        return count(enc, part)
+
+    monkeypatch.setattr(tokens, "_count", recording)
+    tokens.set_threads(threads)
+    try:
+        assert count_text(text, name) == len(tokens.get_encoding(name).encode_ordinary(text))
+    finally:
+        tokens.set_threads(2)
+    assert len(seen) == threads  # one part per thread: the text is long enough for 4
+    assert sum(n.startswith("ecu-tokens") for n in seen) == threads - 1
+
+
+def test_count_matches_encode_ordinary_on_the_corpus() -> None:
+    for name in NAMES:
+        enc = tokens.get_encoding(name)
+        for text in CORPUS:
+            assert count_text(text, name) == len(enc.encode_ordinary(text)), text[:40]
+
+
+def test_set_threads_refuses_zero() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        tokens.set_threads(0)
+
+
 # ----------------------------------------------------------------------------- the network off
 
 SITECUSTOMIZE = '''
@@ -185,7 +274,8 @@ except OSError as exc:
 else:
     raise SystemExit("the network is not blocked")
 
-args = json.loads(sys.argv[1])
+with open(sys.argv[1], encoding="utf-8") as fh:
+    args = json.load(fh)
 corpus, messages = args["corpus"], args["messages"]
 
 # 1. The project's estimator: no network, an empty TIKTOKEN_CACHE_DIR.
@@ -244,16 +334,20 @@ def test_estimation_works_with_the_network_blocked(tmp_path: Path) -> None:
     env["PYTHONPATH"] = str(blocker)
     env["TIKTOKEN_CACHE_DIR"] = str(empty_cache)
     messages = [{"role": m.role, "content": m.content, "name": m.name} for m in COOKBOOK_MESSAGES]
-    argument = json.dumps(
-        {
-            "names": NAMES,
-            "corpus": CORPUS,
-            "messages": messages,
-            "seeded_cache": str(seeded_cache),
-        }
+    argument = tmp_path / "arguments.json"
+    argument.write_text(
+        json.dumps(
+            {
+                "names": NAMES,
+                "corpus": CORPUS,
+                "messages": messages,
+                "seeded_cache": str(seeded_cache),
+            }
+        ),
+        encoding="utf-8",
     )
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(CHILD), argument],
+        [sys.executable, "-c", textwrap.dedent(CHILD), str(argument)],
         env=env,
         capture_output=True,
         text=True,
@@ -268,3 +362,16 @@ def test_estimation_works_with_the_network_blocked(tmp_path: Path) -> None:
         assert out["ours"][name]["ids"] == out["reference"][name]["ids"], name
     assert out["ours"]["cl100k_base"]["chat"] == 129
     assert out["ours"]["o200k_base"]["chat"] == 124
+
+
+def test_tokenizer_threads_setting_is_checked_and_applied() -> None:
+    from ecu_sidecar.server import SidecarServer
+    from ecu_sidecar.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="ECU_TOKENIZER_THREADS"):
+        Settings.from_env({"ECU_TOKENIZER_THREADS": "0"})
+    SidecarServer(Settings.from_env({"ECU_TOKENIZER_THREADS": "3"}))
+    try:
+        assert tokens._threads == 3
+    finally:
+        tokens.set_threads(2)
