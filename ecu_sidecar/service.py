@@ -80,19 +80,32 @@ def _usage(msg: pb.Usage) -> Usage:
     return Usage(msg.tokens_in, msg.tokens_out, msg.calls)
 
 
+def _commit_fields(o: CommitOutcome) -> dict[str, Any]:
+    """A CommitResponse's fields, leaving out the ones at their default (what a batch answer
+    gives ``results.add(commit=...)``: a dict is read in place, a message would be copied)."""
+    fields: dict[str, Any] = {
+        "reservation_id": o.reservation_id,
+        "committed_uecu": o.committed_uecu,
+        "released_uecu": o.released_uecu,
+        "available_uecu": o.available_uecu,
+    }
+    if o.overage_uecu:
+        fields["overage_uecu"] = o.overage_uecu
+    if o.unbilled_overage_uecu:
+        fields["unbilled_overage_uecu"] = o.unbilled_overage_uecu
+    if o.late:
+        fields["late"] = True
+    if o.replayed:
+        fields["replayed"] = True
+    if o.quote:
+        fields["quote"] = quote_to_pb(o.quote)
+    if o.degraded:
+        fields["degraded"] = True
+    return fields
+
+
 def _commit_pb(o: CommitOutcome) -> pb.CommitResponse:
-    return pb.CommitResponse(
-        reservation_id=o.reservation_id,
-        committed_uecu=o.committed_uecu,
-        released_uecu=o.released_uecu,
-        overage_uecu=o.overage_uecu,
-        unbilled_overage_uecu=o.unbilled_overage_uecu,
-        late=o.late,
-        available_uecu=o.available_uecu,
-        replayed=o.replayed,
-        quote=quote_to_pb(o.quote) if o.quote else None,
-        degraded=o.degraded,
-    )
+    return pb.CommitResponse(**_commit_fields(o))
 
 
 def _commit_item(msg: Any) -> CommitItem:
@@ -277,12 +290,22 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         account = _account(request.account)
         items = [self._reserve_item(f"items[{i}].", it) for i, it in enumerate(request.items)]
         out = await self.engine.reserve(account, items, batch=True)
-        return pb.ReserveBatchResponse(
-            holds=[self._hold_pb(account.organization, h) for h in out.holds],
-            available_uecu=out.available_uecu,
-            replayed=out.replayed,
-            quotes=[quote_to_pb(q) if q else pb.Quote() for q in out.quotes],
-        )
+        response = pb.ReserveBatchResponse(available_uecu=out.available_uecu, replayed=out.replayed)
+        # Filled in place with add(): a list of messages given to the constructor is built
+        # and then copied, which doubled the cost of a 100-item answer.
+        org = account.organization
+        add_hold, add_quote = response.holds.add, response.quotes.add
+        for h in out.holds:
+            add_hold(
+                reservation_id=h.reservation_id, organization=org, amount_uecu=h.amount_uecu,
+                deadline_unix_ms=h.deadline_unix_ms, state=_HOLD_STATES[h.state],
+            )  # fmt: skip
+        for q in out.quotes:
+            if q is None:
+                add_quote()
+            else:
+                response.quotes.append(quote_to_pb(q))
+        return response
 
     @_handle("Commit")
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
@@ -297,22 +320,20 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     ) -> pb.CommitBatchResponse:
         items = [_commit_item(it) for it in request.items]
         batch = await self.engine.commit_batch(request.organization, items)
-        outs = batch.outcomes
-        results = []
-        for o in outs:
+        response = pb.CommitBatchResponse(available_uecu=batch.available_uecu)
+        add = response.results.add  # in place: see ReserveBatch
+        for o in batch.outcomes:
             if isinstance(o.error, errors.EcuError):
                 self.metrics.errors.labels("CommitBatch.item", o.error.reason).inc()
-                results.append(
-                    pb.CommitResult(
-                        code=code_for(o.error).value[0],
-                        message=o.error.message,
-                        reason=o.error.reason,
-                        commit=pb.CommitResponse(reservation_id=o.reservation_id),
-                    )
+                add(
+                    code=code_for(o.error).value[0],
+                    message=o.error.message,
+                    reason=o.error.reason,
+                    commit={"reservation_id": o.reservation_id},
                 )
             else:
-                results.append(pb.CommitResult(code=0, commit=_commit_pb(o)))
-        return pb.CommitBatchResponse(results=results, available_uecu=batch.available_uecu)
+                add(commit=_commit_fields(o))
+        return response
 
     @_handle("Release")
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:

@@ -157,3 +157,48 @@ async def test_reflection_lists_the_services(sidecar) -> None:
             names = {s.name for s in response.list_services_response.service}
             break
     assert {"ecu_sidecar.api.v1.Quota", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"overage_uecu": 7, "unbilled_overage_uecu": 2, "late": True},
+        {"replayed": True, "degraded": True, "available_uecu": 0},
+        {"committed_uecu": 0, "released_uecu": 0},
+        {"quote": "priced"},
+    ],
+    ids=["plain", "overage-late", "replayed-degraded", "zero", "quote"],
+)
+def test_batch_results_carry_every_commit_field(changes: dict[str, object]) -> None:
+    # A CommitBatch result is filled from a dict of the non-default fields: it must equal the
+    # CommitResponse a single Commit answers with every field spelled out.
+    from ecu_sidecar import service
+    from ecu_sidecar.convert import quote_to_pb
+    from ecu_sidecar.model import CommitOutcome, JobType
+    from ecu_sidecar.pricing import Line, Quote
+    from ecu_sidecar.pricing.pricer import Unit
+
+    line = Line("judge calls", 3, Unit.CALL, 4, 1, 12, "gpt-4o-mini", JobType.JUDGE)
+    quote = Quote(total_uecu=12, lines=(line,), rate_card_version="v1")
+    values = {"committed_uecu": 90, "released_uecu": 10, "available_uecu": 5_000, **changes}
+    if values.get("quote"):
+        values["quote"] = quote
+    o = CommitOutcome("r-1", **values)  # type: ignore[arg-type]
+    full = pb.CommitResponse(
+        reservation_id=o.reservation_id,
+        committed_uecu=o.committed_uecu,
+        released_uecu=o.released_uecu,
+        overage_uecu=o.overage_uecu,
+        unbilled_overage_uecu=o.unbilled_overage_uecu,
+        late=o.late,
+        available_uecu=o.available_uecu,
+        replayed=o.replayed,
+        quote=quote_to_pb(o.quote) if o.quote else None,
+        degraded=o.degraded,
+    )
+    assert service._commit_pb(o) == full
+    batch = pb.CommitBatchResponse()
+    batch.results.add(commit=service._commit_fields(o))
+    assert batch.results[0].commit == full
+    assert batch.results[0].commit.HasField("quote") == bool(changes.get("quote"))
