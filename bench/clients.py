@@ -137,52 +137,20 @@ def _org(spec: dict[str, Any], t: int, i: int) -> str:
 async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
     import grpc
 
-    from ecu_sidecar.api.v1 import quota_pb2 as pb
     from ecu_sidecar.api.v1 import quota_pb2_grpc
 
     win = Window(spec)
     release = spec.get("mode") == "release"
     prefix = spec["rid_prefix"]
     amount = int(spec.get("amount", 1_000))
-    actual = amount * 7 // 10
     async with grpc.aio.insecure_channel(spec["target"]) as channel:
         stub = quota_pb2_grpc.QuotaStub(channel)
-        reserve, commit, rel = stub.Reserve, stub.Commit, stub.Release
 
         async def op(t: int, i: int) -> bool:
-            org = _org(spec, t, i)
-            rid = f"{prefix}{t}-{i}"
             try:
-                t0 = time.perf_counter()
-                await reserve(
-                    pb.ReserveRequest(
-                        reservation_id=rid,
-                        account=pb.Account(organization=org),
-                        amount_uecu=amount,
-                        job_type=pb.JOB_TYPE_INFERENCE,
-                        model="gpt-4o",
-                    ),
-                    timeout=RPC_TIMEOUT_S,
+                return await _single_pair(
+                    stub, win, _org(spec, t, i), f"{prefix}{t}-{i}", amount, release=release
                 )
-                t1 = time.perf_counter()
-                win.record("Reserve", t0, t1)
-                if release:
-                    await rel(
-                        pb.ReleaseRequest(reservation_id=rid, organization=org),
-                        timeout=RPC_TIMEOUT_S,
-                    )
-                    t2 = time.perf_counter()
-                    return win.record("Release", t1, t2)
-                await commit(
-                    pb.CommitRequest(
-                        reservation_id=rid,
-                        organization=org,
-                        actual_uecu=actual,
-                        usage=pb.Usage(tokens_in=900, tokens_out=350, calls=1),
-                    ),
-                    timeout=RPC_TIMEOUT_S,
-                )
-                return win.record("Commit", t1, time.perf_counter())
             except Exception as exc:
                 _grpc_error(win, exc)
                 await asyncio.sleep(0.01)  # never spin on a failing server
@@ -190,6 +158,42 @@ async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
 
         await _closed_loop(spec, win, op)
     return win.result(spec)
+
+
+async def _single_pair(
+    stub: Any, win: Window, org: str, rid: str, amount: int, *, release: bool = False
+) -> bool:
+    """Reserve then Commit (at 70 %) or Release of one step; records both latencies."""
+    from ecu_sidecar.api.v1 import quota_pb2 as pb
+
+    t0 = time.perf_counter()
+    await stub.Reserve(
+        pb.ReserveRequest(
+            reservation_id=rid,
+            account=pb.Account(organization=org),
+            amount_uecu=amount,
+            job_type=pb.JOB_TYPE_INFERENCE,
+            model="gpt-4o",
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    t1 = time.perf_counter()
+    win.record("Reserve", t0, t1)
+    if release:
+        await stub.Release(
+            pb.ReleaseRequest(reservation_id=rid, organization=org), timeout=RPC_TIMEOUT_S
+        )
+        return win.record("Release", t1, time.perf_counter())
+    await stub.Commit(
+        pb.CommitRequest(
+            reservation_id=rid,
+            organization=org,
+            actual_uecu=amount * 7 // 10,
+            usage=pb.Usage(tokens_in=900, tokens_out=350, calls=1),
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    return win.record("Commit", t1, time.perf_counter())
 
 
 async def _batch_pair(
@@ -301,16 +305,21 @@ async def grpc_batch(spec: dict[str, Any]) -> dict[str, Any]:
 
     win = Window(spec)
     n = int(spec["batch"])
+    singles = int(spec.get("singles", 0))
     prefix = spec["rid_prefix"]
     async with grpc.aio.insecure_channel(spec["target"]) as channel:
         stub = quota_pb2_grpc.QuotaStub(channel)
 
         async def op(t: int, i: int) -> bool:
             rids = [f"{prefix}{t}-{i}-{k}" for k in range(n)]
+            org = _org(spec, t, i)
             try:
-                return await _batch_pair(
-                    stub, win, _org(spec, t, i), rids, pb.JOB_TYPE_JUDGE, "gpt-4o-mini", 600
-                )
+                ok = await _batch_pair(stub, win, org, rids, pb.JOB_TYPE_JUDGE, "gpt-4o-mini", 600)
+                # Single steps in between (spec "singles"): the reference measured in the
+                # same window, against the same server and organization.
+                for j in range(singles):
+                    await _single_pair(stub, win, org, f"{prefix}{t}-{i}-s{j}", 1_000)
+                return ok
             except Exception as exc:
                 _grpc_error(win, exc)
                 await asyncio.sleep(0.01)

@@ -282,7 +282,8 @@ class Harness:
         }
         if "batch" in spec:
             run["batch"] = int(spec["batch"])
-            run["steps_per_s"] = run["ops_per_s"] * int(spec["batch"])
+            if not spec.get("singles"):  # single steps in between would count as batch time
+                run["steps_per_s"] = run["ops_per_s"] * int(spec["batch"])
         for o in outs:
             for key in ("tokens", "prompt_chars", "prompt_tokens_quoted", "target_rate"):
                 if key in o:

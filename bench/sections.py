@@ -199,6 +199,10 @@ def _pairs_once(
                 )
 
 
+#: Single Reserve→Commit pairs after each batch pair in the interleaved batch run.
+BATCH_SINGLES = 3
+
+
 def batches(h: Harness, sidecar: procs.Child) -> None:
     h.measure(
         f"sidecar batch={h.cfg.batch} c=1",
@@ -206,6 +210,23 @@ def batches(h: Harness, sidecar: procs.Child) -> None:
         "grpc_batch",
         sidecar,
         {"target": sidecar.target, "concurrency": 1, "orgs": ["batch-0"], "batch": h.cfg.batch},
+    )
+    # The target compares a batch with one single Reserve. Measured apart, minutes from each
+    # other, the two carry different noise on a shared machine; here each batch pair is
+    # followed by single Reserve→Commit pairs of the same organization, in one window.
+    h.measure(
+        f"sidecar batch={h.cfg.batch} and single steps interleaved c=1",
+        "batch",
+        "grpc_batch",
+        sidecar,
+        {
+            "target": sidecar.target,
+            "concurrency": 1,
+            "orgs": ["batch-0"],
+            "batch": h.cfg.batch,
+            "singles": BATCH_SINGLES,
+            "mode": "interleaved",
+        },
     )
 
 

@@ -74,6 +74,14 @@ def test_smoke_run_produces_every_section(tmp_path: Path) -> None:
             assert _finite(run["server_cpu_s_per_1k_rpc"]), run_id
             assert _finite(run["peak_rss_mb"]) and run["peak_rss_mb"] > 0, run_id
 
+    # The batch target's reference is measured in the batch's own window; the Preview target
+    # has a one-thread run beside it.
+    modes = {(r["section"], r["mode"]): r for r in results["runs"]}
+    mixed = modes[("batch", "interleaved")]
+    assert {"ReserveBatch", "CommitBatch", "Reserve", "Commit"} <= set(mixed["latency_ms"])
+    assert "steps_per_s" not in mixed and modes[("batch", "")]["steps_per_s"] > 0
+    assert modes[("preview", "tokenizer-threads-1")]["latency_ms"]["Preview"]["n"] > 0
+
     per_rpc = results["roundtrips"]["per_rpc"]
     for kind in ("Reserve", "Commit", "Release", "Extend"):
         assert _finite(per_rpc[kind]["round_trips"]), kind
