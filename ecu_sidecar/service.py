@@ -80,6 +80,17 @@ def _usage(msg: pb.Usage) -> Usage:
     return Usage(msg.tokens_in, msg.tokens_out, msg.calls)
 
 
+def _hold_fields(org: str, h: Any) -> dict[str, Any]:
+    """A Hold message's fields (a dict, for a constructor or ``holds.add`` alike)."""
+    return {
+        "reservation_id": h.reservation_id,
+        "organization": org,
+        "amount_uecu": h.amount_uecu,
+        "deadline_unix_ms": h.deadline_unix_ms,
+        "state": _HOLD_STATES[h.state],
+    }
+
+
 def _commit_fields(o: CommitOutcome) -> dict[str, Any]:
     """A CommitResponse's fields, leaving out the ones at their default (what a batch answer
     gives ``results.add(commit=...)``: a dict is read in place, a message would be copied)."""
@@ -241,7 +252,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         if not hmac.compare_digest(supplied, self._admin_token):
             raise errors.PermissionDenied("the admin token does not match")
 
-    def _reserve_item(self, prefix: str, msg: Any) -> ReserveItem:
+    def _reserve_item(self, msg: Any) -> ReserveItem:
         # An unknown enum number passes through as an int; the engine refuses it in field order.
         job_type = _JOB_TYPES.get(msg.job_type, msg.job_type)
         if not msg.HasField("job"):
@@ -258,25 +269,16 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             job=job_from_pb(msg.job),
         )
 
-    def _hold_pb(self, org: str, h: Any) -> pb.Hold:
-        return pb.Hold(
-            reservation_id=h.reservation_id,
-            organization=org,
-            amount_uecu=h.amount_uecu,
-            deadline_unix_ms=h.deadline_unix_ms,
-            state=_HOLD_STATES[h.state],
-        )
-
     @_handle("Reserve")
     async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
         account = _account(request.account)
-        out = await self.engine.reserve(account, [self._reserve_item("", request)])
+        out = await self.engine.reserve(account, [self._reserve_item(request)])
         quote = out.quotes[0] if out.quotes else None
         if out.degraded and not out.replayed:
             self.metrics.degraded_grants.inc()
             self.metrics.degraded_uecu.inc(out.holds[0].amount_uecu)
         return pb.ReserveResponse(
-            hold=self._hold_pb(account.organization, out.holds[0]),
+            hold=_hold_fields(account.organization, out.holds[0]),
             available_uecu=out.available_uecu,
             replayed=out.replayed,
             quote=quote_to_pb(quote) if quote else None,
@@ -288,7 +290,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         self, request: pb.ReserveBatchRequest, context: Any
     ) -> pb.ReserveBatchResponse:
         account = _account(request.account)
-        items = [self._reserve_item(f"items[{i}].", it) for i, it in enumerate(request.items)]
+        items = [self._reserve_item(it) for it in request.items]
         out = await self.engine.reserve(account, items, batch=True)
         response = pb.ReserveBatchResponse(available_uecu=out.available_uecu, replayed=out.replayed)
         # Filled in place with add(): a list of messages given to the constructor is built
@@ -296,10 +298,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         org = account.organization
         add_hold, add_quote = response.holds.add, response.quotes.add
         for h in out.holds:
-            add_hold(
-                reservation_id=h.reservation_id, organization=org, amount_uecu=h.amount_uecu,
-                deadline_unix_ms=h.deadline_unix_ms, state=_HOLD_STATES[h.state],
-            )  # fmt: skip
+            add_hold(**_hold_fields(org, h))
         for q in out.quotes:
             if q is None:
                 add_quote()

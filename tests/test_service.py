@@ -202,3 +202,57 @@ def test_batch_results_carry_every_commit_field(changes: dict[str, object]) -> N
     batch.results.add(commit=service._commit_fields(o))
     assert batch.results[0].commit == full
     assert batch.results[0].commit.HasField("quote") == bool(changes.get("quote"))
+
+
+async def test_batch_answers_carry_every_hold_and_result(stub) -> None:
+    # ReserveBatch and CommitBatch fill their answers in place: every hold field, one (empty)
+    # quote per amount item, one result per commit item, failures in their own slot.
+    await grant(stub, "acme", 1_000_000)
+    single = await stub.Reserve(
+        pb.ReserveRequest(
+            reservation_id="s1",
+            account=pb.Account(organization="acme"),
+            amount_uecu=1_000,
+            job_type=pb.JOB_TYPE_JUDGE,
+            model="gpt-4o-mini",
+            ttl_ms=60_000,
+        )
+    )
+    out = await stub.ReserveBatch(
+        pb.ReserveBatchRequest(
+            account=pb.Account(organization="acme"),
+            items=[
+                pb.ReserveItem(
+                    reservation_id=f"b{i}",
+                    amount_uecu=1_000 * (i + 1),
+                    job_type=pb.JOB_TYPE_JUDGE,
+                    model="gpt-4o-mini",
+                    ttl_ms=60_000,
+                )
+                for i in range(3)
+            ],
+        )
+    )
+    assert [h.reservation_id for h in out.holds] == ["b0", "b1", "b2"]
+    assert [h.amount_uecu for h in out.holds] == [1_000, 2_000, 3_000]
+    for h in out.holds:
+        assert h.organization == "acme" and h.state == pb.HOLD_STATE_ACTIVE
+        assert 0 <= h.deadline_unix_ms - single.hold.deadline_unix_ms < 60_000
+    assert list(out.quotes) == [pb.Quote()] * 3 and out.available_uecu == 1_000_000 - 7_000
+    assert single.hold.organization == "acme" and single.hold.amount_uecu == 1_000
+
+    done = await stub.CommitBatch(
+        pb.CommitBatchRequest(
+            organization="acme",
+            items=[
+                pb.CommitItem(reservation_id="b0", actual_uecu=500),
+                pb.CommitItem(reservation_id="nope", actual_uecu=1),
+                pb.CommitItem(reservation_id="b2", actual_uecu=3_000),
+            ],
+        )
+    )
+    ok0, missing, ok2 = done.results
+    assert (ok0.code, ok0.commit.committed_uecu, ok0.commit.released_uecu) == (0, 500, 500)
+    assert (ok2.code, ok2.commit.committed_uecu, ok2.commit.released_uecu) == (0, 3_000, 0)
+    assert missing.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert missing.commit.reservation_id == "nope" and missing.reason

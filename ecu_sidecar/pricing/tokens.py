@@ -260,14 +260,14 @@ def cut_points(text: str, parts: int, min_part: int = PART_MIN_CHARS) -> list[in
     return cuts
 
 
+_NO_SPECIAL: frozenset[str] = frozenset()
+
+
 def _count(enc: tiktoken.Encoding, text: str) -> int:
     # encode_to_tiktoken_buffer is what tiktoken's own encode_to_numpy calls: the ids as a
     # buffer of u32, without building a list of Python ints. No special token is allowed, so
     # special-token strings are encoded as ordinary text, as encode_ordinary does (tested).
     return memoryview(enc._core_bpe.encode_to_tiktoken_buffer(text, _NO_SPECIAL)).nbytes // 4
-
-
-_NO_SPECIAL: frozenset[str] = frozenset()
 
 
 def count_text(text: str, encoding: str) -> int:
