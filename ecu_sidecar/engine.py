@@ -64,6 +64,9 @@ from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.validation import (
     CALLER_ID_MAX,
+    ID_PATTERN,
+    MODEL_MAX,
+    MODEL_PATTERN,
     check_amount,
     check_count,
     check_id,
@@ -389,13 +392,58 @@ class QuotaEngine:
         seen: set[str] = set()
         for i, it in enumerate(items):
             f = f"items[{i}]." if batch else ""
-            check_id(f"{f}reservation_id", it.reservation_id, CALLER_ID_MAX)
-            if it.reservation_id in seen:
-                raise InvalidArgument(
-                    f"{f}reservation_id", f"{it.reservation_id} appears twice in the batch"
-                )
-            seen.add(it.reservation_id)
+            rid = it.reservation_id
+            if not (0 < len(rid) <= CALLER_ID_MAX and ID_PATTERN.fullmatch(rid)):
+                check_id(f"{f}reservation_id", rid, CALLER_ID_MAX)  # raises, naming the fault
+            if rid in seen:
+                raise InvalidArgument(f"{f}reservation_id", f"{rid} appears twice in the batch")
+            seen.add(rid)
             yield f, it
+
+    def _plain_step(self, it: ReserveItem) -> bool:
+        """A step with a caller's amount and nothing the checks of ``reserve`` would refuse or
+        change but a TTL of 0 (the default): the common case, recognized in one expression.
+        False sends the step through the checks, which name what is wrong."""
+        model, ttl, amount = it.model, it.ttl_ms, it.amount_uecu
+        return (
+            it.job is None
+            and type(amount) is int
+            and 0 < amount <= MAX_REQUEST_UECU
+            and type(it.job_type) is JobType
+            and (
+                0 < len(model) <= MODEL_MAX and MODEL_PATTERN.fullmatch(model) is not None
+                if model
+                else it.job_type not in _MODEL_REQUIRED
+            )
+            and type(ttl) is int
+            and (ttl == 0 or self.settings.min_ttl_ms <= ttl <= self.settings.max_ttl_ms)
+        )
+
+    async def _checked_step(
+        self, org: str, f: str, it: ReserveItem
+    ) -> tuple[ReserveItem, Quote | None]:
+        """A step checked field by field (the first fault raised, named by its field path
+        ``f``...), its job spec priced, its TTL resolved; and its quote, if priced."""
+        quote = None
+        if it.job is not None:
+            if it.amount_uecu:
+                raise InvalidArgument(f"{f}amount_uecu", "give amount_uecu or job, not both")
+            quote = await self._price_job(org, it.job, f"{f}job")
+            it = _from_quote(it, quote)
+        else:
+            check_amount(f"{f}amount_uecu", it.amount_uecu)
+        if not isinstance(it.job_type, JobType):
+            raise InvalidArgument(
+                f"{f}job_type", f"must be one of {', '.join(JobType)}, got {it.job_type!r}"
+            )
+        check_model(f"{f}model", it.model, it.job_type in _MODEL_REQUIRED and quote is None)
+        ttl = self._ttl(f"{f}ttl_ms", it.ttl_ms, zero_means=self.settings.default_ttl_ms)
+        if ttl != it.ttl_ms or it.job is not None:
+            it = ReserveItem(
+                it.reservation_id, it.amount_uecu, it.job_type, it.model, ttl,
+                it.rate_card_version, it.fingerprint,
+            )  # fmt: skip
+        return it, quote
 
     @staticmethod
     def _total(amounts: Iterable[int]) -> None:
@@ -415,43 +463,35 @@ class QuotaEngine:
         self._account("account", account)
         resolved = []
         quotes: list[Quote | None] = []
+        priced: list[int] = []  # where the steps priced from a job spec are
         for f, it in self._items(items, batch):
             quote = None
-            if it.job is not None:
-                if it.amount_uecu:
-                    raise InvalidArgument(f"{f}amount_uecu", "give amount_uecu or job, not both")
-                quote = await self._price_job(account.organization, it.job, f"{f}job")
-                it = _from_quote(it, quote)
-            else:
-                check_amount(f"{f}amount_uecu", it.amount_uecu)
-            if not isinstance(it.job_type, JobType):
-                raise InvalidArgument(
-                    f"{f}job_type", f"must be one of {', '.join(JobType)}, got {it.job_type!r}"
-                )
-            check_model(f"{f}model", it.model, it.job_type in _MODEL_REQUIRED and quote is None)
-            ttl = self._ttl(f"{f}ttl_ms", it.ttl_ms, zero_means=self.settings.default_ttl_ms)
-            if ttl != it.ttl_ms or it.job is not None:
-                # The constructor, not dataclasses.replace: this runs for every step of a batch.
-                it = ReserveItem(
-                    it.reservation_id, it.amount_uecu, it.job_type, it.model, ttl,
-                    it.rate_card_version, it.fingerprint,
-                )  # fmt: skip
+            if not self._plain_step(it):
+                it, quote = await self._checked_step(account.organization, f, it)
+                if quote is not None:
+                    priced.append(len(resolved))
             resolved.append(it)
             quotes.append(quote)
         self._total(it.amount_uecu for it in resolved)
+        default_ttl = self.settings.default_ttl_ms
         try:
             outcome = await self._hydrating(
-                account.organization, lambda: self.store.reserve(account, resolved)
+                account.organization,
+                lambda: self.store.reserve(account, resolved, default_ttl_ms=default_ttl),
             )
         except StoreUnavailable as exc:
             if self.journal is None or len(resolved) != 1:
                 raise
-            return replace(self._reserve_locally(account, resolved[0], exc), quotes=quotes)
-        self._seen(account.organization, min(it.ttl_ms for it in resolved))  # ttls resolved
+            item = resolved[0]
+            if not item.ttl_ms:
+                item = replace(item, ttl_ms=default_ttl)
+            return replace(self._reserve_locally(account, item, exc), quotes=quotes)
+        self._seen(account.organization, min(it.ttl_ms or default_ttl for it in resolved))
         # A replay of a hold priced before a rate card reload keeps its pinned price: answer
         # the quote of the version it pinned, which is the one its commit must name.
-        for i, (hold, quote) in enumerate(zip(outcome.holds, quotes, strict=True)):
-            if quote is not None and hold.rate_card_version != quote.rate_card_version:
+        for i in priced:
+            hold, quote = outcome.holds[i], quotes[i]
+            if quote and hold.rate_card_version != quote.rate_card_version:
                 pinned = self._card(hold.rate_card_version)
                 quotes[i] = preview(pinned, account.organization, items[i].job, field="job")
         return replace(outcome, quotes=quotes)

@@ -80,15 +80,14 @@ def _usage(msg: pb.Usage) -> Usage:
     return Usage(msg.tokens_in, msg.tokens_out, msg.calls)
 
 
-def _hold_fields(org: str, h: Any) -> dict[str, Any]:
-    """A Hold message's fields (a dict, for a constructor or ``holds.add`` alike)."""
-    return {
-        "reservation_id": h.reservation_id,
-        "organization": org,
-        "amount_uecu": h.amount_uecu,
-        "deadline_unix_ms": h.deadline_unix_ms,
-        "state": _HOLD_STATES[h.state],
-    }
+def _fill_hold(m: pb.Hold, org: str, h: Any) -> None:
+    """Set a Hold message's fields in place (a response's ``hold``, or ``holds.add()``):
+    attribute by attribute, which upb does faster than from constructor keywords."""
+    m.reservation_id = h.reservation_id
+    m.organization = org
+    m.amount_uecu = h.amount_uecu
+    m.deadline_unix_ms = h.deadline_unix_ms
+    m.state = _HOLD_STATES[h.state]
 
 
 def _commit_fields(o: CommitOutcome) -> dict[str, Any]:
@@ -277,13 +276,14 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         if out.degraded and not out.replayed:
             self.metrics.degraded_grants.inc()
             self.metrics.degraded_uecu.inc(out.holds[0].amount_uecu)
-        return pb.ReserveResponse(
-            hold=_hold_fields(account.organization, out.holds[0]),
+        response = pb.ReserveResponse(
             available_uecu=out.available_uecu,
             replayed=out.replayed,
             quote=quote_to_pb(quote) if quote else None,
             degraded=out.degraded,
         )
+        _fill_hold(response.hold, account.organization, out.holds[0])
+        return response
 
     @_handle("ReserveBatch")
     async def ReserveBatch(
@@ -298,7 +298,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         org = account.organization
         add_hold, add_quote = response.holds.add, response.quotes.add
         for h in out.holds:
-            add_hold(**_hold_fields(org, h))
+            _fill_hold(add_hold(), org, h)
         for q in out.quotes:
             if q is None:
                 add_quote()

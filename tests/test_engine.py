@@ -6,13 +6,18 @@ import asyncio
 import random
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, event, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from ecu_sidecar import errors
 from ecu_sidecar.engine import SWEEP_IDLE_INTERVALS, QuotaEngine
 from ecu_sidecar.model import (
+    MAX_REQUEST_UECU,
     AccountRef,
     Balance,
     CommitItem,
@@ -24,7 +29,7 @@ from ecu_sidecar.model import (
 )
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import org_keys
-from tests.conftest import funded, snapshot
+from tests.conftest import funded, make_settings, snapshot
 
 
 def item(rid: str, amount: int, ttl_ms: int = 0, job: JobType = JobType.GEPA) -> ReserveItem:
@@ -569,3 +574,93 @@ async def test_every_state_change_appends_one_outbox_event(
         "calls": "1",
     }
     assert all(e["org"] == org for e in events)
+
+
+# -- the common step's short path ----------------------------------------------------------------
+
+
+async def redis_now_ms(store: RedisStore) -> int:
+    seconds, micros = await store._client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _finished(coro: Any) -> Any:
+    """Run a coroutine that never suspends (a step without a job spec prices nothing)."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("the coroutine suspended")
+
+
+_AMOUNTS = st.integers(min_value=1, max_value=MAX_REQUEST_UECU)
+_JOB_TYPES = st.sampled_from(list(JobType))
+_MODELS = st.sampled_from(["gpt-4o", "anthropic/claude-3.5@2024", "m:1+x", "a" * 128])
+_TTLS = st.sampled_from([0, 1_000, 3_600_000, 86_400_000])  # min_ttl_ms 1 s, max_ttl_ms 24 h
+
+_STEPS = st.builds(
+    ReserveItem,
+    st.just("r-1"),
+    st.one_of(_AMOUNTS, st.sampled_from([0, -1, MAX_REQUEST_UECU + 1, True, False, 1.0, "5"])),
+    st.one_of(_JOB_TYPES, st.sampled_from([0, 99, "inference", None])),
+    st.one_of(_MODELS, st.sampled_from(["", "a" * 129, "x y", "{o}", "é"]), st.text(max_size=8)),
+    st.one_of(_TTLS, st.sampled_from([1, 999, 86_400_001, -1, True, False, 0.0]), st.integers()),
+)
+
+
+@hsettings(max_examples=1_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(step=_STEPS)
+def test_a_plain_step_is_one_the_checks_pass_unchanged(step: ReserveItem) -> None:
+    """reserve() skips the field checks for a step _plain_step accepts: sound only if the
+    checks would pass that step, and change nothing but resolve a TTL of 0."""
+    engine = QuotaEngine(None, make_settings("embedded", min_ttl_ms=1_000))  # type: ignore[arg-type]
+    plain = engine._plain_step(step)
+    event(f"plain: {plain}")
+    if not plain:
+        return  # the checks run, as for every step before the short path existed
+    checked, quote = _finished(engine._checked_step("o", "items[0].", step))
+    assert quote is None
+    assert checked == replace(step, ttl_ms=step.ttl_ms or engine.settings.default_ttl_ms)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(step=st.builds(ReserveItem, st.just("r-1"), _AMOUNTS, _JOB_TYPES, _MODELS, _TTLS))
+def test_every_valid_step_without_a_job_spec_is_plain(step: ReserveItem) -> None:
+    engine = QuotaEngine(None, make_settings("embedded", min_ttl_ms=1_000))  # type: ignore[arg-type]
+    assert engine._plain_step(step)
+    checked, _ = _finished(engine._checked_step("o", "", step))
+    assert checked == replace(step, ttl_ms=step.ttl_ms or engine.settings.default_ttl_ms)
+
+
+def test_the_plain_step_predicate_accepts_the_common_step_and_refuses_the_rest() -> None:
+    engine = QuotaEngine(None, make_settings("embedded"))  # type: ignore[arg-type]
+    assert engine._plain_step(ReserveItem("r", 1_000, JobType.JUDGE, "gpt-4o-mini"))
+    assert engine._plain_step(ReserveItem("r", 1_000, JobType.GEPA))  # no model needed
+    for odd in (
+        ReserveItem("r", 0, JobType.JUDGE, "m"),
+        ReserveItem("r", True, JobType.JUDGE, "m"),  # type: ignore[arg-type]
+        ReserveItem("r", 1_000, 3, "m"),  # type: ignore[arg-type]
+        ReserveItem("r", 1_000, JobType.INFERENCE, ""),  # a model is required
+        ReserveItem("r", 1_000, JobType.JUDGE, "m", -5),
+        ReserveItem("r", 1_000, JobType.JUDGE, "m", True),  # type: ignore[arg-type]
+        ReserveItem("r", 0, JobType.JUDGE, "m", job=[object()]),
+    ):
+        assert not engine._plain_step(odd), odd
+
+
+async def test_a_ttl_of_zero_holds_for_the_default_ttl(
+    engine: QuotaEngine, store: RedisStore
+) -> None:
+    org = await funded(engine, 10_000)
+    default = engine.settings.default_ttl_ms
+    before = await redis_now_ms(store)
+    out = await engine.reserve(AccountRef(org), [item("a", 100), item("b", 100, ttl_ms=5_000)])
+    after = await redis_now_ms(store)
+    a, b = out.holds
+    assert before + default <= a.deadline_unix_ms <= after + default
+    assert before + 5_000 <= b.deadline_unix_ms <= after + 5_000
+    # The TTL recorded is the resolved one: naming the default explicitly replays the hold.
+    again = await engine.reserve(AccountRef(org), [item("a", 100, ttl_ms=default)])
+    assert again.replayed and again.holds[0].deadline_unix_ms == a.deadline_unix_ms
+    with pytest.raises(errors.IdempotencyConflict):
+        await engine.reserve(AccountRef(org), [item("b", 100)])  # 5 s was asked, not the default

@@ -258,13 +258,16 @@ class RedisStore:
 
     # -- operations ---------------------------------------------------------------------------
 
-    async def reserve(self, account: AccountRef, items: Sequence[ReserveItem]) -> ReserveOutcome:
-        """Hold every item against the account, all or nothing."""
+    async def reserve(
+        self, account: AccountRef, items: Sequence[ReserveItem], *, default_ttl_ms: int = 0
+    ) -> ReserveOutcome:
+        """Hold every item against the account, all or nothing; an item's TTL of 0 means
+        ``default_ttl_ms``."""
         args: list[Any] = [account.team, account.project, account.user, len(items)]
         for it in items:
             args += [
-                it.reservation_id, it.amount_uecu, it.job_type.value, it.model, it.ttl_ms,
-                it.rate_card_version, it.fingerprint,
+                it.reservation_id, it.amount_uecu, it.job_type.value, it.model,
+                it.ttl_ms or default_ttl_ms, it.rate_card_version, it.fingerprint,
             ]  # fmt: skip
         r = await self._run("reserve", account.organization, args)
         states = _HOLD_STATES
