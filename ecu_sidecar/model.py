@@ -1,6 +1,13 @@
 """Value types shared by the engine, the store adapter and the gRPC edge.
 
 Every amount is an integer number of micro-ECU (1 ECU = 1,000,000 µECU).
+
+The types made once per step of a batch (ReserveItem, Usage, CommitItem, HoldView,
+CommitOutcome) are not frozen: a frozen dataclass sets each field through
+``object.__setattr__``, which made up a fifth of the sidecar's instructions per ReserveBatch
+of 100 steps (docs/benchmarks.md). They are values all the same: nothing changes one after it
+is made (``dataclasses.replace`` makes a new one), and they are not hashable. The others stay
+frozen.
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ class AccountRef:
     """Recorded for attribution only; users have no caps."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReserveItem:
     """One step to hold: its caller-chosen id, worst-case amount and attribution."""
 
@@ -99,7 +106,7 @@ class ReserveItem:
     """A job spec (ecu_sidecar.pricing.JobSpec) to price instead of amount_uecu."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
     """What a step consumed, recorded with its commit."""
 
@@ -108,7 +115,7 @@ class Usage:
     calls: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CommitItem:
     """One hold to settle with its actual cost."""
 
@@ -124,7 +131,7 @@ class CommitItem:
     of actual_uecu."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HoldView:
     """A hold as a reserve answer reports it."""
 
@@ -149,7 +156,7 @@ class ReserveOutcome:
     """Granted locally while Redis was unreachable (ecu_sidecar.degraded)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CommitOutcome:
     """The answer to one commit; ``error`` is set instead when a batch item failed."""
 
