@@ -65,6 +65,7 @@ from ecu_sidecar.store import RedisStore
 from ecu_sidecar.validation import (
     CALLER_ID_MAX,
     ID_PATTERN,
+    MAX_COUNT,
     MODEL_MAX,
     MODEL_PATTERN,
     check_amount,
@@ -136,6 +137,25 @@ def _from_quote(item: ReserveItem, quote: Quote) -> ReserveItem:
         job_type=job_type,
         model=model,
         rate_card_version=quote.rate_card_version,
+    )
+
+
+def _plain_commit(it: CommitItem) -> bool:
+    """A commit of a caller's amount (no usage lines, no rate card version) whose amount and
+    counts the checks of ``commit_batch`` would pass: the common case, recognized in one
+    expression. False sends the commit through the checks, which name what is wrong."""
+    actual, u = it.actual_uecu, it.usage
+    return (
+        not it.usage_lines
+        and not it.rate_card_version
+        and type(actual) is int
+        and 0 <= actual <= MAX_REQUEST_UECU
+        and type(u.tokens_in) is int
+        and 0 <= u.tokens_in <= MAX_COUNT
+        and type(u.tokens_out) is int
+        and 0 <= u.tokens_out <= MAX_COUNT
+        and type(u.calls) is int
+        and 0 <= u.calls <= MAX_COUNT
     )
 
 
@@ -445,6 +465,37 @@ class QuotaEngine:
             )  # fmt: skip
         return it, quote
 
+    def _checked_commit(self, org: str, f: str, it: CommitItem) -> tuple[CommitItem, Quote | None]:
+        """A commit checked field by field (the first fault raised, named by its field path
+        ``f``...), its usage lines priced; and its quote, if priced."""
+        quote = None
+        if it.usage_lines:
+            if it.actual_uecu:
+                raise InvalidArgument(
+                    f"{f}actual_uecu", "give actual_uecu or usage_lines, not both"
+                )
+            if it.usage != Usage():
+                raise InvalidArgument(
+                    f"{f}usage", "give usage or usage_lines, not both (lines carry the usage)"
+                )
+            if not it.rate_card_version:
+                raise InvalidArgument(
+                    f"{f}rate_card_version",
+                    "is required with usage_lines (the version the hold was priced with)",
+                )
+            card = self._card(it.rate_card_version)
+            quote = price_usage(card, org, it.usage_lines, field=f"{f}usage_lines")
+            it = _priced_commit(it, quote)
+            for name in ("tokens_in", "tokens_out", "calls"):
+                check_count(f"{f}usage_lines", getattr(it.usage, name))
+        elif it.rate_card_version:
+            raise InvalidArgument(f"{f}rate_card_version", "is only meaningful with usage_lines")
+        check_amount(f"{f}actual_uecu", it.actual_uecu, allow_zero=True)
+        check_count(f"{f}usage.tokens_in", it.usage.tokens_in)
+        check_count(f"{f}usage.tokens_out", it.usage.tokens_out)
+        check_count(f"{f}usage.calls", it.usage.calls)
+        return it, quote
+
     @staticmethod
     def _total(amounts: Iterable[int]) -> None:
         total = sum(amounts)
@@ -536,33 +587,8 @@ class QuotaEngine:
         quotes: list[Quote | None] = []
         for f, it in self._items(items, batch):
             quote = None
-            if it.usage_lines:
-                if it.actual_uecu:
-                    raise InvalidArgument(
-                        f"{f}actual_uecu", "give actual_uecu or usage_lines, not both"
-                    )
-                if it.usage != Usage():
-                    raise InvalidArgument(
-                        f"{f}usage", "give usage or usage_lines, not both (lines carry the usage)"
-                    )
-                if not it.rate_card_version:
-                    raise InvalidArgument(
-                        f"{f}rate_card_version",
-                        "is required with usage_lines (the version the hold was priced with)",
-                    )
-                card = self._card(it.rate_card_version)
-                quote = price_usage(card, org, it.usage_lines, field=f"{f}usage_lines")
-                it = _priced_commit(it, quote)
-                for name in ("tokens_in", "tokens_out", "calls"):
-                    check_count(f"{f}usage_lines", getattr(it.usage, name))
-            elif it.rate_card_version:
-                raise InvalidArgument(
-                    f"{f}rate_card_version", "is only meaningful with usage_lines"
-                )
-            check_amount(f"{f}actual_uecu", it.actual_uecu, allow_zero=True)
-            check_count(f"{f}usage.tokens_in", it.usage.tokens_in)
-            check_count(f"{f}usage.tokens_out", it.usage.tokens_out)
-            check_count(f"{f}usage.calls", it.usage.calls)
+            if not _plain_commit(it):
+                it, quote = self._checked_commit(org, f, it)
             resolved.append(it)
             quotes.append(quote)
         items = resolved

@@ -90,41 +90,35 @@ def _fill_hold(m: pb.Hold, org: str, h: Any) -> None:
     m.state = _HOLD_STATES[h.state]
 
 
-def _commit_fields(o: CommitOutcome) -> dict[str, Any]:
-    """A CommitResponse's fields, leaving out the ones at their default (what a batch answer
-    gives ``results.add(commit=...)``: a dict is read in place, a message would be copied)."""
-    fields: dict[str, Any] = {
-        "reservation_id": o.reservation_id,
-        "committed_uecu": o.committed_uecu,
-        "released_uecu": o.released_uecu,
-        "available_uecu": o.available_uecu,
-    }
+def _fill_commit(m: pb.CommitResponse, o: CommitOutcome) -> None:
+    """Set a CommitResponse's fields in place (an answer, or a batch result's ``commit``),
+    leaving the ones at their default unset."""
+    m.reservation_id = o.reservation_id
+    m.committed_uecu = o.committed_uecu
+    m.released_uecu = o.released_uecu
+    m.available_uecu = o.available_uecu
     if o.overage_uecu:
-        fields["overage_uecu"] = o.overage_uecu
+        m.overage_uecu = o.overage_uecu
     if o.unbilled_overage_uecu:
-        fields["unbilled_overage_uecu"] = o.unbilled_overage_uecu
+        m.unbilled_overage_uecu = o.unbilled_overage_uecu
     if o.late:
-        fields["late"] = True
+        m.late = True
     if o.replayed:
-        fields["replayed"] = True
+        m.replayed = True
     if o.quote:
-        fields["quote"] = quote_to_pb(o.quote)
+        m.quote.CopyFrom(quote_to_pb(o.quote))
     if o.degraded:
-        fields["degraded"] = True
-    return fields
-
-
-def _commit_pb(o: CommitOutcome) -> pb.CommitResponse:
-    return pb.CommitResponse(**_commit_fields(o))
+        m.degraded = True
 
 
 def _commit_item(msg: Any) -> CommitItem:
+    lines = msg.usage_lines
     return CommitItem(
         msg.reservation_id,
         msg.actual_uecu,
         _usage(msg.usage),
-        rate_card_version=msg.rate_card_version,
-        usage_lines=usage_from_pb(msg.usage_lines) or None,
+        msg.rate_card_version,
+        usage_lines=usage_from_pb(lines) if lines else None,
     )
 
 
@@ -311,7 +305,9 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         (out,) = await self.engine.commit(request.organization, [_commit_item(request)])
         if out.error is not None:
             raise out.error
-        return _commit_pb(out)
+        response = pb.CommitResponse()
+        _fill_commit(response, out)
+        return response
 
     @_handle("CommitBatch")
     async def CommitBatch(
@@ -331,7 +327,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
                     commit={"reservation_id": o.reservation_id},
                 )
             else:
-                add(commit=_commit_fields(o))
+                _fill_commit(add().commit, o)
         return response
 
     @_handle("Release")

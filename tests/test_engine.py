@@ -15,7 +15,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from ecu_sidecar import errors
-from ecu_sidecar.engine import SWEEP_IDLE_INTERVALS, QuotaEngine
+from ecu_sidecar.engine import SWEEP_IDLE_INTERVALS, QuotaEngine, _plain_commit
 from ecu_sidecar.model import (
     MAX_REQUEST_UECU,
     AccountRef,
@@ -630,6 +630,51 @@ def test_every_valid_step_without_a_job_spec_is_plain(step: ReserveItem) -> None
     assert engine._plain_step(step)
     checked, _ = _finished(engine._checked_step("o", "", step))
     assert checked == replace(step, ttl_ms=step.ttl_ms or engine.settings.default_ttl_ms)
+
+
+_COUNTS = st.integers(min_value=0, max_value=2**53 - 1)
+_ODD_COUNTS = st.sampled_from([-1, 2**53, True, 1.0, None])
+_COMMITS = st.builds(
+    CommitItem,
+    st.just("r-1"),
+    st.one_of(st.integers(0, MAX_REQUEST_UECU), st.sampled_from([-1, MAX_REQUEST_UECU + 1, True])),
+    st.builds(
+        Usage,
+        st.one_of(_COUNTS, _ODD_COUNTS),
+        st.one_of(_COUNTS, _ODD_COUNTS),
+        st.one_of(_COUNTS, _ODD_COUNTS),
+    ),
+    st.sampled_from(["", "", "v1"]),
+    st.just(""),
+    st.sampled_from([None, None, [], ["a usage line"]]),
+)
+
+
+@hsettings(max_examples=1_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(commit=_COMMITS)
+def test_a_plain_commit_is_one_the_checks_pass_unchanged(commit: CommitItem) -> None:
+    """commit_batch skips the field checks for a commit _plain_commit accepts: sound only if
+    the checks would pass it and change nothing."""
+    engine = QuotaEngine(None, make_settings("embedded"))  # type: ignore[arg-type]
+    plain = _plain_commit(commit)
+    event(f"plain: {plain}")
+    if plain:
+        assert engine._checked_commit("o", "items[0].", commit) == (commit, None)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(
+    commit=st.builds(
+        CommitItem,
+        st.just("r-1"),
+        st.integers(0, MAX_REQUEST_UECU),
+        st.builds(Usage, _COUNTS, _COUNTS, _COUNTS),
+    )
+)
+def test_every_valid_commit_of_an_amount_is_plain(commit: CommitItem) -> None:
+    engine = QuotaEngine(None, make_settings("embedded"))  # type: ignore[arg-type]
+    assert _plain_commit(commit)
+    assert engine._checked_commit("o", "", commit) == (commit, None)
 
 
 def test_the_plain_step_predicate_accepts_the_common_step_and_refuses_the_rest() -> None:

@@ -171,8 +171,8 @@ async def test_reflection_lists_the_services(sidecar) -> None:
     ids=["plain", "overage-late", "replayed-degraded", "zero", "quote"],
 )
 def test_batch_results_carry_every_commit_field(changes: dict[str, object]) -> None:
-    # A CommitBatch result is filled from a dict of the non-default fields: it must equal the
-    # CommitResponse a single Commit answers with every field spelled out.
+    # A commit answer is filled in place, setting only the non-default fields: alone or as a
+    # CommitBatch result, it must equal the CommitResponse with every field spelled out.
     from ecu_sidecar import service
     from ecu_sidecar.convert import quote_to_pb
     from ecu_sidecar.model import CommitOutcome, JobType
@@ -197,9 +197,11 @@ def test_batch_results_carry_every_commit_field(changes: dict[str, object]) -> N
         quote=quote_to_pb(o.quote) if o.quote else None,
         degraded=o.degraded,
     )
-    assert service._commit_pb(o) == full
+    alone = pb.CommitResponse()
+    service._fill_commit(alone, o)
+    assert alone == full
     batch = pb.CommitBatchResponse()
-    batch.results.add(commit=service._commit_fields(o))
+    service._fill_commit(batch.results.add().commit, o)
     assert batch.results[0].commit == full
     assert batch.results[0].commit.HasField("quote") == bool(changes.get("quote"))
 
