@@ -182,15 +182,15 @@ for i = 0, n - 1 do
       puts[#puts + 1] = rid
       puts[#puts + 1] = r
       tombed[#tombed + 1] = rid
-      local ev = {'rid', rid, 'amount', rec.amt, 'actual', actual_s, 'committed', billed,
-        'released', released, 'overage', rec.ov, 'unbilled', unbilled, 'late', rec.late,
+      local ev = {'rid', rid, 'amount', rec.amt, 'actual', actual_s, 'committed', rec.cm,
+        'released', rec.rel, 'overage', rec.ov, 'unbilled', rec.uov, 'late', rec.late,
         'orphan', orphan and '1' or '0',
         'team', tm, 'project', pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl,
         'tokens_in', ARGV[b + 2], 'tokens_out', ARGV[b + 3], 'calls', ARGV[b + 4]}
       if rcv ~= '' then
         ev[#ev + 1], ev[#ev + 2], ev[#ev + 3], ev[#ev + 4] = 'rcv', rcv, 'lines', lines
       end
-      emit('commit', 'commit:' .. rid .. ':' .. rec.t0, ev)
+      emit_strings('commit', 'commit:' .. rid .. ':' .. rec.t0, ev)
       item_ok(rid, rec, 0)
     end
   end

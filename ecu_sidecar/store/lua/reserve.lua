@@ -24,7 +24,9 @@ sweep()
 
 local team, project, user = ARGV[5], ARGV[6], ARGV[7]
 local n = tonumber(ARGV[8])
-local items = {}
+-- Item i (0-based) is ARGV[9 + 7i ..]: rid, amount, job, model, ttl, rate card version,
+-- fingerprint; read in place (a table per item was a measurable part of a batch).
+local recs = {}  -- i + 1 -> the hold already recorded under the id (a replay), or false
 local need = 0
 local fresh = 0
 
@@ -39,24 +41,22 @@ else
 end
 for i = 0, n - 1 do
   local b = 9 + i * 7
-  local it = {rid = ARGV[b], amt = ARGV[b + 1], job = ARGV[b + 2], mdl = ARGV[b + 3], ttl = ARGV[b + 4],
-    rcv = ARGV[b + 5], fp = ARGV[b + 6]}
-  local rec = raws[i + 1] and cjson.decode(raws[i + 1]) or nil
+  local rec = raws[i + 1] and cjson.decode(raws[i + 1]) or false
   if rec then
-    local same_cost = rec.amt == it.amt and (rec.fp or '') == ''
-    if (rec.fp or '') ~= '' then same_cost = rec.fp == it.fp end
-    if not same_cost or rec.job ~= it.job or rec.mdl ~= it.mdl or rec.ttl ~= it.ttl
+    local fp = ARGV[b + 6]
+    local same_cost = rec.amt == ARGV[b + 1] and (rec.fp or '') == ''
+    if (rec.fp or '') ~= '' then same_cost = rec.fp == fp end
+    if not same_cost or rec.job ~= ARGV[b + 2] or rec.mdl ~= ARGV[b + 3] or rec.ttl ~= ARGV[b + 4]
         or rec.tm ~= team or rec.pj ~= project or rec.us ~= user then
       return err('IDEMPOTENCY_CONFLICT',
-        'reservation_id ' .. it.rid .. ' was already used with different parameters',
-        'reservation_id', it.rid)
+        'reservation_id ' .. ARGV[b] .. ' was already used with different parameters',
+        'reservation_id', ARGV[b])
     end
-    it.rec = rec
   else
-    need = need + tonumber(it.amt)
+    need = need + tonumber(ARGV[b + 1])
     fresh = fresh + 1
   end
-  items[#items + 1] = it
+  recs[i + 1] = rec
 end
 
 -- The threshold state is read here too: nothing below changes it but held, by need.
@@ -96,29 +96,34 @@ end
 
 -- Phase 2: write.
 local after = avail - need
-if fresh == 0 then after = tonumber(items[#items].rec.av0) end
+if fresh == 0 then after = tonumber(recs[n].av0) end
 local out = {'OK', after, fresh == 0 and 1 or 0}
 local puts, deadlines, np = {}, {}, 0
 local after_s = I(after)
-for _, it in ipairs(items) do
-  local rec = it.rec
+local dls = {}  -- ttl -> deadline: a batch's steps mostly share one ttl
+for i = 0, n - 1 do
+  local b = 9 + i * 7
+  local rid, rec = ARGV[b], recs[i + 1]
   if not rec then
-    local dl = I(NOW + tonumber(it.ttl))
-    rec = {st = 'A', amt = it.amt, job = it.job, mdl = it.mdl, ttl = it.ttl, tm = team, pj = project,
-      us = user, dl = dl, t0 = NOW_S, av0 = after_s, seq = '0', ettl = '0', rcv = it.rcv,
-      fp = it.fp}
-    puts[np + 1], puts[np + 2] = it.rid, cjson.encode(rec)
-    deadlines[np + 1], deadlines[np + 2] = dl, it.rid
+    local amt, job, mdl, ttl, rcv = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
+    local dl = dls[ttl]
+    if not dl then
+      dl = I(NOW + tonumber(ttl))
+      dls[ttl] = dl
+    end
+    rec = {st = 'A', amt = amt, job = job, mdl = mdl, ttl = ttl, tm = team, pj = project,
+      us = user, dl = dl, t0 = NOW_S, av0 = after_s, seq = '0', ettl = '0', rcv = rcv,
+      fp = ARGV[b + 6]}
+    puts[np + 1], puts[np + 2] = rid, cjson.encode(rec)
+    deadlines[np + 1], deadlines[np + 2] = dl, rid
     np = np + 2
-    emit('reserve', 'reserve:' .. it.rid .. ':' .. rec.t0, {'rid', it.rid, 'amount', it.amt, 'team', team,
-      'project', project, 'user', user, 'job', it.job, 'model', it.mdl, 'deadline', rec.dl,
-      'rcv', it.rcv})
+    emit_strings('reserve', 'reserve:' .. rid .. ':' .. NOW_S, {'rid', rid, 'amount', amt,
+      'team', team, 'project', project, 'user', user, 'job', job, 'model', mdl, 'deadline', dl,
+      'rcv', rcv})
   end
-  out[#out + 1] = it.rid
-  out[#out + 1] = tonumber(rec.amt)
-  out[#out + 1] = tonumber(rec.dl)
-  out[#out + 1] = rec.st
-  out[#out + 1] = rec.rcv or ''
+  local k = 4 + i * 5
+  out[k], out[k + 1], out[k + 2], out[k + 3], out[k + 4] = rid, tonumber(rec.amt), tonumber(rec.dl),
+    rec.st, rec.rcv or ''
 end
 if fresh > 0 then
   call_sliced('HSET', HOLDS, puts, 2)
