@@ -110,7 +110,10 @@ async def _main(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
-    result = asyncio.run(_main(spec))
+    from ecu_sidecar import eventloop
+
+    # The loop `ecu-sidecar flush` runs on (ECU_EVENT_LOOP: uvloop by default).
+    result = eventloop.run(_main(spec), _settings(spec))
     Path(spec["out"]).write_text(json.dumps(result))
     return 0
 

@@ -153,7 +153,7 @@ class Flusher:
                 "%d outbox events quarantined in the ledger (see ledger.quarantined())",
                 result.quarantined,
             )
-        self.metrics.count_events([e.fields for e in entries])  # money by job type, notices
+        self.metrics.count_events(result.applied)  # money by job type, notices
         return len(entries)
 
     async def _next_batch(self, orgs: list[str]) -> tuple[list[OutboxEntry], Any]:

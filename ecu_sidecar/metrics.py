@@ -22,11 +22,16 @@ Who exports what (docs/operations.md lists every series):
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ecu_sidecar import __version__
 from ecu_sidecar.model import JobType
+
+if TYPE_CHECKING:
+    from ecu_sidecar.ledger.events import Event
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -326,41 +331,30 @@ class FlusherMetrics:
             ),
         }
 
-    def count_event(self, fields: dict[str, str]) -> None:
-        """Count the money and notification of one outbox event the ledger accepted."""
-        self.count_events([fields])
-
-    def count_events(self, batch: list[dict[str, str]]) -> None:
-        """Count the money and notifications of a batch of outbox events the ledger accepted:
-        the sums per job type, added once per series."""
+    def count_events(self, events: Iterable[Event]) -> None:
+        """Count the money and notifications of outbox events the ledger recorded for the
+        first time (``WriteResult.applied``): the sums per job type, added once per series."""
         money: dict[tuple[Counter, str], int] = {}
         notices: dict[str, int] = {}
-        for fields in batch:
-            etype = fields.get("type", "")
-            if etype == "notify":
-                kind = fields.get("kind", "")
-                if kind in NOTIFICATION_KINDS:
+        for ev in events:
+            if ev.type == "notify":
+                kind = ev.values["kind"]
+                if kind in NOTIFICATION_KINDS:  # the ledger checked it; the label stays bounded
                     notices[kind] = notices.get(kind, 0) + 1
                 continue
-            series = self._money_fields.get(etype)
+            series = self._money_fields.get(ev.type)
             if series is None:
                 continue
-            job = job_type_label(fields.get("job", ""))
+            values = ev.values
+            job = job_type_label(values["job"])
             for name, counter in series:
                 key = (counter, job)
-                money[key] = money.get(key, 0) + self._amount(fields, name)
+                money[key] = money.get(key, 0) + values[name]
         for kind, n in notices.items():
             self.notifications.labels(kind).inc(n)
         for (counter, job), total in money.items():
             if total:
                 counter.labels(job).inc(total)
-
-    @staticmethod
-    def _amount(fields: dict[str, str], name: str) -> int:
-        try:
-            return max(0, int(fields.get(name) or 0))
-        except ValueError:
-            return 0
 
     def organization(self, org: str, balance: int, held: int) -> None:
         """Set the opt-in gauges of one configured organization."""

@@ -126,6 +126,28 @@ async def test_redelivered_events_change_nothing(stack: Stack) -> None:
     await assert_agree(stack, [org])
 
 
+async def test_money_metrics_count_each_event_once_when_it_is_redelivered(stack: Stack) -> None:
+    # A flusher that dies between the ledger commit and the acknowledgement leaves the batch
+    # pending; the next one finds every event already recorded (duplicates). The money and
+    # notification counters count what the ledger recorded for the first time, so not again.
+    org = "recount"
+    await stack.engine.grant(org, "g1", 100_000, GrantKind.TOP_UP)
+    acct = AccountRef(org)
+    await stack.engine.reserve(acct, [ReserveItem("a", 30_000, JobType.JUDGE, "gpt-4o-mini")])
+    await stack.engine.commit(org, [CommitItem("a", 20_000, Usage(10, 5, 1))])
+    await stack.engine.reserve(acct, [ReserveItem("b", 4_000, JobType.JUDGE, "gpt-4o-mini")])
+    entries = await stack.store._client.xrange(stack.store.outbox_key(org))
+    fields = [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries]
+    await asyncio.to_thread(stack.ledger.write_events, fields[:3])  # the dead flusher's commit
+    assert await stack.flusher.drain() == 4
+    judge = {"job_type": "judge"}
+    assert stack.metric("ecu_flusher_events_total", {"result": "duplicate"}) == 3
+    assert stack.metric("ecu_flusher_events_total", {"result": "written"}) == 1
+    assert stack.metric("ecu_reserved_uecu_total", judge) == 4_000  # only b's is new here
+    assert stack.metric("ecu_committed_uecu_total", judge) == 0
+    await assert_agree(stack, [org])
+
+
 async def test_two_flushers_at_once_apply_each_event_once(stack: Stack) -> None:
     other = Flusher(
         stack.store,
@@ -470,37 +492,53 @@ async def test_an_entry_that_is_not_utf8_is_quarantined_not_stuck(stack: Stack) 
     await assert_agree(stack, [org])
 
 
-def test_batch_counting_equals_counting_each_event() -> None:
-    """FlusherMetrics.count_events adds, per series, what count_event adds event by event."""
+def test_counted_money_is_the_sum_of_the_events_per_job_type() -> None:
+    """FlusherMetrics.count_events adds each money field of each event to its job type's
+    series, and each notification to its kind's, however the events are split in batches."""
+    from ecu_sidecar.ledger.events import Event, parse_event
+
     rng = random.Random(4)
-    events = []
-    for i in range(300):
-        etype = rng.choice(["reserve", "commit", "release", "expire", "notify", "grant", "cap"])
-        events.append(
-            {
-                "type": etype,
-                "job": rng.choice(["inference", "judge", "", "made-up"]),
-                "kind": rng.choice(["low_balance_5", "low_balance_20", "other"]),
-                "amount": str(rng.randint(0, 10_000)),
-                "committed": rng.choice([str(rng.randint(0, 10_000)), "x", ""]),
-                "released": str(rng.randint(0, 500)),
-                "overage": str(rng.randint(0, 50)),
-                "unbilled": rng.choice(["0", "7", "-3"]),
-                "eid": f"e{i}",
-            }
-        )
-    one, batch = CollectorRegistry(), CollectorRegistry()
-    by_one, by_batch = FlusherMetrics(one), FlusherMetrics(batch)
-    for ev in events:
-        by_one.count_event(ev)
-    by_batch.count_events(events[:100])
-    by_batch.count_events(events[100:])
-    samples = {
-        (m.name, s.name, tuple(sorted(s.labels.items()))): s.value
-        for m in one.collect()
-        for s in m.samples
-        if not s.name.endswith("_created")
+    events: list[Event] = []
+    expected: dict[tuple[str, str], int] = {}
+    money = {
+        "reserve": {"amount": "ecu_reserved_uecu_total"},
+        "release": {"amount": "ecu_released_uecu_total"},
+        "expire": {"amount": "ecu_expired_uecu_total"},
+        "commit": {
+            "committed": "ecu_committed_uecu_total",
+            "released": "ecu_released_uecu_total",
+            "overage": "ecu_overage_uecu_total",
+            "unbilled": "ecu_unbilled_overage_uecu_total",
+        },
     }
-    for key, value in samples.items():
-        got = batch.get_sample_value(key[1], dict(key[2]))
-        assert got == value, key
+    for i in range(300):
+        etype = rng.choice(["reserve", "commit", "release", "expire", "notify", "cap"])
+        hold, actual = rng.randint(0, 10_000), rng.randint(0, 12_000)
+        billed = min(actual, hold + hold // 10)
+        fields = {
+            "type": etype, "eid": f"e{i}", "org": "o", "ts": "1", "rid": f"r{i}",
+            "amount": str(hold), "team": "", "project": "", "user": "",
+            "job": rng.choice(["inference", "judge", "gepa", ""]), "model": "m",
+            "deadline": "5", "actual": str(actual), "committed": str(billed),
+            "released": str(hold - min(billed, hold)), "overage": str(max(0, billed - hold)),
+            "unbilled": str(actual - billed), "late": "0", "tokens_in": "1",
+            "tokens_out": "1", "calls": "1", "kind": rng.choice(["low_balance_5",
+            "low_balance_20", "auto_topup_requested"]), "available": "3",
+            "scope": "team", "scope_id": "t", "cap": "",
+        }  # fmt: skip
+        ev = parse_event(fields)
+        assert isinstance(ev, Event), ev
+        events.append(ev)
+        job = fields["job"] or "other"
+        for name, metric in money.get(etype, {}).items():
+            expected[(metric, job)] = expected.get((metric, job), 0) + ev.values[name]
+        if etype == "notify":
+            key = ("ecu_notifications_total", fields["kind"])
+            expected[key] = expected.get(key, 0) + 1
+    registry = CollectorRegistry()
+    metrics = FlusherMetrics(registry)
+    metrics.count_events(events[:100])
+    metrics.count_events(iter(events[100:]))
+    for (metric, label), total in expected.items():
+        labels = {"kind": label} if metric == "ecu_notifications_total" else {"job_type": label}
+        assert registry.get_sample_value(metric, labels) == total, (metric, label)

@@ -324,14 +324,20 @@ def test_every_family_is_registered_once_per_registry() -> None:
 
 
 def test_event_counting_keeps_labels_bounded() -> None:
+    from ecu_sidecar.ledger.events import Event
+
+    def event(etype: str, **values: Any) -> Event:
+        return Event(etype, "e", "o", 1, values, {}, "", "")
+
     registry = CollectorRegistry()
     m = FlusherMetrics(registry)
-    m.count_event({"type": "reserve", "job": "made-up", "amount": "7"})
-    m.count_event({"type": "notify", "kind": "free text"})
-    m.count_event({"type": "commit", "job": "judge", "committed": "x"})
+    m.count_events([event("reserve", job="", amount=7)])  # no job type: "other"
+    m.count_events([event("notify", kind="free text")])  # not a kind this sidecar knows
+    m.count_events([event("commit", job="judge", committed=0, released=5, overage=0, unbilled=0)])
     assert registry.get_sample_value("ecu_reserved_uecu_total", {"job_type": "other"}) == 7
     assert registry.get_sample_value("ecu_notifications_total", {"kind": "free text"}) is None
     assert registry.get_sample_value("ecu_committed_uecu_total", {"job_type": "judge"}) == 0
+    assert registry.get_sample_value("ecu_released_uecu_total", {"job_type": "judge"}) == 5
 
 
 def test_metrics_orgs_is_bounded_and_validated() -> None:

@@ -355,6 +355,7 @@ class Ledger:
                 total.inserted + result.inserted,
                 total.duplicates + result.duplicates,
                 total.quarantined + result.quarantined,
+                total.applied + result.applied,
             )
         return total
 
@@ -405,7 +406,7 @@ class Ledger:
                 rejects.append(_reject(ev, "event id already recorded with different content"))
 
         effects = _Effects()
-        inserted = 0
+        applied: list[Event] = []
         for ev in batch:
             if (ev.org, ev.event_id) not in fresh:
                 continue
@@ -416,7 +417,7 @@ class Ledger:
                 )
                 rejects.append(_reject(ev, reason))
                 continue
-            inserted += 1
+            applied.append(ev)
             effects.touch(ev.org, ev.ts)
         effects.flush(tx)
         tx.many(
@@ -425,7 +426,7 @@ class Ledger:
             "ON CONFLICT (org_id, event_id, fingerprint) DO NOTHING",
             [(r.org, r.event_id, r.type, r.fingerprint, r.reason, r.payload, now) for r in rejects],
         )
-        return WriteResult(inserted, duplicates, len(rejects))
+        return WriteResult(len(applied), duplicates, len(rejects), tuple(applied))
 
     def _fingerprints(self, tx: Tx, events: list[Event]) -> dict[tuple[str, str], str]:
         out: dict[tuple[str, str], str] = {}

@@ -4,9 +4,13 @@ every time an integer number of milliseconds since the Unix epoch (UTC)."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ecu_sidecar.errors import IdempotencyConflict
+
+if TYPE_CHECKING:
+    from ecu_sidecar.ledger.events import Event
 
 __all__ = [
     "AccountState",
@@ -96,6 +100,9 @@ class WriteResult:
     """Events already recorded with identical content (a redelivery): no effect."""
     quarantined: int = 0
     """Events refused (malformed, unknown type, conflicting): kept in the quarantine table."""
+    applied: tuple[Event, ...] = field(default=(), compare=False, repr=False)
+    """The ``inserted`` events themselves, in batch order: what the flusher's money and
+    notification counters count (a redelivered event is not counted twice)."""
 
 
 @dataclass(frozen=True, slots=True)
