@@ -97,7 +97,8 @@ class ReserveItem:
     job_type: JobType
     model: str = ""
     ttl_ms: int = 0
-    """Hold lifetime; 0 means the configured default (resolved by the engine)."""
+    """Hold lifetime; 0 means ECU_DEFAULT_TTL_MS (written in when the hold is placed, so the
+    hold records the TTL it got: a replay naming that TTL is the same request)."""
     rate_card_version: str = ""
     """The rate card that priced the amount from a job spec ('' for a caller's amount)."""
     fingerprint: str = ""
