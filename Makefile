@@ -108,7 +108,7 @@ BENCH_SECONDS ?= 4
 BENCH_ARGS ?=
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke bench-icount
 
 $(BENCH_STAMP): pyproject.toml $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
@@ -118,6 +118,12 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 ## bench/results.json and docs/benchmarks.md (about 8 minutes on 2 cores at the default).
 bench: $(BENCH_STAMP)
 	BENCH_VIA_MAKE=1 BENCH_SECONDS=$(BENCH_SECONDS) $(BIN)/python -m bench $(BENCH_ARGS)
+
+## Instructions per Reserve, Commit and batch of 100 (valgrind), in the sidecar's process and in
+## Redis: steadier than timings on a noisy machine. Writes bench/icount.json (a few minutes;
+## needs valgrind and redis-server).
+bench-icount: $(BENCH_STAMP)
+	$(BIN)/python -m bench.icount
 
 ## Every section for a fraction of a second (what tests/test_bench_smoke.py runs); writes nothing
 ## in the repository.

@@ -117,3 +117,50 @@ def test_refuses_targets_other_than_loopback(url: str) -> None:
     )
     assert proc.returncode != 0
     assert "127.0.0.1 only" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("op", "reserved", "committed"),
+    [("reserve", 1, 0), ("pair", 1, 1), ("reserve-batch", 100, 0), ("batch-pair", 100, 100)],
+)
+async def test_the_instruction_count_loop_does_what_it_counts(
+    op: str, reserved: int, committed: int
+) -> None:
+    """bench.icount's child (the loop valgrind measures, run here without valgrind): each
+    iteration places (and commits) its own fresh steps through the handlers, answered OK."""
+    require_redis()
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from bench import icount
+    from ecu_sidecar.store.keys import org_keys
+    from tests.conftest import REDIS_URL
+
+    prefix = "ic" + uuid.uuid4().hex[:10]
+    await icount._child(op, 3, REDIS_URL, prefix)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        acct, holds = org_keys(prefix, "icount-0")[:2]
+        counters = await client.hmget(acct, ["reserved", "committed", "held"])
+        reserved_uecu, committed_uecu, held_uecu = (int(v or 0) for v in counters)
+        assert reserved_uecu == 3 * reserved * 1_000
+        assert committed_uecu == 3 * committed * 700
+        assert held_uecu == 3 * (reserved - committed) * 1_000
+        assert await client.hlen(holds) == 3 * reserved
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+def test_the_instruction_count_table_names_every_operation() -> None:
+    from bench import icount
+
+    per_op = {"reserve": 10, "pair": 25, "reserve-batch": 300, "batch-pair": 700}
+    sides = {side: {**per_op, "commit": 15, "commit-batch": 400} for side in ("sidecar", "redis")}
+    text = icount.render({"instructions": sides})
+    assert "| ReserveBatch of 100 | 300 | 300 |" in text
+    assert "| Commit | 15 | 15 |" in text
+    assert "ReserveBatch of 100 = 30.00 × Reserve; CommitBatch of 100 = 26.67 × Commit" in text

@@ -1,0 +1,294 @@
+"""Instructions (valgrind) per Reserve, Commit, ReserveBatch and CommitBatch, in the sidecar's
+process and inside Redis: figures that do not move with the machine's noise, for changes too
+small for the timed runs to resolve (a timed run here moves by 10-30 % between two windows).
+
+    python -m bench.icount [--redis-server PATH] [--low 20] [--high 120]    (make bench-icount)
+
+valgrind (cachegrind, no cache simulation) counts every instruction of one process, its start-up
+included, so each figure is a difference: the same loop runs LOW and then HIGH times, each in a
+fresh process, and (I(HIGH) - I(LOW)) / (HIGH - LOW) is one iteration's count.
+
+- **sidecar**: a child process runs the QuotaService handlers in-process against a private
+  redis-server (no gRPC: the request is parsed from its bytes and the answer serialized, as
+  grpc.aio does around a handler), under valgrind.
+- **redis**: the same child, not under valgrind, against a redis-server started under valgrind:
+  the scripts, and Redis reading the calls and writing the replies.
+
+An iteration is one operation: ``reserve`` (Reserve of one step), ``pair`` (Reserve then
+Commit of one step), ``reserve-batch`` (ReserveBatch of BATCH steps), ``batch-pair``
+(ReserveBatch then CommitBatch); Commit and CommitBatch are the differences. Writes
+bench/icount.json and prints a table. Needs valgrind (apt-get install valgrind) and a
+redis-server binary; targets 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.procs import ROOT, free_port
+
+__all__ = ["main"]
+
+#: Steps of a batch operation.
+BATCH = 100
+OPERATIONS = ("reserve", "pair", "reserve-batch", "batch-pair")
+_VALGRIND = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+_IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
+
+
+# -- the child: the handlers in a loop ------------------------------------------------------------
+
+
+async def _child(op: str, n: int, redis_url: str, prefix: str = "") -> None:
+    from bench.harness import ADMIN_TOKEN, RATE_CARD
+    from ecu_sidecar.api.v1 import quota_pb2 as pb
+    from ecu_sidecar.model import GrantKind
+    from ecu_sidecar.server import SidecarServer
+    from ecu_sidecar.service import QuotaService
+    from ecu_sidecar.settings import Settings
+
+    settings = Settings.from_mapping(
+        {
+            k: ("bench", v)
+            for k, v in {
+                "redis_url": redis_url,
+                "key_prefix": prefix or "ic" + uuid.uuid4().hex[:8],
+                "admin_token": ADMIN_TOKEN,
+                "rate_card_file": RATE_CARD,
+            }.items()
+        }
+    )
+    server = SidecarServer(settings)
+    await server.store.connect()
+    service = QuotaService(server.engine, server.metrics, settings.admin_token)
+    org = "icount-0"
+    await server.engine.grant(org, "seed", 10**15, GrantKind.TOP_UP)
+    batch = op.startswith("reserve-batch") or op == "batch-pair"
+    steps = BATCH if batch else 1
+    # Requests as bytes with a 6-digit slot for the iteration, parsed per call: what the server
+    # does with what gRPC hands it (building them in Python would count the client's work).
+    reserve = pb.ReserveBatchRequest(
+        account=pb.Account(organization=org),
+        items=[
+            pb.ReserveItem(
+                reservation_id=f"r######-{k:03d}",
+                amount_uecu=1_000,
+                job_type=pb.JOB_TYPE_JUDGE,
+                model="gpt-4o-mini",
+            )
+            for k in range(steps)
+        ],
+    )
+    commit = pb.CommitBatchRequest(
+        organization=org,
+        items=[
+            pb.CommitItem(
+                reservation_id=f"r######-{k:03d}",
+                actual_uecu=700,
+                usage=pb.Usage(tokens_in=900, tokens_out=350, calls=1),
+            )
+            for k in range(steps)
+        ],
+    )
+    if not batch:
+        reserve_bytes = pb.ReserveRequest(
+            reservation_id="r######-000",
+            account=reserve.account,
+            amount_uecu=1_000,
+            job_type=pb.JOB_TYPE_JUDGE,
+            model="gpt-4o-mini",
+        ).SerializeToString()
+        commit_bytes = pb.CommitRequest(
+            reservation_id="r######-000",
+            organization=org,
+            actual_uecu=700,
+            usage=pb.Usage(tokens_in=900, tokens_out=350, calls=1),
+        ).SerializeToString()
+        calls = (
+            (pb.ReserveRequest, service.Reserve, reserve_bytes),
+            (pb.CommitRequest, service.Commit, commit_bytes),
+        )
+    else:
+        calls = (
+            (pb.ReserveBatchRequest, service.ReserveBatch, reserve.SerializeToString()),
+            (pb.CommitBatchRequest, service.CommitBatch, commit.SerializeToString()),
+        )
+    if op in ("reserve", "reserve-batch"):
+        calls = calls[:1]
+    context = _Context()
+    for i in range(n):
+        slot = b"%06d" % i
+        for message, handler, template in calls:
+            answer = await handler(message.FromString(template.replace(b"######", slot)), context)
+            answer.SerializeToString()
+    await server.store.close()
+
+
+class _Context:
+    """What the handlers ask of a grpc.aio context when nothing fails."""
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+
+# -- the parent: valgrind, twice per figure -----------------------------------------------------
+
+
+def _irefs(log: Path) -> int:
+    found = _IREFS.search(log.read_text())
+    if found is None:
+        raise RuntimeError(f"valgrind wrote no instruction count: {log.read_text()[-500:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def _run_child(op: str, n: int, redis_url: str, *, valgrind_log: Path | None) -> None:
+    cmd = [sys.executable, "-m", "bench.icount", "--child", op, str(n), redis_url]
+    if valgrind_log is not None:
+        cmd = [*_VALGRIND, f"--log-file={valgrind_log}", *cmd]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECU_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode:
+        raise RuntimeError(f"{op} x{n} failed: {done.stderr[-2000:]}")
+
+
+class _Redis:
+    """A throw-away redis-server on 127.0.0.1, under valgrind when given a log file."""
+
+    def __init__(self, binary: str, valgrind_log: Path | None) -> None:
+        self.port = free_port()
+        cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        cmd += ["--appendonly", "no"]
+        if valgrind_log is not None:
+            cmd = [*_VALGRIND, f"--log-file={valgrind_log}", *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        import redis
+
+        self.client = redis.Redis(port=self.port, socket_timeout=30)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.proc.kill()
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        import redis
+
+        try:
+            self.client.shutdown(nosave=True)
+        except redis.ConnectionError:
+            pass  # it closes the connection as it exits
+        self.proc.wait(timeout=60)
+
+
+def _count(op: str, n: int, side: str, binary: str, work: Path) -> int:
+    log = work / f"{side}-{op}-{n}.log"
+    if side == "sidecar":
+        redis_server = _Redis(binary, None)
+        try:
+            _run_child(op, n, redis_server.url, valgrind_log=log)
+        finally:
+            redis_server.stop()
+    else:
+        redis_server = _Redis(binary, log)
+        try:
+            _run_child(op, n, redis_server.url, valgrind_log=None)
+        finally:
+            redis_server.stop()
+    return _irefs(log)
+
+
+def measure(binary: str, low: int, high: int, log: Any = print) -> dict[str, dict[str, int]]:
+    """{side: {operation: instructions per operation}} for both sides and every operation,
+    Commit and CommitBatch included."""
+    out: dict[str, dict[str, int]] = {"sidecar": {}, "redis": {}}
+    with tempfile.TemporaryDirectory(prefix="ecu-icount-") as tmp:
+        for side in out:
+            for op in OPERATIONS:
+                a = _count(op, low, side, binary, Path(tmp))
+                b = _count(op, high, side, binary, Path(tmp))
+                out[side][op] = (b - a) // (high - low)
+                log(f"{side:8s} {op:14s} {out[side][op]:>12,} instructions per operation")
+            ops = out[side]
+            ops["commit"] = ops["pair"] - ops["reserve"]
+            ops["commit-batch"] = ops["batch-pair"] - ops["reserve-batch"]
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    sides = result["instructions"]
+    rows = [
+        ("Reserve", "reserve"),
+        ("Commit", "commit"),
+        (f"ReserveBatch of {BATCH}", "reserve-batch"),
+        (f"CommitBatch of {BATCH}", "commit-batch"),
+    ]
+    lines = [
+        "| operation | sidecar process (handler in-process) | Redis (scripts) |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, key in rows:
+        lines.append(f"| {name} | {sides['sidecar'][key]:,} | {sides['redis'][key]:,} |")
+    for side in ("sidecar", "redis"):
+        s = sides[side]
+        lines.append(
+            f"\n{side}: ReserveBatch of {BATCH} = {s['reserve-batch'] / s['reserve']:.2f} × "
+            f"Reserve; CommitBatch of {BATCH} = {s['commit-batch'] / s['commit']:.2f} × Commit"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        op, n, url = argv[1], int(argv[2]), argv[3]
+        asyncio.run(_child(op, n, url))
+        return 0
+    p = argparse.ArgumentParser(prog="python -m bench.icount", description=__doc__.splitlines()[0])
+    p.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
+    p.add_argument("--low", type=int, default=20, help="iterations of the shorter run")
+    p.add_argument("--high", type=int, default=120, help="iterations of the longer run")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "icount.json")
+    args = p.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        raise SystemExit("bench.icount needs valgrind (apt-get install valgrind)")
+    if shutil.which(args.redis_server) is None and not Path(args.redis_server).exists():
+        raise SystemExit(f"no redis-server binary at {args.redis_server!r}")
+    if not 0 < args.low < args.high:
+        raise SystemExit("--low must be positive and below --high")
+    started = time.time()
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "command": "python -m bench.icount " + " ".join(argv),
+        "batch": BATCH,
+        "low": args.low,
+        "high": args.high,
+        "instructions": measure(args.redis_server, args.low, args.high),
+    }
+    result["duration_s"] = round(time.time() - started, 1)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
