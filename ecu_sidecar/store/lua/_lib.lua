@@ -30,8 +30,10 @@ local ORG = ARGV[1]
 local TOMB_MS = tonumber(ARGV[3])
 local SWEEP_LIMIT = tonumber(ARGV[4])
 
+local format = string.format
 local function I(n)
-  return string.format('%d', n)
+  if n == 0 then return '0' end  -- the commonest amount by far (overage, unbilled, released)
+  return format('%d', n)
 end
 
 local function N(s)
@@ -118,7 +120,7 @@ end
 local function expire_hold(rid, rec)
   local amt = tonumber(rec.amt)
   rec.st = 'E'
-  rec.fin = I(NOW)
+  rec.fin = NOW_S
   put_hold(rid, rec)
   entomb(rid)
   redis.call('HINCRBY', ACCT, 'held', I(-amt))

@@ -101,7 +101,7 @@ for i = 0, n - 1 do
     if orphan_ok then
       -- Usage is never dropped: record it against a placeholder hold of amount 0.
       rec = {st = 'O', amt = '0', job = '', mdl = '', ttl = '0', tm = '', pj = '', us = '',
-        dl = I(NOW), t0 = I(NOW), av0 = '0', seq = '0', ettl = '0'}
+        dl = NOW_S, t0 = NOW_S, av0 = '0', seq = '0', ettl = '0'}
     end
   end
   if not rec then
@@ -175,7 +175,7 @@ for i = 0, n - 1 do
       rec.uov = I(unbilled)
       rec.late = late and '1' or '0'
       rec.orphan = orphan and '1' or nil
-      rec.fin = I(NOW)
+      rec.fin = NOW_S
       rec.av1 = I(bal - held)
       r = cjson.encode(rec)
       raw[rid] = r

@@ -22,7 +22,7 @@ if raw then
 end
 if exp_s ~= '0' and tonumber(exp_s) <= NOW then
   return err('GRANT_ALREADY_EXPIRED', 'grant ' .. gid .. ' expires at ' .. exp_s
-    .. ' ms, which is not after now (' .. I(NOW) .. ')', 'expires_at', exp_s)
+    .. ' ms, which is not after now (' .. NOW_S .. ')', 'expires_at', exp_s)
 end
 sweep()
 local amt = tonumber(amt_s)
@@ -44,7 +44,7 @@ local av = available()
 redis.call('HSET', ACCT, 'ref', I(math.max(av, 0)))
 redis.call('HDEL', ACCT, 'w20', 'w5', 'atu_req')
 redis.call('HINCRBY', ACCT, 'gen', 1)
-redis.call('HSET', GRANTS, gid, cjson.encode({amt = amt_s, kind = kind, exp = exp_s, t = I(NOW),
+redis.call('HSET', GRANTS, gid, cjson.encode({amt = amt_s, kind = kind, exp = exp_s, t = NOW_S,
   bal = I(bal), av = I(av)}))
 emit('grant', 'grant:' .. gid, {'grant_id', gid, 'amount', amt_s, 'kind', kind, 'expires_at', exp_s})
 return {'OK', bal, av, 0}

@@ -16,7 +16,7 @@ local granted, expired, committed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumb
 local balance = granted - expired - committed
 redis.call('HSET', ACCT, 'granted', I(granted), 'expired_grants', I(expired), 'committed', I(committed),
   'carried_committed', I(committed), 'balance', I(balance), 'held', 0, 'gen', ARGV[8],
-  'ref', I(math.max(balance, 0)), 'hydrated', I(NOW))
+  'ref', I(math.max(balance, 0)), 'hydrated', NOW_S)
 if ARGV[9] ~= '' then redis.call('HSET', ACCT, 'atu_t', ARGV[9], 'atu_a', ARGV[10]) end
 local b = 12
 for _ = 1, tonumber(ARGV[11]) do
@@ -36,10 +36,10 @@ local k = tonumber(ARGV[b])
 b = b + 1
 for _ = 1, k do
   redis.call('HSET', GRANTS, ARGV[b], cjson.encode({amt = ARGV[b + 1], kind = ARGV[b + 2],
-    exp = ARGV[b + 3], t = I(NOW), bal = I(balance), av = I(balance)}))
+    exp = ARGV[b + 3], t = NOW_S, bal = I(balance), av = I(balance)}))
   b = b + 4
 end
-emit('hydrate', 'hydrate:' .. I(NOW) .. ':' .. I(granted) .. ':' .. I(committed),
+emit('hydrate', 'hydrate:' .. NOW_S .. ':' .. I(granted) .. ':' .. I(committed),
   {'granted', granted, 'expired', expired, 'committed', committed, 'balance', balance})
 -- Grants already past their expiry while Redis was empty leave now.
 sweep()

@@ -36,7 +36,7 @@ local drift = bal - ledger
 if drift ~= 0 then
   redis.call('HSET', ACCT, 'balance', I(ledger))
   redis.call('HINCRBY', ACCT, 'repaired', I(-drift))
-  emit('repair', 'repair:' .. expected .. ':' .. I(NOW), {'redis_balance', bal, 'ledger_balance', ledger,
+  emit('repair', 'repair:' .. expected .. ':' .. NOW_S, {'redis_balance', bal, 'ledger_balance', ledger,
     'drift', drift})
   check_thresholds()
 end

@@ -37,7 +37,7 @@ redis.call('HINCRBY', ACCT, 'released', I(amt))
 scope_incr(rec, 'held', -amt)
 rec.st = 'R'
 rec.rel = rec.amt
-rec.fin = I(NOW)
+rec.fin = NOW_S
 local after = available()
 rec.av1 = I(after)
 put_hold(rid, rec)

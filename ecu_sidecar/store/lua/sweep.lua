@@ -14,4 +14,4 @@ for _, key in ipairs({DEADLINES, GEXP}) do
     if next_due < 0 or wait < next_due then next_due = wait end
   end
 end
-return {'OK', n, redis.call('ZCOUNT', DEADLINES, '-inf', I(NOW)), I(next_due)}
+return {'OK', n, redis.call('ZCOUNT', DEADLINES, '-inf', NOW_S), I(next_due)}
