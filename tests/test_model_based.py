@@ -659,18 +659,7 @@ def test_engine_matches_the_model(ledger: str, tmp_path: Path) -> None:
     if ledger == "postgresql":
         require_postgres()
     machine = _machine(ledger, tmp_path)
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=200 if LONG else 25 if ledger == "sqlite" else 15,
-            stateful_step_count=60 if LONG else 30,
-            deadline=None,
-            derandomize=not LONG,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        ),
-    )
-    print(f"model-based ({ledger}): {dict(sorted(machine.seen.items()))}")
-    # Not vacuous: every kind of step and outcome happened in this run.
+    # Not vacuous: every kind of step and outcome happens in the run.
     wanted = {
         "commit",
         "commit:late",
@@ -689,4 +678,24 @@ def test_engine_matches_the_model(ledger: str, tmp_path: Path) -> None:
         "unknown_id",
         "flush",
     }
+    # The first round is the same examples every time. Which calls succeed, and so what can be
+    # replayed or committed late, follows the machine's timing, and in a short run an outcome
+    # seen only once or twice is sometimes missed (replay:reserve was, once, on a loaded
+    # machine): up to two further rounds of fresh examples then add to the count, and any
+    # failure they find is as real as the first round's.
+    for round_ in range(3):
+        run_state_machine_as_test(
+            machine,
+            settings=settings(
+                max_examples=200 if LONG else 25 if ledger == "sqlite" else 15,
+                stateful_step_count=60 if LONG else 30,
+                deadline=None,
+                derandomize=not LONG and round_ == 0,
+                database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+            ),
+        )
+        if wanted <= set(machine.seen):
+            break
+    print(f"model-based ({ledger}, {round_ + 1} round(s)): {dict(sorted(machine.seen.items()))}")
     assert wanted <= set(machine.seen), f"never exercised: {wanted - set(machine.seen)}"
