@@ -151,8 +151,12 @@ async def sidecar(settings: Settings) -> AsyncIterator[SidecarServer]:
     server = SidecarServer(settings)
     await server.start()
     yield server
-    await drop_keys(server.store, settings.key_prefix)
-    await server.stop(grace=0)
+    try:
+        await drop_keys(server.store, settings.key_prefix)
+    finally:
+        # Stopped even when the cleanup fails: a grpc.aio server left running keeps its poller
+        # thread alive, and pytest then hangs at exit instead of reporting the failure.
+        await server.stop(grace=0)
 
 
 @pytest_asyncio.fixture

@@ -166,8 +166,10 @@ async def test_pinned_sidecar_refuses_other_organizations(backend: str) -> None:
             b = await stub.GetBalance(pb.GetBalanceRequest(organization="acme"))
             assert b.balance.balance_uecu == 100
     finally:
-        await drop_keys(server.store, settings.key_prefix)
-        await server.stop(grace=0)
+        try:
+            await drop_keys(server.store, settings.key_prefix)
+        finally:
+            await server.stop(grace=0)
 
 
 async def test_no_secret_in_logs_or_errors(caplog: pytest.LogCaptureFixture) -> None:

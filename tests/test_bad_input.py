@@ -1256,8 +1256,10 @@ async def two_cards(settings: Settings, v2_card: Path) -> AsyncIterator[SidecarS
     server = SidecarServer(settings, rates=rates)
     await server.start()
     yield server
-    await drop_keys(server.store, settings.key_prefix)
-    await server.stop(grace=0)
+    try:
+        await drop_keys(server.store, settings.key_prefix)
+    finally:
+        await server.stop(grace=0)
 
 
 async def test_commit_priced_with_another_loaded_version_changes_nothing(two_cards) -> None:
