@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -87,7 +87,16 @@ class StoreMetrics:
             ["script", "error"],
             registry=registry,
         )
+        self._script_timers: dict[str, Any] = {}
         StoreMetrics._by_registry[registry] = self
+
+    def script_done(self, script: str, seconds: float) -> None:
+        """Observe one script call's time. The labelled child is kept: ``labels()`` checks
+        and looks up its labels under a lock on every call, a microsecond each time."""
+        timer = self._script_timers.get(script)
+        if timer is None:
+            timer = self._script_timers[script] = self.script_seconds.labels(script)
+        timer.observe(seconds)
 
     @classmethod
     def of(cls, registry: CollectorRegistry) -> StoreMetrics:
@@ -114,6 +123,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self._rpc_series: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.errors = Counter(
             "ecu_rpc_errors_total",
             "RPCs refused, by method and ErrorInfo reason.",
@@ -174,6 +184,16 @@ class Metrics:
         """Point ecu_rate_card_info at the version now pricing (the old series is removed)."""
         self.rate_card.clear()
         self.rate_card.labels(version).set(1)
+
+    def rpc_done(self, method: str, code: str, seconds: float) -> None:
+        """Count one RPC by its status and observe its time. The labelled children are kept
+        (``labels()`` checks and looks up its labels under a lock, a microsecond each call)."""
+        series = self._rpc_series.get((method, code))
+        if series is None:
+            series = (self.rpcs.labels(method, code), self.latency.labels(method))
+            self._rpc_series[(method, code)] = series
+        series[0].inc()
+        series[1].observe(seconds)
 
     def rejected_insufficient(self, scope: str) -> None:
         """Count one insufficient-ECU refusal of the given scope."""

@@ -212,8 +212,7 @@ def _handle(
                 log.exception("%s failed unexpectedly", method)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see sidecar logs")
             finally:
-                self.metrics.rpcs.labels(method, code).inc()
-                self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+                self.metrics.rpc_done(method, code, time.perf_counter() - start)
             raise AssertionError("unreachable")  # pragma: no cover
 
         return handler

@@ -348,3 +348,27 @@ def test_metrics_orgs_is_bounded_and_validated() -> None:
         Settings.from_mapping({"metrics_orgs": ("t", too_many)})
     with pytest.raises(SettingsError, match="ECU_METRICS_ORGS: 'a:b'"):
         Settings.from_mapping({"metrics_orgs": ("t", "a:b")})
+
+
+def test_rpc_and_script_series_count_through_their_kept_children() -> None:
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    m.rpc_done("Reserve", "OK", 0.002)
+    m.rpc_done("Reserve", "OK", 0.002)
+    m.rpc_done("Reserve", "INVALID_ARGUMENT", 0.1)
+    m.store.script_done("reserve", 0.001)
+    m.store.script_done("reserve", 0.003)
+    m.store.script_done("commit", 0.5)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("ecu_rpc_requests_total", method="Reserve", code="OK") == 2
+    assert value("ecu_rpc_requests_total", method="Reserve", code="INVALID_ARGUMENT") == 1
+    assert value("ecu_rpc_duration_seconds_count", method="Reserve") == 3
+    assert value("ecu_rpc_duration_seconds_sum", method="Reserve") == pytest.approx(0.104)
+    assert value("ecu_redis_script_duration_seconds_count", script="reserve") == 2
+    assert value("ecu_redis_script_duration_seconds_sum", script="reserve") == pytest.approx(0.004)
+    assert value("ecu_redis_script_duration_seconds_count", script="commit") == 1
+    assert value("ecu_redis_script_duration_seconds_bucket", script="commit", le="0.4096") == 0
+    assert value("ecu_redis_script_duration_seconds_bucket", script="commit", le="0.8192") == 1

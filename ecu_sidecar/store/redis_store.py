@@ -438,7 +438,7 @@ class RedisStore:
             raise
         finally:
             if self.metrics is not None:
-                self.metrics.script_seconds.labels(name).observe(time.perf_counter() - started)
+                self.metrics.script_done(name, time.perf_counter() - started)
         if _s(reply[0]) == "ERR":
             raise _script_error(reply)
         return reply
