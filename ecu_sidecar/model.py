@@ -6,8 +6,9 @@ The types made once per step of a batch (ReserveItem, Usage, CommitItem, HoldVie
 CommitOutcome) are not frozen: a frozen dataclass sets each field through
 ``object.__setattr__``, which made up a fifth of the sidecar's instructions per ReserveBatch
 of 100 steps (docs/benchmarks.md). They are values all the same: nothing changes one after it
-is made (``dataclasses.replace`` makes a new one), and they are not hashable. The others stay
-frozen.
+is made (``dataclasses.replace`` makes a new one), and they hash by value as the frozen ones
+did (``unsafe_hash``: the worker client hands HoldView and CommitOutcome to callers, who may
+key on them). The others stay frozen.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class AccountRef:
     """Recorded for attribution only; users have no caps."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ReserveItem:
     """One step to hold: its caller-chosen id, worst-case amount and attribution."""
 
@@ -107,7 +108,7 @@ class ReserveItem:
     """A job spec (ecu_sidecar.pricing.JobSpec) to price instead of amount_uecu."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Usage:
     """What a step consumed, recorded with its commit."""
 
@@ -116,7 +117,7 @@ class Usage:
     calls: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CommitItem:
     """One hold to settle with its actual cost."""
 
@@ -132,7 +133,7 @@ class CommitItem:
     of actual_uecu."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class HoldView:
     """A hold as a reserve answer reports it."""
 
@@ -157,7 +158,7 @@ class ReserveOutcome:
     """Granted locally while Redis was unreachable (ecu_sidecar.degraded)."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CommitOutcome:
     """The answer to one commit; ``error`` is set instead when a batch item failed."""
 

@@ -21,8 +21,10 @@ from ecu_sidecar.model import (
     AccountRef,
     Balance,
     CommitItem,
+    CommitOutcome,
     GrantKind,
     HoldState,
+    HoldView,
     JobType,
     ReserveItem,
     Usage,
@@ -709,3 +711,20 @@ async def test_a_ttl_of_zero_holds_for_the_default_ttl(
     assert again.replayed and again.holds[0].deadline_unix_ms == a.deadline_unix_ms
     with pytest.raises(errors.IdempotencyConflict):
         await engine.reserve(AccountRef(org), [item("b", 100)])  # 5 s was asked, not the default
+
+
+def test_the_per_step_value_types_compare_and_hash_by_value() -> None:
+    """Not frozen (for speed), yet values: equal by their fields, and hashable as before, so a
+    caller of the worker client may still key a dict on a HoldView or a CommitOutcome."""
+    made = [
+        lambda: ReserveItem("r", 5, JobType.JUDGE, "m"),
+        lambda: Usage(1, 2, 3),
+        lambda: CommitItem("r", 5, Usage(1, 2, 3)),
+        lambda: HoldView("r", 5, 7, HoldState.ACTIVE, "v1"),
+        lambda: CommitOutcome("r", committed_uecu=5, available_uecu=9),
+    ]
+    for make in made:
+        a, b = make(), make()
+        assert a == b and hash(a) == hash(b)
+        assert {a: 1}[b] == 1
+    assert hash(Usage(1, 2, 3)) != hash(Usage(1, 2, 4))
