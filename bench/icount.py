@@ -75,7 +75,7 @@ async def _child(op: str, n: int, redis_url: str, prefix: str = "") -> None:
     service = QuotaService(server.engine, server.metrics, settings.admin_token)
     org = "icount-0"
     await server.engine.grant(org, "seed", 10**15, GrantKind.TOP_UP)
-    batch = op.startswith("reserve-batch") or op == "batch-pair"
+    batch = op in ("reserve-batch", "batch-pair")
     steps = BATCH if batch else 1
     # Requests as bytes with a 6-digit slot for the iteration, parsed per call: what the server
     # does with what gRPC hands it (building them in Python would count the client's work).
@@ -201,18 +201,12 @@ class _Redis:
 
 def _count(op: str, n: int, side: str, binary: str, work: Path) -> int:
     log = work / f"{side}-{op}-{n}.log"
-    if side == "sidecar":
-        redis_server = _Redis(binary, None)
-        try:
-            _run_child(op, n, redis_server.url, valgrind_log=log)
-        finally:
-            redis_server.stop()
-    else:
-        redis_server = _Redis(binary, log)
-        try:
-            _run_child(op, n, redis_server.url, valgrind_log=None)
-        finally:
-            redis_server.stop()
+    # valgrind runs whichever process the side names: the child or the redis-server.
+    redis_server = _Redis(binary, log if side == "redis" else None)
+    try:
+        _run_child(op, n, redis_server.url, valgrind_log=log if side == "sidecar" else None)
+    finally:
+        redis_server.stop()
     return _irefs(log)
 
 
