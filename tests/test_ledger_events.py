@@ -6,9 +6,11 @@ import itertools
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ecu_sidecar.ledger import burn
-from ecu_sidecar.ledger.events import Event, Rejected, parse_event
+from ecu_sidecar.ledger import burn, events
+from ecu_sidecar.ledger.events import SPECS, Event, Rejected, parse_event
 
 
 def commit(**over: str) -> dict[str, str]:
@@ -128,7 +130,12 @@ def test_every_type_of_the_lua_scripts_parses() -> None:
         {"type": "hydrate", "eid": "hydrate:1", "granted": "100", "balance": "50"},
     ]  # fmt: skip
     for sample in samples:
-        assert isinstance(parse_event({**base, **sample}), Event), sample
+        entry = {**base, **sample}
+        assert isinstance(parse_event(entry), Event), sample
+        # Each takes the fast path (hydrate carries fields of its own: the checks keep them).
+        payload, fingerprint = events.canonical(entry)
+        taken = events._fast_event(entry, payload, fingerprint) is not None
+        assert taken == (sample["type"] != "hydrate"), sample
 
 
 def test_burn_replay_matches_a_commit_by_commit_simulation() -> None:
@@ -165,3 +172,136 @@ def test_burn_replay_matches_a_commit_by_commit_simulation() -> None:
         bounds = burn.boundaries(grants)
         sums = [sum(a for t, a in commits if lo <= t < hi) for lo, hi in itertools.pairwise(bounds)]
         assert burn.replay(grants, bounds, sums) == rest
+
+
+# -- the fast path: the same result as the checks, for every entry it takes -----------------
+
+_ID_CHARS = "abcXYZ019._-"
+_ODD_CHARS = ':/ @+"\\\x00\x1f\x7fé\u2028\udc80'
+_NUMBERS = st.one_of(
+    st.integers(-(2**64), 2**64).map(str),
+    st.integers(0, 10**15 - 1).map(str),
+    st.sampled_from(
+        ["", "0", "-0", "007", "+1", "1_000", " 1", "1.0", "\u0661\u0662", str(2**53), "9" * 16]
+    ),
+)
+_IDS = st.one_of(
+    st.text(_ID_CHARS, max_size=8),
+    st.text(_ID_CHARS + _ODD_CHARS, max_size=8),
+    st.integers(60, 132).map(lambda n: "x" * n),
+)
+_JSON_TEXTS = st.sampled_from(
+    ["", "{}", "[]", '[1, "a"]', '{"a": "b\\"c"}', '[{"k": "\u00e9"}]', '{"a": "\\u00e9"}',
+     '["\\u0000"]', '["\\ud800"]', '["\udc80"]', '{not json', '"str"', "null", "[1]\x00",
+     '{"a": "x\x01"}']
+)  # fmt: skip
+_CHOICES = st.sampled_from(
+    ["", "inference", "judge", "gepa", "starter", "top_up", "team", "project", "mining",
+     "Inference", "low_balance_5", "low_balance_20", "auto_topup", "x y"]
+)  # fmt: skip
+_BY_KIND = {
+    "amount": _NUMBERS,
+    "positive": _NUMBERS,
+    "int": _NUMBERS,
+    "cap": _NUMBERS,
+    "flag": st.sampled_from(["0", "1", "2", "", "yes"]),
+    "id": _IDS,
+    "opt_id": _IDS,
+    "caller_id": _IDS,
+    "model": st.one_of(_IDS, st.sampled_from(["gpt-4o", "org/m@1+x:y", "a b"])),
+    "text": st.one_of(st.text(max_size=10), st.integers(250, 260).map(lambda n: "v" * n)),
+    "json": st.one_of(_JSON_TEXTS, st.text(max_size=10)),
+    "grant_kind": _CHOICES,
+    "job": _CHOICES,
+    "notify_kind": _CHOICES,
+    "scope": _CHOICES,
+}
+
+#: Values in the forms the fast path takes (as the scripts write them).
+_WELL_FORMED = {
+    "amount": st.integers(0, 10**15 - 1).map(str),
+    "positive": st.integers(1, 10**15 - 1).map(str),
+    "int": st.integers(-(10**15) + 1, 10**15 - 1).map(str),
+    "cap": st.one_of(st.just(""), st.integers(0, 10**15 - 1).map(str)),
+    "flag": st.sampled_from(["0", "1"]),
+    "id": st.text(_ID_CHARS, min_size=1, max_size=64),
+    "opt_id": st.text(_ID_CHARS, max_size=64),
+    "caller_id": st.text(_ID_CHARS, min_size=1, max_size=128),
+    "model": st.text(_ID_CHARS + "/@+:", max_size=128),
+    "text": st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=256),
+    "json": st.sampled_from(["", "{}", '[{"model": "m", "tokens_in": 5}]', '{"a": "b\\"c"}']),
+    "grant_kind": st.sampled_from(sorted(events._GRANT_KINDS)),
+    "job": st.sampled_from(sorted(events._JOB_TYPES)),
+    "notify_kind": st.sampled_from(sorted(events._NOTIFY_KINDS)),
+    "scope": st.sampled_from(["team", "project"]),
+}
+
+
+@st.composite
+def _entries(draw: st.DrawFn) -> dict[str, str]:
+    """Entries of every type, a third of them well-formed, with every sort of fault mixed in."""
+    etype = draw(st.sampled_from(sorted(SPECS)))
+    faulty = draw(st.integers(0, 9)) == 0
+    entry = {
+        "type": etype,
+        "eid": draw(_IDS if faulty else st.text(_ID_CHARS + ":'", min_size=1, max_size=20)),
+        "org": draw(_IDS if draw(st.integers(0, 9)) == 0 else _WELL_FORMED["id"]),
+        "ts": draw(_NUMBERS if draw(st.integers(0, 9)) == 0 else _WELL_FORMED["amount"]),
+    }
+    for name, kind, _ in SPECS[etype]:
+        roll = draw(st.integers(0, 29))
+        if roll == 0:
+            continue  # absent
+        entry[name] = draw(_BY_KIND[kind] if roll == 1 else _WELL_FORMED[kind])
+    if etype == "commit" and draw(st.booleans()):
+        # The commit's own arithmetic holds (or the checks refuse it whatever the fields).
+        hold, billed = draw(st.integers(0, 10**6)), draw(st.integers(0, 10**6))
+        late = draw(st.booleans())
+        entry |= {
+            "amount": str(hold), "actual": str(billed), "committed": str(billed),
+            "unbilled": "0", "late": "1" if late else "0",
+            "released": "0" if late else str(hold - min(billed, hold)),
+            "overage": "0" if late else str(max(0, billed - hold)),
+        }  # fmt: skip
+    for name in draw(st.lists(st.sampled_from(["rcv", "future", "type2", "a"]), max_size=2)):
+        entry[name] = draw(st.one_of(st.text(max_size=5), st.just("v1")))
+    if draw(st.integers(0, 19)) == 0:
+        entry["type"] = draw(_CHOICES)
+    return entry
+
+
+def _both(entry: dict[str, str]) -> tuple[Event | None, Event | Rejected]:
+    payload, fingerprint = events.canonical(entry)
+    fast = events._fast_event(entry, payload, fingerprint)
+    return fast, events._checked_event(entry, [], payload, fingerprint)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(entry=_entries())
+def test_the_fast_path_takes_only_what_the_checks_accept_and_agrees(entry: dict[str, str]) -> None:
+    fast, checked = _both(entry)
+    if fast is not None:
+        assert fast == checked
+    assert parse_event(entry) == checked
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.data(), etype=st.sampled_from(sorted(set(SPECS) - {"hydrate", "repair"})))
+def test_every_well_formed_entry_takes_the_fast_path(data: st.DataObject, etype: str) -> None:
+    """Values in the fast path's forms (as the scripts write them): none falls back."""
+    entry = {"type": etype, "eid": f"{etype}:r:1", "org": "acme", "ts": "1795809824644"}
+    for name, kind, required in SPECS[etype]:
+        if required or data.draw(st.booleans()):
+            entry[name] = data.draw(_WELL_FORMED[kind])
+    if etype == "commit":
+        hold, billed = data.draw(st.integers(0, 10**9)), data.draw(st.integers(0, 10**9))
+        entry |= {
+            "amount": str(hold), "actual": str(billed), "committed": str(billed),
+            "unbilled": "0", "late": "0", "orphan": "0",
+            "released": str(hold - min(billed, hold)), "overage": str(max(0, billed - hold)),
+        }  # fmt: skip
+    if etype == "reserve" and data.draw(st.booleans()):
+        entry["rcv"] = data.draw(_WELL_FORMED["text"])
+    fast, checked = _both(entry)
+    assert isinstance(checked, Event), checked
+    assert fast == checked
