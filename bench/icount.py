@@ -16,15 +16,23 @@ fresh process, and (I(HIGH) - I(LOW)) / (HIGH - LOW) is one iteration's count.
 
 An iteration is one operation: ``reserve`` (Reserve of one step), ``pair`` (Reserve then
 Commit of one step), ``reserve-batch`` (ReserveBatch of BATCH steps), ``batch-pair``
-(ReserveBatch then CommitBatch); Commit and CommitBatch are the differences. Writes
-bench/icount.json and prints a table. Needs valgrind (apt-get install valgrind) and a
-redis-server binary; targets 127.0.0.1 only.
+(ReserveBatch then CommitBatch); Commit and CommitBatch are the differences.
+
+- **flusher**: the flusher's process (``Flusher.flush_once`` in a loop: read the outboxes,
+  validate, write the ledger, acknowledge) under valgrind, over a backlog of reserve and commit
+  events written beforehand by the product's scripts into the private redis-server (100
+  outboxes, FLUSH_EVENTS per cycle, into a fresh PostgreSQL schema): an iteration is one cycle,
+  and the figure is per event. PostgreSQL's own work is not in it.
+
+Writes bench/icount.json and prints a table. Needs valgrind (apt-get install valgrind), a
+redis-server binary and, for the flusher, PostgreSQL (--pg-url); targets 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -34,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +52,11 @@ __all__ = ["main"]
 
 #: Steps of a batch operation.
 BATCH = 100
+#: Events per flusher cycle (ECU_FLUSHER_BATCH's default), over FLUSH_ORGS outboxes.
+FLUSH_EVENTS = 2_000
+FLUSH_ORGS = 100
+#: Flusher cycles of the shorter and the longer run.
+FLUSH_LOW, FLUSH_HIGH = 2, 6
 OPERATIONS = ("reserve", "pair", "reserve-batch", "batch-pair")
 _VALGRIND = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
 _IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
@@ -136,6 +150,30 @@ async def _child(op: str, n: int, redis_url: str, prefix: str = "") -> None:
     await server.store.close()
 
 
+async def _flush_child(n: int, redis_url: str, prefix: str, ledger_url: str) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from ecu_sidecar.flusher import Flusher
+    from ecu_sidecar.ledger import open_ledger
+    from ecu_sidecar.metrics import FlusherMetrics
+    from ecu_sidecar.settings import Settings
+    from ecu_sidecar.store import RedisStore
+
+    raw = {"redis_url": redis_url, "key_prefix": prefix, "ledger_url": ledger_url}
+    settings = Settings.from_mapping({k: ("bench", v) for k, v in raw.items()})
+    store = RedisStore.from_settings(settings)
+    ledger = open_ledger(ledger_url)
+    flusher = Flusher(store, ledger, settings, FlusherMetrics(CollectorRegistry()))
+    try:
+        await flusher.discover(force=True)
+        moved = [await flusher.flush_once() for _ in range(n)]
+        if min(moved) < FLUSH_EVENTS // 2:
+            raise RuntimeError(f"the flusher moved {moved} events per cycle: backlog too short")
+    finally:
+        await store.close()
+        ledger.close()
+
+
 class _Context:
     """What the handlers ask of a grpc.aio context when nothing fails."""
 
@@ -153,8 +191,10 @@ def _irefs(log: Path) -> int:
     return int(found.group(1).replace(",", ""))
 
 
-def _run_child(op: str, n: int, redis_url: str, *, valgrind_log: Path | None) -> None:
-    cmd = [sys.executable, "-m", "bench.icount", "--child", op, str(n), redis_url]
+def _run_child(
+    op: str, n: int, redis_url: str, *, valgrind_log: Path | None, extra: tuple[str, ...] = ()
+) -> None:
+    cmd = [sys.executable, "-m", "bench.icount", "--child", op, str(n), redis_url, *extra]
     if valgrind_log is not None:
         cmd = [*_VALGRIND, f"--log-file={valgrind_log}", *cmd]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ECU_")}
@@ -210,11 +250,51 @@ def _count(op: str, n: int, side: str, binary: str, work: Path) -> int:
     return _irefs(log)
 
 
-def measure(binary: str, low: int, high: int, log: Any = print) -> dict[str, dict[str, int]]:
+@contextlib.contextmanager
+def flusher_backlog(redis_url: str, pg_url: str, cycles: int) -> Iterator[tuple[str, str, Any]]:
+    """A backlog for ``cycles`` flusher cycles and one more (the cycle read ahead): reserve and
+    commit events written by the product's scripts into FLUSH_ORGS outboxes under a fresh
+    prefix, and a fresh ledger schema. Yields (prefix, ledger URL, the harness); both are
+    dropped after."""
+    from bench import sections
+    from bench.harness import Config, Harness
+
+    h = Harness(Config(redis_url=redis_url, pg_url=pg_url))
+    try:
+        prefix = h.new_prefix("ic")
+        orgs = [f"ic-{i:03d}" for i in range(FLUSH_ORGS)]
+        h.grant_direct(prefix, orgs)
+        sections._backlog(h, prefix, orgs, (cycles + 1) * FLUSH_EVENTS // 2)
+        yield prefix, h.new_schema(), h
+    finally:
+        h.close()
+
+
+def _count_flusher(n: int, binary: str, pg_url: str, work: Path) -> int:
+    """The flusher's instructions over n cycles (the backlog is written before, not counted)."""
+    redis_server = _Redis(binary, None)
+    log = work / f"flusher-{n}.log"
+    try:
+        with flusher_backlog(redis_server.url, pg_url, n) as (prefix, url, _):
+            _run_child("flush", n, redis_server.url, valgrind_log=log, extra=(prefix, url))
+    finally:
+        redis_server.stop()
+    return _irefs(log)
+
+
+def measure(
+    binary: str, low: int, high: int, log: Any = print, pg_url: str | None = None
+) -> dict[str, dict[str, int]]:
     """{side: {operation: instructions per operation}} for both sides and every operation,
-    Commit and CommitBatch included."""
+    Commit and CommitBatch included; with ``pg_url``, the flusher's per event too."""
     out: dict[str, dict[str, int]] = {"sidecar": {}, "redis": {}}
     with tempfile.TemporaryDirectory(prefix="ecu-icount-") as tmp:
+        if pg_url is not None:
+            a = _count_flusher(FLUSH_LOW, binary, pg_url, Path(tmp))
+            b = _count_flusher(FLUSH_HIGH, binary, pg_url, Path(tmp))
+            per_event = (b - a) // ((FLUSH_HIGH - FLUSH_LOW) * FLUSH_EVENTS)
+            out["flusher"] = {"event": per_event}
+            log(f"flusher  {'event':14s} {per_event:>12,} instructions per event")
         for side in out:
             for op in OPERATIONS:
                 a = _count(op, low, side, binary, Path(tmp))
@@ -247,6 +327,11 @@ def render(result: dict[str, Any]) -> str:
             f"\n{side}: ReserveBatch of {BATCH} = {s['reserve-batch'] / s['reserve']:.2f} × "
             f"Reserve; CommitBatch of {BATCH} = {s['commit-batch'] / s['commit']:.2f} × Commit"
         )
+    if "flusher" in sides:
+        lines.append(
+            f"\nflusher process: {sides['flusher']['event']:,} instructions per event "
+            f"(reserve and commit events, {FLUSH_EVENTS:,} per cycle)"
+        )
     return "\n".join(lines)
 
 
@@ -254,13 +339,27 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         op, n, url = argv[1], int(argv[2]), argv[3]
-        asyncio.run(_child(op, n, url))
+        if op == "flush":
+            from ecu_sidecar import eventloop
+
+            # On the loop `ecu-sidecar flush` runs on (ECU_EVENT_LOOP: uvloop by default).
+            from ecu_sidecar.settings import Settings
+
+            eventloop.run(_flush_child(n, url, argv[4], argv[5]), Settings.from_mapping({}))
+        else:
+            asyncio.run(_child(op, n, url))
         return 0
     p = argparse.ArgumentParser(prog="python -m bench.icount", description=__doc__.splitlines()[0])
     p.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     p.add_argument("--low", type=int, default=20, help="iterations of the shorter run")
     p.add_argument("--high", type=int, default=120, help="iterations of the longer run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "icount.json")
+    p.add_argument(
+        "--pg-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="PostgreSQL for the flusher's ledger (a fresh schema, dropped after)",
+    )
+    p.add_argument("--no-flusher", action="store_true", help="skip the flusher")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         raise SystemExit("bench.icount needs valgrind (apt-get install valgrind)")
@@ -268,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no redis-server binary at {args.redis_server!r}")
     if not 0 < args.low < args.high:
         raise SystemExit("--low must be positive and below --high")
+    if not args.no_flusher:
+        from bench.__main__ import _check_local
+
+        _check_local(args.pg_url)
     started = time.time()
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
@@ -275,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         "batch": BATCH,
         "low": args.low,
         "high": args.high,
-        "instructions": measure(args.redis_server, args.low, args.high),
+        "instructions": measure(
+            args.redis_server,
+            args.low,
+            args.high,
+            pg_url=None if args.no_flusher else args.pg_url,
+        ),
     }
     result["duration_s"] = round(time.time() - started, 1)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -4,6 +4,7 @@ the results JSON is well formed. Benchmarks are not tests: nothing here asserts 
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import subprocess
 import sys
@@ -155,12 +156,31 @@ async def test_the_instruction_count_loop_does_what_it_counts(
         await client.aclose()
 
 
+def test_the_flusher_instruction_count_loop_moves_whole_cycles_into_the_ledger() -> None:
+    """bench.icount's flusher child (run here without valgrind): each cycle moves a full
+    batch from the backlog into the ledger, and the backlog holds the cycle read ahead."""
+    require_redis()
+    require_postgres()
+    from bench import icount
+    from tests.conftest import PG_URL, REDIS_URL
+
+    with icount.flusher_backlog(REDIS_URL, PG_URL, 2) as (prefix, url, h):
+        asyncio.run(icount._flush_child(2, REDIS_URL, prefix, url))
+        assert h.ledger_count(url) == 2 * icount.FLUSH_EVENTS
+        left = sum(
+            h.redis.xlen(f"{prefix}:{{ic-{i:03d}}}:outbox") for i in range(icount.FLUSH_ORGS)
+        )
+        # The backlog: 3 cycles of reserve+commit events and one grant event per outbox.
+        assert left == icount.FLUSH_EVENTS + icount.FLUSH_ORGS
+
+
 def test_the_instruction_count_table_names_every_operation() -> None:
     from bench import icount
 
     per_op = {"reserve": 10, "pair": 25, "reserve-batch": 300, "batch-pair": 700}
     sides = {side: {**per_op, "commit": 15, "commit-batch": 400} for side in ("sidecar", "redis")}
-    text = icount.render({"instructions": sides})
+    text = icount.render({"instructions": {**sides, "flusher": {"event": 1234}}})
+    assert "flusher process: 1,234 instructions per event" in text
     assert "| ReserveBatch of 100 | 300 | 300 |" in text
     assert "| Commit | 15 | 15 |" in text
     assert "ReserveBatch of 100 = 30.00 × Reserve; CommitBatch of 100 = 26.67 × Commit" in text
