@@ -305,3 +305,22 @@ def test_every_well_formed_entry_takes_the_fast_path(data: st.DataObject, etype:
     fast, checked = _both(entry)
     assert isinstance(checked, Event), checked
     assert fast == checked
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    fields=st.dictionaries(
+        st.one_of(st.sampled_from(sorted(events._QUOTED)), st.text(max_size=8)),
+        st.text(max_size=12),
+        max_size=25,
+    )
+)
+def test_the_canonical_json_is_what_json_dumps_writes(fields: dict[str, str]) -> None:
+    import hashlib
+    import json
+
+    known = len(events._QUOTED)
+    payload, fingerprint = events.canonical(fields)
+    assert payload == json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    assert fingerprint == hashlib.sha256(payload.encode()).hexdigest()
+    assert len(events._QUOTED) == known  # the names of odd entries are not kept

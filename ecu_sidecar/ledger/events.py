@@ -163,12 +163,26 @@ class _Invalid(Exception):
     pass
 
 
+class _QuotedNames(dict[str, str]):
+    """Field name -> its JSON string and the colon: the known names once, any other each time
+    (never stored: the names of odd entries do not accumulate)."""
+
+    def __missing__(self, name: str) -> str:
+        return _quote(name) + ":"
+
+
+_QUOTED = _QuotedNames(
+    (name, _quote(name) + ":")
+    for name in {"type", "eid", "org", "ts", "rcv"} | {f for s in SPECS.values() for f, _, _ in s}
+)
+
+
 def canonical(fields: Mapping[str, str]) -> tuple[str, str]:
     """The canonical JSON of an entry and its fingerprint."""
     # json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":")), written
     # out for a flat mapping of strings with the escaping function json.dumps itself uses:
     # the same text, at half the cost (json.dumps builds an encoder per call).
-    payload = "{" + ",".join([_quote(k) + ":" + _quote(fields[k]) for k in sorted(fields)]) + "}"
+    payload = "{" + ",".join([_QUOTED[k] + _quote(fields[k]) for k in sorted(fields)]) + "}"
     return payload, hashlib.sha256(payload.encode("ascii")).hexdigest()
 
 
