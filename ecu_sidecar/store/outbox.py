@@ -62,9 +62,10 @@ __all__ = ["GROUP", "OutboxEntry", "OutboxReader", "StreamState"]
 GROUP = "ledger"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutboxEntry:
-    """One event read from an organization's outbox."""
+    """One event read from an organization's outbox (never changed once read; not frozen, for
+    the flusher's speed: see ledger.events.Event)."""
 
     org: str
     entry_id: str
