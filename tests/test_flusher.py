@@ -24,7 +24,14 @@ from ecu_sidecar.model import AccountRef, CommitItem, GrantKind, JobType, Reserv
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.outbox import GROUP, OutboxEntry, OutboxReader
-from tests.conftest import REDIS_PORT, Database, drop_keys, make_settings, require_redis
+from tests.conftest import (
+    REDIS_PORT,
+    REDIS_URL,
+    Database,
+    drop_keys,
+    make_settings,
+    require_redis,
+)
 from tests.tcp_proxy import TcpProxy
 
 
@@ -542,3 +549,42 @@ def test_counted_money_is_the_sum_of_the_events_per_job_type() -> None:
     for (metric, label), total in expected.items():
         labels = {"kind": label} if metric == "ecu_notifications_total" else {"job_type": label}
         assert registry.get_sample_value(metric, labels) == total, (metric, label)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_the_reader_takes_stream_replies_of_either_protocol_as_redis_sends_them(
+    protocol: int,
+) -> None:
+    """On a standalone Redis the reader parses XREADGROUP's reply itself (RESP2: a list of
+    [stream, entries]; RESP3: a map): the entries it returns are the stream's, field for field,
+    with entries deleted while pending skipped, and its own pending ones read again."""
+    require_redis()
+    settings = make_settings("redis", redis_url=f"{REDIS_URL}?protocol={protocol}")
+    store = RedisStore.from_settings(settings)
+    reader = OutboxReader(store, "reader-1")
+    orgs = ["shape-a", "shape-b"]
+    try:
+        written = {}
+        for org in orgs:
+            key = store.outbox_key(org)
+            for i in range(3):
+                await store._client.xadd(key, {"type": "t", "eid": f"e{i}", "n": str(i), "é": "ü"})
+            written[org] = [
+                (eid.decode(), {k.decode(): v.decode() for k, v in f.items()})
+                for eid, f in await store._client.xrange(key)
+            ]
+        assert sorted(await reader.discover()) == orgs
+        entries = await reader.read(orgs, 10)
+        assert [(e.org, e.entry_id, e.fields) for e in entries] == [
+            (org, eid, fields) for org in orgs for eid, fields in written[org]
+        ]
+        assert await reader.read(orgs, 10) == []  # nothing new
+        gone = written["shape-a"][0][0]
+        await store._client.xdel(store.outbox_key("shape-a"), gone)
+        again = await reader.read(orgs, 10, own_pending=True)
+        assert [(e.org, e.entry_id) for e in again] == [
+            (org, eid) for org in orgs for eid, _ in written[org] if (org, eid) != ("shape-a", gone)
+        ]
+    finally:
+        await drop_keys(store, settings.key_prefix)
+        await store.close()
