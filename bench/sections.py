@@ -418,9 +418,6 @@ def flusher_lag(h: Harness, sidecar: procs.Child) -> None:
     """The flusher's own loop beside the sidecar at a steady committed-step rate; the lag is
     the age of the oldest event still in an outbox, sampled every 50 ms."""
     cfg = h.cfg
-    prefix = sidecar.info["prefix"]
-    # The rate: the target, or 70% of the most committed steps/s any pairs run reached when
-    # this machine cannot sustain the target (then said so in the results).
     best = max(
         (r["ops_per_s"] for r in h.results["runs"]
          if r["section"] == "sidecar" and r["mode"] == "commit"),
@@ -439,6 +436,26 @@ def flusher_lag(h: Harness, sidecar: procs.Child) -> None:
             f"were committed in ReserveBatch→CommitBatch groups of {steps} (the same two outbox "
             "events per step)."
         )
+    out = _lag_once(h, sidecar, rate, steps, best)
+    if steps == 1 and not cfg.lag_steps and out["committed_steps_per_s"] < 0.95 * rate:
+        # The pairs runs had the machine to themselves; beside the flusher the sidecar fell
+        # short of the rate. Measure the flusher again at the rate, in batches.
+        h.results["notes"].append(
+            f"flusher lag: as single Reserve→Commit pairs beside the flusher the sidecar "
+            f"committed {out['committed_steps_per_s']:,.0f} steps/s, short of {rate:,.0f} "
+            f"(lag max {out['lag_s'].get('max', 0):.3f}s); measured again in "
+            f"ReserveBatch→CommitBatch groups of {LAG_BATCH} (the same two outbox events per "
+            "step)."
+        )
+        out = _lag_once(h, sidecar, rate, LAG_BATCH, best)
+    h.results["flusher_lag"] = out
+
+
+def _lag_once(
+    h: Harness, sidecar: procs.Child, rate: float, steps: int, best: float
+) -> dict[str, Any]:
+    cfg = h.cfg
+    prefix = sidecar.info["prefix"]
     dropped = h.drop_keys(f"{prefix}:*:outbox")  # earlier sections' events: not this test's
     orgs = [f"lag-{i:03d}" for i in range(cfg.lag_orgs)]
     h.grant(sidecar.target, orgs)
@@ -504,7 +521,7 @@ def flusher_lag(h: Harness, sidecar: procs.Child) -> None:
     fout = procs.collect_child(fproc, fspec, 120)
     lags = [lag * 1e6 for _, lag in samples]  # summarize takes µs
     summary = summarize(lags)
-    h.results["flusher_lag"] = {
+    out = {
         "target_rate": cfg.lag_rate,
         "paced_rate": rate,
         "steps_per_call": steps,
@@ -524,6 +541,7 @@ def flusher_lag(h: Harness, sidecar: procs.Child) -> None:
         f"flusher lag at {run['ops_per_s']:,.0f} committed steps/s: "
         f"p50 {summary['p50']:.0f} ms, p99 {summary['p99']:.0f} ms, max {summary['max']:.0f} ms"
     )
+    return out
 
 
 def levers(h: Harness, noop: procs.Child) -> None:
