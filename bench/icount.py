@@ -295,7 +295,7 @@ def measure(
             per_event = (b - a) // ((FLUSH_HIGH - FLUSH_LOW) * FLUSH_EVENTS)
             out["flusher"] = {"event": per_event}
             log(f"flusher  {'event':14s} {per_event:>12,} instructions per event")
-        for side in out:
+        for side in ("sidecar", "redis"):
             for op in OPERATIONS:
                 a = _count(op, low, side, binary, Path(tmp))
                 b = _count(op, high, side, binary, Path(tmp))

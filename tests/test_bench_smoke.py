@@ -216,3 +216,30 @@ def test_the_lag_run_falls_back_to_batches_when_pairs_fall_short(
     assert seen == calls
     assert h.results["flusher_lag"]["steps_per_call"] == calls[-1]
     assert any("measured again" in n for n in h.results["notes"]) == (len(calls) == 2)
+
+
+def test_the_instruction_counts_come_out_per_side_and_per_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bench.icount.measure's arithmetic and shape, with the valgrind runs replaced by a fixed
+    cost per iteration (start-up 1,000 + n x cost): every figure is the per-iteration cost."""
+    from bench import icount
+
+    cost = {"reserve": 10, "pair": 25, "reserve-batch": 300, "batch-pair": 700}
+    sides: list[str] = []
+
+    def count(op: str, n: int, side: str, binary: str, work: Path) -> int:
+        sides.append(side)
+        return 1_000 + n * cost[op] * (2 if side == "redis" else 1)
+
+    def count_flusher(n: int, binary: str, pg_url: str, work: Path) -> int:
+        return 5_000 + n * icount.FLUSH_EVENTS * 7
+
+    monkeypatch.setattr(icount, "_count", count)
+    monkeypatch.setattr(icount, "_count_flusher", count_flusher)
+    out = icount.measure("redis-server", 20, 120, log=lambda _: None, pg_url="postgresql://x")
+    assert set(sides) == {"sidecar", "redis"}
+    assert out["flusher"] == {"event": 7}
+    assert out["sidecar"] == {**cost, "commit": 15, "commit-batch": 400}
+    assert out["redis"]["commit-batch"] == 800
+    assert "flusher" not in icount.measure("redis-server", 20, 120, log=lambda _: None)
