@@ -457,7 +457,9 @@ def _lag_once(
     cfg = h.cfg
     prefix = sidecar.info["prefix"]
     dropped = h.drop_keys(f"{prefix}:*:outbox")  # earlier sections' events: not this test's
-    orgs = [f"lag-{i:03d}" for i in range(cfg.lag_orgs)]
+    # Organizations of this attempt's own: their grants write the first outbox events (so the
+    # flusher finds every outbox when it starts, and the fresh ledger has the grants).
+    orgs = [f"lag{steps}-{i:03d}" for i in range(cfg.lag_orgs)]
     h.grant(sidecar.target, orgs)
     url = h.new_schema()
     seconds = cfg.seconds * (1 if cfg.smoke else 2)
