@@ -46,28 +46,17 @@ def _values(elements: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+ELEMENTS = {"bigint": INT8, "text": TEXT, "bool": st.booleans()}
+
+
+@pytest.mark.parametrize("kind", sorted(ELEMENTS))
 @PROPERTY
-@given(values=_values(INT8))
-def test_bigint_arrays_read_back_as_packed(conn: Any, values: list[int | None]) -> None:
-    array = pgarrays.packed("bigint", values)
+@given(data=st.data())
+def test_arrays_read_back_as_packed(conn: Any, kind: str, data: st.DataObject) -> None:
+    values = data.draw(_values(ELEMENTS[kind]))
+    array = pgarrays.packed(kind, values)
     assert array is not None
-    assert _read_back(conn, "bigint", array) == values
-
-
-@PROPERTY
-@given(values=_values(TEXT))
-def test_text_arrays_read_back_as_packed(conn: Any, values: list[str | None]) -> None:
-    array = pgarrays.packed("text", values)
-    assert array is not None
-    assert _read_back(conn, "text", array) == values
-
-
-@PROPERTY
-@given(values=_values(st.booleans()))
-def test_bool_arrays_read_back_as_packed(conn: Any, values: list[bool | None]) -> None:
-    array = pgarrays.packed("bool", values)
-    assert array is not None
-    assert _read_back(conn, "bool", array) == values
+    assert _read_back(conn, kind, array) == values
 
 
 @PROPERTY
