@@ -530,7 +530,8 @@ def _fast_spec(etype: str, spec: tuple[tuple[str, str, bool], ...]) -> _Fast:
     extras = _FAST_EXTRA.get(etype, ())
     kinds = {name: (kind, required) for name, kind, required in spec}
     kinds |= {name: ("text", False) for name in extras}
-    common = {"type": re.escape(_quote(etype)[1:-1]), "eid": r"[\x21\x23-\x5b\x5d-\x7e]{1,256}"}
+    eid = rf"[\x21\x23-\x5b\x5d-\x7e]{{1,{EVENT_ID_MAX}}}"  # printable, no space, unescaped
+    common = {"type": re.escape(_quote(etype)[1:-1]), "eid": eid}
     common |= {"org": _FAST_VALUE["id"], "ts": _DIGITS}
     parts = []
     for name in sorted({*common, *kinds}):
@@ -538,7 +539,6 @@ def _fast_spec(etype: str, spec: tuple[tuple[str, str, bool], ...]) -> _Fast:
         # A comma before every field but the first present one, which follows the brace.
         part = r"(?:,|(?<=\{))" + re.escape(_quote(name)) + ':"' + value + '"'
         parts.append(part if name in common or kinds[name][1] else f"(?:{part})?")
-    assert EVENT_ID_MAX == 256  # the eid pattern above
     return _Fast(
         re.compile("{" + "".join(parts) + "}"),
         tuple(
