@@ -101,6 +101,7 @@ def test_the_same_bytes_as_postgresql_sends(conn: Any) -> None:
         ("json", [b"{}"]),
         ("bool", [True, "yes"]),
         ("bool", [2]),
+        ("bool", [True, 1]),
     ],
 )
 def test_values_that_do_not_fit_are_left_to_psycopg(kind: str, values: list[Any]) -> None:

@@ -73,6 +73,10 @@ def packed(kind: str, values: Sequence[Any]) -> Packed | None:
             else:
                 body = b"".join(map(_INT8.pack, repeat(8, len(values)), values))
         elif kind == "bool":
+            # Only True and False (1 and 0 would find them too): psycopg sends other values as
+            # another array type, which the SQL's cast refuses.
+            if not all(v is None or type(v) is bool for v in values):
+                return None
             body = b"".join([_NULL if v is None else _BOOLS[v] for v in values])
         elif has_null:
             body = b"".join(
