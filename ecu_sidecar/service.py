@@ -203,16 +203,22 @@ def _handle(
                         extra={**_log_fields(request, context), "code": code},
                     )
                 status = to_grpc_status(exc)
+                # Counted before the abort: it sends the status, so the caller may see the
+                # refusal before this coroutine runs again.
+                self.metrics.rpc_done(method, code, time.perf_counter() - start)
+                code = ""
                 await context.abort(status.code, status.details, status.trailing_metadata)
             except grpc.aio.AbortError:
                 raise
             except Exception:
-                code = "INTERNAL"
                 self.metrics.errors.labels(method, "INTERNAL").inc()
                 log.exception("%s failed unexpectedly", method)
+                self.metrics.rpc_done(method, "INTERNAL", time.perf_counter() - start)
+                code = ""
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see sidecar logs")
             finally:
-                self.metrics.rpc_done(method, code, time.perf_counter() - start)
+                if code:  # an answer (or a cancellation): not counted yet
+                    self.metrics.rpc_done(method, code, time.perf_counter() - start)
             raise AssertionError("unreachable")  # pragma: no cover
 
         return handler

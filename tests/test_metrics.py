@@ -372,3 +372,55 @@ def test_rpc_and_script_series_count_through_their_kept_children() -> None:
     assert value("ecu_redis_script_duration_seconds_count", script="commit") == 1
     assert value("ecu_redis_script_duration_seconds_bucket", script="commit", le="0.4096") == 0
     assert value("ecu_redis_script_duration_seconds_bucket", script="commit", le="0.8192") == 1
+
+
+class _AbortingContext:
+    """What a grpc.aio context does on abort: send the status (here: read the counter the
+    caller could scrape at that moment), then raise AbortError."""
+
+    def __init__(self, registry: CollectorRegistry, code: str) -> None:
+        self.registry, self.code = registry, code
+        self.seen_at_abort: float | None = None
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing: Any = ()) -> None:
+        self.seen_at_abort = self.registry.get_sample_value(
+            "ecu_rpc_requests_total", {"method": "Reserve", "code": self.code}
+        )
+        raise grpc.aio.AbortError()
+
+
+@pytest.mark.parametrize("failure", ["INVALID_ARGUMENT", "INTERNAL"])
+async def test_a_refused_rpc_is_counted_before_its_status_is_sent(
+    sidecar: SidecarServer, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """grpc.aio's abort sends the status before it raises: a count made after it could reach
+    the caller (and a scrape) later than the refusal itself."""
+    from ecu_sidecar.service import QuotaService
+
+    service = QuotaService(sidecar.engine, sidecar.metrics)
+    request = pb.ReserveRequest(
+        reservation_id="bad id" if failure == "INVALID_ARGUMENT" else "r-1",
+        account=pb.Account(organization="org-1"),
+        amount_uecu=10,
+        job_type=pb.JOB_TYPE_INFERENCE,
+        model="gpt-4o",
+    )
+    if failure == "INTERNAL":
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("the engine broke")
+
+        monkeypatch.setattr(sidecar.engine, "reserve", broken)
+    context = _AbortingContext(sidecar.registry, failure)
+    with pytest.raises(grpc.aio.AbortError):
+        await service.Reserve(request, context)  # type: ignore[arg-type]
+    assert context.seen_at_abort == 1.0
+    assert (
+        sidecar.registry.get_sample_value(
+            "ecu_rpc_requests_total", {"method": "Reserve", "code": failure}
+        )
+        == 1.0
+    )  # and not counted twice
