@@ -173,12 +173,6 @@ class _QuotedNames(dict[str, str]):
         return _quote(name) + ":"
 
 
-_QUOTED = _QuotedNames(
-    (name, _quote(name) + ":")
-    for name in {"type", "eid", "org", "ts", "rcv"} | {f for s in SPECS.values() for f, _, _ in s}
-)
-
-
 def canonical(fields: Mapping[str, str]) -> tuple[str, str]:
     """The canonical JSON of an entry and its fingerprint."""
     # json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":")), written
@@ -552,6 +546,13 @@ def _fast_spec(etype: str, spec: tuple[tuple[str, str, bool], ...]) -> _Fast:
 
 
 _FAST = {etype: _fast_spec(etype, spec) for etype, spec in SPECS.items()}
+#: Every name a script writes, quoted for canonical(): the common fields, the specs', extras.
+_QUOTED = _QuotedNames(
+    (name, _quote(name) + ":")
+    for name in {"type", "eid", "org", "ts"}.union(
+        *([f for f, _, _ in spec] for spec in SPECS.values()), *_FAST_EXTRA.values()
+    )
+)
 
 
 def _fast_event(fields: dict[str, str], payload: str, fingerprint: str) -> Event | None:

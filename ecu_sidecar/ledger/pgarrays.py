@@ -96,7 +96,7 @@ def register(adapters: Any) -> None:
     from psycopg.adapt import Dumper
     from psycopg.pq import Format
 
-    for _, cls in KINDS.values():
+    for cls in {cls for _, cls in KINDS.values()}:
 
         class PackedDumper(Dumper):
             format = Format.BINARY
