@@ -311,3 +311,36 @@ class Balance:
     def available_uecu(self) -> int:
         """What new reservations may still take: balance − held."""
         return self.balance_uecu - self.held_uecu
+
+    def conservation_faults(self) -> list[str]:
+        """The conservation identities (docs/architecture.md) this balance breaks; [] when it
+        keeps them all. The one definition the product's checks and the tests share."""
+        faults = []
+        wallet = self.granted_uecu - self.expired_grants_uecu - self.committed_uecu
+        if self.balance_uecu != wallet + self.repaired_uecu:
+            faults.append(
+                f"balance {self.balance_uecu} != granted {self.granted_uecu} - expired grants "
+                f"{self.expired_grants_uecu} - committed {self.committed_uecu} + repaired "
+                f"{self.repaired_uecu}"
+            )
+        billed = (
+            self.carried_committed_uecu
+            + self.committed_from_holds_uecu
+            + self.overage_uecu
+            + self.late_committed_uecu
+            + self.orphan_committed_uecu
+        )
+        if self.committed_uecu != billed:
+            faults.append(
+                f"committed {self.committed_uecu} != carried + from holds + overage + late + "
+                f"orphan = {billed}"
+            )
+        settled = (
+            self.committed_from_holds_uecu + self.released_uecu + self.expired_uecu + self.held_uecu
+        )
+        if self.reserved_uecu != settled:
+            faults.append(
+                f"reserved {self.reserved_uecu} != committed from holds + released + expired + "
+                f"held = {settled}"
+            )
+        return faults
