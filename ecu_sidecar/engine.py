@@ -268,10 +268,14 @@ class QuotaEngine:
         not know it either (or there is no ledger)."""
         if self.ledger is None:
             return False
+        # The outbox position first: the script rebuilds only if nothing moved since, so the
+        # ledger read below holds every event (else StoreUnavailable: the flusher drains first).
+        outbox = await self.store.outbox_state(org)
         account = await asyncio.to_thread(self.ledger.ledger_account, org)
         if account is None:
             return False
-        await self.store.hydrate(account)  # a no-op if another sidecar got there first
+        # A no-op if another sidecar got there first.
+        await self.store.hydrate(account, flushed_id=outbox.last_id)
         return True
 
     async def _hydrating(self, org: str, call: Callable[[], Awaitable[T]]) -> T:

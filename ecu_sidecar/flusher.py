@@ -240,6 +240,7 @@ class Flusher:
         """Compare each fully flushed organization's ledger balance with Redis; repair drift.
         Returns {org: drift} for the organizations checked (skipped ones are absent)."""
         drifts: dict[str, int] = {}
+        lost: set[str] = set()
         for org in await self.discover(force=True):
             state = await self.reader.state(org)
             if not state.fully_flushed:
@@ -254,13 +255,24 @@ class Flusher:
                 await self._finish_grants(org, account.unconfirmed_grants)
                 continue  # the new grant events must be flushed before balances compare
             expected = account.balance_uecu
-            drift = await self.store.reconcile(org, state.last_id, expected, GROUP)
+            checked = await self.store.reconcile(org, state.last_id, expected, GROUP)
+            if checked.key_loss:
+                # A key lost beside the account (eviction, a manual DEL): the organization is
+                # rebuilt whole from the ledger read above, for the same outbox position.
+                lost.add(org)
+                log.error(
+                    "keys of %s lost (%s): rebuilding it from the ledger", org, checked.key_loss
+                )
+                await self._rebuild(account, state.last_id, force=True)
+                continue
+            drift = checked.drift_uecu
             if drift is None:
                 continue
             drifts[org] = drift
             await asyncio.to_thread(self.ledger.record_snapshot, org, expected, expected + drift)
             if drift:
                 log.warning("drift in %s: Redis was %+d uECU off the ledger; repaired", org, drift)
+        self.metrics.key_loss_accounts.set(len(lost))
         self.metrics.drift_accounts.set(sum(1 for d in drifts.values() if d))
         self.metrics.drift_uecu.set(sum(abs(d) for d in drifts.values()))
         self.metrics.repairs.inc(sum(1 for d in drifts.values() if d))
@@ -285,14 +297,30 @@ class Flusher:
         return rebuilt
 
     async def hydrate(self, org: str) -> bool:
-        """Rebuild one organization from the ledger if Redis lacks it (race-free)."""
+        """Rebuild one organization from the ledger if Redis lacks it (race-free). Only once its
+        outbox is fully flushed (the ledger must hold every event): until then False, and a
+        later pass, after the flush, rebuilds it."""
+        state = await self.reader.state(org)  # before the ledger read: see RedisStore.hydrate
+        if not state.fully_flushed:
+            log.warning("rebuild of %s waits for its outbox to reach the ledger", org)
+            return False
         account = await asyncio.to_thread(self.ledger.ledger_account, org)
         if account is None:
             return False
-        done = await self.store.hydrate(account)
+        return await self._rebuild(account, state.last_id)
+
+    async def _rebuild(
+        self, account: LedgerAccount, flushed_id: str, *, force: bool = False
+    ) -> bool:
+        done = await self.store.hydrate(account, flushed_id=flushed_id, force=force)
         if done:
             self.metrics.hydrations.inc()
-            log.warning("rebuilt %s from the ledger (balance %d uECU)", org, account.balance_uecu)
+            log.warning(
+                "rebuilt %s from the ledger (balance %d uECU, %d holds restored)",
+                account.organization,
+                account.balance_uecu,
+                len(account.active_holds),
+            )
         return done
 
     async def observe(self) -> None:

@@ -260,6 +260,13 @@ class FlusherMetrics:
             "Organizations whose balance drifted in the last reconciliation pass.",
             registry=registry,
         )
+        self.key_loss_accounts = Gauge(
+            "ecu_flusher_key_loss_accounts",
+            "Organizations whose Redis keys did not add up in the last reconciliation pass (held "
+            "against the active holds, the deadline, tombstone and grant-expiry indexes, the "
+            "grants hash): a key lost beside the account; each is rebuilt from the ledger.",
+            registry=registry,
+        )
         self.repairs = Counter(
             "ecu_reconcile_repairs_total",
             "Balances repaired to the ledger's value.",

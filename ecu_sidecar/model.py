@@ -33,6 +33,8 @@ __all__ = [
     "HoldView",
     "JobType",
     "LedgerAccount",
+    "LedgerHold",
+    "Reconciled",
     "ReleaseOutcome",
     "ReserveItem",
     "ReserveOutcome",
@@ -210,6 +212,19 @@ class SweepOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Reconciled:
+    """What one reconciliation of an organization found."""
+
+    drift_uecu: int | None
+    """Redis − ledger balance before the repair (0: in agreement); None when the check was
+    skipped (events in flight) or keys were found lost."""
+    key_loss: str = ""
+    """Why the organization's keys do not add up ('' when they do): held against its holds,
+    the deadline index, the grant-expiry index or the grants hash. Repaired by a forced
+    rebuild from the ledger, never by a balance repair."""
+
+
+@dataclass(frozen=True, slots=True)
 class ExtendOutcome:
     """The answer to an extend."""
 
@@ -246,6 +261,31 @@ class ScopeUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerHold:
+    """A hold the ledger records as outstanding (reserved, with no release, expiry or commit of
+    that reservation id and creation time): a rebuild restores it as an ACTIVE hold."""
+
+    reservation_id: str
+    amount_uecu: int
+    t0_ms: int
+    """Redis time the hold was created (the suffix of its reserve event id): part of every
+    later event id of the hold, so its commit, release or expiry is new to the ledger."""
+    deadline_ms: int
+    """The latest deadline the ledger recorded (reserve, then extends)."""
+    ttl_ms: int
+    """The hold's own TTL (reserve deadline − t0), what an extend of ttl 0 applies."""
+    sequence: int = 0
+    """The last extend sequence applied (0: never extended)."""
+    team: str = ""
+    project: str = ""
+    user: str = ""
+    job_type: str = ""
+    model: str = ""
+    rate_card_version: str = ""
+    """The rate card version the hold was priced with ('' for a caller's amount)."""
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerAccount:
     """What the ledger knows of one organization: enough to rebuild its Redis state."""
 
@@ -268,6 +308,17 @@ class LedgerAccount:
     unconfirmed_grants: list[tuple[str, int, str, int]] = field(default_factory=list)
     """Grants written ledger-first whose Redis side has not been seen yet (no outbox event):
     (grant id, amount, kind, expires at ms). They are NOT in granted_uecu or the balance."""
+    active_holds: list[LedgerHold] = field(default_factory=list)
+    """Holds outstanding in the ledger, oldest first: the rebuild restores them (the worker was
+    told it holds that money), so held, the hold counters and the caps' held add up."""
+    notified: list[str] = field(default_factory=list)
+    """Notification kinds (low_balance_20, low_balance_5, auto_topup_requested) the ledger
+    already recorded for the current generation: the rebuild sets their flags, so that they
+    are not sent again (a second event under the same id would be quarantined)."""
+    notice_reference_uecu: int | None = None
+    """The reference level those notifications recorded (the available balance after the
+    latest grant), when the ledger has one: the rebuild keeps it so that the 5 % threshold
+    falls where it fell before the loss."""
 
     @property
     def balance_uecu(self) -> int:

@@ -227,13 +227,16 @@ async def test_a_lost_organization_is_rebuilt_once_from_the_ledger(stack: Stack)
     assert {r.balance_uecu for r in results} == {80_000}
     assert stack.metric("ecu_hydrations_total") == 0  # rebuilt by the engine, not the flusher
     b = results[0]
-    assert (b.held_uecu, b.carried_committed_uecu, b.teams[0].used_uecu) == (0, 20_000, 20_000)
-    # The cap survived: 60,000 - 20,000 used leaves 40,000.
+    # The hold in flight is restored from the ledger: still held, on the team too.
+    assert (b.held_uecu, b.carried_committed_uecu) == (10_000, 20_000)
+    assert (b.teams[0].held_uecu, b.teams[0].used_uecu) == (10_000, 20_000)
+    assert b.conservation_faults() == []
+    # The cap survived: 60,000 - 20,000 used - 10,000 held leaves 30,000.
     with pytest.raises(errors.InsufficientEcu):
-        await stack.engine.reserve(AccountRef(org, "t1"), [item("too-big", 40_001)])
-    # The hold that was in flight still commits: billed, flagged, never dropped.
-    (late,) = await stack.engine.commit(org, [CommitItem("in-flight", 7_000)])
-    assert late.error is None and late.late
+        await stack.engine.reserve(AccountRef(org, "t1"), [item("too-big", 30_001)])
+    # The hold that was in flight commits as the live hold it is.
+    (done,) = await stack.engine.commit(org, [CommitItem("in-flight", 7_000)])
+    assert done.error is None and not done.late and done.released_uecu == 3_000
     await stack.flusher.drain()
     await assert_agree(stack, [org])
 

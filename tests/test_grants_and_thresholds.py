@@ -150,7 +150,7 @@ async def test_hydration_is_race_free(engine: QuotaEngine, store: RedisStore) ->
         auto_topup_threshold_uecu=500,
         auto_topup_amount_uecu=2_000,
     )
-    applied = await asyncio.gather(*(store.hydrate(account) for _ in range(25)))
+    applied = await asyncio.gather(*(store.hydrate(account, flushed_id="0-0") for _ in range(25)))
     assert sum(applied) == 1
     b = await engine.balance("lost-org")
     assert (b.granted_uecu, b.expired_grants_uecu, b.committed_uecu, b.balance_uecu) == (
@@ -175,7 +175,7 @@ async def test_commit_of_a_hold_redis_lost_is_recorded(
     with pytest.raises(errors.HoldNotFound):  # a live account: unknown ids stay unknown
         await engine.release(await _funded(engine), "nope")
     account = LedgerAccount("rebuilt", 5_000, 0, 0, 1, [], [])
-    assert await store.hydrate(account)
+    assert await store.hydrate(account, flushed_id="0-0")
     (c,) = await engine.commit("rebuilt", [CommitItem("lost-hold", 1_234)])
     assert c.error is None and c.committed_uecu == 1_234 and c.late
     (again,) = await engine.commit("rebuilt", [CommitItem("lost-hold", 1_234)])
@@ -202,16 +202,16 @@ async def test_reconcile_repairs_drift_with_an_absolute_value(
     await store._client.xgroup_create(key, group, id="0")
     # Nothing flushed yet (the group has delivered nothing): the check must skip.
     last = (await store._client.xinfo_stream(key))["last-generated-id"].decode()
-    assert await store.reconcile(org, last, 10_000, group) is None
+    assert (await store.reconcile(org, last, 10_000, group)).drift_uecu is None
     # Deliver and acknowledge everything, as a flusher would after its ledger commit.
     entries = await store._client.xreadgroup(group, "c", {key: ">"}, count=100)
     await store._client.xack(key, group, *[eid for eid, _ in entries[0][1]])
-    assert await store.reconcile(org, last, 10_000, group) == 0
+    assert (await store.reconcile(org, last, 10_000, group)).drift_uecu == 0
     # Inject drift: Redis lost 300 uECU of balance.
     await store._client.hincrby(store.acct_key(org), "balance", -300)
-    assert await store.reconcile(org, last, 10_000, group) == -300
+    assert (await store.reconcile(org, last, 10_000, group)).drift_uecu == -300
     b = await engine.balance(org)
     assert (b.balance_uecu, b.repaired_uecu) == (10_000, 300)
     conserved(b)
     # The repair appended an event: the next check skips until it is flushed too.
-    assert await store.reconcile(org, last, 10_000, group) is None
+    assert (await store.reconcile(org, last, 10_000, group)).drift_uecu is None

@@ -656,6 +656,17 @@ def test_ledger_account_is_the_rebuild_state_of_the_engine_and_flusher(ledger: L
                 int(grants[gid]["expires_at"]),
             )
     assert [g.grant_id for g in acct.grants if not g.confirmed] == ["pending-1"]
+    # The holds the ledger records as outstanding are the ones the rebuild restores.
+    org_events = [e for e in sim.events if e["org"] == "acme"]
+    settled = {e["rid"] for e in org_events if e["type"] in ("release", "commit", "expire")}
+    outstanding = {
+        e["rid"]: int(e["amount"])
+        for e in org_events
+        if e["type"] == "reserve" and e["rid"] not in settled
+    }
+    assert outstanding, "the scenario leaves holds outstanding"
+    assert {h.reservation_id: h.amount_uecu for h in rebuild.active_holds} == outstanding
+    assert sum(outstanding.values()) == acct.holds.outstanding_uecu
     assert ledger.ledger_account("nobody") is None
 
 

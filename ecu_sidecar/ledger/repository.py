@@ -45,7 +45,7 @@ from ecu_sidecar.ledger.types import (
     Snapshot,
     WriteResult,
 )
-from ecu_sidecar.model import GrantKind, LedgerAccount
+from ecu_sidecar.model import GrantKind, LedgerAccount, LedgerHold
 from ecu_sidecar.validation import CALLER_ID_MAX, ID_PATTERN, SCOPE_ID_MAX
 
 __all__ = ["DAY_MS", "REPORT_DIMENSIONS", "Ledger", "open_ledger"]
@@ -805,19 +805,29 @@ class Ledger:
         out of the totals and listed in ``unconfirmed_grants``: they reach Redis through the
         grant script (the caller's retry, or the flusher finishing them), which confirms them.
         """
-        acct = self.account(org)
-        if acct is None:
+
+        def run(tx: Tx) -> tuple[AccountState, int, list[LedgerHold], list[Any]] | None:
+            acct = self._account(tx, org)
+            if acct is None:
+                return None
+            generation = acct.generation - sum(1 for g in acct.grants if not g.confirmed)
+            return acct, generation, _outstanding_holds(tx, org), _notices(tx, org, generation)
+
+        found = self._read(run)
+        if found is None:
             return None
+        acct, generation, holds, notices = found
         pending = [g for g in acct.grants if not g.confirmed]
         pending_ids = {g.grant_id for g in pending}
         confirmed = [g for g in acct.grants if g.confirmed]
         latest = sorted(confirmed, key=lambda g: (g.granted_at_ms, g.grant_id))[-_RECENT:]
+        references = [ref for _kind, ref in notices if ref is not None]
         return LedgerAccount(
             organization=org,
             granted_uecu=acct.granted_uecu - sum(g.amount_uecu for g in pending),
             expired_grants_uecu=acct.expired_grants_uecu,
             committed_uecu=acct.committed_uecu,
-            generation=acct.generation - len(pending),
+            generation=generation,
             scopes=[(s.scope, s.scope_id, s.cap_uecu, s.used_uecu) for s in acct.scopes],
             expiring_grants=[g for g in acct.expiring_grants if g[0] not in pending_ids],
             auto_topup_threshold_uecu=acct.auto_topup.threshold_uecu if acct.auto_topup else None,
@@ -828,6 +838,9 @@ class Ledger:
             unconfirmed_grants=[
                 (g.grant_id, g.amount_uecu, g.kind, g.expires_at_ms or 0) for g in pending
             ],
+            active_holds=holds,
+            notified=sorted({kind for kind, _ref in notices}),
+            notice_reference_uecu=references[0] if references else None,
         )
 
     #: The conservation query (docs/ledger.md): running totals against the sums of the
@@ -1028,6 +1041,80 @@ def _add_totals(
             org,
         ),
     )
+
+
+#: Holds the ledger records as outstanding: a reserve event with no release, expiry or commit
+#: of the same reservation id and creation time. Every later event id of a hold is its kind,
+#: then what follows 'reserve:' in its reserve event id ('<rid>:<t0>'), so each check is one
+#: primary-key lookup; an extend adds ':<sequence>'. The reserve event's payload carries the
+#: rate card version the hold was priced with.
+_OUTSTANDING_HOLDS_SQL = """
+    SELECT r.reservation_id, r.event_id, r.occurred_at_ms, r.amount_uecu, r.deadline_ms,
+           r.team, r.project, r.user_id, r.job_type, r.model,
+           (SELECT MAX(x.deadline_ms) FROM hold_events x
+             WHERE x.org_id = r.org_id AND x.reservation_id = r.reservation_id
+               AND x.kind = 'extend'
+               AND substr(x.event_id, 1, length(r.event_id))
+                   = 'extend:' || substr(r.event_id, 9) || ':'),
+           (SELECT MAX(x.sequence) FROM hold_events x
+             WHERE x.org_id = r.org_id AND x.reservation_id = r.reservation_id
+               AND x.kind = 'extend'
+               AND substr(x.event_id, 1, length(r.event_id))
+                   = 'extend:' || substr(r.event_id, 9) || ':'),
+           CAST(e.payload AS TEXT)
+      FROM hold_events r
+      JOIN events e ON e.org_id = r.org_id AND e.event_id = r.event_id
+     WHERE r.org_id = ? AND r.kind = 'reserve'
+       AND NOT EXISTS (
+           SELECT 1 FROM hold_events t
+            WHERE t.org_id = r.org_id
+              AND t.event_id IN ('release:' || substr(r.event_id, 9),
+                                 'expire:' || substr(r.event_id, 9)))
+       AND NOT EXISTS (
+           SELECT 1 FROM usage_entries u
+            WHERE u.org_id = r.org_id AND u.event_id = 'commit:' || substr(r.event_id, 9))
+     ORDER BY r.occurred_at_ms, r.event_id
+"""
+
+
+def _outstanding_holds(tx: Tx, org: str) -> list[LedgerHold]:
+    """What a rebuild restores as ACTIVE holds (at most one per reservation id: the newest)."""
+    found: dict[str, LedgerHold] = {}
+    for row in tx.rows(_OUTSTANDING_HOLDS_SQL, (org,)):
+        rid, eid, at, amount, deadline, team, project, user, job, model = row[:10]
+        ext_deadline, ext_sequence, payload = row[10:]
+        # t0 ends the reserve event id the scripts write; the event's time is the same.
+        tail = eid.rsplit(":", 1)[-1]
+        t0 = int(tail) if tail.isdigit() and len(tail) < 16 else int(at)
+        fields = json.loads(payload) if payload else {}
+        found[rid] = LedgerHold(
+            reservation_id=rid,
+            amount_uecu=int(amount),
+            t0_ms=t0,
+            deadline_ms=max(int(deadline), int(ext_deadline or 0)),
+            ttl_ms=max(0, int(deadline) - t0),
+            sequence=int(ext_sequence or 0),
+            team=team,
+            project=project,
+            user=user,
+            job_type=job,
+            model=model,
+            rate_card_version=str(fields.get("rcv") or ""),
+        )
+    return list(found.values())
+
+
+def _notices(tx: Tx, org: str, generation: int) -> list[tuple[str, int | None]]:
+    """(kind, reference) of the notifications recorded for this generation (the crossing id
+    the outbox's notify events carry)."""
+    return [
+        (kind, ref)
+        for kind, ref in tx.rows(
+            "SELECT kind, reference_uecu FROM notifications "
+            "WHERE org_id = ? AND crossing_id = ? ORDER BY kind",
+            (org, str(generation)),
+        )
+    ]
 
 
 def _ensure_org(tx: Tx, org: str, at_ms: int) -> None:

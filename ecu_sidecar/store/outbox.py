@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.store.redis_store import RedisStore, _s
+from ecu_sidecar.store.streams import GROUP, StreamState, stream_state
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -58,9 +59,6 @@ def _unavailable(
 
 __all__ = ["GROUP", "OutboxEntry", "OutboxReader", "StreamState"]
 
-#: The consumer group every flusher joins: each entry goes to one flusher at a time.
-GROUP = "ledger"
-
 
 @dataclass(slots=True)
 class OutboxEntry:
@@ -70,23 +68,6 @@ class OutboxEntry:
     org: str
     entry_id: str
     fields: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class StreamState:
-    """Where an outbox stands: its last id, and what the ledger group has not finished."""
-
-    last_id: str
-    length: int
-    pending: int
-    delivered_id: str
-    lag: int
-    """Entries not yet delivered to any flusher."""
-
-    @property
-    def fully_flushed(self) -> bool:
-        """Every entry up to last_id was delivered and acknowledged (is in the ledger)."""
-        return self.pending == 0 and (self.last_id == "0-0" or self.delivered_id == self.last_id)
 
 
 class OutboxReader:
@@ -217,19 +198,7 @@ class OutboxReader:
     @_unavailable
     async def state(self, org: str) -> StreamState:
         """The stream's last id and the ledger group's progress on it."""
-        key = self.store.outbox_key(org)
-        try:
-            info = await self._client.xinfo_stream(key)
-        except ResponseError:
-            return StreamState("0-0", 0, 0, "0-0", 0)
-        last = _s(info["last-generated-id"])
-        pending, delivered, lag = 0, "0-0", int(info["length"])
-        for group in await self._client.xinfo_groups(key):
-            if _s(group["name"]) == GROUP:
-                pending = int(group["pending"])
-                delivered = _s(group["last-delivered-id"])
-                lag = int(group.get("lag") or 0)
-        return StreamState(last, int(info["length"]), pending, delivered, lag)
+        return await stream_state(self._client, self.store.outbox_key(org))
 
     @_unavailable
     async def oldest_pending_ms(self, org: str) -> int | None:

@@ -45,6 +45,7 @@ from ecu_sidecar.model import (
     HoldState,
     HoldView,
     LedgerAccount,
+    Reconciled,
     ReleaseOutcome,
     ReserveItem,
     ReserveOutcome,
@@ -55,6 +56,7 @@ from ecu_sidecar.settings import Settings
 from ecu_sidecar.store.keys import org_keys
 from ecu_sidecar.store.multiplex import ScriptChannel, multiplexable
 from ecu_sidecar.store.scripts import SCRIPTS, Script
+from ecu_sidecar.store.streams import GROUP, StreamState, stream_state
 
 if TYPE_CHECKING:
     from ecu_sidecar.metrics import StoreMetrics
@@ -103,6 +105,9 @@ _BALANCE_FIELDS = {
     "atu_a": "auto_topup_amount_uecu",
 }
 
+
+#: Notification kinds in the order the hydrate script takes their "already sent" flags.
+_NOTICE_FLAGS = ("low_balance_20", "low_balance_5", "auto_topup_requested")
 
 #: A hold's state as the scripts reply it (one-letter bytes), to the enum.
 _HOLD_STATES = {state.value.encode(): state for state in HoldState}
@@ -380,15 +385,33 @@ class RedisStore:
         threshold = "" if threshold_uecu is None else str(threshold_uecu)
         await self._run("set_auto_topup", org, [threshold, amount_uecu])
 
-    async def hydrate(self, account: LedgerAccount) -> bool:
-        """Rebuild a missing organization from the ledger; False when it already existed."""
+    async def outbox_state(self, org: str) -> StreamState:
+        """Where the organization's outbox stands (what a rebuild must read before the ledger)."""
+        return await self._call(lambda: stream_state(self._client, self.outbox_key(org)))
+
+    async def hydrate(
+        self, account: LedgerAccount, *, flushed_id: str, force: bool = False
+    ) -> bool:
+        """Rebuild an organization from the ledger when Redis lacks its account (or, with
+        ``force``, in any case: reconcile found its keys lost); False when it already existed.
+
+        ``flushed_id``: the outbox's last id (``outbox_state``) read BEFORE the ledger was, when
+        it was fully flushed. Raises StoreUnavailable when the outbox has moved since or holds
+        events not yet in the ledger: the rebuild waits for the flusher (a retry settles it).
+        """
+        flags = set(account.notified)
         args: list[Any] = [
+            flushed_id,
+            GROUP,
+            "1" if force else "0",
             account.granted_uecu,
             account.expired_grants_uecu,
             account.committed_uecu,
             account.generation,
             "" if account.auto_topup_threshold_uecu is None else account.auto_topup_threshold_uecu,
             account.auto_topup_amount_uecu,
+            "" if account.notice_reference_uecu is None else account.notice_reference_uecu,
+            *("1" if kind in flags else "" for kind in _NOTICE_FLAGS),
             len(account.scopes),
         ]
         for scope, scope_id, cap, used in account.scopes:
@@ -399,17 +422,33 @@ class RedisStore:
         args.append(len(account.recent_grants))
         for grant_id, amount, kind, expires_ms in account.recent_grants:
             args += [grant_id, amount, kind, expires_ms]
+        args.append(len(account.active_holds))
+        for h in account.active_holds:
+            args += [
+                h.reservation_id, h.amount_uecu, h.t0_ms, h.deadline_ms, h.ttl_ms, h.sequence,
+                h.team, h.project, h.user, h.job_type, h.model, h.rate_card_version,
+            ]  # fmt: skip
         r = await self._run("hydrate", account.organization, args)
+        if _s(r[1]) == "WAIT":
+            raise StoreUnavailable(
+                f"organization {account.organization} is being rebuilt from the ledger: the "
+                "rebuild waits for the flusher to move its outbox into the ledger; retry",
+                organization=account.organization,
+            )
         return bool(r[1])
 
     async def reconcile(
         self, org: str, flushed_id: str, ledger_balance_uecu: int, group: str
-    ) -> int | None:
-        """Repair Redis's balance to the ledger's when every event up to ``flushed_id`` is in
-        the ledger and nothing newer exists. Returns the drift (Redis − ledger) that was
-        repaired, or None when the check had to be skipped (events in flight)."""
+    ) -> Reconciled:
+        """Check the organization's keys against each other and repair Redis's balance to the
+        ledger's, when every event up to ``flushed_id`` is in the ledger and nothing newer
+        exists. Keys found lost are reported, not repaired here: a forced ``hydrate`` rebuilds
+        them."""
         r = await self._run("reconcile", org, [flushed_id, ledger_balance_uecu, group])
-        return None if _s(r[1]) == "SKIP" else int(r[2])
+        status = _s(r[1])
+        if status == "LOSS":
+            return Reconciled(None, key_loss=_s(r[3]))
+        return Reconciled(None if status == "SKIP" else int(r[2]))
 
     async def sweep(self, org: str) -> SweepOutcome:
         """Expire overdue holds and grants of one organization."""

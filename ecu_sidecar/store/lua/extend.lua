@@ -5,7 +5,8 @@
 -- Returns {'OK', deadline, replayed (0|1)}
 --   or {'ERR', reason, msg, 'reservation_id', id} with reason HOLD_NOT_FOUND, HOLD_COMMITTED,
 --   HOLD_RELEASED, HOLD_EXPIRED, IDEMPOTENCY_CONFLICT (same sequence, other ttl) or
---   STALE_SEQUENCE (a sequence below the last one applied).
+--   STALE_SEQUENCE (a sequence below the last one applied). The last sequence of a hold restored
+--   from the ledger is answered as a replay whatever its ttl (the ledger does not keep it).
 
 if not account_exists() then
   return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
@@ -27,7 +28,8 @@ elseif rec.st == 'E' then
 end
 local seq, last = tonumber(seq_s), tonumber(rec.seq)
 if seq == last then
-  if rec.ettl == ttl_s then return {'OK', tonumber(rec.dl), 1} end
+  -- ettl '' : a hold restored from the ledger, which does not keep the ttl of an extend.
+  if rec.ettl == ttl_s or rec.ettl == '' then return {'OK', tonumber(rec.dl), 1} end
   return err('IDEMPOTENCY_CONFLICT', 'extend sequence ' .. seq_s .. ' of hold ' .. rid
     .. ' was already used with ttl_ms ' .. rec.ettl, 'reservation_id', rid)
 elseif seq < last then

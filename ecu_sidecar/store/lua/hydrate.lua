@@ -1,46 +1,127 @@
--- hydrate: rebuild a missing organization from the ledger, race-free: only when the account is
--- absent, so any number of concurrent hydrations by any number of sidecars apply it once.
+-- hydrate: rebuild an organization from the ledger. The rebuild owns the organization's whole
+-- key set: it runs only when the account is absent (or when forced, after reconcile found keys
+-- lost), so any number of concurrent hydrations by any number of sidecars apply it once, and
+-- only when every outbox event is in the ledger the caller read (else the ledger is stale).
 --   KEYS: the organization's keys (see _lib.lua)
---   ARGV[5] granted   ARGV[6] expired grants   ARGV[7] committed   ARGV[8] generation (grants)
---   ARGV[9] auto-top-up threshold ('' = off)   ARGV[10] auto-top-up amount
---   ARGV[11] n scopes, then n groups of 4: prefix ('t' | 'p'), id, cap ('' = none), used
+--   ARGV[5] the outbox's last-generated id the caller saw fully flushed BEFORE reading the ledger
+--   ARGV[6] the flusher's consumer group   ARGV[7] '1' = rebuild even though the account exists
+--   ARGV[8] granted   ARGV[9] expired grants   ARGV[10] committed   ARGV[11] generation (grants)
+--   ARGV[12] auto-top-up threshold ('' = off)   ARGV[13] auto-top-up amount
+--   ARGV[14] the notification reference level the ledger recorded ('' = none: available now)
+--   ARGV[15] '1' when low_balance_20 was already sent in this generation ('' = not)
+--   ARGV[16] the same for low_balance_5   ARGV[17] the same for auto_topup_requested
+--   ARGV[18] n scopes, then n groups of 4: prefix ('t' | 'p'), id, cap ('' = none), used
 --   then m, then m groups of 3: expiring grant id, expiry ms, unspent rest
 --   then k, then k groups of 4: recent grant id, amount, kind, expires at ms (so that a retry of
 --   a grant the ledger already holds is answered as a replay, not applied twice)
--- Returns {'OK', 1} when it rebuilt the account, {'OK', 0} when the account already existed.
--- Holds Redis lost are gone (released by definition); the committed total carries over as
--- carried_committed so the hold counters restart from zero and still add up.
+--   then h, then h groups of 12: an outstanding hold's reservation id, amount, t0 (ms), deadline
+--   (ms), ttl (ms), last extend sequence, team, project, user, job type, model, rate card version
+-- Returns {'OK', 1} when it rebuilt the account, {'OK', 0} when the account already existed
+--   (and no rebuild was forced), {'OK', 'WAIT'} when the outbox moved since the caller looked or
+--   holds events not yet in the ledger (the flusher drains it; then rebuild).
+-- Every key but the outbox is deleted before anything is written: a partial loss (the account
+-- hash evicted, the holds left) can never leave old holds beside a fresh held. Holds the ledger
+-- records as outstanding are restored ACTIVE (the worker was told it holds that money); one
+-- already past its deadline is expired by the sweep below, like any hold. The committed total
+-- carries over as carried_committed, so the hold counters restart from the restored holds and
+-- still add up: reserved = held.
 
-if account_exists() then return {'OK', 0} end
-local granted, expired, committed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local force = ARGV[7] == '1'
+if account_exists() and not force then return {'OK', 0} end
+
+-- The same test as reconcile: nothing generated since the caller looked, nothing unflushed.
+local expected, group = ARGV[5], ARGV[6]
+local function field(list, name)
+  for i = 1, #list, 2 do
+    if list[i] == name then return list[i + 1] end
+  end
+  return nil
+end
+local last, pending, delivered = '0-0', 0, '0-0'
+if redis.call('EXISTS', OUTBOX) == 1 then
+  last = field(redis.call('XINFO', 'STREAM', OUTBOX), 'last-generated-id')
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', OUTBOX)) do
+    if field(g, 'name') == group then
+      pending = tonumber(field(g, 'pending'))
+      delivered = field(g, 'last-delivered-id')
+    end
+  end
+end
+if last ~= expected or pending ~= 0 or (last ~= '0-0' and delivered ~= last) then
+  return {'OK', 'WAIT'}
+end
+
+redis.call('DEL', ACCT, HOLDS, DEADLINES, TOMBS, GRANTS, GEXP)
+
+local granted, expired, committed = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local balance = granted - expired - committed
+
+-- Locate the groups first: the holds come last, and held is needed before the records.
+local b = 19
+local n_scopes = tonumber(ARGV[18])
+local scopes_at = b
+b = b + 4 * n_scopes
+local m = tonumber(ARGV[b])
+local grants_at = b + 1
+b = grants_at + 3 * m
+local k = tonumber(ARGV[b])
+local recent_at = b + 1
+b = recent_at + 4 * k
+local h = tonumber(ARGV[b])
+local holds_at = b + 1
+local held = 0
+for i = 0, h - 1 do held = held + tonumber(ARGV[holds_at + 12 * i + 1]) end
+local av_s = I(balance - held)
+
+local ref = ARGV[14]
+if ref == '' then ref = I(math.max(balance - held, 0)) end
 redis.call('HSET', ACCT, 'granted', I(granted), 'expired_grants', I(expired), 'committed', I(committed),
-  'carried_committed', I(committed), 'balance', I(balance), 'held', 0, 'gen', ARGV[8],
-  'ref', I(math.max(balance, 0)), 'hydrated', NOW_S)
-if ARGV[9] ~= '' then redis.call('HSET', ACCT, 'atu_t', ARGV[9], 'atu_a', ARGV[10]) end
-local b = 12
-for _ = 1, tonumber(ARGV[11]) do
+  'carried_committed', I(committed), 'balance', I(balance), 'held', I(held), 'reserved', I(held),
+  'gen', ARGV[11], 'ref', ref, 'hydrated', NOW_S)
+if ARGV[12] ~= '' then redis.call('HSET', ACCT, 'atu_t', ARGV[12], 'atu_a', ARGV[13]) end
+-- Notifications the ledger already holds for this generation are not sent again.
+if ARGV[15] == '1' then redis.call('HSET', ACCT, 'w20', '1') end
+if ARGV[16] == '1' then redis.call('HSET', ACCT, 'w5', '1') end
+if ARGV[17] == '1' then redis.call('HSET', ACCT, 'atu_req', '1') end
+
+b = scopes_at
+for _ = 1, n_scopes do
   local base = ARGV[b] .. ':' .. ARGV[b + 1] .. ':'
   if ARGV[b + 2] ~= '' then redis.call('HSET', ACCT, base .. 'cap', ARGV[b + 2]) end
   redis.call('HSET', ACCT, base .. 'used', ARGV[b + 3])
   b = b + 4
 end
-local m = tonumber(ARGV[b])
-b = b + 1
+b = grants_at
 for _ = 1, m do
   redis.call('HSET', ACCT, 'g:' .. ARGV[b], ARGV[b + 2])
   redis.call('ZADD', GEXP, ARGV[b + 1], ARGV[b])
   b = b + 3
 end
-local k = tonumber(ARGV[b])
-b = b + 1
+b = recent_at
 for _ = 1, k do
   redis.call('HSET', GRANTS, ARGV[b], cjson.encode({amt = ARGV[b + 1], kind = ARGV[b + 2],
     exp = ARGV[b + 3], t = NOW_S, bal = I(balance), av = I(balance)}))
   b = b + 4
 end
+b = holds_at
+for _ = 1, h do
+  local rid, amt, seq, tm, pj = ARGV[b], ARGV[b + 1], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
+  -- The record reserve.lua writes. What the ledger does not keep: the job spec's fingerprint
+  -- (a retried reserve is then compared by amount), the available balance after the reserve
+  -- (a replay answers the rebuilt one), and the ttl of the last extend ('' = unknown: a retry
+  -- of that extend is answered as a replay, see extend.lua).
+  put_hold(rid, {st = 'A', amt = amt, job = ARGV[b + 9], mdl = ARGV[b + 10], ttl = ARGV[b + 4],
+    tm = tm, pj = pj, us = ARGV[b + 8], dl = ARGV[b + 3], t0 = ARGV[b + 2], av0 = av_s, seq = seq,
+    ettl = seq == '0' and '0' or '', rcv = ARGV[b + 11], fp = ''})
+  redis.call('ZADD', DEADLINES, ARGV[b + 3], rid)
+  if tm ~= '' then redis.call('HINCRBY', ACCT, 't:' .. tm .. ':held', amt) end
+  if pj ~= '' then redis.call('HINCRBY', ACCT, 'p:' .. pj .. ':held', amt) end
+  b = b + 12
+end
 emit('hydrate', 'hydrate:' .. NOW_S .. ':' .. I(granted) .. ':' .. I(committed),
-  {'granted', granted, 'expired', expired, 'committed', committed, 'balance', balance})
--- Grants already past their expiry while Redis was empty leave now.
+  {'granted', granted, 'expired', expired, 'committed', committed, 'balance', balance,
+    'held', held, 'holds', h, 'forced', force and '1' or '0'})
+-- Grants already past their expiry while Redis was empty leave now, and restored holds already
+-- past their deadline expire (their expire events are new to the ledger).
 sweep()
 return {'OK', 1}

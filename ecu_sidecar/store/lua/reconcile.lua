@@ -4,8 +4,16 @@
 --   ARGV[6] the ledger balance (granted - expired grants - committed)
 --   ARGV[7] the flusher's consumer group
 -- Returns {'OK', 'SKIP', 0} when events arrived or are still unflushed since the caller looked
--- (the ledger value would be stale: try again later), or {'OK', 'DONE', drift} where drift is
--- Redis minus ledger before the repair (0 = in agreement).
+-- (the ledger value would be stale: try again later), {'OK', 'LOSS', 0, why} when the
+-- organization's keys do not add up (a key lost beside the account: eviction, a manual DEL),
+-- or {'OK', 'DONE', drift} where drift is Redis minus ledger before the repair (0 = in agreement).
+-- Lost keys are not repaired here: the caller rebuilds the organization from the ledger (the
+-- hydrate script, forced, with the same outbox id), which owns every key. They are found by:
+--   held = the sum of the ACTIVE holds the deadline index lists, every one of them ACTIVE;
+--   every hold record is either in the deadline index or in the tombstone index;
+--   one grant-expiry index entry per g:<grant id> rest in the account;
+--   the grants hash exists once anything was granted.
+-- Cost: O(active holds + account fields); no balance repair runs while keys are lost.
 -- The repair sets balance to the ledger's value (restoring balance = granted - expired_grants -
 -- committed, which only a fault outside the scripts can break) and counts the correction in
 -- 'repaired' for operators.
@@ -31,6 +39,47 @@ end
 if last ~= expected or pending ~= 0 or (last ~= '0-0' and delivered ~= last) then
   return {'OK', 'SKIP', 0}
 end
+local function key_loss()
+  local v = redis.call('HMGET', ACCT, 'held', 'granted')
+  local held, granted = N(v[1]), N(v[2])
+  local rids = redis.call('ZRANGE', DEADLINES, '0', '-1')
+  local active, sum = 0, 0
+  if #rids > 0 then
+    local raws = call_sliced('HMGET', HOLDS, rids, 1)
+    for i = 1, #rids do
+      local rec = raws[i] and cjson.decode(raws[i])
+      if rec and rec.st == 'A' then
+        active = active + 1
+        sum = sum + tonumber(rec.amt)
+      end
+    end
+  end
+  if held ~= sum then
+    return 'held ' .. I(held) .. ' uECU but the active holds hold ' .. I(sum)
+  end
+  if #rids ~= active then
+    return 'the deadline index lists ' .. #rids .. ' holds, of which ' .. active .. ' are active'
+  end
+  local records, tombs = redis.call('HLEN', HOLDS), redis.call('ZCARD', TOMBS)
+  if records ~= #rids + tombs then
+    return records .. ' hold records but ' .. #rids .. ' active and ' .. tombs .. ' tombstones indexed'
+  end
+  local rests = 0
+  for _, f in ipairs(redis.call('HKEYS', ACCT)) do
+    if string.sub(f, 1, 2) == 'g:' then rests = rests + 1 end
+  end
+  local indexed = redis.call('ZCARD', GEXP)
+  if rests ~= indexed then
+    return rests .. ' expiring grant rests but ' .. indexed .. ' in the grant-expiry index'
+  end
+  if granted > 0 and redis.call('EXISTS', GRANTS) == 0 then
+    return 'the grants hash is missing'
+  end
+  return nil
+end
+local loss = key_loss()
+if loss then return {'OK', 'LOSS', 0, loss} end
+
 local bal = N(redis.call('HGET', ACCT, 'balance'))
 local drift = bal - ledger
 if drift ~= 0 then
