@@ -576,5 +576,21 @@ async def test_flusher_finds_every_outbox_on_every_master(
             assert ledger.balance(org) == 10_000 + i - 400
         drifts = await flusher.reconcile()
         assert drifts == dict.fromkeys(orgs, 0)
+        # Rebuilds stay in the organization's slot: one organization loses its account hash,
+        # another its deadline index, each with a hold outstanding.
+        lost_acct, lost_index = orgs[0], orgs[1]
+        for org in (lost_acct, lost_index):
+            await engine.reserve(AccountRef(org), [ReserveItem("open", 500, JobType.GEPA)])
+        await flusher.drain()
+        await cluster_store._client.delete(org_keys(cluster_settings.key_prefix, lost_acct)[0])
+        await cluster_store._client.delete(org_keys(cluster_settings.key_prefix, lost_index)[2])
+        b = await engine.balance(lost_acct)  # rebuilt by the sidecar, hold restored
+        assert (b.held_uecu, b.balance_uecu, b.conservation_faults()) == (500, 9_600, [])
+        drifts = await flusher.reconcile()  # finds lost_index's keys lost and rebuilds it
+        assert lost_index not in drifts and lost_acct not in drifts  # its rebuild is unflushed
+        b = await engine.balance(lost_index)
+        assert (b.held_uecu, b.outstanding_holds, b.conservation_faults()) == (500, 1, [])
+        await flusher.drain()
+        assert await flusher.reconcile() == dict.fromkeys(orgs, 0)
     finally:
         ledger.close()
