@@ -268,14 +268,15 @@ class QuotaEngine:
         not know it either (or there is no ledger)."""
         if self.ledger is None:
             return False
-        # The outbox position first: the script rebuilds only if nothing moved since, so the
-        # ledger read below holds every event (else StoreUnavailable: the flusher drains first).
+        # The outbox position first: only a position seen fully flushed before the ledger read
+        # proves that read holds every event, and the script rebuilds only if nothing moved
+        # since ('' never matches: StoreUnavailable, the flusher drains first).
         outbox = await self.store.outbox_state(org)
         account = await asyncio.to_thread(self.ledger.ledger_account, org)
         if account is None:
             return False
         # A no-op if another sidecar got there first.
-        await self.store.hydrate(account, flushed_id=outbox.last_id)
+        await self.store.hydrate(account, flushed_id=outbox.last_id if outbox.fully_flushed else "")
         return True
 
     async def _hydrating(self, org: str, call: Callable[[], Awaitable[T]]) -> T:

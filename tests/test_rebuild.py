@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -218,6 +219,36 @@ async def test_rebuild_waits_while_the_outbox_has_unflushed_events(stack: Stack)
     assert await stack.flusher.hydrate_missing() == [org]
     b = await stack.balance(org)
     assert (b.held_uecu, b.outstanding_holds, b.available_uecu) == (30_000, 2, 70_000)
+    await stack.agree(org)
+
+
+async def test_a_flush_between_the_outbox_check_and_the_ledger_read_is_no_rebuild(
+    stack: Stack,
+) -> None:
+    """The ledger read must come after a position seen fully flushed: a flush that lands after
+    the read (the flusher catching up meanwhile) leaves the read stale although the outbox is
+    flushed by the time the script runs."""
+    org = "racy"
+    await stack.engine.grant(org, "g1", 100_000, GrantKind.TOP_UP)
+    await stack.engine.reserve(AccountRef(org), [item("a", 10_000)])
+    await stack.flusher.drain()
+    await stack.engine.reserve(AccountRef(org), [item("b", 20_000)])
+    await stack.lose(org, "acct")
+    loop = asyncio.get_running_loop()
+
+    class FlushAfterRead(Ledger):
+        def ledger_account(self, org: str) -> Any:
+            stale = super().ledger_account(org)  # without hold b
+            asyncio.run_coroutine_threadsafe(stack.flusher.drain(), loop).result(timeout=30)
+            return stale
+
+    racy = FlushAfterRead(stack.ledger._db)
+    engine = QuotaEngine(stack.store, stack.settings, ledger=racy)
+    with pytest.raises(errors.StoreUnavailable, match="waits for the flusher"):
+        await engine.balance(org)
+    assert (await stack.store.outbox_state(org)).fully_flushed  # the flush did land
+    b = await stack.balance(org)  # the retry reads a complete ledger
+    assert (b.held_uecu, b.outstanding_holds) == (30_000, 2)
     await stack.agree(org)
 
 

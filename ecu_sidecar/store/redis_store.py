@@ -396,8 +396,9 @@ class RedisStore:
         ``force``, in any case: reconcile found its keys lost); False when it already existed.
 
         ``flushed_id``: the outbox's last id (``outbox_state``) read BEFORE the ledger was, when
-        it was fully flushed. Raises StoreUnavailable when the outbox has moved since or holds
-        events not yet in the ledger: the rebuild waits for the flusher (a retry settles it).
+        it was fully flushed then ('' when it was not: only an existing account answers).
+        Raises StoreUnavailable when the outbox has moved since or holds events not yet in the
+        ledger: the rebuild waits for the flusher (a retry settles it).
         """
         flags = set(account.notified)
         args: list[Any] = [
