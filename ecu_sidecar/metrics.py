@@ -309,6 +309,10 @@ class FlusherMetrics:
         self.unbilled_uecu = money(
             "ecu_unbilled_overage_uecu_total", "used above the overage bound, recorded unbilled"
         )
+        self.late_unbilled_uecu = money(
+            "ecu_late_unbilled_uecu_total",
+            "used by late commits beyond what was available plus their bound, recorded unbilled",
+        )
         self.holds_outstanding = Gauge(
             "ecu_holds_outstanding",
             "Active holds across every organization with an outbox (Redis ZCARD of the "
@@ -368,6 +372,12 @@ class FlusherMetrics:
             values = ev.values
             job = job_type_label(values["job"])
             for name, counter in series:
+                if (
+                    counter is self.unbilled_uecu
+                    and values.get("late")
+                    and not values.get("orphan")
+                ):
+                    counter = self.late_unbilled_uecu  # a late commit's rest: not an overage
                 key = (counter, job)
                 money[key] = money.get(key, 0) + values[name]
         for kind, n in notices.items():

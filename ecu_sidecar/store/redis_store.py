@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -44,6 +44,7 @@ from ecu_sidecar.model import (
     GrantOutcome,
     HoldState,
     HoldView,
+    KnownHold,
     LedgerAccount,
     ReleaseOutcome,
     ReserveItem,
@@ -98,6 +99,7 @@ _BALANCE_FIELDS = {
     "expired_holds": "expired_holds",
     "expired_grants": "expired_grants_uecu",
     "orphan_committed": "orphan_committed_uecu",
+    "late_unbilled": "late_unbilled_uecu",
     "carried_committed": "carried_committed_uecu",
     "repaired": "repaired_uecu",
     "atu_a": "auto_topup_amount_uecu",
@@ -283,16 +285,22 @@ class RedisStore:
         items: Sequence[CommitItem],
         overage_max_percent: int,
         *,
-        orphan_ok: bool = False,
+        known: Mapping[str, KnownHold] | None = None,
     ) -> CommitBatchOutcome:
-        """Settle each hold with its actual cost; items succeed or fail independently. With
-        ``orphan_ok``, an unknown reservation id is billed at its actual (degraded replay)."""
-        args: list[Any] = [overage_max_percent, "1" if orphan_ok else "0", len(items)]
+        """Settle each hold with its actual cost; items succeed or fail independently.
+        ``known``: holds the caller knows of (the ledger's record, a degraded local hold), by
+        reservation id, used only where Redis has no record of the id."""
+        args: list[Any] = [overage_max_percent, len(known) if known else 0, len(items)]
         for it in items:
             u = it.usage
             args += [
                 it.reservation_id, it.actual_uecu, u.tokens_in, u.tokens_out, u.calls,
                 it.rate_card_version, it.breakdown,
+            ]  # fmt: skip
+        for rid, k in (known or {}).items():
+            args += [
+                rid, "D" if k.kind == "degraded" else "L", k.amount_uecu, k.t0_ms, k.team,
+                k.project, k.user, k.job_type, k.model,
             ]  # fmt: skip
         r = await self._run("commit", org, args)
         out = []
