@@ -25,6 +25,7 @@ from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings, SettingsError
 from ecu_sidecar.store.outbox import GROUP
 from tests.conftest import drop_keys, make_settings
+from tests.redis_cluster import cluster_or_skip
 
 #: The bound under test (the smallest allowed: the trims show within a few hundred steps).
 MAX_LEN = 100
@@ -170,6 +171,38 @@ async def test_with_a_ledger_nothing_is_trimmed(backend: str, tmp_path: Path) ->
         await drop_keys(server.store, settings.key_prefix)
         await server.stop(grace=0)
         ledger.close()
+
+
+async def test_bound_outboxes_on_a_redis_cluster() -> None:
+    # The outboxes of organizations on different masters, in one pipelined pass (redis-py
+    # routes each command by its key); one read by a flusher is left whole.
+    with cluster_or_skip(masters=3) as cluster:
+        settings = make_settings(
+            "redis",
+            redis_url=cluster.url,
+            redis_cluster=True,
+            redis_timeout_ms=2_000,
+            redis_connect_timeout_ms=2_000,
+            outbox_max_len=MAX_LEN,
+            sweep_interval_ms=3_600_000,
+        )
+        server = await started(settings)
+        try:
+            assert server.store.kind == "cluster"
+            orgs = [f"org-{i}" for i in range(6)]
+            for org in orgs:
+                await server.engine.grant(org, "seed", 10**9, GrantKind.TOP_UP)
+            read = orgs[0]
+            await server.store._client.xgroup_create(server.store.outbox_key(read), GROUP, id="0")
+            for org in orgs:
+                await step(server, org, 200)
+            left = await server.bound_outboxes()
+            lengths = {org: (await outbox(server, org))[0] for org in orgs}
+            assert lengths[read] == 401
+            assert all(MAX_LEN <= lengths[org] <= UPPER for org in orgs[1:]), lengths
+            assert left == sum(lengths.values()) == gauge(server)
+        finally:
+            await server.stop(grace=0)
 
 
 @pytest.mark.parametrize("value", ["1", "99", "-1", "1000000001"])
