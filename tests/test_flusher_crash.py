@@ -180,7 +180,8 @@ async def test_two_flusher_processes_at_once(rig: Rig) -> None:
 
 async def test_redis_restarted_empty_mid_run(database: Database, tmp_path: Any) -> None:
     """A private redis-server, killed and restarted with nothing: balances are rebuilt from
-    the ledger, no reservation can overspend, and a commit of a hold Redis forgot is billed."""
+    the ledger with the holds outstanding there, no reservation can overspend, and a hold made
+    before the crash commits as the live hold it is again."""
     from tests.test_unavailable import PrivateRedis
 
     redis = PrivateRedis()
@@ -209,22 +210,30 @@ async def test_redis_restarted_empty_mid_run(database: Database, tmp_path: Any) 
         await engine.reserve(AccountRef(org), [item("survivor", 50_000)])
         await flusher.drain()
         ledger_balance = await asyncio.to_thread(ledger.balance, org)
+        account = await asyncio.to_thread(ledger.account, org)
+        assert account is not None
+        outstanding = account.holds.outstanding_uecu  # the survivor and abandoned holds
+        assert outstanding >= 50_000
 
         redis.kill()
         redis.start()  # same port, empty
 
-        b = await engine.balance(org)  # rebuilt on first use
-        assert b.balance_uecu == ledger_balance and b.held_uecu == 0
-        # No overspend: exactly the ledger balance can be reserved, not a micro-ECU more.
-        await engine.reserve(AccountRef(org), [item("all-of-it", ledger_balance)])
+        b = await engine.balance(org)  # rebuilt on first use, outstanding holds restored
+        assert b.balance_uecu == ledger_balance and b.held_uecu == outstanding
+        assert b.conservation_faults() == []
+        # No overspend: exactly what the ledger balance leaves beside the restored holds can
+        # be reserved, not a micro-ECU more.
+        free = ledger_balance - outstanding
+        await engine.reserve(AccountRef(org), [item("all-of-it", free)])
         from ecu_sidecar import errors
 
         with pytest.raises(errors.InsufficientEcu):
             await engine.reserve(AccountRef(org), [item("one-more", 1)])
         await engine.release(org, "all-of-it")
-        # The hold made before the crash still commits: usage is never dropped.
-        (late,) = await engine.commit(org, [CommitItem("survivor", 30_000)])
-        assert late.error is None and late.late and late.committed_uecu == 30_000
+        # The hold made before the crash is live again: its commit settles it normally.
+        (done,) = await engine.commit(org, [CommitItem("survivor", 30_000)])
+        assert done.error is None and not done.late and done.committed_uecu == 30_000
+        assert done.released_uecu == 20_000
         await flusher.drain()
         c = await asyncio.to_thread(ledger.conservation, org)
         assert c is not None and c.ok

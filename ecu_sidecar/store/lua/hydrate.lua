@@ -77,7 +77,7 @@ local ref = ARGV[14]
 if ref == '' then ref = I(math.max(balance - held, 0)) end
 redis.call('HSET', ACCT, 'granted', I(granted), 'expired_grants', I(expired), 'committed', I(committed),
   'carried_committed', I(committed), 'balance', I(balance), 'held', I(held), 'reserved', I(held),
-  'gen', ARGV[11], 'ref', ref, 'hydrated', NOW_S)
+  'gen', ARGV[11], 'ref', ref)
 if ARGV[12] ~= '' then redis.call('HSET', ACCT, 'atu_t', ARGV[12], 'atu_a', ARGV[13]) end
 -- Notifications the ledger already holds for this generation are not sent again.
 if ARGV[15] == '1' then redis.call('HSET', ACCT, 'w20', '1') end
