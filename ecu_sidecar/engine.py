@@ -275,6 +275,8 @@ class QuotaEngine:
         not know it either (or there is no ledger)."""
         if self.ledger is None:
             return False
+        if not await self.store.missing_accounts([org]):
+            return True  # Grant asks every time: no ledger read while the account is there
         # The outbox position first: only a position seen fully flushed before the ledger read
         # proves that read holds every event, and the script rebuilds only if nothing moved
         # since ('' never matches: StoreUnavailable, the flusher drains first).
