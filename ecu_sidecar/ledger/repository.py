@@ -1144,6 +1144,7 @@ def _outstanding_holds(tx: Tx, org: str) -> list[LedgerHold]:
         tail = eid.rsplit(":", 1)[-1]
         t0 = int(tail) if tail.isdigit() and len(tail) < 16 else int(at)
         fields = json.loads(payload) if payload else {}
+        found.pop(rid, None)  # a newer hold of a reused id replaces the older, in time order
         found[rid] = LedgerHold(
             reservation_id=rid,
             amount_uecu=int(amount),
