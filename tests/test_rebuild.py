@@ -1,7 +1,8 @@
 """A rebuild from the ledger owns the organization's whole key set (issue 14, items 3 and 10):
 partial and full loss of an organization's Redis keys, holds the ledger records as outstanding
 restored as live holds, the rebuild waiting for the flusher, reconcile finding keys lost and
-rebuilding, and no notification sent twice. Real Redis; the ledger on SQLite and PostgreSQL."""
+rebuilding, and no notification sent twice. Real Redis and the embedded store; the ledger on
+SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from ecu_sidecar.model import (
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import SUFFIXES, org_keys
-from tests.conftest import Database, drop_keys, make_settings, require_redis
+from tests.conftest import Database, drop_keys, make_settings
 
 MINUTE_MS = 60_000
 
@@ -82,10 +83,11 @@ class Stack:
 
 
 @pytest_asyncio.fixture
-async def stack(database: Database) -> AsyncIterator[Stack]:
-    require_redis()
+async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
+    """Real Redis, and the embedded store (the same scripts in-process: the default of
+    ``make run``, with a ledger when ECU_LEDGER_URL is set)."""
     settings = make_settings(
-        "redis", ledger_url=database.url, flusher_claim_idle_ms=0, flusher_discovery_interval_ms=0
+        backend, ledger_url=database.url, flusher_claim_idle_ms=0, flusher_discovery_interval_ms=0
     )
     ledger = open_ledger(database.url)
     ledger.migrate()
