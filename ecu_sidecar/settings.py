@@ -162,8 +162,9 @@ class Settings:
     """ECU_FLUSHER_DISCOVERY_INTERVAL_MS: how often outbox streams are rediscovered (SCAN)."""
 
     reconcile_interval_ms: int = field(default=30_000, metadata=_int(0, 86_400_000))
-    """ECU_RECONCILE_INTERVAL_MS: how often ledger and Redis balances are compared (and lost
-    organizations rebuilt from the ledger)."""
+    """ECU_RECONCILE_INTERVAL_MS: how often ledger and Redis balances are compared, each
+    organization's Redis keys checked against each other, and organizations Redis lost (or
+    whose keys no longer add up) rebuilt from the ledger."""
 
     flusher_fault: str = field(default="", metadata={"kind": "str"})
     """ECU_FLUSHER_FAULT: test-only fault injection, `before_insert:N` or `after_commit:N`
