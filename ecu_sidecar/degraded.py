@@ -20,7 +20,7 @@ When Redis answers again, the engine replays the journal oldest first
   Redis never had is nothing to settle);
 - a local hold still open → reserved in Redis with the original request's parameters, so a
   reserve that had landed answers as a replay (if Redis cannot cover it, it stays local until
-  its commit or release is replayed);
+  its commit or release is replayed, or its deadline passes: then it expired, nothing to bill);
 - a commit of a hold that lives in Redis (made before the outage) → the normal commit script.
 
 An entry Redis cannot take now (StoreUnavailable) stays for the next pass; an entry Redis

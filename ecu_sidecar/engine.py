@@ -407,6 +407,7 @@ class QuotaEngine:
         for entry in journal.pending_entries():
             if entry.org in unreachable:
                 continue
+            state = entry.state if isinstance(entry, LocalHold) else ""
             try:
                 settled = await self._replay_entry(entry)
             except StoreUnavailable:
@@ -432,6 +433,8 @@ class QuotaEngine:
                     entry.org,
                 )
                 continue
+            if isinstance(entry, LocalHold) and entry.state != state:
+                continue  # settled locally meanwhile (Redis went again): replayed next pass
             if settled:
                 journal.mark_done(entry)
                 done += 1
@@ -472,6 +475,13 @@ class QuotaEngine:
             try:
                 await self._hydrating(org, lambda: self.store.reserve(acct, [step]))
             except InsufficientEcu:
+                if hold.deadline_ms <= degraded_now_ms():
+                    log.warning(
+                        "degraded-mode hold %s of %s expired before Redis could cover it",
+                        rid,
+                        org,
+                    )
+                    return True  # expired locally: nothing is held or billed
                 return False  # stays local until its commit or release is replayed
             return True
         if hold.state == "R":

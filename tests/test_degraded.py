@@ -554,3 +554,27 @@ async def test_a_journal_written_before_bounded_commits_is_replayed(outage: Outa
     assert await o.engine.replay_degraded() == 2
     b = await o.balance(org)
     assert (b.committed_uecu, b.orphan_committed_uecu, b.held_uecu) == (250, 250, 100)
+
+
+async def test_an_open_local_hold_redis_cannot_cover_waits_until_its_deadline(
+    outage: Outage,
+) -> None:
+    """An open local hold Redis cannot cover stays local (pending) while it may still be
+    committed; once its deadline has passed it expired: replayed as nothing to bill."""
+    o = outage
+    org = await funded_org(o)
+    now = degraded_now_ms()
+    hold = {"org": org, "amount_uecu": GRANTED + 1, "team": "", "project": "", "user": "",
+            "job": "gepa", "model": "", "t0_ms": now - 120_000, "ttl_ms": 60_000}  # fmt: skip
+    lines = [
+        {"op": "reserve", "reservation_id": "late", **hold, "deadline_ms": now - 60_000},
+        {"op": "reserve", "reservation_id": "live", **hold, "deadline_ms": now + 60_000},
+    ]
+    o.path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    o.journal = o.open_journal()
+    o.engine = o.new_engine()
+    assert await o.engine.replay_degraded() == 1
+    assert [e.rid for e in o.journal.pending_entries()] == ["live"]
+    assert o.failures() == 0
+    b = await o.balance(org)
+    assert (b.held_uecu, b.reserved_uecu, b.committed_uecu) == (0, 0, 0)
