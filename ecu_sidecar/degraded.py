@@ -82,6 +82,9 @@ class LocalHold:
     actual_uecu: int = 0
     billed_uecu: int = 0
     """What the local commit billed: min(actual, amount + overage bound)."""
+    commit_rcv: str = ""
+    breakdown: str = ""
+    """Of a commit priced from usage lines: the rate card version and the priced lines."""
     usage: tuple[int, int, int] = (0, 0, 0)
     done: bool = False
     """Replayed into Redis."""
@@ -111,6 +114,9 @@ class RemoteCommit:
     usage: tuple[int, int, int]
     n: int
     """Its number among the journal's remote commits (what done and failed records name)."""
+    rate_card_version: str = ""
+    breakdown: str = ""
+    """Of a commit priced from usage lines: the rate card version and the priced lines."""
     done: bool = False
     failed: str = ""
     why: str = ""
@@ -188,6 +194,8 @@ class Journal:
         actual: int = 0,
         usage: tuple[int, int, int] = (0, 0, 0),
         billed: int = 0,
+        rcv: str = "",
+        lines: str = "",
     ) -> tuple[LocalHold | None, bool]:
         """Commit (op 'commit', billing ``billed``) or release ('release') a local hold.
         Returns (the hold, or None if not local; whether this call settled it: False when it
@@ -200,11 +208,20 @@ class Journal:
             if op == "commit":
                 entry["billed"] = billed
             entry["usage"] = list(usage)
+            entry |= _priced(rcv, lines)
             self._write(entry)
             self._apply_settle(hold, entry)
             return hold, True
 
-    def remote_commit(self, org: str, rid: str, actual: int, usage: tuple[int, int, int]) -> None:
+    def remote_commit(
+        self,
+        org: str,
+        rid: str,
+        actual: int,
+        usage: tuple[int, int, int],
+        rcv: str = "",
+        lines: str = "",
+    ) -> None:
         """Record a commit of a hold that lives in Redis, to replay when Redis returns."""
         with self._lock:
             entry = {
@@ -214,6 +231,7 @@ class Journal:
                 "actual": actual,
                 "usage": list(usage),
                 "n": self._remote_n,
+                **_priced(rcv, lines),
             }
             self._write(entry)
             self._apply(entry)
@@ -259,12 +277,14 @@ class Journal:
                     settle |= {"org": e.org, "rid": e.rid, "actual": e.actual_uecu}
                     if e.state == "C":
                         settle["billed"] = e.billed_uecu
-                    lines.append(settle | {"usage": list(e.usage)})
+                    settle |= {"usage": list(e.usage), **_priced(e.commit_rcv, e.breakdown)}
+                    lines.append(settle)
             else:
                 e.n = n
                 lines.append(
                     {"op": "remote_commit", "org": e.org, "rid": e.rid, "actual": e.actual_uecu}
                     | {"usage": list(e.usage), "n": n}
+                    | _priced(e.rate_card_version, e.breakdown)
                 )
             lines.append({"op": "failed", **_ref(e), "reason": e.failed, "message": e.why})
         tmp = self.path + ".tmp"
@@ -301,9 +321,11 @@ class Journal:
         elif op in ("commit", "release"):
             self._apply_settle(self.holds[(e["org"], e["rid"])], e)
         elif op == "remote_commit":
-            usage = tuple(e["usage"])
+            usage: Any = tuple(e["usage"])
             n = e.get("n", self._remote_n)
-            self.entries.append(RemoteCommit(e["org"], e["rid"], e["actual"], usage, n))  # type: ignore[arg-type]
+            commit = RemoteCommit(e["org"], e["rid"], e["actual"], usage, n)
+            commit.rate_card_version, commit.breakdown = e.get("rcv", ""), e.get("lines", "")
+            self.entries.append(commit)
             self._remote_n = max(self._remote_n, n + 1)
         elif op in ("done", "failed"):
             for entry in self._find(e):
@@ -324,6 +346,7 @@ class Journal:
         # Journals written before commits were bounded billed the actual.
         hold.billed_uecu = e.get("billed", e["actual"]) if e["op"] == "commit" else 0
         hold.usage = tuple(e["usage"])  # type: ignore[assignment]
+        hold.commit_rcv, hold.breakdown = e.get("rcv", ""), e.get("lines", "")
 
     def _find(self, ref: dict[str, Any]) -> list[Entry]:
         """The entries a done or failed record names (older journals name remote commits by
@@ -360,6 +383,11 @@ _HOLD_KEYS_SINCE_V2 = ("t0_ms", "ttl_ms", "rate_card_version", "fingerprint")
 
 def _hold_fields(hold: LocalHold) -> dict[str, Any]:
     return {k: getattr(hold, k) for k in (*_HOLD_KEYS, *_HOLD_KEYS_SINCE_V2)}
+
+
+def _priced(rcv: str, lines: str) -> dict[str, str]:
+    """The journal fields of a commit priced from usage lines (none for a plain amount)."""
+    return {"rcv": rcv, "lines": lines} if rcv or lines else {}
 
 
 def _ref(entry: Entry) -> dict[str, Any]:

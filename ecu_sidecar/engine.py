@@ -29,6 +29,7 @@ from ecu_sidecar.errors import (
     InsufficientEcu,
     InvalidArgument,
     OrganizationNotAllowed,
+    RateCardMismatch,
     StoreUnavailable,
 )
 from ecu_sidecar.model import (
@@ -355,16 +356,27 @@ class QuotaEngine:
         for it in items:
             rid = it.reservation_id
             usage = (it.usage.tokens_in, it.usage.tokens_out, it.usage.calls)
+            rcv, lines = it.rate_card_version, it.breakdown
             local = journal.holds.get((org, rid))
             if local is None or local.done:
-                journal.remote_commit(org, rid, it.actual_uecu, usage)
+                journal.remote_commit(org, rid, it.actual_uecu, usage, rcv, lines)
                 outs.append(CommitOutcome(rid, committed_uecu=it.actual_uecu, degraded=True))
                 continue
+            if rcv and local.state == "A" and rcv != local.rate_card_version:
+                error: Exception = RateCardMismatch(
+                    f"hold {rid} was priced with rate card version '{local.rate_card_version}'; "
+                    f"its usage must be priced with that version, not '{rcv}'",
+                    reservation_id=rid,
+                )
+                outs.append(CommitOutcome(rid, error=error, degraded=True))
+                continue
             billed = bounded_commit(local.amount_uecu, it.actual_uecu, pct)
-            hold, settled = journal.settle(org, rid, "commit", it.actual_uecu, usage, billed)
+            hold, settled = journal.settle(
+                org, rid, "commit", it.actual_uecu, usage, billed, rcv, lines
+            )
             assert hold is not None
             if not settled and hold.state == "R":
-                error: Exception = HoldReleased(
+                error = HoldReleased(
                     f"hold {rid} was released; it cannot be committed", reservation_id=rid
                 )
                 outs.append(CommitOutcome(rid, error=error, degraded=True))
@@ -447,7 +459,15 @@ class QuotaEngine:
         org, rid = entry.org, entry.rid
         pct = self.settings.overage_max_percent
         if isinstance(entry, RemoteCommit):
-            items = [CommitItem(rid, entry.actual_uecu, Usage(*entry.usage))]
+            items = [
+                CommitItem(
+                    rid,
+                    entry.actual_uecu,
+                    Usage(*entry.usage),
+                    entry.rate_card_version,
+                    entry.breakdown,
+                )
+            ]
             out = await self._hydrating(org, lambda: self.store.commit(org, items, pct))
             if self.ledger is not None and isinstance(out.outcomes[0].error, HoldNotFound):
                 out = await self._commit_known(org, items, out)  # the rule of any commit
@@ -492,7 +512,20 @@ class QuotaEngine:
             return True
         # Committed: the commit script settles the real hold if the reserve reached Redis,
         # otherwise bills the local hold (the known hold, kind degraded) under its own event id.
-        item = CommitItem(rid, hold.actual_uecu, Usage(*hold.usage))
+        items = [
+            CommitItem(rid, hold.actual_uecu, Usage(*hold.usage), hold.commit_rcv, hold.breakdown)
+        ]
+        if self.ledger is not None:
+            # First as any commit: the real hold, or the ledger's record of it (a landed
+            # reserve whose tombstone was purged since: its commit's event id has Redis's t0,
+            # which the journal does not know).
+            out = await self._hydrating(org, lambda: self.store.commit(org, items, pct))
+            if isinstance(out.outcomes[0].error, HoldNotFound):
+                out = await self._commit_known(org, items, out)
+            if not isinstance(out.outcomes[0].error, HoldNotFound):
+                if out.outcomes[0].error is not None:
+                    raise out.outcomes[0].error
+                return True
         known = {
             rid: KnownHold(
                 amount_uecu=hold.amount_uecu,
@@ -505,7 +538,7 @@ class QuotaEngine:
                 model=hold.model,
             )
         }
-        out = await self._hydrating(org, lambda: self.store.commit(org, [item], pct, known=known))
+        out = await self._hydrating(org, lambda: self.store.commit(org, items, pct, known=known))
         if out.outcomes[0].error is not None:
             raise out.outcomes[0].error
         return True

@@ -37,12 +37,14 @@ from ecu_sidecar.model import (
     ReserveItem,
     Usage,
 )
+from ecu_sidecar.pricing import InferenceSpec, RateCardRegistry, UsageLine
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import SettingsError
 from ecu_sidecar.store import RedisStore
 from tests.conftest import (
     ADMIN_METADATA,
     ADMIN_TOKEN,
+    EXAMPLE_RATE_CARD,
     REDIS_PORT,
     drop_keys,
     make_settings,
@@ -469,14 +471,6 @@ async def test_the_ledger_bills_each_degraded_commit_once_across_a_crash_mid_rep
     ledger = open_ledger(db)
     ledger.migrate()
     o = Outage(tmp_path, ledger_url=db)
-    flusher_settings = make_settings(
-        "redis",
-        key_prefix=o.settings.key_prefix,
-        ledger_url=db,
-        flusher_claim_idle_ms=0,
-        flusher_discovery_interval_ms=0,
-    )
-    flusher_store = RedisStore.from_settings(flusher_settings)
     try:
         o.engine = o.new_engine(ledger)
         org = await funded_org(o)
@@ -504,16 +498,8 @@ async def test_the_ledger_bills_each_degraded_commit_once_across_a_crash_mid_rep
         assert again == first, "the second pass changed nothing in Redis"
         assert o.failures() == 0 and o.path.read_text() == ""
 
-        flusher = Flusher(
-            flusher_store, ledger, flusher_settings, FlusherMetrics(CollectorRegistry())
-        )
-        await flusher.drain()
-        with sqlite3.connect(db.removeprefix("sqlite://")) as conn:
-            rows = conn.execute(
-                "SELECT reservation_id, amount_uecu, actual_uecu, orphan FROM usage_entries "
-                "WHERE org_id = ? ORDER BY reservation_id",
-                (org,),
-            ).fetchall()
+        await drain_into(o, ledger, db)
+        rows = ledger_rows(db, org, "reservation_id, amount_uecu, actual_uecu, orphan")
         assert rows == [
             ("landed", 210, 210, 0),
             ("local", local_billed, 500, 1),
@@ -521,7 +507,6 @@ async def test_the_ledger_bills_each_degraded_commit_once_across_a_crash_mid_rep
         ]
         assert ledger.balance(org) == first.balance_uecu
     finally:
-        await flusher_store.close()
         await o.close()
         ledger.close()
 
@@ -578,3 +563,107 @@ async def test_an_open_local_hold_redis_cannot_cover_waits_until_its_deadline(
     assert o.failures() == 0
     b = await o.balance(org)
     assert (b.held_uecu, b.reserved_uecu, b.committed_uecu) == (0, 0, 0)
+
+
+async def test_a_priced_local_commit_reaches_the_ledger_with_its_lines(tmp_path: Path) -> None:
+    """A commit priced from usage lines while Redis is down keeps its rate card version and
+    priced lines through the journal and the replay, into the ledger."""
+    db = f"sqlite://{tmp_path}/ledger.db"
+    ledger = open_ledger(db)
+    ledger.migrate()
+    o = Outage(tmp_path, allowance=GRANTED)
+    rates = RateCardRegistry.from_file(EXAMPLE_RATE_CARD, warm_encodings=False)
+    try:
+        o.engine = QuotaEngine(o.store, o.settings, rates=rates, journal=o.journal)
+        org = await funded_org(o)
+        job = [InferenceSpec("gpt-4o-mini", prompt_tokens=1_000, max_output_tokens=500)]
+        o.down()
+        held = await o.engine.reserve(
+            AccountRef(org), [ReserveItem("priced", 0, JobType.INFERENCE, ttl_ms=60_000, job=job)]
+        )
+        version = held.holds[0].rate_card_version
+        assert held.degraded and version == rates.current.version
+        used = [UsageLine("inference", "gpt-4o-mini", tokens_in=1_000, tokens_out=200, calls=1)]
+        (c,) = await o.engine.commit(
+            org, [CommitItem("priced", 0, rate_card_version=version, usage_lines=used)]
+        )
+        assert c.degraded and c.error is None and c.quote is not None
+        assert 0 < c.committed_uecu < held.holds[0].amount_uecu
+        o.up()
+        assert await o.engine.replay_degraded() == 1
+        await drain_into(o, ledger, db)
+        rows = ledger_rows(db, org, "rate_card_version, breakdown, amount_uecu, orphan")
+        assert len(rows) == 1
+        assert rows[0][0] == version and json.loads(rows[0][1])
+        assert (rows[0][2], rows[0][3]) == (c.committed_uecu, 1)
+    finally:
+        await o.close()
+        ledger.close()
+
+
+async def drain_into(o: Outage, ledger: Any, db: str) -> None:
+    """Flush the test's outboxes into the ledger."""
+    settings = make_settings(
+        "redis",
+        key_prefix=o.settings.key_prefix,
+        ledger_url=db,
+        flusher_claim_idle_ms=0,
+        flusher_discovery_interval_ms=0,
+    )
+    store = RedisStore.from_settings(settings)
+    try:
+        await Flusher(store, ledger, settings, FlusherMetrics(CollectorRegistry())).drain()
+    finally:
+        await store.close()
+
+
+def ledger_rows(db: str, org: str, columns: str) -> list[Any]:
+    with sqlite3.connect(db.removeprefix("sqlite://")) as conn:
+        return conn.execute(
+            f"SELECT {columns} FROM usage_entries WHERE org_id = ? ORDER BY reservation_id",
+            (org,),
+        ).fetchall()
+
+
+async def test_a_replay_after_the_tombstones_are_purged_is_settled_by_the_ledger(
+    tmp_path: Path,
+) -> None:
+    """The crash-repeat comes back after Redis forgot the settled holds (tombstones purged): the
+    ledger's record answers the repeat as a replay, so neither Redis nor the ledger bills
+    again: a landed reserve committed locally (its commit's event id carries Redis's t0, which
+    the journal does not know) and a Redis hold's commit journaled during the outage."""
+    db = f"sqlite://{tmp_path}/ledger.db"
+    ledger = open_ledger(db)
+    ledger.migrate()
+    o = Outage(tmp_path, ledger_url=db)
+    try:
+        o.engine = o.new_engine(ledger)
+        org = await funded_org(o)
+        await o.engine.reserve(AccountRef(org), [step("remote", 300)])
+        assert (await reserve_lost_reply(o, AccountRef(org), step("landed", 200))).degraded
+        o.down()
+        for rid, actual in (("landed", 210), ("remote", 250)):
+            (c,) = await o.engine.commit(org, [CommitItem(rid, actual, Usage(calls=1))])
+            assert c.degraded and c.error is None
+        on_disk = o.path.read_text()
+        o.up()
+        assert await o.engine.replay_degraded() == 2
+        await drain_into(o, ledger, db)
+        first = await o.balance(org)
+        for store in (o.store, o.direct):
+            store.clock_offset_ms = o.settings.tombstone_ttl_ms + 60_000
+        await o.direct.sweep(org)  # purges the tombstones
+
+        o.path.write_text(on_disk)
+        o.journal = o.open_journal()
+        o.engine = o.new_engine(ledger)
+        assert await o.engine.replay_degraded() == 2
+        assert o.failures() == 0
+        assert (await o.balance(org)).committed_uecu == first.committed_uecu == 210 + 250
+        await drain_into(o, ledger, db)
+        rows = ledger_rows(db, org, "reservation_id, amount_uecu")
+        assert rows == [("landed", 210), ("remote", 250)]
+        assert ledger.balance(org) == first.balance_uecu
+    finally:
+        await o.close()
+        ledger.close()
