@@ -12,6 +12,7 @@ Who exports what (docs/operations.md lists every series):
 
 - the sidecar (``Metrics``): RPCs, refusals, insufficient-ECU rejections by scope, the sweeper,
   the rate card; and through ``StoreMetrics`` the latency and errors of each Redis script.
+  Without a ledger it also exports ``ecu_outbox_length`` (the outboxes it serves and bounds).
 - the flusher (``FlusherMetrics``; inside ``serve`` on the embedded default, else
   ``ecu-sidecar flush``): throughput, lag, drift, rebuilds, notifications, and the money that
   moved, by job type, counted from the outbox events it writes to the ledger — the one place
@@ -183,6 +184,8 @@ class Metrics:
         )
         self.store = StoreMetrics.of(registry)
         """Redis script latency and errors (attached to the store by the server)."""
+        self.outbox_length: Gauge | None = None
+        """ecu_outbox_length, when this sidecar exports it (export_outbox_length)."""
         # Exported at 0 from the start, so the first failure is an increase an alert can see.
         self.rate_card_reloads.labels("failed")
 
@@ -204,6 +207,21 @@ class Metrics:
     def rejected_insufficient(self, scope: str) -> None:
         """Count one insufficient-ECU refusal of the given scope."""
         self.insufficient.labels(scope if scope in SCOPES else "organization").inc()
+
+    def export_outbox_length(self) -> Gauge:
+        """``ecu_outbox_length`` from the sidecar itself, registered on first call: a sidecar
+        without a ledger has no flusher to export it, and sets it to the events left in the
+        outboxes of the organizations it serves after trimming them (ECU_OUTBOX_MAX_LEN). The
+        same series name as the flusher's (FlusherMetrics.outbox_length), never in the same
+        process: a flusher exists only with a ledger."""
+        if self.outbox_length is None:
+            self.outbox_length = Gauge(
+                "ecu_outbox_length",
+                "Events in the outbox streams of the organizations this sidecar serves (a "
+                "sidecar without a ledger, which trims them to ECU_OUTBOX_MAX_LEN).",
+                registry=self.registry,
+            )
+        return self.outbox_length
 
 
 class FlusherMetrics:

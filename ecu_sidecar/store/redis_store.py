@@ -242,6 +242,55 @@ class RedisStore:
         held = sum(int(_s(v)) for v in replies[1::2] if v is not None)
         return holds, held
 
+    async def bound_outboxes(self, orgs: Sequence[str], max_len: int) -> tuple[int, int]:
+        """Trim the outbox of each of ``orgs`` to about ``max_len`` events (0: trim nothing);
+        returns (events left in those outboxes, events trimmed). For a sidecar without a
+        ledger, whose outboxes nothing flushes (ECU_OUTBOX_MAX_LEN).
+
+        XTRIM MAXLEN ~ drops whole stream nodes, the oldest first: at most
+        stream-node-max-entries - 1 (99 by default) events beyond ``max_len`` stay, and one
+        call drops at most 100 nodes' worth (Redis's default LIMIT), so the work per call is
+        bounded. An outbox with a consumer group is never trimmed: a flusher reads it (a
+        sidecar run without ECU_LEDGER_URL beside flushers that have one), and every one of
+        its events must reach the ledger. One pipelined round trip (XLEN) when every outbox is
+        within the bound; two more (XINFO GROUPS, XTRIM) for those that are not."""
+        if not orgs:
+            return 0, 0
+        keys = [self.outbox_key(org) for org in orgs]
+
+        async def lengths() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.xlen(key)
+            return await pipe.execute()
+
+        sizes = [int(n or 0) for n in await self._call(lengths)]
+        left = sum(sizes)
+        over = [key for key, n in zip(keys, sizes, strict=True) if max_len and n > max_len]
+        if not over:
+            return left, 0
+
+        async def groups() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in over:
+                pipe.xinfo_groups(key)
+            # A stream deleted meanwhile answers an error: it is simply not trimmed.
+            return await pipe.execute(raise_on_error=False)
+
+        replies = await self._call(groups)
+        unread = [key for key, r in zip(over, replies, strict=True) if r == []]
+        if not unread:
+            return left, 0
+
+        async def trim() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in unread:
+                pipe.xtrim(key, maxlen=max_len, approximate=True)
+            return await pipe.execute()
+
+        trimmed = sum(int(n or 0) for n in await self._call(trim))
+        return left - trimmed, trimmed
+
     async def close(self) -> None:
         """Close the script channel and the connection pool."""
         if self._channel is not None:
