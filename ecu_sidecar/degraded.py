@@ -288,7 +288,8 @@ class Journal:
                 )
             lines.append({"op": "failed", **_ref(e), "reason": e.failed, "message": e.why})
         tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as fh:
             for line in lines:
                 fh.write(json.dumps(line, separators=(",", ":")) + "\n")
             fh.flush()

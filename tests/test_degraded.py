@@ -451,6 +451,8 @@ async def test_a_refused_entry_never_blocks_the_entries_after_it(outage: Outage)
     assert b.committed_uecu == 100 + 550, "the billing entry after the refused ones was replayed"
     assert b.held_uecu == 50
     # The failed entries stay in the journal for the operator, and are not replayed again.
+    assert journal_ops(o.path) == ["reserve", "failed", "remote_commit", "failed"]
+    assert o.path.stat().st_mode & 0o777 == 0o600
     reloaded = Journal.open(str(o.path), o.allowance)
     assert reloaded.pending() == 0
     assert sorted((e.rid, e.failed) for e in reloaded.failed) == [
