@@ -460,6 +460,17 @@ async def test_a_refused_entry_never_blocks_the_entries_after_it(outage: Outage)
         ("y", "IDEMPOTENCY_CONFLICT"),
     ]
     assert await o.engine.replay_degraded() == 0 and o.failures() == 2
+    # A restarted process keeps them through its own outage and replay.
+    o.journal = o.open_journal()
+    o.engine = o.new_engine()
+    o.down()
+    assert (await o.engine.reserve(AccountRef(org), [step("after", 100)])).degraded
+    (x,) = await o.engine.commit(org, [CommitItem("x", 550)])  # a replay, journaled again
+    o.up()
+    assert await o.engine.replay_degraded() == 2 and o.failures() == 2
+    assert journal_ops(o.path) == ["reserve", "failed", "remote_commit", "failed"]
+    b = await o.balance(org)
+    assert (b.committed_uecu, b.held_uecu) == (100 + 550, 50 + 100)
 
 
 async def test_the_ledger_bills_each_degraded_commit_once_across_a_crash_mid_replay(
