@@ -244,14 +244,16 @@ class Outage:
         self.allowance = allowance
         self.settings = make_settings(
             "redis",
-            redis_url=f"redis://127.0.0.1:{self.proxy.port}/0",
-            # Long enough for a loaded machine; a lost reply costs one timeout.
-            redis_timeout_ms=1_000,
-            redis_connect_timeout_ms=1_000,
-            overage_max_percent=PCT,
-            degraded_allowance_uecu=allowance,
-            degraded_journal=str(self.path),
-            **overrides,
+            **{
+                "redis_url": f"redis://127.0.0.1:{self.proxy.port}/0",
+                # Long enough for a loaded machine; a lost reply costs one timeout.
+                "redis_timeout_ms": 1_000,
+                "redis_connect_timeout_ms": 1_000,
+                "overage_max_percent": PCT,
+                "degraded_allowance_uecu": allowance,
+                "degraded_journal": str(self.path),
+                **overrides,
+            },
         )
         self.direct_settings = make_settings("redis", key_prefix=self.settings.key_prefix)
         self.store = RedisStore.from_settings(self.settings)
@@ -680,3 +682,34 @@ async def test_a_replay_after_the_tombstones_are_purged_is_settled_by_the_ledger
     finally:
         await o.close()
         ledger.close()
+
+
+async def test_a_hold_committed_locally_during_its_own_replay_is_replayed_again(
+    tmp_path: Path,
+) -> None:
+    """The replay reserves an open local hold; before Redis's answer arrives, the hold is
+    committed locally (Redis unreachable for that call). The reserve's success does not mark
+    the hold done: the next pass replays its commit, against the real hold."""
+    o = Outage(tmp_path, redis_timeout_ms=10_000)
+    try:
+        org = await funded_org(o)
+        o.down()
+        assert (await o.engine.reserve(AccountRef(org), [step("h", 400)])).degraded
+        o.up()
+        await o.store.balance(org)  # connected again before the delay
+        o.proxy.delay_s = 1.0  # each way: the reply arrives a second after Redis ran it
+        replay = asyncio.create_task(o.engine.replay_degraded())
+        while (await o.direct.balance(org)).held_uecu == 0:
+            assert not replay.done()
+        # What commit_batch does when its own call answers UNAVAILABLE:
+        out = o.engine._commit_locally(org, [CommitItem("h", 300)])
+        assert out.outcomes[0].committed_uecu == 300 and out.outcomes[0].degraded
+        assert await replay == 0, "the hold's reserve replayed, its commit not yet"
+        o.proxy.delay_s = 0.0
+        assert o.journal.pending() == 1
+        assert await o.engine.replay_degraded() == 1
+        b = await o.balance(org)
+        assert (b.committed_uecu, b.committed_from_holds_uecu, b.held_uecu) == (300, 300, 0)
+        assert o.path.read_text() == ""
+    finally:
+        await o.close()
