@@ -104,6 +104,7 @@ class LedgerPort(Protocol):
         kind: str,
         expires_at_ms: int,
         *,
+        now_ms: int | None = None,
         limit_uecu: int | None = None,
     ) -> bool: ...
 
@@ -735,23 +736,16 @@ class QuotaEngine:
             )
         if self.ledger is None:
             return await self.store.grant(org, grant_id, amount_uecu, kind, expires_at_ms)
-        # What Redis would refuse is refused before anything is written: a grant already
-        # expired by the scripts' clock (Redis TIME + offset, what grant.lua decides with), and
-        # (in the ledger's transaction) one that would take the organization's confirmed plus
-        # pending grants past the limit Redis enforces on its granted total.
-        if expires_at_ms:
-            now = await self.store.now_ms()
-            if expires_at_ms <= now:
-                raise GrantAlreadyExpired(
-                    f"grant {grant_id} expires at {expires_at_ms} ms, which is not after now "
-                    f"({now})",
-                    expires_at=expires_at_ms,
-                )
         # An organization Redis lost is rebuilt first (from what Redis had confirmed), so this
         # grant lands on its real balance. Then ledger first, as a *pending* grant, counted
         # nowhere until Redis's grant event confirms it; once the ledger holds it, it cannot
-        # be lost.
+        # be lost. What Redis would refuse the ledger refuses first, in its transaction, before
+        # anything is written (and never for a replay, which Redis answers as the original): an
+        # expiry not after now by the scripts' clock (Redis TIME + offset, what grant.lua
+        # decides with), and a grant taking the organization's confirmed plus pending grants
+        # past the limit Redis enforces on its granted total.
         await self.hydrate(org)
+        now = await self.store.now_ms() if expires_at_ms else None
         await self._ledger_call(
             "grant",
             self.ledger.grant,
@@ -760,6 +754,7 @@ class QuotaEngine:
             amount_uecu,
             kind.value,
             expires_at_ms,
+            now_ms=now,
             limit_uecu=MAX_GRANTED_UECU,
         )
         self._unknown.pop(org, None)  # the ledger knows it now

@@ -10,6 +10,7 @@ reconciled.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,7 +26,15 @@ from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.flusher import Flusher
-from ecu_sidecar.ledger import MIGRATIONS, GrantStatus, Ledger, open_ledger
+from ecu_sidecar.ledger import (
+    MIGRATIONS,
+    GrantExpired,
+    GrantLimit,
+    GrantStatus,
+    Ledger,
+    open_configured,
+    open_ledger,
+)
 from ecu_sidecar.metrics import FlusherMetrics
 from ecu_sidecar.model import MAX_GRANTED_UECU, MAX_REQUEST_UECU, GrantKind
 from ecu_sidecar.server import SidecarServer
@@ -117,7 +126,9 @@ async def assert_reconciled(s: Stack, orgs: list[str]) -> None:
 async def test_grant_expired_by_the_scripts_clock_leaves_no_credit(stack: Stack) -> None:
     org = org_id()
     await stack.engine.grant(org, "g1", 1_000, GrantKind.TOP_UP)
-    await stack.flusher.drain()  # g1 confirmed
+    soon = await stack.store.now_ms() + 60_000
+    first = await stack.engine.grant(org, "starter", 400, GrantKind.STARTER, soon)
+    await stack.flusher.drain()  # both confirmed
     # Expired by the scripts' clock (Redis TIME + the offset the tests step), not the host's.
     stack.store.clock_offset_ms = 3_600_000
     expires = await stack.store.now_ms() - 1_000  # an hour ahead of the wall clock
@@ -125,11 +136,14 @@ async def test_grant_expired_by_the_scripts_clock_leaves_no_credit(stack: Stack)
         await stack.engine.grant(org, "late", 500, GrantKind.STARTER, expires)
     assert e.value.metadata == {"expires_at": str(expires)}
     acct = await stack.call(stack.ledger.account, org)
-    assert [g.grant_id for g in acct.grants] == ["g1"]  # nothing written for "late"
-    assert (await stack.engine.balance(org)).granted_uecu == 1_000
-    await assert_credit(stack, org, 1_000)
+    assert [g.grant_id for g in acct.grants] == ["g1", "starter"]  # nothing written for "late"
+    # A replay of a grant applied before its expiry still answers the original outcome.
+    again = await stack.engine.grant(org, "starter", 400, GrantKind.STARTER, soon)
+    assert again.replayed and again.balance_uecu == first.balance_uecu
+    assert (await stack.engine.balance(org)).granted_uecu == 1_400
+    await assert_credit(stack, org, 1_400)
     await assert_reconciled(stack, [org])
-    await assert_credit(stack, org, 1_000)
+    await assert_credit(stack, org, 1_400)
 
 
 async def test_grant_past_the_balance_limit_leaves_no_credit(stack: Stack) -> None:
@@ -481,3 +495,71 @@ async def test_an_organization_unknown_to_the_ledger_is_remembered(stack: Stack)
     await stack.flusher.drain()
     await drop_keys(stack.store, stack.settings.key_prefix)  # Redis loses both
     assert (await stack.engine.balance(other)).balance_uecu == 10
+
+
+async def test_a_locked_sqlite_ledger_makes_grant_unavailable(tmp_path: Any) -> None:
+    """Another writer holds the SQLite ledger's write lock past ECU_LEDGER_TIMEOUT_MS: Grant is
+    UNAVAILABLE (nothing applied in Redis), and goes through once the lock is gone."""
+    require_redis()
+    path = tmp_path / "ledger.db"
+    url = f"sqlite://{path}"
+    settings = make_settings("redis", ledger_url=url, ledger_timeout_ms=300)
+    with open_ledger(url) as led:
+        led.migrate()
+    ledger = open_configured(settings, bounded=True)
+    store = RedisStore.from_settings(settings)
+    engine = QuotaEngine(store, settings, ledger=ledger)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(errors.StoreUnavailable, match="ledger"):
+            await asyncio.wait_for(engine.grant("acme", "g", 5, GrantKind.TOP_UP), HUNG_S)
+        assert not await store._client.exists(store.acct_key("acme"))
+        blocker.execute("ROLLBACK")
+        out = await asyncio.wait_for(engine.grant("acme", "g", 5, GrantKind.TOP_UP), HUNG_S)
+        assert out.balance_uecu == 5
+    finally:
+        blocker.close()
+        ledger.close()
+        await drop_keys(store, settings.key_prefix)
+        await store.close()
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_the_sidecars_ledger_bounds_every_statement(database: Database) -> None:
+    settings = make_settings("redis", ledger_url=database.url, ledger_timeout_ms=1234)
+
+    def statement_timeout(led: Ledger) -> str:
+        return led._read(lambda tx: tx.rows("SHOW statement_timeout"))[0][0]
+
+    with open_configured(settings, check=False, bounded=True) as led:
+        assert statement_timeout(led) == "1234ms"
+    with open_configured(settings, check=False) as led:  # flush, migrate: no statement bound
+        assert statement_timeout(led) == "0"
+
+
+def test_the_ledger_refuses_what_redis_would_before_writing_never_a_replay(
+    database: Database,
+) -> None:
+    with open_ledger(database.url) as led:
+        led.migrate()
+        with pytest.raises(GrantExpired, match="is not after now") as e:
+            led.grant("acme", "late", 5, "starter", 1_000, now_ms=1_000)
+        assert isinstance(e.value, errors.GrantAlreadyExpired)
+        assert led.account("acme") is None  # not even the organization row
+        with pytest.raises(GrantLimit) as limit:
+            led.grant("acme", "big", 11, "top_up", limit_uecu=10)
+        assert isinstance(limit.value, errors.BalanceLimit)
+        assert led.account("acme") is None
+        assert led.grant("acme", "g", 7, "starter", 5_000, now_ms=1_000, limit_uecu=10)
+        # A replay is never refused: Redis answers it with the original outcome.
+        assert led.grant("acme", "g", 7, "starter", 5_000, now_ms=9_000, limit_uecu=7) is False
+        assert led.void_grant("acme", "g") is True
+        assert led.void_grant("acme", "g") is False
+        # A void grant asked again is new again: checked again (and still void when refused).
+        with pytest.raises(GrantExpired):
+            led.grant("acme", "g", 7, "starter", 5_000, now_ms=9_000)
+        assert led.account("acme").grants[0].state == GrantStatus.VOID  # type: ignore[union-attr]
+        assert led.grant("acme", "g", 7, "starter", 5_000, now_ms=1_000) is True
+        assert led.account("acme").grants[0].state == GrantStatus.PENDING  # type: ignore[union-attr]
+        assert led.balance("acme") == 0 and led.conservation("acme").ok  # type: ignore[union-attr]

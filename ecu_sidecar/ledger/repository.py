@@ -31,6 +31,7 @@ from ecu_sidecar.ledger.types import (
     ConsumptionRow,
     Forecast,
     GrantConflict,
+    GrantExpired,
     GrantLimit,
     GrantState,
     GrantStatus,
@@ -501,6 +502,7 @@ class Ledger:
         expires_at_ms: int | None = None,
         *,
         at_ms: int | None = None,
+        now_ms: int | None = None,
         limit_uecu: int | None = None,
     ) -> bool:
         """Record a grant durably, as *pending*, before Redis sees it (the ledger-first path).
@@ -512,9 +514,12 @@ class Ledger:
         already recorded pending or confirmed (a replay). The same id with another amount, kind
         or expiry raises GrantConflict. ``expires_at_ms`` None or 0: never expires.
 
-        ``limit_uecu``: raise GrantLimit, recording nothing, when the organization's confirmed
-        grants plus its pending ones plus this one would exceed it (the limit Redis enforces on
-        its granted total), checked under the organization's row lock.
+        What Redis would refuse is refused here first, recording nothing, for a grant not
+        recorded yet (or void): never for a replay, which Redis answers with its original
+        outcome. ``now_ms``: raise GrantExpired when the expiry is not after it (pass Redis's
+        clock). ``limit_uecu``: raise GrantLimit when the organization's confirmed grants plus
+        its pending ones plus this one would exceed it (the limit Redis enforces on its
+        granted total), checked under the organization's row lock.
         """
         _check_id("org", org, SCOPE_ID_MAX)
         _check_id("grant_id", grant_id, CALLER_ID_MAX)
@@ -526,6 +531,8 @@ class Ledger:
             _check_int("expires_at_ms", expires_at_ms)
         if limit_uecu is not None:
             _check_int("limit_uecu", limit_uecu)
+        if now_ms is not None:
+            _check_int("now_ms", now_ms)
         expires = expires_at_ms or None
         at = self._clock() if at_ms is None else at_ms
 
@@ -555,6 +562,13 @@ class Ledger:
                     "UPDATE grants SET state = 'pending', granted_at_ms = ? "
                     "WHERE org_id = ? AND grant_id = ? AND state = 'void'",
                     (at, org, grant_id),
+                )
+            # Raising rolls the transaction back: nothing of this grant is written.
+            if now_ms is not None and expires is not None and expires <= now_ms:
+                raise GrantExpired(
+                    # Redis's words (grant.lua): the caller sees one error whoever refused.
+                    f"grant {grant_id} expires at {expires} ms, which is not after now ({now_ms})",
+                    expires_at=expires,
                 )
             if limit_uecu is not None:
                 _check_grant_limit(tx, org, limit_uecu)

@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ecu_sidecar.errors import BalanceLimit, IdempotencyConflict
+from ecu_sidecar.errors import BalanceLimit, GrantAlreadyExpired, IdempotencyConflict
 
 if TYPE_CHECKING:
     from ecu_sidecar.ledger.events import Event
@@ -20,6 +20,7 @@ __all__ = [
     "ConsumptionRow",
     "Forecast",
     "GrantConflict",
+    "GrantExpired",
     "GrantLimit",
     "GrantState",
     "GrantStatus",
@@ -58,6 +59,11 @@ class GrantConflict(LedgerError, IdempotencyConflict):
     Also an ``ecu_sidecar.errors.IdempotencyConflict``, so the gRPC edge maps it to
     ALREADY_EXISTS / IDEMPOTENCY_CONFLICT without a table entry of its own.
     """
+
+
+class GrantExpired(LedgerError, GrantAlreadyExpired):
+    """A ledger-first grant not recorded yet whose expiry is not after the caller's now (what
+    Redis would refuse too). Also an ``ecu_sidecar.errors.GrantAlreadyExpired``."""
 
 
 class GrantLimit(LedgerError, BalanceLimit):
