@@ -563,3 +563,30 @@ def test_the_ledger_refuses_what_redis_would_before_writing_never_a_replay(
         assert led.grant("acme", "g", 7, "starter", 5_000, now_ms=1_000) is True
         assert led.account("acme").grants[0].state == GrantStatus.PENDING  # type: ignore[union-attr]
         assert led.balance("acme") == 0 and led.conservation("acme").ok  # type: ignore[union-attr]
+
+
+def test_an_expiry_is_checked_against_confirmed_grants_only(database: Database) -> None:
+    """The caller asked for a never-expiring grant that Redis refused (void); Redis had applied
+    that id as an expiring grant, whose expiry lands before its grant event (two flushers):
+    applied, not refused against the void row's parameters, and the grant event then confirms
+    the row with Redis's parameters."""
+    with open_ledger(database.url) as led:
+        led.migrate()
+        assert led.grant("acme", "g", 900, "top_up")
+        assert led.void_grant("acme", "g")
+        expire = {"type": "grant_expire", "eid": "grant_expire:g", "org": "acme", "ts": "20",
+                  "grant_id": "g", "amount": "300"}  # fmt: skip
+        assert led.write_events([expire]).inserted == 1
+        grant = {"type": "grant", "eid": "grant:g", "org": "acme", "ts": "10", "grant_id": "g",
+                 "amount": "500", "kind": "starter", "expires_at": "20"}  # fmt: skip
+        assert led.write_events([grant]).inserted == 1
+        cons = led.conservation("acme")
+        assert cons is not None and cons.ok
+        assert (cons.granted_uecu, cons.expired_grants_uecu, cons.balance_uecu) == (500, 300, 200)
+        (g,) = led.account("acme").grants  # type: ignore[union-attr]
+        assert (g.amount_uecu, g.expires_at_ms, g.state, g.expired_uecu) == (
+            500,
+            20,
+            GrantStatus.CONFIRMED,
+            300,
+        )

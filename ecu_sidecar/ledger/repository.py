@@ -1213,12 +1213,14 @@ def _on_grant(tx: Tx, ev: Event, fx: _Effects) -> str | None:
 def _on_grant_expire(tx: Tx, ev: Event, fx: _Effects) -> str | None:
     gid, rest = ev.values["grant_id"], ev.values["amount"]
     rows = tx.rows(
-        "SELECT amount_uecu, expires_at_ms FROM grants WHERE org_id = ? AND grant_id = ?",
+        "SELECT amount_uecu, expires_at_ms FROM grants "
+        "WHERE org_id = ? AND grant_id = ? AND state = 'confirmed'",
         (ev.org, gid),
     )
     # Several flushers may apply an org's events out of order: an expiry whose grant is not
-    # recorded yet is applied all the same (the ledger is the same in any order); one that
-    # contradicts a recorded grant is refused.
+    # recorded yet (or only ledger-first: its parameters are the caller's, not yet what Redis
+    # applied) is applied all the same (the ledger is the same in any order); one that
+    # contradicts a confirmed grant is refused.
     if rows:
         amount, expires = rows[0]
         if expires is None:
