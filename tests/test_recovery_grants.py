@@ -503,7 +503,8 @@ async def test_a_locked_sqlite_ledger_makes_grant_unavailable(tmp_path: Any) -> 
     require_redis()
     path = tmp_path / "ledger.db"
     url = f"sqlite://{path}"
-    settings = make_settings("redis", ledger_url=url, ledger_timeout_ms=300)
+    # Long enough for the calls after the lock is gone, on a loaded machine.
+    settings = make_settings("redis", ledger_url=url, ledger_timeout_ms=2_000)
     with open_ledger(url) as led:
         led.migrate()
     ledger = open_configured(settings, bounded=True)
