@@ -859,7 +859,7 @@ class QuotaEngine:
             if not isinstance(o.error, HoldNotFound):
                 continue
             rid = it.reservation_id
-            rec = await asyncio.to_thread(ledger.reservation, org, rid)
+            rec = await self._ledger_call("reservation", ledger.reservation, org, rid)
             if rec is None:
                 continue
             if rec.state == "committed":
