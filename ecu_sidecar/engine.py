@@ -21,6 +21,9 @@ from ecu_sidecar.degraded import Journal, LocalHold
 from ecu_sidecar.degraded import now_ms as degraded_now_ms
 from ecu_sidecar.errors import (
     AccountNotFound,
+    HoldNotFound,
+    HoldReleased,
+    IdempotencyConflict,
     InsufficientEcu,
     InvalidArgument,
     OrganizationNotAllowed,
@@ -40,7 +43,9 @@ from ecu_sidecar.model import (
     HoldState,
     HoldView,
     JobType,
+    KnownHold,
     LedgerAccount,
+    LedgerReservation,
     ReleaseOutcome,
     ReserveItem,
     ReserveOutcome,
@@ -94,6 +99,8 @@ class LedgerPort(Protocol):
     ) -> bool: ...
 
     def ledger_account(self, org: str) -> LedgerAccount | None: ...
+
+    def reservation(self, org: str, reservation_id: str) -> LedgerReservation | None: ...
 
 
 _MODEL_REQUIRED = frozenset({JobType.INFERENCE, JobType.JUDGE})
@@ -380,8 +387,14 @@ class QuotaEngine:
                     continue  # stays local until its commit or release is replayed
             elif hold.state == "C":
                 item = CommitItem(rid, hold.actual_uecu, Usage(*hold.usage))
+                local = {
+                    rid: KnownHold(
+                        hold.amount_uecu, hold.deadline_ms, "degraded", hold.team,
+                        hold.project, hold.user, hold.job, hold.model,
+                    )
+                }  # fmt: skip
                 await self._hydrating(
-                    org, lambda o=org, i=item: self.store.commit(o, [i], pct, orphan_ok=True)
+                    org, lambda o=org, i=item, k=local: self.store.commit(o, [i], pct, known=k)
                 )
             journal.mark_done("hold", org, rid)
             done += 1
@@ -603,6 +616,11 @@ class QuotaEngine:
             if self.journal is None:
                 raise
             outcome = self._commit_locally(org, items)
+        else:
+            if self.ledger is not None and any(
+                isinstance(o.error, HoldNotFound) for o in outcome.outcomes
+            ):
+                outcome = await self._commit_known(org, items, outcome)
         self._seen(org)
         if any(quotes):
             outs = [
@@ -611,6 +629,64 @@ class QuotaEngine:
             ]
             outcome = replace(outcome, outcomes=outs)
         return outcome
+
+    async def _commit_known(
+        self, org: str, items: Sequence[CommitItem], outcome: CommitBatchOutcome
+    ) -> CommitBatchOutcome:
+        """Commits of ids Redis has no record of, settled by what the ledger recorded of them
+        (one rule before and after a rebuild or a tombstone purge): a committed hold answers
+        its recorded outcome (a replay) or a conflict, a released one HOLD_RELEASED, an
+        expired or outstanding one is billed as a late commit of that hold (bounded, under the
+        commit event id the hold always had, so the ledger never bills it twice), and an id the
+        ledger never saw stays HOLD_NOT_FOUND: a reservation id never reserved is never billed."""
+        assert self.ledger is not None
+        ledger = self.ledger
+        outs = list(outcome.outcomes)
+        retry: dict[int, KnownHold] = {}
+        for i, (it, o) in enumerate(zip(items, outs, strict=True)):
+            if not isinstance(o.error, HoldNotFound):
+                continue
+            rid = it.reservation_id
+            rec = await asyncio.to_thread(ledger.reservation, org, rid)
+            if rec is None:
+                continue
+            if rec.state == "committed":
+                assert rec.outcome is not None
+                if rec.actual_uecu == it.actual_uecu and rec.usage == it.usage:
+                    outs[i] = replace(rec.outcome, available_uecu=outcome.available_uecu)
+                else:
+                    outs[i] = replace(
+                        o,
+                        error=IdempotencyConflict(
+                            f"hold {rid} was already committed with actual {rec.actual_uecu} "
+                            "uECU and other usage or amount",
+                            reservation_id=rid,
+                        ),
+                    )
+            elif rec.state == "released":
+                outs[i] = replace(
+                    o,
+                    error=HoldReleased(
+                        f"hold {rid} was released; it cannot be committed", reservation_id=rid
+                    ),
+                )
+            else:
+                retry[i] = rec.hold
+        if retry:
+            again = [items[i] for i in retry]
+            known = {items[i].reservation_id: hold for i, hold in retry.items()}
+            pct = self.settings.overage_max_percent
+            second = await self.store.commit(org, again, pct, known=known)
+            for i, o in zip(retry, second.outcomes, strict=True):
+                outs[i] = o
+            outcome = replace(outcome, available_uecu=second.available_uecu)
+            if second.outcomes:
+                log.warning(
+                    "%d commit(s) of %s settled from the ledger's record of their holds",
+                    len(retry),
+                    org,
+                )
+        return replace(outcome, outcomes=outs)
 
     async def release(self, org: str, reservation_id: str) -> ReleaseOutcome:
         """Void a hold; its amount returns to available."""

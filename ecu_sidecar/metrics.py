@@ -12,6 +12,7 @@ Who exports what (docs/operations.md lists every series):
 
 - the sidecar (``Metrics``): RPCs, refusals, insufficient-ECU rejections by scope, the sweeper,
   the rate card; and through ``StoreMetrics`` the latency and errors of each Redis script.
+  Without a ledger it also exports ``ecu_outbox_length`` (the outboxes it serves and bounds).
 - the flusher (``FlusherMetrics``; inside ``serve`` on the embedded default, else
   ``ecu-sidecar flush``): throughput, lag, drift, rebuilds, notifications, and the money that
   moved, by job type, counted from the outbox events it writes to the ledger — the one place
@@ -177,6 +178,8 @@ class Metrics:
         )
         self.store = StoreMetrics.of(registry)
         """Redis script latency and errors (attached to the store by the server)."""
+        self.outbox_length: Gauge | None = None
+        """ecu_outbox_length, when this sidecar exports it (export_outbox_length)."""
         # Exported at 0 from the start, so the first failure is an increase an alert can see.
         self.rate_card_reloads.labels("failed")
 
@@ -198,6 +201,21 @@ class Metrics:
     def rejected_insufficient(self, scope: str) -> None:
         """Count one insufficient-ECU refusal of the given scope."""
         self.insufficient.labels(scope if scope in SCOPES else "organization").inc()
+
+    def export_outbox_length(self) -> Gauge:
+        """``ecu_outbox_length`` from the sidecar itself, registered on first call: a sidecar
+        without a ledger has no flusher to export it, and sets it to the events left in the
+        outboxes of the organizations it serves after trimming them (ECU_OUTBOX_MAX_LEN). The
+        same series name as the flusher's (FlusherMetrics.outbox_length), never in the same
+        process: a flusher exists only with a ledger."""
+        if self.outbox_length is None:
+            self.outbox_length = Gauge(
+                "ecu_outbox_length",
+                "Events in the outbox streams of the organizations this sidecar serves (a "
+                "sidecar without a ledger, which trims them to ECU_OUTBOX_MAX_LEN).",
+                registry=self.registry,
+            )
+        return self.outbox_length
 
 
 class FlusherMetrics:
@@ -309,6 +327,10 @@ class FlusherMetrics:
         self.unbilled_uecu = money(
             "ecu_unbilled_overage_uecu_total", "used above the overage bound, recorded unbilled"
         )
+        self.late_unbilled_uecu = money(
+            "ecu_late_unbilled_uecu_total",
+            "used by late commits beyond what was available plus their bound, recorded unbilled",
+        )
         self.holds_outstanding = Gauge(
             "ecu_holds_outstanding",
             "Active holds across every organization with an outbox (Redis ZCARD of the "
@@ -368,6 +390,12 @@ class FlusherMetrics:
             values = ev.values
             job = job_type_label(values["job"])
             for name, counter in series:
+                if (
+                    counter is self.unbilled_uecu
+                    and values.get("late")
+                    and not values.get("orphan")
+                ):
+                    counter = self.late_unbilled_uecu  # a late commit's rest: not an overage
                 key = (counter, job)
                 money[key] = money.get(key, 0) + values[name]
         for kind, n in notices.items():

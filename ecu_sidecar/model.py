@@ -158,6 +158,41 @@ class ReserveOutcome:
     """Granted locally while Redis was unreachable (ecu_sidecar.degraded)."""
 
 
+@dataclass(frozen=True, slots=True)
+class KnownHold:
+    """A hold the caller knows of that Redis may lack: what the ledger recorded of a
+    reservation (kind ``late``), or a hold degraded mode granted locally (kind ``degraded``).
+    The commit script bills it only when Redis has no record of the id (docs/architecture.md,
+    "A commit needs a hold")."""
+
+    amount_uecu: int
+    t0_ms: int
+    """When the hold was made: its commit's event id is commit:<rid>:<t0>, as it always was."""
+    kind: str = "late"
+    """``late``: billed as a late commit (bounded by what is available now plus the bound);
+    ``degraded``: billed up to the hold plus the bound, flagged orphan."""
+    team: str = ""
+    project: str = ""
+    user: str = ""
+    job_type: str = ""
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerReservation:
+    """What the ledger recorded of one reservation id (its latest hold), for a commit that
+    finds no record in Redis (lost with Redis, or its tombstone purged)."""
+
+    reservation_id: str
+    state: str
+    """``active`` (reserved, no terminal event), ``committed``, ``released`` or ``expired``."""
+    hold: KnownHold
+    actual_uecu: int = 0
+    """Committed: the actual the commit reported, and its usage and outcome (for replays)."""
+    usage: Usage = field(default_factory=Usage)
+    outcome: CommitOutcome | None = None
+
+
 @dataclass(slots=True, unsafe_hash=True)
 class CommitOutcome:
     """The answer to one commit; ``error`` is set instead when a batch item failed."""
@@ -301,6 +336,9 @@ class Balance:
     """Commits of holds Redis lost (after a rebuild from the ledger), billed at the actual."""
     carried_committed_uecu: int = 0
     """Committed total carried over when the account was rebuilt from the ledger."""
+    late_unbilled_uecu: int = 0
+    """What late commits used beyond what was available (plus their bound): recorded, not
+    billed, because their hold's money had been lent again after it expired."""
     repaired_uecu: int = 0
     """Sum of reconciliation corrections (ledger minus Redis) applied to the balance; drift only
     a fault outside the scripts (lost writes, manual edits) can cause."""

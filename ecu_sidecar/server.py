@@ -119,6 +119,9 @@ class SidecarServer:
         if self.journal is not None:
             self.metrics.degraded_pending.set_function(self.journal.pending)
         self.store.metrics = self.metrics.store
+        if ledger is None:
+            # No ledger, so no flusher exports the outbox length: the sidecar does (from 0).
+            self.metrics.export_outbox_length()
         self.flusher: Flusher | None = None
         if ledger is not None and settings.run_flusher_in_serve:
             self.flusher = Flusher(self.store, ledger, settings, FlusherMetrics(self.registry))
@@ -255,6 +258,29 @@ class SidecarServer:
             if expired:
                 self.metrics.swept.inc(expired)
                 log.info("sweeper expired %d overdue holds", expired)
+            await self.bound_outboxes()
+
+    async def bound_outboxes(self) -> int | None:
+        """Without a ledger, trim the outboxes of the organizations served recently to about
+        ECU_OUTBOX_MAX_LEN events (nothing else ever removes them) and export their length as
+        ``ecu_outbox_length``; the sweeper runs this after every pass. Returns the events left
+        in those outboxes; None when a ledger is configured (its flushers drain the outboxes,
+        and every event must reach it) or Redis did not answer."""
+        if self.ledger is None:
+            try:
+                left, trimmed = await self.store.bound_outboxes(
+                    self.engine.recent_organizations(), self.settings.outbox_max_len
+                )
+            except StoreUnavailable as exc:
+                log.warning("outbox bound: %s", exc.message)
+            except Exception:
+                log.exception("outbox bound failed; retrying next interval")
+            else:
+                self.metrics.export_outbox_length().set(left)
+                if trimmed:
+                    log.debug("trimmed %d outbox events (no ledger)", trimmed)
+                return left
+        return None
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, stop accepting, drain, then close the store."""
@@ -323,6 +349,12 @@ class SidecarServer:
                 self.port,
                 loop_name,
                 self.store.kind,
+            )
+        if self.ledger is None:
+            log.info(
+                "no ledger (ECU_LEDGER_URL): outboxes are kept to about %s events each "
+                "(ECU_OUTBOX_MAX_LEN); their events reach no ledger",
+                self.settings.outbox_max_len or "unbounded",
             )
         await stop.wait()
         log.info(

@@ -26,6 +26,10 @@ class SettingsError(ValueError):
 #: Bound of ECU_METRICS_ORGS (ecu_sidecar.metrics.MAX_METRICS_ORGS).
 _MAX_METRICS_ORGS = 100
 
+#: Smallest non-zero ECU_OUTBOX_MAX_LEN: a Redis stream node holds up to 100 entries (the
+#: default stream-node-max-entries), and approximate trimming drops whole nodes only.
+_MIN_OUTBOX_MAX_LEN = 100
+
 
 def _int(lo: int, hi: int) -> dict[str, Any]:
     return {"kind": "int", "lo": lo, "hi": hi}
@@ -109,6 +113,13 @@ class Settings:
 
     sweep_max_orgs: int = field(default=10_000, metadata=_int(1, 1_000_000))
     """ECU_SWEEP_MAX_ORGS: most recently seen organizations the background sweeper tracks."""
+
+    outbox_max_len: int = field(default=10_000, metadata=_int(0, 1_000_000_000))
+    """ECU_OUTBOX_MAX_LEN: with no ledger (ECU_LEDGER_URL empty, so nothing flushes the
+    outboxes), the background sweeper trims the outbox of each organization it serves to about
+    this many events (XTRIM MAXLEN ~: whole stream nodes, so up to stream-node-max-entries - 1
+    more stay); an outbox a flusher reads (it has a consumer group) is never trimmed. 0: no
+    bound; otherwise at least 100. Ignored when a ledger is configured."""
 
     rate_card_file: str = field(default="", metadata={"kind": "str"})
     """ECU_RATE_CARD_FILE: the rate card (TOML) that prices job specs and usage; empty: the
@@ -319,6 +330,11 @@ class Settings:
             raise SettingsError(
                 "ECU_FLUSHER_FAULT: must be before_insert[:N] or after_commit[:N], "
                 f"got {self.flusher_fault!r}"
+            )
+        if 0 < self.outbox_max_len < _MIN_OUTBOX_MAX_LEN:
+            raise SettingsError(
+                f"ECU_OUTBOX_MAX_LEN: 0 (no bound) or at least {_MIN_OUTBOX_MAX_LEN} (trimming "
+                f"drops whole stream nodes of up to 100 events), got {self.outbox_max_len}"
             )
         if self.redis_cluster and not self.redis_url:
             raise SettingsError("ECU_REDIS_CLUSTER: set, but ECU_REDIS_URL is empty")

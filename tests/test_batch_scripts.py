@@ -23,6 +23,7 @@ from ecu_sidecar.model import (
     CommitOutcome,
     GrantKind,
     JobType,
+    KnownHold,
     ReserveItem,
     Usage,
 )
@@ -49,13 +50,15 @@ HOLDS = [
     ("exact", 1_000, LONG_MS, False),
 ]
 
-#: The batch: (reservation id, actual, rate card version). Committed with orphan_ok.
+#: Holds granted locally in degraded mode, known to the caller only (KnownHold): amounts.
+DEGRADED = {"ghost": 200, "nobody": 100}
+#: The batch: (reservation id, actual, rate card version). Committed with DEGRADED known.
 BATCH = [
     ("plain", 600, ""),  # below the hold: 400 released
     ("over", 1_100, ""),  # within the bound: 100 overage
     ("unbilled", 5_000, ""),  # past the bound: 1200 billed, 3800 unbilled
     ("late1", 500, ""),  # expired hold: late
-    ("ghost", 300, ""),  # unknown id, orphan_ok: an orphan commit
+    ("ghost", 300, ""),  # a degraded hold of 200: 240 billed (its bound), 60 unbilled
     ("before", 700, ""),  # committed before the batch: a replay
     ("plain", 600, ""),  # the first item again: a replay inside the batch
     ("over", 999, ""),  # other actual: IDEMPOTENCY_CONFLICT
@@ -66,7 +69,7 @@ BATCH = [
     ("zero", 0, ""),  # nothing used: the whole hold released
     ("ghost", 300, ""),  # the orphan again: a replay
     ("exact", 1_000, ""),
-    ("nobody", 50, "v1"),  # an orphan priced with a rate card: no hold to compare with
+    ("nobody", 50, "v1"),  # a degraded hold priced with a rate card: no version to compare
 ]
 
 
@@ -86,6 +89,10 @@ async def setup_org(store: RedisStore, org: str, now: int, *, on_touch: bool) ->
         # inside the commit script (the path that writes counters in the middle of a batch).
         deadlines = org_keys(store._settings.key_prefix, org)[2]
         await store._client.zrem(deadlines, "late1", "late2", "late3")
+
+
+def known() -> dict[str, KnownHold]:
+    return {rid: KnownHold(amt, 1_000 + amt, "degraded") for rid, amt in DEGRADED.items()}
 
 
 def commit_items() -> list[CommitItem]:
@@ -151,9 +158,9 @@ async def test_commit_batch_equals_one_by_one(store: RedisStore, on_touch: bool)
     before = (await store.balance(batch_org)).available_uecu
     assert (await store.balance(single_org)).available_uecu == before
 
-    batch = await store.commit(batch_org, commit_items(), PCT, orphan_ok=True)
+    batch = await store.commit(batch_org, commit_items(), PCT, known=known())
     singles = [
-        (await store.commit(single_org, [it], PCT, orphan_ok=True)).outcomes[0]
+        (await store.commit(single_org, [it], PCT, known=known())).outcomes[0]
         for it in commit_items()
     ]
 
@@ -185,9 +192,11 @@ async def test_commit_batch_equals_one_by_one(store: RedisStore, on_touch: bool)
         if rid == "before":
             assert o.replayed
             continue
-        amount = amounts.get(rid, 0)
+        amount = amounts.get(rid) or DEGRADED[rid]
         late = rid.startswith("late") or rid not in amounts
-        billed = actual if rid not in amounts else min(actual, amount + amount * PCT // 100)
+        billed = min(actual, amount + amount * PCT // 100)
+        if rid.startswith("late"):  # its money may have been lent again: available + bound
+            billed = min(billed, max(0, available) + amount * PCT // 100)
         assert (o.committed_uecu, o.late, o.replayed) == (billed, late, False), (i, o)
         assert o.unbilled_overage_uecu == actual - billed
         assert o.overage_uecu == (0 if late else max(0, billed - amount))

@@ -45,7 +45,14 @@ from ecu_sidecar.ledger.types import (
     Snapshot,
     WriteResult,
 )
-from ecu_sidecar.model import GrantKind, LedgerAccount
+from ecu_sidecar.model import (
+    CommitOutcome,
+    GrantKind,
+    KnownHold,
+    LedgerAccount,
+    LedgerReservation,
+    Usage,
+)
 from ecu_sidecar.validation import CALLER_ID_MAX, ID_PATTERN, SCOPE_ID_MAX
 
 __all__ = ["DAY_MS", "REPORT_DIMENSIONS", "Ledger", "open_ledger"]
@@ -829,6 +836,55 @@ class Ledger:
                 (g.grant_id, g.amount_uecu, g.kind, g.expires_at_ms or 0) for g in pending
             ],
         )
+
+    def reservation(self, org: str, reservation_id: str) -> LedgerReservation | None:
+        """What the ledger recorded of a reservation id's latest hold, or None when it never
+        saw one (ecu_sidecar.model.LedgerReservation). Its events share the hold's creation
+        time t0: reserve:<rid>:<t0>, then commit:, release: or expire:<rid>:<t0>."""
+
+        def run(tx: Tx) -> LedgerReservation | None:
+            rows = tx.rows(
+                "SELECT event_id, amount_uecu, team, project, user_id, job_type, model "
+                "FROM hold_events WHERE org_id = ? AND reservation_id = ? AND kind = 'reserve' "
+                "ORDER BY occurred_at_ms DESC, event_id DESC LIMIT 1",
+                (org, reservation_id),
+            )
+            if not rows:
+                return None
+            event_id, amount, team, project, user, job, model = rows[0]
+            t0 = int(event_id.rsplit(":", 1)[1])
+            hold = KnownHold(int(amount), t0, "late", team, project, user, job, model)
+            tail = f"{reservation_id}:{t0}"
+            used = tx.rows(
+                "SELECT actual_uecu, tokens_in, tokens_out, calls, amount_uecu, released_uecu, "
+                "overage_uecu, unbilled_uecu, late FROM usage_entries "
+                "WHERE org_id = ? AND event_id = ?",
+                (org, f"commit:{tail}"),
+            )
+            if used:
+                actual, t_in, t_out, calls, billed, released, overage, unbilled, late = used[0]
+                outcome = CommitOutcome(
+                    reservation_id,
+                    committed_uecu=int(billed),
+                    released_uecu=int(released),
+                    overage_uecu=int(overage),
+                    unbilled_overage_uecu=int(unbilled),
+                    late=bool(late),
+                    replayed=True,
+                )
+                usage = Usage(int(t_in), int(t_out), int(calls))
+                return LedgerReservation(
+                    reservation_id, "committed", hold, int(actual), usage, outcome
+                )
+            ended = tx.rows(
+                "SELECT kind FROM hold_events WHERE org_id = ? AND event_id IN (?, ?)",
+                (org, f"release:{tail}", f"expire:{tail}"),
+            )
+            kinds = {k for (k,) in ended}
+            state = "released" if "release" in kinds else "expired" if kinds else "active"
+            return LedgerReservation(reservation_id, state, hold)
+
+        return self._read(run)
 
     #: The conservation query (docs/ledger.md): running totals against the sums of the
     #: entries they total, and the balance identity, for one organization, in one statement.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -44,6 +44,7 @@ from ecu_sidecar.model import (
     GrantOutcome,
     HoldState,
     HoldView,
+    KnownHold,
     LedgerAccount,
     ReleaseOutcome,
     ReserveItem,
@@ -98,6 +99,7 @@ _BALANCE_FIELDS = {
     "expired_holds": "expired_holds",
     "expired_grants": "expired_grants_uecu",
     "orphan_committed": "orphan_committed_uecu",
+    "late_unbilled": "late_unbilled_uecu",
     "carried_committed": "carried_committed_uecu",
     "repaired": "repaired_uecu",
     "atu_a": "auto_topup_amount_uecu",
@@ -240,6 +242,55 @@ class RedisStore:
         held = sum(int(_s(v)) for v in replies[1::2] if v is not None)
         return holds, held
 
+    async def bound_outboxes(self, orgs: Sequence[str], max_len: int) -> tuple[int, int]:
+        """Trim the outbox of each of ``orgs`` to about ``max_len`` events (0: trim nothing);
+        returns (events left in those outboxes, events trimmed). For a sidecar without a
+        ledger, whose outboxes nothing flushes (ECU_OUTBOX_MAX_LEN).
+
+        XTRIM MAXLEN ~ drops whole stream nodes, the oldest first: at most
+        stream-node-max-entries - 1 (99 by default) events beyond ``max_len`` stay, and one
+        call drops at most 100 nodes' worth (Redis's default LIMIT), so the work per call is
+        bounded. An outbox with a consumer group is never trimmed: a flusher reads it (a
+        sidecar run without ECU_LEDGER_URL beside flushers that have one), and every one of
+        its events must reach the ledger. One pipelined round trip (XLEN) when every outbox is
+        within the bound; two more (XINFO GROUPS, XTRIM) for those that are not."""
+        if not orgs:
+            return 0, 0
+        keys = [self.outbox_key(org) for org in orgs]
+
+        async def lengths() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.xlen(key)
+            return await pipe.execute()
+
+        sizes = [int(n or 0) for n in await self._call(lengths)]
+        left = sum(sizes)
+        over = [key for key, n in zip(keys, sizes, strict=True) if max_len and n > max_len]
+        if not over:
+            return left, 0
+
+        async def groups() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in over:
+                pipe.xinfo_groups(key)
+            # A stream deleted meanwhile answers an error: it is simply not trimmed.
+            return await pipe.execute(raise_on_error=False)
+
+        replies = await self._call(groups)
+        unread = [key for key, r in zip(over, replies, strict=True) if r == []]
+        if not unread:
+            return left, 0
+
+        async def trim() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in unread:
+                pipe.xtrim(key, maxlen=max_len, approximate=True)
+            return await pipe.execute()
+
+        trimmed = sum(int(n or 0) for n in await self._call(trim))
+        return left - trimmed, trimmed
+
     async def close(self) -> None:
         """Close the script channel and the connection pool."""
         if self._channel is not None:
@@ -283,16 +334,22 @@ class RedisStore:
         items: Sequence[CommitItem],
         overage_max_percent: int,
         *,
-        orphan_ok: bool = False,
+        known: Mapping[str, KnownHold] | None = None,
     ) -> CommitBatchOutcome:
-        """Settle each hold with its actual cost; items succeed or fail independently. With
-        ``orphan_ok``, an unknown reservation id is billed at its actual (degraded replay)."""
-        args: list[Any] = [overage_max_percent, "1" if orphan_ok else "0", len(items)]
+        """Settle each hold with its actual cost; items succeed or fail independently.
+        ``known``: holds the caller knows of (the ledger's record, a degraded local hold), by
+        reservation id, used only where Redis has no record of the id."""
+        args: list[Any] = [overage_max_percent, len(known) if known else 0, len(items)]
         for it in items:
             u = it.usage
             args += [
                 it.reservation_id, it.actual_uecu, u.tokens_in, u.tokens_out, u.calls,
                 it.rate_card_version, it.breakdown,
+            ]  # fmt: skip
+        for rid, k in (known or {}).items():
+            args += [
+                rid, "D" if k.kind == "degraded" else "L", k.amount_uecu, k.t0_ms, k.team,
+                k.project, k.user, k.job_type, k.model,
             ]  # fmt: skip
         r = await self._run("commit", org, args)
         out = []

@@ -41,6 +41,27 @@ local function N(s)
   return tonumber(s)
 end
 
+-- Exact integer arithmetic on doubles: a product of two amounts can pass 2^53 (hold 10^15 x
+-- 1000 %), so shares are taken from an exact quotient and remainder (math.fmod is exact).
+
+-- The overage bound floor(amt * pct / 100), exact; capped at 2^52, which is above any amount a
+-- request may carry, so the cap never decides a min() with one.
+local BOUND_CAP = 4503599627370496
+local function overage_bound(amt, pct)
+  local r = math.fmod(amt, 100)
+  local b = ((amt - r) / 100) * pct
+  if b >= BOUND_CAP then return BOUND_CAP end
+  return math.min(b + math.floor(r * pct / 100), BOUND_CAP)
+end
+
+-- avail * d < ref, exactly, for a reference ref >= 0 (d = 5: below 20 %; d = 20: below 5 %).
+local function below_share(avail, ref, d)
+  local r = math.fmod(ref, d)
+  local q = (ref - r) / d
+  if r > 0 then return avail <= q end
+  return avail < q
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
@@ -131,6 +152,11 @@ local function expire_hold(rid, rec)
     'user', rec.us, 'job', rec.job, 'model', rec.mdl})
 end
 
+local function available()
+  local v = redis.call('HMGET', ACCT, 'balance', 'held')
+  return N(v[1]) - N(v[2])
+end
+
 -- Spend order: expiring grants soonest-expiry first, then the never-expiring pool (implicit).
 -- Each expiring grant keeps its unspent rest in acct g:<id>; a commit burns them in order.
 local function burn(amount)
@@ -150,7 +176,11 @@ local function burn(amount)
   end
 end
 
--- Expire up to SWEEP_LIMIT grants past their expiry: their unspent rest leaves the balance.
+-- Expire up to SWEEP_LIMIT grants past their expiry: their unspent rest leaves the balance,
+-- except the part outstanding holds need (balance - held short of the rest). That part stays
+-- in the balance for those holds' commits, so no µECU is both expired and billed:
+-- expired + committed <= granted for every grant. (If those holds are released instead, it
+-- stays spendable: the customer keeps at most what was held when the grant expired.)
 local function expire_grants()
   local due = redis.call('ZRANGEBYSCORE', GEXP, '-inf', NOW_S, 'LIMIT', '0', SWEEP_LIMIT_S)
   for _, gid in ipairs(due) do
@@ -158,9 +188,13 @@ local function expire_grants()
     redis.call('HDEL', ACCT, 'g:' .. gid)
     redis.call('ZREM', GEXP, gid)
     if rest > 0 then
-      redis.call('HINCRBY', ACCT, 'balance', I(-rest))
-      redis.call('HINCRBY', ACCT, 'expired_grants', I(rest))
-      emit('grant_expire', 'grant_expire:' .. gid, {'grant_id', gid, 'amount', rest})
+      local gone = math.min(rest, math.max(0, available()))
+      if gone > 0 then
+        redis.call('HINCRBY', ACCT, 'balance', I(-gone))
+        redis.call('HINCRBY', ACCT, 'expired_grants', I(gone))
+      end
+      emit('grant_expire', 'grant_expire:' .. gid, {'grant_id', gid, 'amount', gone,
+        'kept', rest - gone})
     end
   end
   return #due
@@ -196,11 +230,6 @@ local function settle_deadline(rid, rec)
   end
 end
 
-local function available()
-  local v = redis.call('HMGET', ACCT, 'balance', 'held')
-  return N(v[1]) - N(v[2])
-end
-
 local function account_exists()
   return redis.call('HEXISTS', ACCT, 'balance') == 1
 end
@@ -226,11 +255,11 @@ local function check_thresholds(v)
   local avail = N(v[1]) - N(v[2])
   local ref = N(v[3])
   if ref > 0 then
-    if not v[4] and avail * 100 < ref * 20 then
+    if not v[4] and below_share(avail, ref, 5) then
       redis.call('HSET', ACCT, 'w20', '1')
       notify('low_balance_20', avail, {'reference', ref})
     end
-    if not v[5] and avail * 100 < ref * 5 then
+    if not v[5] and below_share(avail, ref, 20) then
       redis.call('HSET', ACCT, 'w5', '1')
       notify('low_balance_5', avail, {'reference', ref})
     end

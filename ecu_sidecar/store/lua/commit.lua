@@ -1,20 +1,30 @@
 -- commit: settle one or more holds of one organization with what each step really cost.
 --   KEYS: the organization's keys (see _lib.lua)
---   ARGV[5] overage bound in percent of the hold (billed = min(actual, hold + hold*pct/100))
---   ARGV[6] '1' to bill an unknown reservation id as a hold-less (orphan) commit: the replay of
---   a hold granted locally in degraded mode (ecu_sidecar.degraded); '0' otherwise
+--   ARGV[5] overage bound in percent of the hold (bound = floor(hold * pct / 100), exact)
+--   ARGV[6] k: holds the caller knows that Redis may lack (after the items)
 --   ARGV[7] item count n, then n groups of 7: reservation id, actual, tokens in, tokens out, calls,
 --   rate card version the actual was priced with ('' = a plain amount), breakdown JSON ('' = none)
+--   then k groups of 9, each a known hold: reservation id, kind ('L': the ledger recorded it,
+--   'D': granted locally in degraded mode), amount, t0 (its creation time, ms), team, project,
+--   user, job type, model. A known hold is used only when Redis has no record of that id.
 -- Returns {'OK', available_after, then per item 10 values:
 --   id, status ('OK' or an error reason), message, committed, released, overage, unbilled, late (0|1),
 --   replayed (0|1), available right after this item's commit (a replay answers the original)}
 -- Item errors: HOLD_NOT_FOUND, HOLD_RELEASED, IDEMPOTENCY_CONFLICT (a committed hold replayed
 -- with another actual or usage), RATE_CARD_MISMATCH (usage priced with another rate card
 -- version than the hold pinned). Items are independent.
--- An expired hold still commits (the work happened): it is billed as a late commit, flagged.
--- A hold Redis lost (the account was rebuilt from the ledger since: acct 'hydrated') still
--- commits too: billed at the actual, flagged orphan. Without a rebuild an unknown id is
--- HOLD_NOT_FOUND. Billed amounts burn expiring grants soonest-first.
+-- Billing, with bound = floor(hold * pct / 100):
+--   a live hold:  min(actual, hold + bound); below the hold the rest returns (released);
+--   a late commit (the hold expired, or a known hold 'L' the ledger recorded and Redis lacks):
+--     min(actual, hold + bound, max(0, available) + bound): its money may have been lent again,
+--     so it bills at most what is available now plus its own bound; the rest is recorded
+--     unbilled (late_unbilled). Total billed never exceeds the grants plus the overage bounds;
+--   a known hold 'D' (degraded mode's local hold): min(actual, hold + bound), flagged orphan
+--     (the configured allowance is the overspend bound of degraded mode).
+-- Every commit of a hold, known or not, has the event id commit:<rid>:<t0>, so a commit the
+-- ledger already holds is never billed twice there. An id neither Redis nor the caller knows
+-- is HOLD_NOT_FOUND: a reservation id never reserved is never billed.
+-- Billed amounts burn expiring grants soonest-first.
 
 -- Cost: a fixed handful of commands plus, per item, one XADD (its event). A batch reads its hold
 -- records with one HMGET and writes them with one HSET; tombstones move with one ZREM and one
@@ -63,7 +73,12 @@ local function load_wallet()
   wallet = redis.call('HMGET', ACCT, unpack(THRESHOLD_FIELDS))
   bal, held = N(wallet[1]), N(wallet[2])
 end
-local orphan_ok = ARGV[6] == '1' or nil
+-- known[rid] = the index in ARGV of a known hold's group.
+local known = {}
+local kb = 8 + n * 7
+for j = 0, tonumber(ARGV[6]) - 1 do
+  known[ARGV[kb + j * 9]] = kb + j * 9
+end
 
 -- The counter deltas of this call, written in the order each field was first touched (so a field
 -- new to the account lands where one write per change would have put it).
@@ -96,13 +111,11 @@ for i = 0, n - 1 do
   local r = raw[rid]
   if r == nil then r = redis.call('HGET', HOLDS, rid) end
   local rec = r and cjson.decode(r) or nil
-  if not rec then
-    if orphan_ok == nil then orphan_ok = redis.call('HEXISTS', ACCT, 'hydrated') == 1 end
-    if orphan_ok then
-      -- Usage is never dropped: record it against a placeholder hold of amount 0.
-      rec = {st = 'O', amt = '0', job = '', mdl = '', ttl = '0', tm = '', pj = '', us = '',
-        dl = NOW_S, t0 = NOW_S, av0 = '0', seq = '0', ettl = '0'}
-    end
+  if not rec and known[rid] then
+    local k = known[rid]
+    rec = {st = ARGV[k + 1] == 'D' and 'O' or 'E', amt = ARGV[k + 2], t0 = ARGV[k + 3],
+      tm = ARGV[k + 4], pj = ARGV[k + 5], us = ARGV[k + 6], job = ARGV[k + 7], mdl = ARGV[k + 8],
+      ttl = '0', dl = ARGV[k + 3], av0 = '0', seq = '0', ettl = '0', known = ARGV[k + 1]}
   end
   if not rec then
     item_err(rid, 'HOLD_NOT_FOUND', 'no hold ' .. rid .. ' in organization ' .. ORG)
@@ -124,7 +137,7 @@ for i = 0, n - 1 do
       end
     elseif rec.st == 'R' then
       item_err(rid, 'HOLD_RELEASED', 'hold ' .. rid .. ' was released; it cannot be committed')
-    elseif rcv ~= '' and rec.st ~= 'O' and rcv ~= (rec.rcv or '') then
+    elseif rcv ~= '' and not rec.known and rcv ~= (rec.rcv or '') then
       item_err(rid, 'RATE_CARD_MISMATCH', "hold " .. rid .. " was priced with rate card version '"
         .. (rec.rcv or '') .. "'; its usage must be priced with that version, not '" .. rcv .. "'")
     else
@@ -132,16 +145,16 @@ for i = 0, n - 1 do
       local amt = tonumber(rec.amt)
       local actual = tonumber(actual_s)
       local orphan = rec.st == 'O'
-      local late = rec.st == 'E' or orphan
-      local bound = math.floor(amt * pct / 100)
+      local late = rec.st == 'E'
+      local bound = overage_bound(amt, pct)
       local billed = math.min(actual, amt + bound)
-      if orphan then billed = actual end
+      if late then billed = math.min(billed, math.max(0, bal - held) + bound) end
       local overage = math.max(0, billed - amt)
       local unbilled = actual - billed
       local from_hold = math.min(billed, amt)
       local released = 0
       local tm, pj = rec.tm, rec.pj
-      if not late then
+      if not late and not orphan then
         released = amt - from_hold
         add('held', -amt)
         add('committed_from_holds', from_hold)
@@ -161,7 +174,7 @@ for i = 0, n - 1 do
       add('balance', -billed)
       add('committed', billed)
       bal = bal - billed
-      if unbilled > 0 then add('unbilled_overage', unbilled) end
+      if unbilled > 0 then add(late and 'late_unbilled' or 'unbilled_overage', unbilled) end
       if billed ~= 0 then
         if tm ~= '' then add('t:' .. tm .. ':used', billed) end
         if pj ~= '' then add('p:' .. pj .. ':used', billed) end
@@ -171,9 +184,9 @@ for i = 0, n - 1 do
       rec.ti, rec.to, rec.ca = ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
       rec.cm = I(billed)
       rec.rel = I(released)
-      rec.ov = I(late and 0 or overage)
+      rec.ov = I((late or orphan) and 0 or overage)
       rec.uov = I(unbilled)
-      rec.late = late and '1' or '0'
+      rec.late = (late or orphan) and '1' or '0'
       rec.orphan = orphan and '1' or nil
       rec.fin = NOW_S
       rec.av1 = I(bal - held)

@@ -245,6 +245,13 @@ sidecar.nativeSidecar). gRPC on 127.0.0.1, health on the pod IP for the probes. 
     {{- if or (include "ecu-sidecar.embedded" .) .Values.sidecar.useLedger }}
     {{- with include "ecu-sidecar.ledgerEnv" . }}{{ . | trim | nindent 4 }}{{- end }}
     {{- end }}
+    {{- if and .Values.flusher.enabled (not (include "ecu-sidecar.embedded" .)) (not .Values.sidecar.useLedger) }}
+    {{- /* No ledger in this container, yet the flushers drain every outbox into theirs: the
+    sidecar must never bound an outbox (it skips those with a consumer group, but a new
+    organization's stream has none until a flusher discovers it). */}}
+    - name: ECU_OUTBOX_MAX_LEN
+      value: "0"
+    {{- end }}
     {{- if .Values.rateCard.content }}
     - name: ECU_RATE_CARD_FILE
       value: /etc/ecu/ratecard/current.toml
