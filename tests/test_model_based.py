@@ -264,6 +264,7 @@ class QuotaMachine(RuleBasedStateMachine):
         self.schema = ""
         self.outage = False
         self.outages = 0
+        self.purges = 0
         self.proxy: TcpProxy | None = None
         self.blocker: sqlite3.Connection | None = None
         if self.ledger_kind == "sqlite":
@@ -677,7 +678,7 @@ class QuotaMachine(RuleBasedStateMachine):
             billed = min(capped, max(0, m.available) + bound)
             overage = released = 0
             m.c["late_committed"] += billed
-            m.c["late_unbilled"] += capped - billed
+            m.c["late_unbilled"] += actual - billed
             m.below_zero_bound += bound
             if billed < capped:
                 self.seen["commit:late:cut"] += 1
@@ -695,7 +696,8 @@ class QuotaMachine(RuleBasedStateMachine):
         self.burn(h.org, billed)
         m.c["balance"] -= billed
         m.c["committed"] += billed
-        m.c["unbilled_overage"] += actual - capped
+        if not late:
+            m.c["unbilled_overage"] += actual - billed
         (o,) = self.run(call)
         self.seen["commit:late" if late else "commit:over" if actual > h.amt else "commit"] += 1
         assert o.error is None, o
@@ -821,12 +823,14 @@ class QuotaMachine(RuleBasedStateMachine):
         for org in self.live_orgs():
             self.sweep(org)
 
-    @precondition(lambda self: not self.outage)
+    @precondition(lambda self: not self.outage and self.purges < 2)
     @rule()
     @step
     def purge(self) -> None:
         """Drain, then step the clock past the tombstone TTL: every settled hold's record is
-        purged (and every hold and grant expires)."""
+        purged (and every hold and grant expires). Twice per run at most: a purge leaves
+        nothing live."""
+        self.purges += 1
         self.run(self.flusher.drain())
         self.offset += TOMB_UNITS * UNIT
         self.store.clock_offset_ms = self.offset
