@@ -746,10 +746,8 @@ class QuotaEngine:
                 raise
             outcome = self._commit_locally(org, items)
         else:
-            if self.ledger is not None and any(
-                isinstance(o.error, HoldNotFound) for o in outcome.outcomes
-            ):
-                outcome = await self._commit_known(org, items, outcome)
+            if any(isinstance(o.error, HoldNotFound) for o in outcome.outcomes):
+                outcome = await self._commit_unknown(org, items, outcome)
         self._seen(org)
         if any(quotes):
             outs = [
@@ -757,6 +755,33 @@ class QuotaEngine:
                 for o, q in zip(outcome.outcomes, quotes, strict=True)
             ]
             outcome = replace(outcome, outcomes=outs)
+        return outcome
+
+    async def _commit_unknown(
+        self, org: str, items: Sequence[CommitItem], outcome: CommitBatchOutcome
+    ) -> CommitBatchOutcome:
+        """Commits of ids Redis has no record of: a hold degraded mode granted and has not
+        replayed yet is journaled against that hold (its replay bills it); the others are
+        settled by the ledger's record (_commit_known)."""
+        journal = self.journal
+        if journal is not None:
+            local = [
+                i
+                for i, o in enumerate(outcome.outcomes)
+                if isinstance(o.error, HoldNotFound)
+                and (hold := journal.holds.get((org, items[i].reservation_id))) is not None
+                and not hold.done
+            ]
+            if local:
+                journaled = self._commit_locally(org, [items[i] for i in local])
+                outs = list(outcome.outcomes)
+                for i, o in zip(local, journaled.outcomes, strict=True):
+                    outs[i] = o
+                outcome = replace(outcome, outcomes=outs)
+        if self.ledger is not None and any(
+            isinstance(o.error, HoldNotFound) for o in outcome.outcomes
+        ):
+            outcome = await self._commit_known(org, items, outcome)
         return outcome
 
     async def _commit_known(
@@ -823,7 +848,8 @@ class QuotaEngine:
         check_id("reservation_id", reservation_id, CALLER_ID_MAX)
         try:
             return await self._hydrating(org, lambda: self.store.release(org, reservation_id))
-        except StoreUnavailable:
+        except (StoreUnavailable, HoldNotFound):
+            # Redis down, or up again before this local hold was replayed: the journal has it.
             local = self.journal.holds.get((org, reservation_id)) if self.journal else None
             if local is None or local.done:
                 raise  # a hold that lives in Redis expires there if nobody releases it

@@ -713,3 +713,27 @@ async def test_a_hold_committed_locally_during_its_own_replay_is_replayed_again(
         assert o.path.read_text() == ""
     finally:
         await o.close()
+
+
+async def test_a_local_hold_settled_after_redis_returns_but_before_its_replay(
+    outage: Outage,
+) -> None:
+    """Redis answers again before the replay ran: Redis knows neither local hold, but the
+    journal does. Their commit and release go to the journal (usage is never dropped), and
+    the replay then bills the commit once."""
+    o = outage
+    org = await funded_org(o)
+    o.down()
+    for rid in ("c", "r"):
+        assert (await o.engine.reserve(AccountRef(org), [step(rid, 100)])).degraded
+    o.up()
+    (c,) = await o.engine.commit(org, [CommitItem("c", 90)])
+    assert c.error is None and c.degraded and c.committed_uecu == 90
+    rel = await o.engine.release(org, "r")
+    assert rel.degraded and rel.released_uecu == 100
+    assert (await o.balance(org)).committed_uecu == 0, "nothing billed before the replay"
+    assert await o.engine.replay_degraded() == 2
+    b = await o.balance(org)
+    assert (b.committed_uecu, b.orphan_committed_uecu, b.held_uecu) == (90, 90, 0)
+    assert await o.engine.replay_degraded() == 0
+    assert (await o.balance(org)).committed_uecu == 90
