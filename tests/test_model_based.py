@@ -75,6 +75,7 @@ from hypothesis.stateful import (
 )
 
 from ecu_sidecar import errors
+from ecu_sidecar.degraded import Journal
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.ledger import Ledger, open_ledger
@@ -86,6 +87,7 @@ from ecu_sidecar.model import (
     AccountRef,
     Balance,
     CommitItem,
+    CommitOutcome,
     GrantKind,
     HoldState,
     JobType,
@@ -95,7 +97,14 @@ from ecu_sidecar.model import (
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import org_keys
-from tests.conftest import PG_URL, drop_keys, make_settings, require_postgres, require_redis
+from tests.conftest import (
+    PG_URL,
+    REDIS_PORT,
+    drop_keys,
+    make_settings,
+    require_postgres,
+    require_redis,
+)
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.chaos
@@ -110,6 +119,8 @@ TOMB_UNITS = 1_000
 """ECU_TOMBSTONE_TTL_MS in grid units: far beyond what the expire steps reach in a run, so
 tombstones are purged only by the purge step, which drains the outboxes first (in production
 the flusher's lag is seconds and a tombstone lives an hour)."""
+ALLOWANCE = 200_000
+"""ECU_DEGRADED_ALLOWANCE_UECU of the degraded-mode sidecar."""
 ORGS = ("m-a", "m-b", "m-c")
 """m-a and m-b are funded at the start; m-c only if a grant rule picks it."""
 COUNTERS = {
@@ -300,12 +311,33 @@ class QuotaMachine(RuleBasedStateMachine):
         self.ledger.migrate()
         self.direct: Ledger = open_ledger(direct_url)
         """The same ledger, never through the outage: what the checks read."""
-        self.store: RedisStore = self.run(self._make_store())
+        self.store: RedisStore = self.run(self._make_store(self.settings))
         self.engine = QuotaEngine(self.store, self.settings, ledger=self.ledger)
         self.flusher = self.new_flusher()
+        # A second sidecar in degraded mode, whose Redis is behind a proxy of the test's own
+        # (refused and cut: Redis unreachable for it alone), with its journal.
+        self.redis_proxy = TcpProxy(REDIS_PORT)
+        journal = f"{self.tmp_dir}/journal-{uuid.uuid4().hex[:10]}.jsonl"
+        self.dsettings = _settings(
+            key_prefix=self.settings.key_prefix,
+            redis_url=f"redis://127.0.0.1:{self.redis_proxy.port}/0",
+            ledger_url=self.ledger_url,
+            overage_max_percent=PCT,
+            tombstone_ttl_ms=TOMB_UNITS * UNIT,
+            degraded_allowance_uecu=ALLOWANCE,
+            degraded_journal=journal,
+            redis_connect_timeout_ms=2_000,
+        )
+        self.dstore: RedisStore = self.run(self._make_store(self.dsettings))
+        self.dengine = QuotaEngine(
+            self.dstore,
+            self.dsettings,
+            ledger=self.ledger,
+            journal=Journal.open(journal, ALLOWANCE),
+        )
 
-    async def _make_store(self) -> RedisStore:
-        return RedisStore.from_settings(self.settings)
+    async def _make_store(self, settings: Settings) -> RedisStore:
+        return RedisStore.from_settings(settings)
 
     def new_flusher(self, cls: type[Flusher] = Flusher) -> Flusher:
         from prometheus_client import CollectorRegistry
@@ -329,6 +361,8 @@ class QuotaMachine(RuleBasedStateMachine):
             self.end_outage()
             self.run(drop_keys(self.store, self.settings.key_prefix))
             self.run(self.store.close())
+            self.run(self.dstore.close())
+            self.redis_proxy.close()
             self.ledger.close()
             self.direct.close()
             if self.proxy is not None:
@@ -349,6 +383,10 @@ class QuotaMachine(RuleBasedStateMachine):
     async def redis_now(self) -> int:
         seconds, micros = await self.store._client.time()
         return seconds * 1000 + micros // 1000 + self.offset
+
+    def step_clock(self, ms: int) -> None:
+        self.offset += ms
+        self.store.clock_offset_ms = self.dstore.clock_offset_ms = self.offset
 
     def xlen(self, org: str) -> int:
         return int(self.run(self.store._client.xlen(self.store.outbox_key(org))))
@@ -643,7 +681,6 @@ class QuotaMachine(RuleBasedStateMachine):
         self._commit(h, _actual(h.amt, mode), Usage(*usage))
 
     def _commit(self, h: MHold, actual: int, usage: Usage) -> None:
-        m = self.orgs[h.org]
         call = self.engine.commit(h.org, [CommitItem(h.rid, actual, usage)])
         self.sweep(h.org)
         if not h.record:
@@ -670,14 +707,33 @@ class QuotaMachine(RuleBasedStateMachine):
             (o,) = self.run(call)
             self.check_commit_replay(h, actual, usage, o, from_ledger=False)
             return
+        want = self.bill(h, actual, usage)
+        (o,) = self.run(call)
+        assert o.error is None, o
+        assert o == want, (o, want)
+        assert o.overage_uecu <= h.amt * PCT // 100, "overage is bounded by the hold's percent"
+        self.history.append(("commit", (h.org, h.rid, actual, usage), o))
+
+    def bill(self, h: MHold, actual: int, usage: Usage, *, known: str = "") -> CommitOutcome:
+        """The model of a commit that bills ``h`` (active, expired, or a hold Redis has no
+        record of that the caller knows: ``known`` 'late' from the ledger, R2; 'degraded' from
+        degraded mode's journal, R6); returns the outcome it must answer."""
+        m = self.orgs[h.org]
         bound = h.amt * PCT // 100
         capped = min(actual, h.amt + bound)
-        late = h.st == "E"
-        if late:
+        late = h.st == "E" or known == "late"
+        orphan = known == "degraded"
+        overage = released = 0
+        if orphan:
+            # The configured allowance bounds degraded mode; its replay bills like the hold.
+            billed = capped
+            m.c["orphan_committed"] += billed
+            m.c["unbilled_overage"] += actual - billed
+            m.below_zero_bound += h.amt + bound
+        elif late:
             # R5: the hold's money was lent again; bill at most what is available now plus
             # the hold's bound, the rest counted unbilled.
             billed = min(capped, max(0, m.available) + bound)
-            overage = released = 0
             m.c["late_committed"] += billed
             m.c["late_unbilled"] += actual - billed
             m.below_zero_bound += bound
@@ -691,26 +747,31 @@ class QuotaMachine(RuleBasedStateMachine):
             m.c["committed_from_holds"] += min(billed, h.amt)
             m.c["released"] += released
             m.c["overage"] += overage
+            m.c["unbilled_overage"] += actual - billed
             if actual > h.amt:
                 m.overage_bound += bound
                 m.below_zero_bound += bound
         self.burn(h.org, billed)
         m.c["balance"] -= billed
         m.c["committed"] += billed
-        if not late:
-            m.c["unbilled_overage"] += actual - billed
-        (o,) = self.run(call)
-        self.seen["commit:late" if late else "commit:over" if actual > h.amt else "commit"] += 1
-        assert o.error is None, o
-        assert (o.committed_uecu, o.released_uecu, o.overage_uecu) == (billed, released, overage)
-        assert (o.unbilled_overage_uecu, o.late, o.replayed) == (actual - billed, late, False), o
-        assert o.available_uecu == m.available
-        assert o.overage_uecu <= bound, "overage is bounded by the percent of the hold"
+        kind = "orphan" if orphan else "late" if late else "over" if actual > h.amt else ""
+        self.seen[f"commit:{kind}" if kind else "commit"] += 1
+        want = CommitOutcome(
+            h.rid,
+            committed_uecu=billed,
+            released_uecu=released,
+            overage_uecu=overage,
+            unbilled_overage_uecu=actual - billed,
+            late=late or orphan,
+            available_uecu=m.available,
+        )
+        if not h.record:
+            h.restored = True  # the record is remade from what the caller knew of the hold
         h.st = "C"
         h.record = True
         h.settled_at = self.offset
-        h.commit = (actual, usage, o)
-        self.history.append(("commit", (h.org, h.rid, actual, usage), o))
+        h.commit = (actual, usage, want)
+        return want
 
     def check_commit_replay(
         self, h: MHold, actual: int, usage: Usage, o: Any, *, from_ledger: bool
@@ -819,8 +880,7 @@ class QuotaMachine(RuleBasedStateMachine):
     @step
     def expire(self, units: int) -> None:
         """Step the store's clock forward (holds and grants on the grid may pass their time)."""
-        self.offset += units * UNIT
-        self.store.clock_offset_ms = self.offset
+        self.step_clock(units * UNIT)
         for org in self.live_orgs():
             self.sweep(org)
 
@@ -833,8 +893,7 @@ class QuotaMachine(RuleBasedStateMachine):
         nothing live."""
         self.purges += 1
         self.run(self.flusher.drain())
-        self.offset += TOMB_UNITS * UNIT
-        self.store.clock_offset_ms = self.offset
+        self.step_clock(TOMB_UNITS * UNIT)
         for org in self.live_orgs():
             self.sweep(org)
 
@@ -1109,6 +1168,75 @@ class QuotaMachine(RuleBasedStateMachine):
             assert moved == 0, "it dies at its first batch"
         self.flusher = self.new_flusher()
 
+    @precondition(lambda self: not self.outage and self.live_orgs())
+    @rule(
+        data=st.data(),
+        amount=st.integers(1, ALLOWANCE),
+        end=st.sampled_from(["commit", "release", "open", "remote"]),
+        mode=st.sampled_from(["zero", "below", "at", "within", "far_above"]),
+    )
+    @step
+    def degraded(self, data: st.DataObject, amount: int, end: str, mode: str) -> None:
+        """Redis is unreachable for the degraded-mode sidecar: it grants a hold locally and
+        commits it (R6: bounded like any commit), releases it, or leaves it open, or it
+        journals the commit of a hold that lives in Redis; then Redis is back and the journal
+        is replayed: a local commit bills as the hold it was (flagged orphan), a release
+        settles nothing, an open hold is reserved in Redis, a journaled commit commits."""
+        org = data.draw(st.sampled_from(self.live_orgs()))
+        m = self.orgs[org]
+        self.sweep(org)
+        live = [r for r, h in sorted(self.holds.items()) if h.org == org and h.st == "A"]
+        if end == "remote" and not live:
+            end = "commit"
+        if end == "open" and amount > m.available:
+            end = "release"  # its replay could not reserve it: it would stay local
+        rid = self.next_id("d")
+        actual = _actual(amount, mode)
+        self.redis_proxy.mode = "refuse"
+        self.redis_proxy.cut()
+        try:
+            if end == "remote":
+                h = self.holds[data.draw(st.sampled_from(live))]
+                actual = _actual(h.amt, mode)
+                (o,) = self.run(self.dengine.commit(org, [CommitItem(h.rid, actual)]))
+                assert o.degraded and o.committed_uecu == actual, o
+            else:
+                out = self.run(self.dengine.reserve(AccountRef(org), [_item(rid, amount)]))
+                assert out.degraded and not out.replayed, out
+                assert [hv.amount_uecu for hv in out.holds] == [amount]
+                if end == "commit":
+                    (o,) = self.run(self.dengine.commit(org, [CommitItem(rid, actual)]))
+                    bounded = min(actual, amount + amount * PCT // 100)
+                    assert o.degraded and o.committed_uecu == bounded, o
+                elif end == "release":
+                    r = self.run(self.dengine.release(org, rid))
+                    assert r.degraded and r.released_uecu == amount, r
+        finally:
+            self.redis_proxy.heal()
+        self.seen["degraded:" + end] += 1
+        journal = self.dengine.journal
+        assert journal is not None
+        replayed = 0
+        for _ in range(20):  # an entry Redis could not take yet (a slow reconnection) waits
+            replayed += self.run(self.dengine.replay_degraded())
+            if not journal.pending():
+                break
+        assert replayed >= 1 and not journal.pending() and not journal.failed, journal
+        if end == "remote":
+            self.history.append(
+                ("commit", (org, h.rid, actual, Usage()), self.bill(h, actual, Usage()))
+            )
+        elif end == "commit":
+            hold = MHold(rid, org, amount, 0, 0, restored=True)
+            want = self.bill(hold, actual, Usage(), known="degraded")
+            self.holds[rid] = hold
+            self.history.append(("commit", (org, rid, actual, Usage()), want))
+        elif end == "open":
+            ttl = self.dsettings.default_ttl_ms
+            m.c["held"] += amount
+            m.c["reserved"] += amount
+            self.holds[rid] = MHold(rid, org, amount, ttl, self.offset + ttl, restored=True)
+
     @precondition(lambda self: self.outage or not self.outages)
     @rule()
     @step
@@ -1163,6 +1291,10 @@ def _actual(amount: int, mode: str) -> int:
     }[mode]
 
 
+def _item(rid: str, amount: int) -> ReserveItem:
+    return ReserveItem(rid, amount, JobType.GEPA, "", 0)
+
+
 def _replayed(first: Any) -> Any:
     """The outcome a replay must answer: the original one, flagged replayed."""
     from dataclasses import replace
@@ -1197,6 +1329,11 @@ WANTED = {
     "unknown_id",
     "flush",
     "purge",
+    "commit:orphan",
+    "degraded:commit",
+    "degraded:release",
+    "degraded:open",
+    "degraded:remote",
     "tombstone:purged",
     "grant_refused:expired",
     "grant_refused:limit",
