@@ -244,11 +244,12 @@ def step(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def _settings(**overrides: Any) -> Settings:
-    # The ledger bounds of R7, where this version of the product has them: every ledger call
-    # answers within a short bound in an outage, and nothing is remembered as unknown.
+    # The ledger bounds of R7, where this version of the product has them: generous (a loaded
+    # machine must not turn this into a latency test: in an outage the ledger's own pool and
+    # busy timeouts answer within 0.25 s), and nothing is remembered as unknown.
     known = {f.name for f in fields(Settings)}
     if "ledger_timeout_ms" in known:
-        overrides["ledger_timeout_ms"] = 1_000
+        overrides["ledger_timeout_ms"] = 10_000
     if "ledger_negative_ttl_ms" in known:
         overrides["ledger_negative_ttl_ms"] = 0
     return make_settings("redis", **overrides)
