@@ -1,7 +1,23 @@
 """Model-based test: a hypothesis state machine drives the engine on real Redis with a real
 ledger (SQLite, and PostgreSQL) and checks every step against a reference model written here
-from the rules (docs/architecture.md, docs/ledger.md, the rules R1-R9 of issue 14), not from the
-scripts.
+from the rules (docs/architecture.md, docs/ledger.md), not from the scripts. The rules it
+encodes, as the comments below name them:
+
+- R1 a grant Redis refuses (expiry already past, the balance limit, the same grant id with
+  other parameters) leaves no credit anywhere: not in Redis, not counted nor pending in the
+  ledger, and reconciliation still checks the organization;
+- R2 a commit needs a hold: an id Redis has no record of is settled by what the ledger recorded
+  of it (committed: a replay or a conflict; released: HOLD_RELEASED; expired: a late commit of
+  that hold), and is HOLD_NOT_FOUND when the ledger never saw it;
+- R3 a rebuild owns the organization's whole key set: it waits for the outbox to be in the
+  ledger, restores the holds the ledger records as outstanding, and starts the hold counters
+  again from them (the tombstones are gone);
+- R4 an expiring grant never takes held money: at its expiry only min(rest, max(0, balance -
+  held)) leaves;
+- R5 a late commit bills at most min(actual, hold + bound, max(0, available) + bound), the rest
+  counted in late_unbilled (bound = floor(hold x pct / 100));
+- R6 degraded mode bills a local commit like its hold would be, and replays it;
+- R7 a ledger that cannot be reached is UNAVAILABLE, and changes nothing.
 
 Operations: grant (never-expiring and expiring), reserve (one to three holds, all or nothing),
 commit below / at / within the overage bound above / far above the hold, release, extend
@@ -14,31 +30,29 @@ Faults and recovery, as steps among the operations:
 - loss of an organization's Redis keys: all of them (after a drain: the outbox goes too), all
   but the outbox, only the account hash (what eviction does), only the holds and deadlines;
 - rebuilds: the engine's rebuild on first use, the flusher's ``hydrate_missing`` and its
-  ``reconcile`` (which finds held != the sum of live holds); a rebuild waits for the outbox to
-  be flushed and for the ledger (UNAVAILABLE meanwhile, nothing changed), restores the holds the
-  ledger records as outstanding (R3) and loses the tombstones;
+  ``reconcile`` (which finds held != the sum of live holds); refused (UNAVAILABLE, nothing
+  changed) while the outbox is not flushed or the ledger is down;
 - a flusher that dies mid-cycle (before its ledger transaction; after it, before the Redis
   acknowledgement): the object is abandoned and a new flusher claims its entries;
 - ledger outages: PostgreSQL through a TCP proxy that refuses and cuts connections (every
   ledger call fails); SQLite with a foreign connection holding the write lock (writes fail,
   reads go on). Grants answer UNAVAILABLE and change nothing, flushing fails and keeps every
   entry, and resumes after;
-- refused grants (expiry already past, the balance limit, the same grant id with other
-  parameters: R1, no credit anywhere: not in Redis, not in the ledger, not pending, and the
-  organization is still reconciled);
-- grant expiry with holds outstanding (R4: only the rest nobody holds leaves);
+- refused grants (R1);
+- grant expiry with holds outstanding (R4);
 - tombstone purge (the clock steps past ECU_TOMBSTONE_TTL_MS, after a drain) and late commits:
-  of an expired hold (R5 bound), and of one whose tombstone is gone, which the ledger answers
-  (R2: a replay of a committed one, the late bound of an expired one).
-
-Degraded mode is not among the steps (tests/test_degraded.py covers it).
+  of an expired hold (R5), and of one whose tombstone is gone (R2);
+- degraded mode (R6): a second sidecar whose Redis is refused grants a hold locally and
+  commits, releases or leaves it open, or journals the commit of a hold that lives in Redis;
+  Redis comes back and the journal is replayed.
 
 After every step, for every organization: each Redis counter equals the model's exactly;
-``Balance.conservation_faults()`` is empty; available never goes below minus the overage bounds
-of the commits that used them (overage and late); a replay answers the original outcome and
-changes nothing (one effect per id). After every flush, and at the end: the ledger's
-conservation query is ok, its totals equal Redis's, nothing is quarantined, every outbox is
-empty, and reconciliation checks every organization and finds no drift.
+``Balance.conservation_faults()`` is empty; available never goes below minus the overage
+bounds of the commits that may take it there (over their hold, late, degraded); a replay
+answers the original outcome and changes nothing (one effect per id). After every drain (flush,
+purge, loss of the outbox, a flusher's rebuild) and at the end: the ledger's conservation query
+is ok, its totals equal Redis's, nothing is quarantined, no grant is pending, every outbox is
+empty; after a flush, reconciliation checks every organization and finds no drift.
 
 Time is stepped, never slept: hold and grant deadlines live on a 50 s grid of clock offsets, so
 whether one has passed never depends on how long the test ran (under 50 s per example).
@@ -894,6 +908,7 @@ class QuotaMachine(RuleBasedStateMachine):
         nothing live."""
         self.purges += 1
         self.run(self.flusher.drain())
+        self.check_ledger()
         self.step_clock(TOMB_UNITS * UNIT)
         for org in self.live_orgs():
             self.sweep(org)
@@ -1059,6 +1074,7 @@ class QuotaMachine(RuleBasedStateMachine):
             if self.outage:
                 return  # the outbox is lost too: only after a drain, which needs the ledger
             self.run(self.flusher.drain())
+            self.check_ledger()
         keys = org_keys(self.settings.key_prefix, org)
         names = {
             "all": keys,
@@ -1113,6 +1129,7 @@ class QuotaMachine(RuleBasedStateMachine):
             if self.orgs[org].lost == "holds":
                 return  # reconcile would have to write to the locked ledger
         self.run(self.flusher.drain())
+        self.check_ledger()
         gone = {o for o in lost if self.orgs[o].lost != "holds"}
         rebuilt = self.run(self.flusher.hydrate_missing())
         assert set(rebuilt) == gone, (rebuilt, gone)
