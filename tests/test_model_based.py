@@ -261,6 +261,7 @@ def _settings(**overrides: Any) -> Settings:
     # The ledger bounds of R7, where this version of the product has them: generous (a loaded
     # machine must not turn this into a latency test: in an outage the ledger's own pool and
     # busy timeouts answer within 0.25 s), and nothing is remembered as unknown.
+    overrides.setdefault("redis_connect_timeout_ms", 2_000)  # likewise for Redis
     known = {f.name for f in fields(Settings)}
     if "ledger_timeout_ms" in known:
         overrides["ledger_timeout_ms"] = 10_000
@@ -341,7 +342,6 @@ class QuotaMachine(RuleBasedStateMachine):
             tombstone_ttl_ms=TOMB_UNITS * UNIT,
             degraded_allowance_uecu=ALLOWANCE,
             degraded_journal=journal,
-            redis_connect_timeout_ms=2_000,
         )
         self.dstore: RedisStore = self.run(self._make_store(self.dsettings))
         self.dengine = QuotaEngine(
