@@ -1201,6 +1201,11 @@ class QuotaMachine(RuleBasedStateMachine):
         is replayed: a local commit bills as the hold it was (flagged orphan), a release
         settles nothing, an open hold is reserved in Redis, a journaled commit commits."""
         org = data.draw(st.sampled_from(self.live_orgs()))
+        self._degraded(org, amount, end, mode, lambda options: data.draw(st.sampled_from(options)))
+
+    def _degraded(
+        self, org: str, amount: int, end: str, mode: str, pick: Callable[[list[str]], str]
+    ) -> None:
         m = self.orgs[org]
         self.sweep(org)
         live = [r for r, h in sorted(self.holds.items()) if h.org == org and h.st == "A"]
@@ -1214,7 +1219,7 @@ class QuotaMachine(RuleBasedStateMachine):
         self.redis_proxy.cut()
         try:
             if end == "remote":
-                h = self.holds[data.draw(st.sampled_from(live))]
+                h = self.holds[pick(live)]
                 actual = _actual(h.amt, mode)
                 (o,) = self.run(self.dengine.commit(org, [CommitItem(h.rid, actual)]))
                 assert o.degraded and o.committed_uecu == actual, o
@@ -1418,3 +1423,28 @@ def test_conservation_faults_name_each_broken_identity() -> None:
     assert len(replace(ok, balance_uecu=601).conservation_faults()) == 1
     assert len(replace(ok, late_committed_uecu=21).conservation_faults()) == 1
     assert len(replace(ok, released_uecu=99).conservation_faults()) == 1
+
+
+def test_a_degraded_commit_is_a_replay_after_its_tombstone_is_purged(tmp_path: Path) -> None:
+    """R2 with R6, as the state machine found it: a hold granted locally in degraded mode and
+    committed there reaches Redis (and the ledger) only as its commit. Once its tombstone is
+    purged, the same commit again must answer the recorded outcome, as any committed hold's
+    does, not HOLD_NOT_FOUND."""
+    require_redis()
+    machine = _machine("sqlite", tmp_path)()
+    try:
+        machine.opening(amounts=[1, 1, 1], over="within", starter=1)
+        machine._degraded("m-a", 1_000, "commit", "far_above", lambda options: options[0])
+        (rid,) = [r for r in machine.holds if r.startswith("d")]
+        machine.purge()
+        machine.redis_equals_model()
+        assert not machine.holds[rid].record, "its tombstone is purged"
+        (o,) = machine.run(machine.engine.commit("m-a", [CommitItem(rid, 2_007)]))
+        assert o.error is None and o.replayed, o
+        assert (o.committed_uecu, o.unbilled_overage_uecu) == (1_200, 807), o
+        machine.redis_equals_model()
+    except BaseException:
+        machine.busy = True  # no final flush over the failure
+        raise
+    finally:
+        machine.teardown()
