@@ -262,6 +262,7 @@ def _settings(**overrides: Any) -> Settings:
     # machine must not turn this into a latency test: in an outage the ledger's own pool and
     # busy timeouts answer within 0.25 s), and nothing is remembered as unknown.
     overrides.setdefault("redis_connect_timeout_ms", 2_000)  # likewise for Redis
+    overrides.setdefault("redis_timeout_ms", 10_000)
     known = {f.name for f in fields(Settings)}
     if "ledger_timeout_ms" in known:
         overrides["ledger_timeout_ms"] = 10_000
