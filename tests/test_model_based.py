@@ -1099,14 +1099,17 @@ class QuotaMachine(RuleBasedStateMachine):
         if by == "flusher" or m.lost == "holds":
             self.rebuild_by_flusher(org)
             return
-        call = self.engine.balance(org)
         if self.xlen(org) or self.reads_fail:
             # R3: not before the outbox is flushed, nor without the ledger; nothing changes.
             self.seen["rebuild:refused"] += 1
-            self.expect_error(call, errors.StoreUnavailable)
+            self.expect_error(self.engine.balance(org), errors.StoreUnavailable)
             self.expect_error(self.store.balance(org), errors.AccountNotFound)
-            return
-        self.run(call)
+            if self.outage:
+                return
+            # The flusher drains the outbox; then the next use rebuilds.
+            self.run(self.flusher.drain())
+            self.check_ledger()
+        self.run(self.engine.balance(org))
         self.rebuilt(org)
         self.seen["rebuild:engine"] += 1
 
