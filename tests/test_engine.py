@@ -19,7 +19,6 @@ from ecu_sidecar.engine import SWEEP_IDLE_INTERVALS, QuotaEngine, _plain_commit
 from ecu_sidecar.model import (
     MAX_REQUEST_UECU,
     AccountRef,
-    Balance,
     CommitItem,
     CommitOutcome,
     GrantKind,
@@ -36,18 +35,6 @@ from tests.conftest import funded, make_settings, snapshot
 
 def item(rid: str, amount: int, ttl_ms: int = 0, job: JobType = JobType.GEPA) -> ReserveItem:
     return ReserveItem(rid, amount, job, "", ttl_ms)
-
-
-def assert_conserved(b: Balance) -> None:
-    """Both conservation laws of docs/architecture.md, from the counters alone."""
-    assert b.balance_uecu == b.granted_uecu - b.committed_uecu
-    assert b.granted_uecu == b.committed_uecu + b.held_uecu + b.available_uecu
-    assert b.reserved_uecu == (
-        b.committed_from_holds_uecu + b.released_uecu + b.expired_uecu + b.held_uecu
-    )
-    assert b.committed_uecu == (
-        b.committed_from_holds_uecu + b.overage_uecu + b.late_committed_uecu
-    )
 
 
 async def outbox(store: RedisStore, org: str) -> list[dict[str, str]]:
@@ -99,7 +86,7 @@ async def test_200_concurrent_reservers_never_overspend(engine: QuotaEngine) -> 
     assert sum(granted.values()) == b.held_uecu
     assert b.available_uecu == 0, "demand exceeded supply, so the account must end at exactly 0"
     assert b.outstanding_holds == len(granted)
-    assert_conserved(b)
+    assert b.conservation_faults() == []
 
     # Settle concurrently: a third committed below the hold, a third released, a third left open.
     rids = sorted(granted)
@@ -117,7 +104,7 @@ async def test_200_concurrent_reservers_never_overspend(engine: QuotaEngine) -> 
     assert b.committed_uecu == committed
     assert b.held_uecu == open_
     assert b.available_uecu == budget - committed - open_
-    assert_conserved(b)
+    assert b.conservation_faults() == []
 
 
 async def test_concurrent_replays_of_one_id_charge_once(engine: QuotaEngine) -> None:
@@ -337,7 +324,7 @@ async def test_commit_below_at_and_above_the_hold(engine: QuotaEngine) -> None:
     b = await engine.balance(org)
     assert b.unbilled_overage_uecu == 5_000 - bound
     assert b.committed_uecu == 400 + 2 * bound
-    assert_conserved(b)
+    assert b.conservation_faults() == []
 
 
 async def test_commit_after_release_and_release_after_commit(engine: QuotaEngine) -> None:
@@ -398,7 +385,7 @@ async def test_expired_holds_are_swept_and_counted(engine: QuotaEngine, store: R
     b = await engine.balance(org)
     assert (b.expired_uecu, b.expired_holds, b.held_uecu, b.outstanding_holds) == (500, 5, 100, 1)
     assert b.teams[0].held_uecu == 0
-    assert_conserved(b)
+    assert b.conservation_faults() == []
     kinds = [e["type"] for e in await outbox(store, org)]
     assert kinds.count("expire") == 5
 
@@ -474,7 +461,7 @@ async def test_expired_hold_cannot_extend_but_still_commits_late(
     assert late.late and late.committed_uecu == 300 and late.error is None
     b = await engine.balance(org)
     assert (b.expired_uecu, b.late_committed_uecu, b.available_uecu) == (800, 300, 700)
-    assert_conserved(b)
+    assert b.conservation_faults() == []
 
 
 async def test_extend_moves_the_deadline_forward_only(
