@@ -929,6 +929,14 @@ class Ledger:
                 (org, reservation_id),
             )
             if not rows:
+                # A hold degraded mode granted locally reached the ledger only as its commit.
+                rows = tx.rows(
+                    "SELECT event_id, hold_uecu, team, project, user_id, job_type, model "
+                    "FROM usage_entries WHERE org_id = ? AND reservation_id = ? "
+                    "ORDER BY occurred_at_ms DESC, event_id DESC LIMIT 1",
+                    (org, reservation_id),
+                )
+            if not rows:
                 return None
             event_id, amount, team, project, user, job, model = rows[0]
             t0 = int(event_id.rsplit(":", 1)[1])

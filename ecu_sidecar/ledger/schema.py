@@ -256,7 +256,15 @@ _V2 = (
 )
 
 #: Every migration, in version order. Versions are dense from 1.
+_V3 = (
+    # A commit Redis has no record of is settled by the ledger's record of that reservation
+    # (Ledger.reservation): commits of holds degraded mode granted locally have no reserve
+    # event, so their usage entry is found by reservation id.
+    "CREATE INDEX usage_entries_by_reservation ON usage_entries (org_id, reservation_id)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial ledger", _V1),
     Migration(2, "two-phase ledger-first grants", _V2),
+    Migration(3, "usage entries by reservation", _V3),
 )
