@@ -27,6 +27,7 @@ from ecu_sidecar.errors import (
     InsufficientEcu,
     InvalidArgument,
     OrganizationNotAllowed,
+    ReplicationUnconfirmed,
     StoreUnavailable,
 )
 from ecu_sidecar.model import (
@@ -543,6 +544,8 @@ class QuotaEngine:
                 account.organization,
                 lambda: self.store.reserve(account, resolved, default_ttl_ms=default_ttl),
             )
+        except ReplicationUnconfirmed:
+            raise  # the primary ran it: a local decision as well would count it twice
         except StoreUnavailable as exc:
             if self.journal is None or len(resolved) != 1:
                 raise
@@ -612,6 +615,8 @@ class QuotaEngine:
         pct = self.settings.overage_max_percent
         try:
             outcome = await self._hydrating(org, lambda: self.store.commit(org, items, pct))
+        except ReplicationUnconfirmed:
+            raise  # the primary ran it: a local decision as well would count it twice
         except StoreUnavailable:
             if self.journal is None:
                 raise
@@ -694,6 +699,8 @@ class QuotaEngine:
         check_id("reservation_id", reservation_id, CALLER_ID_MAX)
         try:
             return await self._hydrating(org, lambda: self.store.release(org, reservation_id))
+        except ReplicationUnconfirmed:
+            raise  # the primary ran it: a local decision as well would count it twice
         except StoreUnavailable:
             hold = self.journal.settle(org, reservation_id, "release") if self.journal else None
             if hold is None or hold.done:
