@@ -104,3 +104,63 @@ class ReplicatedRedis:
         """Stop both servers."""
         self.replica.close()
         self.primary.close()
+
+
+class PrivateSentinel:
+    """A Redis Sentinel (``redis-server <conf> --sentinel``) on 127.0.0.1 monitoring one
+    primary as ``service``, with quorum 1 and short timeouts so that a failover takes about a
+    second."""
+
+    def __init__(self, primary_port: int, service: str = "mymaster") -> None:
+        import os
+        import subprocess
+        import tempfile
+
+        from tests.test_unavailable import free_port
+
+        self.port = free_port()
+        self.service = service
+        self.dir = tempfile.mkdtemp(prefix="ecu-sentinel-")
+        conf = os.path.join(self.dir, "sentinel.conf")
+        with open(conf, "w") as fh:
+            fh.write(
+                f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"sentinel monitor {service} 127.0.0.1 {primary_port} 1\n"
+                f"sentinel down-after-milliseconds {service} 300\n"
+                f"sentinel failover-timeout {service} 2000\n"
+                f"sentinel parallel-syncs {service} 1\n"
+            )
+        self.proc = subprocess.Popen(
+            ["redis-server", conf, "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        with redis.Redis(port=self.port, socket_timeout=2) as c:
+
+            def up() -> bool:
+                try:
+                    return bool(c.execute_command("SENTINEL", "MASTERS"))
+                except redis.ConnectionError:
+                    return False
+
+            _wait_for("the sentinel to come up", up)
+
+    @property
+    def url(self) -> str:
+        """ECU_REDIS_URL for the monitored primary."""
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}"
+
+    def primary_port(self) -> int:
+        """The port of the primary the Sentinel currently names."""
+        with redis.Redis(port=self.port, socket_timeout=2) as c:
+            _host, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return int(port)
+
+    def close(self) -> None:
+        """Stop the Sentinel."""
+        import shutil
+
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)

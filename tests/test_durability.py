@@ -5,6 +5,7 @@ real primary and replica started by the test (tests/replicated_redis.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -262,3 +263,127 @@ def test_sentinel_urls() -> None:
         make_settings("redis", redis_url="redis+sentinel://10.0.0.1:26379/m", redis_cluster=True)
     with pytest.raises(SettingsError, match="must start with redis://, rediss://, unix:// or"):
         make_settings("redis", redis_url="http://x")
+
+
+async def test_sentinel_url_follows_a_failover(pair: ReplicatedRedis) -> None:
+    """redis+sentinel:// through redis-py's Sentinel support: the primary is asked of the
+    Sentinel; after the primary dies and the Sentinel promotes the replica, the same store
+    serves from the new primary, and what it acknowledged with the wait on is there."""
+    from tests.replicated_redis import PrivateSentinel, _wait_for
+
+    sentinel = PrivateSentinel(pair.primary.port)
+    store = RedisStore.from_settings(
+        make_settings(
+            "redis",
+            redis_url=sentinel.url,
+            redis_wait_replicas=1,
+            redis_wait_timeout_ms=WAIT_MS,
+            redis_timeout_ms=1_000,
+        )
+    )
+    try:
+        assert store.kind == "standalone" and store._channel is None
+        org = "org-" + uuid.uuid4().hex[:8]
+        await store.grant(org, "g1", 10_000, GrantKind.TOP_UP, 0)
+        await store.reserve(AccountRef(org), [item("r1")])
+        pair.primary.kill()
+        _wait_for(
+            "the Sentinel to promote the replica",
+            lambda: sentinel.primary_port() == pair.replica.port,
+            timeout_s=30,
+        )
+        for attempt in range(100):
+            try:
+                seen = await store.balance(org)
+                break
+            except StoreUnavailable:
+                assert attempt < 99, "the store never reached the promoted replica"
+                await asyncio.sleep(0.05)
+        assert (seen.outstanding_holds, seen.held_uecu) == (1, 100)
+        assert seen.conservation_faults() == []
+        # The new primary has no replica yet: with the wait on, writes are not acknowledged.
+        with pytest.raises(ReplicationUnconfirmed, match="0 of 1 replicas"):
+            await store.reserve(AccountRef(org), [item("r2")])
+    finally:
+        await store.close()
+        sentinel.close()
+
+
+async def test_cluster_waits_on_the_replica_of_the_node_that_ran_the_script() -> None:
+    """On a Cluster the script, the fence and WAIT go as one pipeline to the primary of the
+    organization's slot: held-back replicas of the other primaries do not matter, the
+    replica of that primary does."""
+    from redis.crc import key_slot
+
+    from tests.redis_cluster import cluster_or_skip, replicas_by_master, slot_owners
+    from tests.replicated_redis import _wait_for
+
+    with cluster_or_skip(masters=3, replicas=1) as cluster:
+        store = RedisStore.from_settings(
+            make_settings(
+                "redis",
+                redis_url=cluster.url,
+                redis_cluster=True,
+                redis_wait_replicas=1,
+                redis_wait_timeout_ms=WAIT_MS,
+            )
+        )
+        try:
+            await store.connect()
+            org = "org-" + uuid.uuid4().hex[:8]
+            slot = key_slot(org.encode())
+            owner = next(
+                port
+                for port, ranges in slot_owners(cluster.ports[0]).items()
+                if any(lo <= slot <= hi for lo, hi in ranges)
+            )
+            layout = replicas_by_master(cluster.ports[0])
+            mine = layout[owner][0]
+            others = [r for port, rs in layout.items() if port != owner for r in rs]
+
+            async def granted() -> bool:  # until the fresh replicas acknowledge at all
+                try:
+                    await store.grant(org, "g1", 10_000, GrantKind.TOP_UP, 0)
+                    return True
+                except ReplicationUnconfirmed:
+                    return False
+
+            for attempt in range(100):
+                if await granted():
+                    break
+                assert attempt < 99, "the cluster's replicas never acknowledged"
+
+            def pause(port: int, ms: int) -> None:
+                import redis
+
+                with redis.Redis(port=port) as c:
+                    if ms:
+                        c.execute_command("CLIENT", "PAUSE", ms, "WRITE")
+                    else:
+                        c.execute_command("CLIENT", "UNPAUSE")
+
+            for port in others:
+                pause(port, 60_000)
+            out = await store.reserve(AccountRef(org), [item("r1")])
+            assert not out.replayed
+            pause(mine, 60_000)
+            with pytest.raises(ReplicationUnconfirmed, match="0 of 1 replicas"):
+                await store.reserve(AccountRef(org), [item("r2")])
+            for port in [mine, *others]:
+                pause(port, 0)
+
+            def caught_up() -> bool:
+                import redis
+
+                with redis.Redis(port=owner) as c:
+                    info = c.info("replication")
+                    return info["slave0"]["offset"] == info["master_repl_offset"]
+
+            _wait_for("the replica to catch up", caught_up)
+            again = await store.reserve(AccountRef(org), [item("r2")])
+            assert again.replayed
+            b = await store.balance(org)
+            assert (b.outstanding_holds, b.held_uecu) == (2, 200)
+            assert b.conservation_faults() == []
+        finally:
+            await store.close()
