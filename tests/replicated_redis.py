@@ -37,6 +37,7 @@ class ReplicatedRedis:
         self.primary.start()
         self.replica = PrivateRedis("--replicaof", "127.0.0.1", str(self.primary.port))
         self.replica.start()
+        self._gone: list[PrivateRedis] = []
         self.wait_linked()
 
     @property
@@ -98,12 +99,24 @@ class ReplicatedRedis:
                 lambda: c.info("replication").get("master_link_status") != "up",
             )
             c.execute_command("REPLICAOF", "NO", "ONE")
+            c.execute_command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
             c.execute_command("CLIENT", "UNPAUSE")
 
+    def replace_replica(self) -> None:
+        """After kill_primary_and_promote: the promoted replica is the primary, and a new
+        replica of it is started and synced (the next failover's target)."""
+        self._gone.append(self.primary)
+        self.primary = self.replica
+        self.replica = PrivateRedis("--replicaof", "127.0.0.1", str(self.primary.port))
+        self.replica.start()
+        self.wait_linked()
+
     def close(self) -> None:
-        """Stop both servers."""
+        """Stop every server started."""
         self.replica.close()
         self.primary.close()
+        for server in self._gone:
+            server.close()
 
 
 class PrivateSentinel:

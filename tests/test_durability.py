@@ -53,8 +53,9 @@ def durable_settings(pair: ReplicatedRedis, replicas: int = 1) -> object:
 
 @pytest_asyncio.fixture(params=["multiplexed", "pool"])
 async def store(request: pytest.FixtureRequest, pair: ReplicatedRedis) -> AsyncIterator[RedisStore]:
-    """A store with the wait on, through each of the two script paths: the multiplexed
-    connection (redis://) and redis-py's pool (what rediss:// and Sentinel URLs use)."""
+    """A store with the wait on, with and without the multiplexed connection (redis://; the
+    pool alone is what rediss:// and Sentinel URLs use). Confirmed scripts take the pool in
+    both; reads take the multiplexed connection where there is one."""
     settings = durable_settings(pair)
     if request.param == "multiplexed":
         st = RedisStore.from_settings(settings)  # type: ignore[arg-type]
@@ -129,6 +130,33 @@ async def test_an_unconfirmed_write_is_unavailable_and_its_retry_a_replay(
     b = await store.balance(org)
     assert (b.outstanding_holds, b.held_uecu, b.committed_uecu) == (1, 100, 50)
     assert b.conservation_faults() == []
+
+
+async def test_a_waiting_write_holds_up_no_other_call(pair: ReplicatedRedis) -> None:
+    """WAIT blocks the connection it is sent on: each confirmed call has its own. Twenty
+    writes waiting at once for a held-back replica each answer REPLICATION_UNCONFIRMED after
+    one wait (100 ms), and a read meanwhile answers at once; queued behind one another on a
+    shared connection they would need 2 s, past the 1 s call bound, and answer "did not
+    answer" instead."""
+    settings = make_settings(
+        "redis",
+        redis_url=pair.url,
+        redis_wait_replicas=1,
+        redis_wait_timeout_ms=WAIT_MS,
+        redis_timeout_ms=1_000,
+    )
+    store = RedisStore.from_settings(settings)
+    try:
+        org = "org-" + uuid.uuid4().hex[:8]
+        await store.grant(org, "g1", 10_000, GrantKind.TOP_UP, 0)
+        pair.hold_back()
+        writes = [store.reserve(AccountRef(org), [item(f"r{i}", 10)]) for i in range(20)]
+        *outcomes, read = await asyncio.gather(*writes, store.balance(org), return_exceptions=True)
+        assert all(isinstance(o, ReplicationUnconfirmed) for o in outcomes), outcomes
+        assert not isinstance(read, Exception), read
+        assert (await store.balance(org)).outstanding_holds == 20  # the primary ran them all
+    finally:
+        await store.close()
 
 
 async def test_no_wait_when_off(pair: ReplicatedRedis) -> None:

@@ -27,7 +27,9 @@ Behaviour kept from the pool it replaces (tests/test_unavailable.py, tests/chaos
   failing the calls still on the old connection.
 
 Only TCP (``redis://``) and Unix-socket (``unix://``) URLs are multiplexed; the store keeps
-redis-py's pool for ``rediss://`` (see RedisStore.from_settings).
+redis-py's pool for ``rediss://`` (see RedisStore.from_settings), and for the scripts whose
+write it confirms on replicas (ECU_REDIS_WAIT_REPLICAS): their WAIT blocks the connection it is
+sent on, which here would hold every other call behind it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import asyncio
 import collections
 import math
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -114,16 +115,6 @@ class _Connection(asyncio.Protocol):
         self._waiters.append(fut)
         return fut
 
-    def send_many(self, packed: bytes, n: int) -> list[asyncio.Future[Any]]:
-        """Write ``n`` packed commands at once (adjacent on the wire, so Redis runs them one
-        after the other on this connection); one future per reply."""
-        assert self._transport is not None
-        loop = asyncio.get_running_loop()
-        futs = [loop.create_future() for _ in range(n)]
-        self._transport.write(packed)
-        self._waiters.extend(futs)
-        return futs
-
     @property
     def owed(self) -> int:
         """Replies still expected."""
@@ -176,30 +167,6 @@ class ScriptChannel:
         # before the break answers as a replay.
         conn = await self._connection()
         return await conn.send(packed)
-
-    async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Send several commands in one write and return their replies in order, an error
-        reply as its redis-py exception in its place (ConnectionError raised when the
-        connection breaks twice in a row, as for execute)."""
-        packed = b"".join(hiredis.pack_command(tuple(c)) for c in commands)
-        conn = await self._connection()
-        try:
-            return await self._replies(conn.send_many(packed, len(commands)))
-        except ConnectionError:
-            if not conn.lost:
-                raise
-        conn = await self._connection()  # once more on a fresh connection, as in execute
-        return await self._replies(conn.send_many(packed, len(commands)))
-
-    @staticmethod
-    async def _replies(futs: list[asyncio.Future[Any]]) -> list[Any]:
-        # gather: a caller cancelled (its timeout) cancels every future, so replies arriving
-        # later are dropped like a single call's.
-        replies = await asyncio.gather(*futs, return_exceptions=True)
-        for reply in replies:
-            if isinstance(reply, ConnectionError):
-                raise reply
-        return replies
 
     def stalled(self, since: float) -> None:
         """Called after a call that began at ``since`` (time.monotonic()) timed out: abort

@@ -593,15 +593,19 @@ class RedisStore:
         return replies[0]
 
     async def _pipeline(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Commands in one round trip to the node that owns ``key``; error replies in place."""
-        if self._channel is not None:
-            return await self._channel.pipeline(commands)
-        if self.kind != "cluster":
-            pipe = self._client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            return await pipe.execute(raise_on_error=False)
-        return await self._cluster_pipeline(key, commands)
+        """Commands in one round trip to the node that owns ``key``; error replies in place.
+
+        Never on the multiplexed script channel: WAIT blocks the connection it is sent on, and
+        on the one connection every call shares it would hold all of them (reads included)
+        behind it for up to ECU_REDIS_WAIT_TIMEOUT_MS each; with a replica away the sidecar
+        would then serve one write per wait timeout. A pooled connection per confirmed call
+        (ECU_REDIS_POOL_SIZE of them, calls queue within the timeout) blocks only its own."""
+        if self.kind == "cluster":
+            return await self._cluster_pipeline(key, commands)
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=False)
 
     async def _cluster_pipeline(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
         # redis-py's cluster pipeline routes a keyless WAIT to a node of its own choosing:
