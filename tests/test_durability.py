@@ -415,3 +415,62 @@ async def test_cluster_waits_on_the_replica_of_the_node_that_ran_the_script() ->
             assert b.conservation_faults() == []
         finally:
             await store.close()
+
+
+def test_waitaof_joins_wait_only_where_redis_has_it_and_runs_aof() -> None:
+    from ecu_sidecar.store.redis_store import _info, waitaof_applies
+
+    assert not waitaof_applies("7.0.15", True)  # this machine's Redis: WAIT alone
+    assert not waitaof_applies("7.2.4", False)  # numlocal 1 is an error without AOF
+    assert waitaof_applies("7.2.0", True)
+    assert waitaof_applies("8.0.1", True)
+    assert not waitaof_applies("garbage", True)
+    raw = b"# Server\r\nredis_version:7.2.4\r\nredis_mode:standalone\r\n"
+    assert _info(raw)["redis_version"] == "7.2.4"
+    assert _info({"aof_enabled": 1})["aof_enabled"] == 1
+
+
+async def test_an_unconfirmed_reserve_is_never_granted_locally(
+    pair: ReplicatedRedis, tmp_path: object
+) -> None:
+    """Degraded mode grants holds locally while Redis is unreachable. An unconfirmed write is
+    not that: the primary ran it, so a local hold as well would count it twice."""
+    settings = make_settings(
+        "redis",
+        redis_url=pair.url,
+        redis_wait_replicas=1,
+        redis_wait_timeout_ms=WAIT_MS,
+        degraded_allowance_uecu=1_000,
+        degraded_journal=f"{tmp_path}/degraded.jsonl",
+    )
+    server = SidecarServer(settings)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = quota_pb2_grpc.QuotaStub(channel)
+            await stub.Grant(
+                pb.GrantRequest(
+                    grant_id="g", organization="acme", amount_uecu=1_000, kind=pb.GRANT_KIND_TOP_UP
+                ),
+                metadata=ADMIN_METADATA,
+            )
+            pair.hold_back()
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await stub.Reserve(
+                    pb.ReserveRequest(
+                        reservation_id="r1",
+                        account=pb.Account(organization="acme"),
+                        amount_uecu=10,
+                        job_type=pb.JOB_TYPE_GEPA,
+                    ),
+                    timeout=5,
+                )
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+            status = rpc_status.from_call(ei.value)
+            info = error_details_pb2.ErrorInfo()
+            assert status is not None and status.details[0].Unpack(info)
+            assert info.reason == "REPLICATION_UNCONFIRMED"
+            assert server.engine.journal is not None
+            assert server.engine.journal.pending() == 0  # nothing decided locally
+    finally:
+        await server.stop(grace=0)

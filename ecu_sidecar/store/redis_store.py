@@ -653,9 +653,8 @@ class RedisStore:
             log.warning("cannot read the Redis version (%s): confirming writes with WAIT", exc)
             return False
         version = str(_info(info).get("redis_version", "0"))
-        major, minor = (int(p) if p.isdigit() else 0 for p in [*version.split("."), "0"][:2])
         aof = str(_info(persistence).get("aof_enabled", "0")) == "1"
-        waitaof = (major, minor) >= (7, 2) and aof
+        waitaof = waitaof_applies(version, aof)
         log.info(
             "confirming writes on %d replica(s) with WAIT%s (Redis %s, AOF %s)",
             self._wait_replicas,
@@ -732,6 +731,13 @@ def _error_kind(exc: Exception) -> str:
     if exc.message.startswith("Redis cannot serve"):
         return "refused"
     return "unreachable"
+
+
+def waitaof_applies(version: str, aof_enabled: bool) -> bool:
+    """Whether ``WAITAOF 1 0`` joins WAIT: the server has it (Redis >= 7.2) and runs AOF."""
+    parts = [*version.split("."), "0"][:2]
+    major, minor = (int(p) if p.isdigit() else 0 for p in parts)
+    return (major, minor) >= (7, 2) and aof_enabled
 
 
 def _info(reply: Any) -> dict[str, Any]:
