@@ -218,6 +218,9 @@ def _cmd_balance(args: argparse.Namespace, c: QuotaClient) -> None:
         ("committed", _money(b.committed_uecu)),
         ("overage", _money(b.overage_uecu)),
         ("unbilled overage", _money(b.unbilled_overage_uecu)),
+        ("late committed", _money(b.late_committed_uecu)),
+        ("late unbilled", _money(b.late_unbilled_uecu)),
+        ("expired grants", _money(b.expired_grants_uecu)),
         ("outstanding holds", b.outstanding_holds),
         ("expired holds", b.expired_holds),
     ]

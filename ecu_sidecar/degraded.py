@@ -3,21 +3,33 @@
 The default is fail-closed: with Redis down every call answers UNAVAILABLE. With
 ECU_DEGRADED_ALLOWANCE_UECU > 0 a sidecar may instead *grant locally*, per organization, at
 most that many µECU of holds while Redis is unreachable — the explicit, configured bound of
-overspend per sidecar and organization. Every local decision is appended to a journal on local
-disk and fsynced **before** it is answered, so it survives a SIGKILL of the sidecar.
+overspend per sidecar and organization. A local commit is bounded like any commit of a hold:
+it bills at most the hold plus its overage bound (ECU_OVERAGE_MAX_PERCENT), the rest is
+recorded unbilled. Every local decision is appended to a journal on local disk and fsynced
+**before** it is answered, so it survives a SIGKILL of the sidecar.
 
-When Redis answers again, the journal is replayed in order:
+When Redis answers again, the engine replays the journal oldest first
+(``QuotaEngine.replay_degraded``), each entry on its own:
 
-- a local hold that was committed → the ``degraded_commit`` script bills the actual amount
-  (never dropped; the balance may go negative by at most the allowance) and emits a commit
-  event flagged ``degraded`` for the ledger;
-- a local hold that was released → nothing to bill;
-- a local hold still open → reserved in Redis for real (if Redis cannot cover it, it stays
-  local until its commit or release is replayed);
+- a local hold that was committed → the commit script with the local hold as its known hold
+  (kind ``degraded``): it settles the real hold if the reserve reached Redis after all (it
+  timed out but ran), otherwise it bills min(actual, hold + bound) flagged orphan, under the
+  event id ``commit:<rid>:<t0>`` (t0: when the local hold was granted), which the ledger
+  deduplicates;
+- a local hold that was released → a release in Redis (settles a reserve that landed; a hold
+  Redis never had is nothing to settle);
+- a local hold still open → reserved in Redis with the original request's parameters, so a
+  reserve that had landed answers as a replay (if Redis cannot cover it, it stays local until
+  its commit or release is replayed, or its deadline passes: then it expired, nothing to bill);
 - a commit of a hold that lives in Redis (made before the outage) → the normal commit script.
 
-Each replayed entry is marked done in the journal; a fully replayed journal is truncated.
-Replays are idempotent (reservation ids, event ids), so a crash during replay only repeats.
+An entry Redis cannot take now (StoreUnavailable) stays for the next pass; an entry Redis
+definitely refuses (the id exists there with other parameters, the hold was settled the other
+way) is marked **failed**: logged, counted (``ecu_degraded_replay_failures_total``) and kept in
+the journal for the operator, never replayed again. Neither blocks any other entry. Once no
+entry is pending, the journal is rewritten to hold only the failed entries (empty when there
+are none). Replays are idempotent (reservation ids, event ids), so a crash during replay only
+repeats work.
 """
 
 from __future__ import annotations
@@ -27,12 +39,19 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Journal", "LocalHold"]
+__all__ = ["Journal", "LocalHold", "RemoteCommit", "bounded_commit"]
 
 log = logging.getLogger(__name__)
+
+
+def bounded_commit(amount_uecu: int, actual_uecu: int, overage_max_percent: int) -> int:
+    """What a commit of a hold of ``amount_uecu`` bills: min(actual, hold + bound), with
+    bound = floor(hold × pct / 100) computed exactly (Python integers)."""
+    return min(actual_uecu, amount_uecu + amount_uecu * overage_max_percent // 100)
 
 
 @dataclass
@@ -48,12 +67,67 @@ class LocalHold:
     job: str = ""
     model: str = ""
     deadline_ms: int = 0
+    t0_ms: int = 0
+    """When the hold was granted (the sidecar's clock): its commit's event id is
+    ``commit:<rid>:<t0>``. Journals written before it was recorded read the deadline here:
+    any value fixed once per hold keeps replays deduplicated."""
+    ttl_ms: int = 0
+    """The TTL the reserve asked for (0 in older journals): the replay sends it, so that a
+    reserve which reached Redis after all is answered as a replay, not as a conflict."""
+    rate_card_version: str = ""
+    fingerprint: str = ""
+    """Of a hold priced from a job spec: what the reserve script compares a replay by."""
     state: str = "A"
     """A active, C committed, R released."""
     actual_uecu: int = 0
+    billed_uecu: int = 0
+    """What the local commit billed: min(actual, amount + overage bound)."""
+    commit_rcv: str = ""
+    breakdown: str = ""
+    """Of a commit priced from usage lines: the rate card version and the priced lines."""
     usage: tuple[int, int, int] = (0, 0, 0)
     done: bool = False
     """Replayed into Redis."""
+    failed: str = ""
+    """The reason Redis definitely refused its replay with ('' unless it did)."""
+    why: str = ""
+    """Redis's message with that refusal."""
+
+    @property
+    def kind(self) -> str:
+        """The entry kind in the journal's done and failed records."""
+        return "hold"
+
+    @property
+    def rid(self) -> str:
+        """The reservation id."""
+        return self.reservation_id
+
+
+@dataclass
+class RemoteCommit:
+    """A commit of a hold that lives in Redis, answered while Redis was unreachable."""
+
+    org: str
+    rid: str
+    actual_uecu: int
+    usage: tuple[int, int, int]
+    n: int
+    """Its number among the journal's remote commits (what done and failed records name)."""
+    rate_card_version: str = ""
+    breakdown: str = ""
+    """Of a commit priced from usage lines: the rate card version and the priced lines."""
+    done: bool = False
+    failed: str = ""
+    why: str = ""
+
+    @property
+    def kind(self) -> str:
+        """The entry kind in the journal's done and failed records."""
+        return "remote"
+
+
+Entry = LocalHold | RemoteCommit
 
 
 @dataclass
@@ -63,8 +137,14 @@ class Journal:
     path: str
     allowance_uecu: int
     holds: dict[tuple[str, str], LocalHold] = field(default_factory=dict)
-    remote_commits: list[dict[str, Any]] = field(default_factory=list)
-    """Commits of Redis holds answered while Redis was down, waiting for replay."""
+    """Local holds by (organization, reservation id), replayed or not."""
+    entries: list[Entry] = field(default_factory=list)
+    """Every decision waiting for (or done with) its replay, in journal order."""
+    failed: list[Entry] = field(default_factory=list)
+    """Entries Redis definitely refused: kept in the journal for the operator."""
+    on_failed: Callable[[], None] | None = None
+    """Called once per entry marked failed (the server counts it)."""
+    _remote_n: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -78,7 +158,7 @@ class Journal:
                     if line:
                         try:
                             journal._apply(json.loads(line))
-                        except (ValueError, KeyError):
+                        except (ValueError, KeyError, TypeError):
                             log.error("degraded journal %s: skipping a torn line", path)
         return journal
 
@@ -88,8 +168,8 @@ class Journal:
         """µECU of this organization's allowance taken by local holds not yet replayed."""
         total = 0
         for hold in self.holds.values():
-            if hold.org == org and not hold.done and hold.state != "R":
-                total += max(hold.amount_uecu, hold.actual_uecu)
+            if hold.org == org and not hold.done and not hold.failed and hold.state != "R":
+                total += max(hold.amount_uecu, hold.billed_uecu)
         return total
 
     def reserve(self, hold: LocalHold) -> LocalHold | None:
@@ -103,26 +183,45 @@ class Journal:
                 return None
             self._write({"op": "reserve", **_hold_fields(hold)})
             self.holds[(hold.org, hold.reservation_id)] = hold
+            self.entries.append(hold)
             return hold
 
     def settle(
-        self, org: str, rid: str, op: str, actual: int = 0, usage: tuple[int, int, int] = (0, 0, 0)
-    ) -> LocalHold | None:
-        """Commit (op 'commit') or release ('release') a local hold; None if not local."""
+        self,
+        org: str,
+        rid: str,
+        op: str,
+        actual: int = 0,
+        usage: tuple[int, int, int] = (0, 0, 0),
+        billed: int = 0,
+        rcv: str = "",
+        lines: str = "",
+    ) -> tuple[LocalHold | None, bool]:
+        """Commit (op 'commit', billing ``billed``) or release ('release') a local hold.
+        Returns (the hold, or None if not local; whether this call settled it: False when it
+        was settled or replayed into Redis already)."""
         with self._lock:
             hold = self.holds.get((org, rid))
-            if hold is None:
-                return None
-            if hold.state == "A":
-                self._write(
-                    {"op": op, "org": org, "rid": rid, "actual": actual, "usage": list(usage)}
-                )
-                hold.state = "C" if op == "commit" else "R"
-                hold.actual_uecu = actual
-                hold.usage = usage
-            return hold
+            if hold is None or hold.done or hold.state != "A":
+                return hold, False
+            entry: dict[str, Any] = {"op": op, "org": org, "rid": rid, "actual": actual}
+            if op == "commit":
+                entry["billed"] = billed
+            entry["usage"] = list(usage)
+            entry |= _priced(rcv, lines)
+            self._write(entry)
+            self._apply_settle(hold, entry)
+            return hold, True
 
-    def remote_commit(self, org: str, rid: str, actual: int, usage: tuple[int, int, int]) -> None:
+    def remote_commit(
+        self,
+        org: str,
+        rid: str,
+        actual: int,
+        usage: tuple[int, int, int],
+        rcv: str = "",
+        lines: str = "",
+    ) -> None:
         """Record a commit of a hold that lives in Redis, to replay when Redis returns."""
         with self._lock:
             entry = {
@@ -131,30 +230,75 @@ class Journal:
                 "rid": rid,
                 "actual": actual,
                 "usage": list(usage),
-                "n": len(self.remote_commits),
+                "n": self._remote_n,
+                **_priced(rcv, lines),
             }
             self._write(entry)
-            self.remote_commits.append({**entry, "done": False})
+            self._apply(entry)
 
-    def mark_done(self, kind: str, org: str, rid: str) -> None:
-        """Record that an entry reached Redis; truncate the journal once everything has."""
+    def pending_entries(self) -> list[Entry]:
+        """The entries still to replay, oldest first."""
+        return [e for e in self.entries if not e.done and not e.failed]
+
+    def mark_done(self, entry: Entry) -> None:
+        """Record that an entry reached Redis; compact the journal once nothing is pending."""
         with self._lock:
-            self._write({"op": "done", "kind": kind, "org": org, "rid": rid})
-            self._apply({"op": "done", "kind": kind, "org": org, "rid": rid})
-            if self.pending() == 0:
-                with open(self.path, "w", encoding="utf-8") as fh:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                self.holds.clear()
-                self.remote_commits.clear()
+            self._mark({"op": "done", **_ref(entry)})
+
+    def mark_failed(self, entry: Entry, reason: str, message: str) -> None:
+        """Record that Redis definitely refused an entry: it is kept (for the operator) and
+        never replayed again."""
+        with self._lock:
+            self._mark({"op": "failed", **_ref(entry), "reason": reason, "message": message})
+        if self.on_failed is not None:
+            self.on_failed()
 
     def pending(self) -> int:
-        """Entries not yet replayed into Redis."""
-        return sum(1 for h in self.holds.values() if not h.done) + sum(
-            1 for c in self.remote_commits if not c["done"]
-        )
+        """Entries not yet replayed into Redis (failed ones excluded)."""
+        return sum(1 for e in self.entries if not e.done and not e.failed)
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _mark(self, record: dict[str, Any]) -> None:
+        self._write(record)
+        self._apply(record)
+        if self.pending() == 0:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the journal as its failed entries only (atomically: a crash leaves either
+        the old journal, whose replay repeats idempotently, or the new one)."""
+        lines = []
+        for n, e in enumerate(self.failed):
+            if isinstance(e, LocalHold):
+                lines.append({"op": "reserve", **_hold_fields(e)})
+                if e.state != "A":
+                    settle = {"op": "commit" if e.state == "C" else "release"}
+                    settle |= {"org": e.org, "rid": e.rid, "actual": e.actual_uecu}
+                    if e.state == "C":
+                        settle["billed"] = e.billed_uecu
+                    settle |= {"usage": list(e.usage), **_priced(e.commit_rcv, e.breakdown)}
+                    lines.append(settle)
+            else:
+                e.n = n
+                lines.append(
+                    {"op": "remote_commit", "org": e.org, "rid": e.rid, "actual": e.actual_uecu}
+                    | {"usage": list(e.usage), "n": n}
+                    | _priced(e.rate_card_version, e.breakdown)
+                )
+            lines.append({"op": "failed", **_ref(e), "reason": e.failed, "message": e.why})
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path)
+        self.holds.clear()
+        self.entries.clear()
+        self._remote_n = len(self.failed)
 
     def _write(self, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, separators=(",", ":")) + "\n"
@@ -168,22 +312,59 @@ class Journal:
     def _apply(self, e: dict[str, Any]) -> None:
         op = e["op"]
         if op == "reserve":
-            hold = LocalHold(**{k: e[k] for k in _HOLD_KEYS})
+            fields = {k: e[k] for k in _HOLD_KEYS}
+            fields |= {k: e[k] for k in _HOLD_KEYS_SINCE_V2 if k in e}
+            hold = LocalHold(**fields)
+            if "t0_ms" not in e:
+                hold.t0_ms = hold.deadline_ms
             self.holds[(hold.org, hold.reservation_id)] = hold
+            self.entries.append(hold)
         elif op in ("commit", "release"):
-            hold = self.holds[(e["org"], e["rid"])]
-            hold.state = "C" if op == "commit" else "R"
-            hold.actual_uecu = e["actual"]
-            hold.usage = tuple(e["usage"])  # type: ignore[assignment]
+            self._apply_settle(self.holds[(e["org"], e["rid"])], e)
         elif op == "remote_commit":
-            self.remote_commits.append({**e, "done": False})
-        elif op == "done":
-            if e["kind"] == "hold":
-                self.holds[(e["org"], e["rid"])].done = True
-            else:
-                for c in self.remote_commits:
-                    if (c["org"], c["rid"]) == (e["org"], e["rid"]):
-                        c["done"] = True
+            usage: Any = tuple(e["usage"])
+            n = e.get("n", self._remote_n)
+            commit = RemoteCommit(e["org"], e["rid"], e["actual"], usage, n)
+            commit.rate_card_version, commit.breakdown = e.get("rcv", ""), e.get("lines", "")
+            self.entries.append(commit)
+            self._remote_n = max(self._remote_n, n + 1)
+        elif op in ("done", "failed"):
+            for entry in self._find(e):
+                if op == "done":
+                    entry.done = True
+                else:
+                    entry.failed = e.get("reason") or "FAILED"
+                    entry.why = e.get("message", "")
+                    self.failed.append(entry)
+                    if isinstance(entry, LocalHold):
+                        # A new local hold may take the id (the failed one stays listed).
+                        del self.holds[(entry.org, entry.rid)]
+
+    @staticmethod
+    def _apply_settle(hold: LocalHold, e: dict[str, Any]) -> None:
+        hold.state = "C" if e["op"] == "commit" else "R"
+        hold.actual_uecu = e["actual"]
+        # Journals written before commits were bounded billed the actual.
+        hold.billed_uecu = e.get("billed", e["actual"]) if e["op"] == "commit" else 0
+        hold.usage = tuple(e["usage"])  # type: ignore[assignment]
+        hold.commit_rcv, hold.breakdown = e.get("rcv", ""), e.get("lines", "")
+
+    def _find(self, ref: dict[str, Any]) -> list[Entry]:
+        """The entries a done or failed record names (older journals name remote commits by
+        organization and id only)."""
+        org, rid = ref["org"], ref["rid"]
+        if ref["kind"] == "hold":
+            hold = self.holds.get((org, rid))
+            return [hold] if hold is not None else []
+        n = ref.get("n")
+        return [
+            c
+            for c in self.entries
+            if isinstance(c, RemoteCommit)
+            and (c.org, c.rid) == (org, rid)
+            and (n is None or c.n == n)
+            and not c.failed
+        ]
 
 
 _HOLD_KEYS = (
@@ -197,10 +378,33 @@ _HOLD_KEYS = (
     "model",
     "deadline_ms",
 )
+#: Recorded with each local hold since commits are bounded and replays settle landed reserves.
+_HOLD_KEYS_SINCE_V2 = ("t0_ms", "ttl_ms", "rate_card_version", "fingerprint")
 
 
 def _hold_fields(hold: LocalHold) -> dict[str, Any]:
-    return {k: getattr(hold, k) for k in _HOLD_KEYS}
+    return {k: getattr(hold, k) for k in (*_HOLD_KEYS, *_HOLD_KEYS_SINCE_V2)}
+
+
+def _priced(rcv: str, lines: str) -> dict[str, str]:
+    """The journal fields of a commit priced from usage lines (none for a plain amount)."""
+    return {"rcv": rcv, "lines": lines} if rcv or lines else {}
+
+
+def _ref(entry: Entry) -> dict[str, Any]:
+    """What a done or failed record names an entry by."""
+    ref: dict[str, Any] = {"kind": entry.kind, "org": entry.org, "rid": entry.rid}
+    if isinstance(entry, RemoteCommit):
+        ref["n"] = entry.n
+    return ref
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def now_ms() -> int:

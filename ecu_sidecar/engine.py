@@ -17,16 +17,19 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
-from ecu_sidecar.degraded import Journal, LocalHold
+from ecu_sidecar.degraded import Journal, LocalHold, RemoteCommit, bounded_commit
 from ecu_sidecar.degraded import now_ms as degraded_now_ms
 from ecu_sidecar.errors import (
     AccountNotFound,
+    EcuError,
+    HoldCommitted,
     HoldNotFound,
     HoldReleased,
     IdempotencyConflict,
     InsufficientEcu,
     InvalidArgument,
     OrganizationNotAllowed,
+    RateCardMismatch,
     ReplicationUnconfirmed,
     StoreUnavailable,
 )
@@ -300,6 +303,7 @@ class QuotaEngine:
         self, account: AccountRef, item: ReserveItem, cause: StoreUnavailable
     ) -> ReserveOutcome:
         assert self.journal is not None
+        now = degraded_now_ms()
         asked = LocalHold(
             account.organization,
             item.reservation_id,
@@ -309,7 +313,11 @@ class QuotaEngine:
             account.user,
             item.job_type.value,
             item.model,
-            degraded_now_ms() + item.ttl_ms,
+            now + item.ttl_ms,
+            t0_ms=now,
+            ttl_ms=item.ttl_ms,
+            rate_card_version=item.rate_card_version,
+            fingerprint=item.fingerprint,
         )
         hold = self.journal.reserve(asked)
         if hold is None:
@@ -338,23 +346,59 @@ class QuotaEngine:
         )
 
     def _commit_locally(self, org: str, items: Sequence[CommitItem]) -> CommitBatchOutcome:
-        """Journal each commit: usage is never dropped, even while Redis is down."""
-        assert self.journal is not None
-        outs = []
+        """Journal each commit: usage is never dropped, even while Redis is down. A local
+        hold's commit is bounded as in Redis: it bills min(actual, hold + overage bound) and
+        records the rest unbilled; a commit of a hold that lives in Redis is journaled as asked
+        (its replay runs the commit script, which bounds it)."""
+        journal = self.journal
+        assert journal is not None
+        pct = self.settings.overage_max_percent
+        outs: list[CommitOutcome] = []
         for it in items:
+            rid = it.reservation_id
             usage = (it.usage.tokens_in, it.usage.tokens_out, it.usage.calls)
-            hold = self.journal.holds.get((org, it.reservation_id))
-            if hold is not None and not hold.done:
-                self.journal.settle(org, it.reservation_id, "commit", it.actual_uecu, usage)
-                released = max(0, hold.amount_uecu - it.actual_uecu)
-            else:
-                self.journal.remote_commit(org, it.reservation_id, it.actual_uecu, usage)
-                released = 0
+            rcv, lines = it.rate_card_version, it.breakdown
+            local = journal.holds.get((org, rid))
+            if local is None or local.done:
+                journal.remote_commit(org, rid, it.actual_uecu, usage, rcv, lines)
+                outs.append(CommitOutcome(rid, committed_uecu=it.actual_uecu, degraded=True))
+                continue
+            if rcv and local.state == "A" and rcv != local.rate_card_version:
+                error: Exception = RateCardMismatch(
+                    f"hold {rid} was priced with rate card version '{local.rate_card_version}'; "
+                    f"its usage must be priced with that version, not '{rcv}'",
+                    reservation_id=rid,
+                )
+                outs.append(CommitOutcome(rid, error=error, degraded=True))
+                continue
+            billed = bounded_commit(local.amount_uecu, it.actual_uecu, pct)
+            hold, settled = journal.settle(
+                org, rid, "commit", it.actual_uecu, usage, billed, rcv, lines
+            )
+            assert hold is not None
+            if not settled and hold.state == "R":
+                error = HoldReleased(
+                    f"hold {rid} was released; it cannot be committed", reservation_id=rid
+                )
+                outs.append(CommitOutcome(rid, error=error, degraded=True))
+                continue
+            if not settled and (hold.actual_uecu, hold.usage) != (it.actual_uecu, usage):
+                error = IdempotencyConflict(
+                    f"hold {rid} was already committed with actual {hold.actual_uecu} uECU and "
+                    "other usage or amount",
+                    reservation_id=rid,
+                )
+                outs.append(CommitOutcome(rid, error=error, degraded=True))
+                continue
+            amount, billed = hold.amount_uecu, hold.billed_uecu
             outs.append(
                 CommitOutcome(
-                    it.reservation_id,
-                    committed_uecu=it.actual_uecu,
-                    released_uecu=released,
+                    rid,
+                    committed_uecu=billed,
+                    released_uecu=max(0, amount - billed),
+                    overage_uecu=max(0, billed - amount),
+                    unbilled_overage_uecu=hold.actual_uecu - billed,
+                    replayed=not settled,
                     degraded=True,
                 )
             )
@@ -363,57 +407,142 @@ class QuotaEngine:
 
     async def replay_degraded(self) -> int:
         """Move what degraded mode decided into Redis, oldest first; returns entries replayed.
-        Raises StoreUnavailable while Redis is still down."""
+
+        Each entry is tried on its own: one Redis cannot take now (StoreUnavailable) waits for
+        the next call, with the rest of its organization's entries (another organization may
+        live on a reachable node); one Redis definitely refuses is marked failed in the journal
+        (logged, counted, kept for the operator) and the next entries go on."""
         journal = self.journal
         if journal is None or journal.pending() == 0:
             return 0
-        pct = self.settings.overage_max_percent
         done = 0
-        for (org, rid), hold in list(journal.holds.items()):
-            if hold.done:
+        unreachable: set[str] = set()
+        for entry in journal.pending_entries():
+            if entry.org in unreachable:
                 continue
-            if hold.state == "A":
-                ttl = max(self.settings.min_ttl_ms, hold.deadline_ms - degraded_now_ms())
-                acct = AccountRef(org, hold.team, hold.project, hold.user)
-                item = ReserveItem(
-                    rid,
-                    hold.amount_uecu,
-                    JobType(hold.job),
-                    hold.model,
-                    min(ttl, self.settings.max_ttl_ms),
-                )
-                try:
-                    await self._hydrating(org, lambda a=acct, i=item: self.store.reserve(a, [i]))
-                except InsufficientEcu:
-                    continue  # stays local until its commit or release is replayed
-            elif hold.state == "C":
-                item = CommitItem(rid, hold.actual_uecu, Usage(*hold.usage))
-                local = {
-                    rid: KnownHold(
-                        hold.amount_uecu, hold.deadline_ms, "degraded", hold.team,
-                        hold.project, hold.user, hold.job, hold.model,
-                    )
-                }  # fmt: skip
-                await self._hydrating(
-                    org, lambda o=org, i=item, k=local: self.store.commit(o, [i], pct, known=k)
-                )
-            journal.mark_done("hold", org, rid)
-            done += 1
-        for c in [c for c in journal.remote_commits if not c["done"]]:
-            item = CommitItem(c["rid"], c["actual"], Usage(*c["usage"]))
-            out = await self._hydrating(
-                c["org"], lambda o=c["org"], i=item: self.store.commit(o, [i], pct)
-            )
-            if out.outcomes[0].error is not None:
+            state = entry.state if isinstance(entry, LocalHold) else ""
+            try:
+                settled = await self._replay_entry(entry)
+            except StoreUnavailable:
+                unreachable.add(entry.org)
+                continue
+            except EcuError as exc:
                 log.error(
-                    "degraded commit of %s/%s could not be replayed: %s",
-                    c["org"],
-                    c["rid"],
-                    out.outcomes[0].error,
+                    "degraded-mode %s %s of %s refused by Redis (%s: %s); marked failed in the "
+                    "journal %s",
+                    "hold" if isinstance(entry, LocalHold) else "commit",
+                    entry.rid,
+                    entry.org,
+                    exc.reason,
+                    exc.message,
+                    journal.path,
                 )
-            journal.mark_done("remote", c["org"], c["rid"])
-            done += 1
+                journal.mark_failed(entry, exc.reason, exc.message)
+                continue
+            except Exception:
+                log.exception(
+                    "degraded-mode replay of %s of %s failed; retrying next pass",
+                    entry.rid,
+                    entry.org,
+                )
+                continue
+            if isinstance(entry, LocalHold) and entry.state != state:
+                continue  # settled locally meanwhile (Redis went again): replayed next pass
+            if settled:
+                journal.mark_done(entry)
+                done += 1
         return done
+
+    async def _replay_entry(self, entry: LocalHold | RemoteCommit) -> bool:
+        """Replay one journal entry into Redis; False when it stays local (an open hold Redis
+        cannot cover yet). Raises what Redis answered (StoreUnavailable: try again later; any
+        other EcuError: a definite refusal)."""
+        org, rid = entry.org, entry.rid
+        pct = self.settings.overage_max_percent
+        if isinstance(entry, RemoteCommit):
+            items = [
+                CommitItem(
+                    rid,
+                    entry.actual_uecu,
+                    Usage(*entry.usage),
+                    entry.rate_card_version,
+                    entry.breakdown,
+                )
+            ]
+            out = await self._hydrating(org, lambda: self.store.commit(org, items, pct))
+            if self.ledger is not None and isinstance(out.outcomes[0].error, HoldNotFound):
+                out = await self._commit_known(org, items, out)  # the rule of any commit
+            if out.outcomes[0].error is not None:
+                raise out.outcomes[0].error
+            return True
+        hold = entry
+        if hold.state == "A":
+            # The original request's parameters: a reserve that reached Redis after all (it
+            # timed out but ran) is answered as a replay of that real hold.
+            ttl = hold.ttl_ms
+            if not ttl:  # journals written before the TTL was recorded
+                ttl = max(self.settings.min_ttl_ms, hold.deadline_ms - degraded_now_ms())
+                ttl = min(ttl, self.settings.max_ttl_ms)
+            acct = AccountRef(org, hold.team, hold.project, hold.user)
+            step = ReserveItem(
+                rid,
+                hold.amount_uecu,
+                JobType(hold.job),
+                hold.model,
+                ttl,
+                hold.rate_card_version,
+                hold.fingerprint,
+            )
+            try:
+                await self._hydrating(org, lambda: self.store.reserve(acct, [step]))
+            except InsufficientEcu:
+                if hold.deadline_ms <= degraded_now_ms():
+                    log.warning(
+                        "degraded-mode hold %s of %s expired before Redis could cover it",
+                        rid,
+                        org,
+                    )
+                    return True  # expired locally: nothing is held or billed
+                return False  # stays local until its commit or release is replayed
+            return True
+        if hold.state == "R":
+            try:
+                await self._hydrating(org, lambda: self.store.release(org, rid))
+            except (HoldNotFound, AccountNotFound):
+                pass  # the reserve never reached Redis: nothing is held there
+            return True
+        # Committed: the commit script settles the real hold if the reserve reached Redis,
+        # otherwise bills the local hold (the known hold, kind degraded) under its own event id.
+        items = [
+            CommitItem(rid, hold.actual_uecu, Usage(*hold.usage), hold.commit_rcv, hold.breakdown)
+        ]
+        if self.ledger is not None:
+            # First as any commit: the real hold, or the ledger's record of it (a landed
+            # reserve whose tombstone was purged since: its commit's event id has Redis's t0,
+            # which the journal does not know).
+            out = await self._hydrating(org, lambda: self.store.commit(org, items, pct))
+            if isinstance(out.outcomes[0].error, HoldNotFound):
+                out = await self._commit_known(org, items, out)
+            if not isinstance(out.outcomes[0].error, HoldNotFound):
+                if out.outcomes[0].error is not None:
+                    raise out.outcomes[0].error
+                return True
+        known = {
+            rid: KnownHold(
+                amount_uecu=hold.amount_uecu,
+                t0_ms=hold.t0_ms,
+                kind="degraded",
+                team=hold.team,
+                project=hold.project,
+                user=hold.user,
+                job_type=hold.job,
+                model=hold.model,
+            )
+        }
+        out = await self._hydrating(org, lambda: self.store.commit(org, items, pct, known=known))
+        if out.outcomes[0].error is not None:
+            raise out.outcomes[0].error
+        return True
 
     def recent_organizations(self) -> list[str]:
         """Organizations this process served recently (for the background sweeper)."""
@@ -622,10 +751,8 @@ class QuotaEngine:
                 raise
             outcome = self._commit_locally(org, items)
         else:
-            if self.ledger is not None and any(
-                isinstance(o.error, HoldNotFound) for o in outcome.outcomes
-            ):
-                outcome = await self._commit_known(org, items, outcome)
+            if any(isinstance(o.error, HoldNotFound) for o in outcome.outcomes):
+                outcome = await self._commit_unknown(org, items, outcome)
         self._seen(org)
         if any(quotes):
             outs = [
@@ -633,6 +760,33 @@ class QuotaEngine:
                 for o, q in zip(outcome.outcomes, quotes, strict=True)
             ]
             outcome = replace(outcome, outcomes=outs)
+        return outcome
+
+    async def _commit_unknown(
+        self, org: str, items: Sequence[CommitItem], outcome: CommitBatchOutcome
+    ) -> CommitBatchOutcome:
+        """Commits of ids Redis has no record of: a hold degraded mode granted and has not
+        replayed yet is journaled against that hold (its replay bills it); the others are
+        settled by the ledger's record (_commit_known)."""
+        journal = self.journal
+        if journal is not None:
+            local = [
+                i
+                for i, o in enumerate(outcome.outcomes)
+                if isinstance(o.error, HoldNotFound)
+                and (hold := journal.holds.get((org, items[i].reservation_id))) is not None
+                and not hold.done
+            ]
+            if local:
+                journaled = self._commit_locally(org, [items[i] for i in local])
+                outs = list(outcome.outcomes)
+                for i, o in zip(local, journaled.outcomes, strict=True):
+                    outs[i] = o
+                outcome = replace(outcome, outcomes=outs)
+        if self.ledger is not None and any(
+            isinstance(o.error, HoldNotFound) for o in outcome.outcomes
+        ):
+            outcome = await self._commit_known(org, items, outcome)
         return outcome
 
     async def _commit_known(
@@ -701,16 +855,25 @@ class QuotaEngine:
             return await self._hydrating(org, lambda: self.store.release(org, reservation_id))
         except ReplicationUnconfirmed:
             raise  # the primary ran it: a local decision as well would count it twice
-        except StoreUnavailable:
-            hold = self.journal.settle(org, reservation_id, "release") if self.journal else None
-            if hold is None or hold.done:
+        except (StoreUnavailable, HoldNotFound):
+            # Redis down, or up again before this local hold was replayed: the journal has it.
+            local = self.journal.holds.get((org, reservation_id)) if self.journal else None
+            if local is None or local.done:
                 raise  # a hold that lives in Redis expires there if nobody releases it
+            assert self.journal is not None
+            hold, settled = self.journal.settle(org, reservation_id, "release")
+            assert hold is not None
+            if hold.state == "C":
+                raise HoldCommitted(
+                    f"hold {reservation_id} was committed; it cannot be released",
+                    reservation_id=reservation_id,
+                ) from None
             return ReleaseOutcome(
                 reservation_id,
                 hold.amount_uecu,
                 HoldState.RELEASED,
                 self._local_available(org),
-                replayed=False,
+                replayed=not settled,
                 degraded=True,
             )
 

@@ -178,6 +178,12 @@ class Metrics:
             "Degraded-mode decisions in the local journal not yet replayed into Redis.",
             registry=registry,
         )
+        self.degraded_replay_failures = Counter(
+            "ecu_degraded_replay_failures_total",
+            "Degraded-mode journal entries Redis definitely refused on replay (marked failed and "
+            "kept in the journal for review).",
+            registry=registry,
+        )
         self.store = StoreMetrics.of(registry)
         """Redis script latency and errors (attached to the store by the server)."""
         self.outbox_length: Gauge | None = None

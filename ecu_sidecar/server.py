@@ -118,6 +118,7 @@ class SidecarServer:
         self.metrics = Metrics(self.registry)
         if self.journal is not None:
             self.metrics.degraded_pending.set_function(self.journal.pending)
+            self.journal.on_failed = self.metrics.degraded_replay_failures.inc
         self.store.metrics = self.metrics.store
         if ledger is None:
             # No ledger, so no flusher exports the outbox length: the sidecar does (from 0).

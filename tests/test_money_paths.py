@@ -11,11 +11,13 @@ import pytest
 import pytest_asyncio
 
 from ecu_sidecar import errors
+from ecu_sidecar.client import AsyncQuotaClient
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.ledger import open_ledger
 from ecu_sidecar.model import MAX_REQUEST_UECU, AccountRef, CommitItem, GrantKind, Usage
+from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.store import RedisStore
-from tests.conftest import Database, drop_keys, make_settings
+from tests.conftest import ADMIN_TOKEN, Database, drop_keys, make_settings
 from tests.test_engine import outbox
 from tests.test_flusher import Stack
 from tests.test_grants_and_thresholds import DAY_MS, item
@@ -202,3 +204,21 @@ async def test_a_commit_of_a_hold_the_ledger_never_saw_is_not_found(stack: Stack
     assert isinstance(c.error, errors.HoldNotFound)
     assert await s.engine.balance(org) == before
     assert s.ledger.reservation(org, "ghost") is None
+
+
+async def test_get_balance_reports_late_unbilled_over_the_wire(sidecar: SidecarServer) -> None:
+    """What late commits could not bill reaches a worker's GetBalance (and the CLI's)."""
+    org = "wire-late"
+    async with AsyncQuotaClient(f"127.0.0.1:{sidecar.port}", admin_token=ADMIN_TOKEN) as c:
+        await c.grant(org, 1_000, grant_id="g")
+        await c.reserve(org, 1_000, job_type="gepa", reservation_id="a", ttl_ms=MIN)
+        sidecar.store.clock_offset_ms += MIN + 1
+        await c.reserve(org, 1_000, job_type="gepa", reservation_id="b", ttl_ms=DAY_MS)
+        late = await c.commit(org, "a", 1_000)  # nothing available: only its bound bills
+        bound = 1_000 * sidecar.settings.overage_max_percent // 100
+        assert late.late and late.committed_uecu == bound
+        b = await c.balance(org)
+    assert b.late_unbilled_uecu == 1_000 - bound
+    assert b.late_committed_uecu == bound
+    assert b == await sidecar.engine.balance(org)
+    assert b.conservation_faults() == []

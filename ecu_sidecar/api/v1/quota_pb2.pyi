@@ -539,7 +539,7 @@ class ScopeUsage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., has_cap: _Optional[bool] = ..., cap_uecu: _Optional[int] = ..., held_uecu: _Optional[int] = ..., used_uecu: _Optional[int] = ..., available_uecu: _Optional[int] = ...) -> None: ...
 
 class Balance(_message.Message):
-    __slots__ = ("organization", "granted_uecu", "balance_uecu", "held_uecu", "available_uecu", "committed_uecu", "reserved_uecu", "committed_from_holds_uecu", "released_uecu", "expired_uecu", "overage_uecu", "unbilled_overage_uecu", "late_committed_uecu", "outstanding_holds", "expired_holds", "teams", "projects", "expired_grants_uecu", "orphan_committed_uecu", "carried_committed_uecu", "repaired_uecu", "has_auto_topup", "auto_topup_threshold_uecu", "auto_topup_amount_uecu")
+    __slots__ = ("organization", "granted_uecu", "balance_uecu", "held_uecu", "available_uecu", "committed_uecu", "reserved_uecu", "committed_from_holds_uecu", "released_uecu", "expired_uecu", "overage_uecu", "unbilled_overage_uecu", "late_committed_uecu", "outstanding_holds", "expired_holds", "teams", "projects", "expired_grants_uecu", "orphan_committed_uecu", "carried_committed_uecu", "repaired_uecu", "has_auto_topup", "auto_topup_threshold_uecu", "auto_topup_amount_uecu", "late_unbilled_uecu")
     ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
     GRANTED_UECU_FIELD_NUMBER: _ClassVar[int]
     BALANCE_UECU_FIELD_NUMBER: _ClassVar[int]
@@ -564,6 +564,7 @@ class Balance(_message.Message):
     HAS_AUTO_TOPUP_FIELD_NUMBER: _ClassVar[int]
     AUTO_TOPUP_THRESHOLD_UECU_FIELD_NUMBER: _ClassVar[int]
     AUTO_TOPUP_AMOUNT_UECU_FIELD_NUMBER: _ClassVar[int]
+    LATE_UNBILLED_UECU_FIELD_NUMBER: _ClassVar[int]
     organization: str
     granted_uecu: int
     balance_uecu: int
@@ -588,7 +589,8 @@ class Balance(_message.Message):
     has_auto_topup: bool
     auto_topup_threshold_uecu: int
     auto_topup_amount_uecu: int
-    def __init__(self, organization: _Optional[str] = ..., granted_uecu: _Optional[int] = ..., balance_uecu: _Optional[int] = ..., held_uecu: _Optional[int] = ..., available_uecu: _Optional[int] = ..., committed_uecu: _Optional[int] = ..., reserved_uecu: _Optional[int] = ..., committed_from_holds_uecu: _Optional[int] = ..., released_uecu: _Optional[int] = ..., expired_uecu: _Optional[int] = ..., overage_uecu: _Optional[int] = ..., unbilled_overage_uecu: _Optional[int] = ..., late_committed_uecu: _Optional[int] = ..., outstanding_holds: _Optional[int] = ..., expired_holds: _Optional[int] = ..., teams: _Optional[_Iterable[_Union[ScopeUsage, _Mapping]]] = ..., projects: _Optional[_Iterable[_Union[ScopeUsage, _Mapping]]] = ..., expired_grants_uecu: _Optional[int] = ..., orphan_committed_uecu: _Optional[int] = ..., carried_committed_uecu: _Optional[int] = ..., repaired_uecu: _Optional[int] = ..., has_auto_topup: _Optional[bool] = ..., auto_topup_threshold_uecu: _Optional[int] = ..., auto_topup_amount_uecu: _Optional[int] = ...) -> None: ...
+    late_unbilled_uecu: int
+    def __init__(self, organization: _Optional[str] = ..., granted_uecu: _Optional[int] = ..., balance_uecu: _Optional[int] = ..., held_uecu: _Optional[int] = ..., available_uecu: _Optional[int] = ..., committed_uecu: _Optional[int] = ..., reserved_uecu: _Optional[int] = ..., committed_from_holds_uecu: _Optional[int] = ..., released_uecu: _Optional[int] = ..., expired_uecu: _Optional[int] = ..., overage_uecu: _Optional[int] = ..., unbilled_overage_uecu: _Optional[int] = ..., late_committed_uecu: _Optional[int] = ..., outstanding_holds: _Optional[int] = ..., expired_holds: _Optional[int] = ..., teams: _Optional[_Iterable[_Union[ScopeUsage, _Mapping]]] = ..., projects: _Optional[_Iterable[_Union[ScopeUsage, _Mapping]]] = ..., expired_grants_uecu: _Optional[int] = ..., orphan_committed_uecu: _Optional[int] = ..., carried_committed_uecu: _Optional[int] = ..., repaired_uecu: _Optional[int] = ..., has_auto_topup: _Optional[bool] = ..., auto_topup_threshold_uecu: _Optional[int] = ..., auto_topup_amount_uecu: _Optional[int] = ..., late_unbilled_uecu: _Optional[int] = ...) -> None: ...
 
 class GetBalanceResponse(_message.Message):
     __slots__ = ("balance",)
