@@ -390,6 +390,16 @@ async def test_cluster_waits_on_the_replica_of_the_node_that_ran_the_script() ->
                     else:
                         c.execute_command("CLIENT", "UNPAUSE")
 
+            # A stale route (the slot moved, or a failover the client has not learned yet):
+            # the other node answers MOVED without running the script; the pipeline is sent
+            # once more to the new owner, and the route is learned.
+            manager = store._client.nodes_manager
+            elsewhere = next(p for p in layout if p != owner)
+            manager.slots_cache[slot] = [store._client.get_node("127.0.0.1", elsewhere)]
+            moved = await store.reserve(AccountRef(org), [item("r0")])
+            assert not moved.replayed
+            assert manager.slots_cache[slot][0].port == owner
+
             for port in others:
                 pause(port, 60_000)
             out = await store.reserve(AccountRef(org), [item("r1")])
@@ -411,7 +421,7 @@ async def test_cluster_waits_on_the_replica_of_the_node_that_ran_the_script() ->
             again = await store.reserve(AccountRef(org), [item("r2")])
             assert again.replayed
             b = await store.balance(org)
-            assert (b.outstanding_holds, b.held_uecu) == (2, 200)
+            assert (b.outstanding_holds, b.held_uecu) == (3, 300)
             assert b.conservation_faults() == []
         finally:
             await store.close()
