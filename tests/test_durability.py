@@ -484,3 +484,66 @@ async def test_an_unconfirmed_reserve_is_never_granted_locally(
             assert server.engine.journal.pending() == 0  # nothing decided locally
     finally:
         await server.stop(grace=0)
+
+
+async def test_cluster_failover_keeps_what_the_wait_confirmed() -> None:
+    """A Cluster primary SIGKILLed and its replica promoted by the cluster itself: the store
+    learns the new layout after the first failure, and the confirmed holds of the dead
+    primary's organizations are on the promoted replica. (It has no replica of its own yet,
+    so with the wait on new writes answer REPLICATION_UNCONFIRMED: fail closed.)"""
+    from redis.crc import key_slot
+
+    from tests.redis_cluster import cluster_or_skip, replicas_by_master, slot_owners
+    from tests.replicated_redis import _wait_for
+
+    with cluster_or_skip(masters=3, replicas=1) as cluster:
+        store = RedisStore.from_settings(
+            make_settings(
+                "redis",
+                redis_url=cluster.url,
+                redis_cluster=True,
+                redis_wait_replicas=1,
+                redis_wait_timeout_ms=WAIT_MS,
+            )
+        )
+        try:
+            await store.connect()
+            org = "org-" + uuid.uuid4().hex[:8]
+            slot = key_slot(org.encode())
+            owner = next(
+                port
+                for port, ranges in slot_owners(cluster.ports[0]).items()
+                if any(lo <= slot <= hi for lo, hi in ranges)
+            )
+            layout = replicas_by_master(cluster.ports[0])
+            promoted = layout[owner][0]
+            for attempt in range(100):  # until the fresh replicas acknowledge at all
+                try:
+                    await store.grant(org, "g1", 10_000, GrantKind.TOP_UP, 0)
+                    break
+                except ReplicationUnconfirmed:
+                    assert attempt < 99, "the cluster's replicas never acknowledged"
+            for i in range(10):
+                await store.reserve(AccountRef(org), [item(f"r{i}")])
+            victim = cluster.processes[cluster.ports.index(owner)]
+            victim.kill()
+            victim.wait(10)
+            survivor = next(p for p in cluster.ports if p not in (owner, promoted))
+            _wait_for(
+                "the cluster to promote the replica",
+                lambda: slot_owners(survivor).get(promoted) is not None,
+                timeout_s=60,
+            )
+            for attempt in range(200):
+                try:
+                    seen = await store.balance(org)
+                    break
+                except StoreUnavailable:
+                    assert attempt < 199, "the store never reached the promoted replica"
+                    await asyncio.sleep(0.05)
+            assert (seen.outstanding_holds, seen.held_uecu) == (10, 1_000)
+            assert seen.conservation_faults() == []
+            with pytest.raises(ReplicationUnconfirmed, match="0 of 1 replicas"):
+                await store.reserve(AccountRef(org), [item("after")])
+        finally:
+            await store.close()
