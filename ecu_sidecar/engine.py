@@ -21,7 +21,9 @@ from ecu_sidecar.degraded import Journal, LocalHold, RemoteCommit, bounded_commi
 from ecu_sidecar.degraded import now_ms as degraded_now_ms
 from ecu_sidecar.errors import (
     AccountNotFound,
+    BalanceLimit,
     EcuError,
+    GrantAlreadyExpired,
     HoldCommitted,
     HoldNotFound,
     HoldReleased,
@@ -33,6 +35,7 @@ from ecu_sidecar.errors import (
     ReplicationUnconfirmed,
     StoreUnavailable,
 )
+from ecu_sidecar.ledger.types import LedgerUnavailable
 from ecu_sidecar.model import (
     MAX_GRANTED_UECU,
     MAX_REQUEST_UECU,
@@ -86,6 +89,8 @@ from ecu_sidecar.validation import (
 
 #: An organization nobody touches is swept at least every this many sweep intervals.
 SWEEP_IDLE_INTERVALS = 30
+#: Most organizations remembered as unknown to the ledger (ECU_LEDGER_NEGATIVE_TTL_MS).
+UNKNOWN_ORGS_MAX = 10_000
 
 __all__ = ["LedgerPort", "QuotaEngine"]
 
@@ -95,12 +100,23 @@ log = logging.getLogger(__name__)
 
 
 class LedgerPort(Protocol):
-    """What the engine needs of the ledger repository (ecu_sidecar.ledger): durable grants
-    and the state to rebuild an organization from."""
+    """What the engine needs of the ledger repository (ecu_sidecar.ledger): durable two-phase
+    grants and the state to rebuild an organization from. Blocking; an unreachable database
+    raises ecu_sidecar.ledger.LedgerUnavailable."""
 
     def grant(
-        self, org: str, grant_id: str, amount_uecu: int, kind: str, expires_at_ms: int
+        self,
+        org: str,
+        grant_id: str,
+        amount_uecu: int,
+        kind: str,
+        expires_at_ms: int,
+        *,
+        now_ms: int | None = None,
+        limit_uecu: int | None = None,
     ) -> bool: ...
+
+    def void_grant(self, org: str, grant_id: str) -> bool: ...
 
     def ledger_account(self, org: str) -> LedgerAccount | None: ...
 
@@ -217,6 +233,9 @@ class QuotaEngine:
         self._recent: OrderedDict[str, float] = OrderedDict()
         """Organizations served recently (least recent first) -> when (time.monotonic()) the
         background sweeper next has work there."""
+        self._unknown: OrderedDict[str, float] = OrderedDict()
+        """Organizations the ledger did not know (oldest first) -> until when
+        (time.monotonic()) that answer stands (ECU_LEDGER_NEGATIVE_TTL_MS)."""
 
     # -- validation helpers -------------------------------------------------------------------
 
@@ -274,13 +293,52 @@ class QuotaEngine:
             if at < due:
                 recent[org] = at
 
+    async def _ledger_call(self, what: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a blocking ledger call on a thread, bounded by ECU_LEDGER_TIMEOUT_MS. The ledger
+        unreachable, or slower than that, raises StoreUnavailable (UNAVAILABLE: an unknown
+        outcome the caller's retry settles). The thread itself is bounded by the ledger's own
+        connect, pool-wait and statement timeouts (open_configured(bounded=True)), so threads
+        of calls given up on do not pile up."""
+        timeout_ms = self.settings.ledger_timeout_ms
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                return await asyncio.to_thread(fn, *args, **kw)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"the ledger did not answer within {timeout_ms} ms ({what})"
+            ) from None
+        except LedgerUnavailable as exc:
+            raise StoreUnavailable(f"the ledger is unavailable ({what}): {exc}") from None
+
+    def _known_unknown(self, org: str) -> bool:
+        """Whether the ledger said recently (ECU_LEDGER_NEGATIVE_TTL_MS) it does not know org."""
+        until = self._unknown.get(org)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._unknown[org]
+        return False
+
+    def _remember_unknown(self, org: str) -> None:
+        ttl_ms = self.settings.ledger_negative_ttl_ms
+        if not ttl_ms:
+            return
+        self._unknown.pop(org, None)
+        self._unknown[org] = time.monotonic() + ttl_ms / 1000
+        if len(self._unknown) > UNKNOWN_ORGS_MAX:
+            self._unknown.popitem(last=False)
+
     async def hydrate(self, org: str) -> bool:
         """Rebuild ``org`` in Redis from the ledger if Redis lacks it; False if the ledger does
-        not know it either (or there is no ledger)."""
-        if self.ledger is None:
+        not know it either (or there is no ledger). An organization the ledger did not know is
+        not asked about again for ECU_LEDGER_NEGATIVE_TTL_MS. Raises StoreUnavailable when the
+        ledger cannot answer within ECU_LEDGER_TIMEOUT_MS."""
+        if self.ledger is None or self._known_unknown(org):
             return False
-        account = await asyncio.to_thread(self.ledger.ledger_account, org)
+        account = await self._ledger_call("rebuild", self.ledger.ledger_account, org)
         if account is None:
+            self._remember_unknown(org)
             return False
         await self.store.hydrate(account)  # a no-op if another sidecar got there first
         return True
@@ -806,7 +864,7 @@ class QuotaEngine:
             if not isinstance(o.error, HoldNotFound):
                 continue
             rid = it.reservation_id
-            rec = await asyncio.to_thread(ledger.reservation, org, rid)
+            rec = await self._ledger_call("reservation", ledger.reservation, org, rid)
             if rec is None:
                 continue
             if rec.state == "committed":
@@ -921,17 +979,49 @@ class QuotaEngine:
                 "expires_at_unix_ms",
                 f"must be 0 (never) or a Unix time in ms up to {_MAX_EPOCH_MS}",
             )
-        if self.ledger is not None:
-            # An organization Redis lost is rebuilt first (from what Redis had confirmed), so
-            # this grant lands on its real balance. Then ledger first: once the ledger holds
-            # the grant it cannot be lost. A crash before Redis applies it is finished by the
-            # caller's retry (same grant id: a replay on both sides) or by the flusher, which
-            # applies grants the ledger holds and Redis never confirmed.
-            await self.hydrate(org)
-            await asyncio.to_thread(
-                self.ledger.grant, org, grant_id, amount_uecu, kind.value, expires_at_ms
-            )
-        return await self.store.grant(org, grant_id, amount_uecu, kind, expires_at_ms)
+        if self.ledger is None:
+            return await self.store.grant(org, grant_id, amount_uecu, kind, expires_at_ms)
+        # An organization Redis lost is rebuilt first (from what Redis had confirmed), so this
+        # grant lands on its real balance. Then ledger first, as a *pending* grant, counted
+        # nowhere until Redis's grant event confirms it; once the ledger holds it, it cannot
+        # be lost. What Redis would refuse the ledger refuses first, in its transaction, before
+        # anything is written (and never for a replay, which Redis answers as the original): an
+        # expiry not after now by the scripts' clock (Redis TIME + offset, what grant.lua
+        # decides with), and a grant taking the organization's confirmed plus pending grants
+        # past the limit Redis enforces on its granted total.
+        await self.hydrate(org)
+        now = await self.store.now_ms() if expires_at_ms else None
+        await self._ledger_call(
+            "grant",
+            self.ledger.grant,
+            org,
+            grant_id,
+            amount_uecu,
+            kind.value,
+            expires_at_ms,
+            now_ms=now,
+            limit_uecu=MAX_GRANTED_UECU,
+        )
+        self._unknown.pop(org, None)  # the ledger knows it now
+        try:
+            return await self.store.grant(org, grant_id, amount_uecu, kind, expires_at_ms)
+        except (GrantAlreadyExpired, BalanceLimit, IdempotencyConflict) as refusal:
+            # Redis definitely did not apply it: void the pending grant. (On UNAVAILABLE the
+            # outcome is unknown: it stays pending, and the caller's retry with the same id or
+            # the flusher, which finishes pending grants once the outbox is flushed, settles
+            # it.) A void that fails leaves it pending for the flusher to void.
+            try:
+                await self._ledger_call("void", self.ledger.void_grant, org, grant_id)
+            except StoreUnavailable as exc:
+                log.warning(
+                    "grant %s of %s refused by Redis (%s) and not voided in the ledger yet (%s);"
+                    " the flusher will",
+                    grant_id,
+                    org,
+                    refusal.reason,
+                    exc.message,
+                )
+            raise
 
     async def set_cap(
         self, org: str, scope: str, scope_id: str, cap_uecu: int | None

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from ecu_sidecar.errors import (
     AccountNotFound,
+    BalanceLimit,
     GrantAlreadyExpired,
     IdempotencyConflict,
     StoreUnavailable,
@@ -50,6 +51,8 @@ class LedgerPort(Protocol):
         ...
 
     def ledger_account(self, org: str) -> LedgerAccount | None: ...
+
+    def void_grant(self, org: str, grant_id: str) -> bool: ...
 
     def organizations(self) -> list[str]: ...
 
@@ -238,41 +241,76 @@ class Flusher:
 
     async def reconcile(self) -> dict[str, int]:
         """Compare each fully flushed organization's ledger balance with Redis; repair drift.
-        Returns {org: drift} for the organizations checked (skipped ones are absent)."""
+        Returns {org: drift} for the organizations checked (skipped ones are absent).
+
+        Each organization is checked on its own: one that fails (a grant Redis refuses, a
+        ledger or Redis error for it) is logged and counted in
+        ``ecu_flusher_reconcile_errors_total``, and the pass goes on with the next one, so one
+        organization never stops the others' repairs nor slows the flushing down."""
         drifts: dict[str, int] = {}
         for org in await self.discover(force=True):
-            state = await self.reader.state(org)
-            if not state.fully_flushed:
+            try:
+                drift = await self._reconcile_one(org)
+            except Exception as exc:
+                self.metrics.reconcile_errors.inc()
+                log.error(
+                    "reconciling %s failed (%s: %s); going on with the other organizations",
+                    org,
+                    type(exc).__name__,
+                    getattr(exc, "message", exc),
+                )
                 continue
-            account = await asyncio.to_thread(self.ledger.ledger_account, org)
-            if account is None:
-                continue
-            if account.unconfirmed_grants:
-                # Every Redis event is in the ledger, yet these ledger-first grants have none:
-                # Redis never applied them (the caller died between the two writes). Finish
-                # them; a grant Redis did apply meanwhile answers as a replay.
-                await self._finish_grants(org, account.unconfirmed_grants)
-                continue  # the new grant events must be flushed before balances compare
-            expected = account.balance_uecu
-            drift = await self.store.reconcile(org, state.last_id, expected, GROUP)
-            if drift is None:
-                continue
-            drifts[org] = drift
-            await asyncio.to_thread(self.ledger.record_snapshot, org, expected, expected + drift)
-            if drift:
-                log.warning("drift in %s: Redis was %+d uECU off the ledger; repaired", org, drift)
+            if drift is not None:
+                drifts[org] = drift
         self.metrics.drift_accounts.set(sum(1 for d in drifts.values() if d))
         self.metrics.drift_uecu.set(sum(abs(d) for d in drifts.values()))
         self.metrics.repairs.inc(sum(1 for d in drifts.values() if d))
         return drifts
 
+    async def _reconcile_one(self, org: str) -> int | None:
+        """Reconcile one organization; its drift, or None when skipped."""
+        state = await self.reader.state(org)
+        if not state.fully_flushed:
+            return None
+        account = await asyncio.to_thread(self.ledger.ledger_account, org)
+        if account is None:
+            return None
+        if account.unconfirmed_grants:
+            # Every Redis event is in the ledger, yet these pending ledger-first grants have
+            # none: Redis never applied them (the caller died between the two writes, or did
+            # not hear Redis's answer). Finish them (a grant Redis did apply meanwhile answers
+            # as a replay) or void those Redis refuses.
+            await self._finish_grants(org, account.unconfirmed_grants)
+            return None  # the new grant events must be flushed before balances compare
+        expected = account.balance_uecu
+        drift = await self.store.reconcile(org, state.last_id, expected, GROUP)
+        if drift is None:
+            return None
+        await asyncio.to_thread(self.ledger.record_snapshot, org, expected, expected + drift)
+        if drift:
+            log.warning("drift in %s: Redis was %+d uECU off the ledger; repaired", org, drift)
+        return drift
+
     async def _finish_grants(self, org: str, grants: list[tuple[str, int, str, int]]) -> None:
+        """Apply pending ledger-first grants to Redis; void those Redis definitely refuses."""
         for grant_id, amount, kind, expires_at in grants:
             try:
                 await self.store.grant(org, grant_id, amount, GrantKind(kind), expires_at)
                 log.warning("applied ledger-first grant %s of %s to Redis", grant_id, org)
-            except (GrantAlreadyExpired, IdempotencyConflict) as exc:
-                log.error("cannot apply ledger-first grant %s of %s: %s", grant_id, org, exc)
+            except (GrantAlreadyExpired, BalanceLimit, IdempotencyConflict) as exc:
+                # Redis will never apply it as recorded: it leaves the pending set for good
+                # (a grant event for it, should Redis have applied it otherwise, confirms it).
+                voided = await asyncio.to_thread(self.ledger.void_grant, org, grant_id)
+                if voided:
+                    self.metrics.grants_voided.inc()
+                log.error(
+                    "ledger-first grant %s of %s refused by Redis (%s: %s); %s",
+                    grant_id,
+                    org,
+                    exc.reason,
+                    exc.message,
+                    "voided" if voided else "no longer pending",
+                )
 
     async def hydrate_missing(self) -> list[str]:
         """Rebuild every organization the ledger knows and Redis has lost."""

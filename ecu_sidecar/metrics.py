@@ -291,6 +291,18 @@ class FlusherMetrics:
             "Balances repaired to the ledger's value.",
             registry=registry,
         )
+        self.reconcile_errors = Counter(
+            "ecu_flusher_reconcile_errors_total",
+            "Organizations whose reconciliation failed in a pass (logged; the pass went on with "
+            "the other organizations, and the next pass tries again).",
+            registry=registry,
+        )
+        self.grants_voided = Counter(
+            "ecu_flusher_grants_voided_total",
+            "Pending ledger-first grants the flusher voided because Redis refused them "
+            "(expired, balance limit, grant id used with other parameters).",
+            registry=registry,
+        )
         self.hydrations = Counter(
             "ecu_hydrations_total",
             "Organizations rebuilt in Redis from the ledger.",

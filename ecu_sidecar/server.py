@@ -103,7 +103,7 @@ class SidecarServer:
         if self._owns_ledger:
             from ecu_sidecar.ledger import open_configured
 
-            ledger = open_configured(settings)
+            ledger = open_configured(settings, bounded=True)
         self.ledger = ledger
         """The ledger (ecu_sidecar.ledger.Ledger), when ECU_LEDGER_URL is set."""
         self.journal = (

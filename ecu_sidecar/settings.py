@@ -167,6 +167,15 @@ class Settings:
     ledger_url: str = field(default="", metadata={"kind": "dsn"})
     """ECU_LEDGER_URL: postgresql://... or sqlite:///path; empty runs without a ledger."""
 
+    ledger_timeout_ms: int = field(default=2_000, metadata=_int(100, 60_000))
+    """ECU_LEDGER_TIMEOUT_MS: bound on one ledger call the sidecar makes on a request's path (a
+    grant's ledger-first write or void, the read that rebuilds a lost organization), and the
+    ledger's connect, pool-wait and statement timeouts; past it the RPC answers UNAVAILABLE."""
+
+    ledger_negative_ttl_ms: int = field(default=5_000, metadata=_int(0, 3_600_000))
+    """ECU_LEDGER_NEGATIVE_TTL_MS: how long an organization the ledger does not know is
+    remembered as unknown (no ledger transaction per request for it meanwhile); 0 disables."""
+
     flusher_in_serve: bool | None = field(default=None, metadata={"kind": "bool"})
     """ECU_FLUSHER_IN_SERVE: run the flusher inside `serve` (default: yes on the embedded store
     when a ledger is configured, no with real Redis, where `ecu-sidecar flush` runs apart)."""

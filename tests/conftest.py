@@ -65,6 +65,7 @@ def make_settings(backend: str, **overrides: Any) -> Settings:
         # Generous: a loaded CI machine must not turn functional tests into latency tests
         # (the tests of the timeout itself set their own).
         "redis_timeout_ms": ("test", 2_000),
+        "ledger_timeout_ms": ("test", 10_000),
     }
     if backend == "redis":
         raw["redis_url"] = ("test", REDIS_URL)

@@ -39,6 +39,7 @@ from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.errors import (
     AccountNotFound,
+    GrantAlreadyExpired,
     HoldNotFound,
     HoldReleased,
     IdempotencyConflict,
@@ -576,5 +577,26 @@ async def test_flusher_finds_every_outbox_on_every_master(
             assert ledger.balance(org) == 10_000 + i - 400
         drifts = await flusher.reconcile()
         assert drifts == dict.fromkeys(orgs, 0)
+    finally:
+        ledger.close()
+
+
+async def test_a_ledger_first_expiring_grant_reads_the_scripts_clock_on_a_cluster(
+    cluster_store: RedisStore, cluster_settings: Settings, tmp_path: Path
+) -> None:
+    """The engine checks a grant's expiry by the scripts' clock (Redis TIME + offset) before the
+    ledger write; on a Cluster that clock is read from a node, like any script's."""
+    from ecu_sidecar.ledger import open_ledger
+
+    ledger = open_ledger(f"sqlite://{tmp_path}/cluster-ledger.db")
+    ledger.migrate()
+    engine = QuotaEngine(cluster_store, cluster_settings, ledger=ledger)
+    try:
+        now = await cluster_store.now_ms()
+        out = await engine.grant("starter-org", "s1", 100, GrantKind.STARTER, now + 60_000)
+        assert out.balance_uecu == 100
+        with pytest.raises(GrantAlreadyExpired):
+            await engine.grant("starter-org", "late", 100, GrantKind.STARTER, now - 1)
+        assert [g.grant_id for g in ledger.account("starter-org").grants] == ["s1"]  # type: ignore[union-attr]
     finally:
         ledger.close()

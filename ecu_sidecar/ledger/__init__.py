@@ -19,7 +19,10 @@ from ecu_sidecar.ledger.types import (
     ConsumptionRow,
     Forecast,
     GrantConflict,
+    GrantExpired,
+    GrantLimit,
     GrantState,
+    GrantStatus,
     HoldTotals,
     LedgerArgumentError,
     LedgerError,
@@ -51,7 +54,10 @@ __all__ = [
     "ConsumptionRow",
     "Forecast",
     "GrantConflict",
+    "GrantExpired",
+    "GrantLimit",
     "GrantState",
+    "GrantStatus",
     "HoldTotals",
     "Ledger",
     "LedgerArgumentError",
@@ -73,11 +79,21 @@ __all__ = [
 ]
 
 
-def open_configured(settings: Settings, *, check: bool = True) -> Ledger:
+def open_configured(settings: Settings, *, check: bool = True, bounded: bool = False) -> Ledger:
     """Open ECU_LEDGER_URL. With ``check``, verify its schema is current (start-up check); on
     the embedded default with a SQLite ledger, apply pending migrations instead, so the
-    no-install set-up needs no separate migrate step."""
-    ledger = open_ledger(settings.ledger_url)
+    no-install set-up needs no separate migrate step. With ``bounded`` (the sidecar, whose
+    requests wait on it), waiting for a connection, connecting, the SQLite write lock and each
+    PostgreSQL statement are bounded by ECU_LEDGER_TIMEOUT_MS, so a thread blocked on an
+    unreachable ledger comes back about when its caller gave up on it."""
+    if bounded:
+        ledger = open_ledger(
+            settings.ledger_url,
+            timeout_s=settings.ledger_timeout_ms / 1000,
+            statement_timeout_ms=settings.ledger_timeout_ms,
+        )
+    else:
+        ledger = open_ledger(settings.ledger_url)
     if not check:
         return ledger
     try:

@@ -96,11 +96,21 @@ class Backend(Protocol):
         ...
 
 
-def backend_for_url(url: str, *, pool_size: int, timeout_s: float) -> Backend:
-    """The backend a URL names: postgresql:// | postgres:// | sqlite://PATH | sqlite://:memory:."""
+def backend_for_url(
+    url: str, *, pool_size: int, timeout_s: float, statement_timeout_ms: int | None = None
+) -> Backend:
+    """The backend a URL names: postgresql:// | postgres:// | sqlite://PATH | sqlite://:memory:.
+
+    ``statement_timeout_ms`` (PostgreSQL): cancel any statement running longer (SQLite's
+    equivalent, waiting for the write lock, is bounded by ``timeout_s``)."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("postgresql", "postgres"):
-        return PostgresBackend(url, pool_size=pool_size, timeout_s=timeout_s)
+        return PostgresBackend(
+            url,
+            pool_size=pool_size,
+            timeout_s=timeout_s,
+            statement_timeout_ms=statement_timeout_ms,
+        )
     if scheme == "sqlite":
         return SqliteBackend.from_url(url, timeout_s=timeout_s)
     raise LedgerArgumentError(
@@ -175,9 +185,12 @@ def _pg_insert(
     return f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) {conflict}{tail}"
 
 
-def _configure(conn: Any) -> None:
-    """Every new pool connection: sends pgarrays' packed arrays."""
+def _configure(conn: Any, *, statement_timeout_ms: int | None = None) -> None:
+    """Every new pool connection: sends pgarrays' packed arrays; cancels statements that run
+    past ``statement_timeout_ms`` (a blocked caller's thread then comes back)."""
     pgarrays.register(conn.adapters)
+    if statement_timeout_ms is not None:
+        conn.execute(f"SET statement_timeout = {int(statement_timeout_ms)}")
 
 
 class PostgresBackend:
@@ -186,7 +199,14 @@ class PostgresBackend:
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, *, pool_size: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int,
+        timeout_s: float,
+        statement_timeout_ms: int | None = None,
+    ) -> None:
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -199,7 +219,7 @@ class PostgresBackend:
             kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
             timeout=timeout_s,
             check=ConnectionPool.check_connection,
-            configure=_configure,
+            configure=functools.partial(_configure, statement_timeout_ms=statement_timeout_ms),
             open=False,
             name="ecu-ledger",
         )

@@ -31,7 +31,10 @@ from ecu_sidecar.ledger.types import (
     ConsumptionRow,
     Forecast,
     GrantConflict,
+    GrantExpired,
+    GrantLimit,
     GrantState,
+    GrantStatus,
     HoldTotals,
     LedgerArgumentError,
     LedgerUnavailable,
@@ -162,6 +165,7 @@ def open_ledger(
     *,
     pool_size: int = 4,
     timeout_s: float = 10.0,
+    statement_timeout_ms: int | None = None,
     clock: Callable[[], int] | None = None,
     migrations: Sequence[Migration] = MIGRATIONS,
 ) -> Ledger:
@@ -169,9 +173,12 @@ def open_ledger(
 
     Nothing is checked or created: call ``migrate()`` (the migrate command) or
     ``check_schema()`` (start-up). ``timeout_s`` bounds waiting for a connection (PostgreSQL)
-    or for the write lock (SQLite busy timeout). ``clock`` returns ms (tests freeze it).
+    or for the write lock (SQLite busy timeout); ``statement_timeout_ms`` cancels longer
+    PostgreSQL statements (None: no limit). ``clock`` returns ms (tests freeze it).
     """
-    backend = backend_for_url(url, pool_size=pool_size, timeout_s=timeout_s)
+    backend = backend_for_url(
+        url, pool_size=pool_size, timeout_s=timeout_s, statement_timeout_ms=statement_timeout_ms
+    )
     return Ledger(backend, clock=clock, migrations=migrations)
 
 
@@ -344,12 +351,15 @@ class Ledger:
         try:
             return self._write(lambda tx: self._apply(tx, parsed, rejected))
         except self._db.refusals:
-            if len(parsed) + len(rejected) == 1:
-                raise
+            pass
         # The database refused a row that validation let through: find it by writing the
         # events one at a time (each still behind the guard), and quarantine the ones refused,
-        # so that one event cannot block its batch (and the outbox) forever.
-        total = self._write(lambda tx: self._apply(tx, [], rejected))
+        # with the database's reason, so that one event cannot block its batch (and the
+        # outbox) forever. A batch of one event is no exception: raising would hand the same
+        # batch back to the flusher, which would retry it for ever.
+        total = WriteResult(0, 0, 0)
+        if rejected:
+            total = self._write(lambda tx: self._apply(tx, [], rejected))
         for ev in parsed:
             try:
                 result = self._write(lambda tx, ev=ev: self._apply(tx, [ev], []))
@@ -499,13 +509,24 @@ class Ledger:
         expires_at_ms: int | None = None,
         *,
         at_ms: int | None = None,
+        now_ms: int | None = None,
+        limit_uecu: int | None = None,
     ) -> bool:
-        """Record a grant durably before Redis sees it (the ledger-first path).
+        """Record a grant durably, as *pending*, before Redis sees it (the ledger-first path).
 
-        Returns True when recorded now, False when the same grant was already recorded (a
-        replay; its grant event, arriving later from the outbox, is a no-op too). The same id
-        with another amount, kind or expiry raises GrantConflict. ``expires_at_ms`` None or 0:
-        never expires.
+        A pending grant is not counted anywhere (totals, conservation, burn order, rebuild):
+        its grant event, arriving from the outbox once Redis applied it, confirms it and counts
+        it; ``void_grant`` marks it void when Redis refused it. Returns True when recorded now
+        (or a void grant is pending again: Redis decides again), False when the same grant was
+        already recorded pending or confirmed (a replay). The same id with another amount, kind
+        or expiry raises GrantConflict. ``expires_at_ms`` None or 0: never expires.
+
+        What Redis would refuse is refused here first, recording nothing, for a grant not
+        recorded yet (or void): never for a replay, which Redis answers with its original
+        outcome. ``now_ms``: raise GrantExpired when the expiry is not after it (pass Redis's
+        clock). ``limit_uecu``: raise GrantLimit when the organization's confirmed grants plus
+        its pending ones plus this one would exceed it (the limit Redis enforces on its
+        granted total), checked under the organization's row lock.
         """
         _check_id("org", org, SCOPE_ID_MAX)
         _check_id("grant_id", grant_id, CALLER_ID_MAX)
@@ -515,33 +536,70 @@ class Ledger:
             raise LedgerArgumentError(f"kind: expected one of {[k.value for k in GrantKind]}")
         if expires_at_ms is not None:
             _check_int("expires_at_ms", expires_at_ms)
+        if limit_uecu is not None:
+            _check_int("limit_uecu", limit_uecu)
+        if now_ms is not None:
+            _check_int("now_ms", now_ms)
         expires = expires_at_ms or None
         at = self._clock() if at_ms is None else at_ms
 
         def run(tx: Tx) -> bool:
             _ensure_org(tx, org, at)
-            if tx.rows(
+            if not tx.rows(
                 "INSERT INTO grants (org_id, grant_id, kind, amount_uecu, granted_at_ms, "
-                "expires_at_ms, source) VALUES (?, ?, ?, ?, ?, ?, 'ledger') "
+                "expires_at_ms, source, state) VALUES (?, ?, ?, ?, ?, ?, 'ledger', 'pending') "
                 "ON CONFLICT (org_id, grant_id) DO NOTHING RETURNING grant_id",
                 (org, grant_id, kind, amount_uecu, at, expires),
             ):
-                _add_totals(tx, org, granted=amount_uecu)
-                return True
-            row = tx.rows(
-                "SELECT amount_uecu, kind, expires_at_ms FROM grants "
-                "WHERE org_id = ? AND grant_id = ?",
-                (org, grant_id),
-            )[0]
-            if tuple(row) != (amount_uecu, kind, expires):
-                raise GrantConflict(
-                    f"grant_id {grant_id} of {org} was already recorded with amount {row[0]}, "
-                    f"kind {row[1]}, expires_at_ms {row[2] or 0}",
-                    grant_id=grant_id,
+                amount, stored_kind, stored_expires, state = tx.rows(
+                    "SELECT amount_uecu, kind, expires_at_ms, state FROM grants "
+                    "WHERE org_id = ? AND grant_id = ?",
+                    (org, grant_id),
+                )[0]
+                if (amount, stored_kind, stored_expires) != (amount_uecu, kind, expires):
+                    raise GrantConflict(
+                        f"grant_id {grant_id} of {org} was already recorded with amount "
+                        f"{amount}, kind {stored_kind}, expires_at_ms {stored_expires or 0}",
+                        grant_id=grant_id,
+                    )
+                if state != GrantStatus.VOID:
+                    return False
+                # Redis refused it before; the caller asks again: pending until Redis answers.
+                tx.run(
+                    "UPDATE grants SET state = 'pending', granted_at_ms = ? "
+                    "WHERE org_id = ? AND grant_id = ? AND state = 'void'",
+                    (at, org, grant_id),
                 )
-            return False
+            # Raising rolls the transaction back: nothing of this grant is written.
+            if now_ms is not None and expires is not None and expires <= now_ms:
+                raise GrantExpired(
+                    # Redis's words (grant.lua): the caller sees one error whoever refused.
+                    f"grant {grant_id} expires at {expires} ms, which is not after now ({now_ms})",
+                    expires_at=expires,
+                )
+            if limit_uecu is not None:
+                _check_grant_limit(tx, org, limit_uecu)
+            return True
 
         return self._write(run)
+
+    def void_grant(self, org: str, grant_id: str) -> bool:
+        """Mark a pending ledger-first grant void: Redis refused it (expired, balance limit,
+        grant id used with other parameters), so it never counts. True when it was pending;
+        False for a confirmed grant (Redis applied it: it stays), a void one, or an unknown id.
+        A grant event arriving later for a void grant still confirms it (Redis is the truth
+        of what was applied)."""
+        _check_id("org", org, SCOPE_ID_MAX)
+        _check_id("grant_id", grant_id, CALLER_ID_MAX)
+        return bool(
+            self._write(
+                lambda tx: tx.run(
+                    "UPDATE grants SET state = 'void' "
+                    "WHERE org_id = ? AND grant_id = ? AND state = 'pending'",
+                    (org, grant_id),
+                )
+            )
+        )
 
     def record_snapshot(
         self,
@@ -710,13 +768,15 @@ class Ledger:
         created, last, granted, expired, committed, balance, atu_t, atu_a = rows[0]
         grant_rows = tx.rows(
             "SELECT g.grant_id, g.kind, g.amount_uecu, g.granted_at_ms, g.expires_at_ms, "
-            "x.amount_uecu, g.event_id FROM grants g LEFT JOIN grant_expiries x "
+            "x.amount_uecu, g.state FROM grants g LEFT JOIN grant_expiries x "
             "ON x.org_id = g.org_id AND x.grant_id = g.grant_id "
             "WHERE g.org_id = ? ORDER BY g.granted_at_ms, g.grant_id",
             (org,),
         )
+        # Only what Redis applied burns: a pending or void grant never funded a commit.
+        confirmed = [r for r in grant_rows if r[6] == GrantStatus.CONFIRMED]
         expiring = [
-            burn.ExpiringGrant(r[0], r[3], r[4], r[2]) for r in grant_rows if r[4] is not None
+            burn.ExpiringGrant(r[0], r[3], r[4], r[2]) for r in confirmed if r[4] is not None
         ]
         bounds = burn.boundaries(expiring)
         sums = [
@@ -738,8 +798,12 @@ class Ledger:
                 granted_at_ms=r[3],
                 expires_at_ms=r[4],
                 expired_uecu=r[5],
-                remaining_uecu=rests[r[0]] if r[4] is not None and r[5] is None else None,
-                confirmed=r[6] is not None,
+                remaining_uecu=(
+                    rests[r[0]]
+                    if r[4] is not None and r[5] is None and r[6] == GrantStatus.CONFIRMED
+                    else None
+                ),
+                state=GrantStatus(r[6]),
             )
             for r in grant_rows
         ]
@@ -782,7 +846,7 @@ class Ledger:
             expired_grants_uecu=expired,
             committed_uecu=committed,
             balance_uecu=balance,
-            generation=len(grant_rows),
+            generation=len(confirmed),
             grants=grants,
             scopes=[
                 ScopeState(scope, sid, cap, used)
@@ -808,25 +872,25 @@ class Ledger:
         """The state a Redis rebuild of ``org`` takes (ecu_sidecar.model.LedgerAccount), or
         None when the ledger does not know the organization.
 
-        Grants written ledger-first that Redis has not confirmed (no outbox event yet) are left
-        out of the totals and listed in ``unconfirmed_grants``: they reach Redis through the
-        grant script (the caller's retry, or the flusher finishing them), which confirms them.
+        The totals count confirmed grants only (Redis applied them). Pending grants (written
+        ledger-first, no outbox event yet) are listed in ``unconfirmed_grants``: they reach
+        Redis through the grant script (the caller's retry, or the flusher finishing them),
+        whose event confirms them. Void grants (Redis refused them) are in neither.
         """
         acct = self.account(org)
         if acct is None:
             return None
-        pending = [g for g in acct.grants if not g.confirmed]
-        pending_ids = {g.grant_id for g in pending}
+        pending = [g for g in acct.grants if g.state == GrantStatus.PENDING]
         confirmed = [g for g in acct.grants if g.confirmed]
         latest = sorted(confirmed, key=lambda g: (g.granted_at_ms, g.grant_id))[-_RECENT:]
         return LedgerAccount(
             organization=org,
-            granted_uecu=acct.granted_uecu - sum(g.amount_uecu for g in pending),
+            granted_uecu=acct.granted_uecu,
             expired_grants_uecu=acct.expired_grants_uecu,
             committed_uecu=acct.committed_uecu,
-            generation=acct.generation - len(pending),
+            generation=acct.generation,
             scopes=[(s.scope, s.scope_id, s.cap_uecu, s.used_uecu) for s in acct.scopes],
-            expiring_grants=[g for g in acct.expiring_grants if g[0] not in pending_ids],
+            expiring_grants=acct.expiring_grants,
             auto_topup_threshold_uecu=acct.auto_topup.threshold_uecu if acct.auto_topup else None,
             auto_topup_amount_uecu=acct.auto_topup.amount_uecu if acct.auto_topup else 0,
             recent_grants=[
@@ -895,7 +959,7 @@ class Ledger:
                    o.committed_uecu AS committed,
                    o.balance_uecu AS balance,
                    (SELECT COALESCE(SUM(g.amount_uecu), 0) FROM grants g
-                     WHERE g.org_id = o.org_id) AS grants_sum,
+                     WHERE g.org_id = o.org_id AND g.state = 'confirmed') AS grants_sum,
                    (SELECT COALESCE(SUM(x.amount_uecu), 0) FROM grant_expiries x
                      WHERE x.org_id = o.org_id) AS expiries_sum,
                    (SELECT COALESCE(SUM(u.amount_uecu), 0) FROM usage_entries u
@@ -1059,31 +1123,25 @@ class _Effects:
                 _set_auto_topup(tx, org, threshold, amount, ts, seq, eid)
 
 
-def _add_totals(
-    tx: Tx,
-    org: str,
-    granted: int = 0,
-    expired: int = 0,
-    committed: int = 0,
-    *,
-    last_event_ms: int | None = None,
-) -> None:
-    tx.run(
-        "UPDATE organizations SET granted_uecu = granted_uecu + ?, "
-        "expired_grants_uecu = expired_grants_uecu + ?, committed_uecu = committed_uecu + ?, "
-        "balance_uecu = balance_uecu + ?, last_event_at_ms = CASE "
-        "WHEN last_event_at_ms IS NULL OR last_event_at_ms < ? THEN ? "
-        "ELSE last_event_at_ms END WHERE org_id = ?",
-        (
-            granted,
-            expired,
-            committed,
-            granted - expired - committed,
-            last_event_ms,
-            last_event_ms,
-            org,
-        ),
-    )
+def _check_grant_limit(tx: Tx, org: str, limit: int) -> None:
+    """Raise GrantLimit (the transaction rolls back) when the organization's confirmed grants
+    plus its pending ones (this one included) exceed ``limit``. The organization's row is
+    locked first, so concurrent ledger-first grants of one organization are checked one after
+    the other (a grants row, then the organization's: the order every writer takes)."""
+    tx.run("UPDATE organizations SET granted_uecu = granted_uecu WHERE org_id = ?", (org,))
+    total = tx.rows(
+        "SELECT o.granted_uecu + (SELECT COALESCE(SUM(g.amount_uecu), 0) FROM grants g "
+        "WHERE g.org_id = o.org_id AND g.state = 'pending') FROM organizations o "
+        "WHERE o.org_id = ?",
+        (org,),
+    )[0][0]
+    if int(total) > limit:
+        raise GrantLimit(
+            # Redis's words (grant.lua): the caller sees one error whoever refused.
+            f"grant would take organization {org} past the {limit} uECU total an account may "
+            "be granted",
+            limit=limit,
+        )
 
 
 def _ensure_org(tx: Tx, org: str, at_ms: int) -> None:
@@ -1122,40 +1180,47 @@ def _on_grant(tx: Tx, ev: Event, fx: _Effects) -> str | None:
     expires = v["expires_at"] or None
     if tx.rows(
         "INSERT INTO grants (org_id, grant_id, kind, amount_uecu, granted_at_ms, expires_at_ms, "
-        "source, event_id) VALUES (?, ?, ?, ?, ?, ?, 'event', ?) "
+        "source, event_id, state) VALUES (?, ?, ?, ?, ?, ?, 'event', ?, 'confirmed') "
         "ON CONFLICT (org_id, grant_id) DO NOTHING RETURNING grant_id",
         (ev.org, v["grant_id"], v["kind"], v["amount"], ev.ts, expires, ev.event_id),
     ):
         fx.add(ev.org, granted=v["amount"])
         return None
-    amount, kind, stored_expires, event_id = tx.rows(
-        "SELECT amount_uecu, kind, expires_at_ms, event_id FROM grants "
+    amount, kind, stored_expires, state = tx.rows(
+        "SELECT amount_uecu, kind, expires_at_ms, state FROM grants "
         "WHERE org_id = ? AND grant_id = ?",
         (ev.org, v["grant_id"]),
     )[0]
-    if (amount, kind, stored_expires) != (v["amount"], v["kind"], expires):
-        return (
-            f"grant {v['grant_id']} already recorded with amount {amount}, kind {kind}, "
-            f"expires_at {stored_expires or 0}"
-        )
-    if event_id is None:
-        # Recorded ledger-first: adopt Redis's time, which the burn-order replay follows.
-        tx.run(
-            "UPDATE grants SET event_id = ?, granted_at_ms = ? WHERE org_id = ? AND grant_id = ?",
-            (ev.event_id, ev.ts, ev.org, v["grant_id"]),
-        )
+    if state == GrantStatus.CONFIRMED:
+        if (amount, kind, stored_expires) != (v["amount"], v["kind"], expires):
+            return (
+                f"grant {v['grant_id']} already recorded with amount {amount}, kind {kind}, "
+                f"expires_at {stored_expires or 0}"
+            )
+        return None
+    # Written ledger-first (pending), or void (Redis refused that request): Redis applied this
+    # grant, and Redis is the truth of what was applied. Confirm it with the event's
+    # parameters and Redis's time (which the burn-order replay follows), and count it now.
+    tx.run(
+        "UPDATE grants SET state = 'confirmed', event_id = ?, granted_at_ms = ?, "
+        "amount_uecu = ?, kind = ?, expires_at_ms = ? WHERE org_id = ? AND grant_id = ?",
+        (ev.event_id, ev.ts, v["amount"], v["kind"], expires, ev.org, v["grant_id"]),
+    )
+    fx.add(ev.org, granted=v["amount"])
     return None
 
 
 def _on_grant_expire(tx: Tx, ev: Event, fx: _Effects) -> str | None:
     gid, rest = ev.values["grant_id"], ev.values["amount"]
     rows = tx.rows(
-        "SELECT amount_uecu, expires_at_ms FROM grants WHERE org_id = ? AND grant_id = ?",
+        "SELECT amount_uecu, expires_at_ms FROM grants "
+        "WHERE org_id = ? AND grant_id = ? AND state = 'confirmed'",
         (ev.org, gid),
     )
     # Several flushers may apply an org's events out of order: an expiry whose grant is not
-    # recorded yet is applied all the same (the ledger is the same in any order); one that
-    # contradicts a recorded grant is refused.
+    # recorded yet (or only ledger-first: its parameters are the caller's, not yet what Redis
+    # applied) is applied all the same (the ledger is the same in any order); one that
+    # contradicts a confirmed grant is refused.
     if rows:
         amount, expires = rows[0]
         if expires is None:

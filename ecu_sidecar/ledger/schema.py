@@ -232,5 +232,31 @@ _V1 = (
     )""",
 )
 
+_V2 = (
+    # Two-phase ledger-first grants (docs/ledger.md, "Grants: ledger first"). A grant written
+    # ledger-first is *pending* until its outbox event (Redis applied it) *confirms* it, or
+    # *void* once Redis refused it. Only confirmed grants count in the totals.
+    """
+    ALTER TABLE grants ADD COLUMN state TEXT NOT NULL DEFAULT 'confirmed'
+        CHECK (state IN ('pending', 'confirmed', 'void'))""",
+    # Version 1 counted a ledger-first grant in the totals when it was written, before Redis
+    # had applied it (or refused it): take those not confirmed yet out of the totals again.
+    """
+    UPDATE organizations
+       SET granted_uecu = granted_uecu - (
+               SELECT COALESCE(SUM(g.amount_uecu), 0) FROM grants g
+                WHERE g.org_id = organizations.org_id
+                  AND g.event_id IS NULL AND g.source = 'ledger'),
+           balance_uecu = balance_uecu - (
+               SELECT COALESCE(SUM(g.amount_uecu), 0) FROM grants g
+                WHERE g.org_id = organizations.org_id
+                  AND g.event_id IS NULL AND g.source = 'ledger')
+     WHERE org_id IN (SELECT org_id FROM grants WHERE event_id IS NULL AND source = 'ledger')""",
+    "UPDATE grants SET state = 'pending' WHERE event_id IS NULL AND source = 'ledger'",
+)
+
 #: Every migration, in version order. Versions are dense from 1.
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial ledger", _V1),)
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial ledger", _V1),
+    Migration(2, "two-phase ledger-first grants", _V2),
+)

@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ecu_sidecar.errors import IdempotencyConflict
+from ecu_sidecar.errors import BalanceLimit, GrantAlreadyExpired, IdempotencyConflict
 
 if TYPE_CHECKING:
     from ecu_sidecar.ledger.events import Event
@@ -20,7 +20,10 @@ __all__ = [
     "ConsumptionRow",
     "Forecast",
     "GrantConflict",
+    "GrantExpired",
+    "GrantLimit",
     "GrantState",
+    "GrantStatus",
     "HoldTotals",
     "LedgerArgumentError",
     "LedgerError",
@@ -58,6 +61,19 @@ class GrantConflict(LedgerError, IdempotencyConflict):
     """
 
 
+class GrantExpired(LedgerError, GrantAlreadyExpired):
+    """A ledger-first grant not recorded yet whose expiry is not after the caller's now (what
+    Redis would refuse too). Also an ``ecu_sidecar.errors.GrantAlreadyExpired``."""
+
+
+class GrantLimit(LedgerError, BalanceLimit):
+    """A ledger-first grant would take the organization's confirmed plus pending grants past
+    the largest total an account may be granted (what Redis would refuse too).
+
+    Also an ``ecu_sidecar.errors.BalanceLimit`` (OUT_OF_RANGE / BALANCE_LIMIT at the edge).
+    """
+
+
 class SchemaError(LedgerError):
     """The database schema does not match the migrations this code knows."""
 
@@ -77,6 +93,17 @@ class SchemaAhead(SchemaError):
 
 class SchemaModified(SchemaError):
     """An applied migration's checksum differs from this code's text of it."""
+
+
+class GrantStatus(enum.StrEnum):
+    """Where a grant stands between the ledger and Redis (two-phase ledger-first grants)."""
+
+    PENDING = "pending"
+    """Written ledger-first; Redis has not applied it yet (or its event is not flushed)."""
+    CONFIRMED = "confirmed"
+    """Redis applied it (its outbox event arrived): counted in the totals."""
+    VOID = "void"
+    """Redis refused it (expired, balance limit, grant id used otherwise): never counted."""
 
 
 class NotificationKind(enum.StrEnum):
@@ -120,9 +147,14 @@ class GrantState:
     remaining_uecu: int | None
     """Unspent rest of an expiring, not yet expired grant, by the burn order (soonest expiry
     first); None for never-expiring grants (they form one pool) and expired ones."""
-    confirmed: bool = True
-    """False for a grant written ledger-first whose outbox event has not arrived yet (Redis
-    may not have applied it)."""
+    state: GrantStatus = GrantStatus.CONFIRMED
+    """pending (written ledger-first, Redis has not confirmed it), confirmed (counted) or void
+    (Redis refused it). Only confirmed grants count in the totals and the burn order."""
+
+    @property
+    def confirmed(self) -> bool:
+        """Redis applied it: it counts in the totals."""
+        return self.state == GrantStatus.CONFIRMED
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,8 +218,9 @@ class AccountState:
     balance_uecu: int
     """granted − expired grants − committed (the running total, checked by conservation())."""
     generation: int
-    """Number of grants so far (Redis numbers notification crossings with it)."""
+    """Number of confirmed grants so far (Redis numbers notification crossings with it)."""
     grants: list[GrantState]
+    """Every grant the ledger holds, whatever its state (see GrantState.state)."""
     scopes: list[ScopeState]
     """Teams and projects with a cap or with usage, sorted by (scope, id)."""
     holds: HoldTotals

@@ -334,6 +334,15 @@ class RedisStore:
         """Raise StoreUnavailable unless Redis answers within the timeout."""
         await self._call(lambda: self._client.ping())
 
+    async def now_ms(self) -> int:
+        """The scripts' clock: Redis TIME in ms plus ``clock_offset_ms`` (what every script
+        decides with, e.g. whether a grant has already expired). Raises StoreUnavailable."""
+        reply = await self._call(lambda: self._client.time())
+        if isinstance(reply, dict):  # a Cluster client may answer per node: any node's clock
+            reply = next(iter(reply.values()))
+        seconds, micros = reply
+        return int(seconds) * 1000 + int(micros) // 1000 + self.clock_offset_ms
+
     # -- operations ---------------------------------------------------------------------------
 
     async def reserve(
