@@ -12,6 +12,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.durability import HEADER as DURABILITY_HEADER
+from bench.durability import rows as durability_rows
+
 __all__ = [
     "command_line",
     "dump_json",
@@ -658,6 +661,12 @@ def render_text(results: dict[str, Any]) -> str:
         "",
         *other_lines(results),
     ]
+    if durability_rows(results):
+        parts += [
+            "",
+            "== acknowledged means durable: Reserve→Commit, replica wait on vs off ==",
+            _text_table(DURABILITY_HEADER, durability_rows(results)),
+        ]
     if results.get("levers"):
         parts += ["", "== levers ==", _text_table(LEVER_HEADER, lever_rows(results))]
     if results.get("store_levers"):
@@ -737,6 +746,19 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         *[f"- {line}" for line in other_lines(results)],
     ]
+    if durability_rows(results):
+        lines += [
+            "",
+            "### Acknowledged means durable: the cost of the replica wait",
+            "",
+            "Reserve→Commit pairs, one organization, against two sidecars on the same private "
+            "primary and replica on 127.0.0.1, measured one after the other at each "
+            "concurrency: `ECU_REDIS_WAIT_REPLICAS=0` (answered when the primary ran the "
+            "script) and `=1` (script, fence write and `WAIT 1` in one pipelined round trip on "
+            "a pooled connection). *ratio*: RPC/s with the wait ÷ without.",
+            "",
+            _md_table(DURABILITY_HEADER, durability_rows(results)),
+        ]
     if results.get("levers"):
         lines += [
             "",

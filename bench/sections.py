@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
+from bench.durability import durability
 from bench.harness import Harness
 from bench.stats import summarize
 
@@ -54,6 +55,7 @@ def run_all(h: Harness) -> None:
     preview(h, sidecar)
     flusher_drain(h)
     flusher_lag(h, sidecar)
+    durability(h)
     if cfg.levers:
         levers(h, noop)
 

@@ -32,6 +32,7 @@ from ecu_sidecar.errors import (
     InvalidArgument,
     OrganizationNotAllowed,
     RateCardMismatch,
+    ReplicationUnconfirmed,
     StoreUnavailable,
 )
 from ecu_sidecar.ledger.types import LedgerUnavailable
@@ -737,6 +738,8 @@ class QuotaEngine:
                 account.organization,
                 lambda: self.store.reserve(account, resolved, default_ttl_ms=default_ttl),
             )
+        except ReplicationUnconfirmed:
+            raise  # the primary ran it: a local decision as well would count it twice
         except StoreUnavailable as exc:
             if self.journal is None or len(resolved) != 1:
                 raise
@@ -806,6 +809,8 @@ class QuotaEngine:
         pct = self.settings.overage_max_percent
         try:
             outcome = await self._hydrating(org, lambda: self.store.commit(org, items, pct))
+        except ReplicationUnconfirmed:
+            raise  # the primary ran it: a local decision as well would count it twice
         except StoreUnavailable:
             if self.journal is None:
                 raise
@@ -913,6 +918,8 @@ class QuotaEngine:
         check_id("reservation_id", reservation_id, CALLER_ID_MAX)
         try:
             return await self._hydrating(org, lambda: self.store.release(org, reservation_id))
+        except ReplicationUnconfirmed:
+            raise  # the primary ran it: a local decision as well would count it twice
         except (StoreUnavailable, HoldNotFound):
             # Redis down, or up again before this local hold was replayed: the journal has it.
             local = self.journal.holds.get((org, reservation_id)) if self.journal else None

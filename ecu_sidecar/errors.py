@@ -22,6 +22,7 @@ __all__ = [
     "OrganizationNotAllowed",
     "PermissionDenied",
     "RateCardMismatch",
+    "ReplicationUnconfirmed",
     "StaleSequence",
     "StoreUnavailable",
     "Unauthenticated",
@@ -120,6 +121,14 @@ class StoreUnavailable(EcuError):
     """Redis did not answer within the configured timeout, or refused the connection."""
 
     reason = "STORE_UNAVAILABLE"
+
+
+class ReplicationUnconfirmed(StoreUnavailable):
+    """The primary ran the write, but fewer replicas than ECU_REDIS_WAIT_REPLICAS acknowledged
+    it within ECU_REDIS_WAIT_TIMEOUT_MS: it may be lost in a failover. The outcome is unknown;
+    a retry with the same id is answered as a replay when the write survived."""
+
+    reason = "REPLICATION_UNCONFIRMED"
 
 
 class AdminDisabled(EcuError):

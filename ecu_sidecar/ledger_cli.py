@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ecu_sidecar import eventloop
+from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.ledger import open_configured
 from ecu_sidecar.metrics import FlusherMetrics
@@ -90,9 +91,16 @@ async def _run_flusher(settings: Settings, *, once: bool) -> int:
     flusher = Flusher(store, ledger, settings, FlusherMetrics(registry))
     try:
         if once:
-            moved = await flusher.drain()
-            await flusher.hydrate_missing()
-            drifts = await flusher.reconcile()
+            try:
+                moved = await flusher.drain()
+                await flusher.hydrate_missing()
+                drifts = await flusher.reconcile()
+            except StoreUnavailable as exc:
+                # Unreachable, READONLY (a failover in progress), NOREPLICAS ...: nothing was
+                # lost (what was not acknowledged is read again by the next run); one line,
+                # exit 1, for the operator or the job to retry.
+                print(f"error: Redis unavailable: {exc.message}", file=sys.stderr)
+                return 1
             print(
                 f"moved {moved} events; reconciled {len(drifts)} organizations, "
                 f"{sum(1 for d in drifts.values() if d)} repaired"

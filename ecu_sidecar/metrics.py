@@ -84,7 +84,9 @@ class StoreMetrics:
             "ecu_redis_script_errors_total",
             "Redis script calls that failed, by script and error (timeout: no answer within "
             "ECU_REDIS_TIMEOUT_MS; unreachable: connection failed; refused: READONLY, OOM, "
-            "LOADING, CLUSTERDOWN and alike; error: any other Redis error).",
+            "LOADING, CLUSTERDOWN and alike; unconfirmed: fewer replicas than "
+            "ECU_REDIS_WAIT_REPLICAS acknowledged the write in time; error: any other Redis "
+            "error).",
             ["script", "error"],
             registry=registry,
         )

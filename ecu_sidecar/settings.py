@@ -15,13 +15,24 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
-__all__ = ["Settings", "SettingsError", "describe"]
+__all__ = [
+    "SENTINEL_SCHEME",
+    "SentinelUrl",
+    "Settings",
+    "SettingsError",
+    "describe",
+    "parse_sentinel_url",
+]
 
 
 class SettingsError(ValueError):
     """A configuration value is missing, malformed or out of range."""
 
+
+#: The scheme of a Redis Sentinel URL in ECU_REDIS_URL.
+SENTINEL_SCHEME = "redis+sentinel://"
 
 #: Bound of ECU_METRICS_ORGS (ecu_sidecar.metrics.MAX_METRICS_ORGS).
 _MAX_METRICS_ORGS = 100
@@ -70,7 +81,9 @@ class Settings:
     refused with PERMISSION_DENIED. Empty allows all."""
 
     redis_url: str = field(default="", metadata={"kind": "url"})
-    """ECU_REDIS_URL: redis:// or rediss:// URL; empty runs the embedded in-process store."""
+    """ECU_REDIS_URL: redis://, rediss:// or unix:// URL, or a Sentinel URL
+    (redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]); empty runs the
+    embedded in-process store."""
 
     redis_cluster: bool = field(default=False, metadata={"kind": "bool"})
     """ECU_REDIS_CLUSTER: treat ECU_REDIS_URL as a Redis Cluster seed node."""
@@ -83,6 +96,20 @@ class Settings:
 
     redis_pool_size: int = field(default=64, metadata=_int(1, 10_000))
     """ECU_REDIS_POOL_SIZE: most Redis connections per node."""
+
+    redis_wait_replicas: int = field(default=0, metadata=_int(0, 16))
+    """ECU_REDIS_WAIT_REPLICAS: before answering OK to a mutation (reserve, commit, release,
+    extend, grant, caps, auto-top-up, and the flusher's sweeps), wait until this many replicas
+    acknowledged the script's write (Redis WAIT, sent in the script's own round trip); a write
+    not confirmed within ECU_REDIS_WAIT_TIMEOUT_MS answers UNAVAILABLE with reason
+    REPLICATION_UNCONFIRMED (outcome unknown; a retry with the same id is a replay). 0 (the
+    default) does not wait: an acknowledged write can be lost in a failover. Production with
+    replicas: 1 or more (at most the replicas each primary has)."""
+
+    redis_wait_timeout_ms: int = field(default=100, metadata=_int(1, 60_000))
+    """ECU_REDIS_WAIT_TIMEOUT_MS: bound on the replica acknowledgement of one write (WAIT's
+    timeout); must be below ECU_REDIS_TIMEOUT_MS, so an unconfirmed write is told apart from an
+    unreachable Redis."""
 
     key_prefix: str = field(default="ecu", metadata={"kind": "str"})
     """ECU_KEY_PREFIX: namespace of every Redis key (ecu:{org}:...)."""
@@ -348,6 +375,21 @@ class Settings:
             )
         if self.redis_cluster and not self.redis_url:
             raise SettingsError("ECU_REDIS_CLUSTER: set, but ECU_REDIS_URL is empty")
+        if self.redis_wait_replicas and self.redis_wait_timeout_ms >= self.redis_timeout_ms:
+            raise SettingsError(
+                "ECU_REDIS_WAIT_TIMEOUT_MS: must be below ECU_REDIS_TIMEOUT_MS "
+                f"({self.redis_timeout_ms}), got {self.redis_wait_timeout_ms}"
+            )
+        if self.redis_wait_replicas and self.embedded:
+            raise SettingsError(
+                "ECU_REDIS_WAIT_REPLICAS: the embedded store has no replicas; set ECU_REDIS_URL"
+            )
+        if self.redis_url.startswith(SENTINEL_SCHEME):
+            if self.redis_cluster:
+                raise SettingsError(
+                    "ECU_REDIS_CLUSTER: a Sentinel URL names a standalone primary, not a Cluster"
+                )
+            parse_sentinel_url(self.redis_url)
 
 
 def _read_file(path: str) -> dict[str, Any]:
@@ -404,9 +446,58 @@ def _coerce(origin: str, meta: Mapping[str, Any], value: Any) -> Any:
             if choice.lower() == text.lower():
                 return choice
         raise SettingsError(f"{origin}: must be one of {', '.join(meta['choices'])}, got {value!r}")
-    if kind == "url" and text and not text.startswith(("redis://", "rediss://", "unix://")):
-        raise SettingsError(f"{origin}: must start with redis://, rediss:// or unix://")
+    if (
+        kind == "url"
+        and text
+        and not text.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME))
+    ):
+        raise SettingsError(
+            f"{origin}: must start with redis://, rediss://, unix:// or {SENTINEL_SCHEME}"
+        )
     return text
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelUrl:
+    """A parsed ``redis+sentinel://`` URL (see ECU_REDIS_URL)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    """The Sentinels' (host, port)."""
+    service: str
+    """The monitored primary's name (Sentinel's master name)."""
+    db: int
+    username: str | None
+    """Of the Redis primary and replicas (Sentinels are asked without credentials)."""
+    password: str | None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """Parse ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]``
+    (raises SettingsError naming what is wrong)."""
+    origin = "ECU_REDIS_URL"
+    rest = url[len(SENTINEL_SCHEME) :]
+    creds, at, rest = rest.rpartition("@")
+    username = password = None
+    if at:
+        user, sep, secret = creds.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if sep else None
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    if not parts or len(parts) > 2:
+        raise SettingsError(
+            f"{origin}: a Sentinel URL needs the service name: "
+            "redis+sentinel://host:port[,host:port...]/service[/db]"
+        )
+    db = 0
+    if len(parts) == 2:
+        if not parts[1].isdigit():
+            raise SettingsError(f"{origin}: database must be a number, got {parts[1]!r}")
+        db = int(parts[1])
+    sentinels = []
+    for item in hosts.split(","):
+        sentinels.append(_split_hostport(origin, item))
+    return SentinelUrl(tuple(sentinels), unquote(parts[0]), db, username, password)
 
 
 def _is_loopback(host: str) -> bool:

@@ -36,6 +36,7 @@ STATUS_BY_ERROR: dict[type[errors.EcuError], grpc.StatusCode] = {
     UnknownRateCardVersion: grpc.StatusCode.FAILED_PRECONDITION,
     NoRateCard: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ReplicationUnconfirmed: grpc.StatusCode.UNAVAILABLE,
     errors.AdminDisabled: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,

@@ -1,8 +1,8 @@
 """A throwaway multi-master Redis Cluster, started from the ``redis-server`` binary.
 
-``start_cluster()`` launches N masters (no replicas) on 127.0.0.1 only, in a temporary
-directory, on free ports (each port and its cluster bus port, port + 10000, are probed), joins
-them with ``redis-cli --cluster create`` and waits (bounded) until every node reports
+``start_cluster()`` launches N masters (and ``replicas`` replicas of each) on 127.0.0.1 only,
+in a temporary directory, on free ports (each port and its cluster bus port, port + 10000, are
+probed), joins them with ``redis-cli --cluster create`` and waits (bounded) until every node reports
 ``cluster_state:ok``. ``RedisClusterProcess.stop()`` kills the processes and removes the
 directory. Everything is bounded in time; a failure raises ``ClusterStartError`` with the
 node logs attached.
@@ -30,6 +30,7 @@ __all__ = [
     "RedisClusterProcess",
     "cluster_binaries",
     "cluster_or_skip",
+    "replicas_by_master",
     "slot_owners",
     "start_cluster",
 ]
@@ -198,13 +199,18 @@ def _all_cluster_ok(cluster: RedisClusterProcess) -> bool:
 
 
 def _bring_up(
-    cluster: RedisClusterProcess, server: str, cli: str, timeout_s: float, node_timeout_ms: int
+    cluster: RedisClusterProcess,
+    server: str,
+    cli: str,
+    timeout_s: float,
+    node_timeout_ms: int,
+    replicas: int = 0,
 ) -> None:
     _launch(cluster, server, node_timeout_ms)
     deadline = time.monotonic() + timeout_s
     _wait("every node to answer PING", deadline, _all_answer_ping, cluster)
     args = [cli, "--cluster", "create", *(f"{HOST}:{p}" for p in cluster.ports)]
-    args += ["--cluster-replicas", "0", "--cluster-yes"]
+    args += ["--cluster-replicas", str(replicas), "--cluster-yes"]
     try:
         create = subprocess.run(
             args,
@@ -224,10 +230,51 @@ def _bring_up(
             f"{cluster.logs()}"
         )
     _wait("cluster_state:ok on every node", deadline, _all_cluster_ok, cluster)
+    if replicas:
+        _wait(
+            "every replica online",
+            deadline,
+            lambda c: _replicas_online(c, len(c.ports) // (1 + replicas), replicas),
+            cluster,
+        )
+
+
+def _replicas_online(cluster: RedisClusterProcess, masters: int, replicas: int) -> bool:
+    layout = replicas_by_master(cluster.ports[0])
+    if len(layout) != masters or any(len(r) != replicas for r in layout.values()):
+        return False  # roles not yet known to the node asked
+    for master in layout:
+        info = _command(master, "INFO", "replication").decode()
+        if info.count("state=online") != replicas:
+            return False
+    return True
+
+
+def replicas_by_master(port: int) -> dict[int, list[int]]:
+    """Master client port -> its replicas' client ports, from CLUSTER NODES as ``port`` sees
+    it."""
+    reply = _command(port, "CLUSTER", "NODES").decode()
+    ports: dict[str, int] = {}
+    masters: dict[int, list[int]] = {}
+    of: list[tuple[int, str]] = []
+    for line in reply.split("\r\n", 1)[1].splitlines():
+        parts = line.split()
+        if len(parts) < 8:
+            continue
+        node_port = int(parts[1].split("@", 1)[0].rsplit(":", 1)[1])
+        ports[parts[0]] = node_port
+        flags = parts[2].split(",")
+        if "master" in flags:
+            masters.setdefault(node_port, [])
+        elif "slave" in flags:
+            of.append((node_port, parts[3]))
+    for replica, master_id in of:
+        masters.setdefault(ports[master_id], []).append(replica)
+    return masters
 
 
 def start_cluster(
-    masters: int = 3, *, timeout_s: float = 30.0, node_timeout_ms: int = 2_000
+    masters: int = 3, *, replicas: int = 0, timeout_s: float = 30.0, node_timeout_ms: int = 2_000
 ) -> RedisClusterProcess:
     """Start ``masters`` cluster-enabled nodes, create the cluster, wait for cluster_state:ok.
 
@@ -241,9 +288,9 @@ def start_cluster(
     last: Exception | None = None
     for _attempt in range(3):
         directory = Path(tempfile.mkdtemp(prefix="ecu-redis-cluster-"))
-        cluster = RedisClusterProcess(_free_ports(masters, rng), directory)
+        cluster = RedisClusterProcess(_free_ports(masters * (1 + replicas), rng), directory)
         try:
-            _bring_up(cluster, server, cli, timeout_s, node_timeout_ms)
+            _bring_up(cluster, server, cli, timeout_s, node_timeout_ms, replicas)
             return cluster
         except ClusterStartError as exc:
             cluster.stop()
@@ -257,7 +304,7 @@ def start_cluster(
 
 
 @contextlib.contextmanager
-def cluster_or_skip(masters: int = 3) -> Iterator[RedisClusterProcess]:
+def cluster_or_skip(masters: int = 3, replicas: int = 0) -> Iterator[RedisClusterProcess]:
     """A running cluster for the duration of the block; skips (or, with
     ECU_REQUIRE_SERVICES set, fails) when the Redis binaries are missing."""
     import pytest
@@ -269,7 +316,7 @@ def cluster_or_skip(masters: int = 3) -> Iterator[RedisClusterProcess]:
         if REQUIRE_SERVICES:
             pytest.fail(message + " and ECU_REQUIRE_SERVICES is set", pytrace=False)
         pytest.skip(message)
-    cluster = start_cluster(masters)
+    cluster = start_cluster(masters, replicas=replicas)
     try:
         yield cluster
     finally:

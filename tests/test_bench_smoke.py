@@ -102,6 +102,11 @@ def test_smoke_run_produces_every_section(tmp_path: Path) -> None:
     for t in results["targets"]:
         assert isinstance(t["pass"], bool), t
 
+    # Reserve→Commit with and without the replica wait, same run (bench/durability.py).
+    durable = results["durability"]["pairs"]
+    assert durable and all(p[k]["rpc_per_s"] > 0 for p in durable for k in ("on", "off"))
+    assert "durability" in sections
+
     env = results["meta"]["environment"]
     assert env["nproc"] >= 1 and env["python"] and env["packages"]["grpcio"]
 

@@ -95,3 +95,26 @@ def test_serve_flushes_into_sqlite_and_report_adds_up(tmp_path: Path) -> None:
         assert c is not None and c.ok
         held = ledger.account("acme")
         assert held is not None and held.holds.outstanding_uecu == 70_000
+
+
+def test_flush_once_against_a_replica_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """READONLY (the flusher reaching a demoted primary) is Redis unavailable: one line, exit
+    1, nothing written; not a ledger write failure with a traceback."""
+    from tests.replicated_redis import ReplicatedRedis
+
+    pair = ReplicatedRedis()
+    try:
+        with pair.client(pair.primary) as primary:  # an outbox with an event to flush
+            primary.xadd("ecu:{acme}:outbox", {"e": "1"})
+        pair.wait_linked()
+        url = f"sqlite://{tmp_path}/l.db"
+        ok(run_cli("migrate", env=clean_env(ECU_LEDGER_URL=url)))
+        env = clean_env(
+            ECU_LEDGER_URL=url, ECU_REDIS_URL=f"redis://127.0.0.1:{pair.replica.port}/0"
+        )
+        result = run_cli("flush", "--once", env=env)
+        assert result.returncode == 1, result.stderr
+        assert "error: Redis unavailable: Redis cannot serve" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        pair.close()

@@ -7,6 +7,9 @@
     <prefix>:{<org>}:outbox      stream one event per state change, for the ledger flusher
     <prefix>:{<org>}:grants      hash   grant id -> grant record
     <prefix>:{<org>}:gexp        zset   grant id -> expiry ms of expiring grants with a rest
+    <prefix>:{<org>}:fence       string written after each confirmed script, so that the WAIT
+                                        behind it covers everything the primary holds (see
+                                        RedisStore: ECU_REDIS_WAIT_REPLICAS); no script reads it
 
 Organization ids are validated (ecu_sidecar.validation) to exclude ``{``, ``}`` and ``:``, so a
 caller can neither move its keys to another slot nor into another organization's namespace.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-__all__ = ["SUFFIXES", "org_keys"]
+__all__ = ["SUFFIXES", "fence_key", "org_keys"]
 
 #: Suffixes in the order every script receives them as KEYS[1..7].
 SUFFIXES = ("acct", "holds", "deadlines", "tombs", "outbox", "grants", "gexp")
@@ -27,3 +30,8 @@ def org_keys(prefix: str, org: str) -> tuple[str, ...]:
     """The seven keys of one organization, in script order."""
     base = f"{prefix}:{{{org}}}:"
     return tuple(base + s for s in SUFFIXES)
+
+
+def fence_key(prefix: str, org: str) -> str:
+    """The organization's fence key (same hash slot as its other keys)."""
+    return f"{prefix}:{{{org}}}:fence"

@@ -27,7 +27,9 @@ Behaviour kept from the pool it replaces (tests/test_unavailable.py, tests/chaos
   failing the calls still on the old connection.
 
 Only TCP (``redis://``) and Unix-socket (``unix://``) URLs are multiplexed; the store keeps
-redis-py's pool for ``rediss://`` (see RedisStore.from_settings).
+redis-py's pool for ``rediss://`` (see RedisStore.from_settings), and for the scripts whose
+write it confirms on replicas (ECU_REDIS_WAIT_REPLICAS): their WAIT blocks the connection it is
+sent on, which here would hold every other call behind it.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ecu_sidecar.errors import StoreUnavailable
-from ecu_sidecar.store.redis_store import RedisStore, _s
+from ecu_sidecar.store.redis_store import RedisStore, _s, refusal
 from ecu_sidecar.store.streams import GROUP, StreamState, stream_state
 
 P = ParamSpec("P")
@@ -29,8 +29,8 @@ R = TypeVar("R")
 
 @contextlib.contextmanager
 def _store_errors(timeout_s: float) -> Iterator[None]:
-    """Redis unreachable or silent -> StoreUnavailable, as for the scripts (the flusher backs
-    off)."""
+    """Redis unreachable, silent or refusing -> StoreUnavailable, as for the scripts (the
+    flusher backs off)."""
     try:
         yield
     except TimeoutError:  # before OSError, of which it is a subclass
@@ -39,6 +39,13 @@ def _store_errors(timeout_s: float) -> Iterator[None]:
         ) from None
     except (ConnectionError, RedisTimeoutError, OSError) as exc:
         raise StoreUnavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+    except ResponseError as exc:
+        # READONLY (a primary demoted under the flusher), NOREPLICAS, OOM, LOADING ...: Redis
+        # cannot serve now, as the scripts meet it; not a ledger failure.
+        word = refusal(exc)
+        if word is None:
+            raise
+        raise StoreUnavailable(f"Redis cannot serve the flusher: {word}") from None
 
 
 def _unavailable(
@@ -50,9 +57,14 @@ def _unavailable(
 
     @functools.wraps(fn)
     async def wrapped(self: OutboxReader, *args: P.args, **kwargs: P.kwargs) -> R:
-        with _store_errors(self.timeout_s):
-            async with asyncio.timeout(self.timeout_s):
-                return await fn(self, *args, **kwargs)
+        try:
+            with _store_errors(self.timeout_s):
+                async with asyncio.timeout(self.timeout_s):
+                    return await fn(self, *args, **kwargs)
+        except StoreUnavailable as exc:
+            if exc.message.endswith(": ReadOnlyError"):
+                await self.store.demoted()
+            raise
 
     return wrapped
 

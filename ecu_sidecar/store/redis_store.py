@@ -14,14 +14,16 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
     BusyLoadingError,
     ClusterDownError,
     ConnectionError,
+    MovedError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -31,7 +33,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ecu_sidecar.errors import BY_REASON, EcuError, StoreUnavailable
+from ecu_sidecar.errors import BY_REASON, EcuError, ReplicationUnconfirmed, StoreUnavailable
 from ecu_sidecar.model import (
     MAX_GRANTED_UECU,
     AccountRef,
@@ -53,8 +55,8 @@ from ecu_sidecar.model import (
     ScopeUsage,
     SweepOutcome,
 )
-from ecu_sidecar.settings import Settings
-from ecu_sidecar.store.keys import org_keys
+from ecu_sidecar.settings import SENTINEL_SCHEME, Settings, parse_sentinel_url
+from ecu_sidecar.store.keys import fence_key, org_keys
 from ecu_sidecar.store.multiplex import ScriptChannel, multiplexable
 from ecu_sidecar.store.scripts import SCRIPTS, Script
 from ecu_sidecar.store.streams import GROUP, StreamState, stream_state
@@ -62,7 +64,7 @@ from ecu_sidecar.store.streams import GROUP, StreamState, stream_state
 if TYPE_CHECKING:
     from ecu_sidecar.metrics import StoreMetrics
 
-__all__ = ["RedisStore"]
+__all__ = ["CONFIRMED_SCRIPTS", "RedisStore", "refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,21 @@ _UNAVAILABLE_PREFIXES = (
     "MOVED",
     "ASK",
 )
+
+#: Scripts whose write is confirmed on ECU_REDIS_WAIT_REPLICAS replicas before it is answered:
+#: every caller-visible mutation (money moves in reserve, commit, release, grant; extend's
+#: deadline decides when a hold may expire; caps and auto-top-up decide later admissions), and
+#: the sweep, whose expiries the ledger records. Not confirmed: ``balance`` (a read; the
+#: overdue holds it sweeps are swept again after a failover), and the flusher's ``hydrate``
+#: and ``reconcile`` (rebuilds from the ledger, redone by the next cycle if a failover loses
+#: them), nor the flusher's XACK/XDEL (a lost acknowledgement redelivers events the ledger
+#: already holds, which insert as duplicates: no money moves twice).
+CONFIRMED_SCRIPTS = frozenset(
+    {"reserve", "commit", "release", "extend", "grant", "set_cap", "set_auto_topup", "sweep"}
+)
+
+#: Lifetime of an organization's fence key (rewritten by every confirmed script call).
+_FENCE_TTL_MS = 600_000
 
 #: Bound on one embedded-store call (see RedisStore.__init__).
 EMBEDDED_TIMEOUT_S = 10.0
@@ -144,12 +161,20 @@ class RedisStore:
         """'embedded', 'standalone' or 'cluster' (for logs and health)."""
         # redis-py's cluster client has no blocking pool: past max_connections on a node it
         # fails at once. Queue calls here instead, inside the same timeout.
-        self._gate = asyncio.Semaphore(settings.redis_pool_size) if kind == "cluster" else None
+        self._gate = (
+            asyncio.Semaphore(settings.redis_pool_size)
+            if kind == "cluster" or settings.redis_url.startswith(SENTINEL_SCHEME)
+            else None
+        )
         self.clock_offset_ms = 0
         """Added to Redis TIME inside every script. Production leaves it at 0; tests move it
         forward to let holds expire without sleeping."""
         self.metrics: StoreMetrics | None = None
         """Where script latency and errors are counted (set by the server or the flusher)."""
+        self._wait_replicas = 0 if kind == "embedded" else settings.redis_wait_replicas
+        self._waitaof: bool | None = None
+        """Whether WAITAOF 1 0 joins WAIT (learned once, on the first confirmed call: the
+        server has WAITAOF, Redis >= 7.2, and its AOF is on); None until then."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisStore:
@@ -190,6 +215,8 @@ class RedisStore:
                 **common,
             )
             return cls(client, settings, kind="cluster")
+        if settings.redis_url.startswith(SENTINEL_SCHEME):
+            return cls(_sentinel_client(settings, common), settings, kind="standalone")
         # A blocking pool: under a burst, calls queue for a connection (bounded by the call
         # timeout) instead of failing at once when every connection is busy.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -535,9 +562,13 @@ class RedisStore:
             self._settings.sweep_limit,
             *args,
         ]
+        confirm = bool(self._wait_replicas) and name in CONFIRMED_SCRIPTS
         started = time.perf_counter()
         try:
-            reply = await self._call(lambda: self._eval(script, keys, argv))
+            if confirm:
+                reply = await self._call(lambda: self._eval_confirmed(script, org, keys, argv))
+            else:
+                reply = await self._call(lambda: self._eval(script, keys, argv))
         except Exception as exc:
             if self.metrics is not None:
                 self.metrics.script_errors.labels(name, _error_kind(exc)).inc()
@@ -558,6 +589,129 @@ class RedisStore:
         except NoScriptError:
             log.debug("script %s not cached on this node; loading it", script.name)
             return await execute("EVAL", script.source, len(keys), *keys, *argv)
+
+    async def _eval_confirmed(
+        self, script: Script, org: str, keys: Sequence[str], argv: list[Any]
+    ) -> Any:
+        """The script, then a write of the organization's fence key, then WAIT (and WAITAOF
+        where it applies), pipelined: one round trip. Raises ReplicationUnconfirmed when fewer
+        replicas than ECU_REDIS_WAIT_REPLICAS acknowledged in time.
+
+        WAIT covers the writes its connection made before it. The fence makes that everything
+        the primary holds at that moment: a script that wrote nothing (a replay, a refusal)
+        still answers from state an earlier, perhaps unconfirmed call wrote, maybe on another
+        connection; it too is confirmed before it is answered."""
+        if self._waitaof is None:
+            self._waitaof = await self._has_waitaof(keys[0])
+        timeout_ms = self._settings.redis_wait_timeout_ms
+        confirm: list[tuple[Any, ...]] = [
+            ("SET", fence_key(self._settings.key_prefix, org), "1", "PX", _FENCE_TTL_MS),
+            ("WAIT", self._wait_replicas, timeout_ms),
+        ]
+        if self._waitaof:
+            confirm.append(("WAITAOF", 1, 0, timeout_ms))
+        n = len(keys)
+        evalsha = ("EVALSHA", script.sha, n, *keys, *argv)
+        replies = await self._pipeline(keys[0], [evalsha, *confirm])
+        if isinstance(replies[0], NoScriptError):
+            log.debug("script %s not cached on this node; loading it", script.name)
+            replies = await self._pipeline(
+                keys[0], [("EVAL", script.source, n, *keys, *argv), *confirm]
+            )
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        acked = int(replies[2])
+        if acked < self._wait_replicas:
+            raise ReplicationUnconfirmed(
+                f"the write's durability is unconfirmed: {acked} of "
+                f"{self._wait_replicas} replicas acknowledged it within {timeout_ms} ms "
+                "(ECU_REDIS_WAIT_REPLICAS); the outcome is unknown, and a retry with the same "
+                "id is answered as a replay if the write survived",
+                acknowledged=acked,
+                required=self._wait_replicas,
+            )
+        if self._waitaof and not int(replies[3][0]):
+            raise ReplicationUnconfirmed(
+                f"the write's durability is unconfirmed: the primary did not fsync its AOF "
+                f"within {timeout_ms} ms; the outcome is unknown, and a retry with the same "
+                "id is answered as a replay if the write survived",
+                acknowledged=acked,
+                required=self._wait_replicas,
+            )
+        return replies[0]
+
+    async def _pipeline(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Commands in one round trip to the node that owns ``key``; error replies in place.
+
+        Never on the multiplexed script channel: WAIT blocks the connection it is sent on, and
+        on the one connection every call shares it would hold all of them (reads included)
+        behind it for up to ECU_REDIS_WAIT_TIMEOUT_MS each; with a replica away the sidecar
+        would then serve one write per wait timeout. A pooled connection per confirmed call
+        (ECU_REDIS_POOL_SIZE of them, calls queue within the timeout) blocks only its own."""
+        if self.kind == "cluster":
+            return await self._cluster_pipeline(key, commands)
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=False)
+
+    async def _cluster_pipeline(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        # redis-py's cluster pipeline routes a keyless WAIT to a node of its own choosing:
+        # the commands go as one pipeline on a connection of the key's primary instead, so
+        # that WAIT counts the replicas of the node that ran the script.
+        client = self._client
+        await client.initialize()  # a no-op unless a failure asked for a fresh layout
+        for _ in range(2):
+            node = client.get_node_from_key(key)
+            cmds = [PipelineCommand(i, *c) for i, c in enumerate(commands)]
+            try:
+                await node.execute_pipeline(cmds)
+            except (ConnectionError, RedisTimeoutError):
+                # As redis-py's own command path does: this node's connections are stale and
+                # the layout is to be learned again (the primary may have failed over).
+                node.update_active_connections_for_reconnect()
+                await node.disconnect_free_connections()
+                client.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
+                client._initialize = True  # read by initialize() above
+                raise
+            first = cmds[0].result
+            if isinstance(first, MovedError):
+                # The slot moved (resharding, or a failover seen by the node we reached): the
+                # script did not run there. Learn the new owner and send it once more.
+                await client.nodes_manager.move_slot(first)
+                continue
+            return [c.result for c in cmds]
+        raise StoreUnavailable("Redis cannot serve: MOVED")
+
+    async def _has_waitaof(self, key: str) -> bool:
+        """Whether the primary has WAITAOF (Redis >= 7.2) and its AOF on: then an answer also
+        waits until the primary fsynced the write (WAITAOF 1 0), so that a restart of the
+        primary without a failover keeps it. WAITAOF's replica count is not used: replicas
+        without AOF never acknowledge it, and WAIT's in-memory acknowledgement is what
+        survives a failover. Learned once; on any doubt, WAIT alone."""
+        try:
+            if self.kind == "cluster":
+                node = self._client.get_node_from_key(key)
+                info = await node.execute_command("INFO", "server")
+                persistence = await node.execute_command("INFO", "persistence")
+            else:
+                info = await self._client.execute_command("INFO", "server")
+                persistence = await self._client.execute_command("INFO", "persistence")
+        except ResponseError as exc:  # INFO renamed or refused by an ACL
+            log.warning("cannot read the Redis version (%s): confirming writes with WAIT", exc)
+            return False
+        version = str(_info(info).get("redis_version", "0"))
+        aof = str(_info(persistence).get("aof_enabled", "0")) == "1"
+        waitaof = waitaof_applies(version, aof)
+        log.info(
+            "confirming writes on %d replica(s) with WAIT%s (Redis %s, AOF %s)",
+            self._wait_replicas,
+            " and WAITAOF 1 0" if waitaof else "",
+            version,
+            "on" if aof else "off",
+        )
+        return waitaof
 
     async def _call(self, fn: Any) -> Any:
         started = time.monotonic()
@@ -582,26 +736,43 @@ class RedisStore:
         ) as exc:
             raise StoreUnavailable(f"Redis is unreachable: {type(exc).__name__}") from None
         except ResponseError as exc:
-            if isinstance(exc, ReadOnlyError) and self.kind == "standalone":
-                # The node we reach was demoted to a replica (a failover behind a stable
-                # address): drop every pooled connection so the next calls connect afresh and
-                # find the new primary, instead of failing on READONLY forever.
-                log.warning("Redis answered READONLY: reconnecting")
-                # Only idle connections: those in use by other calls are dropped when they are
-                # released after meeting READONLY themselves (tearing them down mid-handshake
-                # would surface as an internal error in those calls).
-                await self._client.connection_pool.disconnect(inuse_connections=False)
-                if self._channel is not None:
-                    self._channel.retire()
-            if isinstance(exc, _UNAVAILABLE_ERRORS):
-                raise StoreUnavailable(f"Redis cannot serve: {type(exc).__name__}") from None
-            if str(exc).startswith(_UNAVAILABLE_PREFIXES):
-                raise StoreUnavailable(f"Redis cannot serve: {str(exc).split()[0]}") from None
+            if isinstance(exc, ReadOnlyError):
+                await self.demoted()
+            word = refusal(exc)
+            if word is not None:
+                raise StoreUnavailable(f"Redis cannot serve: {word}") from None
             raise
+
+    async def demoted(self) -> None:
+        """Called when Redis answered READONLY: on a standalone Redis, the node we reach was
+        demoted to a replica (a failover behind a stable address). Drop every idle pooled
+        connection so the next calls connect afresh and find the new primary, instead of
+        failing on READONLY forever."""
+        if self.kind != "standalone":
+            return
+        log.warning("Redis answered READONLY: reconnecting")
+        # Only idle connections: those in use by other calls are dropped when they are
+        # released after meeting READONLY themselves (tearing them down mid-handshake would
+        # surface as an internal error in those calls).
+        await self._client.connection_pool.disconnect(inuse_connections=False)
+        if self._channel is not None:
+            self._channel.retire()
+
+
+def refusal(exc: ResponseError) -> str | None:
+    """The name of a reply that means "this node cannot serve now" (READONLY, NOREPLICAS,
+    OOM, LOADING, CLUSTERDOWN ...), answered as UNAVAILABLE; None for any other error."""
+    if isinstance(exc, _UNAVAILABLE_ERRORS):
+        return type(exc).__name__
+    if str(exc).startswith(_UNAVAILABLE_PREFIXES):
+        return str(exc).split()[0]
+    return None
 
 
 def _error_kind(exc: Exception) -> str:
     """The ``error`` label of ecu_redis_script_errors_total, from the messages of _call."""
+    if isinstance(exc, ReplicationUnconfirmed):
+        return "unconfirmed"
     if not isinstance(exc, StoreUnavailable):
         return "error"
     if exc.message.startswith("Redis did not answer"):
@@ -609,6 +780,49 @@ def _error_kind(exc: Exception) -> str:
     if exc.message.startswith("Redis cannot serve"):
         return "refused"
     return "unreachable"
+
+
+def waitaof_applies(version: str, aof_enabled: bool) -> bool:
+    """Whether ``WAITAOF 1 0`` joins WAIT: the server has it (Redis >= 7.2) and runs AOF."""
+    parts = [*version.split("."), "0"][:2]
+    major, minor = (int(p) if p.isdigit() else 0 for p in parts)
+    return (major, minor) >= (7, 2) and aof_enabled
+
+
+def _info(reply: Any) -> dict[str, Any]:
+    """An INFO reply as a dict (redis-py parses it; the raw text otherwise)."""
+    if isinstance(reply, dict):
+        return reply
+    out = {}
+    for line in _s(reply).splitlines():
+        name, sep, value = line.partition(":")
+        if sep:
+            out[name.strip()] = value.strip()
+    return out
+
+
+def _sentinel_client(settings: Settings, common: dict[str, Any]) -> Any:
+    """A client of the primary a Sentinel URL names, through redis-py's Sentinel support: the
+    primary's address is asked of the Sentinels on each new connection, and a connection that
+    meets READONLY (a demoted primary) is dropped and retried once on the new primary."""
+    url = parse_sentinel_url(settings.redis_url)
+    timeout = settings.redis_connect_timeout_ms / 1000
+    sentinel = Sentinel(
+        list(url.sentinels),
+        sentinel_kwargs={"socket_connect_timeout": timeout, "socket_timeout": timeout},
+        socket_connect_timeout=timeout,
+    )
+    return sentinel.master_for(
+        url.service,
+        redis_class=aioredis.Redis,
+        db=url.db,
+        username=url.username,
+        password=url.password,
+        max_connections=settings.redis_pool_size,
+        retry=common["retry"],
+        retry_on_error=[ConnectionError],
+        health_check_interval=common["health_check_interval"],
+    )
 
 
 def _script_error(reply: list[Any]) -> EcuError:

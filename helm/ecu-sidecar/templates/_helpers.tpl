@@ -123,6 +123,12 @@ Environment shared by the sidecar and the flusher: Redis, ledger, quota behaviou
   value: {{ .Values.redis.connectTimeoutMs | int64 | quote }}
 - name: ECU_REDIS_POOL_SIZE
   value: {{ .Values.redis.poolSize | int64 | quote }}
+{{- if not (include "ecu-sidecar.embedded" .) }}
+- name: ECU_REDIS_WAIT_REPLICAS
+  value: {{ .Values.redis.waitReplicas | int64 | quote }}
+- name: ECU_REDIS_WAIT_TIMEOUT_MS
+  value: {{ .Values.redis.waitTimeoutMs | int64 | quote }}
+{{- end }}
 - name: ECU_KEY_PREFIX
   value: {{ .Values.redis.keyPrefix | quote }}
 - name: ECU_DEFAULT_TTL_MS

@@ -1,0 +1,211 @@
+"""The cost of "acknowledged means durable" (ECU_REDIS_WAIT_REPLICAS).
+
+Reserve→Commit pairs against two sidecars on the same private primary and replica on
+127.0.0.1, in the same run, interleaved per concurrency: one answering as soon as the primary
+ran the script (ECU_REDIS_WAIT_REPLICAS=0, the default), one confirming every write on the
+replica first (=1: the script, a fence write and WAIT in one pipelined round trip, on a
+pooled connection). Reported as the ratio of the two.
+
+Part of ``make bench`` (bench.sections.run_all); on its own, without the rest of the matrix:
+``python -m bench.durability [--seconds S]`` prints the table and writes
+bench/durability.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import procs
+from bench.harness import Config, Harness
+
+__all__ = ["HEADER", "durability", "rows"]
+
+ORG = "dur-0"
+WAIT_TIMEOUT_MS = "100"
+
+
+def _replica(h: Harness, primary_url: str) -> subprocess.Popen[bytes] | None:
+    """A replica of the private primary, synced and acknowledging WAIT; None when it cannot
+    be started."""
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return None
+    primary = redis.Redis.from_url(primary_url, socket_timeout=10)
+    primary.config_set("repl-diskless-sync-delay", 0)
+    host_port = primary_url.split("//", 1)[1].split("/", 1)[0]
+    _, port = host_port.rsplit(":", 1)
+    rdir = h.work / "replica"
+    rdir.mkdir(exist_ok=True)
+    rport = procs.free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(rdir), "--replicaof", "127.0.0.1", port],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    h.helpers.append(proc)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            primary.set("bench:durability:probe", 1)
+            if primary.execute_command("WAIT", 1, 50) == 1:
+                primary.close()
+                return proc
+        except redis.RedisError:
+            pass
+        time.sleep(0.05)
+    primary.close()
+    return None
+
+
+def durability(h: Harness) -> None:
+    """Measure Reserve→Commit with and without the replica wait; results["durability"]."""
+    cfg = h.cfg
+    private = h.private_redis()
+    if private is None:
+        h.results["durability"] = {"skipped": "no redis-server binary"}
+        return
+    _, url = private
+    h.log("durability: a private primary and replica; Reserve→Commit with and without WAIT")
+    if _replica(h, url) is None:
+        h.results["durability"] = {"skipped": "the replica did not come up"}
+        return
+    base = {"ECU_REDIS_URL": url}
+    off = h.start_sidecar("sidecar[wait=0]", h.new_prefix("w0"), uvloop=cfg.uvloop, env=base)
+    on = h.start_sidecar(
+        "sidecar[wait=1]",
+        h.new_prefix("w1"),
+        uvloop=cfg.uvloop,
+        env={
+            **base,
+            "ECU_REDIS_WAIT_REPLICAS": "1",
+            "ECU_REDIS_WAIT_TIMEOUT_MS": WAIT_TIMEOUT_MS,
+        },
+    )
+    try:
+        h.grant(off.target, [ORG])
+        h.grant(on.target, [ORG])
+        out = []
+        for c in sorted({1, max(cfg.concurrencies)}):
+            spec = {"concurrency": c, "orgs": [ORG], "mode": "commit"}
+            a = h.measure(
+                f"durability wait=0 c={c}",
+                "durability",
+                "grpc_pairs",
+                off,
+                {**spec, "target": off.target},
+            )
+            b = h.measure(
+                f"durability wait=1 c={c}",
+                "durability",
+                "grpc_pairs",
+                on,
+                {**spec, "target": on.target},
+            )
+            out.append({"concurrency": c, "off": a, "on": b})
+        h.results["durability"] = {
+            "wait_timeout_ms": int(WAIT_TIMEOUT_MS),
+            "pairs": [
+                {
+                    "concurrency": p["concurrency"],
+                    "off": _summary(p["off"]),
+                    "on": _summary(p["on"]),
+                }
+                for p in out
+            ],
+        }
+    finally:
+        off.stop()
+        on.stop()
+
+
+def _summary(run: dict[str, Any]) -> dict[str, Any]:
+    lat = run["latency_ms"]
+    return {
+        "rpc_per_s": run["rpc_per_s"],
+        "reserve_p50_ms": lat.get("Reserve", {}).get("p50", math.nan),
+        "reserve_p99_ms": lat.get("Reserve", {}).get("p99", math.nan),
+        "commit_p50_ms": lat.get("Commit", {}).get("p50", math.nan),
+        "commit_p99_ms": lat.get("Commit", {}).get("p99", math.nan),
+        "errors": run["errors"],
+        "server_cpu_s_per_1k_rpc": run.get("server_cpu_s_per_1k_rpc"),
+    }
+
+
+HEADER = [
+    "c",
+    "RPC/s no wait",
+    "RPC/s wait=1",
+    "ratio",
+    "srv CPU s/1k RPC (no / wait)",
+    "Reserve p50 ms (no / wait)",
+    "Commit p50 ms (no / wait)",
+    "Commit p99 ms (no / wait)",
+    "errors (wait)",
+]
+
+
+def rows(results: dict[str, Any]) -> list[list[str]]:
+    """The table of results["durability"] (empty when the section did not run)."""
+    d = results.get("durability") or {}
+    out = []
+    for p in d.get("pairs", []):
+        off, on = p["off"], p["on"]
+        ratio = on["rpc_per_s"] / off["rpc_per_s"] if off["rpc_per_s"] else math.nan
+        out.append(
+            [
+                str(p["concurrency"]),
+                f"{off['rpc_per_s']:,.0f}",
+                f"{on['rpc_per_s']:,.0f}",
+                f"{ratio:.2f}",
+                f"{_f(off['server_cpu_s_per_1k_rpc'])} / {_f(on['server_cpu_s_per_1k_rpc'])}",
+                f"{off['reserve_p50_ms']:.3f} / {on['reserve_p50_ms']:.3f}",
+                f"{off['commit_p50_ms']:.3f} / {on['commit_p50_ms']:.3f}",
+                f"{off['commit_p99_ms']:.3f} / {on['commit_p99_ms']:.3f}",
+                str(sum(on["errors"].values())),
+            ]
+        )
+    return out
+
+
+def _f(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.durability", description=__doc__)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "durability.json")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    cfg = Config.for_smoke() if args.smoke else Config(seconds=args.seconds, levers=False)
+    h = Harness(cfg)
+    try:
+        durability(h)
+    finally:
+        h.close()
+    from bench.report import _text_table
+
+    print(_text_table(HEADER, rows(h.results)))
+    if not args.smoke:
+        data = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "seconds": cfg.seconds,
+            **h.results["durability"],
+        }
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
