@@ -270,3 +270,26 @@ local function check_thresholds(v)
   end
   return avail
 end
+
+-- Whether the outbox is exactly as the caller saw it fully flushed: no entry generated since
+-- `expected` (its last-generated id then), nothing pending or undelivered in `group`. A caller
+-- that read the ledger after seeing that may trust the ledger to hold every event.
+local function outbox_flushed(expected, group)
+  local function field(list, name)
+    for i = 1, #list, 2 do
+      if list[i] == name then return list[i + 1] end
+    end
+    return nil
+  end
+  local last, pending, delivered = '0-0', 0, '0-0'
+  if redis.call('EXISTS', OUTBOX) == 1 then
+    last = field(redis.call('XINFO', 'STREAM', OUTBOX), 'last-generated-id')
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', OUTBOX)) do
+      if field(g, 'name') == group then
+        pending = tonumber(field(g, 'pending'))
+        delivered = field(g, 'last-delivered-id')
+      end
+    end
+  end
+  return last == expected and pending == 0 and (last == '0-0' or delivered == last)
+end

@@ -20,23 +20,7 @@
 
 if not account_exists() then return {'OK', 'SKIP', 0} end
 local expected, ledger, group = ARGV[5], tonumber(ARGV[6]), ARGV[7]
-local function field(list, name)
-  for i = 1, #list, 2 do
-    if list[i] == name then return list[i + 1] end
-  end
-  return nil
-end
-local last, pending, delivered = '0-0', 0, '0-0'
-if redis.call('EXISTS', OUTBOX) == 1 then
-  last = field(redis.call('XINFO', 'STREAM', OUTBOX), 'last-generated-id')
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', OUTBOX)) do
-    if field(g, 'name') == group then
-      pending = tonumber(field(g, 'pending'))
-      delivered = field(g, 'last-delivered-id')
-    end
-  end
-end
-if last ~= expected or pending ~= 0 or (last ~= '0-0' and delivered ~= last) then
+if not outbox_flushed(expected, group) then
   return {'OK', 'SKIP', 0}
 end
 local function key_loss()
