@@ -902,3 +902,37 @@ def test_an_unreachable_postgres_is_unavailable_not_a_hang() -> None:
     with open_ledger("postgresql://postgres@127.0.0.1:9/test", timeout_s=1) as led:
         with pytest.raises(LedgerUnavailable):
             led.balance("acme")
+
+
+def test_closing_a_sqlite_ledger_never_closes_a_connection_in_use(tmp_path: Any) -> None:
+    """The engine stops waiting for a ledger call past ECU_LEDGER_TIMEOUT_MS, but its thread
+    runs on; a shutdown that closed that thread's connection under it crashed the process
+    (a segfault in sqlite3). A connection in use now closes when its thread returns it."""
+    import sqlite3
+
+    path = tmp_path / "ledger.db"
+    with open_ledger(f"sqlite://{path}") as led:
+        led.migrate()
+    ledger = open_ledger(f"sqlite://{path}?busy_timeout_ms=3000")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    outcome: list[Any] = []
+
+    def grant() -> None:
+        try:
+            outcome.append(ledger.grant("acme", "g", 5, "top_up"))
+        except Exception as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=grant)
+    worker.start()
+    worker.join(0.3)
+    assert worker.is_alive(), "the grant waits for the write lock"
+    ledger.close()  # while the grant's statement waits on its connection
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert outcome == [True], "the grant finished on its own connection, then it closed"
+    with open_ledger(f"sqlite://{path}") as again:
+        assert again.schema_version() >= 1

@@ -327,6 +327,7 @@ class SqliteBackend:
         self._lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._all: list[sqlite3.Connection] = []
+        self._closed = False
         self._shared = threading.Lock() if self._memory else None
 
     @classmethod
@@ -395,7 +396,11 @@ class SqliteBackend:
             yield conn
         finally:
             with self._lock:
-                self._idle.append(conn)
+                closed = self._closed
+                if not closed:
+                    self._idle.append(conn)
+            if closed:
+                conn.close()  # closed by its own thread, never under it (see close)
 
     @contextlib.contextmanager
     def transaction(self, *, write: bool) -> Iterator[Tx]:
@@ -430,7 +435,17 @@ class SqliteBackend:
         )
 
     def close(self) -> None:
+        # Only idle connections close here: one still in use (a call the engine stopped waiting
+        # for past ECU_LEDGER_TIMEOUT_MS runs on in its thread) closes when that thread returns
+        # it. Closing a connection under a running statement crashes the process.
+        if self._shared is not None:
+            with self._shared:
+                conns, self._all = self._all, []
+            for conn in conns:
+                conn.close()
+            return
         with self._lock:
-            conns, self._all, self._idle = self._all, [], []
+            self._closed = True
+            conns, self._all, self._idle = self._idle, [], []
         for conn in conns:
             conn.close()
