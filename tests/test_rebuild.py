@@ -12,13 +12,10 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from prometheus_client import CollectorRegistry
 
 from ecu_sidecar import errors
 from ecu_sidecar.engine import QuotaEngine
-from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.ledger import Ledger, open_ledger
-from ecu_sidecar.metrics import FlusherMetrics
 from ecu_sidecar.model import (
     AccountRef,
     Balance,
@@ -29,10 +26,9 @@ from ecu_sidecar.model import (
     LedgerHold,
     ReserveItem,
 )
-from ecu_sidecar.settings import Settings
-from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import SUFFIXES, org_keys
 from tests.conftest import Database, drop_keys, make_settings
+from tests.test_flusher import Stack as FlusherStack
 
 MINUTE_MS = 60_000
 
@@ -41,19 +37,8 @@ def item(rid: str, amount: int, ttl_ms: int = 10 * MINUTE_MS) -> ReserveItem:
     return ReserveItem(rid, amount, JobType.INFERENCE, "gpt-4o", ttl_ms)
 
 
-class Stack:
+class Stack(FlusherStack):
     """Store, ledger, engine and flusher of one test, on real Redis."""
-
-    def __init__(self, settings: Settings, ledger: Ledger) -> None:
-        self.settings = settings
-        self.store = RedisStore.from_settings(settings)
-        self.ledger = ledger
-        self.engine = QuotaEngine(self.store, settings, ledger=ledger)
-        self.registry = CollectorRegistry()
-        self.flusher = Flusher(self.store, ledger, settings, FlusherMetrics(self.registry))
-
-    def metric(self, name: str) -> float:
-        return self.registry.get_sample_value(name) or 0.0
 
     def key(self, org: str, suffix: str) -> str:
         return org_keys(self.settings.key_prefix, org)[SUFFIXES.index(suffix)]

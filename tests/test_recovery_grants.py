@@ -19,13 +19,11 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 import pytest_asyncio
-from prometheus_client import CollectorRegistry
 
 from ecu_sidecar import errors
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.engine import QuotaEngine
-from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.ledger import (
     MIGRATIONS,
     GrantExpired,
@@ -35,10 +33,8 @@ from ecu_sidecar.ledger import (
     open_configured,
     open_ledger,
 )
-from ecu_sidecar.metrics import FlusherMetrics
 from ecu_sidecar.model import MAX_GRANTED_UECU, MAX_REQUEST_UECU, GrantKind
 from ecu_sidecar.server import SidecarServer
-from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from tests.conftest import (
     ADMIN_METADATA,
@@ -50,24 +46,14 @@ from tests.conftest import (
     require_redis,
 )
 from tests.tcp_proxy import TcpProxy
+from tests.test_flusher import Stack as FlusherStack
 
 #: How long a call may take before the test calls it hung (far above every bound in play).
 HUNG_S = 30
 
 
-class Stack:
+class Stack(FlusherStack):
     """Real Redis, a ledger, an engine writing grants ledger-first, and a flusher."""
-
-    def __init__(self, settings: Settings, ledger: Ledger) -> None:
-        self.settings = settings
-        self.store = RedisStore.from_settings(settings)
-        self.ledger = ledger
-        self.engine = QuotaEngine(self.store, settings, ledger=ledger)
-        self.registry = CollectorRegistry()
-        self.flusher = Flusher(self.store, ledger, settings, FlusherMetrics(self.registry))
-
-    def metric(self, name: str) -> float:
-        return self.registry.get_sample_value(name) or 0.0
 
     async def call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
