@@ -1194,7 +1194,7 @@ class QuotaMachine(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         amount=st.integers(1, ALLOWANCE),
-        end=st.sampled_from(["commit", "release", "open", "remote"]),
+        end=st.sampled_from(["commit", "release", "open", "remote", "commit:back", "release:back"]),
         mode=st.sampled_from(["zero", "below", "at", "within", "far_above"]),
     )
     @step
@@ -1203,9 +1203,12 @@ class QuotaMachine(RuleBasedStateMachine):
         commits it (R6: bounded like any commit), releases it, or leaves it open, or it
         journals the commit of a hold that lives in Redis; then Redis is back and the journal
         is replayed: a local commit bills as the hold it was (flagged orphan), a release
-        settles nothing, an open hold is reserved in Redis, a journaled commit commits."""
+        settles nothing, an open hold is reserved in Redis, a journaled commit commits. The
+        ":back" ends commit or release the local hold once Redis answers again but before the
+        replay: Redis does not know it yet, so the journal settles it, as if Redis were down."""
         org = data.draw(st.sampled_from(self.live_orgs()))
-        self._degraded(org, amount, end, mode, lambda options: data.draw(st.sampled_from(options)))
+        pick = lambda options: data.draw(st.sampled_from(options))  # noqa: E731
+        self._degraded(org, amount, end, mode, pick)
 
     def _degraded(
         self, org: str, amount: int, end: str, mode: str, pick: Callable[[list[str]], str]
@@ -1240,6 +1243,16 @@ class QuotaMachine(RuleBasedStateMachine):
                     assert r.degraded and r.released_uecu == amount, r
         finally:
             self.redis_proxy.heal()
+        if end.endswith(":back"):
+            end = end.removesuffix(":back")
+            self.seen[f"degraded:{end}:back"] += 1
+            if end == "commit":
+                (o,) = self.run(self.dengine.commit(org, [CommitItem(rid, actual)]))
+                bounded = min(actual, amount + amount * PCT // 100)
+                assert o.degraded and o.error is None and o.committed_uecu == bounded, o
+            else:
+                r = self.run(self.dengine.release(org, rid))
+                assert r.degraded and r.released_uecu == amount, r
         self.seen["degraded:" + end] += 1
         journal = self.dengine.journal
         assert journal is not None
@@ -1361,6 +1374,8 @@ WANTED = {
     "degraded:release",
     "degraded:open",
     "degraded:remote",
+    "degraded:commit:back",
+    "degraded:release:back",
     "tombstone:purged",
     "grant_refused:expired",
     "grant_refused:limit",
