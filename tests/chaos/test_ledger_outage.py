@@ -118,8 +118,9 @@ async def test_postgres_refuses_then_returns_flusher_catches_up() -> None:
             flusher_discovery_interval_ms=0,
             reconcile_interval_ms=200,
         )
+        with open_ledger(url) as setup:  # the schema, without the outage's short pool wait
+            setup.migrate()
         ledger = open_ledger(url, timeout_s=0.5)
-        ledger.migrate()
         store = RedisStore.from_settings(settings)
         engine = QuotaEngine(store, settings, ledger=ledger)
         flusher = new_flusher(store, ledger, settings)
