@@ -126,6 +126,13 @@ class Flusher:
             entries, parsed = await self._next_batch(orgs)
         if not entries:
             return 0
+        try:
+            # The ledger takes only what a failover cannot take back out of Redis (with
+            # ECU_REDIS_WAIT_REPLICAS set): else it would hold events Redis lost.
+            await self.store.confirm_durable({e.org for e in entries})
+        except StoreUnavailable:
+            self._unwritten = (entries, parsed)  # delivered to us: retried first next cycle
+            raise
         self._batches += 1
         self._maybe_die("before_insert")
         started = time.perf_counter()

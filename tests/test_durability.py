@@ -6,6 +6,7 @@ real primary and replica started by the test (tests/replicated_redis.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -404,9 +405,12 @@ async def test_cluster_waits_on_the_replica_of_the_node_that_ran_the_script() ->
                 pause(port, 60_000)
             out = await store.reserve(AccountRef(org), [item("r1")])
             assert not out.replayed
+            await store.confirm_durable([org])  # the flusher's check: this slot's replica
             pause(mine, 60_000)
             with pytest.raises(ReplicationUnconfirmed, match="0 of 1 replicas"):
                 await store.reserve(AccountRef(org), [item("r2")])
+            with pytest.raises(ReplicationUnconfirmed, match="0 of 1 replicas"):
+                await store.confirm_durable([org])
             for port in [mine, *others]:
                 pause(port, 0)
 
@@ -547,3 +551,58 @@ async def test_cluster_failover_keeps_what_the_wait_confirmed() -> None:
                 await store.reserve(AccountRef(org), [item("after")])
         finally:
             await store.close()
+
+
+# -- the flusher -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wait", [1, 0])
+async def test_the_ledger_takes_only_what_the_replicas_hold(
+    pair: ReplicatedRedis, tmp_path: object, wait: int
+) -> None:
+    """With the wait on, the flusher confirms on the replicas what it read before the ledger
+    takes it: events the replica does not hold stay pending in the outbox (a failover could
+    take them back out of Redis, and the ledger would then hold money Redis no longer
+    knows). With the wait off they reach the ledger at once: what the test tells apart."""
+    from prometheus_client import CollectorRegistry
+
+    from ecu_sidecar.flusher import Flusher
+    from ecu_sidecar.ledger import open_ledger
+    from ecu_sidecar.metrics import FlusherMetrics
+
+    org = "org-" + uuid.uuid4().hex[:8]
+    settings = durable_settings(pair, replicas=wait)
+    unconfirmed = dataclasses.replace(settings, redis_wait_replicas=0)  # type: ignore[type-var]
+    writer = RedisStore.from_settings(unconfirmed)
+    store = RedisStore.from_settings(settings)  # type: ignore[arg-type]
+    ledger = open_ledger(f"sqlite://{tmp_path}/ledger.db")
+    ledger.migrate()
+    flusher = Flusher(store, ledger, settings, FlusherMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+    try:
+        await writer.grant(org, "g1", 10_000, GrantKind.TOP_UP, 0)
+        assert await flusher.drain() == 1
+        pair.hold_back()
+        await writer.reserve(AccountRef(org), [item("r1")])
+        await writer.commit(org, [commit_item("r1", 60)], 0)
+        if wait:
+            with pytest.raises(ReplicationUnconfirmed, match="0 of 1 replicas"):
+                await flusher.flush_once()
+            with pytest.raises(ReplicationUnconfirmed):  # the same batch, retried first
+                await flusher.flush_once()
+            assert ledger.reservation(org, "r1") is None
+            assert ledger.ledger_account(org).balance_uecu == 10_000  # type: ignore[union-attr]
+            state = await flusher.reader.state(org)
+            assert (state.length, state.pending) == (2, 2)
+            pair.let_go()
+            assert await flusher.drain() == 2
+        else:
+            assert await flusher.drain() == 2
+            pair.let_go()
+        assert ledger.reservation(org, "r1") is not None
+        assert ledger.ledger_account(org).balance_uecu == 10_000 - 60  # type: ignore[union-attr]
+        state = await flusher.reader.state(org)
+        assert state.fully_flushed and state.length == 0
+    finally:
+        await writer.close()
+        await store.close()
+        ledger.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -601,15 +601,7 @@ class RedisStore:
         the primary holds at that moment: a script that wrote nothing (a replay, a refusal)
         still answers from state an earlier, perhaps unconfirmed call wrote, maybe on another
         connection; it too is confirmed before it is answered."""
-        if self._waitaof is None:
-            self._waitaof = await self._has_waitaof(keys[0])
-        timeout_ms = self._settings.redis_wait_timeout_ms
-        confirm: list[tuple[Any, ...]] = [
-            ("SET", fence_key(self._settings.key_prefix, org), "1", "PX", _FENCE_TTL_MS),
-            ("WAIT", self._wait_replicas, timeout_ms),
-        ]
-        if self._waitaof:
-            confirm.append(("WAITAOF", 1, 0, timeout_ms))
+        confirm = await self._confirm_commands(org)
         n = len(keys)
         evalsha = ("EVALSHA", script.sha, n, *keys, *argv)
         replies = await self._pipeline(keys[0], [evalsha, *confirm])
@@ -618,10 +610,54 @@ class RedisStore:
             replies = await self._pipeline(
                 keys[0], [("EVAL", script.source, n, *keys, *argv), *confirm]
             )
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        self._check_confirmed(replies[1:])
+        return replies[0]
+
+    async def confirm_durable(self, orgs: Iterable[str]) -> None:
+        """Wait until what the primaries of these organizations hold now has reached
+        ECU_REDIS_WAIT_REPLICAS replicas (and the AOF, as for a confirmed script): the flusher
+        calls it before it writes entries it read into the ledger, so that the ledger never
+        holds an event a failover can take back out of Redis. A no-op with the wait off.
+        Raises ReplicationUnconfirmed (or StoreUnavailable) as a confirmed script does."""
+        if not self._wait_replicas:
+            return
+        # One fence write and WAIT per node: an organization's fence lives on its primary.
+        if self.kind == "cluster":
+            await self._call(lambda: self._client.initialize())  # a no-op once initialized
+        by_node: dict[str, str] = {}
+        for org in orgs:
+            key = self.acct_key(org)
+            node = self._client.get_node_from_key(key).name if self.kind == "cluster" else ""
+            by_node.setdefault(node, org)
+        for org in by_node.values():
+            await self._call(lambda org=org: self._confirm(org))
+
+    async def _confirm(self, org: str) -> None:
+        commands = await self._confirm_commands(org)
+        self._check_confirmed(await self._pipeline(self.acct_key(org), commands))
+
+    async def _confirm_commands(self, org: str) -> list[tuple[Any, ...]]:
+        """The fence write and the waits that confirm a write of ``org`` (see _eval_confirmed)."""
+        if self._waitaof is None:
+            self._waitaof = await self._has_waitaof(self.acct_key(org))
+        timeout_ms = self._settings.redis_wait_timeout_ms
+        confirm: list[tuple[Any, ...]] = [
+            ("SET", fence_key(self._settings.key_prefix, org), "1", "PX", _FENCE_TTL_MS),
+            ("WAIT", self._wait_replicas, timeout_ms),
+        ]
+        if self._waitaof:
+            confirm.append(("WAITAOF", 1, 0, timeout_ms))
+        return confirm
+
+    def _check_confirmed(self, replies: list[Any]) -> None:
+        """Raise unless the replies of _confirm_commands say the write is confirmed."""
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        acked = int(replies[2])
+        timeout_ms = self._settings.redis_wait_timeout_ms
+        acked = int(replies[1])
         if acked < self._wait_replicas:
             raise ReplicationUnconfirmed(
                 f"the write's durability is unconfirmed: {acked} of "
@@ -631,7 +667,7 @@ class RedisStore:
                 acknowledged=acked,
                 required=self._wait_replicas,
             )
-        if self._waitaof and not int(replies[3][0]):
+        if self._waitaof and not int(replies[2][0]):
             raise ReplicationUnconfirmed(
                 f"the write's durability is unconfirmed: the primary did not fsync its AOF "
                 f"within {timeout_ms} ms; the outcome is unknown, and a retry with the same "
@@ -639,7 +675,6 @@ class RedisStore:
                 acknowledged=acked,
                 required=self._wait_replicas,
             )
-        return replies[0]
 
     async def _pipeline(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Commands in one round trip to the node that owns ``key``; error replies in place.
