@@ -32,6 +32,7 @@ from ecu_sidecar.errors import (
     InvalidArgument,
     OrganizationNotAllowed,
     RateCardMismatch,
+    Rebuilding,
     ReplicationUnconfirmed,
     StoreUnavailable,
 )
@@ -738,8 +739,10 @@ class QuotaEngine:
                 account.organization,
                 lambda: self.store.reserve(account, resolved, default_ttl_ms=default_ttl),
             )
-        except ReplicationUnconfirmed:
-            raise  # the primary ran it: a local decision as well would count it twice
+        except (ReplicationUnconfirmed, Rebuilding):
+            # Redis answered: the primary ran it (a local decision as well would count it
+            # twice), or it is fenced for a moment (a retry is served): nothing to degrade.
+            raise
         except StoreUnavailable as exc:
             if self.journal is None or len(resolved) != 1:
                 raise
@@ -809,8 +812,10 @@ class QuotaEngine:
         pct = self.settings.overage_max_percent
         try:
             outcome = await self._hydrating(org, lambda: self.store.commit(org, items, pct))
-        except ReplicationUnconfirmed:
-            raise  # the primary ran it: a local decision as well would count it twice
+        except (ReplicationUnconfirmed, Rebuilding):
+            # Redis answered: the primary ran it (a local decision as well would count it
+            # twice), or it is fenced for a moment (a retry is served): nothing to degrade.
+            raise
         except StoreUnavailable:
             if self.journal is None:
                 raise
@@ -918,8 +923,10 @@ class QuotaEngine:
         check_id("reservation_id", reservation_id, CALLER_ID_MAX)
         try:
             return await self._hydrating(org, lambda: self.store.release(org, reservation_id))
-        except ReplicationUnconfirmed:
-            raise  # the primary ran it: a local decision as well would count it twice
+        except (ReplicationUnconfirmed, Rebuilding):
+            # Redis answered: the primary ran it (a local decision as well would count it
+            # twice), or it is fenced for a moment (a retry is served): nothing to degrade.
+            raise
         except (StoreUnavailable, HoldNotFound):
             # Redis down, or up again before this local hold was replayed: the journal has it.
             local = self.journal.holds.get((org, reservation_id)) if self.journal else None

@@ -22,6 +22,7 @@ __all__ = [
     "OrganizationNotAllowed",
     "PermissionDenied",
     "RateCardMismatch",
+    "Rebuilding",
     "ReplicationUnconfirmed",
     "StaleSequence",
     "StoreUnavailable",
@@ -131,6 +132,14 @@ class ReplicationUnconfirmed(StoreUnavailable):
     reason = "REPLICATION_UNCONFIRMED"
 
 
+class Rebuilding(StoreUnavailable):
+    """The organization is being rebuilt from the ledger after Redis lost part of its history
+    (a failover to a lagging replica): nothing changed; a retry with the same id after
+    ``retry_after_ms`` is served."""
+
+    reason = "REBUILDING"
+
+
 class AdminDisabled(EcuError):
     """Admin RPCs are off because no admin token is configured."""
 
@@ -170,5 +179,6 @@ BY_REASON: dict[str, type[EcuError]] = {
         BalanceLimit,
         GrantAlreadyExpired,
         RateCardMismatch,
+        Rebuilding,
     )
 }

@@ -256,9 +256,11 @@ class Flusher:
         organization never stops the others' repairs nor slows the flushing down."""
         drifts: dict[str, int] = {}
         lost: set[str] = set()
-        for org in await self.discover(force=True):
+        orgs = await self.discover(force=True)
+        epochs = await self.store.epochs(orgs)
+        for org in orgs:
             try:
-                drift = await self._reconcile_one(org, lost)
+                drift = await self._reconcile_one(org, lost, epochs[org])
             except Exception as exc:
                 self.metrics.reconcile_errors.inc()
                 log.error(
@@ -276,9 +278,23 @@ class Flusher:
         self.metrics.repairs.inc(sum(1 for d in drifts.values() if d))
         return drifts
 
-    async def _reconcile_one(self, org: str, lost: set[str]) -> int | None:
+    async def _reconcile_one(self, org: str, lost: set[str], epoch: str) -> int | None:
         """Reconcile one organization; its drift, or None when skipped (or rebuilt: its keys
-        were found lost, and it joins ``lost``)."""
+        were found lost, and it joins ``lost``; or Redis changed history under it)."""
+        if epoch:
+            was = await self.store.check_epoch(org, epoch, self.settings.rebuild_fence_ms)
+            if was is not None:
+                # A failover or restart took back changes the ledger may hold: rebuilt whole
+                # from the ledger now, under traffic (a fence holds changes while it drains).
+                log.error(
+                    "Redis holding %s changed history (%s, was %s): rebuilding it from the ledger",
+                    org,
+                    epoch,
+                    was,
+                )
+                if await self._rebuild_fenced(org, epoch):
+                    self.metrics.history_rebuilds.inc()
+                return None
         state = await self.reader.state(org)
         if not state.fully_flushed:
             return None
@@ -299,7 +315,7 @@ class Flusher:
             # rebuilt whole from the ledger read above, for the same outbox position.
             lost.add(org)
             log.error("keys of %s lost (%s): rebuilding it from the ledger", org, checked.key_loss)
-            await self._rebuild(account, state.last_id, force=True)
+            await self._rebuild(account, state.last_id, force=True, epoch=epoch)
             return None
         drift = checked.drift_uecu
         if drift is None:
@@ -308,6 +324,28 @@ class Flusher:
         if drift:
             log.warning("drift in %s: Redis was %+d uECU off the ledger; repaired", org, drift)
         return drift
+
+    async def _rebuild_fenced(self, org: str, epoch: str) -> bool:
+        """Drain the fenced organization's outbox into the ledger, then rebuild it from there
+        (which records ``epoch`` and lifts the fence). False when the drain did not finish
+        within the fence (another flusher's entries not yet claimable, the ledger down): the
+        fence lapses, and the next pass fences again."""
+        deadline = time.monotonic() + self.settings.rebuild_fence_ms / 1000
+        while time.monotonic() < deadline:
+            state = await self.reader.state(org)
+            if state.fully_flushed:
+                account = await asyncio.to_thread(self.ledger.ledger_account, org)
+                if account is None:
+                    log.error("cannot rebuild %s: the ledger has no account for it", org)
+                    return False
+                try:
+                    return await self._rebuild(account, state.last_id, force=True, epoch=epoch)
+                except StoreUnavailable:  # an entry arrived since the look: drain again
+                    continue
+            if not await self.flush_once(read_ahead=False):
+                await asyncio.sleep(0.02)  # entries pending with another flusher
+        log.warning("rebuild of %s waits: its outbox did not drain within the fence", org)
+        return False
 
     async def _finish_grants(self, org: str, grants: list[tuple[str, int, str, int]]) -> None:
         """Apply pending ledger-first grants to Redis; void those Redis definitely refuses."""
@@ -351,12 +389,13 @@ class Flusher:
         account = await asyncio.to_thread(self.ledger.ledger_account, org)
         if account is None:
             return False
-        return await self._rebuild(account, state.last_id)
+        epoch = (await self.store.epochs([org]))[org]
+        return await self._rebuild(account, state.last_id, epoch=epoch)
 
     async def _rebuild(
-        self, account: LedgerAccount, flushed_id: str, *, force: bool = False
+        self, account: LedgerAccount, flushed_id: str, *, force: bool = False, epoch: str = ""
     ) -> bool:
-        done = await self.store.hydrate(account, flushed_id=flushed_id, force=force)
+        done = await self.store.hydrate(account, flushed_id=flushed_id, force=force, epoch=epoch)
         if done:
             self.metrics.hydrations.inc()
             log.warning(
@@ -413,6 +452,9 @@ class Flusher:
             except StoreUnavailable as exc:
                 moved = 0
                 backoff = min(max(backoff * 2, 0.05), 5.0)
+                # Redis may have failed over or restarted: look for lost history (epochs)
+                # in the first cycle that reaches it again, not a reconcile interval later.
+                self._next_reconcile = 0.0
                 log.warning(
                     "flusher: Redis unavailable (%s); retrying in %.2fs", exc.message, backoff
                 )

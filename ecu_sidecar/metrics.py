@@ -310,6 +310,13 @@ class FlusherMetrics:
             "(expired, balance limit, grant id used with other parameters).",
             registry=registry,
         )
+        self.history_rebuilds = Counter(
+            "ecu_flusher_history_rebuilds_total",
+            "Organizations rebuilt from the ledger because the Redis node holding them changed "
+            "history (a failover promoted a replica, or a restart): changes the ledger may hold "
+            "and Redis lost are restored whole.",
+            registry=registry,
+        )
         self.hydrations = Counter(
             "ecu_hydrations_total",
             "Organizations rebuilt in Redis from the ledger.",

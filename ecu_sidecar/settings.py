@@ -202,6 +202,12 @@ class Settings:
     organization's Redis keys checked against each other, and organizations Redis lost (or
     whose keys no longer add up) rebuilt from the ledger."""
 
+    rebuild_fence_ms: int = field(default=10_000, metadata=_int(100, 600_000))
+    """ECU_REBUILD_FENCE_MS: when the flusher finds that Redis lost part of an organization's
+    history (a failover or restart: see docs/reliability.md), the organization refuses
+    changes (UNAVAILABLE, reason REBUILDING) for at most this long while its outbox drains
+    into the ledger and it is rebuilt from there."""
+
     flusher_fault: str = field(default="", metadata={"kind": "str"})
     """ECU_FLUSHER_FAULT: test-only fault injection, `before_insert:N` or `after_commit:N`
     SIGKILLs the flusher at that point of its N-th batch. Never set in production."""

@@ -37,6 +37,7 @@ STATUS_BY_ERROR: dict[type[errors.EcuError], grpc.StatusCode] = {
     NoRateCard: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ReplicationUnconfirmed: grpc.StatusCode.UNAVAILABLE,
+    errors.Rebuilding: grpc.StatusCode.UNAVAILABLE,
     errors.AdminDisabled: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,

@@ -936,3 +936,103 @@ def test_closing_a_sqlite_ledger_never_closes_a_connection_in_use(tmp_path: Any)
     assert outcome == [True], "the grant finished on its own connection, then it closed"
     with open_ledger(f"sqlite://{path}") as again:
         assert again.schema_version() >= 1
+
+
+# -- after a failover: events emitted again, and one outcome per hold --------------------------
+
+
+def _hold_event(kind: str, rid: str, t0: int, ts: int, amount: int = 300) -> dict[str, str]:
+    ev = {"type": kind, "eid": f"{kind}:{rid}:{t0}", "org": "acme", "ts": str(ts), "rid": rid,
+          "amount": str(amount), "team": "", "project": "", "user": "", "job": "inference",
+          "model": "gpt-4o"}  # fmt: skip
+    if kind == "reserve":
+        ev["deadline"] = str(t0 + 60_000)
+    return ev
+
+
+def _commit_event(rid: str, t0: int, ts: int, committed: int, late: bool = False) -> dict[str, str]:
+    return {"type": "commit", "eid": f"commit:{rid}:{t0}", "org": "acme", "ts": str(ts),
+            "rid": rid, "amount": "300", "actual": str(committed), "committed": str(committed),
+            "released": "0" if late else str(300 - committed), "overage": "0", "unbilled": "0",
+            "late": "1" if late else "0", "team": "", "project": "", "user": "",
+            "job": "inference", "model": "gpt-4o", "tokens_in": "1", "tokens_out": "1",
+            "calls": "1"}  # fmt: skip
+
+
+def _grant(gid: str = "g1", amount: int = 10_000) -> dict[str, str]:
+    return {"type": "grant", "eid": f"grant:{gid}", "org": "acme", "ts": "1", "grant_id": gid,
+            "amount": str(amount), "kind": "top_up", "expires_at": "0"}  # fmt: skip
+
+
+def _holds_ended(ledger: Ledger, rid: str) -> list[str]:
+    """How the ledger says the hold ended: its commit, and its expiry or release rows."""
+    with ledger._db.transaction(write=False) as tx:
+        rows = tx.rows(
+            "SELECT kind FROM hold_events WHERE org_id = 'acme' AND reservation_id = ? "
+            "AND kind IN ('expire', 'release') UNION ALL SELECT 'commit' FROM usage_entries "
+            "WHERE org_id = 'acme' AND reservation_id = ?",
+            (rid, rid),
+        )
+    return sorted(str(r[0]) for r in rows)
+
+
+def test_an_event_emitted_again_at_another_time_is_a_duplicate(ledger: Ledger) -> None:
+    """A failover took the first emission back out of Redis, which emitted the same change
+    again later: the same id and money, another time. Not a conflict; the first stands. The
+    same id with other money is still quarantined."""
+    first = _commit_event("r1", 100, 200, 250)
+    assert (
+        ledger.write_events([_grant(), _hold_event("reserve", "r1", 100, 100), first]).inserted == 3
+    )
+    again = {**first, "ts": "900"}
+    assert ledger.write_events([again]) == WriteResult(0, 1, 0)
+    assert ledger.write_events([first, again]) == WriteResult(0, 2, 0)  # also in one batch
+    other = {**first, "ts": "900", "committed": "260", "actual": "260", "released": "40"}
+    assert ledger.write_events([other]).quarantined == 1
+    # A notice and an extension carry no money: their first emission stands, whatever the
+    # balance or the clock said the second time.
+    notice = {"type": "notify", "eid": "notify:low_balance_20:1", "org": "acme", "ts": "300",
+              "kind": "low_balance_20", "available": "1900", "generation": "1",
+              "reference": "10000"}  # fmt: skip
+    extend = {"type": "extend", "eid": "extend:r1:100:1", "org": "acme", "ts": "300",
+              "rid": "r1", "deadline": "70000", "sequence": "1"}  # fmt: skip
+    assert ledger.write_events([notice, extend]).inserted == 2
+    later = [
+        {**notice, "ts": "950", "available": "1700"},
+        {**extend, "ts": "950", "deadline": "90000"},
+    ]
+    assert ledger.write_events(later) == WriteResult(0, 2, 0)
+    assert ledger.quarantined(org="acme")[0].reason.startswith("event id already recorded")
+    assert len(ledger.quarantined(org="acme")) == 1
+    account = ledger.ledger_account("acme")
+    assert account is not None and account.committed_uecu == 250
+
+
+@pytest.mark.parametrize("order", ["expiry first", "commit first", "one batch"])
+def test_a_hold_ends_once_after_a_failover(ledger: Ledger, order: str) -> None:
+    """Redis expired (or released) a hold in a history a failover discarded, and committed it
+    in the one that went on, or the other way round: the ledger keeps the commit alone, in
+    any order the events land. A late commit follows its expiry: both are kept."""
+    ledger.write_events([_grant(), *(_hold_event("reserve", r, 100, 100) for r in "abc")])
+    ends = [_hold_event("expire", "a", 100, 500), _hold_event("release", "b", 100, 500)]
+    commits = [_commit_event("a", 100, 600, 200), _commit_event("b", 100, 600, 100)]
+    if order == "expiry first":
+        batches = [ends, commits]
+    elif order == "commit first":
+        batches = [commits, ends]
+    else:
+        batches = [ends + commits]
+    for batch in batches:
+        assert ledger.write_events(batch).quarantined == 0
+    assert _holds_ended(ledger, "a") == ["commit"]
+    assert _holds_ended(ledger, "b") == ["commit"]
+    # Late: expired at its deadline, then billed late, as Redis did.
+    ledger.write_events([_hold_event("expire", "c", 100, 500)])
+    ledger.write_events([_commit_event("c", 100, 700, 50, late=True)])
+    assert _holds_ended(ledger, "c") == ["commit", "expire"]
+    account = ledger.ledger_account("acme")
+    assert account is not None and account.committed_uecu == 350
+    assert account.active_holds == []
+    assert ledger.reservation("acme", "a").state == "committed"  # type: ignore[union-attr]
+    c = ledger.conservation("acme")
+    assert c is not None and c.ok, c

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ecu_sidecar.ledger import burn
@@ -385,7 +385,7 @@ class Ledger:
         for ev in parsed:
             seen = first.setdefault((ev.org, ev.event_id), ev)
             if seen is not ev:
-                if seen.fingerprint == ev.fingerprint:
+                if seen.fingerprint == ev.fingerprint or _same_meaning(seen.payload, ev):
                     duplicates += 1
                 else:
                     rejects.append(_reject(ev, "event id repeated in the batch with other content"))
@@ -418,7 +418,7 @@ class Ledger:
             fp = stored.get((ev.org, ev.event_id))
             if fp is None:  # recorded and removed by a concurrent writer's rejection: rerun
                 raise Retry(f"event {ev.event_id} of {ev.org} vanished")
-            if fp == ev.fingerprint:
+            if fp == ev.fingerprint or _same_meaning(_stored_payload(tx, ev), ev):
                 duplicates += 1
             else:
                 rejects.append(_reject(ev, "event id already recorded with different content"))
@@ -1127,6 +1127,7 @@ class _Effects:
         self.last[org] = max(self.last.get(org, ts), ts)
 
     def flush(self, tx: Tx) -> None:
+        self._one_outcome_per_hold(tx)
         tx.insert("usage_entries", _USAGE_COLUMNS, self.usage)
         tx.insert("hold_events", _HOLD_COLUMNS, self.holds)
         tx.insert("reconciliations", _RECON_COLUMNS, self.recon)
@@ -1144,6 +1145,68 @@ class _Effects:
             if org in self.last:
                 ts, seq, eid, threshold, amount = self.autotopup[org]
                 _set_auto_topup(tx, org, threshold, amount, ts, seq, eid)
+
+    def _one_outcome_per_hold(self, tx: Tx) -> None:
+        """A hold ends once. A commit billed against an ACTIVE hold (not late) supersedes an
+        expiry or release of the same hold, in whichever order they land: Redis emits both
+        only when a failover (or restart) took one of them back out of its history, and the
+        ledger keeps what the worker was told last, the commit. Superseded ends stay in
+        ``events``; they leave ``hold_events``. A late commit follows its hold's expiry (both
+        kept: that is what late means)."""
+        committed: dict[str, set[str]] = {}  # org -> tails ('<rid>:<t0>') of commits, not late
+        for row in self.usage:
+            if not row[_USAGE_LATE]:
+                committed.setdefault(row[0], set()).add(row[1].partition(":")[2])
+        ended: dict[str, set[str]] = {}  # org -> tails of this batch's expiries and releases
+        for row in self.holds:
+            if row[3] in _ENDS:
+                ended.setdefault(row[0], set()).add(row[1].partition(":")[2])
+        superseded: set[tuple[str, str]] = set()
+        for org, tails in ended.items():
+            earlier = _select_in(
+                tx,
+                "SELECT event_id FROM usage_entries WHERE org_id = ? AND late = ? "
+                "AND event_id IN ({})",
+                (org, False),
+                [f"commit:{t}" for t in sorted(tails)],
+            )
+            mine = committed.get(org, set())
+            superseded.update((org, t) for t in tails if t in mine or f"commit:{t}" in earlier)
+        if superseded:
+            self.holds = [
+                r
+                for r in self.holds
+                if not (r[3] in _ENDS and (r[0], r[1].partition(":")[2]) in superseded)
+            ]
+        for org, tails in committed.items():
+            for part in _chunks(sorted(tails)):
+                ids = [f"{kind}:{t}" for t in part for kind in sorted(_ENDS)]
+                tx.run(
+                    "DELETE FROM hold_events WHERE org_id = ? AND event_id IN ("
+                    + ", ".join(["?"] * len(ids))
+                    + ")",
+                    [org, *ids],
+                )
+
+
+#: Hold events that end a hold without billing it.
+_ENDS = frozenset({"expire", "release"})
+#: The position of ``late`` in a usage_entries row.
+_USAGE_LATE = [name for name, _ in _USAGE_COLUMNS].index("late")
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i : i + _CHUNK]
+
+
+def _select_in(tx: Tx, sql: str, params: tuple[Any, ...], values: list[str]) -> set[str]:
+    """The first column of ``sql`` (its IN list written as {}) over ``values``, in chunks."""
+    out: set[str] = set()
+    for part in _chunks(values):
+        query = sql.format(", ".join(["?"] * len(part)))
+        out.update(str(r[0]) for r in tx.rows(query, [*params, *part]))
+    return out
 
 
 def _check_grant_limit(tx: Tx, org: str, limit: int) -> None:
@@ -1442,6 +1505,34 @@ _HANDLERS: dict[str, Callable[[Tx, Event, _Effects], str | None]] = {
     "hydrate": _on_reconciliation,
     "repair": _on_reconciliation,
 }
+
+
+#: Event types whose content carries no money: the same id emitted again (after a failover
+#: took the first emission back out of Redis) is the same notice or extension, whatever the
+#: balance or clock said the second time; the first recorded stands.
+_MONEYLESS = frozenset({"notify", "extend"})
+
+
+def _same_meaning(recorded: str, ev: Event) -> bool:
+    """Whether an event id recorded with the payload ``recorded`` and emitted again as ``ev``
+    (other content) is the same change: a moneyless type, or every field equal but the time.
+    Redis emits one change again only when it lost the first emission (a failover to a
+    lagging replica, a restart): the replay is a duplicate, not a conflict to quarantine."""
+    if ev.type in _MONEYLESS:
+        return True
+    first, again = json.loads(recorded), json.loads(ev.payload)
+    first.pop("ts", None)
+    again.pop("ts", None)
+    return bool(first == again)
+
+
+def _stored_payload(tx: Tx, ev: Event) -> str:
+    return str(
+        tx.rows(
+            "SELECT CAST(payload AS TEXT) FROM events WHERE org_id = ? AND event_id = ?",
+            (ev.org, ev.event_id),
+        )[0][0]
+    )
 
 
 def _reject(ev: Event, reason: str) -> Rejected:

@@ -483,13 +483,14 @@ class RedisStore:
         return await self._call(lambda: stream_state(self._client, self.outbox_key(org)))
 
     async def hydrate(
-        self, account: LedgerAccount, *, flushed_id: str, force: bool = False
+        self, account: LedgerAccount, *, flushed_id: str, force: bool = False, epoch: str = ""
     ) -> bool:
         """Rebuild an organization from the ledger when Redis lacks its account (or, with
         ``force``, in any case: reconcile found its keys lost); False when it already existed.
 
         ``flushed_id``: the outbox's last id (``outbox_state``) read BEFORE the ledger was, when
         it was fully flushed then ('' when it was not: only an existing account answers).
+        ``epoch``: the node's (``epochs``), recorded in the rebuilt account ('' = none).
         Raises StoreUnavailable when the outbox has moved since or holds events not yet in the
         ledger: the rebuild waits for the flusher (a retry settles it).
         """
@@ -522,6 +523,7 @@ class RedisStore:
                 h.reservation_id, h.amount_uecu, h.t0_ms, h.deadline_ms, h.ttl_ms, h.sequence,
                 h.team, h.project, h.user, h.job_type, h.model, h.rate_card_version,
             ]  # fmt: skip
+        args.append(epoch)
         r = await self._run("hydrate", account.organization, args)
         if _s(r[1]) == "WAIT":
             raise StoreUnavailable(
@@ -543,6 +545,46 @@ class RedisStore:
         if status == "LOSS":
             return Reconciled(None, key_loss=_s(r[3]))
         return Reconciled(None if status == "SKIP" else int(r[2]))
+
+    async def epochs(self, orgs: Iterable[str]) -> dict[str, str]:
+        """The epoch of the node that holds each organization now: '<run id>:<replication
+        id>' from INFO (see epoch.lua), read once per node; '' where the server has none (the
+        embedded store)."""
+        orgs = list(orgs)
+        if self.kind == "embedded":  # one process's memory: no failover, no restart to survive
+            return dict.fromkeys(orgs, "")
+        if not orgs:
+            return {}
+        if self.kind == "cluster":
+            await self._call(lambda: self._client.initialize())  # a no-op once initialized
+        by_node: dict[str, list[str]] = {}
+        for org in orgs:
+            node = (
+                self._client.get_node_from_key(self.acct_key(org)).name
+                if self.kind == "cluster"
+                else ""
+            )
+            by_node.setdefault(node, []).append(org)
+        out: dict[str, str] = {}
+        info = [("INFO", "server"), ("INFO", "replication")]
+        for members in by_node.values():
+            key = self.acct_key(members[0])
+            replies = await self._call(lambda key=key: self._pipeline(key, info))
+            if any(isinstance(r, Exception) for r in replies):
+                raise next(r for r in replies if isinstance(r, Exception))
+            run_id = str(_info(replies[0]).get("run_id", ""))
+            replid = str(_info(replies[1]).get("master_replid", ""))
+            epoch = f"{run_id}:{replid}" if run_id and replid else ""
+            out.update(dict.fromkeys(members, epoch))
+        return out
+
+    async def check_epoch(self, org: str, epoch: str, fence_ms: int) -> str | None:
+        """Whether the organization's keys are still of the history last recorded (epoch.lua).
+        Returns None when they are (or the account is new to the check, or absent), else the
+        recorded epoch: then the rebuild fence is up for ``fence_ms`` and the caller drains
+        the outbox and rebuilds (``hydrate`` with force and the new epoch)."""
+        r = await self._run("epoch", org, [epoch, fence_ms])
+        return _s(r[2]) if _s(r[1]) == "CHANGED" else None
 
     async def sweep(self, org: str) -> SweepOutcome:
         """Expire overdue holds and grants of one organization."""

@@ -46,5 +46,6 @@ SCRIPTS: dict[str, Script] = {
         "hydrate",
         "reconcile",
         "set_auto_topup",
+        "epoch",
     )
 }

@@ -79,6 +79,19 @@ local function err(reason, message, ...)
   return out
 end
 
+-- The rebuild fence (acct field 'fence', ms): while the flusher rebuilds the organization from
+-- the ledger after Redis lost history (a failover to a replica that lagged), nothing may add
+-- to its outbox, so that the outbox drains and the rebuild sees every event in the ledger.
+-- Mutating scripts refuse with REBUILDING (a retry settles it); sweeps and notifications wait.
+-- The fence lapses on its own if the flusher dies: the next pass fences again.
+local FENCE = tonumber(redis.call('HGET', ACCT, 'fence') or '0')
+local FENCED = FENCE > NOW
+
+local function fenced_error()
+  return err('REBUILDING', 'organization ' .. ORG .. ' is being rebuilt from the ledger after '
+    .. 'Redis lost part of its history; retry with the same id', 'retry_after_ms', I(FENCE - NOW))
+end
+
 local function get_hold(rid)
   local raw = redis.call('HGET', HOLDS, rid)
   if not raw then return nil end
@@ -203,6 +216,7 @@ end
 -- Expire up to SWEEP_LIMIT overdue holds and purge up to SWEEP_LIMIT old tombstones.
 -- O(log n + limit). Returns the number of holds expired.
 local function sweep()
+  if FENCED then return 0 end
   expire_grants()
   local n = 0
   local due = redis.call('ZRANGEBYSCORE', DEADLINES, '-inf', NOW_S, 'LIMIT', '0', SWEEP_LIMIT_S)
@@ -253,6 +267,7 @@ local THRESHOLD_FIELDS = {'balance', 'held', 'ref', 'w20', 'w5', 'atu_t', 'atu_a
 local function check_thresholds(v)
   v = v or redis.call('HMGET', ACCT, unpack(THRESHOLD_FIELDS))
   local avail = N(v[1]) - N(v[2])
+  if FENCED then return avail end  -- notified once the rebuild is done
   local ref = N(v[3])
   if ref > 0 then
     if not v[4] and below_share(avail, ref, 5) then

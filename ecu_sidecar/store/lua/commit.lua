@@ -33,6 +33,7 @@
 -- additive: burning a then b leaves exactly what burning a + b leaves). Each item's available
 -- right after it comes from running totals (`bal`, `held`) that track the acct fields exactly.
 
+if FENCED then return fenced_error() end
 if not account_exists() then
   return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
 end

@@ -8,6 +8,7 @@
 --   STALE_SEQUENCE (a sequence below the last one applied). The last sequence of a hold restored
 --   from the ledger is answered as a replay whatever its ttl (the ledger does not keep it).
 
+if FENCED then return fenced_error() end
 if not account_exists() then
   return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
 end

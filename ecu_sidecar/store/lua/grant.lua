@@ -10,6 +10,7 @@
 --   or {'ERR', 'GRANT_ALREADY_EXPIRED', msg, 'expires_at', ms}
 -- A replay answers the balance of the original grant.
 
+if FENCED then return fenced_error() end
 local gid, amt_s, kind, exp_s, max_s = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local raw = redis.call('HGET', GRANTS, gid)
 if raw then

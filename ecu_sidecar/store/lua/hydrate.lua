@@ -16,6 +16,7 @@
 --   a grant the ledger already holds is answered as a replay, not applied twice)
 --   then h, then h groups of 12: an outstanding hold's reservation id, amount, t0 (ms), deadline
 --   (ms), ttl (ms), last extend sequence, team, project, user, job type, model, rate card version
+--   then the epoch of the node ('' = unknown; see epoch.lua), recorded in the rebuilt account
 -- Returns {'OK', 1} when it rebuilt the account, {'OK', 0} when the account already existed
 --   (and no rebuild was forced), {'OK', 'WAIT'} when the outbox moved since the caller looked or
 --   holds events not yet in the ledger (the flusher drains it; then rebuild).
@@ -36,6 +37,7 @@ if not outbox_flushed(expected, group) then
 end
 
 redis.call('DEL', ACCT, HOLDS, DEADLINES, TOMBS, GRANTS, GEXP)
+FENCED = false  -- the fence went with the account: the rebuilt organization is open again
 
 local granted, expired, committed = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local balance = granted - expired - committed
@@ -56,6 +58,7 @@ local holds_at = b + 1
 local held = 0
 for i = 0, h - 1 do held = held + tonumber(ARGV[holds_at + 12 * i + 1]) end
 local av_s = I(balance - held)
+local epoch = ARGV[holds_at + 12 * h] or ''
 
 local ref = ARGV[14]
 if ref == '' then ref = I(math.max(balance - held, 0)) end
@@ -63,6 +66,7 @@ redis.call('HSET', ACCT, 'granted', I(granted), 'expired_grants', I(expired), 'c
   'carried_committed', I(committed), 'balance', I(balance), 'held', I(held), 'reserved', I(held),
   'gen', ARGV[11], 'ref', ref)
 if ARGV[12] ~= '' then redis.call('HSET', ACCT, 'atu_t', ARGV[12], 'atu_a', ARGV[13]) end
+if epoch ~= '' then redis.call('HSET', ACCT, 'epoch', epoch) end
 -- Notifications the ledger already holds for this generation are not sent again.
 if ARGV[15] == '1' then redis.call('HSET', ACCT, 'w20', '1') end
 if ARGV[16] == '1' then redis.call('HSET', ACCT, 'w5', '1') end

@@ -5,6 +5,7 @@
 --   or {'ERR', 'HOLD_NOT_FOUND' | 'HOLD_COMMITTED', msg, 'reservation_id', id}
 -- Releasing a hold that already expired is not an error: nothing is held either way (state 'E').
 
+if FENCED then return fenced_error() end
 if not account_exists() then
   return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
 end

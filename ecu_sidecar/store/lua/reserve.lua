@@ -17,6 +17,7 @@
 -- with one HMGET and writes them with one HSET and its deadlines with one ZADD; the threshold
 -- state is read with the balance (nothing here changes it but held, whose new value is known).
 
+if FENCED then return fenced_error() end
 if not account_exists() then
   return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
 end

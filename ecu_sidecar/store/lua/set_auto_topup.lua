@@ -5,6 +5,7 @@
 -- When available falls below the threshold, exactly one auto_topup_requested notification is
 -- emitted (the billing system charges the card and calls Grant); the grant re-arms it.
 
+if FENCED then return fenced_error() end
 if not account_exists() then
   return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
 end

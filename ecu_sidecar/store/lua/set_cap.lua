@@ -5,6 +5,7 @@
 --   or {'ERR', 'ACCOUNT_NOT_FOUND', msg}
 -- Setting the same cap twice is naturally idempotent (an absolute value, not an increment).
 
+if FENCED then return fenced_error() end
 if not account_exists() then
   return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
 end
