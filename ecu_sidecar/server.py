@@ -24,11 +24,11 @@ from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.metrics import FlusherMetrics, Metrics
 from ecu_sidecar.pricing import RateCardError, RateCardRegistry, tokens
-from ecu_sidecar.service import QuotaService
+from ecu_sidecar.service import QuotaService, tolerant_deserializer
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 
-__all__ = ["SERVICE_NAME", "SidecarServer", "load_rates"]
+__all__ = ["SERVICE_NAME", "SidecarServer", "add_quota_service", "load_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,41 @@ log = logging.getLogger(__name__)
 LOOP_STOP_TIMEOUT_S = 10.0
 
 SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["Quota"].full_name
+
+
+class _HandlerTable:
+    """Stands in for a server to catch the method handlers a generated add_*_to_server builds."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_quota_service(service: QuotaService, server: grpc.aio.Server) -> None:
+    """The generated add_QuotaServicer_to_server, except that every method's request
+    deserializer is tolerant (service.tolerant_deserializer): bytes that do not parse as the
+    request message get a counted INVALID_ARGUMENT with details from the handler, not grpc's
+    UNKNOWN and a logged traceback."""
+    table = _HandlerTable()
+    quota_pb2_grpc.add_QuotaServicer_to_server(service, table)
+    methods = quota_pb2.DESCRIPTOR.services_by_name["Quota"].methods_by_name
+    if set(table.handlers) != set(methods):
+        raise RuntimeError("the generated Quota handlers do not match the service descriptor")
+    handlers = {
+        name: handler._replace(
+            request_deserializer=tolerant_deserializer(
+                name, methods[name].input_type.full_name, handler.request_deserializer
+            )
+        )
+        for name, handler in table.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def load_rates(settings: Settings) -> RateCardRegistry | None:
@@ -169,7 +204,7 @@ class SidecarServer:
             ]
         )
         self._server = server
-        quota_pb2_grpc.add_QuotaServicer_to_server(
+        add_quota_service(
             QuotaService(self.engine, self.metrics, self.settings.admin_token), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -1,7 +1,9 @@
 """The gRPC service: protobuf in, engine call, protobuf out. Nothing else lives here.
 
 Every handler runs inside ``_handle``, which times the call, counts it, and turns a domain
-error into its gRPC status (ecu_sidecar.status) with google.rpc details.
+error into its gRPC status (ecu_sidecar.status) with google.rpc details. A request whose bytes
+do not parse reaches its handler as an ``Undecodable`` (``tolerant_deserializer``, which the
+server installs for every method) and is refused there like any other invalid request.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ecu_sidecar.model import (
 from ecu_sidecar.pricing import NoRateCard
 from ecu_sidecar.status import code_for, to_grpc_status
 
-__all__ = ["QuotaService"]
+__all__ = ["QuotaService", "Undecodable", "tolerant_deserializer"]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,37 @@ def _log_fields(request: Any, context: Any, response: Any = None) -> dict[str, A
     return out
 
 
+class Undecodable:
+    """What a handler receives instead of a request whose bytes did not parse as its message
+    (see tolerant_deserializer): ``_handle`` answers it with its INVALID_ARGUMENT error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: errors.UndecodableRequest) -> None:
+        self.error = error
+
+
+def tolerant_deserializer(
+    rpc: str, message_type: str, parse: Callable[[bytes], Any]
+) -> Callable[[bytes], Any]:
+    """``parse`` (a generated ``FromString``), returning an Undecodable where it raises.
+
+    grpc.aio answers a raising request deserializer itself, before any handler runs: UNKNOWN,
+    no details, uncounted, and a traceback logged at ERROR for every bad payload. Handing the
+    failure to the handler instead makes it one more counted INVALID_ARGUMENT."""
+    prefix = f"Error parsing message with type '{message_type}': "
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # DecodeError; whatever fails to parse, the bytes are at fault
+            cause = str(exc).removeprefix(prefix) or type(exc).__name__
+            cause = cause[:1].lower() + cause[1:]
+            return Undecodable(errors.UndecodableRequest(rpc, message_type, cause))
+
+    return deserialize
+
+
 def _handle(
     method: str,
 ) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[..., Awaitable[Resp]]]:
@@ -185,6 +218,8 @@ def _handle(
             start = time.perf_counter()
             code = "OK"
             try:
+                if type(request) is Undecodable:
+                    raise request.error
                 response = await fn(self, request, context)
                 if method in _STATE_CHANGES and log.isEnabledFor(logging.DEBUG):
                     log.debug("%s ok", method, extra=_log_fields(request, context, response))
