@@ -139,6 +139,45 @@ async def test_admin_rpcs_need_the_token(stub) -> None:
     )
 
 
+NOBODY = "org-without-account"
+
+#: Every RPC an organization without an account is refused by, with a valid request for it.
+NO_ACCOUNT_CALLS = {
+    "GetBalance": pb.GetBalanceRequest(organization=NOBODY),
+    "Reserve": pb.ReserveRequest(
+        reservation_id="r1",
+        account=pb.Account(organization=NOBODY),
+        amount_uecu=1,
+        job_type=pb.JOB_TYPE_GEPA,
+    ),
+    "ReserveBatch": pb.ReserveBatchRequest(
+        account=pb.Account(organization=NOBODY),
+        items=[pb.ReserveItem(reservation_id="r1", amount_uecu=1, job_type=pb.JOB_TYPE_GEPA)],
+    ),
+    "Commit": pb.CommitRequest(reservation_id="r1", organization=NOBODY, actual_uecu=1),
+    "CommitBatch": pb.CommitBatchRequest(
+        organization=NOBODY, items=[pb.CommitItem(reservation_id="r1", actual_uecu=1)]
+    ),
+    "Release": pb.ReleaseRequest(reservation_id="r1", organization=NOBODY),
+    "Extend": pb.ExtendRequest(reservation_id="r1", organization=NOBODY, sequence=1),
+    "SetCap": pb.SetCapRequest(
+        organization=NOBODY, scope=pb.CAP_SCOPE_TEAM, id="team-a", cap_uecu=1
+    ),
+    "SetAutoTopUp": pb.SetAutoTopUpRequest(organization=NOBODY, threshold_uecu=1, amount_uecu=1),
+}
+
+
+@pytest.mark.parametrize("rpc", sorted(NO_ACCOUNT_CALLS))
+async def test_account_not_found_names_the_organization(stub, rpc: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await getattr(stub, rpc)(NO_ACCOUNT_CALLS[rpc], metadata=ADMIN_METADATA)
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND, ei.value.details()
+    assert ei.value.details() == f"organization {NOBODY} has no ECU account (no grant yet)"
+    info = details(ei.value)["ErrorInfo"]
+    assert info.reason == "ACCOUNT_NOT_FOUND"
+    assert info.metadata["organization"] == NOBODY
+
+
 async def test_health_serving(sidecar) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as ch:
         h = health_pb2_grpc.HealthStub(ch)

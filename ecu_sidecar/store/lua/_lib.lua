@@ -79,6 +79,13 @@ local function err(reason, message, ...)
   return out
 end
 
+-- The refusal of an operation on an organization that has no account: it names the
+-- organization, in the message and in the metadata.
+local function no_account()
+  return err('ACCOUNT_NOT_FOUND', 'organization ' .. ORG .. ' has no ECU account (no grant yet)',
+    'organization', ORG)
+end
+
 local function get_hold(rid)
   local raw = redis.call('HGET', HOLDS, rid)
   if not raw then return nil end

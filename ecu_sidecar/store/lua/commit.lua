@@ -34,7 +34,7 @@
 -- right after it comes from running totals (`bal`, `held`) that track the acct fields exactly.
 
 if not account_exists() then
-  return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
+  return no_account()
 end
 sweep()
 local pct = tonumber(ARGV[5])
