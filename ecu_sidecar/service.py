@@ -27,6 +27,7 @@ from ecu_sidecar.convert import (
     job_from_pb,
     quote_to_pb,
     scope_to_pb,
+    unmapped_enum,
     usage_from_pb,
 )
 from ecu_sidecar.engine import QuotaEngine
@@ -286,8 +287,9 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             raise errors.PermissionDenied("the admin token does not match")
 
     def _reserve_item(self, msg: Any) -> ReserveItem:
-        # An unknown enum number passes through as an int; the engine refuses it in field order.
-        job_type = _JOB_TYPES.get(msg.job_type, msg.job_type)
+        # An unmapped enum number passes through as its wire name; the engine refuses it in
+        # field order.
+        job_type = _JOB_TYPES.get(msg.job_type) or unmapped_enum(pb.JobType, msg.job_type)
         if not msg.HasField("job"):
             return ReserveItem(msg.reservation_id, msg.amount_uecu, job_type, msg.model, msg.ttl_ms)
         if msg.job_type == pb.JOB_TYPE_UNSPECIFIED:
@@ -403,7 +405,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     @_handle("Grant")
     async def Grant(self, request: pb.GrantRequest, context: Any) -> pb.GrantResponse:
         self._require_admin(context)
-        kind = _GRANT_KINDS.get(request.kind, request.kind)
+        kind = _GRANT_KINDS.get(request.kind) or unmapped_enum(pb.GrantKind, request.kind)
         out = await self.engine.grant(
             request.organization,
             request.grant_id,
@@ -421,7 +423,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     @_handle("SetCap")
     async def SetCap(self, request: pb.SetCapRequest, context: Any) -> pb.SetCapResponse:
         self._require_admin(context)
-        scope = _CAP_SCOPES.get(request.scope, request.scope)
+        scope = _CAP_SCOPES.get(request.scope) or unmapped_enum(pb.CapScope, request.scope)
         cap = None if request.clear else request.cap_uecu
         out = await self.engine.set_cap(request.organization, scope, request.id, cap)
         return pb.SetCapResponse(usage=scope_to_pb(out))
