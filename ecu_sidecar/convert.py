@@ -32,6 +32,7 @@ __all__ = [
     "quote_to_pb",
     "scope_from_pb",
     "scope_to_pb",
+    "unmapped_enum",
     "usage_from_pb",
 ]
 
@@ -48,6 +49,17 @@ _USAGE_KINDS = {
     pb.USAGE_KIND_GEPA_ITERATION: "gepa_iteration",
     pb.USAGE_KIND_TRACE: "trace",
 }
+
+
+def unmapped_enum(enum_type: Any, number: int) -> str:
+    """An enum number the domain has no value for, spelled as on the wire: its proto name
+    (GRANT_KIND_UNSPECIFIED, the default of an unset field) or, for a number this proto does not
+    define, the number itself. It passes through to the engine or the pricer, which refuses it
+    in field order and names it this way."""
+    try:
+        return str(enum_type.Name(number))
+    except ValueError:
+        return str(number)
 
 
 def fingerprint(job: pb.JobSpec) -> str:
@@ -107,10 +119,10 @@ def job_from_pb(msg: pb.JobSpec) -> JobSpec:
 
 def usage_from_pb(lines: Any) -> list[UsageLine]:
     """The pricer's usage lines for repeated protobuf UsageLine (unknown kinds pass through
-    as their number, for the pricer to refuse with the field path)."""
+    as their wire name, for the pricer to refuse with the field path)."""
     return [
         UsageLine(
-            _USAGE_KINDS.get(u.kind, str(u.kind)),
+            _USAGE_KINDS.get(u.kind) or unmapped_enum(pb.UsageKind, u.kind),
             model=u.model,
             tokens_in=u.tokens_in,
             tokens_out=u.tokens_out,

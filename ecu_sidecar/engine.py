@@ -663,7 +663,8 @@ class QuotaEngine:
             check_amount(f"{f}amount_uecu", it.amount_uecu)
         if not isinstance(it.job_type, JobType):
             raise InvalidArgument(
-                f"{f}job_type", f"must be one of {', '.join(JobType)}, got {it.job_type!r}"
+                f"{f}job_type",
+                f"must be one of {', '.join(j.wire_name for j in JobType)}, got {it.job_type}",
             )
         check_model(f"{f}model", it.model, it.job_type in _MODEL_REQUIRED and quote is None)
         ttl = self._ttl(f"{f}ttl_ms", it.ttl_ms, zero_means=self.settings.default_ttl_ms)
@@ -983,7 +984,9 @@ class QuotaEngine:
         check_id("grant_id", grant_id, CALLER_ID_MAX)
         check_amount("amount_uecu", amount_uecu)
         if not isinstance(kind, GrantKind):
-            raise InvalidArgument("kind", f"must be one of {', '.join(GrantKind)}, got {kind!r}")
+            raise InvalidArgument(
+                "kind", f"must be one of {', '.join(k.wire_name for k in GrantKind)}, got {kind}"
+            )
         if (
             isinstance(expires_at_ms, bool)
             or not isinstance(expires_at_ms, int)
@@ -1043,7 +1046,9 @@ class QuotaEngine:
         """Set (or with None clear) a team or project cap."""
         self._org("organization", org)
         if scope not in ("team", "project"):
-            raise InvalidArgument("scope", f"must be team or project, got {scope!r}")
+            raise InvalidArgument(
+                "scope", f"must be CAP_SCOPE_TEAM or CAP_SCOPE_PROJECT, got {scope}"
+            )
         check_id("id", scope_id)
         if cap_uecu is not None:
             if (

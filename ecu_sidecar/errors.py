@@ -27,6 +27,7 @@ __all__ = [
     "StaleSequence",
     "StoreUnavailable",
     "Unauthenticated",
+    "UndecodableRequest",
 ]
 
 
@@ -49,6 +50,20 @@ class InvalidArgument(EcuError):
     def __init__(self, field: str, description: str) -> None:
         super().__init__(f"{field}: {description}", field=field)
         self.field = field
+        self.description = description
+
+
+class UndecodableRequest(InvalidArgument):
+    """The request body does not parse as the RPC's protobuf message (truncated or corrupt
+    bytes, a string field that is not UTF-8); nothing was read from it, nothing was changed.
+
+    The BadRequest violation names the whole body (field ``""``); the ErrorInfo metadata names
+    the ``rpc`` and the ``message_type`` expected."""
+
+    def __init__(self, rpc: str, message_type: str, cause: str) -> None:
+        description = f"the request body is not a valid {message_type}: {cause}"
+        EcuError.__init__(self, f"{rpc}: {description}", rpc=rpc, message_type=message_type)
+        self.field = ""
         self.description = description
 
 

@@ -60,6 +60,11 @@ class JobType(enum.StrEnum):
     TRACE_EVAL = "trace_eval"
     ENGINE = "engine"
 
+    @property
+    def wire_name(self) -> str:
+        """The protobuf and JSON spelling (JOB_TYPE_INFERENCE), which error messages use."""
+        return f"JOB_TYPE_{self.name}"
+
 
 class HoldState(enum.StrEnum):
     """Life-cycle state of a hold; the values are the one-letter codes the scripts store."""
@@ -78,6 +83,11 @@ class GrantKind(enum.StrEnum):
     AUTO_TOP_UP = "auto_top_up"
     ENTERPRISE = "enterprise"
     ADJUSTMENT = "adjustment"
+
+    @property
+    def wire_name(self) -> str:
+        """The protobuf and JSON spelling (GRANT_KIND_TOP_UP), which error messages use."""
+        return f"GRANT_KIND_{self.name}"
 
 
 @dataclass(frozen=True, slots=True)

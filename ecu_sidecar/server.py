@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ecu_sidecar.api.v1 import quota_pb2, quota_pb2_grpc
@@ -24,11 +26,11 @@ from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.metrics import FlusherMetrics, Metrics
 from ecu_sidecar.pricing import RateCardError, RateCardRegistry, tokens
-from ecu_sidecar.service import QuotaService
+from ecu_sidecar.service import QuotaService, tolerant_deserializer
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 
-__all__ = ["SERVICE_NAME", "SidecarServer", "load_rates"]
+__all__ = ["SERVICE_NAME", "SidecarServer", "add_quota_service", "load_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,63 @@ log = logging.getLogger(__name__)
 LOOP_STOP_TIMEOUT_S = 10.0
 
 SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["Quota"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def _pool_of(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
+    """A descriptor pool holding only these files and their imports: reflection on a port
+    answers for what that port serves, not for every message this process has loaded."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
+
+
+class _HandlerTable:
+    """Stands in for a server to catch the method handlers a generated add_*_to_server builds."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_quota_service(service: QuotaService, server: grpc.aio.Server) -> None:
+    """The generated add_QuotaServicer_to_server, except that every method's request
+    deserializer is tolerant (service.tolerant_deserializer): bytes that do not parse as the
+    request message get a counted INVALID_ARGUMENT with details from the handler, not grpc's
+    UNKNOWN and a logged traceback."""
+    table = _HandlerTable()
+    quota_pb2_grpc.add_QuotaServicer_to_server(service, table)
+    methods = quota_pb2.DESCRIPTOR.services_by_name["Quota"].methods_by_name
+    if set(table.handlers) != set(methods):
+        raise RuntimeError("the generated Quota handlers do not match the service descriptor")
+    handlers = {
+        name: handler._replace(
+            request_deserializer=tolerant_deserializer(
+                name, methods[name].input_type.full_name, handler.request_deserializer
+            )
+        )
+        for name, handler in table.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def load_rates(settings: Settings) -> RateCardRegistry | None:
@@ -169,24 +228,26 @@ class SidecarServer:
             ]
         )
         self._server = server
-        quota_pb2_grpc.add_QuotaServicer_to_server(
+        add_quota_service(
             QuotaService(self.engine, self.metrics, self.settings.admin_token), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # grpcio-reflection ships only grpc.reflection.v1alpha (checked up to 1.85.1): no v1.
         reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         self.port = _bind(server, "ECU_LISTEN", self.settings.listen, _credentials(self.settings))
         await server.start()
         if self.settings.health_listen:
             # Health only, plaintext: kubelet probes reach the pod IP, never the quota service.
+            # Its reflection lists and describes health and itself, nothing of the quota API.
             self._health_server = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            reflection.enable_server_reflection(
+                (HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+                self._health_server,
+                pool=_pool_of(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR),
+            )
             self.health_port = _bind(
                 self._health_server, "ECU_HEALTH_LISTEN", self.settings.health_listen, None
             )

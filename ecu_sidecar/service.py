@@ -1,7 +1,9 @@
 """The gRPC service: protobuf in, engine call, protobuf out. Nothing else lives here.
 
 Every handler runs inside ``_handle``, which times the call, counts it, and turns a domain
-error into its gRPC status (ecu_sidecar.status) with google.rpc details.
+error into its gRPC status (ecu_sidecar.status) with google.rpc details. A request whose bytes
+do not parse reaches its handler as an ``Undecodable`` (``tolerant_deserializer``, which the
+server installs for every method) and is refused there like any other invalid request.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ecu_sidecar.convert import (
     job_from_pb,
     quote_to_pb,
     scope_to_pb,
+    unmapped_enum,
     usage_from_pb,
 )
 from ecu_sidecar.engine import QuotaEngine
@@ -42,7 +45,7 @@ from ecu_sidecar.model import (
 from ecu_sidecar.pricing import NoRateCard
 from ecu_sidecar.status import code_for, to_grpc_status
 
-__all__ = ["QuotaService"]
+__all__ = ["QuotaService", "Undecodable", "tolerant_deserializer"]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +174,37 @@ def _log_fields(request: Any, context: Any, response: Any = None) -> dict[str, A
     return out
 
 
+class Undecodable:
+    """What a handler receives instead of a request whose bytes did not parse as its message
+    (see tolerant_deserializer): ``_handle`` answers it with its INVALID_ARGUMENT error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: errors.UndecodableRequest) -> None:
+        self.error = error
+
+
+def tolerant_deserializer(
+    rpc: str, message_type: str, parse: Callable[[bytes], Any]
+) -> Callable[[bytes], Any]:
+    """``parse`` (a generated ``FromString``), returning an Undecodable where it raises.
+
+    grpc.aio answers a raising request deserializer itself, before any handler runs: UNKNOWN,
+    no details, uncounted, and a traceback logged at ERROR for every bad payload. Handing the
+    failure to the handler instead makes it one more counted INVALID_ARGUMENT."""
+    prefix = f"Error parsing message with type '{message_type}': "
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # DecodeError; whatever fails to parse, the bytes are at fault
+            cause = str(exc).removeprefix(prefix) or type(exc).__name__
+            cause = cause[:1].lower() + cause[1:]
+            return Undecodable(errors.UndecodableRequest(rpc, message_type, cause))
+
+    return deserialize
+
+
 def _handle(
     method: str,
 ) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[..., Awaitable[Resp]]]:
@@ -185,6 +219,8 @@ def _handle(
             start = time.perf_counter()
             code = "OK"
             try:
+                if type(request) is Undecodable:
+                    raise request.error
                 response = await fn(self, request, context)
                 if method in _STATE_CHANGES and log.isEnabledFor(logging.DEBUG):
                     log.debug("%s ok", method, extra=_log_fields(request, context, response))
@@ -251,8 +287,9 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             raise errors.PermissionDenied("the admin token does not match")
 
     def _reserve_item(self, msg: Any) -> ReserveItem:
-        # An unknown enum number passes through as an int; the engine refuses it in field order.
-        job_type = _JOB_TYPES.get(msg.job_type, msg.job_type)
+        # An unmapped enum number passes through as its wire name; the engine refuses it in
+        # field order.
+        job_type = _JOB_TYPES.get(msg.job_type) or unmapped_enum(pb.JobType, msg.job_type)
         if not msg.HasField("job"):
             return ReserveItem(msg.reservation_id, msg.amount_uecu, job_type, msg.model, msg.ttl_ms)
         if msg.job_type == pb.JOB_TYPE_UNSPECIFIED:
@@ -368,7 +405,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     @_handle("Grant")
     async def Grant(self, request: pb.GrantRequest, context: Any) -> pb.GrantResponse:
         self._require_admin(context)
-        kind = _GRANT_KINDS.get(request.kind, request.kind)
+        kind = _GRANT_KINDS.get(request.kind) or unmapped_enum(pb.GrantKind, request.kind)
         out = await self.engine.grant(
             request.organization,
             request.grant_id,
@@ -386,7 +423,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     @_handle("SetCap")
     async def SetCap(self, request: pb.SetCapRequest, context: Any) -> pb.SetCapResponse:
         self._require_admin(context)
-        scope = _CAP_SCOPES.get(request.scope, request.scope)
+        scope = _CAP_SCOPES.get(request.scope) or unmapped_enum(pb.CapScope, request.scope)
         cap = None if request.clear else request.cap_uecu
         out = await self.engine.set_cap(request.organization, scope, request.id, cap)
         return pb.SetCapResponse(usage=scope_to_pb(out))

@@ -65,8 +65,9 @@ class Settings:
     signed (mutual TLS)."""
 
     health_listen: str = field(default="", metadata={"kind": "str"})
-    """ECU_HEALTH_LISTEN: host:port of a plaintext server carrying only grpc.health.v1 (for
-    kubelet probes that cannot reach loopback); empty disables it."""
+    """ECU_HEALTH_LISTEN: host:port of a plaintext server carrying only grpc.health.v1 and a
+    reflection describing only it (for kubelet probes that cannot reach loopback); empty
+    disables it."""
 
     degraded_allowance_uecu: int = field(default=0, metadata=_int(0, 10**12))
     """ECU_DEGRADED_ALLOWANCE_UECU: while Redis is unreachable, grant at most this many µECU of

@@ -22,6 +22,7 @@ DOMAIN = "ecu-sidecar"
 #: The mapping. Every EcuError subclass appears here; tests check the table is complete.
 STATUS_BY_ERROR: dict[type[errors.EcuError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UndecodableRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InsufficientEcu: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.AccountNotFound: grpc.StatusCode.NOT_FOUND,
     errors.HoldNotFound: grpc.StatusCode.NOT_FOUND,

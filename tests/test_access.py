@@ -9,7 +9,9 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
@@ -121,6 +123,57 @@ async def test_health_only_port_serves_health_and_nothing_else() -> None:
                     pb.GetBalanceRequest(organization="acme"), timeout=5
                 )
             assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(grace=0)
+
+
+async def reflect(port: int, **request: str) -> list[reflection_pb2.ServerReflectionResponse]:
+    """One server reflection (v1alpha) exchange with 127.0.0.1:port."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        call = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(**request)]), timeout=5
+        )
+        return [response async for response in call]
+
+
+def described_symbols(response: reflection_pb2.ServerReflectionResponse) -> set[str]:
+    """The services and messages of the files in a file_descriptor_response."""
+    out = set()
+    for raw in response.file_descriptor_response.file_descriptor_proto:
+        file = descriptor_pb2.FileDescriptorProto.FromString(raw)
+        out |= {f"{file.package}.{m.name}" for m in (*file.service, *file.message_type)}
+    return out
+
+
+async def test_health_only_port_reflects_only_what_it_serves() -> None:
+    """grpcurl against the probe port: its reflection lists health and reflection, describes
+    them, and knows nothing of the quota API; the main port still describes everything."""
+    settings = make_settings("embedded", health_listen="127.0.0.1:0")
+    server = SidecarServer(settings)
+    await server.start()
+    try:
+        (listed,) = await reflect(server.health_port, list_services="")
+        assert {s.name for s in listed.list_services_response.service} == {
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
+        (health,) = await reflect(
+            server.health_port, file_containing_symbol="grpc.health.v1.Health"
+        )
+        assert "grpc.health.v1.HealthCheckRequest" in described_symbols(health)
+        for symbol in ("ecu_sidecar.api.v1.Quota", "ecu_sidecar.api.v1.ReserveRequest"):
+            (missing,) = await reflect(server.health_port, file_containing_symbol=symbol)
+            assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+        (listed,) = await reflect(server.port, list_services="")
+        assert {s.name for s in listed.list_services_response.service} == {
+            "ecu_sidecar.api.v1.Quota",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
+        (quota,) = await reflect(server.port, file_containing_symbol="ecu_sidecar.api.v1.Quota")
+        assert "ecu_sidecar.api.v1.ReserveRequest" in described_symbols(quota)
     finally:
         await server.stop(grace=0)
 

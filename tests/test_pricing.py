@@ -555,7 +555,11 @@ USAGE_INVALID = [
         "unknown model 'gpt-5'",
     ),
     ([UsageLine("judge", "", calls=1)], "usage[0].model", "is required"),
-    ([UsageLine("training", "gpt-4o")], "usage[0].kind", "must be one of inference, judge"),
+    (
+        [UsageLine("training", "gpt-4o")],
+        "usage[0].kind",
+        "must be one of USAGE_KIND_INFERENCE, USAGE_KIND_JUDGE",
+    ),
     ([UsageLine("inference", "gpt-4o", tokens_in=-1)], "usage[0].tokens_in", "between 0"),
     ([UsageLine("inference", "gpt-4o", tokens_out=1.0)], "usage[0].tokens_out", "integer"),
     ([UsageLine("inference", "gpt-4o", calls=True)], "usage[0].calls", "integer"),

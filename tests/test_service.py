@@ -10,8 +10,9 @@ from grpc_status import rpc_status
 
 from ecu_sidecar import errors
 from ecu_sidecar.api.v1 import quota_pb2 as pb
+from ecu_sidecar.pricing import load_rate_card
 from ecu_sidecar.status import STATUS_BY_ERROR
-from tests.conftest import ADMIN_METADATA
+from tests.conftest import ADMIN_METADATA, EXAMPLE_RATE_CARD
 
 
 def details(exc: grpc.aio.AioRpcError) -> dict[str, object]:
@@ -137,6 +138,122 @@ async def test_admin_rpcs_need_the_token(stub) -> None:
     assert ei.value.code() == grpc.StatusCode.NOT_FOUND, (
         "a refused grant must not create the account"
     )
+
+
+NOBODY = "org-without-account"
+
+#: Every RPC an organization without an account is refused by, with a valid request for it.
+NO_ACCOUNT_CALLS = {
+    "GetBalance": pb.GetBalanceRequest(organization=NOBODY),
+    "Reserve": pb.ReserveRequest(
+        reservation_id="r1",
+        account=pb.Account(organization=NOBODY),
+        amount_uecu=1,
+        job_type=pb.JOB_TYPE_GEPA,
+    ),
+    "ReserveBatch": pb.ReserveBatchRequest(
+        account=pb.Account(organization=NOBODY),
+        items=[pb.ReserveItem(reservation_id="r1", amount_uecu=1, job_type=pb.JOB_TYPE_GEPA)],
+    ),
+    "Commit": pb.CommitRequest(reservation_id="r1", organization=NOBODY, actual_uecu=1),
+    "CommitBatch": pb.CommitBatchRequest(
+        organization=NOBODY, items=[pb.CommitItem(reservation_id="r1", actual_uecu=1)]
+    ),
+    "Release": pb.ReleaseRequest(reservation_id="r1", organization=NOBODY),
+    "Extend": pb.ExtendRequest(reservation_id="r1", organization=NOBODY, sequence=1),
+    "SetCap": pb.SetCapRequest(
+        organization=NOBODY, scope=pb.CAP_SCOPE_TEAM, id="team-a", cap_uecu=1
+    ),
+    "SetAutoTopUp": pb.SetAutoTopUpRequest(organization=NOBODY, threshold_uecu=1, amount_uecu=1),
+}
+
+
+@pytest.mark.parametrize("rpc", sorted(NO_ACCOUNT_CALLS))
+async def test_account_not_found_names_the_organization(stub, rpc: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await getattr(stub, rpc)(NO_ACCOUNT_CALLS[rpc], metadata=ADMIN_METADATA)
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND, ei.value.details()
+    assert ei.value.details() == f"organization {NOBODY} has no ECU account (no grant yet)"
+    info = details(ei.value)["ErrorInfo"]
+    assert info.reason == "ACCOUNT_NOT_FOUND"
+    assert info.metadata["organization"] == NOBODY
+
+
+def test_wire_names_are_the_proto_enum_names() -> None:
+    """Error messages spell enum values as the wire and JSON do; every spelling exists."""
+    from ecu_sidecar.model import GrantKind, JobType
+    from ecu_sidecar.pricing import UsageKind
+
+    for members, enum in (
+        (JobType, pb.JobType),
+        (GrantKind, pb.GrantKind),
+        (UsageKind, pb.UsageKind),
+    ):
+        assert {m.wire_name for m in members} == set(enum.keys()) - {enum.Name(0)}
+
+
+#: A request with an enum field left unset (0) or set to a number the proto does not define,
+#: the field path, and the message's list of accepted values.
+ENUM_CASES = [
+    (
+        "Grant",
+        pb.GrantRequest(grant_id="g1", organization="acme", amount_uecu=1),
+        "kind",
+        "kind: must be one of GRANT_KIND_STARTER, GRANT_KIND_TOP_UP, GRANT_KIND_AUTO_TOP_UP, "
+        "GRANT_KIND_ENTERPRISE, GRANT_KIND_ADJUSTMENT, got ",
+        "GRANT_KIND_UNSPECIFIED",
+    ),
+    (
+        "Reserve",
+        pb.ReserveRequest(
+            reservation_id="r1", account=pb.Account(organization="acme"), amount_uecu=1
+        ),
+        "job_type",
+        "job_type: must be one of JOB_TYPE_INFERENCE, JOB_TYPE_JUDGE, JOB_TYPE_GEPA, "
+        "JOB_TYPE_TRACE_EVAL, JOB_TYPE_ENGINE, got ",
+        "JOB_TYPE_UNSPECIFIED",
+    ),
+    (
+        "SetCap",
+        pb.SetCapRequest(organization="acme", id="team-a", cap_uecu=1),
+        "scope",
+        "scope: must be CAP_SCOPE_TEAM or CAP_SCOPE_PROJECT, got ",
+        "CAP_SCOPE_UNSPECIFIED",
+    ),
+    (
+        "Commit",
+        pb.CommitRequest(
+            reservation_id="r1",
+            organization="acme",
+            usage_lines=[pb.UsageLine(model="gpt-4o", tokens_in=1, calls=1)],
+            rate_card_version=load_rate_card(EXAMPLE_RATE_CARD).version,
+        ),
+        "usage_lines[0].kind",
+        "usage_lines[0].kind: must be one of USAGE_KIND_INFERENCE, USAGE_KIND_JUDGE, "
+        "USAGE_KIND_GEPA_ITERATION, USAGE_KIND_TRACE, got ",
+        "USAGE_KIND_UNSPECIFIED",
+    ),
+]
+
+
+@pytest.mark.parametrize("unset", [True, False], ids=["unset", "unknown-number"])
+@pytest.mark.parametrize(("rpc", "request_", "field", "message", "unspecified"), ENUM_CASES)
+async def test_enum_errors_use_the_wire_spelling(
+    stub, rpc: str, request_, field: str, message: str, unspecified: str, unset: bool
+) -> None:
+    await grant(stub, "acme", 1_000_000)
+    request = type(request_)()
+    request.CopyFrom(request_)
+    if not unset:  # a number from a newer proto: named by its number
+        if rpc == "Commit":
+            request.usage_lines[0].kind = 99
+        else:
+            setattr(request, field, 99)
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await getattr(stub, rpc)(request, metadata=ADMIN_METADATA)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ei.value.details() == message + (unspecified if unset else "99")
+    assert details(ei.value)["BadRequest"].field_violations[0].field == field
 
 
 async def test_health_serving(sidecar) -> None:

@@ -79,6 +79,11 @@ class UsageKind(enum.StrEnum):
     TRACE = "trace"
     """Traces evaluated, in ``calls``; their judge calls are reported as judge usage."""
 
+    @property
+    def wire_name(self) -> str:
+        """The protobuf and JSON spelling (USAGE_KIND_INFERENCE), which error messages use."""
+        return f"USAGE_KIND_{self.name}"
+
 
 @dataclass(frozen=True, slots=True)
 class InferenceSpec:
@@ -543,7 +548,7 @@ def _usage_line(
     except ValueError:
         raise InvalidArgument(
             f"{path}.kind",
-            f"must be one of {', '.join(k.value for k in UsageKind)}, got {line.kind!r}",
+            f"must be one of {', '.join(k.wire_name for k in UsageKind)}, got {line.kind}",
         ) from None
     tokens_in = check_count(f"{path}.tokens_in", line.tokens_in)
     tokens_out = check_count(f"{path}.tokens_out", line.tokens_out)
@@ -555,13 +560,15 @@ def _usage_line(
     if line.model:
         raise InvalidArgument(
             f"{path}.model",
-            f"must be empty for {kind.value} usage (report model calls as inference or judge)",
+            f"must be empty for {kind.wire_name} usage (report model calls as "
+            f"{UsageKind.INFERENCE.wire_name} or {UsageKind.JUDGE.wire_name} usage)",
         )
     for name, value in (("tokens_in", tokens_in), ("tokens_out", tokens_out)):
         if value:
             raise InvalidArgument(
                 f"{path}.{name}",
-                f"must be 0 for {kind.value} usage (report tokens as inference or judge usage)",
+                f"must be 0 for {kind.wire_name} usage (report tokens as "
+                f"{UsageKind.INFERENCE.wire_name} or {UsageKind.JUDGE.wire_name} usage)",
             )
     # BYOK has no effect on platform fees: fold it so such lines aggregate together.
     return (kind, "", False), [0, 0, calls]

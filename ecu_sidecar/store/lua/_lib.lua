@@ -92,6 +92,13 @@ local function fenced_error()
     .. 'Redis lost part of its history; retry with the same id', 'retry_after_ms', I(FENCE - NOW))
 end
 
+-- The refusal of an operation on an organization that has no account: it names the
+-- organization, in the message and in the metadata.
+local function no_account()
+  return err('ACCOUNT_NOT_FOUND', 'organization ' .. ORG .. ' has no ECU account (no grant yet)',
+    'organization', ORG)
+end
+
 local function get_hold(rid)
   local raw = redis.call('HGET', HOLDS, rid)
   if not raw then return nil end

@@ -1,10 +1,10 @@
 -- balance: sweep overdue holds, then read the organization's counters.
 --   KEYS: the organization's keys (see _lib.lua)
 -- Returns {'OK', outstanding holds, then the acct hash as field, value, ...}
---   or {'ERR', 'ACCOUNT_NOT_FOUND', msg}
+--   or {'ERR', 'ACCOUNT_NOT_FOUND', msg, 'organization', org}
 
 if not account_exists() then
-  return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
+  return no_account()
 end
 sweep()
 check_thresholds()

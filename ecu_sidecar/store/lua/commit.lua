@@ -35,7 +35,7 @@
 
 if FENCED then return fenced_error() end
 if not account_exists() then
-  return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
+  return no_account()
 end
 sweep()
 local pct = tonumber(ARGV[5])

@@ -3,6 +3,7 @@
 --   ARGV[5] reservation id   ARGV[6] ttl ms from now ('0' = the hold's own ttl)
 --   ARGV[7] sequence (>= 1): each heartbeat carries a larger number than the last
 -- Returns {'OK', deadline, replayed (0|1)}
+--   or {'ERR', 'ACCOUNT_NOT_FOUND', msg, 'organization', org}
 --   or {'ERR', reason, msg, 'reservation_id', id} with reason HOLD_NOT_FOUND, HOLD_COMMITTED,
 --   HOLD_RELEASED, HOLD_EXPIRED, IDEMPOTENCY_CONFLICT (same sequence, other ttl) or
 --   STALE_SEQUENCE (a sequence below the last one applied). The last sequence of a hold restored
@@ -10,7 +11,7 @@
 
 if FENCED then return fenced_error() end
 if not account_exists() then
-  return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
+  return no_account()
 end
 sweep()
 local rid, ttl_s, seq_s = ARGV[5], ARGV[6], ARGV[7]

@@ -2,12 +2,13 @@
 --   KEYS: the organization's keys (see _lib.lua)
 --   ARGV[5] reservation id
 -- Returns {'OK', available_after, released, state ('R' or 'E'), replayed (0|1)}
+--   or {'ERR', 'ACCOUNT_NOT_FOUND', msg, 'organization', org}
 --   or {'ERR', 'HOLD_NOT_FOUND' | 'HOLD_COMMITTED', msg, 'reservation_id', id}
 -- Releasing a hold that already expired is not an error: nothing is held either way (state 'E').
 
 if FENCED then return fenced_error() end
 if not account_exists() then
-  return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
+  return no_account()
 end
 sweep()
 local rid = ARGV[5]

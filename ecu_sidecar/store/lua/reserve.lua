@@ -5,7 +5,7 @@
 --   rate card version ('' = a plain amount), job fingerprint ('' = a plain amount)
 -- Returns {'OK', available_after, replayed_all (0|1), then per item: id, amount, deadline, state,
 --   pinned rate card version}
---   or {'ERR', 'ACCOUNT_NOT_FOUND', msg}
+--   or {'ERR', 'ACCOUNT_NOT_FOUND', msg, 'organization', org}
 --   or {'ERR', 'IDEMPOTENCY_CONFLICT', msg, 'reservation_id', id}
 --   or {'ERR', 'INSUFFICIENT_ECU', msg, 'scope', s, 'scope_id', id, 'requested', r, 'available', a}
 -- A reservation id already held with the same parameters is answered from its record (a replay)
@@ -19,7 +19,7 @@
 
 if FENCED then return fenced_error() end
 if not account_exists() then
-  return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
+  return no_account()
 end
 sweep()
 

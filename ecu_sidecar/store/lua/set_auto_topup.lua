@@ -1,13 +1,14 @@
 -- set_auto_topup: configure (or turn off) an organization's auto-top-up.
 --   KEYS: the organization's keys (see _lib.lua)
 --   ARGV[5] threshold in uECU ('' = off)   ARGV[6] top-up amount in uECU
--- Returns {'OK', threshold, amount}   or {'ERR', 'ACCOUNT_NOT_FOUND', msg}
+-- Returns {'OK', threshold, amount}
+--   or {'ERR', 'ACCOUNT_NOT_FOUND', msg, 'organization', org}
 -- When available falls below the threshold, exactly one auto_topup_requested notification is
 -- emitted (the billing system charges the card and calls Grant); the grant re-arms it.
 
 if FENCED then return fenced_error() end
 if not account_exists() then
-  return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
+  return no_account()
 end
 local t, a = ARGV[5], ARGV[6]
 local cur = redis.call('HMGET', ACCT, 'atu_t', 'atu_a')

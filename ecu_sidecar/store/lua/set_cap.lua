@@ -2,12 +2,12 @@
 --   KEYS: the organization's keys (see _lib.lua)
 --   ARGV[5] scope prefix ('t' team | 'p' project)   ARGV[6] scope id   ARGV[7] cap ('' = clear)
 -- Returns {'OK', cap ('' when none), held, used}
---   or {'ERR', 'ACCOUNT_NOT_FOUND', msg}
+--   or {'ERR', 'ACCOUNT_NOT_FOUND', msg, 'organization', org}
 -- Setting the same cap twice is naturally idempotent (an absolute value, not an increment).
 
 if FENCED then return fenced_error() end
 if not account_exists() then
-  return err('ACCOUNT_NOT_FOUND', 'organization has no ECU account (no grant yet)')
+  return no_account()
 end
 local pfx, id, cap = ARGV[5], ARGV[6], ARGV[7]
 local base = pfx .. ':' .. id .. ':'
