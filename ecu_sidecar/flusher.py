@@ -292,7 +292,7 @@ class Flusher:
                     epoch,
                     was,
                 )
-                if await self._rebuild_fenced(org, epoch):
+                if await self._rebuild_fenced(org):
                     self.metrics.history_rebuilds.inc()
                 return None
         state = await self.reader.state(org)
@@ -315,7 +315,7 @@ class Flusher:
             # rebuilt whole from the ledger read above, for the same outbox position.
             lost.add(org)
             log.error("keys of %s lost (%s): rebuilding it from the ledger", org, checked.key_loss)
-            await self._rebuild(account, state.last_id, force=True, epoch=epoch)
+            await self._rebuild(account, state.last_id, force=True)
             return None
         drift = checked.drift_uecu
         if drift is None:
@@ -325,9 +325,9 @@ class Flusher:
             log.warning("drift in %s: Redis was %+d uECU off the ledger; repaired", org, drift)
         return drift
 
-    async def _rebuild_fenced(self, org: str, epoch: str) -> bool:
+    async def _rebuild_fenced(self, org: str) -> bool:
         """Drain the fenced organization's outbox into the ledger, then rebuild it from there
-        (which records ``epoch`` and lifts the fence). False when the drain did not finish
+        (which records the node's epoch and lifts the fence). False when the drain did not finish
         within the fence (another flusher's entries not yet claimable, the ledger down): the
         fence lapses, and the next pass fences again."""
         deadline = time.monotonic() + self.settings.rebuild_fence_ms / 1000
@@ -339,7 +339,7 @@ class Flusher:
                     log.error("cannot rebuild %s: the ledger has no account for it", org)
                     return False
                 try:
-                    return await self._rebuild(account, state.last_id, force=True, epoch=epoch)
+                    return await self._rebuild(account, state.last_id, force=True)
                 except StoreUnavailable:  # an entry arrived since the look: drain again
                     continue
             if not await self.flush_once(read_ahead=False):
@@ -389,13 +389,12 @@ class Flusher:
         account = await asyncio.to_thread(self.ledger.ledger_account, org)
         if account is None:
             return False
-        epoch = (await self.store.epochs([org]))[org]
-        return await self._rebuild(account, state.last_id, epoch=epoch)
+        return await self._rebuild(account, state.last_id)
 
     async def _rebuild(
-        self, account: LedgerAccount, flushed_id: str, *, force: bool = False, epoch: str = ""
+        self, account: LedgerAccount, flushed_id: str, *, force: bool = False
     ) -> bool:
-        done = await self.store.hydrate(account, flushed_id=flushed_id, force=force, epoch=epoch)
+        done = await self.store.hydrate(account, flushed_id=flushed_id, force=force)
         if done:
             self.metrics.hydrations.inc()
             log.warning(

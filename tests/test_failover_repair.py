@@ -195,9 +195,10 @@ async def test_the_fence_refuses_changes_until_the_rebuild(
     account = AccountRef(org)
     await s.engine.grant(org, "g1", 100_000, GrantKind.TOP_UP)
     await s.engine.reserve(account, [item("r1", 90_000)])
-    assert await s.store.check_epoch(org, "run-1:repl-1", 60_000) is None  # stamped
-    assert await s.store.check_epoch(org, "run-1:repl-1", 60_000) is None  # the same
-    assert await s.store.check_epoch(org, "run-1:repl-2", 3_600_000) == "run-1:repl-1"
+    # The account recorded the node's epoch when its first grant created it.
+    now = (await s.store.epochs([org]))[org]
+    assert now and await s.store.check_epoch(org, now, 60_000) is None
+    assert await s.store.check_epoch(org, "run-1:repl-2", 3_600_000) == now
     before = await s.engine.balance(org)
     raw = aioredis.Redis(port=pair.primary.port)
     keys = org_keys(s.settings.key_prefix, org)
@@ -231,10 +232,10 @@ async def test_the_fence_refuses_changes_until_the_rebuild(
         out = await s.store.reserve(account, [item("r2", 1_000)])
         assert not out.replayed
 
-        # The rebuild lifts it, and records the epoch it rebuilt in.
-        assert await s.store.check_epoch(org, "run-2:repl-3", 60_000) is not None
-        assert await s.flusher._rebuild_fenced(org, "run-2:repl-3")
-        assert await s.store.check_epoch(org, "run-2:repl-3", 60_000) is None
+        # The rebuild lifts it, and records the epoch of the node it rebuilt on.
+        assert await s.store.check_epoch(org, "run-2:repl-3", 60_000) == now  # until rebuilt
+        assert await s.flusher._rebuild_fenced(org)
+        assert await s.store.check_epoch(org, now, 60_000) is None
         assert await raw.hget(keys[0], "fence") is None
         rebuilt = await s.engine.balance(org)
         assert rebuilt.conservation_faults() == []
@@ -288,8 +289,8 @@ async def test_a_fenced_organization_answers_unavailable_rebuilding_over_grpc(
                 metadata=ADMIN_METADATA,
             )
             store = server.engine.store
-            assert await store.check_epoch(org, "a:b", 60_000) is None
-            assert await store.check_epoch(org, "a:c", 60_000) == "a:b"
+            now = (await store.epochs([org]))[org]
+            assert await store.check_epoch(org, "a:c", 60_000) == now
             reserve = pb.ReserveRequest(
                 reservation_id="r1",
                 account=pb.Account(organization=org),

@@ -287,6 +287,9 @@ class QuotaMachine(RuleBasedStateMachine):
         self.orgs = {o: MOrg() for o in ORGS}
         self.holds: dict[str, MHold] = {}
         self.history: list[tuple[str, tuple[Any, ...], Any]] = []
+        self.replica: dict[str, dict[str, bytes | None]] = {}
+        """Per organization, its keys as a lagging replica holds them (DUMP), until a
+        failover promotes it."""
         self.n = 0
         self.flushed_at = 0
         self.schema = ""
@@ -1150,6 +1153,54 @@ class QuotaMachine(RuleBasedStateMachine):
             if o not in lost:
                 assert drifts.get(o) == 0, f"reconcile skipped or repaired {o}: {drifts}"
 
+    @precondition(lambda self: self.live_orgs() and not any(m.lost for m in self.orgs.values()))
+    @rule(data=st.data())
+    @step
+    def replica_lags(self, data: st.DataObject) -> None:
+        """What a lagging replica holds of an organization: its keys as they are now."""
+        org = data.draw(st.sampled_from(self.live_orgs()))
+        keys = org_keys(self.settings.key_prefix, org)
+        self.replica[org] = dict(zip(keys, self.run(self._dump(keys)), strict=True))
+
+    async def _dump(self, keys: list[str]) -> list[bytes | None]:
+        return [await self.store._client.dump(k) for k in keys]
+
+    @precondition(
+        lambda self: (
+            self.replica and not self.outage and not any(m.lost for m in self.orgs.values())
+        )
+    )
+    @rule(data=st.data())
+    @step
+    def fail_over(self, data: st.DataObject) -> None:
+        """The primary dies and the lagging replica is promoted: the organization's keys go
+        back to what the replica held, while the ledger holds every change since (the wait off,
+        the flusher ahead of the replica). Reconciliation finds the node's new history and
+        rebuilds the organization whole from the ledger; the model is what it was."""
+        org = data.draw(st.sampled_from(sorted(self.replica)))
+        self.run(self.flusher.drain())
+        self.check_ledger()
+        held = self.replica.pop(org)
+        self.run(self._restore(held))
+        acct = org_keys(self.settings.key_prefix, org)[0]
+        before = self.flusher.metrics.history_rebuilds._value.get()
+        if held[acct] is None:
+            # The replica never saw the account: it is missing, and rebuilt as such.
+            assert self.run(self.flusher.hydrate_missing()) == [org]
+        else:
+            # The promoted node names another history than the one the account recorded.
+            self.run(self.store._client.hset(acct, "epoch", "the-lost-primary:history"))
+            self.run(self.flusher.reconcile())
+            assert self.flusher.metrics.history_rebuilds._value.get() == before + 1
+        self.rebuilt(org)
+        self.seen["failover:" + ("account" if held[acct] is None else "history")] += 1
+
+    async def _restore(self, held: dict[str, bytes | None]) -> None:
+        await self.store._client.delete(*held)
+        for key, dump in held.items():
+            if dump is not None:
+                await self.store._client.restore(key, 0, dump, replace=True)
+
     def rebuilt(self, org: str) -> None:
         """The model of a rebuild (R3): money totals from the ledger, outstanding holds
         restored (held and reserved are theirs), the other hold counters start again, every
@@ -1383,6 +1434,7 @@ WANTED = {
     "grant_refused:limit",
     "grant_refused:conflict",
     *(f"lose:{what}" for what in LOSSES),
+    "failover:history",
     "rebuild:engine",
     "rebuild:hydrate_missing",
     "rebuild:reconcile",

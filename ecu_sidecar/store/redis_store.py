@@ -429,9 +429,13 @@ class RedisStore:
     async def grant(
         self, org: str, grant_id: str, amount_uecu: int, kind: GrantKind, expires_at_ms: int
     ) -> GrantOutcome:
-        """Credit an organization, creating its account on the first grant."""
+        """Credit an organization, creating its account on the first grant (which records the
+        epoch of the node that holds it: see ``epochs``)."""
+        epoch = (await self.epochs([org]))[org]
         r = await self._run(
-            "grant", org, [grant_id, amount_uecu, kind.value, expires_at_ms, MAX_GRANTED_UECU]
+            "grant",
+            org,
+            [grant_id, amount_uecu, kind.value, expires_at_ms, MAX_GRANTED_UECU, epoch],
         )
         return GrantOutcome(grant_id, int(r[1]), int(r[2]), bool(r[3]))
 
@@ -483,14 +487,14 @@ class RedisStore:
         return await self._call(lambda: stream_state(self._client, self.outbox_key(org)))
 
     async def hydrate(
-        self, account: LedgerAccount, *, flushed_id: str, force: bool = False, epoch: str = ""
+        self, account: LedgerAccount, *, flushed_id: str, force: bool = False
     ) -> bool:
         """Rebuild an organization from the ledger when Redis lacks its account (or, with
         ``force``, in any case: reconcile found its keys lost); False when it already existed.
 
         ``flushed_id``: the outbox's last id (``outbox_state``) read BEFORE the ledger was, when
         it was fully flushed then ('' when it was not: only an existing account answers).
-        ``epoch``: the node's (``epochs``), recorded in the rebuilt account ('' = none).
+        The rebuilt account records the epoch of the node that holds it (``epochs``).
         Raises StoreUnavailable when the outbox has moved since or holds events not yet in the
         ledger: the rebuild waits for the flusher (a retry settles it).
         """
@@ -523,7 +527,9 @@ class RedisStore:
                 h.reservation_id, h.amount_uecu, h.t0_ms, h.deadline_ms, h.ttl_ms, h.sequence,
                 h.team, h.project, h.user, h.job_type, h.model, h.rate_card_version,
             ]  # fmt: skip
-        args.append(epoch)
+        # Read before the script runs: a failover in between records an older epoch, which
+        # the flusher's next check takes for a change (one more rebuild), never the reverse.
+        args.append((await self.epochs([account.organization]))[account.organization])
         r = await self._run("hydrate", account.organization, args)
         if _s(r[1]) == "WAIT":
             raise StoreUnavailable(
@@ -549,7 +555,8 @@ class RedisStore:
     async def epochs(self, orgs: Iterable[str]) -> dict[str, str]:
         """The epoch of the node that holds each organization now: '<run id>:<replication
         id>' from INFO (see epoch.lua), read once per node; '' where the server has none (the
-        embedded store)."""
+        embedded store). Accounts record it when they are created (grant) or rebuilt
+        (hydrate), so that a history the node loses later, the record included, shows."""
         orgs = list(orgs)
         if self.kind == "embedded":  # one process's memory: no failover, no restart to survive
             return dict.fromkeys(orgs, "")

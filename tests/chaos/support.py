@@ -367,9 +367,12 @@ async def worker(
     ttl_ms: int = 0,
     pause_s: float = 0.0,
     max_steps: int = 100_000,
+    capped: frozenset[str] = frozenset(),
 ) -> None:
     """Reserve, then commit (below, at, above the hold), release or abandon, until ``stop``.
-    Every call is recorded; a failed call is not retried here (tests replay unknowns)."""
+    In the ``capped`` organizations a commit never exceeds its hold, so that what they are
+    billed can never pass what they were granted. Every call is recorded; a failed call is
+    not retried here (tests replay unknowns)."""
     import random
 
     rng = random.Random(seed)
@@ -385,7 +388,10 @@ async def worker(
         if r.ok:
             roll = rng.random()
             if roll < 0.55:
-                actual = rng.choice([amount // 2, amount, amount + amount // 10, 2 * amount])
+                choices = [amount // 2, amount]
+                if org not in capped:
+                    choices += [amount + amount // 10, 2 * amount]
+                actual = rng.choice(choices)
                 await rec.call(
                     stub, "Commit", org, rid, commit_request(org, rid, actual), timeout=deadline_s
                 )

@@ -27,10 +27,13 @@ from typing import Any
 
 import pytest
 
+from ecu_sidecar.ledger import open_ledger
+from ecu_sidecar.store import RedisStore
 from tests.chaos.support import (
     Recorder,
     audit,
     grant,
+    new_flusher,
     replay_unknown,
     require_binary,
     scale,
@@ -38,24 +41,41 @@ from tests.chaos.support import (
     worker,
     write_result,
 )
-from tests.conftest import make_settings
+from tests.conftest import Database, make_settings
 from tests.replicated_redis import ReplicatedRedis
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.chaos
 
 ORGS = [f"fo-{i}" for i in range(4)]
+#: An organization at the edge of its grant: it runs out during the run, its commits never
+#: exceed their holds, so what it is billed can never pass what it was granted.
+EDGE = "fo-edge"
+EDGE_GRANT = 400_000
+CAPPED = frozenset({EDGE})
 
 
-def lost_calls(rec: Recorder, records: dict[str, dict[str, Any]]) -> list[str]:
-    """The acknowledged reserves, commits and releases the last primary does not reflect."""
+def lost_calls(rec: Recorder, records: dict[str, dict[str, Any]], ledger: Any) -> list[str]:
+    """The acknowledged reserves, commits and releases the last primary does not reflect, nor
+    the ledger where a rebuild left Redis no record of a settled hold (a rebuild restores the
+    outstanding holds; the settled ones are the ledger's)."""
     lost = []
     for c in rec.calls:
         if not c.ok or c.op not in ("Reserve", "Commit", "Release"):
             continue
         hold = records[c.org].get(c.rid)
         if hold is None:
-            lost.append(f"{c.op} {c.rid}: no hold record")
+            known = ledger.reservation(c.org, c.rid)
+            if known is None:
+                lost.append(f"{c.op} {c.rid}: no hold record, nothing in the ledger")
+            elif c.op == "Reserve" and known.hold.amount_uecu != c.request.amount_uecu:
+                lost.append(f"{c.op} {c.rid}: amount {known.hold.amount_uecu} in the ledger")
+            elif c.op == "Commit" and (
+                known.state != "committed" or known.outcome.committed_uecu != c.reply.committed_uecu
+            ):
+                lost.append(f"{c.op} {c.rid}: {known.state} in the ledger")
+            elif c.op == "Release" and known.state not in ("released", "expired"):
+                lost.append(f"{c.op} {c.rid}: {known.state} in the ledger")
         elif c.op == "Reserve" and int(hold["amt"]) != c.request.amount_uecu:
             lost.append(f"{c.op} {c.rid}: amount {hold['amt']}")
         elif c.op == "Commit" and (hold["st"] != "C" or int(hold["cm"]) != c.reply.committed_uecu):
@@ -80,8 +100,35 @@ async def conserved_after_failover(store: Any, org: str) -> None:
     assert b.conservation_faults() == [], (org, b.conservation_faults())
 
 
+def ledger_faults(ledger: Any, org: str) -> dict[str, int]:
+    """Holds the ledger says ended twice (a commit not late beside an expiry or release), and
+    events it quarantined."""
+    with ledger._db.transaction(write=False) as tx:
+        twice = tx.rows(
+            "SELECT COUNT(*) FROM usage_entries u JOIN hold_events h ON h.org_id = u.org_id "
+            "AND h.event_id IN ('expire:' || substr(u.event_id, 8), "
+            "'release:' || substr(u.event_id, 8)) WHERE u.org_id = ? AND u.late = ?",
+            (org, False),
+        )[0][0]
+    return {"ended_twice": int(twice), "quarantined": len(ledger.quarantined(org=org))}
+
+
+def billed_as_told(rec: Recorder, ledger: Any) -> list[str]:
+    """Acknowledged commits the ledger does not bill exactly as the worker was told."""
+    wrong = []
+    for c in rec.acked("Commit"):
+        held = ledger.reservation(c.org, c.rid)
+        if held is None or held.state != "committed":
+            wrong.append(f"{c.rid}: {held and held.state}")
+        elif held.outcome.committed_uecu != c.reply.committed_uecu:
+            billed, told = held.outcome.committed_uecu, c.reply.committed_uecu
+            wrong.append(f"{c.rid}: billed {billed}, told {told}")
+    return wrong
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 @pytest.mark.parametrize("wait", [1, 0], ids=["wait-on", "wait-off"])
-async def test_failover_with_a_lagging_replica(wait: int) -> None:
+async def test_failover_with_a_lagging_replica(wait: int, database: Database) -> None:
     require_binary()
     rounds = scale(2, 10)
     rng = random.Random(18)
@@ -94,16 +141,28 @@ async def test_failover_with_a_lagging_replica(wait: int) -> None:
         redis_connect_timeout_ms=300,
         redis_wait_replicas=wait,
         redis_wait_timeout_ms=100,
+        ledger_url=database.url,
+        flusher_claim_idle_ms=1_000,
+        flusher_discovery_interval_ms=100,
+        reconcile_interval_ms=1_000,
     )
+    ledger = open_ledger(database.url)
+    ledger.migrate()
+    flusher_store = RedisStore.from_settings(settings)
+    flusher = new_flusher(flusher_store, ledger, settings)
     rec = Recorder()
     held_back_acks: list[int] = []
     try:
         async with serving(settings) as (server, stub):
             for org in ORGS:
                 await grant(stub, org, 500_000_000)
+            await grant(stub, EDGE, EDGE_GRANT)
             stop = asyncio.Event()
+            flushing = asyncio.create_task(flusher.run(stop))
             workers = [
-                asyncio.create_task(worker(rec, stub, ORGS, stop, seed, deadline_s=3.0))
+                asyncio.create_task(
+                    worker(rec, stub, [*ORGS, EDGE], stop, seed, deadline_s=3.0, capped=CAPPED)
+                )
                 for seed in range(8)
             ]
             try:
@@ -123,17 +182,42 @@ async def test_failover_with_a_lagging_replica(wait: int) -> None:
             finally:
                 stop.set()
                 await asyncio.gather(*workers)
+                await flushing
             answered = rec.codes()  # before the retries replace the unknown outcomes
             unknown = await replay_unknown(rec, stub)
-            records = {org: (await audit(server.store, org)).records for org in ORGS}
-            for org in ORGS:
+            records = {org: (await audit(server.store, org)).records for org in [*ORGS, EDGE]}
+            for org in [*ORGS, EDGE]:
                 await conserved_after_failover(server.store, org)
-        lost = lost_calls(rec, records)
+            # The flusher finishes: every event in the ledger, every changed history rebuilt.
+            await flusher.drain()
+            await flusher.reconcile()
+            await flusher.drain()
+            agreement = []
+            faults = {}
+            for org in [*ORGS, EDGE]:
+                b = await server.store.balance(org)
+                assert b.conservation_faults() == [], (org, b.conservation_faults())
+                c = await asyncio.to_thread(ledger.conservation, org)
+                assert c is not None and c.ok, c
+                agreement.append(
+                    (c.granted_uecu, c.committed_uecu, c.balance_uecu)
+                    == (b.granted_uecu, b.committed_uecu, b.balance_uecu)
+                )
+                faults[org] = await asyncio.to_thread(ledger_faults, ledger, org)
+            edge = await asyncio.to_thread(ledger.conservation, EDGE)
+            rebuilds = flusher.metrics.registry.get_sample_value(
+                "ecu_flusher_history_rebuilds_total"
+            )
+        lost = await asyncio.to_thread(lost_calls, rec, records, ledger)
+        misbilled = await asyncio.to_thread(billed_as_told, rec, ledger)
         codes = rec.codes()
     finally:
+        await flusher_store.close()
+        ledger.close()
         proxy.close()
         pair.close()
     acked = sum(1 for c in rec.calls if c.ok)
+    assert edge is not None
     result = {
         "wait_replicas": wait,
         "failovers": rounds,
@@ -145,16 +229,37 @@ async def test_failover_with_a_lagging_replica(wait: int) -> None:
         "codes": codes,
         "lost": len(lost),
         "lost_examples": lost[:5],
+        "acknowledged_commits_not_billed_as_told": len(misbilled),
+        "misbilled_examples": misbilled[:5],
+        "edge_granted_uecu": edge.granted_uecu,
+        "edge_committed_uecu": edge.committed_uecu,
+        "history_rebuilds": rebuilds,
+        "ledger_faults": faults,
     }
     write_result(f"redis_failover_wait_{'on' if wait else 'off'}", result)
     print(f"failover with a lagging replica, wait {'on' if wait else 'off'}: {result}")
-    allowed = {"OK", "UNAVAILABLE/STORE_UNAVAILABLE", "UNAVAILABLE/REPLICATION_UNCONFIRMED"}
+    # Whatever the setting, Redis and the ledger agree in the end (what a failover took back
+    # was rebuilt from the ledger), nothing was quarantined, and no hold ended twice.
+    assert all(agreement), agreement
+    assert all(f == {"ended_twice": 0, "quarantined": 0} for f in faults.values()), faults
+    assert rebuilds and rebuilds >= 1  # every failover changed the node's history
+    allowed = {
+        "OK",
+        "UNAVAILABLE/STORE_UNAVAILABLE",
+        "UNAVAILABLE/REPLICATION_UNCONFIRMED",
+        "UNAVAILABLE/REBUILDING",
+        "RESOURCE_EXHAUSTED/INSUFFICIENT_ECU",
+    }
     if wait:
         assert lost == [], lost[:10]
         assert acked > 0
         # Nothing was answered OK while the replica could not confirm it.
         assert held_back_acks == [0] * rounds, held_back_acks
         assert set(answered) <= allowed, answered
+        # Every acknowledged commit is billed once, as the worker was told; the organization
+        # at the edge of its grant was never admitted past it.
+        assert misbilled == [], misbilled[:10]
+        assert edge.committed_uecu <= edge.granted_uecu, edge
     else:
         # The same run without the wait: what was acknowledged while the replica lagged died
         # with the primary.

@@ -7,10 +7,12 @@
 --   KEYS: the organization's keys (see _lib.lua)
 --   ARGV[5] the epoch of the node that holds the organization now ('<run id>:<replication id>')
 --   ARGV[6] how long the rebuild fence lasts (ms)
--- Returns {'OK', 'SAME'}, {'OK', 'NONE'} (no account), {'OK', 'STAMPED'} (first look: the
--- epoch is recorded), or {'OK', 'CHANGED', recorded epoch}: then the rebuild fence is set (see
--- _lib.lua) for ARGV[6] ms, so that the outbox drains; the rebuild (hydrate) records the new
--- epoch and lifts the fence. A fence that lapses (the flusher died) is set again next pass.
+-- Returns {'OK', 'SAME'}, {'OK', 'NONE'} (no account), {'OK', 'STAMPED'} (an account from
+-- before epochs were recorded: it is recorded now), or {'OK', 'CHANGED', recorded epoch}: then
+-- the rebuild fence is set (see _lib.lua) for ARGV[6] ms, so that the outbox drains; the
+-- rebuild (hydrate) records the new epoch and lifts the fence. A fence that lapses (the flusher
+-- died) is set again next pass. Accounts record their epoch when created (grant.lua) or rebuilt
+-- (hydrate.lua), in the same script: a failover that takes the record back takes the account.
 
 if not account_exists() then return {'OK', 'NONE'} end
 local now_epoch, fence_ms = ARGV[5], tonumber(ARGV[6])

@@ -4,6 +4,7 @@
 --   KEYS: the organization's keys (see _lib.lua)
 --   ARGV[5] grant id   ARGV[6] amount   ARGV[7] kind   ARGV[8] expires at (ms, '0' = never)
 --   ARGV[9] the largest granted total an account may reach (keeps sums exact in doubles)
+--   ARGV[10] the epoch of the node ('' = unknown; see epoch.lua), recorded by a new account
 -- Returns {'OK', balance_after, available_after, replayed (0|1)}
 --   or {'ERR', 'IDEMPOTENCY_CONFLICT', msg, 'grant_id', id}
 --   or {'ERR', 'BALANCE_LIMIT', msg, 'limit', max}
@@ -34,6 +35,7 @@ if granted + amt > tonumber(max_s) then
 end
 redis.call('HSETNX', ACCT, 'balance', 0)
 redis.call('HSETNX', ACCT, 'held', 0)
+if ARGV[10] ~= '' then redis.call('HSETNX', ACCT, 'epoch', ARGV[10]) end
 redis.call('HINCRBY', ACCT, 'granted', I(amt))
 local bal = redis.call('HINCRBY', ACCT, 'balance', I(amt))
 if exp_s ~= '0' then
