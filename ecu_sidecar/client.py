@@ -312,12 +312,18 @@ class RetryPolicy:
     """Pause before the first retry; doubled before each further one."""
     max_backoff_s: float = 0.5
     """Longest pause between attempts."""
+    rebuild_wait_s: float = 15.0
+    """How long a call keeps retrying, beyond ``attempts``, while the sidecar answers
+    UNAVAILABLE with reason REBUILDING (its organization is being rebuilt from the ledger after
+    a Redis failover, for at most ECU_REBUILD_FENCE_MS); 0 counts those like any UNAVAILABLE."""
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {self.attempts}")
         if not 0 <= self.initial_backoff_s <= self.max_backoff_s:
             raise ValueError("need 0 <= initial_backoff_s <= max_backoff_s")
+        if self.rebuild_wait_s < 0:
+            raise ValueError(f"rebuild_wait_s must be >= 0, got {self.rebuild_wait_s}")
 
     def should_retry(self, code: grpc.StatusCode, attempt: int) -> bool:
         """Whether attempt number ``attempt`` failing with ``code`` earns another one."""
@@ -1299,9 +1305,19 @@ class _ClientBase:
         self._options = [*_CHANNEL_OPTIONS, *channel_options]
         self._interceptors = list(interceptors)
 
-    def _retry_after(self, call: _Call[Any], failures: Sequence[grpc.RpcError]) -> bool:
+    def _retry_after(
+        self, call: _Call[Any], failures: Sequence[grpc.RpcError], since: float
+    ) -> bool:
+        """Whether to try ``call`` again after ``failures`` (the first at ``since``, monotonic):
+        within the policy's attempts, or while the organization is being rebuilt."""
         code = _code_of(failures[-1])
-        if not self.retry.should_retry(code, len(failures)):
+        rebuilding = [f for f in failures if error_from_rpc(f).reason == "REBUILDING"]
+        within = time.monotonic() - since < self.retry.rebuild_wait_s
+        if within and rebuilding and rebuilding[-1] is failures[-1]:
+            log.debug("%s: the organization is being rebuilt; retrying", call.method)
+            return True
+        # Answers REBUILDING count as attempts only once the rebuild wait is over.
+        if not self.retry.should_retry(code, len(failures) - (len(rebuilding) if within else 0)):
             return False
         log.debug("%s attempt %d failed with %s; retrying", call.method, len(failures), code.name)
         return True
@@ -1340,6 +1356,7 @@ class AsyncQuotaClient(_ClientBase):
         rpc = getattr(self._get_stub(), call.method)
         metadata = self._metadata(call)
         failures: list[grpc.RpcError] = []
+        since = 0.0
         while True:
             try:
                 response = await rpc(
@@ -1349,8 +1366,10 @@ class AsyncQuotaClient(_ClientBase):
                     wait_for_ready=bool(failures),
                 )
             except grpc.RpcError as exc:
+                if not failures:
+                    since = time.monotonic()
                 failures.append(exc)
-                if not self._retry_after(call, failures):
+                if not self._retry_after(call, failures, since):
                     raise self._give_up(failures) from exc
                 await asyncio.sleep(self.retry.backoff_s(len(failures)))
                 continue
@@ -1402,6 +1421,7 @@ class QuotaClient(_ClientBase):
         rpc = getattr(self._get_stub(), call.method)
         metadata = self._metadata(call)
         failures: list[grpc.RpcError] = []
+        since = 0.0
         while True:
             try:
                 response = rpc(
@@ -1411,8 +1431,10 @@ class QuotaClient(_ClientBase):
                     wait_for_ready=bool(failures),
                 )
             except grpc.RpcError as exc:
+                if not failures:
+                    since = time.monotonic()
                 failures.append(exc)
-                if not self._retry_after(call, failures):
+                if not self._retry_after(call, failures, since):
                     raise self._give_up(failures) from exc
                 time.sleep(self.retry.backoff_s(len(failures)))
                 continue

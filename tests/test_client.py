@@ -477,6 +477,45 @@ def test_sync_retries_are_bounded_when_nothing_answers() -> None:
     assert ei.value.attempts == 2
 
 
+async def test_a_rebuilding_organization_is_retried_beyond_the_attempts(
+    sidecar: SidecarServer,
+) -> None:
+    """UNAVAILABLE REBUILDING (the organization fenced while the flusher rebuilds it after a
+    Redis failover) is retried past ``attempts`` for up to ``rebuild_wait_s``; with 0 it
+    counts as any UNAVAILABLE."""
+    store = sidecar.store
+    hour = 3_600_000
+
+    async def rebuilt_before_the_sixth(name, n, continuation, details, request):
+        if name.endswith("Reserve") and n == 6:
+            store.clock_offset_ms += hour + 1  # the fence lapses, as when the rebuild is done
+        return await continuation(details, request)
+
+    seen = Attempts(rebuilt_before_the_sixth)
+    policy = RetryPolicy(attempts=2, initial_backoff_s=0.01, max_backoff_s=0.02)
+    async with AsyncQuotaClient(
+        f"127.0.0.1:{sidecar.port}", admin_token=ADMIN_TOKEN, retry=policy, interceptors=[seen]
+    ) as c:
+        await funded(c, 1_000)
+        # Seen in one history, then in another: fenced (the embedded store records the first).
+        await store.check_epoch(ORG, "run:a", hour)
+        assert await store.check_epoch(ORG, "run:b", hour) is not None
+        out = await c.reserve(ORG, 300, job_type="gepa")
+        assert len(seen.of("Reserve")) == 6  # five refused while fenced, past the two attempts
+        assert not out.replayed and out.holds[0].amount_uecu == 300
+
+        assert await store.check_epoch(ORG, "run:c", hour) is not None
+        impatient = replace(policy, rebuild_wait_s=0)
+        async with AsyncQuotaClient(f"127.0.0.1:{sidecar.port}", retry=impatient) as c2:
+            with pytest.raises(qc.Unavailable) as ei:
+                await c2.reserve(ORG, 300, job_type="gepa")
+        assert ei.value.reason == "REBUILDING" and ei.value.attempts == 2
+        b = await c.balance(ORG)
+        assert (b.held_uecu, b.outstanding_holds) == (300, 1)  # the refused call changed nothing
+    with pytest.raises(ValueError):
+        RetryPolicy(rebuild_wait_s=-1)
+
+
 def test_retry_policy() -> None:
     p = RetryPolicy(attempts=3, initial_backoff_s=0.1, max_backoff_s=0.15)
     assert p.should_retry(grpc.StatusCode.UNAVAILABLE, 2)

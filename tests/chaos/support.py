@@ -448,7 +448,10 @@ async def audit(store: RedisStore, org: str) -> Audit:
         st, amt = rec["st"], int(rec["amt"])
         orphan = rec.get("orphan") == "1"
         late = rec.get("late") == "1"
-        if not orphan:
+        # A hold Redis lost and the ledger recorded, committed late against that record
+        # (``known``): this Redis never reserved nor expired it.
+        known = "known" in rec
+        if not orphan and not known:
             sums["reserved"] += amt
         if st == "A":
             sums["held"] += amt
@@ -466,8 +469,9 @@ async def audit(store: RedisStore, org: str) -> Audit:
                 sums["orphan"] += cm
             elif late:
                 sums["late"] += cm
-                sums["expired"] += amt
-                sums["expired_holds"] += 1
+                if not known:
+                    sums["expired"] += amt
+                    sums["expired_holds"] += 1
             else:
                 sums["from_holds"] += min(cm, amt)
                 sums["released"] += int(rec["rel"])
