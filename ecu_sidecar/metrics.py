@@ -244,6 +244,27 @@ class FlusherMetrics:
             "Ledger transactions that failed (batch kept, retried).",
             registry=registry,
         )
+        self.failed_cycles = Counter(
+            "ecu_flusher_failed_cycles_total",
+            "Flusher cycles that failed, by cause: redis (unreachable, silent or refusing) or "
+            "ledger (a write or read refused or timed out). The cycle is retried with backoff.",
+            ["cause"],
+            registry=registry,
+        )
+        for cause in ("redis", "ledger"):
+            self.failed_cycles.labels(cause)
+        self.leftovers_removed = Counter(
+            "ecu_flusher_leftover_entries_removed_total",
+            "Outbox entries acknowledged but left in their stream (a flusher or Redis died "
+            "between XACK and XDEL), deleted by the flusher.",
+            registry=registry,
+        )
+        self.consumers_removed = Counter(
+            "ecu_flusher_consumers_removed_total",
+            "Consumers of the outbox group removed because they had nothing pending and were "
+            "idle for ECU_FLUSHER_DEAD_CONSUMER_MS (flushers that died).",
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "ecu_flusher_batch_size",
             "Events per ledger transaction.",
