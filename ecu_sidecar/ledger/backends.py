@@ -243,10 +243,11 @@ class PostgresBackend:
                 except errors.ReadOnlySqlTransaction:
                     # The session is read-only for good: opened on a standby (still one, or
                     # since promoted elsewhere behind the same address), or while the database
-                    # had default_transaction_read_only on. Closed, the pool replaces it with a
-                    # fresh session, which writes once the database does; kept, it would
-                    # refuse every write after the database recovered.
-                    conn.close()
+                    # had default_transaction_read_only on; so are its siblings, opened there
+                    # too. Drained, the pool replaces them all (this one when it comes back)
+                    # with fresh sessions, which write once the database does; kept, they
+                    # would refuse every write after the database recovered.
+                    self._pool.drain()
                     raise
         except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
             raise Retry(str(exc)) from exc
