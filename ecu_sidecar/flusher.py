@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ecu_sidecar.errors import (
@@ -70,6 +70,7 @@ class Flusher:
         metrics: FlusherMetrics,
         *,
         consumer: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.ledger = ledger
@@ -92,6 +93,9 @@ class Flusher:
         self._taking_over = False
         """Draining (``flush --once``, the final flush): claim every pending entry, whoever
         holds it and however briefly."""
+        self._clock = clock
+        self.last_progress = clock()
+        """When (``clock``) a cycle last succeeded, or the flusher was made (liveness)."""
         self._batches = 0
         self._unwritten: tuple[list[OutboxEntry], Any] = ([], None)
         self._reread = False
@@ -469,6 +473,22 @@ class Flusher:
             log.info("removed %d idle outbox consumers with nothing pending", n)
         return n
 
+    def stalled_s(self) -> float:
+        """Seconds since a cycle last succeeded (or since the flusher was made)."""
+        return max(0.0, self._clock() - self.last_progress)
+
+    def liveness(self) -> tuple[bool, str]:
+        """Whether a cycle succeeded within ECU_FLUSHER_STALL_TIMEOUT_MS, and a line saying
+        so (``/livez``). An empty cycle succeeds; one failing on Redis or the ledger, or one
+        that hangs, does not: a flusher that makes no progress is restarted by its probe."""
+        stalled, limit = self.stalled_s(), self.settings.flusher_stall_timeout_ms / 1000
+        if stalled < limit:
+            return True, f"ok: the last flusher cycle succeeded {stalled:.1f}s ago"
+        return False, (
+            f"stalled: no flusher cycle succeeded for {stalled:.0f}s "
+            f"(ECU_FLUSHER_STALL_TIMEOUT_MS={self.settings.flusher_stall_timeout_ms})"
+        )
+
     async def _observe_loop(self, stop: asyncio.Event) -> None:
         """Gauges and tidying on their own cadence (ECU_FLUSHER_OBSERVE_INTERVAL_MS), beside
         the cycles: a ledger outage stops the cycles, never the lag alerts."""
@@ -518,6 +538,7 @@ class Flusher:
                     self._next_reconcile = now + self.settings.reconcile_interval_ms / 1000
                 backoff = 0.0
                 self.metrics.last_success.set(time.time())
+                self.last_progress = self._clock()
             except StoreUnavailable as exc:
                 moved = 0
                 self.metrics.failed_cycles.labels("redis").inc()

@@ -22,13 +22,13 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from ecu_sidecar import eventloop
 from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.ledger import LedgerError, open_configured
-from ecu_sidecar.metrics import FlusherMetrics
+from ecu_sidecar.metrics import FlusherMetrics, serve_http
 from ecu_sidecar.settings import Settings, SettingsError
 from ecu_sidecar.store import RedisStore
 
@@ -106,10 +106,11 @@ async def _run_flusher(settings: Settings, *, once: bool) -> int:
         return 1
     store = RedisStore.from_settings(settings)
     registry = CollectorRegistry()
-    if settings.metrics_listen:
-        host, _, port = settings.metrics_listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]"), registry=registry)
     flusher = Flusher(store, ledger, settings, FlusherMetrics(registry))
+    if settings.metrics_listen:
+        # /livez: the chart's livenessProbe, failing once no cycle succeeded for
+        # ECU_FLUSHER_STALL_TIMEOUT_MS (a stuck flusher answers /metrics all the same).
+        serve_http(settings.metrics_listen, registry, {"/livez": flusher.liveness})
     step = "flush --once" if once else "the final flush"
     try:
         if once:

@@ -209,6 +209,11 @@ class Settings:
     idle this long is removed (a flusher that died leaves one in every outbox). Removing a
     live one is harmless: it has nothing pending, and its next read creates it again."""
 
+    flusher_stall_timeout_ms: int = field(default=600_000, metadata=_int(1_000, 86_400_000))
+    """ECU_FLUSHER_STALL_TIMEOUT_MS: ``/livez`` on ECU_METRICS_LISTEN answers 503 when no
+    flusher cycle succeeded for this long (an empty cycle succeeds; one failing on Redis or
+    the ledger, or hung, does not), so the chart's livenessProbe restarts a stuck flusher."""
+
     reconcile_interval_ms: int = field(default=30_000, metadata=_int(0, 86_400_000))
     """ECU_RECONCILE_INTERVAL_MS: how often ledger and Redis balances are compared, each
     organization's Redis keys checked against each other, and organizations Redis lost (or

@@ -776,3 +776,98 @@ async def test_gauges_keep_moving_while_the_ledger_refuses_writes(
         await drop_keys(s.store, settings.key_prefix)
         await s.store.close()
         ledger.close()
+
+
+class ManualClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_livez_fails_once_no_cycle_succeeded_for_the_stall_timeout(
+    backend: str, tmp_path: Any
+) -> None:
+    """/livez (the chart's livenessProbe) answers 200 while cycles succeed, empty ones too,
+    and 503 once none has for ECU_FLUSHER_STALL_TIMEOUT_MS: a flusher failing every cycle
+    answers /metrics all the same, and only this probe sees it make no progress."""
+    import sqlite3
+    import urllib.error
+    import urllib.request
+
+    from ecu_sidecar.metrics import serve_http
+
+    url = f"sqlite://{tmp_path}/stall.db"
+    settings = make_settings(
+        backend,
+        ledger_url=url,
+        flusher_claim_idle_ms=0,
+        flusher_discovery_interval_ms=0,
+        flusher_interval_ms=10,
+        flusher_stall_timeout_ms=60_000,
+    )
+    ledger = open_ledger(url + "?busy_timeout_ms=20")
+    ledger.migrate()
+    s = Stack(settings, ledger)
+    clock = ManualClock()
+    s.flusher = Flusher(s.store, ledger, settings, s.flusher.metrics, clock=clock)
+    http = serve_http("127.0.0.1:0", s.registry, {"/livez": s.flusher.liveness})
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http.server_port}{path}") as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    blocker = sqlite3.connect(str(tmp_path / "stall.db"), isolation_level=None)
+    stop = asyncio.Event()
+    runner = None
+    try:
+        org = "stuck"
+        await s.engine.grant(org, "g1", 1_000_000, GrantKind.TOP_UP)
+        assert (await asyncio.to_thread(get, "/livez"))[0] == 200, "just made"
+        clock.now += 120
+        assert await asyncio.to_thread(get, "/livez") == (
+            503,
+            "stalled: no flusher cycle succeeded for 120s (ECU_FLUSHER_STALL_TIMEOUT_MS=60000)\n",
+        )
+        runner = asyncio.create_task(s.flusher.run(stop))
+        for _ in range(500):  # the first cycle writes the grant
+            if s.flusher.stalled_s() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (await asyncio.to_thread(get, "/livez"))[0] == 200
+        blocker.execute("BEGIN EXCLUSIVE")  # from now on every write fails
+        await s.engine.set_cap(org, "team", "t1", 5_000)
+        failed = s.metric("ecu_flusher_failed_cycles_total", {"cause": "ledger"})
+        for _ in range(500):
+            if s.metric("ecu_flusher_failed_cycles_total", {"cause": "ledger"}) > failed:
+                break
+            await asyncio.sleep(0.01)
+        clock.now += 59
+        assert (await asyncio.to_thread(get, "/livez"))[0] == 200, "within the timeout"
+        clock.now += 2
+        status, text = await asyncio.to_thread(get, "/livez")
+        assert (status, text.split(":")[0]) == (503, "stalled")
+        metrics = await asyncio.to_thread(get, "/metrics")
+        assert metrics[0] == 200 and "ecu_flusher_failed_cycles_total" in metrics[1]
+        blocker.execute("ROLLBACK")  # the ledger is back: the next cycle succeeds
+        for _ in range(500):
+            if s.flusher.stalled_s() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (await asyncio.to_thread(get, "/livez"))[0] == 200
+    finally:
+        stop.set()
+        if runner is not None:
+            await runner
+        http.shutdown()
+        http.server_close()
+        blocker.close()
+        await drop_keys(s.store, settings.key_prefix)
+        await s.store.close()
+        ledger.close()

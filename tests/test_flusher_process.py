@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -320,3 +321,61 @@ async def test_the_final_flush_at_sigterm_moves_a_dead_flushers_pending_entries(
     assert code == 0, err
     assert "final flush of 250 events; nothing left in the outboxes" in err, err
     assert (await boxes.length("stuck"), await boxes.pending("stuck")) == (0, 0)
+
+
+# -- a ledger that recovers: no restart needed; /livez tells a stuck flusher apart --------------
+
+
+def livez(flusher: FlushProcess) -> int | None:
+    """The status /livez answers (None: not serving)."""
+    url = f"http://127.0.0.1:{flusher.metrics_port}/livez"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+async def test_a_flusher_outlives_a_read_only_database_and_livez_reports_the_stall() -> None:
+    """The database turns read-only (a standby after a failover, default_transaction_read_only)
+    while the flusher runs, so its pool reconnects to read-only sessions; then it writes again.
+    Meanwhile /livez fails (no cycle succeeds), /metrics does not; afterwards the same process
+    (no restart) writes every event, and /livez recovers."""
+    require_redis()
+    with own_pg_database() as (name, url):
+        boxes = Outboxes(REDIS_URL, url)
+        try:
+            await boxes.events("standby", 10)
+            env = boxes.env(ECU_FLUSHER_STALL_TIMEOUT_MS="1000", ECU_LOG_LEVEL="ERROR")
+            with flushing(env) as flusher:
+
+                def written() -> float:
+                    return flusher.metric("ecu_flusher_events_total", {"result": "written"}) or 0
+
+                await flusher.until("the first events written", lambda: written() == 10)
+                await flusher.until("/livez passing", lambda: livez(flusher) == 200)
+                pg_read_only(name, True)
+                for i in range(20):
+                    await boxes.engine.set_cap("standby", "team", "t2", 1_000 + i)
+                await flusher.until(
+                    "/livez failing, the ledger refusing the writes",
+                    lambda: (
+                        livez(flusher) == 503
+                        and (
+                            flusher.metric("ecu_flusher_failed_cycles_total", {"cause": "ledger"})
+                            or 0
+                        )
+                        >= 1
+                    ),
+                )
+                assert flusher.metric("ecu_outbox_length") == 20, "observed all the same"
+                assert written() == 10
+                pg_read_only(name, False)
+                await flusher.until("the rest written", lambda: written() == 30)
+                await flusher.until("/livez passing", lambda: livez(flusher) == 200)
+                assert flusher.proc.poll() is None, "the same process, never restarted"
+            assert (await boxes.length("standby"), await boxes.pending("standby")) == (0, 0)
+        finally:
+            await boxes.close()
