@@ -517,8 +517,10 @@ class Flusher:
         try:
             await self._cycles(stop)
         finally:
+            # Bounded: on Python 3.11 a cancellation landing as a call completes can be
+            # swallowed (CPython gh-86296); the loop then ends at its next look at ``stop``.
             observer.cancel()
-            await asyncio.wait([observer])
+            await asyncio.wait([observer], timeout=self.reader.timeout_s + 1)
         if self._ahead is not None:
             # Let a read ahead finish (it is bounded) so that the final drain writes what it
             # took, rather than leaving it pending until another flusher claims it.

@@ -258,8 +258,9 @@ class OutboxReader:
         One pipelined round trip (XINFO GROUPS, XPENDING, XINFO STREAM per stream), and one
         more for the streams that have leftovers. Deleting them is safe beside live flushers:
         the group's last-delivered id is read before its pending entries (in this order, on
-        one connection), so every entry below both the oldest pending one and the first one
-        delivered after it had been acknowledged, and no entry below can be delivered again."""
+        one connection), so an entry below both that id and the oldest pending entry had been
+        delivered and was no longer pending: acknowledged, never to be delivered again. One
+        left above an entry still pending goes once that one is acknowledged."""
         if not orgs:
             return Backlog(0, 0, None, 0)
         pipe = self._client.pipeline(transaction=False)
