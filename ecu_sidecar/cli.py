@@ -2,6 +2,8 @@
 
 Exit codes: 0 success; 1 the sidecar refused or could not be reached (``error: <CODE>
 <reason>: <message>`` on stderr); 2 bad usage or configuration (the precise message on stderr).
+``flush`` (and ``flush --once``): 0 when its final drain finished, 1 when Redis or the ledger
+stopped it (one line in ECU_LOG_FORMAT on stderr; nothing is lost), 2 bad configuration.
 
 Amounts are integer µECU (``2500000`` or ``2500000uECU``) or ECU with an explicit suffix
 (``2.5ECU``), converted exactly; anything that is not a whole number of µECU is refused.

@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ecu_sidecar.errors import (
@@ -70,6 +70,7 @@ class Flusher:
         metrics: FlusherMetrics,
         *,
         consumer: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.ledger = ledger
@@ -86,6 +87,15 @@ class Flusher:
         self._next_claim = 0.0
         self._backlogged: set[str] = set()
         """Streams whose last read filled their share: more is probably waiting there."""
+        self._claim_from: dict[str, str] = {}
+        """Streams whose last claim stopped short of the end of their pending entries, and
+        where to go on: a backlog another flusher left, taken over in full batches."""
+        self._taking_over = False
+        """Draining (``flush --once``, the final flush): claim every pending entry, whoever
+        holds it and however briefly."""
+        self._clock = clock
+        self.last_progress = clock()
+        """When (``clock``) a cycle last succeeded, or the flusher was made (liveness)."""
         self._batches = 0
         self._unwritten: tuple[list[OutboxEntry], Any] = ([], None)
         self._reread = False
@@ -170,20 +180,13 @@ class Flusher:
         """Entries claimed from silent flushers, and new ones: read (and validated) during the
         previous batch's write when there was one, else now. Returns the entries, and what the
         ledger's parse_events made of them, or None when not done yet."""
-        claimed: list[OutboxEntry] = []
-        idle_ms = self.settings.flusher_claim_idle_ms
-        now = time.monotonic()
-        if now >= self._next_claim:
-            # Entries become claimable after idle_ms: looking every idle_ms / 2 finds them
-            # at most half that late, without a claim round trip in every cycle.
-            claimed = await self.reader.claim(orgs, idle_ms, self._per_stream(orgs))
-            self._next_claim = now + idle_ms / 2000
+        claimed = await self._claim(orgs)
         fresh: list[OutboxEntry] = []
         parsed = None
         if self._ahead is not None:
             ahead, self._ahead = self._ahead, None
             fresh, parsed = await ahead  # a failed read raises here (and set _reread)
-        if not fresh:
+        if not fresh and len(claimed) < self.settings.flusher_batch:
             fresh = await self._read(orgs)
         if claimed:
             # A claim with a short idle time also returns what this consumer read ahead.
@@ -192,6 +195,28 @@ class Flusher:
         if claimed:
             return claimed + fresh, None  # rare: validated with the write
         return fresh, parsed
+
+    async def _claim(self, orgs: list[str]) -> list[OutboxEntry]:
+        """Entries left pending by silent flushers (every pending entry while draining)."""
+        idle_ms = self.settings.flusher_claim_idle_ms
+        now = time.monotonic()
+        due = now >= self._next_claim
+        # Between rounds, only the streams whose last claim stopped short: a dead flusher's
+        # backlog is taken over batch after batch, not a share every idle_ms / 2.
+        targets = orgs if due or self._taking_over else [o for o in orgs if o in self._claim_from]
+        if not targets:
+            return []
+        share = self._per_stream(orgs)
+        more = max(share, self.settings.flusher_batch // max(1, len(self._claim_from)))
+        counts = {org: more if org in self._claim_from else share for org in targets}
+        claimed, self._claim_from = await self.reader.claim(
+            targets, 0 if self._taking_over else idle_ms, counts, self._claim_from
+        )
+        if due:
+            # Entries become claimable after idle_ms: looking every idle_ms / 2 finds them
+            # at most half that late, without a claim round trip in every cycle.
+            self._next_claim = now + idle_ms / 2000
+        return claimed
 
     async def _read_ahead(self, orgs: list[str]) -> tuple[list[OutboxEntry], Any]:
         entries = await self._read(orgs)
@@ -235,14 +260,23 @@ class Flusher:
         return {org: more if org in backlogged else share for org in orgs}
 
     async def drain(self) -> int:
-        """Flush until a cycle finds nothing left to move; returns entries moved."""
+        """Flush until a cycle finds nothing left to move; returns entries moved.
+
+        For ``flush --once`` and the final flush at shutdown: every cycle also claims every
+        entry pending with any consumer, however briefly, so that what a dead flusher left
+        moves now rather than after ECU_FLUSHER_CLAIM_IDLE_MS. An entry claimed from a live
+        flusher is written by both, and the ledger applies its event id once."""
         await self.discover(force=True)
         total = 0
-        while True:
-            n = await self.flush_once()
-            total += n
-            if n == 0:
-                return total
+        self._taking_over = True
+        try:
+            while True:
+                n = await self.flush_once()
+                total += n
+                if n == 0 and not self._claim_from:
+                    return total
+        finally:
+            self._taking_over = False
 
     # -- reconciliation and hydration -----------------------------------------------------
 
@@ -406,18 +440,17 @@ class Flusher:
         return done
 
     async def observe(self) -> None:
-        """Outbox length, lag and pending gauges over every known organization."""
-        length = pending = 0
-        oldest: int | None = None
-        for org in self._orgs:
-            state = await self.reader.state(org)
-            length += state.length
-            pending += state.pending
-            first = await self.reader.oldest_pending_ms(org)
-            if first is not None and (oldest is None or first < oldest):
-                oldest = first
-        self.metrics.outbox_length.set(length)
-        self.metrics.pending.set(pending)
+        """Outbox length, lag and pending gauges over every known organization, from Redis
+        alone (whatever the ledger does); entries acknowledged but left in a stream (a crash
+        between XACK and XDEL) are deleted on the way, and the lag is the age of the oldest
+        entry not acknowledged."""
+        backlog = await self.reader.backlog(self._orgs, tidy=True)
+        if backlog.removed:
+            self.metrics.leftovers_removed.inc(backlog.removed)
+            log.info("removed %d acknowledged outbox entries left in Redis", backlog.removed)
+        self.metrics.outbox_length.set(backlog.length)
+        self.metrics.pending.set(backlog.pending)
+        oldest = backlog.oldest_ms
         self.metrics.lag_seconds.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))
         holds, held = await self.store.hold_totals(self._orgs)
         self.metrics.holds_outstanding.set(holds)
@@ -430,10 +463,69 @@ class Flusher:
                 continue
             self.metrics.organization(org, b.balance_uecu, b.held_uecu)
 
+    async def forget_dead_consumers(self) -> int:
+        """Remove the consumers (dead flushers) with nothing pending that have been idle for
+        ECU_FLUSHER_DEAD_CONSUMER_MS; returns how many."""
+        n = await self.reader.forget_consumers(self._orgs, self.settings.flusher_dead_consumer_ms)
+        if n:
+            self.metrics.consumers_removed.inc(n)
+            log.info("removed %d idle outbox consumers with nothing pending", n)
+        return n
+
+    def stalled_s(self) -> float:
+        """Seconds since a cycle last succeeded (or since the flusher was made)."""
+        return max(0.0, self._clock() - self.last_progress)
+
+    def liveness(self) -> tuple[bool, str]:
+        """Whether a cycle succeeded within ECU_FLUSHER_STALL_TIMEOUT_MS, and a line saying
+        so (``/livez``). An empty cycle succeeds; one failing on Redis or the ledger, or one
+        that hangs, does not: a flusher that makes no progress is restarted by its probe."""
+        stalled, limit = self.stalled_s(), self.settings.flusher_stall_timeout_ms / 1000
+        if stalled < limit:
+            return True, f"ok: the last flusher cycle succeeded {stalled:.1f}s ago"
+        return False, (
+            f"stalled: no flusher cycle succeeded for {stalled:.0f}s "
+            f"(ECU_FLUSHER_STALL_TIMEOUT_MS={self.settings.flusher_stall_timeout_ms})"
+        )
+
+    async def _observe_loop(self, stop: asyncio.Event) -> None:
+        """Gauges and tidying on their own cadence (ECU_FLUSHER_OBSERVE_INTERVAL_MS), beside
+        the cycles: a ledger outage stops the cycles, never the lag alerts."""
+        interval = self.settings.flusher_observe_interval_ms / 1000
+        while not stop.is_set():
+            try:
+                await self.discover()
+                await self.observe()
+                await self.forget_dead_consumers()
+            except StoreUnavailable as exc:
+                log.debug("flusher: cannot observe the outboxes: %s", exc.message)
+            except Exception as exc:
+                log.warning(
+                    "flusher: observing the outboxes failed (%s: %s)", type(exc).__name__, exc
+                )
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Flush, reconcile and hydrate until ``stop`` is set; back off while a side is down."""
+        observer = asyncio.create_task(self._observe_loop(stop), name="ecu-flusher-observe")
+        try:
+            await self._cycles(stop)
+        finally:
+            # Bounded: on Python 3.11 a cancellation landing as a call completes can be
+            # swallowed (CPython gh-86296); the loop then ends at its next look at ``stop``.
+            observer.cancel()
+            await asyncio.wait([observer], timeout=self.reader.timeout_s + 1)
+        if self._ahead is not None:
+            # Let a read ahead finish (it is bounded) so that the final drain writes what it
+            # took, rather than leaving it pending until another flusher claims it.
+            await asyncio.wait([self._ahead])
+
+    async def _cycles(self, stop: asyncio.Event) -> None:
         backoff = 0.0
         interval = self.settings.flusher_interval_ms / 1000
         while not stop.is_set():
@@ -444,12 +536,13 @@ class Flusher:
                 if now >= self._next_reconcile:
                     await self.hydrate_missing()
                     await self.reconcile()
-                    await self.observe()
                     self._next_reconcile = now + self.settings.reconcile_interval_ms / 1000
                 backoff = 0.0
                 self.metrics.last_success.set(time.time())
+                self.last_progress = self._clock()
             except StoreUnavailable as exc:
                 moved = 0
+                self.metrics.failed_cycles.labels("redis").inc()
                 backoff = min(max(backoff * 2, 0.05), 5.0)
                 # Redis may have failed over or restarted: look for lost history (epochs)
                 # in the first cycle that reaches it again, not a reconcile interval later.
@@ -459,6 +552,7 @@ class Flusher:
                 )
             except Exception as exc:  # the ledger is down or refusing: keep the batch, back off
                 moved = 0
+                self.metrics.failed_cycles.labels("ledger").inc()
                 backoff = min(max(backoff * 2, 0.05), 5.0)
                 log.warning("flusher: ledger write failed (%s); retrying in %.2fs", exc, backoff)
             if moved and not backoff:
@@ -467,10 +561,6 @@ class Flusher:
                 await asyncio.wait_for(stop.wait(), timeout=backoff or interval)
             except TimeoutError:
                 pass
-        if self._ahead is not None:
-            # Let a read ahead finish (it is bounded) so that the final drain writes what it
-            # took, rather than leaving it pending until another flusher claims it.
-            await asyncio.wait([self._ahead])
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

@@ -1,6 +1,12 @@
 """The ledger's commands: ``migrate``, ``flush`` (the long-running flusher) and ``report``.
 
 Registered into the ``ecu-sidecar`` command by ecu_sidecar.cli.
+
+``flush`` exits 0 when its final drain (at SIGTERM/SIGINT, or ``--once``) finished, after
+saying what it left, if anything (entries another flusher took meanwhile, or new ones); 1 when
+Redis or the ledger was unavailable, in one line of the configured log format (every entry not
+written stays in the outboxes for the next flusher: nothing is lost); 2 for a bad
+configuration.
 """
 
 from __future__ import annotations
@@ -16,13 +22,13 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from ecu_sidecar import eventloop
 from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.flusher import Flusher
-from ecu_sidecar.ledger import open_configured
-from ecu_sidecar.metrics import FlusherMetrics
+from ecu_sidecar.ledger import LedgerError, open_configured
+from ecu_sidecar.metrics import FlusherMetrics, serve_http
 from ecu_sidecar.settings import Settings, SettingsError
 from ecu_sidecar.store import RedisStore
 
@@ -41,7 +47,12 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser(
         "flush", help="run the flusher: outbox streams -> ledger, reconciliation, rebuilds"
     )
-    p.add_argument("--once", action="store_true", help="drain the outboxes once, then exit")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="drain the outboxes once (every pending entry, whoever holds it), rebuild, "
+        "reconcile, then exit",
+    )
     p.set_defaults(run=_flush)
 
     p = sub.add_parser("report", help="consumption report from the ledger")
@@ -82,28 +93,34 @@ def _flush(args: argparse.Namespace, defaults: Any) -> int:
 
 
 async def _run_flusher(settings: Settings, *, once: bool) -> int:
-    ledger = open_configured(settings)
+    """The flusher until SIGTERM/SIGINT, then a final flush; or one drain (``--once``).
+
+    Exit status: 0 when the drain finished (what it left, arrived meanwhile or taken by
+    another flusher, is reported); 1 when it could not, Redis or the ledger being unavailable
+    (one line in the configured log format: nothing is lost, every entry not written stays
+    in the outboxes for the next flusher); 2 for a bad configuration (ecu_sidecar.cli)."""
+    try:
+        ledger = open_configured(settings)
+    except LedgerError as exc:
+        log.error("flusher could not start: ledger: %s: %s", type(exc).__name__, exc)
+        return 1
     store = RedisStore.from_settings(settings)
     registry = CollectorRegistry()
-    if settings.metrics_listen:
-        host, _, port = settings.metrics_listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]"), registry=registry)
     flusher = Flusher(store, ledger, settings, FlusherMetrics(registry))
+    if settings.metrics_listen:
+        # /livez: the chart's livenessProbe, failing once no cycle succeeded for
+        # ECU_FLUSHER_STALL_TIMEOUT_MS (a stuck flusher answers /metrics all the same).
+        serve_http(settings.metrics_listen, registry, {"/livez": flusher.liveness})
+    step = "flush --once" if once else "the final flush"
     try:
         if once:
-            try:
-                moved = await flusher.drain()
-                await flusher.hydrate_missing()
-                drifts = await flusher.reconcile()
-            except StoreUnavailable as exc:
-                # Unreachable, READONLY (a failover in progress), NOREPLICAS ...: nothing was
-                # lost (what was not acknowledged is read again by the next run); one line,
-                # exit 1, for the operator or the job to retry.
-                print(f"error: Redis unavailable: {exc.message}", file=sys.stderr)
-                return 1
+            moved = await flusher.drain()
+            await flusher.hydrate_missing()
+            drifts = await flusher.reconcile()
+            left = await _left(flusher)
             print(
                 f"moved {moved} events; reconciled {len(drifts)} organizations, "
-                f"{sum(1 for d in drifts.values() if d)} repaired"
+                f"{sum(1 for d in drifts.values() if d)} repaired; {left}"
             )
             return 0
         stop = asyncio.Event()
@@ -113,11 +130,35 @@ async def _run_flusher(settings: Settings, *, once: bool) -> int:
         log.info("flusher %s started (ledger %s)", flusher.consumer, ledger.dialect)
         await flusher.run(stop)
         moved = await flusher.drain()
-        log.info("flusher stopped after a final flush of %d events", moved)
+        left = await _left(flusher)
+        log.info("flusher stopped after a final flush of %d events; %s", moved, left)
         return 0
+    except StoreUnavailable as exc:
+        # Unreachable, READONLY (a failover in progress), NOREPLICAS ...: nothing was lost
+        # (what was not acknowledged is read again by the next run).
+        log.error("%s stopped: Redis unavailable (%s); %s", step, exc.message, _KEPT)
+        return 1
+    except Exception as exc:  # the ledger down or refusing (driver errors included)
+        log.error("%s stopped: ledger failed (%s: %s); %s", step, type(exc).__name__, exc, _KEPT)
+        log.debug("%s failure", step, exc_info=True)
+        return 1
     finally:
         await store.close()
         ledger.close()
+
+
+_KEPT = "the events not written stay in the outboxes for the next flusher"
+
+
+async def _left(flusher: Flusher) -> str:
+    """What the outboxes still hold after a drain, in words."""
+    left = await flusher.reader.backlog(await flusher.discover(force=True))
+    if not left.length:
+        return "nothing left in the outboxes"
+    return (
+        f"left {left.length} events in the outboxes ({left.pending} pending with other "
+        "flushers, the rest arrived during the drain)"
+    )
 
 
 def _day_ms(text: str | None, name: str) -> int | None:

@@ -22,11 +22,15 @@ Who exports what (docs/operations.md lists every series):
 
 from __future__ import annotations
 
+import socket
+import socketserver
+import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from ecu_sidecar import __version__
 from ecu_sidecar.model import JobType
@@ -40,6 +44,7 @@ __all__ = [
     "FlusherMetrics",
     "Metrics",
     "StoreMetrics",
+    "serve_http",
 ]
 
 #: 100 µs to ~1.6 s, doubling: resolves a loopback Redis round trip and a slow outage alike.
@@ -242,6 +247,27 @@ class FlusherMetrics:
         self.write_errors = Counter(
             "ecu_flusher_write_errors_total",
             "Ledger transactions that failed (batch kept, retried).",
+            registry=registry,
+        )
+        self.failed_cycles = Counter(
+            "ecu_flusher_failed_cycles_total",
+            "Flusher cycles that failed, by cause: redis (unreachable, silent or refusing) or "
+            "ledger (a write or read refused or timed out). The cycle is retried with backoff.",
+            ["cause"],
+            registry=registry,
+        )
+        for cause in ("redis", "ledger"):
+            self.failed_cycles.labels(cause)
+        self.leftovers_removed = Counter(
+            "ecu_flusher_leftover_entries_removed_total",
+            "Outbox entries acknowledged but left in their stream (a flusher or Redis died "
+            "between XACK and XDEL), deleted by the flusher.",
+            registry=registry,
+        )
+        self.consumers_removed = Counter(
+            "ecu_flusher_consumers_removed_total",
+            "Consumers of the outbox group removed because they had nothing pending and were "
+            "idle for ECU_FLUSHER_DEAD_CONSUMER_MS (flushers that died).",
             registry=registry,
         )
         self.batch_size = Histogram(
@@ -451,3 +477,41 @@ class FlusherMetrics:
                 gauge.remove(org)
             except KeyError:
                 pass
+
+
+#: A probe of serve_http: (healthy, one line saying why).
+Check = Callable[[], tuple[bool, str]]
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: probes and scrapes would fill the process's log."""
+
+
+def serve_http(listen: str, registry: CollectorRegistry, checks: Mapping[str, Check]) -> Any:
+    """Serve ``registry`` at /metrics on ``listen`` (host:port) in a daemon thread, as
+    prometheus_client's start_http_server does, and each path of ``checks`` as a probe: 200
+    or 503 with its line of text. Returns the server (``server_port``, ``shutdown()``)."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        check = checks.get(environ.get("PATH_INFO", ""))
+        if check is None:
+            return metrics(environ, start_response)
+        healthy, text = check()
+        status = "200 OK" if healthy else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode() + b"\n"]
+
+    host, _, port = listen.rpartition(":")
+    family, *_, address = socket.getaddrinfo(
+        host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server_class = type("_Server", (_Server,), {"address_family": family})
+    httpd = make_server(address[0], int(port), app, server_class, handler_class=_Quiet)
+    threading.Thread(target=httpd.serve_forever, name="ecu-http", daemon=True).start()
+    return httpd

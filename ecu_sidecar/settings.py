@@ -198,6 +198,22 @@ class Settings:
     flusher_discovery_interval_ms: int = field(default=5_000, metadata=_int(0, 3_600_000))
     """ECU_FLUSHER_DISCOVERY_INTERVAL_MS: how often outbox streams are rediscovered (SCAN)."""
 
+    flusher_observe_interval_ms: int = field(default=10_000, metadata=_int(10, 3_600_000))
+    """ECU_FLUSHER_OBSERVE_INTERVAL_MS: how often the flusher reads the outboxes' length,
+    pending entries and lag (the age of the oldest entry not acknowledged) from Redis for its
+    gauges, deletes entries acknowledged but left in a stream, and removes dead consumers:
+    on its own cadence, whether or not the ledger takes writes."""
+
+    flusher_dead_consumer_ms: int = field(default=3_600_000, metadata=_int(1_000, 30 * 86_400_000))
+    """ECU_FLUSHER_DEAD_CONSUMER_MS: a consumer of the outbox group with nothing pending and
+    idle this long is removed (a flusher that died leaves one in every outbox). Removing a
+    live one is harmless: it has nothing pending, and its next read creates it again."""
+
+    flusher_stall_timeout_ms: int = field(default=600_000, metadata=_int(1_000, 86_400_000))
+    """ECU_FLUSHER_STALL_TIMEOUT_MS: ``/livez`` on ECU_METRICS_LISTEN answers 503 when no
+    flusher cycle succeeded for this long (an empty cycle succeeds; one failing on Redis or
+    the ledger, or hung, does not), so the chart's livenessProbe restarts a stuck flusher."""
+
     reconcile_interval_ms: int = field(default=30_000, metadata=_int(0, 86_400_000))
     """ECU_RECONCILE_INTERVAL_MS: how often ledger and Redis balances are compared, each
     organization's Redis keys checked against each other, and organizations Redis lost (or

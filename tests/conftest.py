@@ -6,6 +6,7 @@ Every test gets its own key prefix, so tests never see each other's keys.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import pytest
@@ -229,6 +231,43 @@ def database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Database
     finally:
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def pg_admin(sql: str) -> None:
+    """One statement on the test server's maintenance connection (autocommit)."""
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql)
+
+
+@contextlib.contextmanager
+def own_pg_database() -> Iterator[tuple[str, str]]:
+    """A PostgreSQL database of the test's own, (name, url), for faults that act on a whole
+    database (read-only, refusing connections); dropped afterwards, whatever happened."""
+    require_postgres()
+    name = "ecu_test_" + uuid.uuid4().hex[:12]
+    pg_admin(f"CREATE DATABASE {name}")
+    parts = urlsplit(PG_URL)
+    try:
+        yield name, urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        pg_admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def pg_read_only(name: str, on: bool) -> None:
+    """Make a database's new sessions read-only (``default_transaction_read_only``), as a
+    standby's are, and end its open sessions so that a pool reconnects to read-only ones; or
+    let new sessions write again (open ones stay as they were opened)."""
+    if on:
+        pg_admin(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+        pg_admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        )
+    else:
+        pg_admin(f"ALTER DATABASE {name} RESET default_transaction_read_only")
 
 
 @pytest.fixture

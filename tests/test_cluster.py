@@ -575,6 +575,13 @@ async def test_flusher_finds_every_outbox_on_every_master(
         assert moved == 3 * len(orgs)  # grant, reserve, commit
         for i, org in enumerate(orgs):
             assert ledger.balance(org) == 10_000 + i - 400
+        # The gauges and the tidying read every master's streams in pipelines, and a dead
+        # consumer is removed by a script in its stream's slot.
+        ghost = cluster_store.outbox_key(orgs[7])
+        await cluster_store._client.xgroup_createconsumer(ghost, "ledger", "ghost")
+        await flusher.observe()
+        assert flusher.metrics.registry.get_sample_value("ecu_outbox_length") == 0
+        assert await flusher.reader.forget_consumers(orgs, 0) == 1
         drifts = await flusher.reconcile()
         assert drifts == dict.fromkeys(orgs, 0)
         # Rebuilds stay in the organization's slot: one organization loses its account hash,

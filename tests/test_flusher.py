@@ -23,7 +23,7 @@ from ecu_sidecar.metrics import FlusherMetrics
 from ecu_sidecar.model import AccountRef, CommitItem, GrantKind, JobType, ReserveItem, Usage
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
-from ecu_sidecar.store.outbox import GROUP, OutboxEntry, OutboxReader
+from ecu_sidecar.store.outbox import GROUP, Backlog, OutboxEntry, OutboxReader
 from tests.conftest import (
     REDIS_PORT,
     REDIS_URL,
@@ -591,3 +591,283 @@ async def test_the_reader_takes_stream_replies_of_either_protocol_as_redis_sends
     finally:
         await drop_keys(store, settings.key_prefix)
         await store.close()
+
+
+# -- the outboxes as they are after crashes: leftovers, dead consumers, taken-over backlogs ---
+
+
+@pytest_asyncio.fixture(params=["redis-resp2", "redis-resp3", "embedded"])
+async def reader(request: pytest.FixtureRequest) -> AsyncIterator[OutboxReader]:
+    """An outbox reader (consumer ``me``) on real Redis, either protocol, or the embedded
+    store."""
+    if request.param == "embedded":
+        settings = make_settings("embedded")
+    else:
+        require_redis()
+        protocol = request.param[-1]
+        settings = make_settings("redis", redis_url=f"{REDIS_URL}?protocol={protocol}")
+    store = RedisStore.from_settings(settings)
+    yield OutboxReader(store, "me")
+    await drop_keys(store, settings.key_prefix)
+    await store.close()
+
+
+async def test_the_lag_is_the_oldest_unacknowledged_entry_and_leftovers_go(
+    reader: OutboxReader,
+) -> None:
+    """A flusher (or Redis) that died between XACK and XDEL leaves acknowledged entries at the
+    head of the stream: they do not count as lag, and tidying deletes them, and only them."""
+    client, key = reader.store._client, reader.store.outbox_key("org")
+    for ms in (1000, 2000, 3000, 4000, 5000):
+        await client.xadd(key, {"n": str(ms)}, id=f"{ms}-0")
+    assert await reader.backlog(["org"]) == Backlog(5, 0, 1000, 0), "no group yet: all unread"
+    await reader.discover()
+    await client.xreadgroup(GROUP, "dead", {key: ">"}, count=3)
+    await client.xack(key, GROUP, "1000-0", "2000-0")  # ... and died before XDEL
+    assert await reader.backlog(["org"]) == Backlog(5, 1, 3000, 0)
+    assert await reader.backlog(["org"], tidy=True) == Backlog(3, 1, 3000, 2)
+    assert [eid for eid, _ in await client.xrange(key)] == [b"3000-0", b"4000-0", b"5000-0"]
+    # Nothing pending: the oldest is the first entry never delivered, past the leftovers.
+    await client.xack(key, GROUP, "3000-0")
+    assert await reader.backlog(["org"]) == Backlog(3, 0, 4000, 0)
+    assert await reader.backlog(["org"], tidy=True) == Backlog(2, 0, 4000, 1)
+    # Delivered and not acknowledged: never deleted, whoever holds it.
+    await client.xreadgroup(GROUP, "live", {key: ">"}, count=1)
+    assert await reader.backlog(["org"], tidy=True) == Backlog(2, 1, 4000, 0)
+    # A leftover behind a pending entry waits for that one to be acknowledged.
+    await client.xreadgroup(GROUP, "live", {key: ">"}, count=1)
+    await client.xack(key, GROUP, "5000-0")
+    assert await reader.backlog(["org"], tidy=True) == Backlog(2, 1, 4000, 0)
+    await client.xack(key, GROUP, "4000-0")
+    assert await reader.backlog(["org", "none"], tidy=True) == Backlog(0, 0, None, 2)
+    assert await client.xlen(key) == 0
+
+
+async def test_dead_consumers_are_removed_and_pending_entries_kept(reader: OutboxReader) -> None:
+    """Consumers with nothing pending and idle long enough go; one holding entries stays (its
+    entries would otherwise be dropped unwritten), and so does the reader's own."""
+    client = reader.store._client
+    keys = {org: reader.store.outbox_key(org) for org in ("a", "b")}
+    for key in keys.values():
+        await client.xadd(key, {"n": "1"})
+    await reader.discover()
+    await client.xreadgroup(GROUP, "holder", {keys["a"]: ">"}, count=1)
+    for name in ("dead-1", "dead-2", "me"):
+        for key in keys.values():
+            await client.xgroup_createconsumer(key, GROUP, name)
+
+    async def names(org: str) -> set[str]:
+        return {c["name"].decode() for c in await client.xinfo_consumers(keys[org], GROUP)}
+
+    assert await reader.forget_consumers(["a", "b", "none"], 3_600_000) == 0, "none idle so long"
+    assert await reader.forget_consumers(["a", "b", "none"], 0) == 4
+    assert await names("a") == {"holder", "me"}
+    assert await names("b") == {"me"}
+    assert (await reader.state("a")).pending == 1
+
+
+async def test_a_dead_flushers_backlog_is_taken_over_in_full_batches(stack: Stack) -> None:
+    """What a dead flusher held in one outbox among many is claimed in whole batches, round
+    after round, not a share of the batch per outbox every ECU_FLUSHER_CLAIM_IDLE_MS / 2."""
+    busy, quiet = "busy", [f"quiet-{i}" for i in range(9)]
+    settings = dataclasses.replace(stack.settings, flusher_batch=40, flusher_claim_idle_ms=30_000)
+    flusher = Flusher(stack.store, stack.ledger, settings, FlusherMetrics(CollectorRegistry()))
+    for org in [busy, *quiet]:
+        await stack.engine.grant(org, "g1", 1_000_000, GrantKind.TOP_UP)
+    for i in range(159):
+        await stack.engine.set_cap(busy, "team", "t1", 100_000 + i)
+    await flusher.reader.discover()
+    key = stack.store.outbox_key(busy)
+    client = stack.store._client
+    ((_, taken),) = await client.xreadgroup(GROUP, "dead", {key: ">"})
+    # The dead flusher's entries have been pending for an hour (claimable after 30 s).
+    await client.xclaim(key, GROUP, "dead", 0, [eid for eid, _ in taken], idle=3_600_000)
+    sizes = []
+    while n := await flusher.flush_once(read_ahead=False):
+        sizes.append(n)
+    assert sum(sizes) == 160 + 9
+    assert sizes[0] == 4 + 9, "the first round: a share of 40 // 10 = 4 per outbox"
+    assert sizes[1:] == [40, 40, 40, 36], "then whole batches of the backlog, at once"
+    await assert_agree(stack, [busy, *quiet])
+
+
+async def test_a_drain_takes_over_every_pending_entry_whoever_holds_it(stack: Stack) -> None:
+    """``flush --once`` and the final flush move what a dead flusher left pending, however
+    recently, and what a live one holds too: written by both, applied once."""
+    org = "takeover"
+    settings = dataclasses.replace(stack.settings, flusher_batch=50, flusher_claim_idle_ms=60_000)
+    live = Flusher(stack.store, stack.ledger, settings, FlusherMetrics(CollectorRegistry()))
+    await stack.engine.grant(org, "g1", 10_000_000, GrantKind.TOP_UP)
+    for i in range(300):
+        await stack.engine.set_cap(org, "team", "t1", 100_000 + i)
+    await live.reader.discover()
+    key = stack.store.outbox_key(org)
+    await stack.store._client.xreadgroup(GROUP, "dead", {key: ">"}, count=250)
+    assert await live.flush_once(read_ahead=False) == 50, "the live one holds the last 51"
+    taken = await live.reader.read([org], 100)
+    assert len(taken) == 1
+    drainer = Flusher(stack.store, stack.ledger, settings, FlusherMetrics(CollectorRegistry()))
+    assert await drainer.drain() == 251, "the dead one's 250 and the live one's entry"
+    assert await drainer.reader.backlog([org]) == Backlog(0, 0, None, 0)
+    await asyncio.to_thread(stack.ledger.write_events, [e.fields for e in taken])
+    await live.reader.ack(taken)  # the live one's write: a duplicate, changing nothing
+    await assert_agree(stack, [org])
+
+
+async def test_gauges_keep_moving_while_the_ledger_refuses_writes(
+    backend: str, tmp_path: Any
+) -> None:
+    """A ledger outage stops the cycles, not the observation: the outbox length and lag come
+    from Redis on their own cadence, and the failed cycles are counted by cause."""
+    import sqlite3
+
+    url = f"sqlite://{tmp_path}/down.db"
+    settings = make_settings(
+        backend,
+        ledger_url=url,
+        flusher_claim_idle_ms=0,
+        flusher_discovery_interval_ms=0,
+        flusher_interval_ms=10,
+        flusher_observe_interval_ms=10,
+    )
+    ledger = open_ledger(url + "?busy_timeout_ms=20")
+    ledger.migrate()
+    s = Stack(settings, ledger)
+    blocker = sqlite3.connect(str(tmp_path / "down.db"), isolation_level=None)
+    stop = asyncio.Event()
+    runner = None
+    try:
+        org = "observed"
+        await s.engine.grant(org, "g1", 1_000_000, GrantKind.TOP_UP)
+        assert await s.flusher.drain() == 1
+        blocker.execute("BEGIN EXCLUSIVE")  # the ledger refuses every write from now on
+        await traffic(s.engine, org, 10, random.Random(5))
+        length = (await s.flusher.reader.state(org)).length
+        assert length > 0
+        runner = asyncio.create_task(s.flusher.run(stop))
+
+        def observed() -> bool:
+            return (
+                s.metric("ecu_flusher_failed_cycles_total", {"cause": "ledger"}) >= 2
+                and s.metric("ecu_outbox_length") == length
+                and s.metric("ecu_outbox_pending") == length  # the batch it cannot write
+                and s.metric("ecu_outbox_oldest_unflushed_age_seconds") > 0
+            )
+
+        for _ in range(500):
+            if observed():
+                break
+            await asyncio.sleep(0.01)
+        assert observed()
+        assert s.metric("ecu_flusher_failed_cycles_total", {"cause": "redis"}) == 0
+        assert s.metric("ecu_flusher_last_success_timestamp_seconds") == 0
+        blocker.execute("ROLLBACK")
+        for _ in range(500):
+            if s.metric("ecu_outbox_length") == 0 and s.metric("ecu_outbox_pending") == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert s.metric("ecu_outbox_oldest_unflushed_age_seconds") == 0
+        assert s.metric("ecu_outbox_length") == 0
+    finally:
+        stop.set()
+        if runner is not None:
+            await runner
+        blocker.close()
+        await drop_keys(s.store, settings.key_prefix)
+        await s.store.close()
+        ledger.close()
+
+
+class ManualClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_livez_fails_once_no_cycle_succeeded_for_the_stall_timeout(
+    backend: str, tmp_path: Any
+) -> None:
+    """/livez (the chart's livenessProbe) answers 200 while cycles succeed, empty ones too,
+    and 503 once none has for ECU_FLUSHER_STALL_TIMEOUT_MS: a flusher failing every cycle
+    answers /metrics all the same, and only this probe sees it make no progress."""
+    import sqlite3
+    import urllib.error
+    import urllib.request
+
+    from ecu_sidecar.metrics import serve_http
+
+    url = f"sqlite://{tmp_path}/stall.db"
+    settings = make_settings(
+        backend,
+        ledger_url=url,
+        flusher_claim_idle_ms=0,
+        flusher_discovery_interval_ms=0,
+        flusher_interval_ms=10,
+        flusher_stall_timeout_ms=60_000,
+    )
+    ledger = open_ledger(url + "?busy_timeout_ms=20")
+    ledger.migrate()
+    s = Stack(settings, ledger)
+    clock = ManualClock()
+    s.flusher = Flusher(s.store, ledger, settings, s.flusher.metrics, clock=clock)
+    http = serve_http("127.0.0.1:0", s.registry, {"/livez": s.flusher.liveness})
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http.server_port}{path}") as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    blocker = sqlite3.connect(str(tmp_path / "stall.db"), isolation_level=None)
+    stop = asyncio.Event()
+    runner = None
+    try:
+        org = "stuck"
+        await s.engine.grant(org, "g1", 1_000_000, GrantKind.TOP_UP)
+        assert (await asyncio.to_thread(get, "/livez"))[0] == 200, "just made"
+        clock.now += 120
+        assert await asyncio.to_thread(get, "/livez") == (
+            503,
+            "stalled: no flusher cycle succeeded for 120s (ECU_FLUSHER_STALL_TIMEOUT_MS=60000)\n",
+        )
+        runner = asyncio.create_task(s.flusher.run(stop))
+        for _ in range(500):  # the first cycle writes the grant
+            if s.flusher.stalled_s() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (await asyncio.to_thread(get, "/livez"))[0] == 200
+        blocker.execute("BEGIN EXCLUSIVE")  # from now on every write fails
+        await s.engine.set_cap(org, "team", "t1", 5_000)
+        failed = s.metric("ecu_flusher_failed_cycles_total", {"cause": "ledger"})
+        for _ in range(500):
+            if s.metric("ecu_flusher_failed_cycles_total", {"cause": "ledger"}) > failed:
+                break
+            await asyncio.sleep(0.01)
+        clock.now += 59
+        assert (await asyncio.to_thread(get, "/livez"))[0] == 200, "within the timeout"
+        clock.now += 2
+        status, text = await asyncio.to_thread(get, "/livez")
+        assert (status, text.split(":")[0]) == (503, "stalled")
+        metrics = await asyncio.to_thread(get, "/metrics")
+        assert metrics[0] == 200 and "ecu_flusher_failed_cycles_total" in metrics[1]
+        blocker.execute("ROLLBACK")  # the ledger is back: the next cycle succeeds
+        for _ in range(500):
+            if s.flusher.stalled_s() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (await asyncio.to_thread(get, "/livez"))[0] == 200
+    finally:
+        stop.set()
+        if runner is not None:
+            await runner
+        http.shutdown()
+        http.server_close()
+        blocker.close()
+        await drop_keys(s.store, settings.key_prefix)
+        await s.store.close()
+        ledger.close()

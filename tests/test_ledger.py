@@ -36,7 +36,13 @@ from ecu_sidecar.ledger import (
     open_ledger,
 )
 from ecu_sidecar.model import JobType, LedgerAccount
-from tests.conftest import PG_URL, Database, require_postgres  # noqa: F401
+from tests.conftest import (  # noqa: F401
+    PG_URL,
+    Database,
+    own_pg_database,
+    pg_read_only,
+    require_postgres,
+)
 
 #: 2024-12-29 00:00 UTC: generated traffic crosses a month and a year boundary.
 T0 = int(dt.datetime(2024, 12, 29, tzinfo=dt.UTC).timestamp() * 1000)
@@ -902,6 +908,30 @@ def test_an_unreachable_postgres_is_unavailable_not_a_hang() -> None:
     with open_ledger("postgresql://postgres@127.0.0.1:9/test", timeout_s=1) as led:
         with pytest.raises(LedgerUnavailable):
             led.balance("acme")
+
+
+def test_a_session_left_read_only_is_replaced_once_the_database_writes_again() -> None:
+    """A pooled PostgreSQL session opened read-only (on a standby, or while the database had
+    default_transaction_read_only on) refuses every write even after the database recovered:
+    the pool discards it on that refusal, so writes resume on a fresh session, no restart."""
+    events = Sim(seed=4).run(40).events
+    with own_pg_database() as (name, url), open_ledger(url, pool_size=1) as led:
+        led.migrate()
+        assert led.write_events(events[:10]).inserted == 10
+        pg_read_only(name, True)
+        for _ in range(3):
+            with pytest.raises(LedgerUnavailable, match="read-only transaction"):
+                led.write_events(events[10:20])
+        pg_read_only(name, False)
+        # The pool may have opened its replacement session before the database recovered:
+        # that one is refused once more and discarded too (one slot: at most one such).
+        for attempt in range(2):
+            try:
+                assert led.write_events(events[10:20]).inserted == 10
+                break
+            except LedgerUnavailable:
+                assert attempt == 0
+        assert led.write_events(events[20:]).inserted == len(events) - 20
 
 
 def test_closing_a_sqlite_ledger_never_closes_a_connection_in_use(tmp_path: Any) -> None:

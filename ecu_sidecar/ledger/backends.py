@@ -232,15 +232,28 @@ class PostgresBackend:
         from psycopg_pool import PoolTimeout
 
         try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                if not write:
-                    cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                yield _PgTx(cur)
+            with self._pool.connection() as conn:
+                try:
+                    with conn.transaction(), conn.cursor() as cur:
+                        if not write:
+                            cur.execute(
+                                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+                            )
+                        yield _PgTx(cur)
+                except errors.ReadOnlySqlTransaction:
+                    # The session is read-only for good: opened on a standby (still one, or
+                    # since promoted elsewhere behind the same address), or while the database
+                    # had default_transaction_read_only on; so are its siblings, opened there
+                    # too. Drained, the pool replaces them all (this one when it comes back)
+                    # with fresh sessions, which write once the database does; kept, they
+                    # would refuse every write after the database recovered.
+                    self._pool.drain()
+                    raise
         except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
             raise Retry(str(exc)) from exc
         except PoolTimeout as exc:
             raise LedgerUnavailable(f"PostgreSQL: no connection within the timeout: {exc}") from exc
-        except self._psycopg.OperationalError as exc:
+        except (self._psycopg.OperationalError, errors.ReadOnlySqlTransaction) as exc:
             raise LedgerUnavailable(f"PostgreSQL: {exc}") from exc
 
     def lock_migrations(self, tx: Tx) -> None:
@@ -415,7 +428,7 @@ class SqliteBackend:
                         conn.execute("ROLLBACK")
         except sqlite3.OperationalError as exc:
             text = str(exc).lower()
-            if "locked" in text or "busy" in text or "disk" in text or "unable to open" in text:
+            if any(w in text for w in ("locked", "busy", "disk", "unable to open", "readonly")):
                 raise LedgerUnavailable(f"SQLite {self.path}: {exc}") from exc
             raise
 

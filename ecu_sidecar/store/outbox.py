@@ -14,6 +14,7 @@ import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from redis.exceptions import ConnectionError, ResponseError
@@ -69,7 +70,11 @@ def _unavailable(
     return wrapped
 
 
-__all__ = ["GROUP", "OutboxEntry", "OutboxReader", "StreamState"]
+__all__ = ["GROUP", "Backlog", "OutboxEntry", "OutboxReader", "StreamState"]
+
+_LUA = resources.files("ecu_sidecar.store") / "lua"
+#: Run on its own (not after the quota scripts' _lib.lua): it touches the outbox alone.
+_FORGET_CONSUMERS = (_LUA / "forget_consumers.lua").read_text(encoding="utf-8")
 
 
 @dataclass(slots=True)
@@ -80,6 +85,21 @@ class OutboxEntry:
     org: str
     entry_id: str
     fields: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What some outboxes hold that the ledger may not have yet."""
+
+    length: int
+    """Entries in the streams (once leftovers are removed: those not acknowledged)."""
+    pending: int
+    """Entries delivered to a flusher and not yet acknowledged."""
+    oldest_ms: int | None
+    """Creation time (Unix ms, from its id) of the oldest entry not acknowledged; None when
+    there is none."""
+    removed: int
+    """Entries acknowledged but left in a stream, deleted by this look (``tidy``)."""
 
 
 class OutboxReader:
@@ -102,6 +122,7 @@ class OutboxReader:
         prefix = store._settings.key_prefix
         self._match = f"{prefix}:{{*}}:outbox"
         self._known: set[str] = set()
+        self._forget = store._client.register_script(_FORGET_CONSUMERS)
 
     @staticmethod
     def org_of(key: str) -> str:
@@ -174,25 +195,40 @@ class OutboxReader:
         return out
 
     @_unavailable
-    async def claim(self, orgs: list[str], min_idle_ms: int, count: int) -> list[OutboxEntry]:
-        """Entries another consumer read but did not acknowledge for ``min_idle_ms``."""
+    async def claim(
+        self,
+        orgs: list[str],
+        min_idle_ms: int,
+        count: int | Mapping[str, int],
+        start: Mapping[str, str] | None = None,
+    ) -> tuple[list[OutboxEntry], dict[str, str]]:
+        """Entries another consumer read but did not acknowledge for ``min_idle_ms``, up to
+        ``count`` per stream (or ``count[org]``), scanning each stream's pending entries from
+        ``start[org]`` (default: the first). Returns them, and where the scan of each stream
+        stopped short of its end (a cursor to start from next time): the streams absent from
+        it were scanned to the end."""
         if not orgs:
-            return []
+            return [], {}
+        start = start or {}
         pipe = self._client.pipeline(transaction=False)
         for org in orgs:
-            pipe.xautoclaim(
-                self.store.outbox_key(org), GROUP, self.consumer, min_idle_ms, "0-0", count=count
-            )
+            n = count if isinstance(count, int) else count[org]
+            key = self.store.outbox_key(org)
+            pipe.xautoclaim(key, GROUP, self.consumer, min_idle_ms, start.get(org, "0-0"), count=n)
         replies = await pipe.execute(raise_on_error=False)
         out: list[OutboxEntry] = []
+        more: dict[str, str] = {}
         for org, reply in zip(orgs, replies, strict=True):
             if isinstance(reply, ResponseError):
                 if "NOGROUP" not in str(reply):
                     raise reply
                 await self._ensure_group(org)  # the stream was recreated (Redis lost it)
                 continue
+            cursor = _s(reply[0])
+            if cursor != "0-0":
+                more[org] = cursor
             out.extend(self._entries(org, reply[1]))
-        return out
+        return out, more
 
     @_unavailable
     async def ack(self, entries: list[OutboxEntry]) -> None:
@@ -213,13 +249,106 @@ class OutboxReader:
         return await stream_state(self._client, self.store.outbox_key(org))
 
     @_unavailable
-    async def oldest_pending_ms(self, org: str) -> int | None:
-        """Timestamp (ms) of the oldest entry not yet acknowledged, or None."""
-        key = self.store.outbox_key(org)
-        first: list[Any] = await self._client.xrange(key, count=1)
-        if not first:
-            return None
-        return int(_s(first[0][0]).split("-")[0])
+    async def backlog(self, orgs: list[str], *, tidy: bool = False) -> Backlog:
+        """What the outboxes of ``orgs`` hold that is not acknowledged, and the age of its
+        oldest entry (pending with a flusher, or never delivered): not the stream's first
+        entry, which may be one acknowledged and left behind (a flusher, or Redis, died
+        between XACK and XDEL). With ``tidy``, those leftovers are deleted.
+
+        One pipelined round trip (XINFO GROUPS, XPENDING, XINFO STREAM per stream), and one
+        more for the streams that have leftovers. Deleting them is safe beside live flushers:
+        the group's last-delivered id is read before its pending entries (in this order, on
+        one connection), so an entry below both that id and the oldest pending entry had been
+        delivered and was no longer pending: acknowledged, never to be delivered again. One
+        left above an entry still pending goes once that one is acknowledged."""
+        if not orgs:
+            return Backlog(0, 0, None, 0)
+        pipe = self._client.pipeline(transaction=False)
+        for org in orgs:
+            key = self.store.outbox_key(org)
+            pipe.xinfo_groups(key)
+            pipe.xpending(key, GROUP)
+            pipe.xinfo_stream(key)
+        replies = await pipe.execute(raise_on_error=False)
+        length = pending = 0
+        oldest: tuple[int, int] | None = None
+        trims: dict[str, str] = {}
+        seek: dict[str, str] = {}  # streams whose first undelivered entry is still to be found
+        for i, org in enumerate(orgs):
+            groups, summary, info = replies[3 * i : 3 * i + 3]
+            if _missing(groups) or _missing(info):
+                continue  # no such stream (any more)
+            delivered: tuple[int, int] | None = None
+            for g in groups:
+                if _s(g["name"]) == GROUP:
+                    delivered = _id(g["last-delivered-id"])
+            first = _id(info["first-entry"][0]) if info.get("first-entry") else None
+            last = _id(info["last-entry"][0]) if info.get("last-entry") else None
+            length += int(info["length"])
+            low: tuple[int, int] | None = None  # the oldest pending entry
+            if delivered is not None and not _missing(summary) and summary["pending"]:
+                pending += int(summary["pending"])
+                low = _id(summary["min"])
+            if first is None or last is None:
+                candidates = [low]
+            elif delivered is None or first > delivered:
+                candidates = [low, first]  # the first entry was never delivered
+            elif low is not None and low <= delivered:
+                candidates = [low]  # anything undelivered is younger
+            else:
+                candidates = [low]
+                if last > delivered:  # acknowledged entries first, then undelivered ones
+                    seek[org] = "(" + _text_id(delivered)
+            if delivered is not None and first is not None and first <= delivered:
+                bound = min(low, _next(delivered)) if low is not None else _next(delivered)
+                if first < bound:
+                    trims[org] = _text_id(bound)
+            for c in candidates:
+                if c is not None and (oldest is None or c < oldest):
+                    oldest = c
+        if seek:
+            pipe = self._client.pipeline(transaction=False)
+            for org, after in seek.items():
+                pipe.xrange(self.store.outbox_key(org), min=after, count=1)
+            for found in await pipe.execute(raise_on_error=False):
+                if isinstance(found, list) and found:
+                    c = _id(found[0][0])
+                    if oldest is None or c < oldest:
+                        oldest = c
+        removed = 0
+        if tidy and trims:
+            pipe = self._client.pipeline(transaction=False)
+            for org, bound in trims.items():
+                pipe.xtrim(self.store.outbox_key(org), minid=bound, approximate=False)
+            removed = sum(int(n or 0) for n in await pipe.execute())
+        return Backlog(length - removed, pending, None if oldest is None else oldest[0], removed)
+
+    @_unavailable
+    async def forget_consumers(self, orgs: list[str], idle_ms: int) -> int:
+        """Remove the group's consumers that have nothing pending and have been idle for
+        ``idle_ms`` (flushers that died, each leaving a consumer in every stream); returns
+        how many. Each stream's removal is one script, which checks again what it removes: a
+        consumer that read meanwhile keeps its entries. A live flusher removed while it had
+        nothing is only created again by its next read."""
+        if not orgs:
+            return 0
+        pipe = self._client.pipeline(transaction=False)
+        for org in orgs:
+            pipe.xinfo_consumers(self.store.outbox_key(org), GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+        removed = 0
+        for org, consumers in zip(orgs, replies, strict=True):
+            if _missing(consumers):
+                continue
+            if any(
+                int(c["pending"]) == 0
+                and int(c["idle"]) >= idle_ms
+                and _s(c["name"]) != self.consumer
+                for c in consumers
+            ):
+                keys = [self.store.outbox_key(org)]
+                removed += int(await self._forget(keys, [GROUP, idle_ms, self.consumer]))
+        return removed
 
     @staticmethod
     def _entries(org: str, entries: list[Any]) -> list[OutboxEntry]:
@@ -238,6 +367,32 @@ class OutboxReader:
                 decoded = {_text(k): _text(v) for k, v in _pairs(fields)}
             out.append(OutboxEntry(org, eid.decode() if isinstance(eid, bytes) else eid, decoded))
         return out
+
+
+def _missing(reply: Any) -> bool:
+    """A pipelined reply that says the stream, or its group, does not exist (raises other
+    errors, which the caller's bound turns into StoreUnavailable when Redis cannot serve)."""
+    if isinstance(reply, ResponseError):
+        text = str(reply)
+        if "no such key" in text or "NOGROUP" in text:
+            return True
+        raise reply
+    return reply is None
+
+
+def _id(value: Any) -> tuple[int, int]:
+    """A stream entry id as (ms, sequence), in the order Redis sorts them."""
+    ms, _, seq = _s(value).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text_id(value: tuple[int, int]) -> str:
+    return f"{value[0]}-{value[1]}"
+
+
+def _next(value: tuple[int, int]) -> tuple[int, int]:
+    """The smallest entry id above ``value``."""
+    return value[0], value[1] + 1
 
 
 def _as_sent(response: Any, **options: Any) -> Any:
