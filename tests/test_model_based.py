@@ -1257,7 +1257,11 @@ class QuotaMachine(RuleBasedStateMachine):
         settles nothing, an open hold is reserved in Redis, a journaled commit commits. The
         ":back" ends commit or release the local hold once Redis answers again but before the
         replay: Redis does not know it yet, so the journal settles it, as if Redis were down."""
-        org = data.draw(st.sampled_from(self.live_orgs()))
+        orgs = self.live_orgs()
+        if end == "remote":  # a journaled commit needs a hold that lives in Redis
+            orgs = [o for o in orgs if any(h.org == o and h.st == "A" for h in self.holds.values())]
+            orgs = orgs or self.live_orgs()
+        org = data.draw(st.sampled_from(orgs))
         pick = lambda options: data.draw(st.sampled_from(options))  # noqa: E731
         self._degraded(org, amount, end, mode, pick)
 
