@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
 import threading
 import time
 import uuid
@@ -59,11 +58,25 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 import grpc
 from google.protobuf.json_format import ParseDict, ParseError
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
+from ecu_sidecar.client.errors import (
+    Conflict,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InsufficientEcu,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    QuotaError,
+    Unavailable,
+    error_for,
+    error_from_rpc,
+    invalid,
+)
+from ecu_sidecar.client.retry import RETRYABLE_CODES, RetryPolicy, give_up, retry_after
 from ecu_sidecar.convert import balance_from_pb, scope_from_pb
 from ecu_sidecar.model import (
     Balance,
@@ -124,9 +137,6 @@ DEFAULT_KEEPALIVE_MARGIN = 1 / 3
 #: Shortest pause of the keep-alive between two attempts (a TTL of a few ms must not spin).
 _KEEPALIVE_MIN_WAIT_S = 0.005
 
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-"""The only codes retried: the request may not have arrived, and replaying it is safe."""
-
 #: Reconnect quickly: the sidecar is on localhost, and a worker that started before it (or
 #: outlived a restart) should not wait gRPC's default 1-120 s reconnect backoff.
 _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -138,201 +148,6 @@ _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 T = TypeVar("T")
 H = TypeVar("H")
 P = ParamSpec("P")
-
-
-# -- errors ------------------------------------------------------------------------------------
-
-
-class QuotaError(Exception):
-    """Root of every error the client raises: a gRPC status with its google.rpc details."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: grpc.StatusCode,
-        reason: str = "",
-        metadata: Mapping[str, str] | None = None,
-        field: str = "",
-        attempts: int = 1,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        """The gRPC status code."""
-        self.reason = reason or code.name
-        """The google.rpc ErrorInfo reason (e.g. INSUFFICIENT_ECU); the code's name if none."""
-        self.metadata: dict[str, str] = dict(metadata or {})
-        """The ErrorInfo metadata (e.g. requested/available for INSUFFICIENT_ECU)."""
-        self.attempts = attempts
-        """How many attempts were made before giving up."""
-        self._field = field
-
-    def __str__(self) -> str:
-        if self.reason == self.code.name:
-            return f"{self.code.name}: {self.message}"
-        return f"{self.code.name} {self.reason}: {self.message}"
-
-
-class InvalidArgument(QuotaError):
-    """A request value is malformed or out of range; nothing was changed."""
-
-    @property
-    def field(self) -> str:
-        """The offending request field (proto path, e.g. ``items[2].amount_uecu``)."""
-        return self._field or self.metadata.get("field", "")
-
-
-class InsufficientEcu(QuotaError):
-    """RESOURCE_EXHAUSTED: the organization, or a team/project cap, cannot cover the hold."""
-
-    def _int(self, key: str) -> int | None:
-        value = self.metadata.get(key)
-        return int(value) if value is not None and value.lstrip("-").isdigit() else None
-
-    @property
-    def available_uecu(self) -> int | None:
-        """What the limiting scope had available."""
-        return self._int("available")
-
-    @property
-    def requested_uecu(self) -> int | None:
-        """What the refused request asked for."""
-        return self._int("requested")
-
-
-class NotFound(QuotaError):
-    """NOT_FOUND: no such organization account or hold."""
-
-
-class FailedPrecondition(QuotaError):
-    """FAILED_PRECONDITION: the hold is committed, released or expired; or the rate card
-    version named is not loaded (RATE_CARD_VERSION_UNKNOWN) or not the hold's
-    (RATE_CARD_MISMATCH); or no rate card is configured (RATE_CARD_UNAVAILABLE)."""
-
-
-class Conflict(QuotaError):
-    """ALREADY_EXISTS or ABORTED: a caller id reused with other parameters, a stale sequence."""
-
-
-class OutOfRange(QuotaError):
-    """OUT_OF_RANGE: a grant would take an account past its largest total."""
-
-
-class PermissionDenied(QuotaError):
-    """PERMISSION_DENIED or UNAUTHENTICATED: admin RPCs without the right token."""
-
-
-class Unavailable(QuotaError):
-    """UNAVAILABLE: the sidecar (or its store) could not answer; retried before raising."""
-
-
-class DeadlineExceeded(Unavailable):
-    """DEADLINE_EXCEEDED: no answer within the per-call deadline; retried before raising."""
-
-
-_ERROR_BY_CODE: dict[grpc.StatusCode, type[QuotaError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: InsufficientEcu,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.ALREADY_EXISTS: Conflict,
-    grpc.StatusCode.ABORTED: Conflict,
-    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-}
-_CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
-
-
-def _error(
-    code: grpc.StatusCode,
-    message: str,
-    reason: str = "",
-    metadata: Mapping[str, str] | None = None,
-    field: str = "",
-    attempts: int = 1,
-) -> QuotaError:
-    cls = _ERROR_BY_CODE.get(code, QuotaError)
-    return cls(message, code=code, reason=reason, metadata=metadata, field=field, attempts=attempts)
-
-
-def _code_of(exc: grpc.RpcError) -> grpc.StatusCode:
-    # grpc.aio's AioRpcError is no grpc.Call, but both carry code(), details() and metadata.
-    code = getattr(exc, "code", None)
-    return code() if callable(code) else grpc.StatusCode.UNKNOWN
-
-
-def error_from_rpc(exc: grpc.RpcError, attempts: int = 1) -> QuotaError:
-    """The client error for a failed RPC, reason and metadata read from its status details."""
-    code = _code_of(exc)
-    details = getattr(exc, "details", None)
-    message = (details() if callable(details) else "") or ""
-    reason, metadata, field = "", {}, ""
-    try:
-        status = rpc_status.from_call(exc)
-    except (AttributeError, ValueError):  # not a call, or details contradicting the code
-        status = None
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason, metadata = info.reason, dict(info.metadata)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            if bad.field_violations:
-                field = bad.field_violations[0].field
-    return _error(code, message, reason, metadata, field, attempts)
-
-
-def _invalid(field: str, description: str) -> InvalidArgument:
-    """A client-side InvalidArgument, shaped like the sidecar's own."""
-    return InvalidArgument(
-        f"{field}: {description}",
-        code=grpc.StatusCode.INVALID_ARGUMENT,
-        reason="INVALID_ARGUMENT",
-        metadata={"field": field},
-        field=field,
-    )
-
-
-# -- retries -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How often, and how patiently, UNAVAILABLE and DEADLINE_EXCEEDED are retried."""
-
-    attempts: int = 3
-    """Total attempts per call, the first included (1 disables retries)."""
-    initial_backoff_s: float = 0.05
-    """Pause before the first retry; doubled before each further one."""
-    max_backoff_s: float = 0.5
-    """Longest pause between attempts."""
-    rebuild_wait_s: float = 15.0
-    """How long a call keeps retrying, beyond ``attempts``, while the sidecar answers
-    UNAVAILABLE with reason REBUILDING (its organization is being rebuilt from the ledger after
-    a Redis failover, for at most ECU_REBUILD_FENCE_MS); 0 counts those like any UNAVAILABLE."""
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
-        if not 0 <= self.initial_backoff_s <= self.max_backoff_s:
-            raise ValueError("need 0 <= initial_backoff_s <= max_backoff_s")
-        if self.rebuild_wait_s < 0:
-            raise ValueError(f"rebuild_wait_s must be >= 0, got {self.rebuild_wait_s}")
-
-    def should_retry(self, code: grpc.StatusCode, attempt: int) -> bool:
-        """Whether attempt number ``attempt`` failing with ``code`` earns another one."""
-        return code in RETRYABLE_CODES and attempt < self.attempts
-
-    def backoff_s(self, attempt: int) -> float:
-        """The jittered pause after failed attempt ``attempt`` (half fixed, half random)."""
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 # -- request building (shared by both flavours) ------------------------------------------------
@@ -367,6 +182,7 @@ _GRANT_KINDS = {
     GrantKind.ENTERPRISE: pb.GRANT_KIND_ENTERPRISE,
     GrantKind.ADJUSTMENT: pb.GRANT_KIND_ADJUSTMENT,
 }
+_CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 _CAP_SCOPES = {"team": pb.CAP_SCOPE_TEAM, "project": pb.CAP_SCOPE_PROJECT}
 _HOLD_STATES = {
     pb.HOLD_STATE_ACTIVE: HoldState.ACTIVE,
@@ -419,14 +235,14 @@ def _job(field: str, job: Any) -> pb.JobSpec:
         try:
             return ParseDict(job, pb.JobSpec())
         except ParseError as exc:
-            raise _invalid(field, f"is not a job spec in the proto JSON form: {exc}") from None
-    raise _invalid(field, f"must be a pb.JobSpec or a dict, got {type(job).__name__}")
+            raise invalid(field, f"is not a job spec in the proto JSON form: {exc}") from None
+    raise invalid(field, f"must be a pb.JobSpec or a dict, got {type(job).__name__}")
 
 
 def _usage_lines(field: str, lines: Sequence[Any]) -> list[pb.UsageLine]:
     """Usage lines given as UsageLine, pb.UsageLine or a dict of UsageLine's fields."""
     if isinstance(lines, (str, bytes, Mapping)) or not isinstance(lines, Sequence):
-        raise _invalid(field, f"must be a list of usage lines, got {type(lines).__name__}")
+        raise invalid(field, f"must be a list of usage lines, got {type(lines).__name__}")
     out = []
     for i, line in enumerate(lines):
         here = f"{field}[{i}]"
@@ -437,11 +253,11 @@ def _usage_lines(field: str, lines: Sequence[Any]) -> list[pb.UsageLine]:
             try:
                 line = UsageLine(**line)
             except TypeError as exc:
-                raise _invalid(here, f"is not a usage line: {exc}") from None
+                raise invalid(here, f"is not a usage line: {exc}") from None
         if not isinstance(line, UsageLine):
-            raise _invalid(here, f"must be a UsageLine, got {type(line).__name__}")
+            raise invalid(here, f"must be a UsageLine, got {type(line).__name__}")
         if not isinstance(line.byok, bool):
-            raise _invalid(f"{here}.byok", f"must be true or false, got {line.byok!r}")
+            raise invalid(f"{here}.byok", f"must be true or false, got {line.byok!r}")
         out.append(
             pb.UsageLine(
                 kind=_choice(f"{here}.kind", line.kind, _USAGE_KINDS),
@@ -497,13 +313,13 @@ def _choice(field: str, value: Any, table: Mapping[Any, int]) -> int:
     key = value.lower() if isinstance(value, str) else value
     if key in table:
         return table[key]
-    raise _invalid(field, f"must be one of {', '.join(map(str, table))}, got {value!r}")
+    raise invalid(field, f"must be one of {', '.join(map(str, table))}, got {value!r}")
 
 
 def _int(field: str, value: Any) -> int:
     """An integer (µECU, ms, count): floats and bools are refused, never rounded."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(field, f"must be an integer, got {type(value).__name__}")
+        raise invalid(field, f"must be an integer, got {type(value).__name__}")
     return value
 
 
@@ -564,7 +380,7 @@ def _commit_batch_outcomes(resp: pb.CommitBatchResponse) -> list[CommitOutcome]:
             out.append(_commit_outcome(r.commit))
         else:
             code = _CODE_BY_NUMBER.get(r.code, grpc.StatusCode.UNKNOWN)
-            error = _error(code, r.message, r.reason)
+            error = error_for(code, r.message, r.reason)
             out.append(CommitOutcome(r.commit.reservation_id, error=error))
     return out
 
@@ -577,7 +393,7 @@ def _job_type(field: str, job_type: JobType | str | None, job: Any) -> int:
     """The job type: required for an amount, optional (derived by the sidecar) with a job."""
     if job_type is None:
         if job is None:
-            raise _invalid(field, "is required when reserving an amount (not a job)")
+            raise invalid(field, "is required when reserving an amount (not a job)")
         return pb.JOB_TYPE_UNSPECIFIED
     return _choice(field, job_type, _JOB_TYPES)
 
@@ -997,7 +813,7 @@ class _HoldBase:
         if usage_lines is None:
             return _commit(self.organization, self.reservation_id, actual_uecu, usage=usage)
         if not self.rate_card_version:
-            raise _invalid(
+            raise invalid(
                 "usage_lines",
                 "this hold was reserved with an amount, not a job: it has no rate card version "
                 "to price usage with; commit the actual amount instead",
@@ -1305,32 +1121,6 @@ class _ClientBase:
         self._options = [*_CHANNEL_OPTIONS, *channel_options]
         self._interceptors = list(interceptors)
 
-    def _retry_after(
-        self, call: _Call[Any], failures: Sequence[grpc.RpcError], since: float
-    ) -> bool:
-        """Whether to try ``call`` again after ``failures`` (the first at ``since``, monotonic):
-        within the policy's attempts, or while the organization is being rebuilt."""
-        code = _code_of(failures[-1])
-        rebuilding = [f for f in failures if error_from_rpc(f).reason == "REBUILDING"]
-        within = time.monotonic() - since < self.retry.rebuild_wait_s
-        if within and rebuilding and rebuilding[-1] is failures[-1]:
-            log.debug("%s: the organization is being rebuilt; retrying", call.method)
-            return True
-        # Answers REBUILDING count as attempts only once the rebuild wait is over.
-        if not self.retry.should_retry(code, len(failures) - (len(rebuilding) if within else 0)):
-            return False
-        log.debug("%s attempt %d failed with %s; retrying", call.method, len(failures), code.name)
-        return True
-
-    @staticmethod
-    def _give_up(failures: Sequence[grpc.RpcError]) -> QuotaError:
-        # Retries wait for the connection, so a sidecar that is down ends in DEADLINE_EXCEEDED;
-        # the earlier UNAVAILABLE ("connection refused") says what went wrong.
-        last = failures[-1]
-        if _code_of(last) == grpc.StatusCode.DEADLINE_EXCEEDED:
-            last = next((f for f in failures if _code_of(f) == grpc.StatusCode.UNAVAILABLE), last)
-        return error_from_rpc(last, len(failures))
-
     def _metadata(self, call: _Call[Any]) -> tuple[tuple[str, str], ...] | None:
         if call.admin and self._admin_token:
             return (("authorization", f"Bearer {self._admin_token}"),)
@@ -1369,8 +1159,8 @@ class AsyncQuotaClient(_ClientBase):
                 if not failures:
                     since = time.monotonic()
                 failures.append(exc)
-                if not self._retry_after(call, failures, since):
-                    raise self._give_up(failures) from exc
+                if not retry_after(self.retry, call.method, failures, since):
+                    raise give_up(failures) from exc
                 await asyncio.sleep(self.retry.backoff_s(len(failures)))
                 continue
             return call.convert(response)
@@ -1434,8 +1224,8 @@ class QuotaClient(_ClientBase):
                 if not failures:
                     since = time.monotonic()
                 failures.append(exc)
-                if not self._retry_after(call, failures, since):
-                    raise self._give_up(failures) from exc
+                if not retry_after(self.retry, call.method, failures, since):
+                    raise give_up(failures) from exc
                 time.sleep(self.retry.backoff_s(len(failures)))
                 continue
             return call.convert(response)
