@@ -2,7 +2,7 @@
 
 Both flavours share everything but the wire call: each public method is generated from one
 request builder below (``_reserve``, ``_commit`` ...) that validates plain Python values and
-returns a ``_Call`` (RPC name, request message, response converter). ``AsyncQuotaClient`` and
+returns a ``Call`` (RPC name, request message, response converter). ``AsyncQuotaClient`` and
 ``QuotaClient`` each add only the call layer: per-attempt deadline, admin metadata, retries.
 
 Retries: only UNAVAILABLE and DEADLINE_EXCEEDED, a bounded number of times with jittered
@@ -49,18 +49,15 @@ import inspect
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
-from google.protobuf.json_format import ParseDict, ParseError
-from google.protobuf.message import Message
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
+from ecu_sidecar.client import requests
 from ecu_sidecar.client.errors import (
     Conflict,
     DeadlineExceeded,
@@ -72,29 +69,20 @@ from ecu_sidecar.client.errors import (
     PermissionDenied,
     QuotaError,
     Unavailable,
-    error_for,
     error_from_rpc,
     invalid,
 )
+from ecu_sidecar.client.requests import Call, PreviewOutcome, RateCardInfo, new_caller_id
 from ecu_sidecar.client.retry import RETRYABLE_CODES, RetryPolicy, give_up, retry_after
-from ecu_sidecar.convert import balance_from_pb, scope_from_pb
 from ecu_sidecar.model import (
-    Balance,
-    CommitItem,
     CommitOutcome,
     ExtendOutcome,
-    GrantKind,
-    GrantOutcome,
     HoldState,
-    HoldView,
-    JobType,
     ReleaseOutcome,
-    ReserveItem,
     ReserveOutcome,
-    ScopeUsage,
     Usage,
 )
-from ecu_sidecar.pricing import Fees, Line, ModelRates, Quote, Unit, UsageKind, UsageLine
+from ecu_sidecar.pricing import Quote, UsageLine
 
 __all__ = [
     "DEFAULT_KEEPALIVE_MARGIN",
@@ -150,496 +138,6 @@ H = TypeVar("H")
 P = ParamSpec("P")
 
 
-# -- request building (shared by both flavours) ------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Call(Generic[T]):
-    """One RPC to make: built (and its caller ids fixed) once, sent once per attempt."""
-
-    method: str
-    request: Message
-    convert: Callable[[Any], T]
-    admin: bool = False
-
-
-def new_caller_id() -> str:
-    """A fresh reservation (or grant) id: 32 hex digits, within [A-Za-z0-9._-]{1,128}."""
-    return uuid.uuid4().hex
-
-
-_JOB_TYPES = {
-    JobType.INFERENCE: pb.JOB_TYPE_INFERENCE,
-    JobType.JUDGE: pb.JOB_TYPE_JUDGE,
-    JobType.GEPA: pb.JOB_TYPE_GEPA,
-    JobType.TRACE_EVAL: pb.JOB_TYPE_TRACE_EVAL,
-    JobType.ENGINE: pb.JOB_TYPE_ENGINE,
-}
-_GRANT_KINDS = {
-    GrantKind.STARTER: pb.GRANT_KIND_STARTER,
-    GrantKind.TOP_UP: pb.GRANT_KIND_TOP_UP,
-    GrantKind.AUTO_TOP_UP: pb.GRANT_KIND_AUTO_TOP_UP,
-    GrantKind.ENTERPRISE: pb.GRANT_KIND_ENTERPRISE,
-    GrantKind.ADJUSTMENT: pb.GRANT_KIND_ADJUSTMENT,
-}
-_CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
-_CAP_SCOPES = {"team": pb.CAP_SCOPE_TEAM, "project": pb.CAP_SCOPE_PROJECT}
-_HOLD_STATES = {
-    pb.HOLD_STATE_ACTIVE: HoldState.ACTIVE,
-    pb.HOLD_STATE_COMMITTED: HoldState.COMMITTED,
-    pb.HOLD_STATE_RELEASED: HoldState.RELEASED,
-    pb.HOLD_STATE_EXPIRED: HoldState.EXPIRED,
-}
-_JOB_TYPES_BACK = {number: member for member, number in _JOB_TYPES.items()}
-_USAGE_KINDS = {
-    UsageKind.INFERENCE: pb.USAGE_KIND_INFERENCE,
-    UsageKind.JUDGE: pb.USAGE_KIND_JUDGE,
-    UsageKind.GEPA_ITERATION: pb.USAGE_KIND_GEPA_ITERATION,
-    UsageKind.TRACE: pb.USAGE_KIND_TRACE,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class PreviewOutcome:
-    """A job's worst case as the sidecar priced it, and whether the balance covers it."""
-
-    quote: Quote
-    """The worst-case total, its itemized lines and the rate card version."""
-    covered: bool
-    """Whether the organization's available balance covers the total."""
-    available_uecu: int
-    """The organization's available balance (0 when it has no account)."""
-    available_after_uecu: int
-    """available - total: negative when not covered."""
-
-
-@dataclass(frozen=True, slots=True)
-class RateCardInfo:
-    """The rate card a sidecar prices with (GetRateCard)."""
-
-    version: str
-    fees: Fees
-    models: list[ModelRates]
-    """Every model with its rates, sorted by name."""
-    organizations_with_terms: list[str]
-    """Organizations with negotiated terms (ids only)."""
-    versions: list[str]
-    """Every version the sidecar can still price commits with."""
-
-
-def _job(field: str, job: Any) -> pb.JobSpec:
-    """A job spec given as a pb.JobSpec or its proto JSON form (``{"items": [...]}``)."""
-    if isinstance(job, pb.JobSpec):
-        return job
-    if isinstance(job, Mapping):
-        try:
-            return ParseDict(job, pb.JobSpec())
-        except ParseError as exc:
-            raise invalid(field, f"is not a job spec in the proto JSON form: {exc}") from None
-    raise invalid(field, f"must be a pb.JobSpec or a dict, got {type(job).__name__}")
-
-
-def _usage_lines(field: str, lines: Sequence[Any]) -> list[pb.UsageLine]:
-    """Usage lines given as UsageLine, pb.UsageLine or a dict of UsageLine's fields."""
-    if isinstance(lines, (str, bytes, Mapping)) or not isinstance(lines, Sequence):
-        raise invalid(field, f"must be a list of usage lines, got {type(lines).__name__}")
-    out = []
-    for i, line in enumerate(lines):
-        here = f"{field}[{i}]"
-        if isinstance(line, pb.UsageLine):
-            out.append(line)
-            continue
-        if isinstance(line, Mapping):
-            try:
-                line = UsageLine(**line)
-            except TypeError as exc:
-                raise invalid(here, f"is not a usage line: {exc}") from None
-        if not isinstance(line, UsageLine):
-            raise invalid(here, f"must be a UsageLine, got {type(line).__name__}")
-        if not isinstance(line.byok, bool):
-            raise invalid(f"{here}.byok", f"must be true or false, got {line.byok!r}")
-        out.append(
-            pb.UsageLine(
-                kind=_choice(f"{here}.kind", line.kind, _USAGE_KINDS),
-                model=line.model,
-                tokens_in=_int(f"{here}.tokens_in", line.tokens_in),
-                tokens_out=_int(f"{here}.tokens_out", line.tokens_out),
-                calls=_int(f"{here}.calls", line.calls),
-                byok=line.byok,
-            )
-        )
-    return out
-
-
-def _unit(text: str) -> Unit | str:
-    try:
-        return Unit(text)
-    except ValueError:  # a unit newer than this client: kept as the sidecar named it
-        return text
-
-
-def _quote(q: pb.Quote) -> Quote:
-    return Quote(
-        total_uecu=q.total_uecu,
-        rate_card_version=q.rate_card_version,
-        lines=tuple(
-            Line(
-                description=x.description,
-                quantity=x.quantity,
-                unit=_unit(x.unit),  # type: ignore[arg-type]
-                rate_uecu=x.rate_uecu,
-                per=x.per,
-                subtotal_uecu=x.subtotal_uecu,
-                model=x.model,
-                job_type=_JOB_TYPES_BACK.get(x.job_type, x.job_type),  # type: ignore[arg-type]
-                item=x.item,
-                byok=x.byok,
-                negotiated=x.negotiated,
-                gross_uecu=x.gross_uecu,
-                discount_uecu=x.discount_uecu,
-            )
-            for x in q.lines
-        ),
-    )
-
-
-def _quote_or_none(q: pb.Quote) -> Quote | None:
-    """The quote of a job-priced hold or usage-priced commit; None for plain amounts."""
-    return _quote(q) if q.rate_card_version else None
-
-
-def _choice(field: str, value: Any, table: Mapping[Any, int]) -> int:
-    """An enum given as its Python enum member or its string value (any case)."""
-    key = value.lower() if isinstance(value, str) else value
-    if key in table:
-        return table[key]
-    raise invalid(field, f"must be one of {', '.join(map(str, table))}, got {value!r}")
-
-
-def _int(field: str, value: Any) -> int:
-    """An integer (µECU, ms, count): floats and bools are refused, never rounded."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(field, f"must be an integer, got {type(value).__name__}")
-    return value
-
-
-def _usage(field: str, usage: Usage | None) -> pb.Usage:
-    u = usage or Usage()
-    return pb.Usage(
-        tokens_in=_int(f"{field}.tokens_in", u.tokens_in),
-        tokens_out=_int(f"{field}.tokens_out", u.tokens_out),
-        calls=_int(f"{field}.calls", u.calls),
-    )
-
-
-def _hold_view(h: pb.Hold, quote: Quote | None) -> HoldView:
-    return HoldView(
-        h.reservation_id,
-        h.amount_uecu,
-        h.deadline_unix_ms,
-        _HOLD_STATES[h.state],
-        rate_card_version=quote.rate_card_version if quote else "",
-    )
-
-
-def _reserve_outcome(resp: pb.ReserveResponse) -> ReserveOutcome:
-    quote = _quote_or_none(resp.quote)
-    return ReserveOutcome(
-        [_hold_view(resp.hold, quote)], resp.available_uecu, resp.replayed, quotes=[quote]
-    )
-
-
-def _reserve_batch_outcome(resp: pb.ReserveBatchResponse) -> ReserveOutcome:
-    quotes = [_quote_or_none(q) for q in resp.quotes] or [None] * len(resp.holds)
-    return ReserveOutcome(
-        [_hold_view(h, q) for h, q in zip(resp.holds, quotes, strict=True)],
-        resp.available_uecu,
-        resp.replayed,
-        quotes=quotes,
-    )
-
-
-def _commit_outcome(c: pb.CommitResponse) -> CommitOutcome:
-    return CommitOutcome(
-        reservation_id=c.reservation_id,
-        committed_uecu=c.committed_uecu,
-        released_uecu=c.released_uecu,
-        overage_uecu=c.overage_uecu,
-        unbilled_overage_uecu=c.unbilled_overage_uecu,
-        late=c.late,
-        replayed=c.replayed,
-        available_uecu=c.available_uecu,
-        quote=_quote_or_none(c.quote),
-    )
-
-
-def _commit_batch_outcomes(resp: pb.CommitBatchResponse) -> list[CommitOutcome]:
-    out = []
-    for r in resp.results:
-        if r.code == 0:
-            out.append(_commit_outcome(r.commit))
-        else:
-            code = _CODE_BY_NUMBER.get(r.code, grpc.StatusCode.UNKNOWN)
-            error = error_for(code, r.message, r.reason)
-            out.append(CommitOutcome(r.commit.reservation_id, error=error))
-    return out
-
-
-def _to_balance(resp: pb.GetBalanceResponse) -> Balance:
-    return balance_from_pb(resp.balance)
-
-
-def _job_type(field: str, job_type: JobType | str | None, job: Any) -> int:
-    """The job type: required for an amount, optional (derived by the sidecar) with a job."""
-    if job_type is None:
-        if job is None:
-            raise invalid(field, "is required when reserving an amount (not a job)")
-        return pb.JOB_TYPE_UNSPECIFIED
-    return _choice(field, job_type, _JOB_TYPES)
-
-
-def _reserve(
-    org: str,
-    amount_uecu: int = 0,
-    *,
-    job_type: JobType | str | None = None,
-    model: str = "",
-    team: str = "",
-    project: str = "",
-    user: str = "",
-    ttl_ms: int = 0,
-    reservation_id: str | None = None,
-    job: pb.JobSpec | Mapping[str, Any] | None = None,
-) -> _Call[ReserveOutcome]:
-    """Hold a step's worst case: ``amount_uecu`` with its ``job_type``, or a ``job`` spec that
-    the sidecar prices (its quote in ``quotes[0]``, pinned to the rate card version). The
-    reservation id is generated when not given."""
-    request = pb.ReserveRequest(
-        reservation_id=reservation_id or new_caller_id(),
-        account=pb.Account(organization=org, team=team, project=project, user=user),
-        amount_uecu=_int("amount_uecu", amount_uecu),
-        job_type=_job_type("job_type", job_type, job),
-        model=model,
-        ttl_ms=_int("ttl_ms", ttl_ms),
-    )
-    if job is not None:
-        request.job.CopyFrom(_job("job", job))
-    return _Call("Reserve", request, _reserve_outcome)
-
-
-def _reserve_batch(
-    org: str,
-    items: Sequence[ReserveItem],
-    *,
-    team: str = "",
-    project: str = "",
-    user: str = "",
-) -> _Call[ReserveOutcome]:
-    """Hold many steps of one account, all or none; items with an empty id get one. An item
-    with ``job`` (amount 0, job_type None or given) is priced by the sidecar."""
-    return _Call(
-        "ReserveBatch",
-        pb.ReserveBatchRequest(
-            account=pb.Account(organization=org, team=team, project=project, user=user),
-            items=[_reserve_item(f"items[{i}]", it) for i, it in enumerate(items)],
-        ),
-        _reserve_batch_outcome,
-    )
-
-
-def _reserve_item(field: str, it: ReserveItem) -> pb.ReserveItem:
-    item = pb.ReserveItem(
-        reservation_id=it.reservation_id or new_caller_id(),
-        amount_uecu=_int(f"{field}.amount_uecu", it.amount_uecu),
-        job_type=_job_type(f"{field}.job_type", it.job_type, it.job),
-        model=it.model,
-        ttl_ms=_int(f"{field}.ttl_ms", it.ttl_ms),
-    )
-    if it.job is not None:
-        item.job.CopyFrom(_job(f"{field}.job", it.job))
-    return item
-
-
-def _commit(
-    org: str,
-    reservation_id: str,
-    actual_uecu: int = 0,
-    *,
-    usage: Usage | None = None,
-    usage_lines: Sequence[UsageLine | pb.UsageLine | Mapping[str, Any]] | None = None,
-    rate_card_version: str = "",
-) -> _Call[CommitOutcome]:
-    """Settle a hold with what the step really cost: ``actual_uecu``, or ``usage_lines`` that
-    the sidecar prices with ``rate_card_version`` (the version the hold was priced with; the
-    price and its breakdown come back in ``quote``)."""
-    request = pb.CommitRequest(
-        reservation_id=reservation_id,
-        organization=org,
-        actual_uecu=_int("actual_uecu", actual_uecu),
-        usage=_usage("usage", usage),
-        rate_card_version=rate_card_version,
-    )
-    if usage_lines is not None:
-        request.usage_lines.extend(_usage_lines("usage_lines", usage_lines))
-    return _Call("Commit", request, _commit_outcome)
-
-
-def _commit_batch(org: str, items: Sequence[CommitItem]) -> _Call[list[CommitOutcome]]:
-    """Settle many holds; failed items carry their QuotaError in ``CommitOutcome.error``.
-    Items may carry ``usage_lines`` with ``rate_card_version`` instead of an actual."""
-    return _Call(
-        "CommitBatch",
-        pb.CommitBatchRequest(
-            organization=org,
-            items=[
-                pb.CommitItem(
-                    reservation_id=it.reservation_id,
-                    actual_uecu=_int(f"items[{i}].actual_uecu", it.actual_uecu),
-                    usage=_usage(f"items[{i}].usage", it.usage),
-                    usage_lines=_usage_lines(f"items[{i}].usage_lines", it.usage_lines or []),
-                    rate_card_version=it.rate_card_version,
-                )
-                for i, it in enumerate(items)
-            ],
-        ),
-        _commit_batch_outcomes,
-    )
-
-
-def _release(org: str, reservation_id: str) -> _Call[ReleaseOutcome]:
-    """Void a hold: its amount returns to available."""
-    return _Call(
-        "Release",
-        pb.ReleaseRequest(reservation_id=reservation_id, organization=org),
-        lambda r: ReleaseOutcome(
-            r.reservation_id, r.released_uecu, _HOLD_STATES[r.state], r.available_uecu, r.replayed
-        ),
-    )
-
-
-def _extend(
-    org: str, reservation_id: str, *, sequence: int, ttl_ms: int = 0
-) -> _Call[ExtendOutcome]:
-    """Push a live hold's deadline (heartbeat ``sequence``: from 1, increasing)."""
-    return _Call(
-        "Extend",
-        pb.ExtendRequest(
-            reservation_id=reservation_id,
-            organization=org,
-            ttl_ms=_int("ttl_ms", ttl_ms),
-            sequence=_int("sequence", sequence),
-        ),
-        lambda r: ExtendOutcome(r.reservation_id, r.deadline_unix_ms, r.replayed),
-    )
-
-
-def _balance(org: str) -> _Call[Balance]:
-    """The organization's wallet, hold counters and caps."""
-    return _Call("GetBalance", pb.GetBalanceRequest(organization=org), _to_balance)
-
-
-def _grant(
-    org: str,
-    amount_uecu: int,
-    *,
-    grant_id: str,
-    kind: GrantKind | str = GrantKind.TOP_UP,
-    expires_at_ms: int = 0,
-) -> _Call[GrantOutcome]:
-    """Admin: credit an organization under a caller-chosen, idempotent grant id."""
-    return _Call(
-        "Grant",
-        pb.GrantRequest(
-            grant_id=grant_id,
-            organization=org,
-            amount_uecu=_int("amount_uecu", amount_uecu),
-            kind=_choice("kind", kind, _GRANT_KINDS),
-            expires_at_unix_ms=_int("expires_at_unix_ms", expires_at_ms),
-        ),
-        lambda r: GrantOutcome(r.grant_id, r.balance_uecu, r.available_uecu, r.replayed),
-        admin=True,
-    )
-
-
-def _set_cap(org: str, scope: str, scope_id: str, cap_uecu: int | None) -> _Call[ScopeUsage]:
-    """Admin: set a team or project cap, or clear it with ``cap_uecu=None``."""
-    return _Call(
-        "SetCap",
-        pb.SetCapRequest(
-            organization=org,
-            scope=_choice("scope", scope, _CAP_SCOPES),
-            id=scope_id,
-            cap_uecu=0 if cap_uecu is None else _int("cap_uecu", cap_uecu),
-            clear=cap_uecu is None,
-        ),
-        lambda r: scope_from_pb(r.usage),
-        admin=True,
-    )
-
-
-def _set_auto_topup(org: str, threshold_uecu: int | None, amount_uecu: int = 0) -> _Call[None]:
-    """Admin: when available falls below ``threshold_uecu``, notify billing to top up
-    ``amount_uecu``; ``threshold_uecu=None`` turns auto-top-up off."""
-    return _Call(
-        "SetAutoTopUp",
-        pb.SetAutoTopUpRequest(
-            organization=org,
-            threshold_uecu=0 if threshold_uecu is None else _int("threshold_uecu", threshold_uecu),
-            amount_uecu=0 if threshold_uecu is None else _int("amount_uecu", amount_uecu),
-            disable=threshold_uecu is None,
-        ),
-        lambda r: None,
-        admin=True,
-    )
-
-
-def _preview(
-    org: str,
-    job: pb.JobSpec | Mapping[str, Any],
-    *,
-    team: str = "",
-    project: str = "",
-    user: str = "",
-) -> _Call[PreviewOutcome]:
-    """A job's worst case, itemized, and whether the balance covers it (no side effects)."""
-    return _Call(
-        "Preview",
-        pb.PreviewRequest(
-            account=pb.Account(organization=org, team=team, project=project, user=user),
-            job=_job("job", job),
-        ),
-        lambda r: PreviewOutcome(
-            _quote(r.quote), r.covered, r.available_uecu, r.available_after_uecu
-        ),
-    )
-
-
-def _to_rate_card(r: pb.GetRateCardResponse) -> RateCardInfo:
-    return RateCardInfo(
-        version=r.version,
-        fees=Fees(r.engine_call_uecu, r.judge_call_uecu, r.gepa_iteration_uecu, r.trace_uecu),
-        models=[
-            ModelRates(
-                name=m.model,
-                input_uecu_per_mtok=m.input_uecu_per_mtok,
-                output_uecu_per_mtok=m.output_uecu_per_mtok,
-                encoding=m.encoding,
-                context_window=m.context_window,
-                max_output_tokens=m.max_output_tokens,
-                estimate_factor_percent=m.estimate_factor_percent,
-            )
-            for m in r.models
-        ],
-        organizations_with_terms=list(r.organizations_with_terms),
-        versions=list(r.versions),
-    )
-
-
-def _rate_card() -> _Call[RateCardInfo]:
-    """The rate card the sidecar prices with: version, fees, models, versions still loaded."""
-    return _Call("GetRateCard", pb.GetRateCardRequest(), _to_rate_card)
-
-
 def _method_signature(build: Callable[..., Any], returns: Any) -> inspect.Signature:
     """The builder's signature with ``self`` in front and the converted return type."""
     sig = inspect.signature(build)
@@ -648,10 +146,10 @@ def _method_signature(build: Callable[..., Any], returns: Any) -> inspect.Signat
 
 
 def _result_annotation(build: Callable[..., Any]) -> Any:
-    """``T`` of a builder's ``_Call[T]`` annotation (a string: annotations are postponed)."""
+    """``T`` of a builder's ``Call[T]`` annotation (a string: annotations are postponed)."""
     ann = inspect.signature(build).return_annotation
-    if isinstance(ann, str) and ann.startswith("_Call[") and ann.endswith("]"):
-        return ann[len("_Call[") : -1]
+    if isinstance(ann, str) and ann.startswith("Call[") and ann.endswith("]"):
+        return ann[len("Call[") : -1]
     return inspect.Signature.empty
 
 
@@ -664,7 +162,7 @@ def _expose(build: Callable[..., Any], method: Callable[..., Any], returns: Any)
 
 
 def _async_rpc(
-    build: Callable[P, _Call[T]],
+    build: Callable[P, Call[T]],
 ) -> Callable[Concatenate[AsyncQuotaClient, P], Coroutine[Any, Any, T]]:
     """An AsyncQuotaClient method: build the call, then await it through the call layer."""
 
@@ -675,7 +173,7 @@ def _async_rpc(
     return method
 
 
-def _sync_rpc(build: Callable[P, _Call[T]]) -> Callable[Concatenate[QuotaClient, P], T]:
+def _sync_rpc(build: Callable[P, Call[T]]) -> Callable[Concatenate[QuotaClient, P], T]:
     """A QuotaClient method: build the call, then make it through the call layer."""
 
     def method(self: QuotaClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -698,7 +196,7 @@ class _HoldBase:
 
     def __init__(
         self,
-        reserve: _Call[ReserveOutcome],
+        reserve: Call[ReserveOutcome],
         *,
         keepalive: bool = True,
         keepalive_margin: float = DEFAULT_KEEPALIVE_MARGIN,
@@ -809,16 +307,16 @@ class _HoldBase:
 
     def _commit_call(
         self, actual_uecu: int, usage: Usage | None, usage_lines: Sequence[Any] | None
-    ) -> _Call[CommitOutcome]:
+    ) -> Call[CommitOutcome]:
         if usage_lines is None:
-            return _commit(self.organization, self.reservation_id, actual_uecu, usage=usage)
+            return requests.commit(self.organization, self.reservation_id, actual_uecu, usage=usage)
         if not self.rate_card_version:
             raise invalid(
                 "usage_lines",
                 "this hold was reserved with an amount, not a job: it has no rate card version "
                 "to price usage with; commit the actual amount instead",
             )
-        return _commit(
+        return requests.commit(
             self.organization,
             self.reservation_id,
             actual_uecu,
@@ -837,18 +335,18 @@ class _HoldBase:
         if error.code in RETRYABLE_CODES:
             self._commit_in_doubt = True
 
-    def _release_call(self) -> _Call[ReleaseOutcome]:
-        return _release(self.organization, self.reservation_id)
+    def _release_call(self) -> Call[ReleaseOutcome]:
+        return requests.release(self.organization, self.reservation_id)
 
     def _released(self, out: ReleaseOutcome) -> ReleaseOutcome:
         self.state = out.state
         return out
 
-    def _extend_call(self, ttl_ms: int) -> _Call[ExtendOutcome]:
+    def _extend_call(self, ttl_ms: int) -> Call[ExtendOutcome]:
         # Advance before sending (under the hold's lock): a number never reused for another
         # heartbeat, even when this one's outcome is unknown; retries inside the call layer
         # resend the same number.
-        call = _extend(
+        call = requests.extend(
             self.organization, self.reservation_id, sequence=self.sequence + 1, ttl_ms=ttl_ms
         )
         self.sequence += 1
@@ -879,7 +377,7 @@ class AsyncHold(_HoldBase):
     kept alive by a background task while the block runs (unless ``keepalive=False``)."""
 
     def __init__(
-        self, client: AsyncQuotaClient, reserve: _Call[ReserveOutcome], **keepalive: Any
+        self, client: AsyncQuotaClient, reserve: Call[ReserveOutcome], **keepalive: Any
     ) -> None:
         super().__init__(reserve, **keepalive)
         self._client = client
@@ -969,7 +467,7 @@ class Hold(_HoldBase):
     alive by a background thread while the block runs (unless ``keepalive=False``)."""
 
     def __init__(
-        self, client: QuotaClient, reserve: _Call[ReserveOutcome], **keepalive: Any
+        self, client: QuotaClient, reserve: Call[ReserveOutcome], **keepalive: Any
     ) -> None:
         super().__init__(reserve, **keepalive)
         self._client = client
@@ -1068,7 +566,7 @@ _KEEPALIVE_PARAMETERS = (
 
 
 def _hold_method(
-    build: Callable[P, _Call[ReserveOutcome]], hold_cls: Callable[..., H]
+    build: Callable[P, Call[ReserveOutcome]], hold_cls: Callable[..., H]
 ) -> Callable[Concatenate[Any, P], H]:
     """A ``hold`` method: builds the reservation (fixing its id) without placing it yet; the
     reservation's arguments plus ``keepalive`` and ``keepalive_margin``."""
@@ -1121,7 +619,7 @@ class _ClientBase:
         self._options = [*_CHANNEL_OPTIONS, *channel_options]
         self._interceptors = list(interceptors)
 
-    def _metadata(self, call: _Call[Any]) -> tuple[tuple[str, str], ...] | None:
+    def _metadata(self, call: Call[Any]) -> tuple[tuple[str, str], ...] | None:
         if call.admin and self._admin_token:
             return (("authorization", f"Bearer {self._admin_token}"),)
         return None
@@ -1142,7 +640,7 @@ class AsyncQuotaClient(_ClientBase):
             self._stub = quota_pb2_grpc.QuotaStub(self._channel)
         return self._stub
 
-    async def _invoke(self, call: _Call[T]) -> T:
+    async def _invoke(self, call: Call[T]) -> T:
         rpc = getattr(self._get_stub(), call.method)
         metadata = self._metadata(call)
         failures: list[grpc.RpcError] = []
@@ -1177,19 +675,19 @@ class AsyncQuotaClient(_ClientBase):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    reserve = _async_rpc(_reserve)
-    reserve_batch = _async_rpc(_reserve_batch)
-    commit = _async_rpc(_commit)
-    commit_batch = _async_rpc(_commit_batch)
-    release = _async_rpc(_release)
-    extend = _async_rpc(_extend)
-    balance = _async_rpc(_balance)
-    grant = _async_rpc(_grant)
-    set_cap = _async_rpc(_set_cap)
-    set_auto_topup = _async_rpc(_set_auto_topup)
-    preview = _async_rpc(_preview)
-    rate_card = _async_rpc(_rate_card)
-    hold = _hold_method(_reserve, AsyncHold)
+    reserve = _async_rpc(requests.reserve)
+    reserve_batch = _async_rpc(requests.reserve_batch)
+    commit = _async_rpc(requests.commit)
+    commit_batch = _async_rpc(requests.commit_batch)
+    release = _async_rpc(requests.release)
+    extend = _async_rpc(requests.extend)
+    balance = _async_rpc(requests.balance)
+    grant = _async_rpc(requests.grant)
+    set_cap = _async_rpc(requests.set_cap)
+    set_auto_topup = _async_rpc(requests.set_auto_topup)
+    preview = _async_rpc(requests.preview)
+    rate_card = _async_rpc(requests.rate_card)
+    hold = _hold_method(requests.reserve, AsyncHold)
 
 
 class QuotaClient(_ClientBase):
@@ -1207,7 +705,7 @@ class QuotaClient(_ClientBase):
                 self._stub = quota_pb2_grpc.QuotaStub(channel)
             return self._stub
 
-    def _invoke(self, call: _Call[T]) -> T:
+    def _invoke(self, call: Call[T]) -> T:
         rpc = getattr(self._get_stub(), call.method)
         metadata = self._metadata(call)
         failures: list[grpc.RpcError] = []
@@ -1242,16 +740,16 @@ class QuotaClient(_ClientBase):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    reserve = _sync_rpc(_reserve)
-    reserve_batch = _sync_rpc(_reserve_batch)
-    commit = _sync_rpc(_commit)
-    commit_batch = _sync_rpc(_commit_batch)
-    release = _sync_rpc(_release)
-    extend = _sync_rpc(_extend)
-    balance = _sync_rpc(_balance)
-    grant = _sync_rpc(_grant)
-    set_cap = _sync_rpc(_set_cap)
-    set_auto_topup = _sync_rpc(_set_auto_topup)
-    preview = _sync_rpc(_preview)
-    rate_card = _sync_rpc(_rate_card)
-    hold = _hold_method(_reserve, Hold)
+    reserve = _sync_rpc(requests.reserve)
+    reserve_batch = _sync_rpc(requests.reserve_batch)
+    commit = _sync_rpc(requests.commit)
+    commit_batch = _sync_rpc(requests.commit_batch)
+    release = _sync_rpc(requests.release)
+    extend = _sync_rpc(requests.extend)
+    balance = _sync_rpc(requests.balance)
+    grant = _sync_rpc(requests.grant)
+    set_cap = _sync_rpc(requests.set_cap)
+    set_auto_topup = _sync_rpc(requests.set_auto_topup)
+    preview = _sync_rpc(requests.preview)
+    rate_card = _sync_rpc(requests.rate_card)
+    hold = _hold_method(requests.reserve, Hold)
