@@ -1,0 +1,94 @@
+"""The Python client evaluation workers use to talk to the sidecar, async and sync.
+
+``AsyncQuotaClient`` (grpc.aio) and ``QuotaClient`` (blocking) have the same methods, each
+written out in both; everything but the wire call is shared. One module per concern:
+
+- ``requests``: each RPC's request, validated and built from plain Python values (caller ids
+  fixed once), and its response converted to the model's types;
+- ``errors``: ``QuotaError`` and one subclass per status a worker acts on;
+- ``retry``: ``RetryPolicy`` and the decision to try a failed call again;
+- ``hold``: the ``hold()`` context managers and their keep-alive;
+- ``base``: the connection settings both flavours take;
+- ``aio`` and ``sync``: the two clients, each a channel, a call loop (per-attempt deadline,
+  admin metadata, retries) and one thin method per RPC.
+
+Import from this package, not its modules: the names below are the client's public API.
+
+Retries (``retry``): only UNAVAILABLE and DEADLINE_EXCEEDED, a bounded number of times, and
+only because every mutating call is idempotent by its caller id: a request is built once, so
+a retry resends the same reservation id, grant id or extend sequence and the sidecar answers
+it from its record instead of charging twice.
+
+The star is ``hold``::
+
+    async with client.hold(org="acme", amount_uecu=400_000, job_type="inference",
+                           model="gpt-4o") as h:
+        ...                                   # the step; h.extend() heartbeats long runs
+        await h.commit(actual_uecu, usage=Usage(tokens_in=10))
+
+An exception in the block, or leaving it without commit or release, releases the hold (unless
+a commit's outcome is unknown); while the block runs, the hold is kept alive (``hold``).
+
+Workers never compute money: give ``job=`` (a ``pb.JobSpec`` or its proto JSON form as a dict)
+instead of an amount and the sidecar holds the job's worst case, pinned to its rate card
+version; then commit what was used as ``usage_lines`` and the sidecar prices it with that same
+version, which the hold sends by itself::
+
+    job = {"items": [{"inference": {"model": "gpt-4o", "promptText": prompt,
+                                    "maxOutputTokens": 500}}]}
+    print((await client.preview("acme", job)).quote.total_uecu)   # what the user approves
+    async with client.hold(org="acme", job=job) as h:
+        ...
+        await h.commit(usage_lines=[UsageLine("inference", "gpt-4o", tokens_in=812,
+                                              tokens_out=240, calls=1)])
+"""
+
+from __future__ import annotations
+
+from ecu_sidecar.client.aio import AsyncQuotaClient
+from ecu_sidecar.client.base import DEFAULT_TARGET, DEFAULT_TIMEOUT_S
+from ecu_sidecar.client.errors import (
+    Conflict,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InsufficientEcu,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    QuotaError,
+    Unavailable,
+    error_from_rpc,
+)
+from ecu_sidecar.client.hold import DEFAULT_KEEPALIVE_MARGIN, AsyncHold, Hold
+from ecu_sidecar.client.requests import PreviewOutcome, RateCardInfo, new_caller_id
+from ecu_sidecar.client.retry import RETRYABLE_CODES, RetryPolicy
+from ecu_sidecar.client.sync import QuotaClient
+from ecu_sidecar.pricing import UsageLine
+
+__all__ = [
+    "DEFAULT_KEEPALIVE_MARGIN",
+    "DEFAULT_TARGET",
+    "DEFAULT_TIMEOUT_S",
+    "RETRYABLE_CODES",
+    "AsyncHold",
+    "AsyncQuotaClient",
+    "Conflict",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Hold",
+    "InsufficientEcu",
+    "InvalidArgument",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "PreviewOutcome",
+    "QuotaClient",
+    "QuotaError",
+    "RateCardInfo",
+    "RetryPolicy",
+    "Unavailable",
+    "UsageLine",
+    "error_from_rpc",
+    "new_caller_id",
+]

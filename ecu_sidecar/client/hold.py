@@ -1,0 +1,434 @@
+"""The hold context managers: ``client.hold(...)`` places a hold on entry, keeps it alive while
+the block runs, and settles it on exit.
+
+An exception in the block, or leaving it without commit or release, releases the hold, except
+after a commit whose outcome is unknown (retries exhausted): the commit may have landed, and
+the worker may still retry it, so the hold is left to that retry or to its deadline.
+
+While the block runs, the hold is kept alive: a background task (``AsyncHold``) or thread
+(``Hold``) extends it whenever only ``keepalive_margin`` (a third by default) of its TTL is
+left, so a hold expires only when its worker died (an expired hold's late commit is billed
+only what is still available plus its overage bound). ``keepalive=False`` turns this off. A
+failed keep-alive extend never interrupts the block: it is logged and kept in
+``h.keepalive_error``.
+
+The bookkeeping (state, deadlines, heartbeat sequence, what to do on exit) is ``_HoldBase``'s;
+each flavour adds only its lock, its keep-alive loop and its calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from ecu_sidecar.api.v1 import quota_pb2 as pb
+from ecu_sidecar.client import requests
+from ecu_sidecar.client.errors import QuotaError, invalid
+from ecu_sidecar.client.requests import Call
+from ecu_sidecar.client.retry import RETRYABLE_CODES
+from ecu_sidecar.model import (
+    CommitOutcome,
+    ExtendOutcome,
+    HoldState,
+    ReleaseOutcome,
+    ReserveOutcome,
+    Usage,
+)
+from ecu_sidecar.pricing import Quote, UsageLine
+
+if TYPE_CHECKING:
+    from ecu_sidecar.client.aio import AsyncQuotaClient
+    from ecu_sidecar.client.sync import QuotaClient
+
+__all__ = ["DEFAULT_KEEPALIVE_MARGIN", "AsyncHold", "Hold"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEEPALIVE_MARGIN = 1 / 3
+"""``hold()`` extends its hold when this fraction of the hold's TTL is left before the deadline."""
+
+#: Shortest pause of the keep-alive between two attempts (a TTL of a few ms must not spin).
+_KEEPALIVE_MIN_WAIT_S = 0.005
+
+
+class _HoldBase:
+    """State and bookkeeping shared by AsyncHold and Hold; the flavours only make the calls.
+
+    Every extend (the caller's ``extend()`` and the keep-alive's) is made under the hold's one
+    lock, which also takes the next heartbeat sequence: the two never send numbers out of
+    order (the sidecar would refuse the lower as STALE_SEQUENCE). Commit and release take the
+    lock too, so a keep-alive extend never races the hold's settlement."""
+
+    def __init__(
+        self,
+        reserve: Call[ReserveOutcome],
+        *,
+        keepalive: bool = True,
+        keepalive_margin: float = DEFAULT_KEEPALIVE_MARGIN,
+    ) -> None:
+        request = reserve.request
+        assert isinstance(request, pb.ReserveRequest)
+        if not isinstance(keepalive, bool):
+            raise TypeError(f"keepalive must be True or False, got {keepalive!r}")
+        if isinstance(keepalive_margin, bool) or not 0 < keepalive_margin < 1:
+            raise ValueError(
+                f"keepalive_margin must be a fraction of the TTL between 0 and 1 (exclusive), "
+                f"got {keepalive_margin!r}"
+            )
+        self._reserve_call = reserve
+        self.reservation_id: str = request.reservation_id
+        """The hold's reservation id (generated unless the caller chose one)."""
+        self.organization: str = request.account.organization
+        """The organization paying for the hold."""
+        self.amount_uecu: int = request.amount_uecu
+        """The amount held (a job's worst case once the hold is placed)."""
+        self.quote: Quote | None = None
+        """With ``job=``: the priced worst case, once the hold is placed."""
+        self.rate_card_version = ""
+        """With ``job=``: the rate card version the hold pinned; ``commit(usage_lines=...)``
+        sends it."""
+        self.deadline_unix_ms = 0
+        """When the sidecar will expire the hold (pushed by ``extend`` and the keep-alive)."""
+        self.available_uecu = 0
+        """The organization's available balance right after the hold was placed."""
+        self.state: HoldState | None = None
+        """None before the hold is placed, then ACTIVE, COMMITTED, RELEASED or EXPIRED."""
+        self.sequence = 0
+        """The last heartbeat sequence sent by ``extend`` or the keep-alive (0 before the
+        first)."""
+        self.committed: CommitOutcome | None = None
+        """The commit's answer once committed."""
+        self.keepalive = keepalive
+        """Whether the hold is extended in the background while the block runs."""
+        self.keepalive_margin = keepalive_margin
+        """The keep-alive extends when this fraction of the TTL is left before the deadline."""
+        self.keepalive_extends = 0
+        """Extends the keep-alive made that the sidecar accepted."""
+        self.keepalive_error: BaseException | None = None
+        """The keep-alive's last failure (None while it never failed). UNAVAILABLE is retried
+        before the deadline; any other failure (the hold is gone) stops the keep-alive."""
+        self._commit_in_doubt = False
+        self._ttl_ms = request.ttl_ms
+        """The hold's TTL: the one asked, else estimated when the hold is placed."""
+        self._extend_due = 0.0
+        """time.monotonic() at which the keep-alive extends next."""
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.organization}/{self.reservation_id} "
+            f"{self.amount_uecu} uECU {self.state}>"
+        )
+
+    def _placed(self, out: ReserveOutcome, sent: float) -> None:
+        (view,) = out.holds
+        self.amount_uecu = view.amount_uecu
+        self.quote = out.quotes[0] if out.quotes else None
+        self.rate_card_version = view.rate_card_version
+        self.deadline_unix_ms = view.deadline_unix_ms
+        self.available_uecu = out.available_uecu
+        self.state = view.state
+        if not self._ttl_ms:
+            # The sidecar's default TTL: read off the deadline against this host's clock (the
+            # sidecar's Redis must agree with it within the margin; pass ttl_ms to be exact).
+            self._ttl_ms = max(1, view.deadline_unix_ms - int(time.time() * 1000))
+        self._covered(sent, 0)
+
+    def _covered(self, sent: float, ttl_ms: int) -> None:
+        """A hold placed or extended by a call sent at ``sent`` (monotonic) lives at least
+        ``ttl_ms`` (0: its own TTL) from then: the sidecar's clock read the time after the
+        call left, and an extend never shortens a deadline. Extend again before the margin."""
+        ttl_s = (ttl_ms or self._ttl_ms) / 1000
+        self._extend_due = sent + ttl_s - self.keepalive_margin * (self._ttl_ms / 1000)
+
+    def _keepalive_wait_s(self) -> float:
+        return max(self._extend_due - time.monotonic(), _KEEPALIVE_MIN_WAIT_S)
+
+    def _keepalive_failed(self, error: BaseException) -> bool:
+        """Record a failed keep-alive extend; True when the keep-alive should try again."""
+        self.keepalive_error = error
+        if isinstance(error, QuotaError) and error.code in RETRYABLE_CODES:
+            # The hold may still be alive: try again well before the deadline.
+            retry_s = max(self.keepalive_margin * self._ttl_ms / 4000, _KEEPALIVE_MIN_WAIT_S)
+            self._extend_due = time.monotonic() + retry_s
+            log.warning(
+                "keep-alive could not extend hold %s/%s (retrying in %.3fs): %s",
+                self.organization,
+                self.reservation_id,
+                retry_s,
+                error,
+            )
+            return True
+        log.warning(
+            "keep-alive of hold %s/%s stopped: %s",
+            self.organization,
+            self.reservation_id,
+            error,
+        )
+        return False
+
+    def _keepalive_due(self) -> bool:
+        """Whether the keep-alive (holding the lock) should extend now."""
+        return self.state is HoldState.ACTIVE and time.monotonic() >= self._extend_due
+
+    def _commit_call(
+        self, actual_uecu: int, usage: Usage | None, usage_lines: Sequence[Any] | None
+    ) -> Call[CommitOutcome]:
+        if usage_lines is None:
+            return requests.commit(self.organization, self.reservation_id, actual_uecu, usage=usage)
+        if not self.rate_card_version:
+            raise invalid(
+                "usage_lines",
+                "this hold was reserved with an amount, not a job: it has no rate card version "
+                "to price usage with; commit the actual amount instead",
+            )
+        return requests.commit(
+            self.organization,
+            self.reservation_id,
+            actual_uecu,
+            usage=usage,
+            usage_lines=usage_lines,
+            rate_card_version=self.rate_card_version,
+        )
+
+    def _committed(self, out: CommitOutcome) -> CommitOutcome:
+        self.state, self.committed, self._commit_in_doubt = HoldState.COMMITTED, out, False
+        return out
+
+    def _commit_failed(self, error: QuotaError) -> None:
+        # After retries ran out the commit may still have landed; releasing now would make the
+        # caller's own retry of the commit fail, and the usage would never be billed.
+        if error.code in RETRYABLE_CODES:
+            self._commit_in_doubt = True
+
+    def _release_call(self) -> Call[ReleaseOutcome]:
+        return requests.release(self.organization, self.reservation_id)
+
+    def _released(self, out: ReleaseOutcome) -> ReleaseOutcome:
+        self.state = out.state
+        return out
+
+    def _extend_call(self, ttl_ms: int) -> Call[ExtendOutcome]:
+        # Advance before sending (under the hold's lock): a number never reused for another
+        # heartbeat, even when this one's outcome is unknown; retries inside the call layer
+        # resend the same number.
+        call = requests.extend(
+            self.organization, self.reservation_id, sequence=self.sequence + 1, ttl_ms=ttl_ms
+        )
+        self.sequence += 1
+        return call
+
+    def _extended(self, out: ExtendOutcome, sent: float, ttl_ms: int) -> ExtendOutcome:
+        self.deadline_unix_ms = out.deadline_unix_ms
+        self._covered(sent, ttl_ms)
+        return out
+
+    def _must_release_on_exit(self) -> bool:
+        return self.state is HoldState.ACTIVE and not self._commit_in_doubt
+
+    def _release_failed_on_exit(self, error: QuotaError, block_error: BaseException | None) -> None:
+        if block_error is None:
+            raise error
+        log.warning(
+            "could not release hold %s/%s after %s: %s (it expires at its deadline)",
+            self.organization,
+            self.reservation_id,
+            type(block_error).__name__,
+            error,
+        )
+
+
+class AsyncHold(_HoldBase):
+    """A hold placed on entering ``async with client.hold(...)``, released unless committed,
+    kept alive by a background task while the block runs (unless ``keepalive=False``)."""
+
+    def __init__(
+        self,
+        client: AsyncQuotaClient,
+        reserve: Call[ReserveOutcome],
+        *,
+        keepalive: bool = True,
+        keepalive_margin: float = DEFAULT_KEEPALIVE_MARGIN,
+    ) -> None:
+        super().__init__(reserve, keepalive=keepalive, keepalive_margin=keepalive_margin)
+        self._client = client
+        self._lock = asyncio.Lock()
+        self._keeper: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AsyncHold:
+        sent = time.monotonic()
+        self._placed(await self._client._call(self._reserve_call), sent)
+        if self.keepalive and self.state is HoldState.ACTIVE:
+            self._keeper = asyncio.create_task(
+                self._keep_alive(), name=f"ecu-keepalive-{self.reservation_id}"
+            )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stop_keepalive()
+        if self._must_release_on_exit():
+            try:
+                await self.release()
+            except QuotaError as error:
+                self._release_failed_on_exit(error, exc)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._keepalive_wait_s())
+            async with self._lock:
+                if self.state is not HoldState.ACTIVE:
+                    return
+                if not self._keepalive_due():  # the caller extended meanwhile
+                    continue
+                try:
+                    await self._extend_locked(0)
+                except Exception as error:  # never into the block: recorded, logged
+                    if not self._keepalive_failed(error):
+                        return
+                else:
+                    self.keepalive_extends += 1
+
+    async def _stop_keepalive(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.wait([keeper])
+
+    async def _extend_locked(self, ttl_ms: int) -> ExtendOutcome:
+        call = self._extend_call(ttl_ms)
+        sent = time.monotonic()
+        return self._extended(await self._client._call(call), sent, ttl_ms)
+
+    async def commit(
+        self,
+        actual_uecu: int = 0,
+        *,
+        usage: Usage | None = None,
+        usage_lines: Sequence[UsageLine | pb.UsageLine | Mapping[str, Any]] | None = None,
+    ) -> CommitOutcome:
+        """Settle the hold with what the step really cost, or with the ``usage_lines`` it used
+        (a hold placed with ``job=``: priced by the sidecar with the hold's pinned rate card
+        version). A replay answers the same."""
+        call = self._commit_call(actual_uecu, usage, usage_lines)
+        async with self._lock:
+            try:
+                return self._committed(await self._client._call(call))
+            except QuotaError as error:
+                self._commit_failed(error)
+                raise
+
+    async def release(self) -> ReleaseOutcome:
+        """Void the hold now; its amount returns to available."""
+        async with self._lock:
+            return self._released(await self._client._call(self._release_call()))
+
+    async def extend(self, ttl_ms: int = 0) -> ExtendOutcome:
+        """Heartbeat: push the deadline to now + ttl_ms (0: the hold's original TTL)."""
+        async with self._lock:
+            return await self._extend_locked(ttl_ms)
+
+
+class Hold(_HoldBase):
+    """A hold placed on entering ``with client.hold(...)``, released unless committed, kept
+    alive by a background thread while the block runs (unless ``keepalive=False``)."""
+
+    def __init__(
+        self,
+        client: QuotaClient,
+        reserve: Call[ReserveOutcome],
+        *,
+        keepalive: bool = True,
+        keepalive_margin: float = DEFAULT_KEEPALIVE_MARGIN,
+    ) -> None:
+        super().__init__(reserve, keepalive=keepalive, keepalive_margin=keepalive_margin)
+        self._client = client
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+
+    def __enter__(self) -> Hold:
+        sent = time.monotonic()
+        self._placed(self._client._call(self._reserve_call), sent)
+        if self.keepalive and self.state is HoldState.ACTIVE:
+            self._stop.clear()
+            self._keeper = threading.Thread(
+                target=self._keep_alive, name=f"ecu-keepalive-{self.reservation_id}", daemon=True
+            )
+            self._keeper.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop_keepalive()
+        if self._must_release_on_exit():
+            try:
+                self.release()
+            except QuotaError as error:
+                self._release_failed_on_exit(error, exc)
+
+    def _keep_alive(self) -> None:
+        while not self._stop.wait(self._keepalive_wait_s()):
+            with self._lock:
+                if self._stop.is_set() or self.state is not HoldState.ACTIVE:
+                    return
+                if not self._keepalive_due():  # the caller extended meanwhile
+                    continue
+                try:
+                    self._extend_locked(0)
+                except Exception as error:  # never into the block: recorded, logged
+                    if not self._keepalive_failed(error):
+                        return
+                else:
+                    self.keepalive_extends += 1
+
+    def _stop_keepalive(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        self._stop.set()
+        if keeper is not None and keeper is not threading.current_thread():
+            keeper.join()  # at most one extend in flight, bounded by the call's retries
+
+    def _extend_locked(self, ttl_ms: int) -> ExtendOutcome:
+        call = self._extend_call(ttl_ms)
+        sent = time.monotonic()
+        return self._extended(self._client._call(call), sent, ttl_ms)
+
+    def commit(
+        self,
+        actual_uecu: int = 0,
+        *,
+        usage: Usage | None = None,
+        usage_lines: Sequence[UsageLine | pb.UsageLine | Mapping[str, Any]] | None = None,
+    ) -> CommitOutcome:
+        """Settle the hold with what the step really cost, or with the ``usage_lines`` it used
+        (a hold placed with ``job=``: priced by the sidecar with the hold's pinned rate card
+        version). A replay answers the same."""
+        call = self._commit_call(actual_uecu, usage, usage_lines)
+        with self._lock:
+            try:
+                return self._committed(self._client._call(call))
+            except QuotaError as error:
+                self._commit_failed(error)
+                raise
+
+    def release(self) -> ReleaseOutcome:
+        """Void the hold now; its amount returns to available."""
+        with self._lock:
+            return self._released(self._client._call(self._release_call()))
+
+    def extend(self, ttl_ms: int = 0) -> ExtendOutcome:
+        """Heartbeat: push the deadline to now + ttl_ms (0: the hold's original TTL)."""
+        with self._lock:
+            return self._extend_locked(ttl_ms)

@@ -1,0 +1,580 @@
+"""Each RPC's request built from plain Python values, and its response converted back.
+
+Both client flavours share this module; they add only the wire call. A builder (``reserve``,
+``commit`` ...) validates its arguments before anything is sent (floats and bools are refused
+as amounts, enums are checked, job specs parsed) and returns a ``Call``: the RPC's name, its
+request and the converter of its response. The request is built once, caller ids included, so
+every attempt of a retried call resends the same reservation id, grant id or extend sequence.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import grpc
+from google.protobuf.json_format import ParseDict, ParseError
+from google.protobuf.message import Message
+
+from ecu_sidecar.api.v1 import quota_pb2 as pb
+from ecu_sidecar.client.errors import error_for, invalid
+from ecu_sidecar.convert import balance_from_pb, scope_from_pb
+from ecu_sidecar.model import (
+    Balance,
+    CommitItem,
+    CommitOutcome,
+    ExtendOutcome,
+    GrantKind,
+    GrantOutcome,
+    HoldState,
+    HoldView,
+    JobType,
+    ReleaseOutcome,
+    ReserveItem,
+    ReserveOutcome,
+    ScopeUsage,
+    Usage,
+)
+from ecu_sidecar.pricing import Fees, Line, ModelRates, Quote, Unit, UsageKind, UsageLine
+
+__all__ = [
+    "Call",
+    "PreviewOutcome",
+    "RateCardInfo",
+    "balance",
+    "commit",
+    "commit_batch",
+    "extend",
+    "grant",
+    "new_caller_id",
+    "preview",
+    "rate_card",
+    "release",
+    "reserve",
+    "reserve_batch",
+    "set_auto_topup",
+    "set_cap",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One RPC to make: built (and its caller ids fixed) once, sent once per attempt."""
+
+    method: str
+    """The RPC's name in the Quota service (``Reserve``)."""
+    request: Message
+    """The request message, resent unchanged by every attempt."""
+    convert: Callable[[Any], T]
+    """The response message → what the client method returns."""
+    admin: bool = False
+    """Whether the call sends the admin token."""
+
+
+def new_caller_id() -> str:
+    """A fresh reservation (or grant) id: 32 hex digits, within [A-Za-z0-9._-]{1,128}."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewOutcome:
+    """A job's worst case as the sidecar priced it, and whether the balance covers it."""
+
+    quote: Quote
+    """The worst-case total, its itemized lines and the rate card version."""
+    covered: bool
+    """Whether the organization's available balance covers the total."""
+    available_uecu: int
+    """The organization's available balance (0 when it has no account)."""
+    available_after_uecu: int
+    """available - total: negative when not covered."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateCardInfo:
+    """The rate card a sidecar prices with (GetRateCard)."""
+
+    version: str
+    fees: Fees
+    models: list[ModelRates]
+    """Every model with its rates, sorted by name."""
+    organizations_with_terms: list[str]
+    """Organizations with negotiated terms (ids only)."""
+    versions: list[str]
+    """Every version the sidecar can still price commits with."""
+
+
+# -- the enums on the wire ---------------------------------------------------------------------
+
+_JOB_TYPES = {
+    JobType.INFERENCE: pb.JOB_TYPE_INFERENCE,
+    JobType.JUDGE: pb.JOB_TYPE_JUDGE,
+    JobType.GEPA: pb.JOB_TYPE_GEPA,
+    JobType.TRACE_EVAL: pb.JOB_TYPE_TRACE_EVAL,
+    JobType.ENGINE: pb.JOB_TYPE_ENGINE,
+}
+_JOB_TYPES_BACK = {number: member for member, number in _JOB_TYPES.items()}
+_GRANT_KINDS = {
+    GrantKind.STARTER: pb.GRANT_KIND_STARTER,
+    GrantKind.TOP_UP: pb.GRANT_KIND_TOP_UP,
+    GrantKind.AUTO_TOP_UP: pb.GRANT_KIND_AUTO_TOP_UP,
+    GrantKind.ENTERPRISE: pb.GRANT_KIND_ENTERPRISE,
+    GrantKind.ADJUSTMENT: pb.GRANT_KIND_ADJUSTMENT,
+}
+_CAP_SCOPES = {"team": pb.CAP_SCOPE_TEAM, "project": pb.CAP_SCOPE_PROJECT}
+_HOLD_STATES = {
+    pb.HOLD_STATE_ACTIVE: HoldState.ACTIVE,
+    pb.HOLD_STATE_COMMITTED: HoldState.COMMITTED,
+    pb.HOLD_STATE_RELEASED: HoldState.RELEASED,
+    pb.HOLD_STATE_EXPIRED: HoldState.EXPIRED,
+}
+_USAGE_KINDS = {
+    UsageKind.INFERENCE: pb.USAGE_KIND_INFERENCE,
+    UsageKind.JUDGE: pb.USAGE_KIND_JUDGE,
+    UsageKind.GEPA_ITERATION: pb.USAGE_KIND_GEPA_ITERATION,
+    UsageKind.TRACE: pb.USAGE_KIND_TRACE,
+}
+_CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+# -- values in: checked before anything is sent -----------------------------------------------
+
+
+def _choice(field: str, value: Any, table: Mapping[Any, int]) -> int:
+    """An enum given as its Python enum member or its string value (any case)."""
+    key = value.lower() if isinstance(value, str) else value
+    if key in table:
+        return table[key]
+    raise invalid(field, f"must be one of {', '.join(map(str, table))}, got {value!r}")
+
+
+def _int(field: str, value: Any) -> int:
+    """An integer (µECU, ms, count): floats and bools are refused, never rounded."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(field, f"must be an integer, got {type(value).__name__}")
+    return value
+
+
+def _job_type(field: str, job_type: JobType | str | None, job: Any) -> int:
+    """The job type: required for an amount, optional (derived by the sidecar) with a job."""
+    if job_type is None:
+        if job is None:
+            raise invalid(field, "is required when reserving an amount (not a job)")
+        return pb.JOB_TYPE_UNSPECIFIED
+    return _choice(field, job_type, _JOB_TYPES)
+
+
+def _job(field: str, job: Any) -> pb.JobSpec:
+    """A job spec given as a pb.JobSpec or its proto JSON form (``{"items": [...]}``)."""
+    if isinstance(job, pb.JobSpec):
+        return job
+    if isinstance(job, Mapping):
+        try:
+            return ParseDict(job, pb.JobSpec())
+        except ParseError as exc:
+            raise invalid(field, f"is not a job spec in the proto JSON form: {exc}") from None
+    raise invalid(field, f"must be a pb.JobSpec or a dict, got {type(job).__name__}")
+
+
+def _usage(field: str, usage: Usage | None) -> pb.Usage:
+    u = usage or Usage()
+    return pb.Usage(
+        tokens_in=_int(f"{field}.tokens_in", u.tokens_in),
+        tokens_out=_int(f"{field}.tokens_out", u.tokens_out),
+        calls=_int(f"{field}.calls", u.calls),
+    )
+
+
+def _usage_lines(field: str, lines: Sequence[Any]) -> list[pb.UsageLine]:
+    """Usage lines given as UsageLine, pb.UsageLine or a dict of UsageLine's fields."""
+    if isinstance(lines, (str, bytes, Mapping)) or not isinstance(lines, Sequence):
+        raise invalid(field, f"must be a list of usage lines, got {type(lines).__name__}")
+    out = []
+    for i, line in enumerate(lines):
+        here = f"{field}[{i}]"
+        if isinstance(line, pb.UsageLine):
+            out.append(line)
+            continue
+        if isinstance(line, Mapping):
+            try:
+                line = UsageLine(**line)
+            except TypeError as exc:
+                raise invalid(here, f"is not a usage line: {exc}") from None
+        if not isinstance(line, UsageLine):
+            raise invalid(here, f"must be a UsageLine, got {type(line).__name__}")
+        if not isinstance(line.byok, bool):
+            raise invalid(f"{here}.byok", f"must be true or false, got {line.byok!r}")
+        out.append(
+            pb.UsageLine(
+                kind=_choice(f"{here}.kind", line.kind, _USAGE_KINDS),
+                model=line.model,
+                tokens_in=_int(f"{here}.tokens_in", line.tokens_in),
+                tokens_out=_int(f"{here}.tokens_out", line.tokens_out),
+                calls=_int(f"{here}.calls", line.calls),
+                byok=line.byok,
+            )
+        )
+    return out
+
+
+# -- values out: responses as the model's types ------------------------------------------------
+
+
+def _unit(text: str) -> Unit | str:
+    try:
+        return Unit(text)
+    except ValueError:  # a unit newer than this client: kept as the sidecar named it
+        return text
+
+
+def _quote(q: pb.Quote) -> Quote:
+    return Quote(
+        total_uecu=q.total_uecu,
+        rate_card_version=q.rate_card_version,
+        lines=tuple(
+            Line(
+                description=x.description,
+                quantity=x.quantity,
+                unit=_unit(x.unit),  # type: ignore[arg-type]
+                rate_uecu=x.rate_uecu,
+                per=x.per,
+                subtotal_uecu=x.subtotal_uecu,
+                model=x.model,
+                job_type=_JOB_TYPES_BACK.get(x.job_type, x.job_type),  # type: ignore[arg-type]
+                item=x.item,
+                byok=x.byok,
+                negotiated=x.negotiated,
+                gross_uecu=x.gross_uecu,
+                discount_uecu=x.discount_uecu,
+            )
+            for x in q.lines
+        ),
+    )
+
+
+def _quote_or_none(q: pb.Quote) -> Quote | None:
+    """The quote of a job-priced hold or usage-priced commit; None for plain amounts."""
+    return _quote(q) if q.rate_card_version else None
+
+
+def _hold_view(h: pb.Hold, quote: Quote | None) -> HoldView:
+    return HoldView(
+        h.reservation_id,
+        h.amount_uecu,
+        h.deadline_unix_ms,
+        _HOLD_STATES[h.state],
+        rate_card_version=quote.rate_card_version if quote else "",
+    )
+
+
+# -- one builder per RPC, each followed by its response's converter ----------------------------
+
+
+def reserve(
+    org: str,
+    amount_uecu: int = 0,
+    *,
+    job_type: JobType | str | None = None,
+    model: str = "",
+    team: str = "",
+    project: str = "",
+    user: str = "",
+    ttl_ms: int = 0,
+    reservation_id: str | None = None,
+    job: pb.JobSpec | Mapping[str, Any] | None = None,
+) -> Call[ReserveOutcome]:
+    """Reserve: an amount with its job type, or a job the sidecar prices; the reservation id
+    is generated here, once, when not given."""
+    request = pb.ReserveRequest(
+        reservation_id=reservation_id or new_caller_id(),
+        account=pb.Account(organization=org, team=team, project=project, user=user),
+        amount_uecu=_int("amount_uecu", amount_uecu),
+        job_type=_job_type("job_type", job_type, job),
+        model=model,
+        ttl_ms=_int("ttl_ms", ttl_ms),
+    )
+    if job is not None:
+        request.job.CopyFrom(_job("job", job))
+    return Call("Reserve", request, _reserve_outcome)
+
+
+def _reserve_outcome(resp: pb.ReserveResponse) -> ReserveOutcome:
+    quote = _quote_or_none(resp.quote)
+    return ReserveOutcome(
+        [_hold_view(resp.hold, quote)], resp.available_uecu, resp.replayed, quotes=[quote]
+    )
+
+
+def reserve_batch(
+    org: str,
+    items: Sequence[ReserveItem],
+    *,
+    team: str = "",
+    project: str = "",
+    user: str = "",
+) -> Call[ReserveOutcome]:
+    """ReserveBatch: many steps of one account, all or none; each item without an id gets
+    one here, once."""
+    return Call(
+        "ReserveBatch",
+        pb.ReserveBatchRequest(
+            account=pb.Account(organization=org, team=team, project=project, user=user),
+            items=[_reserve_item(f"items[{i}]", it) for i, it in enumerate(items)],
+        ),
+        _reserve_batch_outcome,
+    )
+
+
+def _reserve_item(field: str, it: ReserveItem) -> pb.ReserveItem:
+    item = pb.ReserveItem(
+        reservation_id=it.reservation_id or new_caller_id(),
+        amount_uecu=_int(f"{field}.amount_uecu", it.amount_uecu),
+        job_type=_job_type(f"{field}.job_type", it.job_type, it.job),
+        model=it.model,
+        ttl_ms=_int(f"{field}.ttl_ms", it.ttl_ms),
+    )
+    if it.job is not None:
+        item.job.CopyFrom(_job(f"{field}.job", it.job))
+    return item
+
+
+def _reserve_batch_outcome(resp: pb.ReserveBatchResponse) -> ReserveOutcome:
+    quotes = [_quote_or_none(q) for q in resp.quotes] or [None] * len(resp.holds)
+    return ReserveOutcome(
+        [_hold_view(h, q) for h, q in zip(resp.holds, quotes, strict=True)],
+        resp.available_uecu,
+        resp.replayed,
+        quotes=quotes,
+    )
+
+
+def commit(
+    org: str,
+    reservation_id: str,
+    actual_uecu: int = 0,
+    *,
+    usage: Usage | None = None,
+    usage_lines: Sequence[UsageLine | pb.UsageLine | Mapping[str, Any]] | None = None,
+    rate_card_version: str = "",
+) -> Call[CommitOutcome]:
+    """Commit: the actual amount, or usage lines the sidecar prices with the rate card
+    version named."""
+    request = pb.CommitRequest(
+        reservation_id=reservation_id,
+        organization=org,
+        actual_uecu=_int("actual_uecu", actual_uecu),
+        usage=_usage("usage", usage),
+        rate_card_version=rate_card_version,
+    )
+    if usage_lines is not None:
+        request.usage_lines.extend(_usage_lines("usage_lines", usage_lines))
+    return Call("Commit", request, _commit_outcome)
+
+
+def _commit_outcome(c: pb.CommitResponse) -> CommitOutcome:
+    return CommitOutcome(
+        reservation_id=c.reservation_id,
+        committed_uecu=c.committed_uecu,
+        released_uecu=c.released_uecu,
+        overage_uecu=c.overage_uecu,
+        unbilled_overage_uecu=c.unbilled_overage_uecu,
+        late=c.late,
+        replayed=c.replayed,
+        available_uecu=c.available_uecu,
+        quote=_quote_or_none(c.quote),
+    )
+
+
+def commit_batch(org: str, items: Sequence[CommitItem]) -> Call[list[CommitOutcome]]:
+    """CommitBatch: many holds, each settled or refused on its own."""
+    return Call(
+        "CommitBatch",
+        pb.CommitBatchRequest(
+            organization=org,
+            items=[
+                pb.CommitItem(
+                    reservation_id=it.reservation_id,
+                    actual_uecu=_int(f"items[{i}].actual_uecu", it.actual_uecu),
+                    usage=_usage(f"items[{i}].usage", it.usage),
+                    usage_lines=_usage_lines(f"items[{i}].usage_lines", it.usage_lines or []),
+                    rate_card_version=it.rate_card_version,
+                )
+                for i, it in enumerate(items)
+            ],
+        ),
+        _commit_batch_outcomes,
+    )
+
+
+def _commit_batch_outcomes(resp: pb.CommitBatchResponse) -> list[CommitOutcome]:
+    """One outcome per item; a refused item carries its QuotaError in ``error``."""
+    out = []
+    for r in resp.results:
+        if r.code == 0:
+            out.append(_commit_outcome(r.commit))
+        else:
+            code = _CODE_BY_NUMBER.get(r.code, grpc.StatusCode.UNKNOWN)
+            error = error_for(code, r.message, r.reason)
+            out.append(CommitOutcome(r.commit.reservation_id, error=error))
+    return out
+
+
+def release(org: str, reservation_id: str) -> Call[ReleaseOutcome]:
+    """Release: void a hold."""
+    return Call(
+        "Release",
+        pb.ReleaseRequest(reservation_id=reservation_id, organization=org),
+        _release_outcome,
+    )
+
+
+def _release_outcome(r: pb.ReleaseResponse) -> ReleaseOutcome:
+    return ReleaseOutcome(
+        r.reservation_id, r.released_uecu, _HOLD_STATES[r.state], r.available_uecu, r.replayed
+    )
+
+
+def extend(org: str, reservation_id: str, *, sequence: int, ttl_ms: int = 0) -> Call[ExtendOutcome]:
+    """Extend: a heartbeat with its sequence number, resent unchanged by a retry."""
+    return Call(
+        "Extend",
+        pb.ExtendRequest(
+            reservation_id=reservation_id,
+            organization=org,
+            ttl_ms=_int("ttl_ms", ttl_ms),
+            sequence=_int("sequence", sequence),
+        ),
+        _extend_outcome,
+    )
+
+
+def _extend_outcome(r: pb.ExtendResponse) -> ExtendOutcome:
+    return ExtendOutcome(r.reservation_id, r.deadline_unix_ms, r.replayed)
+
+
+def balance(org: str) -> Call[Balance]:
+    """GetBalance: the organization's wallet, hold counters and caps."""
+    return Call("GetBalance", pb.GetBalanceRequest(organization=org), _balance)
+
+
+def _balance(resp: pb.GetBalanceResponse) -> Balance:
+    return balance_from_pb(resp.balance)
+
+
+def grant(
+    org: str,
+    amount_uecu: int,
+    *,
+    grant_id: str,
+    kind: GrantKind | str = GrantKind.TOP_UP,
+    expires_at_ms: int = 0,
+) -> Call[GrantOutcome]:
+    """Grant (admin): credit under a caller-chosen, idempotent grant id."""
+    return Call(
+        "Grant",
+        pb.GrantRequest(
+            grant_id=grant_id,
+            organization=org,
+            amount_uecu=_int("amount_uecu", amount_uecu),
+            kind=_choice("kind", kind, _GRANT_KINDS),
+            expires_at_unix_ms=_int("expires_at_unix_ms", expires_at_ms),
+        ),
+        _grant_outcome,
+        admin=True,
+    )
+
+
+def _grant_outcome(r: pb.GrantResponse) -> GrantOutcome:
+    return GrantOutcome(r.grant_id, r.balance_uecu, r.available_uecu, r.replayed)
+
+
+def set_cap(org: str, scope: str, scope_id: str, cap_uecu: int | None) -> Call[ScopeUsage]:
+    """SetCap (admin): a team or project cap, cleared by ``cap_uecu=None``."""
+    return Call(
+        "SetCap",
+        pb.SetCapRequest(
+            organization=org,
+            scope=_choice("scope", scope, _CAP_SCOPES),
+            id=scope_id,
+            cap_uecu=0 if cap_uecu is None else _int("cap_uecu", cap_uecu),
+            clear=cap_uecu is None,
+        ),
+        _scope_usage,
+        admin=True,
+    )
+
+
+def _scope_usage(r: pb.SetCapResponse) -> ScopeUsage:
+    return scope_from_pb(r.usage)
+
+
+def set_auto_topup(org: str, threshold_uecu: int | None, amount_uecu: int = 0) -> Call[None]:
+    """SetAutoTopUp (admin): a threshold and amount, or off with ``threshold_uecu=None``."""
+    return Call(
+        "SetAutoTopUp",
+        pb.SetAutoTopUpRequest(
+            organization=org,
+            threshold_uecu=0 if threshold_uecu is None else _int("threshold_uecu", threshold_uecu),
+            amount_uecu=0 if threshold_uecu is None else _int("amount_uecu", amount_uecu),
+            disable=threshold_uecu is None,
+        ),
+        _nothing,
+        admin=True,
+    )
+
+
+def _nothing(r: pb.SetAutoTopUpResponse) -> None:
+    return None
+
+
+def preview(
+    org: str,
+    job: pb.JobSpec | Mapping[str, Any],
+    *,
+    team: str = "",
+    project: str = "",
+    user: str = "",
+) -> Call[PreviewOutcome]:
+    """Preview: a job's worst case for an account (no side effects)."""
+    return Call(
+        "Preview",
+        pb.PreviewRequest(
+            account=pb.Account(organization=org, team=team, project=project, user=user),
+            job=_job("job", job),
+        ),
+        _preview_outcome,
+    )
+
+
+def _preview_outcome(r: pb.PreviewResponse) -> PreviewOutcome:
+    return PreviewOutcome(_quote(r.quote), r.covered, r.available_uecu, r.available_after_uecu)
+
+
+def rate_card() -> Call[RateCardInfo]:
+    """GetRateCard: the rate card the sidecar prices with."""
+    return Call("GetRateCard", pb.GetRateCardRequest(), _rate_card_info)
+
+
+def _rate_card_info(r: pb.GetRateCardResponse) -> RateCardInfo:
+    return RateCardInfo(
+        version=r.version,
+        fees=Fees(r.engine_call_uecu, r.judge_call_uecu, r.gepa_iteration_uecu, r.trace_uecu),
+        models=[
+            ModelRates(
+                name=m.model,
+                input_uecu_per_mtok=m.input_uecu_per_mtok,
+                output_uecu_per_mtok=m.output_uecu_per_mtok,
+                encoding=m.encoding,
+                context_window=m.context_window,
+                max_output_tokens=m.max_output_tokens,
+                estimate_factor_percent=m.estimate_factor_percent,
+            )
+            for m in r.models
+        ],
+        organizations_with_terms=list(r.organizations_with_terms),
+        versions=list(r.versions),
+    )
