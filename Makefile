@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO := protos/ecu_sidecar/api/v1/quota.proto
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint fmt proto proto-check clean
+.PHONY: install run test chaos-smoke bench-test test-all lint fmt proto proto-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,23 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/ecu-sidecar serve
 
-## The whole test suite (real Redis on 127.0.0.1:6379 and a Redis Cluster it starts itself).
+## The test suite, the fast gate (real Redis on 127.0.0.1:6379, PostgreSQL on 127.0.0.1:5432,
+## and Redis servers and a Cluster it starts itself): everything but the fault and load suite
+## and the benchmark's smoke run, which CI runs next as their own steps (chaos-smoke, bench-test).
 test: $(STAMP)
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not chaos and not bench" $(PYTEST_ARGS)
+
+## The fault and load suite in its bounded form (tests/chaos, tests/test_model_based.py).
+chaos-smoke: $(STAMP)
+	$(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
+
+## The benchmark's smoke run as tests (tests/test_bench_smoke.py: every section produces figures).
+bench-test: $(STAMP)
+	$(BIN)/python -m pytest -m bench $(PYTEST_ARGS)
+
+## All three, as CI runs them.
+test-all: test chaos-smoke bench-test
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
@@ -131,7 +144,7 @@ bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke
 
 # -- The fault and load suite (tests/chaos, tests/test_model_based.py; docs/reliability.md) -----
-# `make test` runs every one of these tests in a bounded form (well under a minute); `make chaos`
+# `make chaos-smoke` runs every one of these tests in a bounded form (CI's step after `make test`); `make chaos`
 # runs their long variants (ECU_CHAOS_LONG=1): more examples, kills, rounds, and 60 s of load.
 # Measurements land in tests/chaos/results/*.json. Redis on 127.0.0.1:6379, PostgreSQL on
 # 127.0.0.1:5432 and the redis-server binary are needed; every process and port is 127.0.0.1.

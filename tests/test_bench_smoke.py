@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import require_postgres, require_redis
 
+pytestmark = pytest.mark.bench
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
