@@ -221,8 +221,12 @@ class QuotaEngine:
         ledger: LedgerPort | None = None,
         rates: RateCardRegistry | None = None,
         journal: Journal | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        self._clock = clock
+        """Monotonic seconds for the sweeper's due times and the negative cache (injected so
+        tests step time instead of sleeping)."""
         self.settings = settings
         self.rates = rates
         """The rate cards that price job specs and usage (None: amounts only)."""
@@ -232,11 +236,11 @@ class QuotaEngine:
         """With a ledger, grants are written to it first, and an organization Redis has lost is
         rebuilt from it on first use."""
         self._recent: OrderedDict[str, float] = OrderedDict()
-        """Organizations served recently (least recent first) -> when (time.monotonic()) the
+        """Organizations served recently (least recent first) -> when (``clock``) the
         background sweeper next has work there."""
         self._unknown: OrderedDict[str, float] = OrderedDict()
         """Organizations the ledger did not know (oldest first) -> until when
-        (time.monotonic()) that answer stands (ECU_LEDGER_NEGATIVE_TTL_MS)."""
+        (``clock``) that answer stands (ECU_LEDGER_NEGATIVE_TTL_MS)."""
 
     # -- validation helpers -------------------------------------------------------------------
 
@@ -284,13 +288,13 @@ class QuotaEngine:
         due = recent.get(org)
         if due is None:
             wait_ms = self.settings.sweep_interval_ms if due_within_ms is None else due_within_ms
-            recent[org] = time.monotonic() + wait_ms / 1000
+            recent[org] = self._clock() + wait_ms / 1000
             if len(recent) > self.settings.sweep_max_orgs:
                 recent.popitem(last=False)
             return
         recent.move_to_end(org)
         if due_within_ms is not None:
-            at = time.monotonic() + due_within_ms / 1000
+            at = self._clock() + due_within_ms / 1000
             if at < due:
                 recent[org] = at
 
@@ -316,7 +320,7 @@ class QuotaEngine:
         until = self._unknown.get(org)
         if until is None:
             return False
-        if time.monotonic() < until:
+        if self._clock() < until:
             return True
         del self._unknown[org]
         return False
@@ -326,7 +330,7 @@ class QuotaEngine:
         if not ttl_ms:
             return
         self._unknown.pop(org, None)
-        self._unknown[org] = time.monotonic() + ttl_ms / 1000
+        self._unknown[org] = self._clock() + ttl_ms / 1000
         if len(self._unknown) > UNKNOWN_ORGS_MAX:
             self._unknown.popitem(last=False)
 
@@ -1086,7 +1090,7 @@ class QuotaEngine:
         recent = self._recent
         interval_s = self.settings.sweep_interval_ms / 1000
         idle_s = interval_s * SWEEP_IDLE_INTERVALS
-        now = time.monotonic()
+        now = self._clock()
         for org in [org for org, due in recent.items() if due <= now]:
             # While the script runs, a reserve may bring the due time forward: keep the earlier.
             recent[org] = math.inf
@@ -1104,5 +1108,5 @@ class QuotaEngine:
             else:
                 wait_s = min(out.next_due_ms / 1000, idle_s)
             if org in recent:  # not evicted meanwhile
-                recent[org] = min(recent[org], time.monotonic() + wait_s)
+                recent[org] = min(recent[org], self._clock() + wait_s)
         return total

@@ -6,13 +6,16 @@ Every test gets its own key prefix, so tests never see each other's keys.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import socket
 import sqlite3
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,32 @@ REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 EXAMPLE_RATE_CARD = str(Path(__file__).resolve().parent.parent / "ratecards" / "example.toml")
 REQUIRE_SERVICES = os.environ.get("ECU_REQUIRE_SERVICES", "") not in ("", "0", "false")
 ADMIN_TOKEN = "test-admin-token"
+
+
+class ManualClock:
+    """A monotonic clock (seconds) the test moves by hand: passed where the product takes a
+    ``clock``, so a test steps time instead of sleeping."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def wait_until(condition: Callable[[], Any], what: str, limit_s: float = 20.0) -> None:
+    """Poll ``condition`` (a plain or async callable) until it is true; fail saying ``what``
+    did not happen after ``limit_s``. Only for what another task, thread or process brings
+    about, never to let time pass for the code under test (step a clock for that)."""
+    give_up = time.monotonic() + limit_s
+    while True:
+        ok = condition()
+        if inspect.isawaitable(ok):
+            ok = await ok
+        if ok:
+            return
+        assert time.monotonic() < give_up, f"{what}: not within {limit_s:g} s"
+        await asyncio.sleep(0.01)
 
 
 def redis_reachable(host: str = REDIS_HOST, port: int = REDIS_PORT) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -28,9 +27,10 @@ from ecu_sidecar.model import (
     ReserveItem,
     Usage,
 )
+from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import org_keys
-from tests.conftest import funded, make_settings, snapshot
+from tests.conftest import ManualClock, funded, make_settings, snapshot
 
 
 def item(rid: str, amount: int, ttl_ms: int = 0, job: JobType = JobType.GEPA) -> ReserveItem:
@@ -391,10 +391,18 @@ async def test_expired_holds_are_swept_and_counted(engine: QuotaEngine, store: R
 
 
 async def test_background_sweeper_visits_an_organization_when_it_has_work(
-    engine: QuotaEngine, store: RedisStore
+    store: RedisStore, settings: Settings
 ) -> None:
     """sweep_recent sweeps an organization when its next deadline comes, not every interval:
-    an idle one costs nothing until a hold falls due (or the idle bound passes)."""
+    an idle one costs nothing until a hold falls due (or the idle bound passes). Time is
+    stepped, never slept: the engine's clock and the scripts' clock move together."""
+    clock = ManualClock()
+    engine = QuotaEngine(store, settings, clock=clock)
+
+    def step(ms: int) -> None:
+        clock.now += ms / 1000
+        store.clock_offset_ms += ms
+
     swept: list[str] = []
     real_sweep = store.sweep
 
@@ -407,22 +415,28 @@ async def test_background_sweeper_visits_an_organization_when_it_has_work(
     await engine.reserve(AccountRef(org), [item("short", 100, ttl_ms=1_000)])
     assert await engine.sweep_recent() == 0
     assert swept == []  # nothing is due for a second
-    await asyncio.sleep(1.1)
+    step(999)
+    assert await engine.sweep_recent() == 0
+    assert swept == []  # still not due
+    step(101)
     assert await engine.sweep_recent() == 1  # the hold's deadline came: swept
     assert swept == [org]
     assert await engine.sweep_recent() == 0
     assert swept == [org]  # no holds left: left alone (up to the idle bound)
     await engine.reserve(AccountRef(org), [item("again", 100, ttl_ms=1_000)])
-    await asyncio.sleep(1.1)
+    step(1_100)
     assert await engine.sweep_recent() == 1  # a new hold brought the next visit forward
     assert swept == [org, org]
     # The idle bound: past SWEEP_IDLE_INTERVALS intervals an untouched organization is swept
     # again (holds other sidecar processes made are found that way).
-    engine._recent[org] = time.monotonic() - 0.001
+    idle_ms = SWEEP_IDLE_INTERVALS * settings.sweep_interval_ms
+    step(idle_ms - 10)
+    assert await engine.sweep_recent() == 0
+    assert swept == [org, org]  # not yet
+    step(20)
     assert await engine.sweep_recent() == 0
     assert swept == [org, org, org]
-    idle_s = SWEEP_IDLE_INTERVALS * engine.settings.sweep_interval_ms / 1000
-    assert idle_s - 1 < engine._recent[org] - time.monotonic() <= idle_s
+    assert engine._recent[org] - clock() == pytest.approx(idle_ms / 1000)
 
 
 async def test_sweep_is_bounded_per_call(backend: str) -> None:

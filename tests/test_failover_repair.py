@@ -25,7 +25,7 @@ from ecu_sidecar import errors
 from ecu_sidecar.ledger import open_ledger
 from ecu_sidecar.model import AccountRef, CommitItem, GrantKind, JobType, ReserveItem, Usage
 from ecu_sidecar.store.keys import org_keys
-from tests.conftest import Database, drop_keys, make_settings, require_redis
+from tests.conftest import Database, drop_keys, make_settings, require_redis, wait_until
 from tests.replicated_redis import ReplicatedRedis
 from tests.tcp_proxy import TcpProxy
 from tests.test_flusher import Stack
@@ -117,36 +117,31 @@ async def test_changes_the_ledger_holds_and_redis_lost_are_restored_under_traffi
     lost = await retrying(lambda: s.engine.balance(org))
     assert (lost.committed_uecu, lost.granted_uecu, lost.outstanding_holds) == (4_000, 1_000_000, 2)
 
-    # Traffic goes on meanwhile, retrying through the rebuild's fence.
+    # Traffic goes on meanwhile, retrying through the rebuild's fence: some steps before the
+    # rebuild, some after it (counted, not slept for).
     stop = asyncio.Event()
-    fenced: list[str] = []
+    steps = 0
 
-    async def traffic() -> int:
-        n = 0
+    async def traffic() -> None:
+        nonlocal steps
         while not stop.is_set():
-            rid = f"t{n}"
+            rid = f"t{steps}"
             for call in (
                 lambda rid=rid: s.engine.reserve(ACCOUNT, [item(rid, 1_000)]),
                 lambda rid=rid: s.engine.commit(org, [used(rid, 500)]),
             ):
-                while True:
-                    try:
-                        await call()
-                        break
-                    except errors.StoreUnavailable as exc:
-                        fenced.append(exc.reason)
-                        await asyncio.sleep(0.01)
-            n += 1
-        return n
+                await retrying(call)
+            steps += 1
 
     worker = asyncio.create_task(traffic())
     try:
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: steps >= 3 or worker.done(), "traffic before the rebuild")
         await retrying(s.flusher.reconcile)  # finds the new epoch: fences, drains, rebuilds
-        await asyncio.sleep(0.2)
+        after = steps
+        await wait_until(lambda: steps >= after + 3 or worker.done(), "traffic after it")
     finally:
         stop.set()
-        steps = await worker
+        await worker
     assert steps > 0
     assert s.metric("ecu_flusher_history_rebuilds_total") == 1
     assert s.metric("ecu_hydrations_total") == 1

@@ -28,9 +28,11 @@ from tests.conftest import (
     REDIS_PORT,
     REDIS_URL,
     Database,
+    ManualClock,
     drop_keys,
     make_settings,
     require_redis,
+    wait_until,
 )
 from tests.tcp_proxy import TcpProxy
 
@@ -171,11 +173,12 @@ async def test_two_flushers_at_once_apply_each_event_once(stack: Stack) -> None:
     await asyncio.gather(
         *(traffic(stack.engine, o, 30, random.Random(i)) for i, o in enumerate(orgs))
     )
-    for _ in range(200):
+
+    async def flushed() -> bool:
         states = [await stack.flusher.reader.state(o) for o in orgs]
-        if all(st.fully_flushed and st.length == 0 for st in states):
-            break
-        await asyncio.sleep(0.05)
+        return all(st.fully_flushed and st.length == 0 for st in states)
+
+    await wait_until(flushed, "both flushers flushing every outbox")
     stop.set()
     await asyncio.gather(*runners)
     await assert_agree(stack, orgs)
@@ -278,19 +281,18 @@ async def test_ledger_down_then_back_loses_nothing(backend: str, tmp_path: Any) 
         stop = asyncio.Event()
         runner = asyncio.create_task(s.flusher.run(stop))
         await traffic(s.engine, org, 15, random.Random(9))
-        for _ in range(200):
-            if s.metric("ecu_flusher_write_errors_total") >= 2:
-                break
-            await asyncio.sleep(0.02)
-        assert s.metric("ecu_flusher_write_errors_total") >= 2
+        await wait_until(
+            lambda: s.metric("ecu_flusher_write_errors_total") >= 2, "two failed writes"
+        )
         assert (await s.flusher.reader.state(org)).length > 0, "nothing may be acknowledged"
         blocker.execute("ROLLBACK")
         blocker.close()
-        for _ in range(300):
+
+        async def flushed() -> bool:
             st = await s.flusher.reader.state(org)
-            if st.fully_flushed and st.length == 0:
-                break
-            await asyncio.sleep(0.02)
+            return st.fully_flushed and st.length == 0
+
+        await wait_until(flushed, "the outbox flushed once the database is back")
         stop.set()
         await runner
         await assert_agree(s, [org])
@@ -452,10 +454,11 @@ async def test_the_batch_read_ahead_is_pending_until_written_and_survives_a_cras
     await traffic(stack.engine, org, 4, random.Random(2))
     events = (await first.reader.state(org)).length
     assert await first.flush_once() == 5
-    for _ in range(200):  # the read ahead may still be on its way
-        if (await first.reader.state(org)).pending == 5:
-            break
-        await asyncio.sleep(0.01)
+
+    async def read_ahead() -> bool:  # the read ahead may still be on its way
+        return (await first.reader.state(org)).pending == 5
+
+    await wait_until(read_ahead, "the next batch read ahead")
     state = await first.reader.state(org)
     assert (state.pending, state.length) == (5, events - 5), "read ahead, not acknowledged"
     # `first` dies here, holding the batch it read ahead: another flusher claims it.
@@ -754,18 +757,14 @@ async def test_gauges_keep_moving_while_the_ledger_refuses_writes(
                 and s.metric("ecu_outbox_oldest_unflushed_age_seconds") > 0
             )
 
-        for _ in range(500):
-            if observed():
-                break
-            await asyncio.sleep(0.01)
-        assert observed()
+        await wait_until(observed, "failed cycles and the stuck outbox in the metrics")
         assert s.metric("ecu_flusher_failed_cycles_total", {"cause": "redis"}) == 0
         assert s.metric("ecu_flusher_last_success_timestamp_seconds") == 0
         blocker.execute("ROLLBACK")
-        for _ in range(500):
-            if s.metric("ecu_outbox_length") == 0 and s.metric("ecu_outbox_pending") == 0:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: s.metric("ecu_outbox_length") == 0 and s.metric("ecu_outbox_pending") == 0,
+            "the outbox metrics at zero once the database is back",
+        )
         assert s.metric("ecu_outbox_oldest_unflushed_age_seconds") == 0
         assert s.metric("ecu_outbox_length") == 0
     finally:
@@ -776,16 +775,6 @@ async def test_gauges_keep_moving_while_the_ledger_refuses_writes(
         await drop_keys(s.store, settings.key_prefix)
         await s.store.close()
         ledger.close()
-
-
-class ManualClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_livez_fails_once_no_cycle_succeeded_for_the_stall_timeout(
@@ -836,18 +825,15 @@ async def test_livez_fails_once_no_cycle_succeeded_for_the_stall_timeout(
             "stalled: no flusher cycle succeeded for 120s (ECU_FLUSHER_STALL_TIMEOUT_MS=60000)\n",
         )
         runner = asyncio.create_task(s.flusher.run(stop))
-        for _ in range(500):  # the first cycle writes the grant
-            if s.flusher.stalled_s() == 0:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: s.flusher.stalled_s() == 0, "the first cycle writing the grant")
         assert (await asyncio.to_thread(get, "/livez"))[0] == 200
         blocker.execute("BEGIN EXCLUSIVE")  # from now on every write fails
         await s.engine.set_cap(org, "team", "t1", 5_000)
         failed = s.metric("ecu_flusher_failed_cycles_total", {"cause": "ledger"})
-        for _ in range(500):
-            if s.metric("ecu_flusher_failed_cycles_total", {"cause": "ledger"}) > failed:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: s.metric("ecu_flusher_failed_cycles_total", {"cause": "ledger"}) > failed,
+            "a failed cycle",
+        )
         clock.now += 59
         assert (await asyncio.to_thread(get, "/livez"))[0] == 200, "within the timeout"
         clock.now += 2
@@ -856,10 +842,7 @@ async def test_livez_fails_once_no_cycle_succeeded_for_the_stall_timeout(
         metrics = await asyncio.to_thread(get, "/metrics")
         assert metrics[0] == 200 and "ecu_flusher_failed_cycles_total" in metrics[1]
         blocker.execute("ROLLBACK")  # the ledger is back: the next cycle succeeds
-        for _ in range(500):
-            if s.flusher.stalled_s() == 0:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: s.flusher.stalled_s() == 0, "a successful cycle after it")
         assert (await asyncio.to_thread(get, "/livez"))[0] == 200
     finally:
         stop.set()

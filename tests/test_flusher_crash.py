@@ -7,6 +7,7 @@ once, and Redis restarted empty mid-run."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from redis.exceptions import ResponseError
 
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.errors import StoreUnavailable
@@ -25,7 +27,14 @@ from ecu_sidecar.model import AccountRef, CommitItem, GrantKind
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.outbox import GROUP
-from tests.conftest import REDIS_URL, Database, drop_keys, make_settings, require_redis
+from tests.conftest import (
+    REDIS_URL,
+    Database,
+    drop_keys,
+    make_settings,
+    require_redis,
+    wait_until,
+)
 from tests.test_flusher import item, traffic
 
 ORGS = ["crash-a", "crash-b", "crash-c"]
@@ -81,18 +90,25 @@ async def rig(database: Database) -> AsyncIterator[Rig]:
     ledger.close()
 
 
-async def run_load(engine: QuotaEngine, stop: asyncio.Event, seed: int) -> int:
-    rng = random.Random(seed)
-    rounds = 0
-    while not stop.is_set():
-        try:
-            await asyncio.gather(*(traffic(engine, org, 3, rng) for org in ORGS))
-        except StoreUnavailable:
-            # A loaded machine may time a call out: an unknown outcome, which the audit at
-            # the end covers (Redis is the reference); keep the traffic flowing.
-            await asyncio.sleep(0.05)
-        rounds += 1
-    return rounds
+class Load:
+    """Traffic on ORGS from this process until ``stop`` is set; ``rounds`` counts the rounds
+    done so far (what a test waits on instead of sleeping)."""
+
+    def __init__(self, engine: QuotaEngine, seed: int) -> None:
+        self.engine = engine
+        self.rng = random.Random(seed)
+        self.rounds = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.gather(*(traffic(self.engine, org, 3, self.rng) for org in ORGS))
+            except StoreUnavailable:
+                # A loaded machine may time a call out: an unknown outcome, which the audit at
+                # the end covers (Redis is the reference); keep the traffic flowing, after a
+                # breath (pacing only: no verdict depends on it).
+                await asyncio.sleep(0.05)
+            self.rounds += 1
 
 
 async def wait_exit(proc: subprocess.Popen[bytes], limit_s: float = 60) -> tuple[int, str]:
@@ -138,7 +154,7 @@ async def test_sigkill_at_each_dangerous_point_loses_and_duplicates_nothing(
     rig: Rig, point: str
 ) -> None:
     stop = asyncio.Event()
-    load = asyncio.create_task(run_load(rig.engine, stop, seed=len(point)))
+    load = asyncio.create_task(Load(rig.engine, seed=len(point)).run(stop))
     kills = 0
     try:
         for round_ in range(6):
@@ -160,21 +176,36 @@ async def test_sigkill_at_each_dangerous_point_loses_and_duplicates_nothing(
 
 async def test_two_flusher_processes_at_once(rig: Rig) -> None:
     stop = asyncio.Event()
-    load = asyncio.create_task(run_load(rig.engine, stop, seed=11))
+    load = Load(rig.engine, seed=11)
+    running = asyncio.create_task(load.run(stop))
     procs = [rig.flusher(), rig.flusher()]
-    await asyncio.sleep(3)  # both flushers drain concurrently while traffic flows
+    # Both flushers drain concurrently while traffic flows: wait until each process has read
+    # the outbox (it shows up as a consumer of the group) and traffic went on after that
+    # (counted rounds, not a sleep).
+    seen: set[int] = set()
+
+    async def both_reading() -> bool:
+        for org in ORGS:
+            with contextlib.suppress(ResponseError):  # no group yet: nobody has read
+                for c in await rig.store._client.xinfo_consumers(rig.store.outbox_key(org), GROUP):
+                    name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                    seen.update(p.pid for p in procs if f"-{p.pid}-" in name)
+        done = running.done() or any(p.poll() is not None for p in procs)
+        return len(seen) == len(procs) or done
+
+    await wait_until(both_reading, "both flusher processes reading the outbox", limit_s=60)
+    rounds = load.rounds
+    await wait_until(lambda: load.rounds >= rounds + 3 or running.done(), "traffic meanwhile")
     stop.set()
-    await load
-    for _ in range(200):  # until both have drained everything
-        lengths = [await rig.store._client.xlen(rig.store.outbox_key(o)) for o in ORGS]
-        if not any(lengths):
-            break
-        await asyncio.sleep(0.05)
+    await running
+    # SIGTERM: each drains what is left (its final flush) and exits 0.
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     for proc in procs:
         code, err = await wait_exit(proc)
         assert code == 0, err
+    lengths = [await rig.store._client.xlen(rig.store.outbox_key(o)) for o in ORGS]
+    assert lengths == [0] * len(ORGS), "every outbox drained"
     await assert_exactly_once(rig)
 
 

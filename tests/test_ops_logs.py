@@ -54,12 +54,14 @@ def redis_with_password() -> Iterator[int]:
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        for _ in range(100):
+        for _ in range(100):  # bounded: the redis-server coming up
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                     break
             except OSError:
                 time.sleep(0.05)
+        else:
+            pytest.fail(f"the private redis-server on port {port} never accepted a connection")
         yield port
     finally:
         proc.terminate()

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -20,7 +21,7 @@ from grpc_status import rpc_status
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.server import SidecarServer
-from tests.conftest import ADMIN_METADATA, make_settings
+from tests.conftest import ADMIN_METADATA, make_settings, wait_until
 
 #: The gRPC deadline each call gets: far above the store bound, so a hung call shows up as
 #: DEADLINE_EXCEEDED instead of the UNAVAILABLE the sidecar must answer by itself.
@@ -206,17 +207,27 @@ async def test_shutdown_drains_in_flight_calls(private_redis: PrivateRedis) -> N
             ),
             metadata=ADMIN_METADATA,
         )
+        arrived = asyncio.Event()
+        real_reserve = server.engine.reserve
+
+        async def arriving_reserve(*args: Any, **kw: Any) -> Any:
+            arrived.set()
+            return await real_reserve(*args, **kw)
+
+        server.engine.reserve = arriving_reserve  # type: ignore[method-assign]
         private_redis.freeze()  # the next call is in flight until Redis thaws
         in_flight = asyncio.ensure_future(reserve(stub, "in-flight"))
-        await asyncio.sleep(0.2)
+        # The call has reached the engine (and waits on the frozen Redis): no sleep-and-hope.
+        await wait_until(arrived.is_set, "the reservation reaching the engine")
         assert not in_flight.done()
         stopping = asyncio.ensure_future(server.stop(grace=10))
         health = health_pb2_grpc.HealthStub(channel)
-        for _ in range(100):
-            if server.health._server_status.get("") == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            await asyncio.sleep(0.01)
-        assert server.health._server_status[""] == health_pb2.HealthCheckResponse.NOT_SERVING
+        await wait_until(
+            lambda: (
+                server.health._server_status.get("") == health_pb2.HealthCheckResponse.NOT_SERVING
+            ),
+            "health NOT_SERVING once stopping",
+        )
         private_redis.thaw()
         out = await in_flight
         assert out.available_uecu == 990, "the in-flight reservation must complete, not be cut"
