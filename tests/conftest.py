@@ -243,6 +243,19 @@ class Database:
                 conn.execute(sql.replace("?", "%s"), params)
 
 
+@pytest.fixture
+def pair() -> Iterator[Any]:
+    """A Redis primary and its replica of the test's own (tests/replicated_redis.py)."""
+    from tests.replicated_redis import ReplicatedRedis
+
+    require_redis()
+    servers = ReplicatedRedis()
+    try:
+        yield servers
+    finally:
+        servers.close()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Database]:
     if request.param == "sqlite":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -26,20 +26,10 @@ from ecu_sidecar.settings import SettingsError, parse_sentinel_url
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import org_keys
 from ecu_sidecar.store.outbox import OutboxReader
-from tests.conftest import ADMIN_METADATA, make_settings, require_redis
+from tests.conftest import ADMIN_METADATA, make_settings
 from tests.replicated_redis import ReplicatedRedis
 
 WAIT_MS = 100
-
-
-@pytest.fixture
-def pair() -> Iterator[ReplicatedRedis]:
-    require_redis()
-    servers = ReplicatedRedis()
-    try:
-        yield servers
-    finally:
-        servers.close()
 
 
 def durable_settings(pair: ReplicatedRedis, replicas: int = 1) -> object:

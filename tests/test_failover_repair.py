@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -39,16 +39,6 @@ def item(rid: str, amount: int = 10_000) -> ReserveItem:
 
 def used(rid: str, actual: int) -> CommitItem:
     return CommitItem(rid, actual, Usage(10, 5, 1))
-
-
-@pytest.fixture
-def pair() -> Iterator[ReplicatedRedis]:
-    require_redis()
-    servers = ReplicatedRedis()
-    try:
-        yield servers
-    finally:
-        servers.close()
 
 
 @pytest_asyncio.fixture

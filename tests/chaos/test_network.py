@@ -303,7 +303,9 @@ async def test_script_flush_under_load_reaches_no_worker(redis_servers: Any) -> 
     (EVALSHA answers NOSCRIPT, the store falls back to EVAL)."""
     redis = redis_servers()
     flushes = 0
-    async with serving(settings_for(redis.port)) as (server, stub):
+    # What is tested is the fallback, not a deadline: the 200 ms bound of the network tests
+    # was met by every EVAL of the full source on a quiet machine, not on a loaded CI run.
+    async with serving(settings_for(redis.port, redis_timeout_ms=2_000)) as (server, stub):
         for org in ORGS:
             await grant(stub, org, 1_000_000_000)
 
