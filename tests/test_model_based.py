@@ -327,10 +327,18 @@ class QuotaMachine(RuleBasedStateMachine):
             flusher_claim_idle_ms=0,
             flusher_discovery_interval_ms=0,
         )
-        self.ledger: Ledger = open_ledger(self.ledger_url, timeout_s=0.25)
-        self.ledger.migrate()
         self.direct: Ledger = open_ledger(direct_url)
         """The same ledger, never through the outage: what the checks read."""
+        self.direct.migrate()
+        self.ledger: Ledger = open_ledger(self.ledger_url, timeout_s=0.25)
+        # Its pool connects in the background: the first call waits for that (a loaded run
+        # took longer than the short bound, which is for the outages), not the steps.
+        for attempt in range(200):
+            try:
+                self.ledger.organizations()
+                break
+            except LedgerUnavailable:
+                assert attempt < 199, "the ledger never answered through the proxy"
         self.store: RedisStore = self.run(self._make_store(self.settings))
         self.engine = QuotaEngine(self.store, self.settings, ledger=self.ledger)
         self.flusher = self.new_flusher()
