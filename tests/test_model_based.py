@@ -1198,6 +1198,14 @@ class QuotaMachine(RuleBasedStateMachine):
         else:
             # The promoted node names another history than the one the account recorded.
             self.run(self.store._client.hset(acct, "epoch", "the-lost-primary:history"))
+            # Found: the organization is fenced, and a change meanwhile is refused (REBUILDING)
+            # and changes nothing (the model's checks after the step); then the rebuild.
+            epoch = self.run(self.store.epochs([org]))[org]
+            assert self.run(self.store.check_epoch(org, epoch, 60_000)) is not None
+            self.expect_error(
+                self.engine.reserve(AccountRef(org), [_item(self.next_id("f"), 1)]),
+                errors.Rebuilding,
+            )
             self.run(self.flusher.reconcile())
             assert self.flusher.metrics.history_rebuilds._value.get() == before + 1
         self.rebuilt(org)

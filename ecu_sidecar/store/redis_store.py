@@ -560,21 +560,9 @@ class RedisStore:
         orgs = list(orgs)
         if self.kind == "embedded":  # one process's memory: no failover, no restart to survive
             return dict.fromkeys(orgs, "")
-        if not orgs:
-            return {}
-        if self.kind == "cluster":
-            await self._call(lambda: self._client.initialize())  # a no-op once initialized
-        by_node: dict[str, list[str]] = {}
-        for org in orgs:
-            node = (
-                self._client.get_node_from_key(self.acct_key(org)).name
-                if self.kind == "cluster"
-                else ""
-            )
-            by_node.setdefault(node, []).append(org)
         out: dict[str, str] = {}
         info = [("INFO", "server"), ("INFO", "replication")]
-        for members in by_node.values():
+        for members in (await self._by_node(orgs)).values():
             key = self.acct_key(members[0])
             replies = await self._call(lambda key=key: self._pipeline(key, info))
             if any(isinstance(r, Exception) for r in replies):
@@ -673,15 +661,21 @@ class RedisStore:
         if not self._wait_replicas:
             return
         # One fence write and WAIT per node: an organization's fence lives on its primary.
-        if self.kind == "cluster":
-            await self._call(lambda: self._client.initialize())  # a no-op once initialized
-        by_node: dict[str, str] = {}
+        for members in (await self._by_node(orgs)).values():
+            await self._call(lambda org=members[0]: self._confirm(org))
+
+    async def _by_node(self, orgs: Iterable[str]) -> dict[str, list[str]]:
+        """The organizations grouped by the primary that holds them (one group but on a
+        Cluster), for commands that go once per node."""
+        orgs = list(orgs)
+        if self.kind != "cluster":
+            return {"": orgs} if orgs else {}
+        await self._call(lambda: self._client.initialize())  # a no-op once initialized
+        groups: dict[str, list[str]] = {}
         for org in orgs:
-            key = self.acct_key(org)
-            node = self._client.get_node_from_key(key).name if self.kind == "cluster" else ""
-            by_node.setdefault(node, org)
-        for org in by_node.values():
-            await self._call(lambda org=org: self._confirm(org))
+            node = self._client.get_node_from_key(self.acct_key(org)).name
+            groups.setdefault(node, []).append(org)
+        return groups
 
     async def _confirm(self, org: str) -> None:
         commands = await self._confirm_commands(org)
