@@ -28,7 +28,7 @@ from ecu_sidecar import eventloop
 from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.ledger import LedgerError, open_configured
-from ecu_sidecar.metrics import FlusherMetrics, serve_http
+from ecu_sidecar.metrics import FlusherMetrics, process_metrics, serve_http
 from ecu_sidecar.settings import Settings, SettingsError
 from ecu_sidecar.store import RedisStore
 
@@ -106,6 +106,7 @@ async def _run_flusher(settings: Settings, *, once: bool) -> int:
         return 1
     store = RedisStore.from_settings(settings)
     registry = CollectorRegistry()
+    process_metrics(registry, "flusher", settings.store_target)
     flusher = Flusher(store, ledger, settings, FlusherMetrics(registry))
     if settings.metrics_listen:
         # /livez: the chart's livenessProbe, failing once no cycle succeeded for

@@ -30,7 +30,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    make_wsgi_app,
+)
 
 from ecu_sidecar import __version__
 from ecu_sidecar.model import JobType
@@ -113,6 +120,29 @@ class StoreMetrics:
         return found if found is not None else cls(registry)
 
 
+def process_metrics(registry: CollectorRegistry, component: str, store: str) -> None:
+    """What every process exports once, whatever else it runs: ``ecu_build_info`` (its version
+    and whether it is a sidecar or a flusher), ``ecu_store_info`` (the Redis it uses, which
+    the alerts carry as their ``store`` label) and the process's CPU, memory and open files
+    (``process_*``). A sidecar that runs the flusher in-process is one process: a sidecar."""
+    build = Gauge(
+        "ecu_build_info",
+        "The running ecu-sidecar version and component (sidecar or flusher); value 1.",
+        ["version", "component"],
+        registry=registry,
+    )
+    build.labels(__version__, component).set(1)
+    store_info = Gauge(
+        "ecu_store_info",
+        "The Redis this process uses, its URL without credentials ('embedded' for the "
+        "in-process store); value 1.",
+        ["store"],
+        registry=registry,
+    )
+    store_info.labels(store).set(1)
+    ProcessCollector(registry=registry)
+
+
 class Metrics:
     """The sidecar's metrics: the gRPC edge, the sweeper, the rate card, the store."""
 
@@ -160,13 +190,6 @@ class Metrics:
             ["version"],
             registry=registry,
         )
-        self.build = Gauge(
-            "ecu_build_info",
-            "The running ecu-sidecar version (value 1).",
-            ["version"],
-            registry=registry,
-        )
-        self.build.labels(__version__).set(1)
         self.degraded_grants = Counter(
             "ecu_degraded_grants_total",
             "Holds granted locally while Redis was unreachable (opt-in degraded mode).",

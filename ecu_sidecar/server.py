@@ -24,7 +24,7 @@ from ecu_sidecar.degraded import Journal
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.flusher import Flusher
-from ecu_sidecar.metrics import FlusherMetrics, Metrics
+from ecu_sidecar.metrics import FlusherMetrics, Metrics, process_metrics
 from ecu_sidecar.pricing import RateCardError, RateCardRegistry, tokens
 from ecu_sidecar.service import QuotaService, tolerant_deserializer
 from ecu_sidecar.settings import Settings
@@ -175,6 +175,7 @@ class SidecarServer:
         )
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        process_metrics(self.registry, "sidecar", settings.store_target)
         if self.journal is not None:
             self.metrics.degraded_pending.set_function(self.journal.pending)
             self.journal.on_failed = self.metrics.degraded_replay_failures.inc

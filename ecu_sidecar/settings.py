@@ -297,6 +297,18 @@ class Settings:
         """True when no Redis URL is configured: the in-process store is used."""
         return not self.redis_url
 
+    @property
+    def store_target(self) -> str:
+        """The Redis this process uses, safe to show (``ecu_store_info``, alert labels): the
+        URL without credentials or query, `` (cluster)`` appended for a Cluster; ``embedded``
+        for the in-process store."""
+        if self.embedded:
+            return "embedded"
+        scheme, _, rest = self.redis_url.partition("://")
+        rest = rest.split("?", 1)[0].split("#", 1)[0]
+        rest = rest.rpartition("@")[2]
+        return f"{scheme}://{rest}" + (" (cluster)" if self.redis_cluster else "")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read ECU_* variables (and ECU_CONFIG_FILE) and validate them."""

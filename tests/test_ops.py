@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from ecu_sidecar import __version__
-from ecu_sidecar.metrics import FlusherMetrics, Metrics
+from ecu_sidecar.metrics import FlusherMetrics, Metrics, process_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "ops" / "prometheus" / "ecu-sidecar.rules.yml"
@@ -43,6 +43,7 @@ def registered() -> tuple[set[str], set[str]]:
     """(metric family names, sample names) of everything the sidecar and flusher register."""
     registry = CollectorRegistry()
     Metrics(registry)
+    process_metrics(registry, "sidecar", "embedded")
     flusher = FlusherMetrics(registry)
     flusher.organization("acme", 1, 0)
     families, samples = set(), set()
@@ -240,7 +241,7 @@ def test_image_entrypoint_serves_health_and_metrics_then_stops_on_sigterm() -> N
                     time.sleep(0.1)
         assert status == health_pb2.HealthCheckResponse.SERVING, proc.stderr
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as resp:
-            assert b'ecu_build_info{version="' in resp.read()
+            assert b'ecu_build_info{component="sidecar",version="' in resp.read()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
