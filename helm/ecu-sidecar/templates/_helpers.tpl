@@ -1,15 +1,17 @@
 {{/*
 Names and labels. Every label comes from these helpers.
 */}}
+{{- /* The chart's name, fixed: a host chart's `alias` renames .Chart.Name (to ecuSidecar,
+say), which would give invalid object names and names the injected container could not find. */}}
 {{- define "ecu-sidecar.name" -}}
-{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- default "ecu-sidecar" .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "ecu-sidecar.fullname" -}}
 {{- if .Values.fullnameOverride }}
 {{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
 {{- else }}
-{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- $name := include "ecu-sidecar.name" . }}
 {{- if contains $name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- else }}
@@ -19,7 +21,7 @@ Names and labels. Every label comes from these helpers.
 {{- end }}
 
 {{- define "ecu-sidecar.chart" -}}
-{{- printf "%s-%s" .Chart.Name (.Chart.Version | default "0") | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- printf "ecu-sidecar-%s" (.Chart.Version | default "0") | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "ecu-sidecar.selectorLabels" -}}
@@ -196,11 +198,11 @@ Environment shared by the sidecar and the flusher: Redis, ledger, quota behaviou
 {{- end }}
 
 {{/*
-Injection into worker pods. A host chart that depends on this chart (alias ecuSidecar) builds
-one context whose Values are this chart's values and whose Chart.Name is "ecu-sidecar", so the
-names match the Secrets and ConfigMaps the dependency renders:
+Injection into worker pods. A host chart that depends on this chart (alias ecuSidecar) takes
+the dependency's own context (Helm 3.7+), so the container names exactly the Secrets and
+ConfigMaps the dependency renders, with the dependency's values and defaults:
 
-  $ecu := dict "Values" .Values.ecuSidecar "Release" .Release "Chart" (dict "Name" "ecu-sidecar" "Version" "0.1.0" "AppVersion" "0.1.0")
+  $ecu := .Subcharts.ecuSidecar
 
 and includes, in its worker's pod template, with that context:
   ecu-sidecar.sidecarPodLabels       -> metadata.labels (the PodMonitor selects them)
