@@ -37,8 +37,8 @@ ENV PATH=/opt/ecu/bin:$PATH \
 # Numeric user, so Kubernetes can verify runAsNonRoot without a passwd lookup.
 USER 10001:10001
 WORKDIR /tmp
-# 50052: gRPC health (ECU_HEALTH_LISTEN), 9464: /metrics (ECU_METRICS_LISTEN). The quota gRPC
-# port stays on 127.0.0.1 inside the pod.
-EXPOSE 50052 9464
+# 50052: gRPC health (ECU_HEALTH_LISTEN), 9465: /metrics (ECU_METRICS_LISTEN, as the chart sets
+# it). The quota gRPC port stays on 127.0.0.1 inside the pod.
+EXPOSE 50052 9465
 ENTRYPOINT ["ecu-sidecar"]
 CMD ["serve"]

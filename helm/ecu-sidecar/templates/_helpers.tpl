@@ -230,6 +230,9 @@ checksum/secret: {{ toJson (dict "r" .Values.redis.url "l" .Values.ledger.url "a
 {{/* The sidecar container: one list item for `containers` (or `initContainers` with
 sidecar.nativeSidecar). gRPC on 127.0.0.1, health on the pod IP for the probes. */}}
 {{- define "ecu-sidecar.sidecarContainer" -}}
+{{- if and .Values.sidecar.nativeSidecar (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
+{{- fail (printf "sidecar.nativeSidecar needs Kubernetes 1.29+ (restartPolicy on an init container); this cluster is %s: set sidecar.nativeSidecar=false" .Capabilities.KubeVersion.Version) }}
+{{- end }}
 - name: ecu-sidecar
   image: {{ include "ecu-sidecar.image" . | quote }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
