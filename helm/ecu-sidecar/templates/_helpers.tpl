@@ -73,7 +73,7 @@ Secret and ConfigMap names: an existing Secret when given, else the chart's own.
 
 {{/* Whether the chart itself must create a Secret (values given inline). */}}
 {{- define "ecu-sidecar.ownSecret" -}}
-{{- if or (and (not (include "ecu-sidecar.embedded" .)) (not .Values.redis.existingSecret) .Values.redis.url) (and .Values.ledger.enabled (not .Values.ledger.existingSecret) .Values.ledger.url) (and .Values.admin.enabled (not .Values.admin.existingSecret) .Values.admin.token) }}true{{- end }}
+{{- if or (and (not (include "ecu-sidecar.embedded" .)) (not .Values.redis.existingSecret) (not .Values.redis.passwordSecret) .Values.redis.url) (and .Values.ledger.enabled (not .Values.ledger.existingSecret) .Values.ledger.url) (and .Values.admin.enabled (not .Values.admin.existingSecret) .Values.admin.token) }}true{{- end }}
 {{- end }}
 
 {{/*
@@ -87,6 +87,20 @@ Fail early, with a message naming the values to fix, on combinations that cannot
 {{- else }}
 {{- if not (or .Values.redis.existingSecret .Values.redis.url) }}
 {{- fail "redis.mode=standalone|cluster needs redis.existingSecret (a Secret with the URL) or redis.url." }}
+{{- end }}
+{{- if .Values.redis.passwordSecret }}
+{{- if or .Values.redis.existingSecret (not .Values.redis.url) }}
+{{- fail "redis.passwordSecret takes the password from a Secret into redis.url: set redis.url (without a password, e.g. redis://redis-master.redis:6379/0) and leave redis.existingSecret empty." }}
+{{- end }}
+{{- if regexMatch "^[a-z+]+://[^@/]*:[^@/]*@" .Values.redis.url }}
+{{- fail "redis.url carries a password and redis.passwordSecret is set: remove the password from the URL." }}
+{{- end }}
+{{- if not (regexMatch "^(redis|rediss|redis\\+sentinel)://" .Values.redis.url) }}
+{{- fail "redis.url must start with redis://, rediss:// or redis+sentinel://." }}
+{{- end }}
+{{- end }}
+{{- if and .Values.flusher.migrateJob.enabled .Values.ledger.enabled (not .Values.ledger.existingSecret) }}
+{{- fail "flusher.migrateJob runs before the release's objects exist (a pre-install/pre-upgrade hook), so the ledger URL must come from ledger.existingSecret, not the chart's own Secret." }}
 {{- end }}
 {{- end }}
 {{- if and .Values.flusher.enabled (not .Values.ledger.enabled) }}
@@ -103,17 +117,41 @@ Fail early, with a message naming the values to fix, on combinations that cannot
 {{- end }}
 {{- end }}
 
+{{/* redis.url (no password in it) with $(REDIS_PASSWORD) as its password: scheme://[user]:$(REDIS_PASSWORD)@rest. */}}
+{{- define "ecu-sidecar.redisUrlWithPassword" -}}
+{{- $scheme := regexFind "^[a-z+]+://" .Values.redis.url }}
+{{- $rest := trimPrefix $scheme .Values.redis.url }}
+{{- $user := "" }}
+{{- if contains "@" $rest }}
+{{- $user = regexReplaceAll "@.*$" $rest "" }}
+{{- $rest = regexReplaceAll "^[^@]*@" $rest "" }}
+{{- end }}
+{{- printf "%s%s:$(REDIS_PASSWORD)@%s" $scheme $user $rest }}
+{{- end }}
+
 {{/*
 Environment shared by the sidecar and the flusher: Redis, ledger, quota behaviour, logging.
 */}}
 {{- define "ecu-sidecar.commonEnv" -}}
 {{- $secret := include "ecu-sidecar.secretName" . }}
 {{- if not (include "ecu-sidecar.embedded" .) }}
+{{- if .Values.redis.passwordSecret }}
+{{- /* The password of an existing Secret (as Redis charts create it), put into the URL by
+Kubernetes' $(VAR) expansion: REDIS_PASSWORD must come first in the list. */}}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.passwordSecret }}
+      key: {{ .Values.redis.passwordSecretKey }}
+- name: ECU_REDIS_URL
+  value: {{ include "ecu-sidecar.redisUrlWithPassword" . | quote }}
+{{- else }}
 - name: ECU_REDIS_URL
   valueFrom:
     secretKeyRef:
       name: {{ .Values.redis.existingSecret | default $secret }}
       key: {{ .Values.redis.existingSecretKey }}
+{{- end }}
 {{- if eq .Values.redis.mode "cluster" }}
 - name: ECU_REDIS_CLUSTER
   value: "true"
@@ -178,23 +216,67 @@ Environment shared by the sidecar and the flusher: Redis, ledger, quota behaviou
 {{- end }}
 {{- end }}
 
-{{- define "ecu-sidecar.redisTlsMount" -}}
-{{- if .Values.redis.tls.caSecret }}
-- name: redis-tls
+{{/*
+Certificates from Secrets, mounted read-only where the URLs name them (docs/operations.md):
+  redis.tls.caSecret          -> /etc/ecu/redis-tls/ca.crt          (?ssl_ca_certs=…)
+  redis.tls.clientCertSecret  -> /etc/ecu/redis-tls/client/tls.crt, tls.key
+                                                                    (?ssl_certfile=…&ssl_keyfile=…)
+  ledger.tls.caSecret         -> /etc/ecu/ledger-tls/ca.crt         (?sslmode=verify-full&sslrootcert=…)
+The ledger's only where a container connects to the ledger (argument: "ledger" in a list).
+Volume names start with ecu- so they cannot collide with a host pod's own volumes.
+*/}}
+{{- define "ecu-sidecar.tlsMounts" -}}
+{{- $ctx := index . 0 }}{{- $ledger := index . 1 }}
+{{- if $ctx.Values.redis.tls.caSecret }}
+- name: ecu-redis-tls
   mountPath: /etc/ecu/redis-tls
+  readOnly: true
+{{- end }}
+{{- if $ctx.Values.redis.tls.clientCertSecret }}
+- name: ecu-redis-client-tls
+  mountPath: /etc/ecu/redis-tls/client
+  readOnly: true
+{{- end }}
+{{- if and $ledger $ctx.Values.ledger.tls.caSecret }}
+- name: ecu-ledger-tls
+  mountPath: /etc/ecu/ledger-tls
   readOnly: true
 {{- end }}
 {{- end }}
 
-{{- define "ecu-sidecar.redisTlsVolume" -}}
-{{- if .Values.redis.tls.caSecret }}
-- name: redis-tls
+{{- define "ecu-sidecar.tlsVolumes" -}}
+{{- $ctx := index . 0 }}{{- $ledger := index . 1 }}
+{{- if $ctx.Values.redis.tls.caSecret }}
+- name: ecu-redis-tls
   secret:
-    secretName: {{ .Values.redis.tls.caSecret }}
+    secretName: {{ $ctx.Values.redis.tls.caSecret }}
     items:
-      - key: {{ .Values.redis.tls.caKey }}
+      - key: {{ $ctx.Values.redis.tls.caKey }}
         path: ca.crt
 {{- end }}
+{{- if $ctx.Values.redis.tls.clientCertSecret }}
+- name: ecu-redis-client-tls
+  secret:
+    secretName: {{ $ctx.Values.redis.tls.clientCertSecret }}
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- if and $ledger $ctx.Values.ledger.tls.caSecret }}
+- name: ecu-ledger-tls
+  secret:
+    secretName: {{ $ctx.Values.ledger.tls.caSecret }}
+    items:
+      - key: {{ $ctx.Values.ledger.tls.caKey }}
+        path: ca.crt
+{{- end }}
+{{- end }}
+
+{{/* Whether the sidecar container connects to the ledger. */}}
+{{- define "ecu-sidecar.sidecarUsesLedger" -}}
+{{- if and .Values.ledger.enabled (or (include "ecu-sidecar.embedded" .) .Values.sidecar.useLedger) }}true{{- end }}
 {{- end }}
 
 {{/*
@@ -320,7 +402,10 @@ sidecar.nativeSidecar). gRPC on 127.0.0.1, health on the pod IP for the probes. 
     - name: ecu-ledger
       mountPath: /var/lib/ecu
     {{- end }}
-    {{- with include "ecu-sidecar.redisTlsMount" . }}{{ . | trim | nindent 4 }}{{- end }}
+    {{- with include "ecu-sidecar.tlsMounts" (list . (include "ecu-sidecar.sidecarUsesLedger" .)) }}{{ . | trim | nindent 4 }}{{- end }}
+    {{- with .Values.sidecar.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}
 
 {{/* The volumes the sidecar container mounts: items for the pod's `volumes`. */}}
@@ -351,5 +436,10 @@ sidecar.nativeSidecar). gRPC on 127.0.0.1, health on the pod IP for the probes. 
 - name: ecu-ledger
   emptyDir: {}
 {{- end }}
-{{- include "ecu-sidecar.redisTlsVolume" . }}
+{{- with include "ecu-sidecar.tlsVolumes" (list . (include "ecu-sidecar.sidecarUsesLedger" .)) }}
+{{ . | trim }}
+{{- end }}
+{{- with .Values.sidecar.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
