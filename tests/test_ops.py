@@ -132,6 +132,7 @@ def test_chart_metadata_and_schema() -> None:
     assert schema["properties"]["metrics"]["properties"]["orgs"]["maxItems"] == 100
     scenarios = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
     assert scenarios == [
+        "bitnami-redis-values.yaml",
         "embedded-dev-values.yaml",
         "redis-cluster-tls-values.yaml",
         "standalone-values.yaml",
