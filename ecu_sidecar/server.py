@@ -1,7 +1,8 @@
 """The gRPC server: quota service, health checking, reflection, sweeper, graceful shutdown.
 
-Shutdown order: health NOT_SERVING -> stop accepting -> drain in-flight RPCs (grace) ->
-stop the sweeper -> close the Redis pool.
+Shutdown order: health NOT_SERVING -> keep serving while the worker is connected (at most
+ECU_SHUTDOWN_DELAY_S) -> stop accepting -> drain in-flight RPCs (grace) -> stop the sweeper ->
+close the Redis pool.
 """
 
 from __future__ import annotations
@@ -36,6 +37,32 @@ log = logging.getLogger(__name__)
 
 #: How long shutdown waits for the background loops (sweeper, flusher, reloads) to stop.
 LOOP_STOP_TIMEOUT_S = 10.0
+#: Where client connections cannot be read: serve this long after NOT_SERVING, so calls
+#: already on the wire are answered.
+ON_THE_WIRE_S = 0.5
+#: /proc/net/tcp's state code of an established connection.
+_TCP_ESTABLISHED = "01"
+
+
+def established_connections(port: int) -> int | None:
+    """How many established TCP connections have ``port`` as their local port in this network
+    namespace (the pod's): the clients connected to the gRPC server. None when the kernel's
+    tables cannot be read (not Linux)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as lines:
+                rows = lines.read().splitlines()[1:]
+        except OSError:
+            if table.endswith("6"):
+                continue  # IPv6 disabled
+            return None
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == _TCP_ESTABLISHED:
+                count += 1
+    return count
+
 
 SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["Quota"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -425,8 +452,27 @@ class SidecarServer:
             self.settings.shutdown_delay_s,
             self.settings.shutdown_grace_s,
         )
-        # Calls already sent (received, not yet handed to a handler) would be cancelled by
-        # server.stop(): keep serving briefly after NOT_SERVING so they are answered.
         await self.health.enter_graceful_shutdown()
-        await asyncio.sleep(self.settings.shutdown_delay_s)
+        await self.serve_while_connected(self.settings.shutdown_delay_s)
         await self.stop()
+
+    async def serve_while_connected(self, limit_s: float) -> None:
+        """After NOT_SERVING, keep serving while a client still holds a TCP connection to the
+        gRPC port, at most ``limit_s``: all containers of a pod get SIGTERM at once, and the
+        worker beside us may be finishing its step and about to commit. Calls already on the
+        wire come over such a connection too, so they are answered rather than cancelled by
+        server.stop(). Where connections cannot be read (no /proc), ON_THE_WIRE_S passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        while loop.time() < deadline:
+            clients = established_connections(self.port)
+            if clients == 0:
+                return
+            if clients is None:
+                await asyncio.sleep(min(limit_s, ON_THE_WIRE_S))
+                return
+            await asyncio.sleep(0.05)
+        log.warning(
+            "a client was still connected after ECU_SHUTDOWN_DELAY_S (%.1fs): stopping",
+            limit_s,
+        )

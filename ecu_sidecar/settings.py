@@ -235,9 +235,12 @@ class Settings:
     shutdown_grace_s: float = field(default=10.0, metadata={"kind": "float", "lo": 0, "hi": 600})
     """ECU_SHUTDOWN_GRACE_S: how long shutdown waits for in-flight RPCs to finish."""
 
-    shutdown_delay_s: float = field(default=0.5, metadata={"kind": "float", "lo": 0, "hi": 60})
-    """ECU_SHUTDOWN_DELAY_S: on SIGTERM, keep serving this long after health turns NOT_SERVING
-    before the server stops accepting: calls already on the wire are handled, not cancelled."""
+    shutdown_delay_s: float = field(default=20.0, metadata={"kind": "float", "lo": 0, "hi": 600})
+    """ECU_SHUTDOWN_DELAY_S: on SIGTERM, after health turns NOT_SERVING, keep serving while a
+    client (the worker) still holds a connection to the gRPC port, at most this long, so a
+    worker finishing its step during pod termination can still commit, and calls already on
+    the wire are answered, not cancelled. The pod's terminationGracePeriodSeconds must exceed
+    this plus ECU_SHUTDOWN_GRACE_S."""
 
     metrics_listen: str = field(default="", metadata={"kind": "str"})
     """ECU_METRICS_LISTEN: host:port for Prometheus /metrics; empty disables it."""

@@ -206,10 +206,11 @@ async def test_sigterm_while_stalled_answers_every_waiting_call(redis_servers: A
     UNAVAILABLE (retryable), never CANCELLED.
 
     Found here (docs/reliability.md, finding 2): grpc's server.stop() cancels calls received
-    but not yet handed to a handler (19 of 20 CANCELLED every round); fixed by serving for
-    ECU_SHUTDOWN_DELAY_S after NOT_SERVING before stopping."""
+    but not yet handed to a handler (19 of 20 CANCELLED every round); fixed by serving after
+    NOT_SERVING while the client is connected (at most ECU_SHUTDOWN_DELAY_S; 2 s here, as the
+    test keeps its channel open while the sidecar stops)."""
     redis = redis_servers()
-    proc = SidecarProcess(sidecar_env(REDIS_URL=redis.url, SHUTDOWN_GRACE_S=10))
+    proc = SidecarProcess(sidecar_env(REDIS_URL=redis.url, SHUTDOWN_GRACE_S=10, SHUTDOWN_DELAY_S=2))
     rec = Recorder()
     try:
         await proc.wait_serving()

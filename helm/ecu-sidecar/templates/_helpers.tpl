@@ -189,6 +189,8 @@ Kubernetes' $(VAR) expansion: REDIS_PASSWORD must come first in the list. */}}
   value: {{ .Values.config.sweepLimit | int64 | quote }}
 - name: ECU_SHUTDOWN_GRACE_S
   value: {{ .Values.config.shutdownGraceS | toString | quote }}
+- name: ECU_SHUTDOWN_DELAY_S
+  value: {{ .Values.config.shutdownDelayS | toString | quote }}
 - name: ECU_LOG_LEVEL
   value: {{ .Values.logging.level | quote }}
 - name: ECU_LOG_FORMAT
