@@ -15,9 +15,8 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
-from urllib.parse import unquote, urlsplit
 
-from ecu_sidecar.settings import Settings
+from ecu_sidecar.settings import Settings, url_secrets
 
 __all__ = ["JsonFormatter", "RedactingFormatter", "TextFormatter", "configure", "secrets_of"]
 
@@ -99,23 +98,12 @@ class RedactingFormatter(logging.Formatter):
         return line
 
 
-def _url_password(url: str) -> list[str]:
-    if not url:
-        return []
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return []
-    if not password:
-        return []
-    return [password, unquote(password)]
-
-
 def secrets_of(settings: Settings) -> list[str]:
-    """The values no log line may contain: the admin token and URL passwords."""
+    """The values no log line may contain: the admin token, and the passwords and secret query
+    parameters of the Redis and ledger URLs."""
     out = [settings.admin_token] if settings.admin_token else []
-    out += _url_password(settings.redis_url)
-    out += _url_password(settings.ledger_url)
+    out += url_secrets(settings.redis_url)
+    out += url_secrets(settings.ledger_url)
     return out
 
 

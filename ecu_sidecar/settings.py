@@ -567,10 +567,42 @@ def describe(settings: Settings) -> dict[str, Any]:
     return out
 
 
+#: A query parameter whose name contains one of these words carries a secret: masked wherever
+#: settings are shown, redacted from logs.
+_SECRET_WORDS = ("password", "passwd", "pwd", "secret", "token")
+
+
+def _secret_name(name: str) -> bool:
+    return any(word in name.lower() for word in _SECRET_WORDS)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret values a URL carries (its password, secret-looking query parameters), as
+    written and percent-decoded: what no log line may show."""
+    found: list[str] = []
+    rest = url.partition("://")[2]
+    rest, _, query = rest.partition("?")
+    creds, at, _ = rest.rpartition("@")
+    if at and ":" in creds:
+        found.append(creds.split(":", 1)[1])
+    for name, _, value in (item.partition("=") for item in query.split("&") if item):
+        if _secret_name(name) and value:
+            found.append(value)
+    return [v for secret in found if secret for v in dict.fromkeys((secret, unquote(secret)))]
+
+
 def _mask_url(url: str) -> str:
+    """The URL with its password and every secret-looking query parameter (``?password=``,
+    ``sslpassword=``, ``token=``) masked."""
     scheme, sep, rest = url.partition("://")
+    rest, qsep, query = rest.partition("?")
     creds, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}{sep}{user + ':' if user else ''}***@{host}"
+    if at:
+        user = creds.split(":", 1)[0]
+        rest = f"{user + ':' if user else ''}***@{host}" if ":" in creds or not user else rest
+    if qsep:
+        query = "&".join(
+            f"{name}=***" if _secret_name(name) else f"{name}{eq}{value}"
+            for name, eq, value in (item.partition("=") for item in query.split("&"))
+        )
+    return f"{scheme}{sep}{rest}{qsep}{query}"

@@ -23,7 +23,13 @@ from prometheus_client import CollectorRegistry
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
-from ecu_sidecar.logs import JsonFormatter, RedactingFormatter, TextFormatter, secrets_of
+from ecu_sidecar.logs import (
+    JsonFormatter,
+    RedactingFormatter,
+    TextFormatter,
+    configure,
+    secrets_of,
+)
 from ecu_sidecar.server import SidecarServer
 from tests.conftest import REQUIRE_SERVICES, make_settings
 
@@ -221,6 +227,43 @@ def test_check_config_masks_secrets() -> None:
     assert "ECU_ADMIN_TOKEN=(set)" in proc.stdout
     assert "redis://ecu:***@redis.invalid:6379/0" in proc.stdout
     assert PASSWORD not in proc.stdout + proc.stderr and ADMIN_TOKEN not in proc.stdout
+
+
+def test_check_config_masks_passwords_given_as_query_parameters_or_conninfo() -> None:
+    """redis-py and libpq take a password as a query parameter too (``?password=``,
+    ``sslpassword=``): check-config and the logs mask those as well."""
+    for redis_url, ledger_url, shown in (
+        (
+            f"redis://redis.invalid:6379/0?password={PASSWORD}&socket_keepalive=true",
+            f"postgresql://ecu@db.invalid/ecu?sslmode=require&sslpassword={PASSWORD}",
+            "redis://redis.invalid:6379/0?password=***&socket_keepalive=true",
+        ),
+        (
+            f"rediss://:{PASSWORD}@redis.invalid:6380/0?token={PASSWORD}",
+            f"postgresql://ecu@db.invalid:5432/ecu?password={PASSWORD}&sslmode=require",
+            "rediss://***@redis.invalid:6380/0?token=***",
+        ),
+    ):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ECU_")}
+        env.update(ECU_REDIS_URL=redis_url, ECU_LEDGER_URL=ledger_url)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ecu_sidecar", "check-config"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert f"ECU_REDIS_URL={shown}" in proc.stdout
+        assert PASSWORD not in proc.stdout + proc.stderr
+        settings = make_settings("embedded", redis_url=redis_url, ledger_url=ledger_url)
+        stream = io.StringIO()
+        handler = configure(settings, stream)
+        try:
+            logging.getLogger("ecu_sidecar.x").error("careless %s %s", redis_url, ledger_url)
+        finally:
+            logging.getLogger().removeHandler(handler)
+        assert PASSWORD not in stream.getvalue() and "careless" in stream.getvalue()
 
 
 def test_redaction_is_a_last_line_of_defence() -> None:
