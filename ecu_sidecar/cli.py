@@ -174,11 +174,30 @@ def _client_target(listen: str) -> str:
     return f"{host}:{port}"
 
 
+def _admin_token(args: argparse.Namespace, defaults: _Defaults) -> str | None:
+    """The admin token: from --admin-token-file, else ECU_ADMIN_TOKEN. A token given on the
+    command line is refused: the arguments of every process are readable by every user."""
+    if getattr(args, "admin_token", None):
+        raise UsageError(
+            "--admin-token: a token on the command line is visible to every user (ps, "
+            "/proc/<pid>/cmdline): set ECU_ADMIN_TOKEN or use --admin-token-file PATH"
+        )
+    path = getattr(args, "admin_token_file", None)
+    if path is None:
+        return defaults.get().admin_token or None
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--admin-token-file: cannot read {path}: {exc.strerror}") from None
+    token = text.strip()
+    if not token:
+        raise UsageError(f"--admin-token-file: {path} is empty")
+    return token
+
+
 def _client(args: argparse.Namespace, defaults: _Defaults) -> QuotaClient:
     target = args.target or _client_target(defaults.get().listen)
-    token = getattr(args, "admin_token", None)
-    if getattr(args, "admin", False) and not token:
-        token = defaults.get().admin_token
+    token = _admin_token(args, defaults) if getattr(args, "admin", False) else None
     return QuotaClient(target, admin_token=token, timeout_s=args.timeout)
 
 
@@ -518,8 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object")
     admin = argparse.ArgumentParser(add_help=False, parents=[common])
     admin.add_argument(
-        "--admin-token", help="admin bearer token (default: ECU_ADMIN_TOKEN)", default=None
+        "--admin-token-file",
+        metavar="PATH",
+        default=None,
+        help="read the admin bearer token from this file ('-': standard input); default: "
+        "ECU_ADMIN_TOKEN. Never on the command line, where every user sees it in ps",
     )
+    admin.add_argument("--admin-token", help=argparse.SUPPRESS, default=None)
     admin.set_defaults(admin=True)
 
     def client_command(

@@ -214,9 +214,7 @@ def test_client_errors_exit_1_with_code_and_reason(sidecar_proc: Serve) -> None:
     no_token = cli(sidecar_proc, "grant", "cli-errors", "5", "--grant-id", "g", ECU_ADMIN_TOKEN="")
     assert no_token.returncode == 1
     assert no_token.stderr.startswith("error: UNAUTHENTICATED UNAUTHENTICATED: "), no_token.stderr
-    wrong = cli(
-        sidecar_proc, "grant", "cli-errors", "5", "--grant-id", "g", "--admin-token", "wrong"
-    )
+    wrong = cli(sidecar_proc, "grant", "cli-errors", "5", "--grant-id", "g", ECU_ADMIN_TOKEN="x")
     assert wrong.stderr.startswith("error: PERMISSION_DENIED PERMISSION_DENIED: "), wrong.stderr
 
     bad_model = cli(sidecar_proc, "reserve", "cli-errors", "5", "--job-type", "judge")
@@ -224,6 +222,58 @@ def test_client_errors_exit_1_with_code_and_reason(sidecar_proc: Serve) -> None:
     assert bad_model.stderr.startswith("error: INVALID_ARGUMENT INVALID_ARGUMENT: model"), (
         bad_model.stderr
     )
+
+
+def test_the_admin_token_comes_from_a_file_never_the_command_line(
+    sidecar_proc: Serve, tmp_path: Path
+) -> None:
+    """A token on argv is readable by every user (ps, /proc/<pid>/cmdline): refused before
+    anything is sent. --admin-token-file (or '-' for stdin) and ECU_ADMIN_TOKEN are the ways."""
+    on_argv = cli(
+        sidecar_proc, "grant", "cli-token", "5", "--grant-id", "g0", "--admin-token", "anything"
+    )
+    assert on_argv.returncode == 2 and on_argv.stdout == ""
+    assert "visible to every user" in on_argv.stderr and "anything" not in on_argv.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    granted = cli(
+        sidecar_proc,
+        "grant",
+        "cli-token",
+        "5",
+        "--grant-id",
+        "g1",
+        "--admin-token-file",
+        str(token_file),
+        ECU_ADMIN_TOKEN="",
+    )
+    ok(granted)
+    wrong_file = tmp_path / "wrong"
+    wrong_file.write_text("not-the-token")
+    refused = cli(
+        sidecar_proc,
+        "grant",
+        "cli-token",
+        "5",
+        "--grant-id",
+        "g2",
+        "--admin-token-file",
+        str(wrong_file),
+    )
+    assert refused.stderr.startswith("error: PERMISSION_DENIED"), refused.stderr
+    missing = cli(
+        sidecar_proc,
+        "grant",
+        "cli-token",
+        "5",
+        "--grant-id",
+        "g3",
+        "--admin-token-file",
+        str(tmp_path / "absent"),
+    )
+    assert missing.returncode == 2 and "--admin-token-file: cannot read" in missing.stderr
+    balance = json.loads(ok(cli(sidecar_proc, "balance", "cli-token", "--json")))
+    assert balance["granted_uecu"] == 5
 
 
 def test_target_defaults_to_ecu_listen(sidecar_proc: Serve) -> None:
