@@ -28,11 +28,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf.json_format import ParseDict, ParseError
 
 from ecu_sidecar import __version__, ledger_cli
 from ecu_sidecar.api.v1 import quota_pb2 as pb
-from ecu_sidecar.client import DEFAULT_TIMEOUT_S, QuotaClient, QuotaError
+from ecu_sidecar.client import DEFAULT_TIMEOUT_S, QuotaClient, QuotaError, tls_credentials
 from ecu_sidecar.ledger import LedgerError
 from ecu_sidecar.logs import JsonFormatter
 from ecu_sidecar.logs import configure as configure_logging
@@ -195,10 +196,24 @@ def _admin_token(args: argparse.Namespace, defaults: _Defaults) -> str | None:
     return token
 
 
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from --tls/--tls-ca/--tls-cert/--tls-key; None: plaintext."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key: give both (mutual TLS) or neither")
+    try:
+        return tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except OSError as exc:
+        raise UsageError(f"TLS: cannot read {exc.filename}: {exc.strerror}") from None
+
+
 def _client(args: argparse.Namespace, defaults: _Defaults) -> QuotaClient:
     target = args.target or _client_target(defaults.get().listen)
     token = _admin_token(args, defaults) if getattr(args, "admin", False) else None
-    return QuotaClient(target, admin_token=token, timeout_s=args.timeout)
+    return QuotaClient(
+        target, admin_token=token, timeout_s=args.timeout, credentials=_credentials(args)
+    )
 
 
 def _cmd_serve(args: argparse.Namespace, defaults: _Defaults) -> int:
@@ -535,6 +550,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"deadline of each attempt in seconds (default {DEFAULT_TIMEOUT_S})",
     )
     common.add_argument("--json", action="store_true", help="print one JSON object")
+    tls = common.add_argument_group("TLS (a sidecar with ECU_TLS_CERT_FILE)")
+    tls.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    tls.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA")
+    tls.add_argument(
+        "--tls-cert", metavar="PEM", help="this client's certificate chain (mutual TLS)"
+    )
+    tls.add_argument("--tls-key", metavar="PEM", help="this client's private key (mutual TLS)")
     admin = argparse.ArgumentParser(add_help=False, parents=[common])
     admin.add_argument(
         "--admin-token-file",

@@ -3,7 +3,12 @@ organizations pinned per sidecar, no secret in logs or error messages, READONLY 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -15,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
+from ecu_sidecar.client import AsyncQuotaClient, QuotaClient, Unavailable, tls_credentials
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings, SettingsError
 from tests.conftest import ADMIN_METADATA, ADMIN_TOKEN, drop_keys, make_settings, snapshot
@@ -104,6 +110,61 @@ async def test_mutual_tls_on_a_non_loopback_address(pki: dict[str, str]) -> None
                 await quota_pb2_grpc.QuotaStub(ch).GetBalance(
                     pb.GetBalanceRequest(organization="acme"), timeout=5
                 )
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_the_shipped_client_and_cli_reach_a_mutual_tls_sidecar(
+    pki: dict[str, str],
+) -> None:
+    """Both client flavours and the CLI connect with the CA and a client certificate; without
+    the client certificate the handshake fails (UNAVAILABLE), and nothing else changes."""
+    settings = make_settings(
+        "embedded",
+        listen="0.0.0.0:0",
+        tls_cert_file=pki["cert"],
+        tls_key_file=pki["key"],
+        tls_client_ca_file=pki["ca"],
+    )
+    server = SidecarServer(settings)
+    await server.start()
+    target = f"localhost:{server.port}"
+    try:
+        creds = tls_credentials(pki["ca"], pki["client_cert"], pki["client_key"])
+        async with AsyncQuotaClient(target, admin_token=ADMIN_TOKEN, credentials=creds) as c:
+            await c.grant("tls-org", 7_000, grant_id="g1")
+            assert (await c.balance("tls-org")).available_uecu == 7_000
+        with QuotaClient(target, credentials=creds) as sync_client:
+            assert (await asyncio.to_thread(sync_client.balance, "tls-org")).granted_uecu == 7_000
+        no_cert = tls_credentials(pki["ca"])
+        async with AsyncQuotaClient(target, credentials=no_cert, timeout_s=2) as c:
+            with pytest.raises(Unavailable):
+                await c.balance("tls-org")
+        with pytest.raises(ValueError, match="needs its key"):
+            tls_credentials(pki["ca"], cert_file=pki["client_cert"])
+
+        def cli(*extra: str) -> subprocess.CompletedProcess[str]:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("ECU_")}
+            command = [sys.executable, "-m", "ecu_sidecar", "balance", "tls-org", "--json"]
+            return subprocess.run(
+                [*command, "--target", target, "--timeout", "2", *extra],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        mutual = ["--tls-ca", pki["ca"], "--tls-cert", pki["client_cert"]]
+        out = await asyncio.to_thread(cli, *mutual, "--tls-key", pki["client_key"])
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["available_uecu"] == 7_000
+        refused = await asyncio.to_thread(cli, "--tls-ca", pki["ca"])
+        assert refused.returncode == 1 and refused.stderr.startswith("error: UNAVAILABLE")
+        half = await asyncio.to_thread(cli, *mutual)
+        assert half.returncode == 2 and "--tls-cert and --tls-key" in half.stderr
+        plaintext = await asyncio.to_thread(cli)
+        assert plaintext.returncode == 1, plaintext.stdout
+        assert (await server.engine.balance("tls-org")).granted_uecu == 7_000
     finally:
         await server.stop(grace=0)
 

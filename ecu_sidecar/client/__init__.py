@@ -29,6 +29,11 @@ The star is ``hold``::
 An exception in the block, or leaving it without commit or release, releases the hold (unless
 a commit's outcome is unknown); while the block runs, the hold is kept alive (``hold``).
 
+A sidecar serving TLS (``ECU_TLS_CERT_FILE``; mutual TLS with ``ECU_TLS_CLIENT_CA_FILE``)::
+
+    creds = tls_credentials(ca_file="ca.pem", cert_file="worker.pem", key_file="worker.key")
+    async with AsyncQuotaClient("sidecar.evals:50051", credentials=creds) as client: ...
+
 Workers never compute money: give ``job=`` (a ``pb.JobSpec`` or its proto JSON form as a dict)
 instead of an amount and the sidecar holds the job's worst case, pinned to its rate card
 version; then commit what was used as ``usage_lines`` and the sidecar prices it with that same
@@ -46,7 +51,7 @@ version, which the hold sends by itself::
 from __future__ import annotations
 
 from ecu_sidecar.client.aio import AsyncQuotaClient
-from ecu_sidecar.client.base import DEFAULT_TARGET, DEFAULT_TIMEOUT_S
+from ecu_sidecar.client.base import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, tls_credentials
 from ecu_sidecar.client.errors import (
     Conflict,
     DeadlineExceeded,
@@ -91,4 +96,5 @@ __all__ = [
     "UsageLine",
     "error_from_rpc",
     "new_caller_id",
+    "tls_credentials",
 ]

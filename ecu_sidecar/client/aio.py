@@ -51,9 +51,15 @@ class AsyncQuotaClient(ClientBase):
     def _get_stub(self) -> quota_pb2_grpc.QuotaStub:
         # Opened lazily: a grpc.aio channel belongs to the running event loop.
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(
-                self.target, options=self._options, interceptors=self._interceptors or None
-            )
+            interceptors = self._interceptors or None
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(
+                    self.target, options=self._options, interceptors=interceptors
+                )
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self._credentials, self._options, interceptors=interceptors
+                )
             self._stub = quota_pb2_grpc.QuotaStub(self._channel)
         return self._stub
 

@@ -52,7 +52,12 @@ class QuotaClient(ClientBase):
     def _get_stub(self) -> quota_pb2_grpc.QuotaStub:
         with self._opening:
             if self._stub is None:
-                self._channel = grpc.insecure_channel(self.target, options=self._options)
+                if self._credentials is None:
+                    self._channel = grpc.insecure_channel(self.target, options=self._options)
+                else:
+                    self._channel = grpc.secure_channel(
+                        self.target, self._credentials, options=self._options
+                    )
                 channel = grpc.intercept_channel(self._channel, *self._interceptors)
                 self._stub = quota_pb2_grpc.QuotaStub(channel)
             return self._stub
