@@ -166,7 +166,10 @@ class _Defaults:
 
 
 def _client_target(listen: str) -> str:
-    """Where a local client reaches a sidecar that binds ``listen`` (wildcards -> loopback)."""
+    """Where a local client reaches a sidecar that binds ``listen`` (wildcards -> loopback; a
+    Unix socket as it is)."""
+    if listen.startswith("unix:"):
+        return listen
     host, _, port = listen.rpartition(":")
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,27 @@ def established_connections(port: int) -> int | None:
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == _TCP_ESTABLISHED:
                 count += 1
     return count
+
+
+#: /proc/net/unix's state code of a connected stream socket.
+_UNIX_CONNECTED = "03"
+
+
+def unix_socket_connections(path: str) -> int | None:
+    """How many connections to the Unix socket at ``path`` are open (server side: accepted
+    sockets carry the listener's path). None when the kernel's table cannot be read."""
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as lines:
+            rows = lines.read().splitlines()[1:]
+    except OSError:
+        return None
+    return sum(
+        1
+        for row in rows
+        if len(fields := row.split(None, 7)) == 8
+        and os.path.normpath(fields[7]) == os.path.normpath(path)
+        and fields[5] == _UNIX_CONNECTED
+    )
 
 
 SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["Quota"].full_name
@@ -264,7 +286,14 @@ class SidecarServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = _bind(server, "ECU_LISTEN", self.settings.listen, _credentials(self.settings))
+        socket_path = self.settings.unix_socket
+        # grpc keeps unix:///x as the name "///x": bind the plain path, as the kernel lists it.
+        address = f"unix:{socket_path}" if socket_path else self.settings.listen
+        self.port = _bind(server, "ECU_LISTEN", address, _credentials(self.settings))
+        if socket_path:
+            # The file's permissions are the access control: owner and group only.
+            os.chmod(self.settings.unix_socket, int(self.settings.unix_socket_mode, 8))
+            self.port = 0
         await server.start()
         if self.settings.health_listen:
             # Health only, plaintext: kubelet probes reach the pod IP, never the quota service.
@@ -465,7 +494,12 @@ class SidecarServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit_s
         while loop.time() < deadline:
-            clients = established_connections(self.port)
+            socket_path = self.settings.unix_socket
+            clients = (
+                unix_socket_connections(socket_path)
+                if socket_path
+                else established_connections(self.port)
+            )
             if clients == 0:
                 return
             if clients is None:

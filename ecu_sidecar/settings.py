@@ -33,6 +33,8 @@ class SettingsError(ValueError):
 
 #: The scheme of a Redis Sentinel URL in ECU_REDIS_URL.
 SENTINEL_SCHEME = "redis+sentinel://"
+#: ECU_LISTEN's prefix for a Unix domain socket (grpc's own address syntax).
+UNIX_SCHEME = "unix:"
 
 #: Bound of ECU_METRICS_ORGS (ecu_sidecar.metrics.MAX_METRICS_ORGS).
 _MAX_METRICS_ORGS = 100
@@ -52,7 +54,13 @@ class Settings:
 
     listen: str = field(default="127.0.0.1:50051", metadata={"kind": "str"})
     """ECU_LISTEN: host:port the gRPC server binds (loopback by default; any other address
-    requires ECU_TLS_CERT_FILE and ECU_TLS_KEY_FILE)."""
+    requires ECU_TLS_CERT_FILE and ECU_TLS_KEY_FILE), or ``unix:///abs/path``: a Unix domain
+    socket (its directory must exist), e.g. in a volume the worker's container shares, whose
+    file permissions (ECU_UNIX_SOCKET_MODE) are the access control."""
+
+    unix_socket_mode: str = field(default="0660", metadata={"kind": "str"})
+    """ECU_UNIX_SOCKET_MODE: the permissions (octal) of the Unix socket of ECU_LISTEN: owner
+    and group may connect (a pod's fsGroup shares the group), nobody else."""
 
     tls_cert_file: str = field(default="", metadata={"kind": "str"})
     """ECU_TLS_CERT_FILE: PEM certificate chain of the gRPC server (turns TLS on)."""
@@ -296,6 +304,13 @@ class Settings:
         return self.embedded if self.flusher_in_serve is None else self.flusher_in_serve
 
     @property
+    def unix_socket(self) -> str:
+        """The Unix socket path ECU_LISTEN names, or "" when it is host:port."""
+        if not self.listen.startswith(UNIX_SCHEME):
+            return ""
+        return "/" + self.listen[len(UNIX_SCHEME) :].lstrip("/")
+
+    @property
     def embedded(self) -> bool:
         """True when no Redis URL is configured: the in-process store is used."""
         return not self.redis_url
@@ -340,6 +355,18 @@ class Settings:
         settings._check()
         return settings
 
+    def _check_unix_socket(self) -> None:
+        if not self.listen.startswith(UNIX_SCHEME + "//"):
+            raise SettingsError(
+                f"ECU_LISTEN: a Unix socket is unix:///absolute/path, got {self.listen!r}"
+            )
+        parent = os.path.dirname(self.unix_socket)
+        if not os.path.isdir(parent):
+            raise SettingsError(f"ECU_LISTEN: the socket's directory {parent} does not exist")
+        mode = self.unix_socket_mode
+        if not (3 <= len(mode) <= 4 and all(c in "01234567" for c in mode)):
+            raise SettingsError(f"ECU_UNIX_SOCKET_MODE: an octal mode like 0660, got {mode!r}")
+
     def _check(self) -> None:
         if not self.min_ttl_ms <= self.default_ttl_ms <= self.max_ttl_ms:
             raise SettingsError(
@@ -347,8 +374,9 @@ class Settings:
                 f"({self.min_ttl_ms}) and ECU_MAX_TTL_MS ({self.max_ttl_ms}), "
                 f"got {self.default_ttl_ms}"
             )
-        host, _ = _split_hostport("ECU_LISTEN", self.listen)
-        if not _is_loopback(host) and not self.tls:
+        if self.listen.startswith(UNIX_SCHEME):
+            self._check_unix_socket()
+        elif not _is_loopback(_split_hostport("ECU_LISTEN", self.listen)[0]) and not self.tls:
             raise SettingsError(
                 f"ECU_LISTEN: {self.listen} is not a loopback address; listening beyond this host "
                 "requires TLS (set ECU_TLS_CERT_FILE and ECU_TLS_KEY_FILE)"

@@ -333,7 +333,7 @@ sidecar.nativeSidecar). gRPC on 127.0.0.1, health on the pod IP for the probes. 
       protocol: TCP
   env:
     - name: ECU_LISTEN
-      value: {{ printf "127.0.0.1:%d" (int .Values.sidecar.grpcPort) | quote }}
+      value: {{ include "ecu-sidecar.workerTarget" . | quote }}
     - name: ECU_HEALTH_LISTEN
       value: {{ printf "0.0.0.0:%d" (int .Values.sidecar.healthPort) | quote }}
     {{- with include "ecu-sidecar.commonEnv" . }}{{ . | trim | nindent 4 }}{{- end }}
@@ -390,6 +390,7 @@ sidecar.nativeSidecar). gRPC on 127.0.0.1, health on the pod IP for the probes. 
   volumeMounts:
     - name: ecu-tmp
       mountPath: /tmp
+    {{- with include "ecu-sidecar.workerVolumeMounts" . }}{{ . | trim | nindent 4 }}{{- end }}
     {{- if .Values.rateCard.content }}
     - name: ecu-ratecard
       mountPath: /etc/ecu/ratecard
@@ -410,12 +411,36 @@ sidecar.nativeSidecar). gRPC on 127.0.0.1, health on the pod IP for the probes. 
     {{- end }}
 {{- end }}
 
+{{/* Where the worker reaches its sidecar (ECU_LISTEN of the sidecar): 127.0.0.1:<grpcPort>,
+or with sidecar.unixSocket.enabled the Unix socket in the shared ecu-socket volume. */}}
+{{- define "ecu-sidecar.workerTarget" -}}
+{{- if .Values.sidecar.unixSocket.enabled -}}
+unix:///var/run/ecu/ecu.sock
+{{- else -}}
+{{ printf "127.0.0.1:%d" (int .Values.sidecar.grpcPort) }}
+{{- end -}}
+{{- end }}
+
+{{/* The worker container's volumeMounts for the Unix socket (items; nothing over TCP). */}}
+{{- define "ecu-sidecar.workerVolumeMounts" -}}
+{{- if .Values.sidecar.unixSocket.enabled }}
+- name: ecu-socket
+  mountPath: /var/run/ecu
+{{- end }}
+{{- end }}
+
 {{/* The volumes the sidecar container mounts: items for the pod's `volumes`. */}}
 {{- define "ecu-sidecar.sidecarVolumes" -}}
 - name: ecu-tmp
   emptyDir:
     medium: Memory
     sizeLimit: 16Mi
+{{- if .Values.sidecar.unixSocket.enabled }}
+- name: ecu-socket
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- end }}
 {{- if .Values.rateCard.content }}
 - name: ecu-ratecard
   configMap:
