@@ -1,6 +1,6 @@
 """The ledger's commands: ``migrate``, ``flush`` (the long-running flusher) and ``report``.
 
-Registered into the ``ecu-sidecar`` command by ecu_sidecar.cli.
+Registered into the ``ecu-sidecar`` command by ecu_sidecar.cli.main.
 
 ``flush`` exits 0 when its final drain (at SIGTERM/SIGINT, or ``--once``) finished, after
 saying what it left, if anything (entries another flusher took meanwhile, or new ones); 1 when
@@ -98,7 +98,7 @@ async def _run_flusher(settings: Settings, *, once: bool) -> int:
     Exit status: 0 when the drain finished (what it left, arrived meanwhile or taken by
     another flusher, is reported); 1 when it could not, Redis or the ledger being unavailable
     (one line in the configured log format: nothing is lost, every entry not written stays
-    in the outboxes for the next flusher); 2 for a bad configuration (ecu_sidecar.cli)."""
+    in the outboxes for the next flusher); 2 for a bad configuration (ecu_sidecar.cli.main)."""
     try:
         ledger = open_configured(settings)
     except LedgerError as exc:
