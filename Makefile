@@ -127,8 +127,9 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-## Floors, sidecar, batches, preview, flusher, levers: prints the table and writes
-## bench/results.json and docs/benchmarks.md (about 8 minutes on 2 cores at the default).
+## Every target as a ratio to its floor, each measured 3 times in turn: prints the verdicts and
+## writes bench/results.json and docs/benchmarks.md (about 9 minutes on 2 cores at the default).
+## One section alone: make bench BENCH_ARGS='--only flusher' (writes no doc, results to /tmp).
 bench: $(BENCH_STAMP)
 	BENCH_VIA_MAKE=1 BENCH_SECONDS=$(BENCH_SECONDS) $(BIN)/python -m bench $(BENCH_ARGS)
 

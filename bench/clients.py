@@ -116,12 +116,6 @@ async def _closed_loop(
     await watcher
 
 
-def _read_text(path: str) -> str:
-    """Read before any load starts (the loop has nothing else to do yet)."""
-    with open(path, encoding="utf-8") as fh:
-        return fh.read()
-
-
 def _grpc_error(win: Window, exc: Exception) -> None:
     import grpc
 
@@ -131,7 +125,7 @@ def _grpc_error(win: Window, exc: Exception) -> None:
 
 def _org(spec: dict[str, Any], t: int, i: int) -> str:
     orgs = spec["orgs"]
-    return orgs[(int(spec.get("task_offset", 0)) + t + i * int(spec["concurrency"])) % len(orgs)]
+    return orgs[(t + i * int(spec["concurrency"])) % len(orgs)]
 
 
 async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
@@ -247,24 +241,7 @@ async def grpc_paced(spec: dict[str, Any]) -> dict[str, Any]:
         stub = quota_pb2_grpc.QuotaStub(channel)
 
         async def pair(org: str, rid: str) -> bool:
-            t0 = time.perf_counter()
-            await stub.Reserve(
-                pb.ReserveRequest(
-                    reservation_id=rid,
-                    account=pb.Account(organization=org),
-                    amount_uecu=1_000,
-                    job_type=pb.JOB_TYPE_INFERENCE,
-                    model="gpt-4o",
-                ),
-                timeout=RPC_TIMEOUT_S,
-            )
-            t1 = time.perf_counter()
-            win.record("Reserve", t0, t1)
-            await stub.Commit(
-                pb.CommitRequest(reservation_id=rid, organization=org, actual_uecu=700),
-                timeout=RPC_TIMEOUT_S,
-            )
-            return win.record("Commit", t1, time.perf_counter())
+            return await _single_pair(stub, win, org, rid, 1_000)
 
         async def batch(org: str, rid: str) -> bool:
             rids = [f"{rid}-{k}" for k in range(steps)]
@@ -336,7 +313,7 @@ async def grpc_preview(spec: dict[str, Any]) -> dict[str, Any]:
     from ecu_sidecar.api.v1 import quota_pb2_grpc
 
     win = Window(spec)
-    text = _read_text(spec["text_file"])
+    text = spec["text"]
     request = pb.PreviewRequest(
         account=pb.Account(organization=spec["orgs"][0]),
         job=pb.JobSpec(
@@ -385,7 +362,7 @@ async def tiktoken_encode(spec: dict[str, Any]) -> dict[str, Any]:
     from ecu_sidecar.pricing.tokens import get_encoding
 
     enc = get_encoding(spec["encoding"])
-    text = _read_text(spec["text_file"])
+    text = spec["text"]
     counts = {"encode": len(enc.encode(text)), "encode_ordinary": len(enc.encode_ordinary(text))}
     win = Window(spec)
     await win.wait_start()
@@ -407,15 +384,15 @@ async def tiktoken_encode(spec: dict[str, Any]) -> dict[str, Any]:
 
 async def redis_pairs(spec: dict[str, Any]) -> dict[str, Any]:
     """Floor B: the reserve script, then commit (or release), with redis-py, no sidecar; the
-    arguments are exactly the product's (bench.scriptargs)."""
+    arguments are exactly the product's (spec["calls"], captured by bench.scriptargs)."""
     import redis.asyncio as aioredis
     from redis.exceptions import NoScriptError
 
-    from bench.scriptargs import ScriptCall, capture
+    from bench.scriptargs import ScriptCall
 
     win = Window(spec)
     release = spec.get("mode") == "release"
-    calls = await capture(spec["prefix"])
+    calls = {k: ScriptCall.from_json(v) for k, v in spec["calls"].items()}
     reserve, second = calls["reserve"], calls["release" if release else "commit"]
     name = "Release" if release else "Commit"
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -551,7 +528,8 @@ async def roundtrips(spec: dict[str, Any]) -> dict[str, Any]:
             return out
 
         async def run(prepare: Callable[[], Awaitable[Any]], call: Callable[[Any, int], Any]):
-            best: dict[str, float] | None = None
+            best: dict[str, Any] | None = None
+            each: list[float] = []
             for _ in range(int(spec["repeats"])):
                 state = await prepare()
                 before = _commandstats(await redis_client.info("commandstats"))
@@ -579,8 +557,11 @@ async def roundtrips(spec: dict[str, Any]) -> dict[str, Any]:
                     "redis_usec": usec / k,
                 }
                 got["round_trips"] = got["scripts"] + got["other_top_level"]
+                each.append(got["round_trips"])
                 if best is None or got["round_trips"] < best["round_trips"]:
                     best = got
+            assert best is not None
+            best["each_round_trips"] = each
             return best
 
         async def nothing() -> None:
@@ -645,52 +626,7 @@ async def roundtrips(spec: dict[str, Any]) -> dict[str, Any]:
     return {"name": spec.get("name", ""), "calls": k, "per_rpc": kinds}
 
 
-async def store_pairs(spec: dict[str, Any]) -> dict[str, Any]:
-    """The product's own RedisStore (as the sidecar configures it), reserve → commit pairs, no
-    gRPC: this process's CPU per pair is the Redis-client side of an RPC, where the store
-    levers act (spec["patches"], and uvloop via spec["uvloop"] in main)."""
-    from bench.levers import apply
-    from ecu_sidecar.model import AccountRef, CommitItem, JobType, ReserveItem, Usage
-    from ecu_sidecar.settings import Settings
-    from ecu_sidecar.store import RedisStore
-
-    for name in spec.get("patches", []):
-        apply(name)
-    settings = Settings.from_mapping(
-        {"redis_url": ("bench", spec["redis_url"]), "key_prefix": ("bench", spec["prefix"])}
-    )
-    store = RedisStore.from_settings(settings)
-    win = Window(spec)
-    prefix = spec["rid_prefix"]
-    ttl = settings.default_ttl_ms
-    pct = settings.overage_max_percent
-
-    async def op(t: int, i: int) -> bool:
-        org = _org(spec, t, i)
-        rid = f"{prefix}{t}-{i}"
-        try:
-            t0 = time.perf_counter()
-            await store.reserve(
-                AccountRef(org), [ReserveItem(rid, 1_000, JobType.INFERENCE, "gpt-4o", ttl)]
-            )
-            t1 = time.perf_counter()
-            win.record("reserve", t0, t1)
-            await store.commit(org, [CommitItem(rid, 700, Usage(900, 350, 1))], pct)
-            return win.record("commit", t1, time.perf_counter())
-        except Exception as exc:
-            win.error(type(exc).__name__)
-            await asyncio.sleep(0.01)
-            return False
-
-    try:
-        await _closed_loop(spec, win, op)
-    finally:
-        await store.close()
-    return win.result(spec)
-
-
 WORKLOADS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
-    "store_pairs": store_pairs,
     "grpc_pairs": grpc_pairs,
     "grpc_paced": grpc_paced,
     "grpc_batch": grpc_batch,
@@ -704,10 +640,8 @@ WORKLOADS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
-    if spec.get("uvloop"):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if "text_file" in spec:  # read before any load starts
+        spec["text"] = Path(spec["text_file"]).read_text(encoding="utf-8")
     result = asyncio.run(WORKLOADS[spec["workload"]](spec))
     Path(spec["out"]).write_text(json.dumps(result))
     return 0

@@ -26,6 +26,7 @@ __all__ = [
     "ROOT",
     "Child",
     "ProcSample",
+    "check_local",
     "collect_child",
     "free_port",
     "machine_busy",
@@ -79,6 +80,15 @@ def machine_busy() -> tuple[float, float]:
     idle = parts[3] + parts[4]  # idle + iowait
     total = sum(parts[:8])  # user nice system idle iowait irq softirq steal
     return (total - idle) / _CLK_TCK, total / _CLK_TCK
+
+
+def check_local(url: str) -> None:
+    """Only 127.0.0.1/localhost is ever a target of this benchmark."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit(f"refusing to benchmark against {host!r}: 127.0.0.1 only")
 
 
 def free_port() -> int:
