@@ -7,7 +7,7 @@ measured window; throughput is those RPCs over the window's length.
 
 Workloads:
 
-- ``grpc_pairs``: Reserve → Commit (or → Release) pairs over a gRPC channel, ``concurrency``
+- ``grpc_pairs``: Reserve → Commit pairs over a gRPC channel, ``concurrency``
   tasks, organizations taken round-robin;
 - ``grpc_batch``: ReserveBatch of ``batch`` steps → CommitBatch of the same steps;
 - ``grpc_preview``: Preview of one job whose prompt text is read from a file;
@@ -134,7 +134,6 @@ async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
     from ecu_sidecar.api.v1 import quota_pb2_grpc
 
     win = Window(spec)
-    release = spec.get("mode") == "release"
     prefix = spec["rid_prefix"]
     amount = int(spec.get("amount", 1_000))
     async with grpc.aio.insecure_channel(spec["target"]) as channel:
@@ -142,9 +141,7 @@ async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
 
         async def op(t: int, i: int) -> bool:
             try:
-                return await _single_pair(
-                    stub, win, _org(spec, t, i), f"{prefix}{t}-{i}", amount, release=release
-                )
+                return await _single_pair(stub, win, _org(spec, t, i), f"{prefix}{t}-{i}", amount)
             except Exception as exc:
                 _grpc_error(win, exc)
                 await asyncio.sleep(0.01)  # never spin on a failing server
@@ -154,10 +151,8 @@ async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
     return win.result(spec)
 
 
-async def _single_pair(
-    stub: Any, win: Window, org: str, rid: str, amount: int, *, release: bool = False
-) -> bool:
-    """Reserve then Commit (at 70 %) or Release of one step; records both latencies."""
+async def _single_pair(stub: Any, win: Window, org: str, rid: str, amount: int) -> bool:
+    """Reserve then Commit (at 70 %) of one step; records both latencies."""
     from ecu_sidecar.api.v1 import quota_pb2 as pb
 
     t0 = time.perf_counter()
@@ -173,11 +168,6 @@ async def _single_pair(
     )
     t1 = time.perf_counter()
     win.record("Reserve", t0, t1)
-    if release:
-        await stub.Release(
-            pb.ReleaseRequest(reservation_id=rid, organization=org), timeout=RPC_TIMEOUT_S
-        )
-        return win.record("Release", t1, time.perf_counter())
     await stub.Commit(
         pb.CommitRequest(
             reservation_id=rid,
@@ -383,7 +373,7 @@ async def tiktoken_encode(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 async def redis_pairs(spec: dict[str, Any]) -> dict[str, Any]:
-    """Floor B: the reserve script, then commit (or release), with redis-py, no sidecar; the
+    """Floor B: the reserve script, then commit, with redis-py, no sidecar; the
     arguments are exactly the product's (spec["calls"], captured by bench.scriptargs)."""
     import redis.asyncio as aioredis
     from redis.exceptions import NoScriptError
@@ -391,10 +381,8 @@ async def redis_pairs(spec: dict[str, Any]) -> dict[str, Any]:
     from bench.scriptargs import ScriptCall
 
     win = Window(spec)
-    release = spec.get("mode") == "release"
     calls = {k: ScriptCall.from_json(v) for k, v in spec["calls"].items()}
-    reserve, second = calls["reserve"], calls["release" if release else "commit"]
-    name = "Release" if release else "Commit"
+    reserve, second = calls["reserve"], calls["commit"]
     pool = aioredis.BlockingConnectionPool.from_url(
         spec["redis_url"], max_connections=int(spec.get("pool_size", 64)), timeout=RPC_TIMEOUT_S
     )
@@ -425,7 +413,7 @@ async def redis_pairs(spec: dict[str, Any]) -> dict[str, Any]:
             t2 = time.perf_counter()
             if r[0] != b"OK":
                 win.error(r[1].decode())
-            return win.record(name, t1, t2)
+            return win.record("Commit", t1, t2)
         except Exception as exc:
             win.error(type(exc).__name__)
             await asyncio.sleep(0.01)
