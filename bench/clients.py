@@ -475,6 +475,13 @@ async def roundtrips(spec: dict[str, Any]) -> dict[str, Any]:
             reservation_id=r, account=acct, amount_uecu=1_000, job_type=pb.JOB_TYPE_ENGINE
         )
 
+    def batch_req(ids: list[str]) -> pb.ReserveBatchRequest:
+        items = [
+            pb.ReserveItem(reservation_id=r, amount_uecu=1_000, job_type=pb.JOB_TYPE_ENGINE)
+            for r in ids
+        ]
+        return pb.ReserveBatchRequest(account=acct, items=items)
+
     async with grpc.aio.insecure_channel(spec["target"]) as channel:
         stub = quota_pb2_grpc.QuotaStub(channel)
 
@@ -490,29 +497,16 @@ async def roundtrips(spec: dict[str, Any]) -> dict[str, Any]:
                     await asyncio.sleep(0.2)
             return None
 
-        async def reserved(n: int) -> list[str]:
-            ids = [rid() for _ in range(n)]
-            for r in ids:
-                await retried(lambda r=r: stub.Reserve(reserve_req(r), timeout=RPC_TIMEOUT_S))
-            return ids
-
-        async def batch_reserved(n: int) -> list[list[str]]:
-            out = []
+        async def reserved(n: int, size: int = 0) -> list[Any]:
+            """``n`` holds placed beforehand (ids), or ``n`` batches of ``size`` (id lists)."""
+            out: list[Any] = []
             for _ in range(n):
-                ids = [rid() for _ in range(batch)]
-                request = pb.ReserveBatchRequest(
-                    account=acct,
-                    items=[
-                        pb.ReserveItem(
-                            reservation_id=r, amount_uecu=1_000, job_type=pb.JOB_TYPE_ENGINE
-                        )
-                        for r in ids
-                    ],
-                )
-                await retried(
-                    lambda request=request: stub.ReserveBatch(request, timeout=RPC_TIMEOUT_S)
-                )
-                out.append(ids)
+                ids = [rid() for _ in range(size or 1)]
+                method, request = (stub.ReserveBatch, batch_req(ids)) if size else (
+                    stub.Reserve, reserve_req(ids[0])
+                )  # fmt: skip
+                await retried(lambda m=method, r=request: m(r, timeout=RPC_TIMEOUT_S))
+                out.append(ids if size else ids[0])
             return out
 
         async def run(prepare: Callable[[], Awaitable[Any]], call: Callable[[Any, int], Any]):
@@ -555,61 +549,31 @@ async def roundtrips(spec: dict[str, Any]) -> dict[str, Any]:
         async def nothing() -> None:
             return None
 
-        kinds: dict[str, Any] = {}
-        kinds["Reserve"] = await run(nothing, lambda s, i: (stub.Reserve, reserve_req(rid())))
-        kinds["Commit"] = await run(
-            lambda: reserved(k),
-            lambda s, i: (
-                stub.Commit,
-                pb.CommitRequest(reservation_id=s[i], organization=org, actual_uecu=500),
-            ),
-        )
-        kinds["Release"] = await run(
-            lambda: reserved(k),
-            lambda s, i: (stub.Release, pb.ReleaseRequest(reservation_id=s[i], organization=org)),
-        )
-        kinds["Extend"] = await run(
-            lambda: reserved(k),
-            lambda s, i: (
-                stub.Extend,
-                pb.ExtendRequest(reservation_id=s[i], organization=org, sequence=1),
-            ),
-        )
-        kinds[f"ReserveBatch({batch})"] = await run(
-            nothing,
-            lambda s, i: (
-                stub.ReserveBatch,
-                pb.ReserveBatchRequest(
-                    account=acct,
-                    items=[
-                        pb.ReserveItem(
-                            reservation_id=rid(), amount_uecu=1_000, job_type=pb.JOB_TYPE_ENGINE
-                        )
-                        for _ in range(batch)
-                    ],
-                ),
-            ),
-        )
-        kinds[f"CommitBatch({batch})"] = await run(
-            lambda: batch_reserved(k),
-            lambda s, i: (
-                stub.CommitBatch,
-                pb.CommitBatchRequest(
-                    organization=org,
-                    items=[pb.CommitItem(reservation_id=r, actual_uecu=500) for r in s[i]],
-                ),
-            ),
-        )
-        kinds["GetBalance"] = await run(
-            nothing, lambda s, i: (stub.GetBalance, pb.GetBalanceRequest(organization=org))
-        )
         preview = pb.PreviewRequest(
             account=acct,
             job=pb.JobSpec(
                 items=[pb.JobItem(inference=pb.InferenceSpec(model="gpt-4o", prompt_tokens=1_000))]
             ),
         )
-        kinds["Preview"] = await run(nothing, lambda s, i: (stub.Preview, preview))
+        held = lambda: reserved(k)  # noqa: E731
+        plan: list[tuple[str, Callable[[], Awaitable[Any]], Callable[[Any, int], Any]]] = [
+            ("Reserve", nothing, lambda s, i: (stub.Reserve, reserve_req(rid()))),
+            ("Commit", held, lambda s, i: (stub.Commit, pb.CommitRequest(
+                reservation_id=s[i], organization=org, actual_uecu=500))),
+            ("Release", held, lambda s, i: (stub.Release, pb.ReleaseRequest(
+                reservation_id=s[i], organization=org))),
+            ("Extend", held, lambda s, i: (stub.Extend, pb.ExtendRequest(
+                reservation_id=s[i], organization=org, sequence=1))),
+            (f"ReserveBatch({batch})", nothing, lambda s, i: (
+                stub.ReserveBatch, batch_req([rid() for _ in range(batch)]))),
+            (f"CommitBatch({batch})", lambda: reserved(k, batch), lambda s, i: (
+                stub.CommitBatch, pb.CommitBatchRequest(organization=org, items=[
+                    pb.CommitItem(reservation_id=r, actual_uecu=500) for r in s[i]]))),
+            ("GetBalance", nothing, lambda s, i: (
+                stub.GetBalance, pb.GetBalanceRequest(organization=org))),
+            ("Preview", nothing, lambda s, i: (stub.Preview, preview)),
+        ]  # fmt: skip
+        kinds = {name: await run(prepare, call) for name, prepare, call in plan}
     await redis_client.aclose()
     return {"name": spec.get("name", ""), "calls": k, "per_rpc": kinds}
 

@@ -75,10 +75,13 @@ def durability(h: Harness) -> None:
         h.results["durability"] = {"skipped": "the replica did not come up"}
         return
     base = {"ECU_REDIS_URL": url}
-    off = h.start_sidecar("sidecar[wait=0]", h.new_prefix("w0"), env=base)
+    w0, w1 = h.new_prefix("w0"), h.new_prefix("w1")
+    h.fund(w0, [ORG], url)
+    h.fund(w1, [ORG], url)
+    off = h.start_sidecar("sidecar[wait=0]", w0, env=base)
     on = h.start_sidecar(
         "sidecar[wait=1]",
-        h.new_prefix("w1"),
+        w1,
         env={
             **base,
             "ECU_REDIS_WAIT_REPLICAS": "1",
@@ -86,8 +89,6 @@ def durability(h: Harness) -> None:
         },
     )
     try:
-        h.grant(off.target, [ORG])
-        h.grant(on.target, [ORG])
         out = []
         for c in sorted({1, max(cfg.concurrencies)}):
             spec = {"concurrency": c, "orgs": [ORG], "mode": "commit"}

@@ -205,7 +205,7 @@ class Harness:
         win = _Window()
         sampler = self._sampler(win, m0, m1, server, extra or [])
         deadline = max(0.0, start_at - time.time()) + warmup + seconds + 60
-        outs = procs.run_children("clients", [child_spec], self.work, deadline)
+        outs = [procs.run_child("clients", child_spec, self.work, deadline)]
         sampler.join(30)
         run = self._figures(run_id, section, workload, spec, outs, win, server)
         run["repeat"] = repeat
@@ -316,7 +316,6 @@ class Harness:
             "ECU_LISTEN": f"127.0.0.1:{port}",
             "ECU_REDIS_URL": extra.pop("ECU_REDIS_URL", self.cfg.redis_url),
             "ECU_KEY_PREFIX": prefix,
-            "ECU_ADMIN_TOKEN": ADMIN_TOKEN,
             "ECU_RATE_CARD_FILE": RATE_CARD,
             "ECU_LOG_LEVEL": "WARNING",
             **extra,
@@ -349,46 +348,9 @@ class Harness:
                 time.sleep(0.1)
         raise RuntimeError(f"{child.name} did not serve within {timeout:.0f}s")
 
-    def grant(self, target: str, orgs: list[str]) -> None:
-        """Fund organizations through the Grant RPC (admin token), 32 at a time."""
-        import grpc
-
-        from ecu_sidecar.api.v1 import quota_pb2 as pb
-        from ecu_sidecar.api.v1 import quota_pb2_grpc
-
-        async def run() -> None:
-            async with grpc.aio.insecure_channel(target) as channel:
-                stub = quota_pb2_grpc.QuotaStub(channel)
-                meta = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
-                gate = asyncio.Semaphore(32)
-
-                async def one(org: str) -> None:
-                    async with gate:
-                        for attempt in range(5):  # the same grant id: a retry is a replay
-                            try:
-                                await stub.Grant(
-                                    pb.GrantRequest(
-                                        organization=org,
-                                        grant_id=f"bench-{org}",
-                                        amount_uecu=GRANT_UECU,
-                                        kind=pb.GRANT_KIND_TOP_UP,
-                                    ),
-                                    metadata=meta,
-                                    timeout=10,
-                                )
-                                return
-                            except grpc.aio.AioRpcError as exc:
-                                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
-                                    raise
-                                await asyncio.sleep(0.2 * (attempt + 1))
-
-                await asyncio.gather(*(one(o) for o in orgs))
-
-        asyncio.run(run())
-
-    def grant_direct(self, prefix: str, orgs: list[str], redis_url: str = "") -> None:
-        """Fund organizations through the product's store (``RedisStore.grant``): floor B, the
-        flusher's backlog and the Redis cost floor have no sidecar of their own."""
+    def fund(self, prefix: str, orgs: list[str], redis_url: str = "") -> None:
+        """Fund organizations under ``prefix`` through the product's store (``RedisStore.grant``,
+        what the Grant RPC ends in), on ``redis_url`` (default: the run's Redis)."""
         from ecu_sidecar.errors import StoreUnavailable
         from ecu_sidecar.model import GrantKind
         from ecu_sidecar.settings import Settings

@@ -263,7 +263,7 @@ def flusher_backlog(redis_url: str, pg_url: str, cycles: int) -> Iterator[tuple[
     try:
         prefix = h.new_prefix("ic")
         orgs = [f"ic-{i:03d}" for i in range(FLUSH_ORGS)]
-        h.grant_direct(prefix, orgs)
+        h.fund(prefix, orgs)
         sections.backlog(h, prefix, orgs, (cycles + 1) * FLUSH_EVENTS // 2)
         yield prefix, h.new_schema(), h
     finally:

@@ -32,7 +32,7 @@ __all__ = [
     "machine_busy",
     "proc_sample",
     "reset_peak_rss",
-    "run_children",
+    "run_child",
     "spawn_child",
     "start_server",
 ]
@@ -204,19 +204,10 @@ def collect_child(
     return result
 
 
-def run_children(
-    module: str, specs: list[dict[str, Any]], workdir: Path, deadline_s: float
-) -> list[dict[str, Any]]:
-    """Run one ``python -m bench.<module>`` per spec, all at once, and return their results.
-    Children still running after ``deadline_s`` are killed and the run fails."""
-    started = [spawn_child(module, spec, workdir) for spec in specs]
-    end = time.monotonic() + deadline_s
-    results, failed = [], []
-    for proc, spec in started:
-        try:
-            results.append(collect_child(proc, spec, end - time.monotonic()))
-        except RuntimeError as exc:
-            failed.append(str(exc))
-    if failed:
-        raise RuntimeError("; ".join(failed))
-    return results
+def run_child(
+    module: str, spec: dict[str, Any], workdir: Path, deadline_s: float
+) -> dict[str, Any]:
+    """Run ``python -m bench.<module>`` on ``spec`` and return its result; killed past
+    ``deadline_s``."""
+    proc, spec = spawn_child(module, spec, workdir)
+    return collect_child(proc, spec, deadline_s)

@@ -46,14 +46,14 @@ def run_all(h: Harness) -> None:
     sidecar = h.start_sidecar("sidecar", main_prefix)
     orgs = {n: [f"o{n}-{i:05d}" for i in range(n)] for n in cfg.org_counts}
     funded = [o for group in orgs.values() for o in group] if "pairs" in want else []
-    h.grant(sidecar.target, [*funded, "rt-0", "batch-0", "pv-0"])
+    h.fund(main_prefix, [*funded, "rt-0", "batch-0", "pv-0"])
     if "roundtrips" in want:
         roundtrips(h, sidecar)
     if "pairs" in want:
         noop = h.start_noop("floor-a")
         b_prefix = h.new_prefix("b")
         first = orgs[min(orgs)]
-        h.grant_direct(b_prefix, first)
+        h.fund(b_prefix, first)
         calls = asyncio.run(capture(cfg.redis_url, b_prefix))
         ab = h.start_noop("floor-ab", scripts_prefix=b_prefix)
         for rep in range(1, cfg.repeats + 1):
@@ -84,12 +84,13 @@ def roundtrips(h: Harness, sidecar: procs.Child) -> None:
     target, url, child, where = sidecar.target, h.cfg.redis_url, None, "shared"
     if private is not None:
         _, url = private
+        prefix = h.new_prefix("rt")
+        h.fund(prefix, ["rt-0"], url)
         child = h.start_sidecar(
             "sidecar[roundtrips]",
-            h.new_prefix("rt"),
+            prefix,
             env={"ECU_REDIS_URL": url, "ECU_SWEEP_INTERVAL_MS": "3600000"},
         )
-        h.grant(child.target, ["rt-0"])
         target, where = child.target, "private"
     spec = {
         "workload": "roundtrips",
@@ -103,7 +104,7 @@ def roundtrips(h: Harness, sidecar: procs.Child) -> None:
         "rid_prefix": f"rt{h.run_id}-",
     }
     try:
-        (out,) = procs.run_children("clients", [spec], h.work, 120)
+        out = procs.run_child("clients", spec, h.work, 120)
     finally:
         if child is not None:
             child.stop()
@@ -275,7 +276,7 @@ def scripts_vs_minimal(h: Harness) -> None:
     prefix = h.new_prefix("rc")
     h.log(f"Redis cost per call: the scripts and the minimal hold ({where} Redis)")
     try:
-        h.grant_direct(prefix, ["rc-0"], url)
+        h.fund(prefix, ["rc-0"], url)
         calls = asyncio.run(capture(url, prefix))
         out = redis_cost(url, prefix, "rc-0", calls, h.cfg.redis_cost_calls, h.cfg.repeats)
     finally:
@@ -322,7 +323,7 @@ def flusher_drain(h: Harness) -> None:
     for rep in range(1, cfg.repeats + 1):
         prefix = h.new_prefix(f"f{rep}")
         orgs = [f"f-{i:04d}" for i in range(cfg.flusher_orgs)]
-        h.grant_direct(prefix, orgs)
+        h.fund(prefix, orgs)
         pairs_n = max(1, (cfg.flusher_events - len(orgs)) // 2)
         made = backlog(h, prefix, orgs, pairs_n)
         url = h.new_schema()
@@ -404,7 +405,7 @@ def lag_once(
     # Organizations of this attempt's own: their grants write the first outbox events (so the
     # flusher finds every outbox when it starts, and the fresh ledger has the grants).
     orgs = [f"lag{steps}-{i:03d}" for i in range(cfg.lag_orgs)]
-    h.grant(sidecar.target, orgs)
+    h.fund(prefix, orgs)
     url = h.new_schema()
     seconds = cfg.seconds * (1 if cfg.smoke else 2)
     start_at = time.time() + cfg.start_margin_s
