@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -325,7 +326,7 @@ class Harness:
         self, name: str, prefix: str, *, env: dict[str, str] | None = None
     ) -> procs.Child:
         """``ecu-sidecar serve`` on the product's defaults (its loop included) plus ``env``."""
-        child = procs.start_server(name, ["sidecar"], self.sidecar_env(prefix, **(env or {})))
+        child = procs.start_sidecar(name, self.sidecar_env(prefix, **(env or {})))
         self.children.append(child)
         self._wait_serving(child)
         child.info["prefix"] = prefix
@@ -448,16 +449,19 @@ class Harness:
         """A fresh, migrated PostgreSQL schema; returns the ledger URL that selects it."""
         import psycopg
 
-        from ecu_sidecar.ledger import open_ledger
-
         schema = f"bench_{self.run_id}_{len(self.schemas)}"
         with psycopg.connect(self.cfg.pg_url, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"CREATE SCHEMA {schema}")
         self.schemas.append(schema)
         sep = "&" if "?" in self.cfg.pg_url else "?"
         url = f"{self.cfg.pg_url}{sep}options=-csearch_path%3D{schema}"
-        with open_ledger(url) as ledger:
-            ledger.migrate()
+        done = subprocess.run(
+            [sys.executable, "-m", "ecu_sidecar", "migrate"],
+            cwd=procs.ROOT, env=procs.child_env({"ECU_LEDGER_URL": url}),
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        if done.returncode:
+            raise RuntimeError(f"ecu-sidecar migrate failed: {done.stderr[-1000:]}")
         return url
 
     def drop_schema(self, schema: str) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "Child",
     "ProcSample",
     "check_local",
+    "child_env",
     "collect_child",
     "free_port",
     "machine_busy",
@@ -35,6 +36,7 @@ __all__ = [
     "run_child",
     "spawn_child",
     "start_server",
+    "start_sidecar",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +100,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(extra: dict[str, str] | None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """This environment without any ECU_ variable, plus ``extra``: what every child gets."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ECU_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
@@ -137,6 +140,19 @@ class Child:
         return self.proc.returncode
 
 
+def start_sidecar(name: str, env: dict[str, str]) -> Child:
+    """Start ``python -m ecu_sidecar serve`` (the product's own command) on the port of
+    ``env["ECU_LISTEN"]``; the caller waits for its health check."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ecu_sidecar", "serve"],
+        cwd=ROOT,
+        env=child_env(env),
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    return Child(name, proc, int(env["ECU_LISTEN"].rpartition(":")[2]))
+
+
 def start_server(
     name: str, args: list[str], env: dict[str, str] | None = None, timeout: float = 60.0
 ) -> Child:
@@ -144,7 +160,7 @@ def start_server(
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.servers", *args],
         cwd=ROOT,
-        env=_env(env),
+        env=child_env(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=None,  # the server's own log lines go to the benchmark's stderr
@@ -177,7 +193,7 @@ def spawn_child(
     proc = subprocess.Popen(
         [sys.executable, "-m", f"bench.{module}", str(path)],
         cwd=ROOT,
-        env=_env(None),
+        env=child_env(None),
         stdin=subprocess.DEVNULL,
         text=True,
     )

@@ -1,14 +1,12 @@
-"""The benchmark's server processes: ``python -m bench.servers (noop | sidecar) [options]``.
+"""The benchmark's floor servers: ``python -m bench.servers noop [options]``.
 
 - ``noop`` (floor A): a ``grpc.aio`` server with the sidecar's server options serving the same
   Quota service, every RPC answered with a canned response: the cost of gRPC in Python alone.
   With ``--redis-url`` (floor A∘B) each handler first makes the operation's call on the
   product's ``RedisStore`` (its public ``reserve``, ``commit``, ``release``).
-- ``sidecar``: the product's own ``ecu-sidecar serve`` (configured by the ``ECU_*`` environment
-  the harness sets, ECU_EVENT_LOOP included).
 
-Both print one JSON line ``{"port": N, "pid": P}`` on stdout (the sidecar before it binds; the
-harness then waits for its health check) and stop on SIGTERM.
+It prints one JSON line ``{"port": N, "pid": P}`` on stdout when it serves and stops on
+SIGTERM. (The sidecar itself runs as ``python -m ecu_sidecar serve``: bench.procs.)
 """
 
 from __future__ import annotations
@@ -129,22 +127,16 @@ async def _scripted(redis_url: str, prefix: str, reserve: Any, commit: Any, rele
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.servers")
-    parser.add_argument("role", choices=("noop", "sidecar"))
+    parser.add_argument("role", choices=("noop",))
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--uvloop", action="store_true", help="noop: run on uvloop")
-    parser.add_argument("--redis-url", default="", help="noop: run the scripts (floor A∘B)")
-    parser.add_argument("--prefix", default="", help="noop with --redis-url: the key prefix")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--redis-url", default="", help="run the store call (floor A∘B)")
+    parser.add_argument("--prefix", default="", help="with --redis-url: the key prefix")
     args = parser.parse_args(argv)
-    if args.uvloop and args.role == "noop":
+    if args.uvloop:
         _use_uvloop()
-    if args.role == "noop":
-        asyncio.run(_noop(args.port, args.redis_url, args.prefix))
-        return 0
-    port = int(os.environ["ECU_LISTEN"].rpartition(":")[2])
-    print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
-    from ecu_sidecar.cli import main as ecu_main
-
-    return ecu_main(["serve"])
+    asyncio.run(_noop(args.port, args.redis_url, args.prefix))
+    return 0
 
 
 if __name__ == "__main__":
