@@ -524,43 +524,6 @@ def durability_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-RUN_HEADER = [
-    "run",
-    "#",
-    "method",
-    "RPC/s",
-    "p50 ms",
-    "p99 ms",
-    "srv CPU s/1k",
-    "RSS MB",
-    "other cores",
-    "errors",
-]
-
-
-def run_rows(results: dict[str, Any]) -> list[list[str]]:
-    """One row per (run, method): the raw figures (printed; in results.json)."""
-    rows = []
-    for r in results["runs"]:
-        for i, (method, s) in enumerate(r["latency_ms"].items() or [("–", {})]):
-            first = i == 0
-            rows.append(
-                [
-                    r["id"] if first else "",
-                    str(r.get("repeat", 1)) if first else "",
-                    method,
-                    _f(r["rpc_per_s"], ",.0f") if first else "",
-                    _f(s.get("p50")),
-                    _f(s.get("p99")),
-                    _f(r.get("server_cpu_s_per_1k_rpc")) if first else "",
-                    _f(r.get("peak_rss_mb"), ".0f") if first else "",
-                    _f(r.get("foreign_cores"), ".2f") if first else "",
-                    (", ".join(f"{k}:{v}" for k, v in r["errors"].items()) or "0") if first else "",
-                ]
-            )
-    return rows
-
-
 def _interference(results: dict[str, Any]) -> str:
     xs = sorted(r["foreign_cores"] for r in results["runs"] if r.get("foreign_cores") is not None)
     if not xs:
@@ -600,7 +563,7 @@ def _sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[s
 
 
 def render_text(results: dict[str, Any]) -> str:
-    parts = ["== runs ==", _text_table(RUN_HEADER, run_rows(results))]
+    parts: list[str] = []  # each run's own figures: the log above, and results.json
     for title, header, rows in _sections(results):
         parts += ["", f"== {title} ==", _text_table(header, rows)]
     parts += ["", *results.get("notes", [])]
