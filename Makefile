@@ -119,23 +119,19 @@ image:
 # targets 127.0.0.1 only and is bounded in time; BENCH_SECONDS is the measured window of each run.
 BENCH_SECONDS ?= 4
 BENCH_ARGS ?=
-BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: bench bench-smoke bench-icount
 
-$(BENCH_STAMP): pyproject.toml $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	touch $(BENCH_STAMP)
-
-## Floors, sidecar, batches, preview, flusher, levers: prints the table and writes
-## bench/results.json and docs/benchmarks.md (about 8 minutes on 2 cores at the default).
-bench: $(BENCH_STAMP)
+## Every target as a ratio to its floor, each measured 3 times in turn: prints the verdicts and
+## writes bench/results.json and docs/benchmarks.md (about 9 minutes on 2 cores at the default).
+## One section alone: make bench BENCH_ARGS='--only flusher' (writes no doc, results to /tmp).
+bench: $(STAMP)
 	BENCH_VIA_MAKE=1 BENCH_SECONDS=$(BENCH_SECONDS) $(BIN)/python -m bench $(BENCH_ARGS)
 
 ## Instructions per Reserve, Commit and batch of 100 (valgrind), in the sidecar's process and in
 ## Redis: steadier than timings on a noisy machine. Writes bench/icount.json (a few minutes;
 ## needs valgrind and redis-server).
-bench-icount: $(BENCH_STAMP)
+bench-icount: $(STAMP)
 	$(BIN)/python -m bench.icount
 
 ## Every section for a fraction of a second (what tests/test_bench_smoke.py runs); writes nothing

@@ -1,19 +1,11 @@
-"""The sidecar's benchmark (issue 6): the sidecar measured against its floors in one run.
+"""The sidecar's benchmark: every target a ratio to a floor measured in the same run.
 
-``python -m bench`` (or ``make bench``) runs, on this machine and against 127.0.0.1 only:
-
-- floor A: a no-op ``grpc.aio`` server answering the same Quota RPCs with canned responses,
-  built with the sidecar's server options and driven by the same client code;
-- floor B: the reserve and commit Lua scripts run directly with redis-py, same concurrency;
-- the sidecar: a real ``SidecarServer`` (``ecu-sidecar serve``) in its own process against
-  real Redis, Reserve→Commit and Reserve→Release pairs at concurrency 1, 16, 64 across 1 and
-  1,000 organizations; ReserveBatch/CommitBatch of 100 steps; Preview of a 100,000-token prompt
-  against tiktoken's own encode; Redis round trips per RPC from ``INFO commandstats``;
-- the flusher: events/s from the outbox into PostgreSQL, and its lag under steady traffic;
-- levers: the same runs with uvloop as the server's event loop policy (and prototype patches
-  of the hot path applied in the benchmark's own process, never in the product's code).
-
-Every load loop is bounded in time (and the children are killed past a deadline). Results go
-to ``bench/results.json`` and ``docs/benchmarks.md``. ``--smoke`` runs every section for a
-fraction of a second (the test suite runs it); it asserts nothing about speed.
+``python -m bench`` (``make bench``) runs, on this machine and against 127.0.0.1 only, each
+floor beside what it is the floor of, ``repeats`` times in turn: floor A (a no-op grpc.aio
+server), floor A∘B (A plus the product's store call), floor B (the scripts with redis-py), the
+sidecar (``ecu-sidecar serve``) at c=1/16/64 over 1 and 1,000 organizations, the batch of 100
+beside single steps, Preview beside tiktoken, the flusher's drain beside a COPY of the same
+rows, the scripts' cost inside Redis beside a minimal hold script, the flusher's lag, Redis
+round trips per RPC and the cost of the replica wait. docs/benchmarks.md says what each
+measures; bench/results.json and that page's generated block hold the figures.
 """

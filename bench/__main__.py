@@ -1,9 +1,9 @@
 """``python -m bench``: run the benchmark, print the table, write the results.
 
 python -m bench                      # full run (BENCH_SECONDS or --seconds per measured run)
+python -m bench --repeats 5          # every floor and target's run 5 times (default 3)
 python -m bench --smoke              # every section for a fraction of a second
-python -m bench --profile            # also py-spy the sidecar at the highest concurrency
-python -m bench --patch NAME         # also measure a bench.levers prototype patch
+python -m bench --only flusher       # one section (repeatable); writes no doc unless --doc
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from bench import report
 from bench.harness import Config, Harness
-from bench.levers import PATCHES
-from bench.sections import run_all
+from bench.procs import check_local
+from bench.sections import SECTIONS, run_all
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,65 +43,46 @@ def _parser() -> argparse.ArgumentParser:
         help="start a throw-away redis-server on 127.0.0.1 for the whole run (no other client "
         "of the shared Redis can disturb the figures)",
     )
-    p.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
     p.add_argument(
-        "--repeats", type=int, default=1, help="repeat the floors/sidecar matrix; keep medians"
+        "--repeats",
+        type=int,
+        default=None,
+        help="measure every floor and target's run this many times, in turn (default 3)",
     )
     p.add_argument(
-        "--asyncio",
-        action="store_true",
-        help="run the servers on asyncio's loop (default: uvloop, the product's default)",
-    )
-    p.add_argument("--no-levers", action="store_true", help="skip the levers section")
-    p.add_argument(
-        "--patch",
+        "--only",
         action="append",
         default=[],
-        choices=sorted(PATCHES),
-        help="the patches the levers section measures (repeatable; default: all)",
+        choices=SECTIONS,
+        help="run only this section (repeatable); the targets of the others are left out",
     )
-    p.add_argument("--profile", action="store_true", help="py-spy the sidecar (bench/profiles)")
     return p
-
-
-def _check_local(url: str) -> None:
-    """Only 127.0.0.1/localhost is ever a target of this benchmark."""
-    from urllib.parse import urlsplit
-
-    host = urlsplit(url).hostname or ""
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise SystemExit(f"refusing to benchmark against {host!r}: 127.0.0.1 only")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    _check_local(args.redis_url)
-    _check_local(args.pg_url)
-    common = {
+    check_local(args.redis_url)
+    check_local(args.pg_url)
+    common: dict[str, object] = {
         "redis_url": args.redis_url,
         "pg_url": args.pg_url,
-        "client_procs": args.client_procs,
-        "uvloop": not args.asyncio,
-        "profile": args.profile,
-        "repeats": max(1, args.repeats),
     }
-    if args.patch:
-        common["lever_patches"] = tuple(args.patch)
-    if args.smoke:
-        cfg = Config.for_smoke(**common)
-    else:
-        cfg = Config(seconds=args.seconds, levers=not args.no_levers, **common)
+    if args.only:
+        common["only"] = tuple(args.only)
+    if args.repeats is not None:
+        common["repeats"] = max(1, args.repeats)
+    cfg = Config.for_smoke(**common) if args.smoke else Config(seconds=args.seconds, **common)
     if args.warmup is not None:
         cfg.warmup_s = args.warmup
     root = Path(__file__).resolve().parent.parent
     out = args.out or (
-        Path(tempfile.gettempdir()) / "ecu-bench-smoke.json"
-        if args.smoke
+        Path(tempfile.gettempdir()) / "ecu-bench-partial.json"
+        if args.smoke or args.only
         else root / "bench" / "results.json"
     )
-    doc = None if args.no_doc or (args.smoke and args.doc is None) else args.doc
-    if doc is None and not args.smoke and not args.no_doc:
+    doc = None if args.no_doc or ((args.smoke or args.only) and args.doc is None) else args.doc
+    if doc is None and not (args.smoke or args.only) and not args.no_doc:
         doc = root / "docs" / "benchmarks.md"
 
     started = time.time()
@@ -123,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         h.close()
     results = h.results
     results["config"] = {
-        k: (list(v) if isinstance(v, tuple) else v)
-        for k, v in asdict(cfg).items()
-        if k != "out_dir"
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
     }
     results["meta"] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),

@@ -7,7 +7,7 @@ measured window; throughput is those RPCs over the window's length.
 
 Workloads:
 
-- ``grpc_pairs``: Reserve → Commit (or → Release) pairs over a gRPC channel, ``concurrency``
+- ``grpc_pairs``: Reserve → Commit pairs over a gRPC channel, ``concurrency``
   tasks, organizations taken round-robin;
 - ``grpc_batch``: ReserveBatch of ``batch`` steps → CommitBatch of the same steps;
 - ``grpc_preview``: Preview of one job whose prompt text is read from a file;
@@ -116,12 +116,6 @@ async def _closed_loop(
     await watcher
 
 
-def _read_text(path: str) -> str:
-    """Read before any load starts (the loop has nothing else to do yet)."""
-    with open(path, encoding="utf-8") as fh:
-        return fh.read()
-
-
 def _grpc_error(win: Window, exc: Exception) -> None:
     import grpc
 
@@ -131,7 +125,7 @@ def _grpc_error(win: Window, exc: Exception) -> None:
 
 def _org(spec: dict[str, Any], t: int, i: int) -> str:
     orgs = spec["orgs"]
-    return orgs[(int(spec.get("task_offset", 0)) + t + i * int(spec["concurrency"])) % len(orgs)]
+    return orgs[(t + i * int(spec["concurrency"])) % len(orgs)]
 
 
 async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +134,6 @@ async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
     from ecu_sidecar.api.v1 import quota_pb2_grpc
 
     win = Window(spec)
-    release = spec.get("mode") == "release"
     prefix = spec["rid_prefix"]
     amount = int(spec.get("amount", 1_000))
     async with grpc.aio.insecure_channel(spec["target"]) as channel:
@@ -148,9 +141,7 @@ async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
 
         async def op(t: int, i: int) -> bool:
             try:
-                return await _single_pair(
-                    stub, win, _org(spec, t, i), f"{prefix}{t}-{i}", amount, release=release
-                )
+                return await _single_pair(stub, win, _org(spec, t, i), f"{prefix}{t}-{i}", amount)
             except Exception as exc:
                 _grpc_error(win, exc)
                 await asyncio.sleep(0.01)  # never spin on a failing server
@@ -160,10 +151,8 @@ async def grpc_pairs(spec: dict[str, Any]) -> dict[str, Any]:
     return win.result(spec)
 
 
-async def _single_pair(
-    stub: Any, win: Window, org: str, rid: str, amount: int, *, release: bool = False
-) -> bool:
-    """Reserve then Commit (at 70 %) or Release of one step; records both latencies."""
+async def _single_pair(stub: Any, win: Window, org: str, rid: str, amount: int) -> bool:
+    """Reserve then Commit (at 70 %) of one step; records both latencies."""
     from ecu_sidecar.api.v1 import quota_pb2 as pb
 
     t0 = time.perf_counter()
@@ -179,11 +168,6 @@ async def _single_pair(
     )
     t1 = time.perf_counter()
     win.record("Reserve", t0, t1)
-    if release:
-        await stub.Release(
-            pb.ReleaseRequest(reservation_id=rid, organization=org), timeout=RPC_TIMEOUT_S
-        )
-        return win.record("Release", t1, time.perf_counter())
     await stub.Commit(
         pb.CommitRequest(
             reservation_id=rid,
@@ -247,24 +231,7 @@ async def grpc_paced(spec: dict[str, Any]) -> dict[str, Any]:
         stub = quota_pb2_grpc.QuotaStub(channel)
 
         async def pair(org: str, rid: str) -> bool:
-            t0 = time.perf_counter()
-            await stub.Reserve(
-                pb.ReserveRequest(
-                    reservation_id=rid,
-                    account=pb.Account(organization=org),
-                    amount_uecu=1_000,
-                    job_type=pb.JOB_TYPE_INFERENCE,
-                    model="gpt-4o",
-                ),
-                timeout=RPC_TIMEOUT_S,
-            )
-            t1 = time.perf_counter()
-            win.record("Reserve", t0, t1)
-            await stub.Commit(
-                pb.CommitRequest(reservation_id=rid, organization=org, actual_uecu=700),
-                timeout=RPC_TIMEOUT_S,
-            )
-            return win.record("Commit", t1, time.perf_counter())
+            return await _single_pair(stub, win, org, rid, 1_000)
 
         async def batch(org: str, rid: str) -> bool:
             rids = [f"{rid}-{k}" for k in range(steps)]
@@ -336,7 +303,7 @@ async def grpc_preview(spec: dict[str, Any]) -> dict[str, Any]:
     from ecu_sidecar.api.v1 import quota_pb2_grpc
 
     win = Window(spec)
-    text = _read_text(spec["text_file"])
+    text = spec["text"]
     request = pb.PreviewRequest(
         account=pb.Account(organization=spec["orgs"][0]),
         job=pb.JobSpec(
@@ -385,7 +352,7 @@ async def tiktoken_encode(spec: dict[str, Any]) -> dict[str, Any]:
     from ecu_sidecar.pricing.tokens import get_encoding
 
     enc = get_encoding(spec["encoding"])
-    text = _read_text(spec["text_file"])
+    text = spec["text"]
     counts = {"encode": len(enc.encode(text)), "encode_ordinary": len(enc.encode_ordinary(text))}
     win = Window(spec)
     await win.wait_start()
@@ -406,18 +373,16 @@ async def tiktoken_encode(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 async def redis_pairs(spec: dict[str, Any]) -> dict[str, Any]:
-    """Floor B: the reserve script, then commit (or release), with redis-py, no sidecar; the
-    arguments are exactly the product's (bench.scriptargs)."""
+    """Floor B: the reserve script, then commit, with redis-py, no sidecar; the
+    arguments are exactly the product's (spec["calls"], captured by bench.scriptargs)."""
     import redis.asyncio as aioredis
     from redis.exceptions import NoScriptError
 
-    from bench.scriptargs import ScriptCall, capture
+    from bench.scriptargs import ScriptCall
 
     win = Window(spec)
-    release = spec.get("mode") == "release"
-    calls = await capture(spec["prefix"])
-    reserve, second = calls["reserve"], calls["release" if release else "commit"]
-    name = "Release" if release else "Commit"
+    calls = {k: ScriptCall.from_json(v) for k, v in spec["calls"].items()}
+    reserve, second = calls["reserve"], calls["commit"]
     pool = aioredis.BlockingConnectionPool.from_url(
         spec["redis_url"], max_connections=int(spec.get("pool_size", 64)), timeout=RPC_TIMEOUT_S
     )
@@ -448,7 +413,7 @@ async def redis_pairs(spec: dict[str, Any]) -> dict[str, Any]:
             t2 = time.perf_counter()
             if r[0] != b"OK":
                 win.error(r[1].decode())
-            return win.record(name, t1, t2)
+            return win.record("Commit", t1, t2)
         except Exception as exc:
             win.error(type(exc).__name__)
             await asyncio.sleep(0.01)
@@ -510,6 +475,13 @@ async def roundtrips(spec: dict[str, Any]) -> dict[str, Any]:
             reservation_id=r, account=acct, amount_uecu=1_000, job_type=pb.JOB_TYPE_ENGINE
         )
 
+    def batch_req(ids: list[str]) -> pb.ReserveBatchRequest:
+        items = [
+            pb.ReserveItem(reservation_id=r, amount_uecu=1_000, job_type=pb.JOB_TYPE_ENGINE)
+            for r in ids
+        ]
+        return pb.ReserveBatchRequest(account=acct, items=items)
+
     async with grpc.aio.insecure_channel(spec["target"]) as channel:
         stub = quota_pb2_grpc.QuotaStub(channel)
 
@@ -525,33 +497,21 @@ async def roundtrips(spec: dict[str, Any]) -> dict[str, Any]:
                     await asyncio.sleep(0.2)
             return None
 
-        async def reserved(n: int) -> list[str]:
-            ids = [rid() for _ in range(n)]
-            for r in ids:
-                await retried(lambda r=r: stub.Reserve(reserve_req(r), timeout=RPC_TIMEOUT_S))
-            return ids
-
-        async def batch_reserved(n: int) -> list[list[str]]:
-            out = []
+        async def reserved(n: int, size: int = 0) -> list[Any]:
+            """``n`` holds placed beforehand (ids), or ``n`` batches of ``size`` (id lists)."""
+            out: list[Any] = []
             for _ in range(n):
-                ids = [rid() for _ in range(batch)]
-                request = pb.ReserveBatchRequest(
-                    account=acct,
-                    items=[
-                        pb.ReserveItem(
-                            reservation_id=r, amount_uecu=1_000, job_type=pb.JOB_TYPE_ENGINE
-                        )
-                        for r in ids
-                    ],
-                )
-                await retried(
-                    lambda request=request: stub.ReserveBatch(request, timeout=RPC_TIMEOUT_S)
-                )
-                out.append(ids)
+                ids = [rid() for _ in range(size or 1)]
+                method, request = (stub.ReserveBatch, batch_req(ids)) if size else (
+                    stub.Reserve, reserve_req(ids[0])
+                )  # fmt: skip
+                await retried(lambda m=method, r=request: m(r, timeout=RPC_TIMEOUT_S))
+                out.append(ids if size else ids[0])
             return out
 
         async def run(prepare: Callable[[], Awaitable[Any]], call: Callable[[Any, int], Any]):
-            best: dict[str, float] | None = None
+            best: dict[str, Any] | None = None
+            each: list[float] = []
             for _ in range(int(spec["repeats"])):
                 state = await prepare()
                 before = _commandstats(await redis_client.info("commandstats"))
@@ -579,118 +539,46 @@ async def roundtrips(spec: dict[str, Any]) -> dict[str, Any]:
                     "redis_usec": usec / k,
                 }
                 got["round_trips"] = got["scripts"] + got["other_top_level"]
+                each.append(got["round_trips"])
                 if best is None or got["round_trips"] < best["round_trips"]:
                     best = got
+            assert best is not None
+            best["each_round_trips"] = each
             return best
 
         async def nothing() -> None:
             return None
 
-        kinds: dict[str, Any] = {}
-        kinds["Reserve"] = await run(nothing, lambda s, i: (stub.Reserve, reserve_req(rid())))
-        kinds["Commit"] = await run(
-            lambda: reserved(k),
-            lambda s, i: (
-                stub.Commit,
-                pb.CommitRequest(reservation_id=s[i], organization=org, actual_uecu=500),
-            ),
-        )
-        kinds["Release"] = await run(
-            lambda: reserved(k),
-            lambda s, i: (stub.Release, pb.ReleaseRequest(reservation_id=s[i], organization=org)),
-        )
-        kinds["Extend"] = await run(
-            lambda: reserved(k),
-            lambda s, i: (
-                stub.Extend,
-                pb.ExtendRequest(reservation_id=s[i], organization=org, sequence=1),
-            ),
-        )
-        kinds[f"ReserveBatch({batch})"] = await run(
-            nothing,
-            lambda s, i: (
-                stub.ReserveBatch,
-                pb.ReserveBatchRequest(
-                    account=acct,
-                    items=[
-                        pb.ReserveItem(
-                            reservation_id=rid(), amount_uecu=1_000, job_type=pb.JOB_TYPE_ENGINE
-                        )
-                        for _ in range(batch)
-                    ],
-                ),
-            ),
-        )
-        kinds[f"CommitBatch({batch})"] = await run(
-            lambda: batch_reserved(k),
-            lambda s, i: (
-                stub.CommitBatch,
-                pb.CommitBatchRequest(
-                    organization=org,
-                    items=[pb.CommitItem(reservation_id=r, actual_uecu=500) for r in s[i]],
-                ),
-            ),
-        )
-        kinds["GetBalance"] = await run(
-            nothing, lambda s, i: (stub.GetBalance, pb.GetBalanceRequest(organization=org))
-        )
         preview = pb.PreviewRequest(
             account=acct,
             job=pb.JobSpec(
                 items=[pb.JobItem(inference=pb.InferenceSpec(model="gpt-4o", prompt_tokens=1_000))]
             ),
         )
-        kinds["Preview"] = await run(nothing, lambda s, i: (stub.Preview, preview))
+        held = lambda: reserved(k)  # noqa: E731
+        plan: list[tuple[str, Callable[[], Awaitable[Any]], Callable[[Any, int], Any]]] = [
+            ("Reserve", nothing, lambda s, i: (stub.Reserve, reserve_req(rid()))),
+            ("Commit", held, lambda s, i: (stub.Commit, pb.CommitRequest(
+                reservation_id=s[i], organization=org, actual_uecu=500))),
+            ("Release", held, lambda s, i: (stub.Release, pb.ReleaseRequest(
+                reservation_id=s[i], organization=org))),
+            ("Extend", held, lambda s, i: (stub.Extend, pb.ExtendRequest(
+                reservation_id=s[i], organization=org, sequence=1))),
+            (f"ReserveBatch({batch})", nothing, lambda s, i: (
+                stub.ReserveBatch, batch_req([rid() for _ in range(batch)]))),
+            (f"CommitBatch({batch})", lambda: reserved(k, batch), lambda s, i: (
+                stub.CommitBatch, pb.CommitBatchRequest(organization=org, items=[
+                    pb.CommitItem(reservation_id=r, actual_uecu=500) for r in s[i]]))),
+            ("GetBalance", nothing, lambda s, i: (
+                stub.GetBalance, pb.GetBalanceRequest(organization=org))),
+            ("Preview", nothing, lambda s, i: (stub.Preview, preview)),
+        ]  # fmt: skip
+        kinds = {name: await run(prepare, call) for name, prepare, call in plan}
     await redis_client.aclose()
     return {"name": spec.get("name", ""), "calls": k, "per_rpc": kinds}
 
 
-async def store_pairs(spec: dict[str, Any]) -> dict[str, Any]:
-    """The product's own RedisStore (as the sidecar configures it), reserve → commit pairs, no
-    gRPC: this process's CPU per pair is the Redis-client side of an RPC, where the store
-    levers act (spec["patches"], and uvloop via spec["uvloop"] in main)."""
-    from bench.levers import apply
-    from ecu_sidecar.model import AccountRef, CommitItem, JobType, ReserveItem, Usage
-    from ecu_sidecar.settings import Settings
-    from ecu_sidecar.store import RedisStore
-
-    for name in spec.get("patches", []):
-        apply(name)
-    settings = Settings.from_mapping(
-        {"redis_url": ("bench", spec["redis_url"]), "key_prefix": ("bench", spec["prefix"])}
-    )
-    store = RedisStore.from_settings(settings)
-    win = Window(spec)
-    prefix = spec["rid_prefix"]
-    ttl = settings.default_ttl_ms
-    pct = settings.overage_max_percent
-
-    async def op(t: int, i: int) -> bool:
-        org = _org(spec, t, i)
-        rid = f"{prefix}{t}-{i}"
-        try:
-            t0 = time.perf_counter()
-            await store.reserve(
-                AccountRef(org), [ReserveItem(rid, 1_000, JobType.INFERENCE, "gpt-4o", ttl)]
-            )
-            t1 = time.perf_counter()
-            win.record("reserve", t0, t1)
-            await store.commit(org, [CommitItem(rid, 700, Usage(900, 350, 1))], pct)
-            return win.record("commit", t1, time.perf_counter())
-        except Exception as exc:
-            win.error(type(exc).__name__)
-            await asyncio.sleep(0.01)
-            return False
-
-    try:
-        await _closed_loop(spec, win, op)
-    finally:
-        await store.close()
-    return win.result(spec)
-
-
 WORKLOADS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
-    "store_pairs": store_pairs,
     "grpc_pairs": grpc_pairs,
     "grpc_paced": grpc_paced,
     "grpc_batch": grpc_batch,
@@ -704,10 +592,8 @@ WORKLOADS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
-    if spec.get("uvloop"):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if "text_file" in spec:  # read before any load starts
+        spec["text"] = Path(spec["text_file"]).read_text(encoding="utf-8")
     result = asyncio.run(WORKLOADS[spec["workload"]](spec))
     Path(spec["out"]).write_text(json.dumps(result))
     return 0

@@ -6,27 +6,22 @@ ran the script (ECU_REDIS_WAIT_REPLICAS=0, the default), one confirming every wr
 replica first (=1: the script, a fence write and WAIT in one pipelined round trip, on a
 pooled connection). Reported as the ratio of the two.
 
-Part of ``make bench`` (bench.sections.run_all); on its own, without the rest of the matrix:
-``python -m bench.durability [--seconds S]`` prints the table and writes
-bench/durability.json.
+Part of ``make bench`` (bench.sections.run_all); not a target, a figure for operators
+(docs/operations.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.harness import Config, Harness
+from bench.harness import Harness
 
-__all__ = ["HEADER", "durability", "rows"]
+__all__ = ["durability"]
 
 ORG = "dur-0"
 WAIT_TIMEOUT_MS = "100"
@@ -80,11 +75,13 @@ def durability(h: Harness) -> None:
         h.results["durability"] = {"skipped": "the replica did not come up"}
         return
     base = {"ECU_REDIS_URL": url}
-    off = h.start_sidecar("sidecar[wait=0]", h.new_prefix("w0"), uvloop=cfg.uvloop, env=base)
+    w0, w1 = h.new_prefix("w0"), h.new_prefix("w1")
+    h.fund(w0, [ORG], url)
+    h.fund(w1, [ORG], url)
+    off = h.start_sidecar("sidecar[wait=0]", w0, env=base)
     on = h.start_sidecar(
         "sidecar[wait=1]",
-        h.new_prefix("w1"),
-        uvloop=cfg.uvloop,
+        w1,
         env={
             **base,
             "ECU_REDIS_WAIT_REPLICAS": "1",
@@ -92,8 +89,6 @@ def durability(h: Harness) -> None:
         },
     )
     try:
-        h.grant(off.target, [ORG])
-        h.grant(on.target, [ORG])
         out = []
         for c in sorted({1, max(cfg.concurrencies)}):
             spec = {"concurrency": c, "orgs": [ORG], "mode": "commit"}
@@ -139,73 +134,3 @@ def _summary(run: dict[str, Any]) -> dict[str, Any]:
         "errors": run["errors"],
         "server_cpu_s_per_1k_rpc": run.get("server_cpu_s_per_1k_rpc"),
     }
-
-
-HEADER = [
-    "c",
-    "RPC/s no wait",
-    "RPC/s wait=1",
-    "ratio",
-    "srv CPU s/1k RPC (no / wait)",
-    "Reserve p50 ms (no / wait)",
-    "Commit p50 ms (no / wait)",
-    "Commit p99 ms (no / wait)",
-    "errors (wait)",
-]
-
-
-def rows(results: dict[str, Any]) -> list[list[str]]:
-    """The table of results["durability"] (empty when the section did not run)."""
-    d = results.get("durability") or {}
-    out = []
-    for p in d.get("pairs", []):
-        off, on = p["off"], p["on"]
-        ratio = on["rpc_per_s"] / off["rpc_per_s"] if off["rpc_per_s"] else math.nan
-        out.append(
-            [
-                str(p["concurrency"]),
-                f"{off['rpc_per_s']:,.0f}",
-                f"{on['rpc_per_s']:,.0f}",
-                f"{ratio:.2f}",
-                f"{_f(off['server_cpu_s_per_1k_rpc'])} / {_f(on['server_cpu_s_per_1k_rpc'])}",
-                f"{off['reserve_p50_ms']:.3f} / {on['reserve_p50_ms']:.3f}",
-                f"{off['commit_p50_ms']:.3f} / {on['commit_p50_ms']:.3f}",
-                f"{off['commit_p99_ms']:.3f} / {on['commit_p99_ms']:.3f}",
-                str(sum(on["errors"].values())),
-            ]
-        )
-    return out
-
-
-def _f(x: float | None) -> str:
-    return "—" if x is None else f"{x:.3f}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.durability", description=__doc__)
-    p.add_argument("--seconds", type=float, default=4.0)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "durability.json")
-    p.add_argument("--smoke", action="store_true")
-    args = p.parse_args(argv)
-    cfg = Config.for_smoke() if args.smoke else Config(seconds=args.seconds, levers=False)
-    h = Harness(cfg)
-    try:
-        durability(h)
-    finally:
-        h.close()
-    from bench.report import _text_table
-
-    print(_text_table(HEADER, rows(h.results)))
-    if not args.smoke:
-        data = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "seconds": cfg.seconds,
-            **h.results["durability"],
-        }
-        args.out.write_text(json.dumps(data, indent=1) + "\n")
-        print(f"results: {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,12 +35,22 @@ def _settings(spec: dict[str, Any]) -> Any:
     return Settings.from_mapping({k: ("bench", v) for k, v in raw.items()})
 
 
-async def _left(store: Any, flusher: Any) -> int:
-    """Entries still in the outboxes (the flusher deletes what the ledger committed)."""
-    pipe = store._client.pipeline(transaction=False)
-    for org in flusher._orgs:
-        pipe.xlen(store.outbox_key(org))
-    return sum(int(n) for n in await pipe.execute())
+async def _left(spec: dict[str, Any]) -> int:
+    """Entries still in the outboxes of spec["orgs"] (the flusher deletes what the ledger
+    committed)."""
+    import redis.asyncio as aioredis
+
+    from ecu_sidecar.store.keys import SUFFIXES, org_keys
+
+    outbox = SUFFIXES.index("outbox")
+    client = aioredis.Redis.from_url(spec["redis_url"], socket_timeout=10)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for org in spec["orgs"]:
+            pipe.xlen(org_keys(spec["prefix"], org)[outbox])
+        return sum(int(n) for n in await pipe.execute())
+    finally:
+        await client.aclose()
 
 
 async def _main(spec: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +85,7 @@ async def _main(spec: dict[str, Any]) -> dict[str, Any]:
                 moved += n
                 batches += 1 if n else 0
                 if n == 0:
-                    if await _left(store, flusher) == 0:
+                    if await _left(spec) == 0:
                         complete = True
                         break
                     await asyncio.sleep(0.05)  # entries still pending somewhere: retry
@@ -88,7 +98,7 @@ async def _main(spec: dict[str, Any]) -> dict[str, Any]:
                 "events_per_s": moved / elapsed if elapsed else 0.0,
                 "cpu_s": cpu,
                 "complete": complete,
-                "left": await _left(store, flusher),
+                "left": await _left(spec),
                 "store_failures": failures,
                 "redis_timeout_ms": settings.redis_timeout_ms,
                 "batch_per_stream": settings.flusher_batch,

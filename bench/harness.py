@@ -15,11 +15,12 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +44,11 @@ class Config:
     smoke: bool = False
     redis_url: str = "redis://127.0.0.1:6379/0"
     pg_url: str = "postgresql://postgres@127.0.0.1:5432/test"
+    repeats: int = 3
+    """Every floor and every target's run is measured this many times, interleaved: the
+    verdicts take the median ratio, and the spread across repeats is the run's noise."""
     concurrencies: tuple[int, ...] = (1, 16, 64)
     org_counts: tuple[int, ...] = (1, 1_000)
-    modes: tuple[str, ...] = ("commit", "release")
-    client_procs: int = 1
-    uvloop: bool = True
-    """Servers on uvloop (the product's default loop, ECU_EVENT_LOOP=auto); --asyncio: not."""
-    levers: bool = True
-    lever_patches: tuple[str, ...] = ("redis-py-pool",)
-    lever_repeats: int = 2
-    repeats: int = 1
-    profile: bool = False
     batch: int = 100
     preview_tokens: int = 100_000
     preview_model: str = "gpt-4o"
@@ -65,9 +60,10 @@ class Config:
     that way, else batches (sections.LAG_BATCH)."""
     lag_orgs: int = 20
     roundtrip_calls: int = 50
+    redis_cost_calls: int = 500
     start_margin_s: float = 0.6
-    lever_seconds: float = 3.0
-    out_dir: Path = field(default_factory=lambda: procs.ROOT / "bench")
+    only: tuple[str, ...] = ()
+    """The sections to run (bench.sections.SECTIONS); empty: all of them."""
 
     @classmethod
     def for_smoke(cls, **overrides: Any) -> Config:
@@ -76,11 +72,9 @@ class Config:
             "seconds": 0.3,
             "warmup_s": 0.1,
             "smoke": True,
-            "concurrencies": (4,),
+            "repeats": 2,
+            "concurrencies": (1, 4),
             "org_counts": (1, 10),
-            "modes": ("commit", "release"),
-            "lever_repeats": 1,
-            "lever_seconds": 0.3,
             "preview_tokens": 5_000,
             "flusher_events": 1_000,
             "flusher_orgs": 5,
@@ -88,6 +82,7 @@ class Config:
             "lag_steps": 10,  # the batched path (the pairs path is the sidecar runs' code)
             "lag_orgs": 3,
             "roundtrip_calls": 5,
+            "redis_cost_calls": 20,
             "start_margin_s": 0.3,
         }
         base.update(overrides)
@@ -116,7 +111,7 @@ class Harness:
         self.schemas: list[str] = []
         self.children: list[procs.Child] = []
         self.helpers: list[subprocess.Popen[bytes]] = []
-        self.results: dict[str, Any] = {"runs": [], "levers": [], "notes": []}
+        self.results: dict[str, Any] = {"runs": [], "notes": []}
         from ecu_sidecar.settings import Settings
 
         self.defaults = Settings.from_mapping({})
@@ -182,59 +177,41 @@ class Harness:
         server: procs.Child | None,
         spec: dict[str, Any],
         *,
-        client_procs: int | None = None,
         extra: list[procs.Child] | None = None,
         seconds: float | None = None,
         warmup: float | None = None,
         start_at: float | None = None,
-        profile: bool = False,
+        repeat: int = 1,
     ) -> dict[str, Any]:
         """One measured run of ``workload`` against ``server`` (None: no gRPC server, e.g.
         floor B); returns its figures and appends them to results["runs"]."""
         cfg = self.cfg
         seconds = cfg.seconds if seconds is None else seconds
         warmup = cfg.warmup_s if warmup is None else warmup
-        n_procs = max(1, min(client_procs or cfg.client_procs, int(spec.get("concurrency", 1))))
         start_at = start_at or time.time() + cfg.start_margin_s + float(spec.get("margin_s", 0))
         m0 = start_at + warmup
         m1 = m0 + seconds
-        base = {
+        child_spec = {
             "workload": workload,
             "name": run_id,
             "start_at": start_at,
             "warmup_s": warmup,
             "seconds": seconds,
             "shift_if_late": cfg.smoke,
+            "rid_prefix": f"b{self.run_id}-{len(self.results['runs'])}-",
             **spec,
         }
-        specs = []
-        c = int(spec.get("concurrency", 1))
-        offset = 0
-        for i in range(n_procs):
-            share = c // n_procs + (1 if i < c % n_procs else 0)
-            specs.append(
-                {
-                    **base,
-                    "concurrency": share,
-                    "task_offset": offset,
-                    "rid_prefix": f"b{self.run_id}-{len(self.results['runs'])}-p{i}-",
-                    **({"rate": float(spec["rate"]) * share / c} if "rate" in spec else {}),
-                }
-            )
-            offset += share
         if server is not None:
             procs.reset_peak_rss(server.pid)
         win = _Window()
         sampler = self._sampler(win, m0, m1, server, extra or [])
-        profiler = self._start_profiler(server, run_id, m0, seconds) if profile else None
         deadline = max(0.0, start_at - time.time()) + warmup + seconds + 60
-        outs = procs.run_children("clients", specs, self.work, deadline)
+        outs = [procs.run_child("clients", child_spec, self.work, deadline)]
         sampler.join(30)
-        if profiler is not None:
-            self._finish_profiler(profiler, run_id)
-        run = self._figures(run_id, section, workload, spec, n_procs, outs, win, server)
+        run = self._figures(run_id, section, workload, spec, outs, win, server)
+        run["repeat"] = repeat
         self.results["runs"].append(run)
-        self.log(_one_line(run))
+        self.log(_one_line(run) + (f" (#{repeat})" if self.cfg.repeats > 1 else ""))
         return run
 
     def _figures(
@@ -243,7 +220,6 @@ class Harness:
         section: str,
         workload: str,
         spec: dict[str, Any],
-        n_procs: int,
         outs: list[dict[str, Any]],
         win: _Window,
         server: procs.Child | None,
@@ -270,7 +246,6 @@ class Harness:
             "mode": spec.get("mode", ""),
             "concurrency": int(spec.get("concurrency", 1)),
             "orgs": len(spec.get("orgs", [])),
-            "client_procs": n_procs,
             "window_s": window,
             "rpcs": rpcs,
             "rpc_per_s": rpcs / window if window else 0.0,
@@ -325,54 +300,11 @@ class Harness:
             run["rss_mb"] = s.rss_mb
         return run
 
-    # -- profiling (optional) ---------------------------------------------------------------
-
-    def _start_profiler(
-        self, server: procs.Child | None, run_id: str, m0: float, seconds: float
-    ) -> Any:
-        import sys
-
-        if server is None:
-            return None
-        exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which(
-            "py-spy"
-        )
-        if exe is None:
-            self.results["notes"].append("--profile: py-spy is not installed (make bench-deps)")
-            return None
-        out = self.cfg.out_dir / "profiles" / f"{run_id}.txt"
-        out.parent.mkdir(parents=True, exist_ok=True)
-
-        def run() -> None:
-            time.sleep(max(0.0, m0 - time.time()))
-            subprocess.run(
-                [exe, "record", "--pid", str(server.pid), "--duration", str(max(1, int(seconds))),
-                 "--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=seconds + 60,
-                check=False,
-            )  # fmt: skip
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread, out
-
-    def _finish_profiler(self, profiler: Any, run_id: str) -> None:
-        thread, out = profiler
-        thread.join(120)
-        if out.exists():
-            from bench.stats import top_frames
-
-            self.results.setdefault("profiles", {})[run_id] = {
-                "file": str(out.relative_to(procs.ROOT)),
-                "top_self": top_frames(out, 25),
-            }
-
     # -- servers and accounts ---------------------------------------------------------------
 
-    def start_noop(
-        self, name: str, *, uvloop: bool = False, scripts_prefix: str = ""
-    ) -> procs.Child:
-        args = ["noop"] + (["--uvloop"] if uvloop else [])
+    def start_noop(self, name: str, *, scripts_prefix: str = "") -> procs.Child:
+        """Floor A (or A∘B with ``scripts_prefix``) on uvloop, the product's default loop."""
+        args = ["noop", "--uvloop"]
         if scripts_prefix:
             args += ["--redis-url", self.cfg.redis_url, "--prefix", scripts_prefix]
         child = procs.start_server(name, args)
@@ -385,26 +317,16 @@ class Harness:
             "ECU_LISTEN": f"127.0.0.1:{port}",
             "ECU_REDIS_URL": extra.pop("ECU_REDIS_URL", self.cfg.redis_url),
             "ECU_KEY_PREFIX": prefix,
-            "ECU_ADMIN_TOKEN": ADMIN_TOKEN,
             "ECU_RATE_CARD_FILE": RATE_CARD,
             "ECU_LOG_LEVEL": "WARNING",
             **extra,
         }
 
     def start_sidecar(
-        self,
-        name: str,
-        prefix: str,
-        *,
-        uvloop: bool = False,
-        patches: tuple[str, ...] = (),
-        env: dict[str, str] | None = None,
+        self, name: str, prefix: str, *, env: dict[str, str] | None = None
     ) -> procs.Child:
-        args = ["sidecar"]
-        for p in patches:
-            args += ["--patch", p]
-        env = {"ECU_EVENT_LOOP": "uvloop" if uvloop else "asyncio", **(env or {})}
-        child = procs.start_server(name, args, self.sidecar_env(prefix, **env))
+        """``ecu-sidecar serve`` on the product's defaults (its loop included) plus ``env``."""
+        child = procs.start_sidecar(name, self.sidecar_env(prefix, **(env or {})))
         self.children.append(child)
         self._wait_serving(child)
         child.info["prefix"] = prefix
@@ -427,66 +349,30 @@ class Harness:
                 time.sleep(0.1)
         raise RuntimeError(f"{child.name} did not serve within {timeout:.0f}s")
 
-    def grant(self, target: str, orgs: list[str]) -> None:
-        """Fund organizations through the Grant RPC (admin token), 32 at a time."""
-        import grpc
-
-        from ecu_sidecar.api.v1 import quota_pb2 as pb
-        from ecu_sidecar.api.v1 import quota_pb2_grpc
-
-        async def run() -> None:
-            async with grpc.aio.insecure_channel(target) as channel:
-                stub = quota_pb2_grpc.QuotaStub(channel)
-                meta = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
-                gate = asyncio.Semaphore(32)
-
-                async def one(org: str) -> None:
-                    async with gate:
-                        for attempt in range(5):  # the same grant id: a retry is a replay
-                            try:
-                                await stub.Grant(
-                                    pb.GrantRequest(
-                                        organization=org,
-                                        grant_id=f"bench-{org}",
-                                        amount_uecu=GRANT_UECU,
-                                        kind=pb.GRANT_KIND_TOP_UP,
-                                    ),
-                                    metadata=meta,
-                                    timeout=10,
-                                )
-                                return
-                            except grpc.aio.AioRpcError as exc:
-                                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
-                                    raise
-                                await asyncio.sleep(0.2 * (attempt + 1))
-
-                await asyncio.gather(*(one(o) for o in orgs))
-
-        asyncio.run(run())
-
-    def grant_direct(self, prefix: str, orgs: list[str]) -> None:
-        """Fund organizations through the engine (floor B and the flusher's backlog have no
-        sidecar of their own)."""
-        from ecu_sidecar.engine import QuotaEngine
+    def fund(self, prefix: str, orgs: list[str], redis_url: str = "") -> None:
+        """Fund organizations under ``prefix`` through the product's store (``RedisStore.grant``,
+        what the Grant RPC ends in), on ``redis_url`` (default: the run's Redis)."""
         from ecu_sidecar.errors import StoreUnavailable
         from ecu_sidecar.model import GrantKind
         from ecu_sidecar.settings import Settings
         from ecu_sidecar.store import RedisStore
 
         settings = Settings.from_mapping(
-            {"redis_url": ("bench", self.cfg.redis_url), "key_prefix": ("bench", prefix)}
+            {
+                "redis_url": ("bench", redis_url or self.cfg.redis_url),
+                "key_prefix": ("bench", prefix),
+            }
         )
 
         async def run() -> None:
             store = RedisStore.from_settings(settings)
-            engine = QuotaEngine(store, settings)
             gate = asyncio.Semaphore(32)
 
             async def one(org: str) -> None:
                 async with gate:
                     for attempt in range(5):  # the same grant id: a retry is a replay
                         try:
-                            await engine.grant(org, f"bench-{org}", GRANT_UECU, GrantKind.TOP_UP)
+                            await store.grant(org, f"bench-{org}", GRANT_UECU, GrantKind.TOP_UP, 0)
                             return
                         except StoreUnavailable:
                             if attempt == 4:
@@ -563,16 +449,19 @@ class Harness:
         """A fresh, migrated PostgreSQL schema; returns the ledger URL that selects it."""
         import psycopg
 
-        from ecu_sidecar.ledger import open_ledger
-
         schema = f"bench_{self.run_id}_{len(self.schemas)}"
         with psycopg.connect(self.cfg.pg_url, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"CREATE SCHEMA {schema}")
         self.schemas.append(schema)
         sep = "&" if "?" in self.cfg.pg_url else "?"
         url = f"{self.cfg.pg_url}{sep}options=-csearch_path%3D{schema}"
-        with open_ledger(url) as ledger:
-            ledger.migrate()
+        done = subprocess.run(
+            [sys.executable, "-m", "ecu_sidecar", "migrate"],
+            cwd=procs.ROOT, env=procs.child_env({"ECU_LEDGER_URL": url}),
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        if done.returncode:
+            raise RuntimeError(f"ecu-sidecar migrate failed: {done.stderr[-1000:]}")
         return url
 
     def drop_schema(self, schema: str) -> None:
@@ -581,11 +470,16 @@ class Harness:
         with psycopg.connect(self.cfg.pg_url, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
+    @staticmethod
+    def schema_of(url: str) -> str:
+        """The schema a ledger URL of ``new_schema`` selects."""
+        return url.rsplit("%3D", 1)[1]
+
     def ledger_count(self, url: str) -> int:
         import psycopg
 
         plain, _, _ = url.partition("?")
-        schema = url.rsplit("%3D", 1)[1]
+        schema = self.schema_of(url)
         with psycopg.connect(plain, autocommit=True, connect_timeout=5) as conn:
             row = conn.execute(f"SELECT count(*) FROM {schema}.events").fetchone()
         return int(row[0]) if row else 0

@@ -65,7 +65,7 @@ _IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 # -- the child: the handlers in a loop ------------------------------------------------------------
 
 
-async def _child(op: str, n: int, redis_url: str, prefix: str = "") -> None:
+async def handler_loop(op: str, n: int, redis_url: str, prefix: str = "") -> None:
     from bench.harness import ADMIN_TOKEN, RATE_CARD
     from ecu_sidecar.api.v1 import quota_pb2 as pb
     from ecu_sidecar.model import GrantKind
@@ -150,7 +150,7 @@ async def _child(op: str, n: int, redis_url: str, prefix: str = "") -> None:
     await server.store.close()
 
 
-async def _flush_child(n: int, redis_url: str, prefix: str, ledger_url: str) -> None:
+async def flush_loop(n: int, redis_url: str, prefix: str, ledger_url: str) -> None:
     from prometheus_client import CollectorRegistry
 
     from ecu_sidecar.flusher import Flusher
@@ -239,7 +239,7 @@ class _Redis:
         self.proc.wait(timeout=60)
 
 
-def _count(op: str, n: int, side: str, binary: str, work: Path) -> int:
+def count(op: str, n: int, side: str, binary: str, work: Path) -> int:
     log = work / f"{side}-{op}-{n}.log"
     # valgrind runs whichever process the side names: the child or the redis-server.
     redis_server = _Redis(binary, log if side == "redis" else None)
@@ -263,14 +263,14 @@ def flusher_backlog(redis_url: str, pg_url: str, cycles: int) -> Iterator[tuple[
     try:
         prefix = h.new_prefix("ic")
         orgs = [f"ic-{i:03d}" for i in range(FLUSH_ORGS)]
-        h.grant_direct(prefix, orgs)
-        sections._backlog(h, prefix, orgs, (cycles + 1) * FLUSH_EVENTS // 2)
+        h.fund(prefix, orgs)
+        sections.backlog(h, prefix, orgs, (cycles + 1) * FLUSH_EVENTS // 2)
         yield prefix, h.new_schema(), h
     finally:
         h.close()
 
 
-def _count_flusher(n: int, binary: str, pg_url: str, work: Path) -> int:
+def count_flusher(n: int, binary: str, pg_url: str, work: Path) -> int:
     """The flusher's instructions over n cycles (the backlog is written before, not counted)."""
     redis_server = _Redis(binary, None)
     log = work / f"flusher-{n}.log"
@@ -290,15 +290,15 @@ def measure(
     out: dict[str, dict[str, int]] = {"sidecar": {}, "redis": {}}
     with tempfile.TemporaryDirectory(prefix="ecu-icount-") as tmp:
         if pg_url is not None:
-            a = _count_flusher(FLUSH_LOW, binary, pg_url, Path(tmp))
-            b = _count_flusher(FLUSH_HIGH, binary, pg_url, Path(tmp))
+            a = count_flusher(FLUSH_LOW, binary, pg_url, Path(tmp))
+            b = count_flusher(FLUSH_HIGH, binary, pg_url, Path(tmp))
             per_event = (b - a) // ((FLUSH_HIGH - FLUSH_LOW) * FLUSH_EVENTS)
             out["flusher"] = {"event": per_event}
             log(f"flusher  {'event':14s} {per_event:>12,} instructions per event")
         for side in ("sidecar", "redis"):
             for op in OPERATIONS:
-                a = _count(op, low, side, binary, Path(tmp))
-                b = _count(op, high, side, binary, Path(tmp))
+                a = count(op, low, side, binary, Path(tmp))
+                b = count(op, high, side, binary, Path(tmp))
                 out[side][op] = (b - a) // (high - low)
                 log(f"{side:8s} {op:14s} {out[side][op]:>12,} instructions per operation")
             ops = out[side]
@@ -345,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             # On the loop `ecu-sidecar flush` runs on (ECU_EVENT_LOOP: uvloop by default).
             from ecu_sidecar.settings import Settings
 
-            eventloop.run(_flush_child(n, url, argv[4], argv[5]), Settings.from_mapping({}))
+            eventloop.run(flush_loop(n, url, argv[4], argv[5]), Settings.from_mapping({}))
         else:
-            asyncio.run(_child(op, n, url))
+            asyncio.run(handler_loop(op, n, url))
         return 0
     p = argparse.ArgumentParser(prog="python -m bench.icount", description=__doc__.splitlines()[0])
     p.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
@@ -368,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.low < args.high:
         raise SystemExit("--low must be positive and below --high")
     if not args.no_flusher:
-        from bench.__main__ import _check_local
+        from bench.procs import check_local
 
-        _check_local(args.pg_url)
+        check_local(args.pg_url)
     started = time.time()
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),

@@ -26,14 +26,17 @@ __all__ = [
     "ROOT",
     "Child",
     "ProcSample",
+    "check_local",
+    "child_env",
     "collect_child",
     "free_port",
     "machine_busy",
     "proc_sample",
     "reset_peak_rss",
-    "run_children",
+    "run_child",
     "spawn_child",
     "start_server",
+    "start_sidecar",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +84,15 @@ def machine_busy() -> tuple[float, float]:
     return (total - idle) / _CLK_TCK, total / _CLK_TCK
 
 
+def check_local(url: str) -> None:
+    """Only 127.0.0.1/localhost is ever a target of this benchmark."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit(f"refusing to benchmark against {host!r}: 127.0.0.1 only")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 free at the time of asking."""
     with socket.socket() as s:
@@ -88,7 +100,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(extra: dict[str, str] | None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """This environment without any ECU_ variable, plus ``extra``: what every child gets."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ECU_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
@@ -127,6 +140,19 @@ class Child:
         return self.proc.returncode
 
 
+def start_sidecar(name: str, env: dict[str, str]) -> Child:
+    """Start ``python -m ecu_sidecar serve`` (the product's own command) on the port of
+    ``env["ECU_LISTEN"]``; the caller waits for its health check."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ecu_sidecar", "serve"],
+        cwd=ROOT,
+        env=child_env(env),
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    return Child(name, proc, int(env["ECU_LISTEN"].rpartition(":")[2]))
+
+
 def start_server(
     name: str, args: list[str], env: dict[str, str] | None = None, timeout: float = 60.0
 ) -> Child:
@@ -134,7 +160,7 @@ def start_server(
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.servers", *args],
         cwd=ROOT,
-        env=_env(env),
+        env=child_env(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=None,  # the server's own log lines go to the benchmark's stderr
@@ -167,7 +193,7 @@ def spawn_child(
     proc = subprocess.Popen(
         [sys.executable, "-m", f"bench.{module}", str(path)],
         cwd=ROOT,
-        env=_env(None),
+        env=child_env(None),
         stdin=subprocess.DEVNULL,
         text=True,
     )
@@ -194,19 +220,10 @@ def collect_child(
     return result
 
 
-def run_children(
-    module: str, specs: list[dict[str, Any]], workdir: Path, deadline_s: float
-) -> list[dict[str, Any]]:
-    """Run one ``python -m bench.<module>`` per spec, all at once, and return their results.
-    Children still running after ``deadline_s`` are killed and the run fails."""
-    started = [spawn_child(module, spec, workdir) for spec in specs]
-    end = time.monotonic() + deadline_s
-    results, failed = [], []
-    for proc, spec in started:
-        try:
-            results.append(collect_child(proc, spec, end - time.monotonic()))
-        except RuntimeError as exc:
-            failed.append(str(exc))
-    if failed:
-        raise RuntimeError("; ".join(failed))
-    return results
+def run_child(
+    module: str, spec: dict[str, Any], workdir: Path, deadline_s: float
+) -> dict[str, Any]:
+    """Run ``python -m bench.<module>`` on ``spec`` and return its result; killed past
+    ``deadline_s``."""
+    proc, spec = spawn_child(module, spec, workdir)
+    return collect_child(proc, spec, deadline_s)

@@ -1,11 +1,15 @@
 """The benchmark's sections, in the order one run executes them.
 
-Floors and the sidecar are measured per concurrency back to back (A, then B, then the
-sidecar), so that the ratios compare runs made seconds apart on the same machine.
+Every floor is measured beside what it is the floor of, ``repeats`` times in turn (A, A∘B, B
+and the sidecar per concurrency; the batch and its single steps in one window; Preview and
+tiktoken; each flusher drain and its COPY floor; the scripts and the minimal hold), so that
+every ratio compares runs made seconds apart, and the spread of the ratio across the repeats
+is this run's noise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -14,10 +18,15 @@ from typing import Any
 
 from bench import procs
 from bench.durability import durability
+from bench.floors import copy_floor, redis_cost
 from bench.harness import Harness
+from bench.scriptargs import ScriptCall, capture
 from bench.stats import summarize
 
-__all__ = ["run_all"]
+__all__ = ["SECTIONS", "run_all"]
+
+#: The sections in the order a run executes them (``python -m bench --only NAME`` picks some).
+SECTIONS = ("roundtrips", "pairs", "batch", "preview", "redis_cost", "flusher", "lag", "durability")
 
 _WORDS = (
     "the model evaluates each trace against a rubric and returns a score with its reasons "
@@ -31,50 +40,39 @@ _WORDS = (
 
 def run_all(h: Harness) -> None:
     cfg = h.cfg
+    want = set(cfg.only or SECTIONS)
     main_prefix = h.new_prefix("m")
-    h.log(f"starting the sidecar (prefix {main_prefix}) and floor A")
-    sidecar = h.start_sidecar("sidecar", main_prefix, uvloop=cfg.uvloop)
-    noop = h.start_noop("floor-a", uvloop=cfg.uvloop)
-    h.results["servers"] = {
-        "sidecar": {"pid": sidecar.pid, "prefix": main_prefix, "uvloop": cfg.uvloop},
-        "floor_a": {"pid": noop.pid, "uvloop": cfg.uvloop},
-    }
+    h.log(f"starting the sidecar (prefix {main_prefix})")
+    sidecar = h.start_sidecar("sidecar", main_prefix)
     orgs = {n: [f"o{n}-{i:05d}" for i in range(n)] for n in cfg.org_counts}
-    funded = [o for group in orgs.values() for o in group]
-    h.grant(sidecar.target, [*funded, "rt-0", "batch-0", "pv-0"])
-    idle(h, sidecar, "sidecar idle (fresh)")
-
-    roundtrips(h, sidecar)
-    b_prefix = h.new_prefix("b")
-    h.grant_direct(b_prefix, funded)
-    ab = h.start_noop("floor-ab", uvloop=cfg.uvloop, scripts_prefix=b_prefix)
-    pairs(h, sidecar, noop, ab, b_prefix, orgs)
-    ab.stop()
-    idle(h, sidecar, f"sidecar idle (after serving {len(funded) + 1} organizations)")
-    batches(h, sidecar)
-    preview(h, sidecar)
-    flusher_drain(h)
-    flusher_lag(h, sidecar)
-    durability(h)
-    if cfg.levers:
-        levers(h, noop)
-
-
-def idle(h: Harness, server: procs.Child, label: str) -> None:
-    """The server's own background cost (the sweeper) with no RPC at all."""
-    seconds = min(2.0, h.cfg.seconds)
-    s0 = server.sample()
-    time.sleep(seconds)
-    s1 = server.sample()
-    h.results.setdefault("idle", []).append(
-        {
-            "label": label,
-            "seconds": seconds,
-            "server_cpu_util": (s1.cpu_s - s0.cpu_s) / seconds,
-            "rss_mb": s1.rss_mb,
-        }
-    )
-    h.log(f"{label}: cpu {(s1.cpu_s - s0.cpu_s) / seconds:.3f} cores, RSS {s1.rss_mb:.0f} MB")
+    funded = [o for group in orgs.values() for o in group] if "pairs" in want else []
+    h.fund(main_prefix, [*funded, "rt-0", "batch-0", "pv-0"])
+    if "roundtrips" in want:
+        roundtrips(h, sidecar)
+    if "pairs" in want:
+        noop = h.start_noop("floor-a")
+        b_prefix = h.new_prefix("b")
+        first = orgs[min(orgs)]
+        h.fund(b_prefix, first)
+        calls = asyncio.run(capture(cfg.redis_url, b_prefix))
+        ab = h.start_noop("floor-ab", scripts_prefix=b_prefix)
+        for rep in range(1, cfg.repeats + 1):
+            pairs(h, sidecar, noop, ab, b_prefix, calls, orgs, rep)
+        ab.stop()
+        noop.stop()
+    if "batch" in want:
+        for rep in range(1, cfg.repeats + 1):
+            batch(h, sidecar, rep)
+    if "preview" in want:
+        preview(h, sidecar)
+    if "redis_cost" in want:
+        scripts_vs_minimal(h)
+    if "flusher" in want:
+        flusher_drain(h)
+    if "lag" in want:
+        flusher_lag(h, sidecar)
+    if "durability" in want:
+        durability(h)
 
 
 def roundtrips(h: Harness, sidecar: procs.Child) -> None:
@@ -86,12 +84,13 @@ def roundtrips(h: Harness, sidecar: procs.Child) -> None:
     target, url, child, where = sidecar.target, h.cfg.redis_url, None, "shared"
     if private is not None:
         _, url = private
+        prefix = h.new_prefix("rt")
+        h.fund(prefix, ["rt-0"], url)
         child = h.start_sidecar(
             "sidecar[roundtrips]",
-            h.new_prefix("rt"),
+            prefix,
             env={"ECU_REDIS_URL": url, "ECU_SWEEP_INTERVAL_MS": "3600000"},
         )
-        h.grant(child.target, ["rt-0"])
         target, where = child.target, "private"
     spec = {
         "workload": "roundtrips",
@@ -101,11 +100,11 @@ def roundtrips(h: Harness, sidecar: procs.Child) -> None:
         "orgs": ["rt-0"],
         "calls": h.cfg.roundtrip_calls,
         "batch": h.cfg.batch,
-        "repeats": 3,
+        "repeats": h.cfg.repeats,
         "rid_prefix": f"rt{h.run_id}-",
     }
     try:
-        (out,) = procs.run_children("clients", [spec], h.work, 120)
+        out = procs.run_child("clients", spec, h.work, 120)
     finally:
         if child is not None:
             child.stop()
@@ -122,100 +121,66 @@ def pairs(
     noop: procs.Child,
     ab: procs.Child,
     b_prefix: str,
+    calls: dict[str, ScriptCall],
     orgs: dict[int, list[str]],
+    rep: int,
 ) -> None:
+    """Per concurrency: floor A, floor A∘B, floor B (c=1: the p50 target's), then the
+    sidecar's Reserve→Commit pairs over 1 and 1,000 organizations."""
     cfg = h.cfg
-    for rep in range(cfg.repeats):
-        _pairs_once(h, sidecar, noop, ab, b_prefix, orgs, f" #{rep + 1}" if cfg.repeats > 1 else "")
-    if cfg.repeats > 1:
-        _keep_medians(h)
-
-
-def _keep_medians(h: Harness) -> None:
-    """Of the repeats of each run, keep the one with the median RPC/s under the plain id."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in h.results["runs"]:
-        base, sep, rep = r["id"].rpartition(" #")
-        if sep and rep.isdigit() and r["section"] != "levers":
-            groups.setdefault(base, []).append(r)
-    for base, group in groups.items():
-        ordered = sorted(group, key=lambda r: r["rpc_per_s"])
-        median = {**ordered[(len(ordered) - 1) // 2], "id": base}
-        median["repeats_rpc_per_s"] = [r["rpc_per_s"] for r in group]
-        h.results["runs"] = [r for r in h.results["runs"] if r not in group]
-        h.results["runs"].append(median)
-
-
-def _pairs_once(
-    h: Harness,
-    sidecar: procs.Child,
-    noop: procs.Child,
-    ab: procs.Child,
-    b_prefix: str,
-    orgs: dict[int, list[str]],
-    tag: str,
-) -> None:
-    cfg = h.cfg
-    d = h.defaults
-    top = max(cfg.concurrencies)
     first = orgs[min(orgs)]
     for c in cfg.concurrencies:
         h.measure(
-            f"A c={c}{tag}",
+            f"A c={c}",
             "floor_a",
             "grpc_pairs",
             noop,
             {"target": noop.target, "concurrency": c, "orgs": ["org-a"], "mode": "commit"},
+            repeat=rep,
         )
         h.measure(
-            f"AB c={c} orgs={len(first)}{tag}",
+            f"AB c={c} orgs={len(first)}",
             "floor_ab",
             "grpc_pairs",
             ab,
             {"target": ab.target, "concurrency": c, "orgs": first, "mode": "commit"},
+            repeat=rep,
         )
-        for n, group in orgs.items():
+        if c == min(cfg.concurrencies):
             h.measure(
-                f"B c={c} orgs={n}{tag}",
+                f"B c={c} orgs={len(first)}",
                 "floor_b",
                 "redis_pairs",
                 None,
                 {
                     "redis_url": cfg.redis_url,
-                    "prefix": b_prefix,
-                    "pool_size": d.redis_pool_size,
+                    "pool_size": h.defaults.redis_pool_size,
+                    "calls": {k: v.to_json() for k, v in calls.items()},
                     "concurrency": c,
-                    "orgs": group,
+                    "orgs": first,
                     "mode": "commit",
                 },
+                repeat=rep,
             )
         for n, group in orgs.items():
-            for mode in cfg.modes:
-                h.measure(
-                    f"sidecar {mode} c={c} orgs={n}{tag}",
-                    "sidecar",
-                    "grpc_pairs",
-                    sidecar,
-                    {"target": sidecar.target, "concurrency": c, "orgs": group, "mode": mode},
-                    profile=cfg.profile and c == top and mode == "commit" and n == 1 and not tag,
-                )
+            h.measure(
+                f"sidecar commit c={c} orgs={n}",
+                "sidecar",
+                "grpc_pairs",
+                sidecar,
+                {"target": sidecar.target, "concurrency": c, "orgs": group, "mode": "commit"},
+                repeat=rep,
+            )
 
 
-#: Single Reserve→Commit pairs after each batch pair in the interleaved batch run.
+#: Single Reserve→Commit pairs after each batch pair in the batch run.
 BATCH_SINGLES = 3
 
 
-def batches(h: Harness, sidecar: procs.Child) -> None:
-    h.measure(
-        f"sidecar batch={h.cfg.batch} c=1",
-        "batch",
-        "grpc_batch",
-        sidecar,
-        {"target": sidecar.target, "concurrency": 1, "orgs": ["batch-0"], "batch": h.cfg.batch},
-    )
-    # The target compares a batch with one single Reserve. Measured apart, minutes from each
-    # other, the two carry different noise on a shared machine; here each batch pair is
-    # followed by single Reserve→Commit pairs of the same organization, in one window.
+def batch(h: Harness, sidecar: procs.Child, rep: int) -> None:
+    """ReserveBatch→CommitBatch of ``batch`` steps, each pair followed by single
+    Reserve→Commit pairs of the same organization: the batch and the single Reserve it is
+    compared with, in one window."""
     h.measure(
         f"sidecar batch={h.cfg.batch} and single steps interleaved c=1",
         "batch",
@@ -229,6 +194,7 @@ def batches(h: Harness, sidecar: procs.Child) -> None:
             "singles": BATCH_SINGLES,
             "mode": "interleaved",
         },
+        repeat=rep,
     )
 
 
@@ -256,6 +222,8 @@ def make_prompt(encoding: str, tokens: int, path: Path) -> int:
 
 
 def preview(h: Harness, sidecar: procs.Child) -> None:
+    """Preview of one long prompt on the sidecar, then tiktoken's own encode of the same text
+    in one thread, in turn."""
     from ecu_sidecar.pricing import RateCardRegistry
 
     cfg = h.cfg
@@ -269,65 +237,66 @@ def preview(h: Harness, sidecar: procs.Child) -> None:
         "model": cfg.preview_model,
         "chars": len(text_file.read_text(encoding="utf-8")),
     }
-    h.measure(
-        f"sidecar Preview {n:,}-token prompt c=1",
-        "preview",
-        "grpc_preview",
-        sidecar,
-        {
-            "target": sidecar.target,
-            "concurrency": 1,
-            "orgs": ["pv-0"],
-            "text_file": str(text_file),
-            "model": cfg.preview_model,
-        },
-    )
-    # The same Preview on a sidecar that counts in one thread (ECU_TOKENIZER_THREADS=1): what
-    # the parallel count adds, and what it costs in server CPU.
-    one = h.start_sidecar(
-        "sidecar[tokenizer-threads-1]",
-        h.new_prefix("pv1"),
-        uvloop=cfg.uvloop,
-        env={"ECU_TOKENIZER_THREADS": "1"},
-    )
-    h.measure(
-        f"sidecar Preview {n:,}-token prompt c=1, tokenizer threads 1",
-        "preview",
-        "grpc_preview",
-        one,
-        {
-            "target": one.target,
-            "concurrency": 1,
-            "orgs": ["pv-0"],
-            "text_file": str(text_file),
-            "model": cfg.preview_model,
-            "mode": "tokenizer-threads-1",
-        },
-    )
-    one.stop()
-    h.measure(
-        f"tiktoken encode {n:,} tokens",
-        "preview",
-        "tiktoken",
-        None,
-        {
-            "concurrency": 1,
-            "text_file": str(text_file),
-            "encoding": encoding.encoding,
-            "margin_s": 2.0,  # the child builds the encoding before its window opens
-        },
+    for rep in range(1, cfg.repeats + 1):
+        h.measure(
+            f"sidecar Preview {n:,}-token prompt c=1",
+            "preview",
+            "grpc_preview",
+            sidecar,
+            {
+                "target": sidecar.target,
+                "concurrency": 1,
+                "orgs": ["pv-0"],
+                "text_file": str(text_file),
+                "model": cfg.preview_model,
+            },
+            repeat=rep,
+        )
+        h.measure(
+            f"tiktoken encode {n:,} tokens",
+            "preview",
+            "tiktoken",
+            None,
+            {
+                "concurrency": 1,
+                "text_file": str(text_file),
+                "encoding": encoding.encoding,
+                "margin_s": 2.0,  # the child builds the encoding before its window opens
+            },
+            repeat=rep,
+        )
+
+
+def scripts_vs_minimal(h: Harness) -> None:
+    """The reserve and commit scripts against the minimal hold, inside a private
+    redis-server (bench.floors.redis_cost); on the shared Redis when there is no binary."""
+    private = h.private_redis()
+    url = private[1] if private is not None else h.cfg.redis_url
+    where = "private" if private is not None else "shared"
+    prefix = h.new_prefix("rc")
+    h.log(f"Redis cost per call: the scripts and the minimal hold ({where} Redis)")
+    try:
+        h.fund(prefix, ["rc-0"], url)
+        calls = asyncio.run(capture(url, prefix))
+        out = redis_cost(url, prefix, "rc-0", calls, h.cfg.redis_cost_calls, h.cfg.repeats)
+    finally:
+        if private is not None:
+            private[0].terminate()
+            private[0].wait(10)
+    out["redis"] = where
+    h.results["redis_cost"] = out
+    us = out["us_per_call"]
+    h.log(
+        f"Redis µs per call: reserve {us['reserve']:.1f}, commit {us['commit']:.1f}, "
+        f"minimal hold {us['minimal']:.1f}"
     )
 
 
-def _backlog(h: Harness, prefix: str, orgs: list[str], pairs_n: int) -> int:
+def backlog(h: Harness, prefix: str, orgs: list[str], pairs_n: int) -> int:
     """Fill the outboxes with reserve and commit events, written by the product's own scripts
     with the product's own arguments (pipelined with redis-py: the backlog is the input here,
     not what is measured)."""
-    import asyncio
-
-    from bench.scriptargs import capture
-
-    calls = asyncio.run(capture(prefix))
+    calls = asyncio.run(capture(h.cfg.redis_url, prefix))
     for call in calls.values():
         h.redis.script_load(call.source)
     done = 0
@@ -347,69 +316,43 @@ def _backlog(h: Harness, prefix: str, orgs: list[str], pairs_n: int) -> int:
 
 
 def flusher_drain(h: Harness) -> None:
+    """Per repeat: a fresh backlog, one flusher process draining it into a fresh schema, then
+    the COPY floor of the rows it wrote into another fresh schema."""
     cfg = h.cfg
-    prefix = h.new_prefix("f")
-    orgs = [f"f-{i:04d}" for i in range(cfg.flusher_orgs)]
-    h.grant_direct(prefix, orgs)
-    pairs_n = max(1, (cfg.flusher_events - len(orgs)) // 2)
-    t0 = time.perf_counter()
-    made = _backlog(h, prefix, orgs, pairs_n)
-    h.log(f"flusher backlog: {2 * made + len(orgs):,} events in {len(orgs)} outboxes "
-          f"({time.perf_counter() - t0:.1f}s to write)")  # fmt: skip
-    out = _drain(h, prefix, {})
-    out["backlog_events"] = 2 * made + len(orgs)
-    out["outboxes"] = len(orgs)
-    if not out["complete"]:
-        # The defaults did not drain the backlog within the bound: say so, then measure the
-        # flusher with a Redis timeout long enough for its bulk reads (and claiming at once
-        # what the first flusher left pending).
-        failed = out
-        h.log(
-            f"flusher drain at the defaults: {failed['events']:,} events moved, "
-            f"{failed['left']:,} left, {len(failed['store_failures'])} store failures"
-        )
-        out = _drain(h, prefix, {"redis_timeout_ms": 5_000, "flusher_claim_idle_ms": 0})
-        out["backlog_events"] = 2 * made + len(orgs)
-        out["outboxes"] = len(orgs)
-        out["defaults"] = {
-            k: failed[k]
-            for k in ("events", "seconds", "left", "redis_timeout_ms", "batch_per_stream")
+    drains, floors = [], []
+    for rep in range(1, cfg.repeats + 1):
+        prefix = h.new_prefix(f"f{rep}")
+        orgs = [f"f-{i:04d}" for i in range(cfg.flusher_orgs)]
+        h.fund(prefix, orgs)
+        pairs_n = max(1, (cfg.flusher_events - len(orgs)) // 2)
+        made = backlog(h, prefix, orgs, pairs_n)
+        url = h.new_schema()
+        spec = {
+            "mode": "drain",
+            "name": "flusher drain",
+            "redis_url": cfg.redis_url,
+            "prefix": prefix,
+            "orgs": orgs,
+            "ledger_url": url,
+            "max_seconds": 300.0,  # a bound, not the measure: the drain runs to the end
         }
-        out["defaults"]["failures"] = len(failed["store_failures"])
-        out["defaults"]["first_failure"] = (failed["store_failures"] or [""])[0]
-        h.results["notes"].append(
-            f"flusher drain at the defaults (ECU_REDIS_TIMEOUT_MS={failed['redis_timeout_ms']}, "
-            f"ECU_FLUSHER_BATCH={failed['batch_per_stream']} per outbox): moved "
-            f"{failed['events']:,} of {2 * made + len(orgs):,} events in "
-            f"{failed['seconds']:.1f}s ({len(failed['store_failures'])} failures: "
-            f"{(failed['store_failures'] or ['none'])[0]}); the figure is measured again with "
-            "ECU_REDIS_TIMEOUT_MS=5000 and ECU_FLUSHER_CLAIM_IDLE_MS=0 for the flusher."
+        proc, spec = procs.spawn_child("flushing", spec, h.work)
+        out = procs.collect_child(proc, spec, spec["max_seconds"] + 120)
+        out["backlog_events"] = 2 * made + len(orgs)
+        out["ledger_events"] = h.ledger_count(url)
+        h.drop_keys(f"{prefix}:*")
+        floor_url = h.new_schema()
+        floor = copy_floor(cfg.pg_url, h.schema_of(url), h.schema_of(floor_url))
+        h.log(
+            f"flusher drain: {out['events']:,} events in {out['seconds']:.2f}s = "
+            f"{out['events_per_s']:,.0f} ev/s; COPY floor: {floor['events_per_s']:,.0f} ev/s"
+            f" (#{rep})"
         )
-    h.results["flusher_drain"] = out
-    h.log(
-        f"flusher drain: {out['events']:,} events in {out['seconds']:.2f}s = "
-        f"{out['events_per_s']:,.0f} ev/s ({out['batches']} batches, cpu {out['cpu_s']:.2f}s)"
-    )
-    h.drop_keys(f"{prefix}:*")
-
-
-def _drain(h: Harness, prefix: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """One flusher process draining the outboxes of ``prefix`` into a fresh schema."""
-    url = h.new_schema()
-    spec = {
-        "mode": "drain",
-        "name": "flusher drain",
-        "redis_url": h.cfg.redis_url,
-        "prefix": prefix,
-        "ledger_url": url,
-        "max_seconds": max(10.0, 6 * h.cfg.seconds),
-        "settings": settings,
-    }
-    proc, spec = procs.spawn_child("flushing", spec, h.work)
-    out = procs.collect_child(proc, spec, spec["max_seconds"] + 120)
-    out["ledger_events"] = h.ledger_count(url)
-    out["settings"] = settings
-    return out
+        drains.append(out)
+        floors.append(floor)
+        h.drop_schema(h.schema_of(url))
+        h.drop_schema(h.schema_of(floor_url))
+    h.results["flusher_drain"] = {"drains": drains, "copy_floor": floors}
 
 
 #: Steps per ReserveBatch/CommitBatch in the lag test when single pairs cannot reach the rate.
@@ -438,7 +381,7 @@ def flusher_lag(h: Harness, sidecar: procs.Child) -> None:
             f"were committed in ReserveBatch→CommitBatch groups of {steps} (the same two outbox "
             "events per step)."
         )
-    out = _lag_once(h, sidecar, rate, steps, best)
+    out = lag_once(h, sidecar, rate, steps, best)
     if steps == 1 and not cfg.lag_steps and out["committed_steps_per_s"] < 0.95 * rate:
         # The pairs runs had the machine to themselves; beside the flusher the sidecar fell
         # short of the rate. Measure the flusher again at the rate, in batches.
@@ -449,11 +392,11 @@ def flusher_lag(h: Harness, sidecar: procs.Child) -> None:
             f"ReserveBatch→CommitBatch groups of {LAG_BATCH} (the same two outbox events per "
             "step)."
         )
-        out = _lag_once(h, sidecar, rate, LAG_BATCH, best)
+        out = lag_once(h, sidecar, rate, LAG_BATCH, best)
     h.results["flusher_lag"] = out
 
 
-def _lag_once(
+def lag_once(
     h: Harness, sidecar: procs.Child, rate: float, steps: int, best: float
 ) -> dict[str, Any]:
     cfg = h.cfg
@@ -462,7 +405,7 @@ def _lag_once(
     # Organizations of this attempt's own: their grants write the first outbox events (so the
     # flusher finds every outbox when it starts, and the fresh ledger has the grants).
     orgs = [f"lag{steps}-{i:03d}" for i in range(cfg.lag_orgs)]
-    h.grant(sidecar.target, orgs)
+    h.fund(prefix, orgs)
     url = h.new_schema()
     seconds = cfg.seconds * (1 if cfg.smoke else 2)
     start_at = time.time() + cfg.start_margin_s
@@ -473,6 +416,7 @@ def _lag_once(
         "name": "flusher run",
         "redis_url": cfg.redis_url,
         "prefix": prefix,
+        "orgs": orgs,
         "ledger_url": url,
         "until": m1 + 0.5,
     }
@@ -525,6 +469,8 @@ def _lag_once(
     fout = procs.collect_child(fproc, fspec, 120)
     lags = [lag * 1e6 for _, lag in samples]  # summarize takes µs
     summary = summarize(lags)
+    # The window's noise, from one run: the largest lag in each third of it.
+    thirds = [lags[i * len(lags) // 3 : (i + 1) * len(lags) // 3] for i in range(3)]
     out = {
         "target_rate": cfg.lag_rate,
         "paced_rate": rate,
@@ -534,6 +480,7 @@ def _lag_once(
         "interval_ms": fout["interval_ms"],
         "lag_s": {k: (v / 1000 if k != "n" else v) for k, v in summary.items()},
         "samples": len(samples),
+        "max_s_by_third": [max(t) / 1e6 for t in thirds if t],
         "flusher_cpu_s": fout["cpu_s"],
         "flusher_cpu_util": (run.get("other_cpu_util") or {}).get("flusher"),
         "final_drain_events": fout["final_drain"],
@@ -546,127 +493,3 @@ def _lag_once(
         f"p50 {summary['p50']:.0f} ms, p99 {summary['p99']:.0f} ms, max {summary['max']:.0f} ms"
     )
     return out
-
-
-def levers(h: Harness, noop: procs.Child) -> None:
-    """This session's performance changes, before and after, in one run: fresh sidecars on
-    the product's defaults (uvloop, the multiplexed script channel), on asyncio's loop, with
-    redis-py's pool for scripts (bench.levers), and with both (the store and loop as they were
-    before), plus floor A on each loop; one organization, at the lowest and the highest
-    concurrency, repeated ``lever_repeats`` times in turn (the median is kept)."""
-    cfg = h.cfg
-    variants: list[tuple[str, bool, tuple[str, ...]]] = [("baseline", True, ())]
-    variants.append(("asyncio", False, ()))
-    variants += [(p, True, (p,)) for p in cfg.lever_patches]
-    variants += [(f"asyncio+{p}", False, (p,)) for p in cfg.lever_patches]
-    noop_other = h.start_noop("floor-a-asyncio", uvloop=False)
-    servers: list[tuple[str, procs.Child]] = [("floor A", noop), ("floor A asyncio", noop_other)]
-    for name, uv, patches in variants:
-        prefix = h.new_prefix(f"l{len(servers)}")
-        child = h.start_sidecar(f"sidecar[{name}]", prefix, uvloop=uv, patches=patches)
-        h.grant(child.target, ["lever-0"])
-        servers.append((f"sidecar {name}", child))
-    idle_rss = {label: child.sample().rss_mb for label, child in servers}
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for rep in range(cfg.lever_repeats):
-        for c in sorted({min(cfg.concurrencies), max(cfg.concurrencies)}):
-            for label, child in servers:
-                org = "org-a" if label.startswith("floor") else "lever-0"
-                run = h.measure(
-                    f"lever {label} c={c} #{rep + 1}",
-                    "levers",
-                    "grpc_pairs",
-                    child,
-                    {"target": child.target, "concurrency": c, "orgs": [org], "mode": "commit"},
-                    seconds=min(cfg.seconds, cfg.lever_seconds),
-                    warmup=min(cfg.warmup_s, 0.5),
-                )
-                runs.setdefault((label, c), []).append(run)
-    for (label, c), group in runs.items():
-        h.results["levers"].append(_lever_row(label, c, group, idle_rss[label]))
-    for _, child in servers[1:]:
-        child.stop()
-    store_levers(h)
-
-
-def store_levers(h: Harness) -> None:
-    """The Redis-client side alone (the product's RedisStore, no gRPC, no server): CPU of the
-    calling process per reserve → commit pair, per lever, repeated in turn. Steadier than the
-    whole-sidecar runs on a shared machine, and it is where the loop and the script channel act."""
-    cfg = h.cfg
-    prefix = h.new_prefix("sl")
-    h.grant_direct(prefix, ["store-0"])
-    variants: list[tuple[str, bool, list[str]]] = [
-        ("store baseline", True, []),
-        ("store asyncio", False, []),
-    ]
-    variants += [(f"store {p}", True, [p]) for p in cfg.lever_patches]
-    variants += [(f"store asyncio+{p}", False, [p]) for p in cfg.lever_patches]
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for rep in range(cfg.lever_repeats + 1):
-        for c in sorted({min(cfg.concurrencies), max(cfg.concurrencies)}):
-            for label, uv, patches in variants:
-                run = h.measure(
-                    f"lever {label} c={c} #{rep + 1}",
-                    "levers",
-                    "store_pairs",
-                    None,
-                    {"redis_url": cfg.redis_url, "prefix": prefix, "orgs": ["store-0"],
-                     "concurrency": c, "uvloop": uv, "patches": patches},
-                    seconds=min(cfg.seconds, 2.0),
-                    warmup=min(cfg.warmup_s, 0.5),
-                )  # fmt: skip
-                runs.setdefault((label, c), []).append(run)
-    for (label, c), group in runs.items():
-        h.results.setdefault("store_levers", []).append(
-            {
-                "variant": label,
-                "concurrency": c,
-                "repeats": len(group),
-                "pairs_per_s": _median([r["ops_per_s"] for r in group]),
-                "client_cpu_us_per_pair": _median(
-                    [
-                        (r["client_cpu_util"] or 0) / r["ops_per_s"] * 1e6
-                        for r in group
-                        if r["ops_per_s"]
-                    ]
-                ),
-                "cpu_us_each": [
-                    (r["client_cpu_util"] or 0) / r["ops_per_s"] * 1e6
-                    for r in group
-                    if r["ops_per_s"]
-                ],
-                "reserve_p50_ms": _median(
-                    [r["latency_ms"].get("reserve", {}).get("p50") for r in group]
-                ),
-            }
-        )
-
-
-def _median(values: list[float | None]) -> float | None:
-    xs = sorted(v for v in values if v is not None)
-    if not xs:
-        return None
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
-
-
-def _lever_row(
-    variant: str, c: int, group: list[dict[str, Any]], idle_rss: float
-) -> dict[str, Any]:
-    def lat(r: dict[str, Any], key: str) -> float | None:
-        return r["latency_ms"].get("Reserve", {}).get(key)
-
-    return {
-        "variant": variant,
-        "concurrency": c,
-        "repeats": len(group),
-        "rpc_per_s": _median([r["rpc_per_s"] for r in group]),
-        "rpc_per_s_all": [r["rpc_per_s"] for r in group],
-        "reserve_p50_ms": _median([lat(r, "p50") for r in group]),
-        "reserve_p99_ms": _median([lat(r, "p99") for r in group]),
-        "server_cpu_s_per_1k_rpc": _median([r.get("server_cpu_s_per_1k_rpc") for r in group]),
-        "idle_rss_mb": idle_rss,
-        "peak_rss_mb": max((r.get("peak_rss_mb") or 0.0) for r in group),
-        "runs": [r["id"] for r in group],
-    }

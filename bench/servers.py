@@ -1,15 +1,12 @@
-"""The benchmark's server processes: ``python -m bench.servers (noop | sidecar) [options]``.
+"""The benchmark's floor servers: ``python -m bench.servers noop [options]``.
 
 - ``noop`` (floor A): a ``grpc.aio`` server with the sidecar's server options serving the same
   Quota service, every RPC answered with a canned response: the cost of gRPC in Python alone.
-  With ``--redis-url`` (floor A∘B) each handler first runs its script through the product's
-  script channel.
-- ``sidecar``: the product's own ``ecu-sidecar serve`` (configured by the ``ECU_*`` environment
-  the harness sets, ECU_EVENT_LOOP included), optionally with patches (bench.levers) applied in
-  this process first.
+  With ``--redis-url`` (floor A∘B) each handler first makes the operation's call on the
+  product's ``RedisStore`` (its public ``reserve``, ``commit``, ``release``).
 
-Both print one JSON line ``{"port": N, "pid": P}`` on stdout (the sidecar before it binds; the
-harness then waits for its health check) and stop on SIGTERM.
+It prints one JSON line ``{"port": N, "pid": P}`` on stdout when it serves and stops on
+SIGTERM. (The sidecar itself runs as ``python -m ecu_sidecar serve``: bench.procs.)
 """
 
 from __future__ import annotations
@@ -93,42 +90,36 @@ async def _noop(port: int, redis_url: str = "", prefix: str = "") -> None:
 
 
 async def _scripted(redis_url: str, prefix: str, reserve: Any, commit: Any, release: Any) -> Any:
-    """Floor A∘B: the same no-op server, whose handlers each run the operation's script
-    (exactly the product's arguments, bench.scriptargs) through the product's own script
-    channel (ecu_sidecar.store.multiplex) before answering the canned response. Sidecar − A∘B
-    is what the sidecar's own code costs: validation, the engine, parsing, metrics, timeouts."""
-    from redis.exceptions import NoScriptError
-
-    from bench.scriptargs import ScriptCall, capture
+    """Floor A∘B: the same no-op server, whose handlers each make the operation's call on the
+    product's ``RedisStore`` (one script round trip, the product's arguments, transport and
+    reply parsing) before answering the canned response. Sidecar − A∘B is what the rest of
+    the sidecar's code costs: validation, the engine, conversion, metrics."""
     from ecu_sidecar.api.v1 import quota_pb2 as pb
     from ecu_sidecar.api.v1 import quota_pb2_grpc
+    from ecu_sidecar.model import AccountRef, CommitItem, JobType, ReserveItem, Usage
     from ecu_sidecar.settings import Settings
-    from ecu_sidecar.store.multiplex import ScriptChannel
+    from ecu_sidecar.store import RedisStore
 
-    d = Settings.from_mapping({})
-    channel = ScriptChannel(redis_url, connect_timeout_s=d.redis_connect_timeout_ms / 1000)
-    calls = await capture(prefix)
-    for call in calls.values():
-        await channel.execute("SCRIPT", "LOAD", call.source)
-
-    async def run(call: ScriptCall, org: str, rid: str) -> Any:
-        args = call.args(org, rid)
-        try:
-            return await channel.execute("EVALSHA", call.sha, *args)
-        except NoScriptError:
-            return await channel.execute("EVAL", call.source, *args)
+    settings = Settings.from_mapping(
+        {"redis_url": ("bench", redis_url), "key_prefix": ("bench", prefix)}
+    )
+    store = RedisStore.from_settings(settings)
+    await store.connect()
+    ttl, pct = settings.default_ttl_ms, settings.overage_max_percent
 
     class Scripted(quota_pb2_grpc.QuotaServicer):
         async def Reserve(self, request: pb.ReserveRequest, context: object) -> pb.ReserveResponse:
-            await run(calls["reserve"], request.account.organization, request.reservation_id)
+            item = ReserveItem(request.reservation_id, 1_000, JobType.INFERENCE, "gpt-4o", ttl)
+            await store.reserve(AccountRef(request.account.organization), [item])
             return reserve
 
         async def Commit(self, request: pb.CommitRequest, context: object) -> pb.CommitResponse:
-            await run(calls["commit"], request.organization, request.reservation_id)
+            item = CommitItem(request.reservation_id, 700, Usage(900, 350, 1))
+            await store.commit(request.organization, [item], pct)
             return commit
 
         async def Release(self, request: pb.ReleaseRequest, context: object) -> pb.ReleaseResponse:
-            await run(calls["release"], request.organization, request.reservation_id)
+            await store.release(request.organization, request.reservation_id)
             return release
 
     return Scripted()
@@ -136,27 +127,16 @@ async def _scripted(redis_url: str, prefix: str, reserve: Any, commit: Any, rele
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.servers")
-    parser.add_argument("role", choices=("noop", "sidecar"))
+    parser.add_argument("role", choices=("noop",))
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--uvloop", action="store_true", help="noop: run on uvloop")
-    parser.add_argument("--patch", action="append", default=[], help="a bench.levers patch")
-    parser.add_argument("--redis-url", default="", help="noop: run the scripts (floor A∘B)")
-    parser.add_argument("--prefix", default="", help="noop with --redis-url: the key prefix")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--redis-url", default="", help="run the store call (floor A∘B)")
+    parser.add_argument("--prefix", default="", help="with --redis-url: the key prefix")
     args = parser.parse_args(argv)
-    if args.uvloop and args.role == "noop":
+    if args.uvloop:
         _use_uvloop()
-    if args.role == "noop":
-        asyncio.run(_noop(args.port, args.redis_url, args.prefix))
-        return 0
-    from bench.levers import apply
-
-    for name in args.patch:
-        apply(name)
-    port = int(os.environ["ECU_LISTEN"].rpartition(":")[2])
-    print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
-    from ecu_sidecar.cli import main as ecu_main
-
-    return ecu_main(["serve"])
+    asyncio.run(_noop(args.port, args.redis_url, args.prefix))
+    return 0
 
 
 if __name__ == "__main__":

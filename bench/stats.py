@@ -1,13 +1,11 @@
-"""Latency summaries and profile digests."""
+"""Latency summaries and the spread of repeated figures."""
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
-__all__ = ["percentile", "summarize", "top_frames"]
+__all__ = ["median", "percentile", "spread", "summarize"]
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -34,25 +32,19 @@ def summarize(latencies_us: list[float]) -> dict[str, Any]:
     }
 
 
-def top_frames(raw_profile: Path, limit: int) -> list[dict[str, Any]]:
-    """From py-spy's raw (collapsed stacks) output: the frames with the most self samples and
-    the most inclusive samples, as shares of all samples."""
-    self_counts: Counter[str] = Counter()
-    incl: Counter[str] = Counter()
-    total = 0
-    for line in raw_profile.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        total += n
-        frames = stack.split(";")
-        self_counts[frames[-1]] += n
-        for f in set(frames):
-            incl[f] += n
-    if not total:
-        return []
-    return [
-        {"frame": f, "self": n / total, "inclusive": incl[f] / total}
-        for f, n in self_counts.most_common(limit)
-    ]
+def median(values: list[float]) -> float:
+    """The median of the finite values (NaN when there is none)."""
+    xs = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not xs:
+        return math.nan
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def spread(values: list[float]) -> float:
+    """Run-to-run noise of repeated figures: (max - min) / median, NaN below two values."""
+    xs = [v for v in values if v is not None and not math.isnan(v)]
+    m = median(xs)
+    if len(xs) < 2 or not m:
+        return math.nan
+    return (max(xs) - min(xs)) / abs(m)
