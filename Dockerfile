@@ -12,12 +12,18 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/ecu
 WORKDIR /src
+# Dependencies exactly as locked (versions and hashes: requirements/image.txt, `make lock`),
+# then the project without resolving anything; the embedded store's packages are not in the
+# image (a production sidecar names its Redis). pip and setuptools leave the venv at the end.
+COPY requirements/image.txt ./requirements/image.txt
+RUN /opt/ecu/bin/pip install --only-binary=:all: --require-hashes --no-deps \
+      -r requirements/image.txt
 COPY pyproject.toml README.md ./
 COPY ecu_sidecar ./ecu_sidecar
-RUN /opt/ecu/bin/pip install --only-binary=:all: --upgrade pip \
- && /opt/ecu/bin/pip install --prefer-binary . \
+RUN /opt/ecu/bin/pip install --no-deps . \
  && /opt/ecu/bin/python -m compileall -q /opt/ecu/lib \
- && /opt/ecu/bin/ecu-sidecar --version
+ && /opt/ecu/bin/ecu-sidecar --version \
+ && /opt/ecu/bin/python -m pip uninstall --yes pip setuptools
 
 # -- runtime: the venv and an unprivileged user, nothing else -------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -40,5 +46,9 @@ WORKDIR /tmp
 # 50052: gRPC health (ECU_HEALTH_LISTEN), 9465: /metrics (ECU_METRICS_LISTEN, as the chart sets
 # it). The quota gRPC port stays on 127.0.0.1 inside the pod.
 EXPOSE 50052 9465
+# The sidecar's gRPC health (ECU_HEALTH_LISTEN, else ECU_LISTEN); a flusher container runs
+# `ecu-sidecar health --flusher` (its /livez) instead. Kubernetes uses the chart's probes.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["ecu-sidecar", "health"]
 ENTRYPOINT ["ecu-sidecar"]
 CMD ["serve"]

@@ -70,7 +70,7 @@ HELM := $(TOOLS)/bin/helm
 KUBE_VALIDATE := $(TOOLS)/venv/bin/kubernetes-validate
 IMAGE ?= ecu-sidecar:dev
 
-.PHONY: tools rules-test metrics-check promtool-check helm-check ops-sync ops-check image
+.PHONY: tools rules-test metrics-check promtool-check helm-check ops-sync ops-check image lock
 
 $(PROMTOOL):
 	PYTHON=$(BIN)/python ops/bin/install-tools promtool
@@ -109,6 +109,15 @@ ops-sync:
 	cp ops/prometheus/ecu-sidecar.rules.yml ops/grafana/ecu-sidecar.json helm/ecu-sidecar/files/
 
 ops-check: promtool-check helm-check
+
+## Lock the image's dependencies (versions and hashes) from pyproject.toml, with pip-tools in
+## a throw-away venv and PyPI only (no local wheel mirrors): requirements/image.txt.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install --quiet pip-tools
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_CONSTRAINT= .lock-venv/bin/pip-compile --quiet \
+	  --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --index-url https://pypi.org/simple --output-file requirements/image.txt pyproject.toml
+	rm -rf .lock-venv
 
 ## Build the container image (needs a container engine; none exists on the project machines).
 image:

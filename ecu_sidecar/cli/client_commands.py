@@ -75,7 +75,7 @@ def _admin_token(args: argparse.Namespace, defaults: Defaults) -> str | None:
     return token
 
 
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+def credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     """TLS credentials from --tls/--tls-ca/--tls-cert/--tls-key; None: plaintext."""
     if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
         return None
@@ -91,7 +91,7 @@ def client_for(args: argparse.Namespace, defaults: Defaults) -> QuotaClient:
     target = args.target or client_target(defaults.get().listen)
     token = _admin_token(args, defaults) if getattr(args, "admin", False) else None
     return QuotaClient(
-        target, admin_token=token, timeout_s=args.timeout, credentials=_credentials(args)
+        target, admin_token=token, timeout_s=args.timeout, credentials=credentials(args)
     )
 
 

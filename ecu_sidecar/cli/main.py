@@ -18,7 +18,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ecu_sidecar import __version__
 from ecu_sidecar.cli import client_commands as cc
@@ -65,6 +70,49 @@ def _cmd_check_config(args: argparse.Namespace, defaults: Defaults) -> int:
     return 0
 
 
+def _local(listen: str) -> str:
+    """host:port to reach a server of this process's pod that binds ``listen``."""
+    return cc.client_target(listen)
+
+
+def _cmd_health(args: argparse.Namespace, defaults: Defaults) -> int:
+    """Is the process beside us healthy: a sidecar's gRPC health (ECU_HEALTH_LISTEN, else
+    ECU_LISTEN), or with --flusher a flusher's /livez (ECU_METRICS_LISTEN). For an image's
+    HEALTHCHECK or an exec probe: one line, exit 0 (healthy) or 1."""
+    settings = defaults.get()
+    if args.flusher:
+        if not settings.metrics_listen:
+            raise UsageError("health --flusher: ECU_METRICS_LISTEN is not set (no /livez)")
+        url = f"http://{_local(settings.metrics_listen)}/livez"
+        try:
+            with urllib.request.urlopen(url, timeout=args.timeout) as reply:
+                print(f"{url}: {reply.status} {reply.read().decode().strip()}")
+                return 0
+        except urllib.error.HTTPError as exc:
+            print(f"{url}: {exc.code} {exc.read().decode().strip()}")
+        except OSError as exc:
+            print(f"{url}: {getattr(exc, 'reason', exc)}")
+        return 1
+    target = _local(settings.health_listen or settings.listen)
+    secure = settings.tls and not settings.health_listen
+    channel = (
+        grpc.secure_channel(target, cc.credentials(args) or grpc.ssl_channel_credentials())
+        if secure
+        else grpc.insecure_channel(target)
+    )
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"{target}: {exc.code().name}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -104,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "check-config", help="validate ECU_* settings and print them (secrets masked)"
     ).set_defaults(run=_cmd_check_config)
+    p = sub.add_parser(
+        "health",
+        help="exit 0 when the sidecar (or, with --flusher, the flusher) in this pod is healthy: "
+        "for HEALTHCHECK and exec probes",
+    )
+    p.add_argument("--flusher", action="store_true", help="ask the flusher's /livez instead")
+    p.add_argument(
+        "--service", default="", help="the gRPC health service to ask (default: the server)"
+    )
+    p.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT_S, help="seconds")
+    for flag, what in (("--tls-ca", "CA"), ("--tls-cert", "client cert"), ("--tls-key", "key")):
+        p.add_argument(flag, metavar="PEM", help=f"{what} for a TLS ECU_LISTEN without health port")
+    p.set_defaults(run=_cmd_health, tls=False)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
