@@ -15,10 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
-from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ecu_sidecar.api.v1 import quota_pb2, quota_pb2_grpc
@@ -28,6 +25,7 @@ from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.metrics import FlusherMetrics, Metrics, process_metrics
 from ecu_sidecar.pricing import RateCardError, RateCardRegistry, tokens
+from ecu_sidecar.reflection import enable_reflection
 from ecu_sidecar.service import QuotaService, tolerant_deserializer
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
@@ -88,27 +86,6 @@ def unix_socket_connections(path: str) -> int | None:
 
 SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["Quota"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-
-
-def _pool_of(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
-    """A descriptor pool holding only these files and their imports: reflection on a port
-    answers for what that port serves, not for every message this process has loaded."""
-    pool = descriptor_pool.DescriptorPool()
-    added: set[str] = set()
-
-    def add(file: FileDescriptor) -> None:
-        if file.name in added:
-            return
-        for dependency in file.dependencies:
-            add(dependency)
-        proto = descriptor_pb2.FileDescriptorProto()
-        file.CopyToProto(proto)
-        pool.Add(proto)
-        added.add(file.name)
-
-    for file in files:
-        add(file)
-    return pool
 
 
 class _HandlerTable:
@@ -282,9 +259,9 @@ class SidecarServer:
             QuotaService(self.engine, self.metrics, self.settings.admin_token), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        # grpcio-reflection ships only grpc.reflection.v1alpha (checked up to 1.85.1): no v1.
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        enable_reflection(
+            server,
+            {SERVICE_NAME: quota_pb2.DESCRIPTOR, HEALTH_SERVICE_NAME: health_pb2.DESCRIPTOR},
         )
         socket_path = self.settings.unix_socket
         # grpc keeps unix:///x as the name "///x": bind the plain path, as the kernel lists it.
@@ -300,11 +277,7 @@ class SidecarServer:
             # Its reflection lists and describes health and itself, nothing of the quota API.
             self._health_server = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
-            reflection.enable_server_reflection(
-                (HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
-                self._health_server,
-                pool=_pool_of(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR),
-            )
+            enable_reflection(self._health_server, {HEALTH_SERVICE_NAME: health_pb2.DESCRIPTOR})
             self.health_port = _bind(
                 self._health_server, "ECU_HEALTH_LISTEN", self.settings.health_listen, None
             )

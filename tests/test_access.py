@@ -16,7 +16,7 @@ import pytest
 import trustme
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
@@ -188,13 +188,18 @@ async def test_health_only_port_serves_health_and_nothing_else() -> None:
         await server.stop(grace=0)
 
 
-async def reflect(port: int, **request: str) -> list[reflection_pb2.ServerReflectionResponse]:
-    """One server reflection (v1alpha) exchange with 127.0.0.1:port."""
+async def reflect(
+    port: int, version: str = "v1alpha", **request: str
+) -> list[reflection_pb2.ServerReflectionResponse]:
+    """One server reflection exchange with 127.0.0.1:port, in protocol ``version`` (v1 or
+    v1alpha: the same messages under two package names, so one pair of classes reads both)."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        call = stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(**request)]), timeout=5
+        method = ch.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
         )
+        call = method(iter([reflection_pb2.ServerReflectionRequest(**request)]), timeout=5)
         return [response async for response in call]
 
 
@@ -207,33 +212,47 @@ def described_symbols(response: reflection_pb2.ServerReflectionResponse) -> set[
     return out
 
 
-async def test_health_only_port_reflects_only_what_it_serves() -> None:
-    """grpcurl against the probe port: its reflection lists health and reflection, describes
-    them, and knows nothing of the quota API; the main port still describes everything."""
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_health_only_port_reflects_only_what_it_serves(version: str) -> None:
+    """grpcurl against the probe port, in reflection v1 (what grpcurl tries first) and
+    v1alpha: its reflection lists health and reflection, describes them, and knows nothing of
+    the quota API; the main port describes the quota API, health and reflection."""
     settings = make_settings("embedded", health_listen="127.0.0.1:0")
     server = SidecarServer(settings)
     await server.start()
+    reflection_services = {
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
     try:
-        (listed,) = await reflect(server.health_port, list_services="")
+        (listed,) = await reflect(server.health_port, version, list_services="")
         assert {s.name for s in listed.list_services_response.service} == {
             "grpc.health.v1.Health",
-            "grpc.reflection.v1alpha.ServerReflection",
+            *reflection_services,
         }
         (health,) = await reflect(
-            server.health_port, file_containing_symbol="grpc.health.v1.Health"
+            server.health_port, version, file_containing_symbol="grpc.health.v1.Health"
         )
         assert "grpc.health.v1.HealthCheckRequest" in described_symbols(health)
+        (itself,) = await reflect(
+            server.health_port,
+            version,
+            file_containing_symbol=f"grpc.reflection.{version}.ServerReflection",
+        )
+        assert f"grpc.reflection.{version}.ServerReflectionRequest" in described_symbols(itself)
         for symbol in ("ecu_sidecar.api.v1.Quota", "ecu_sidecar.api.v1.ReserveRequest"):
-            (missing,) = await reflect(server.health_port, file_containing_symbol=symbol)
+            (missing,) = await reflect(server.health_port, version, file_containing_symbol=symbol)
             assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
-        (listed,) = await reflect(server.port, list_services="")
+        (listed,) = await reflect(server.port, version, list_services="")
         assert {s.name for s in listed.list_services_response.service} == {
             "ecu_sidecar.api.v1.Quota",
             "grpc.health.v1.Health",
-            "grpc.reflection.v1alpha.ServerReflection",
+            *reflection_services,
         }
-        (quota,) = await reflect(server.port, file_containing_symbol="ecu_sidecar.api.v1.Quota")
+        (quota,) = await reflect(
+            server.port, version, file_containing_symbol="ecu_sidecar.api.v1.Quota"
+        )
         assert "ecu_sidecar.api.v1.ReserveRequest" in described_symbols(quota)
     finally:
         await server.stop(grace=0)
