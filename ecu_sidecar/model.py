@@ -167,7 +167,7 @@ class ReserveOutcome:
     quotes: list[Any] = field(default_factory=list)
     """Per item, the pricing Quote of a job-spec item (None for a caller's amount)."""
     degraded: bool = False
-    """Granted locally while Redis was unreachable (ecu_sidecar.degraded)."""
+    """Granted locally while Redis was unreachable (ecu_sidecar.engine.degraded)."""
 
 
 @dataclass(frozen=True, slots=True)

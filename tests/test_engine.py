@@ -14,7 +14,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from ecu_sidecar import errors
-from ecu_sidecar.engine import SWEEP_IDLE_INTERVALS, QuotaEngine, _plain_commit
+from ecu_sidecar.engine import SWEEP_IDLE_INTERVALS, QuotaEngine
+from ecu_sidecar.engine.engine import _plain_commit
 from ecu_sidecar.model import (
     MAX_REQUEST_UECU,
     AccountRef,
@@ -436,7 +437,7 @@ async def test_background_sweeper_visits_an_organization_when_it_has_work(
     step(20)
     assert await engine.sweep_recent() == 0
     assert swept == [org, org, org]
-    assert engine._recent[org] - clock() == pytest.approx(idle_ms / 1000)
+    assert engine.sweeps.due_at(org) - clock() == pytest.approx(idle_ms / 1000)
 
 
 async def test_sweep_is_bounded_per_call(backend: str) -> None:
