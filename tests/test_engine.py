@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from dataclasses import FrozenInstanceError
 from typing import Any
 
 import pytest
@@ -600,8 +601,8 @@ async def test_a_ttl_of_zero_holds_for_the_default_ttl(
 
 
 def test_the_per_step_value_types_compare_and_hash_by_value() -> None:
-    """Not frozen (for speed), yet values: equal by their fields, and hashable as before, so a
-    caller of the worker client may still key a dict on a HoldView or a CommitOutcome."""
+    """Values: equal by their fields, hashable (a caller of the worker client may key a dict on
+    a HoldView or a CommitOutcome), and unchangeable once made."""
     made = [
         lambda: ReserveItem("r", 5, JobType.JUDGE, "m"),
         lambda: Usage(1, 2, 3),
@@ -614,3 +615,5 @@ def test_the_per_step_value_types_compare_and_hash_by_value() -> None:
         assert a == b and hash(a) == hash(b)
         assert {a: 1}[b] == 1
     assert hash(Usage(1, 2, 3)) != hash(Usage(1, 2, 4))
+    with pytest.raises(FrozenInstanceError):
+        Usage(1, 2, 3).calls = 4  # type: ignore[misc]
