@@ -79,7 +79,7 @@ def field_path(item: int | None, field: str) -> str:
 
 def _is_int(value: object) -> bool:
     """An integer, and not a bool (True is an int to Python, never an amount to us)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    return type(value) is int or (isinstance(value, int) and not isinstance(value, bool))
 
 
 # -- values -----------------------------------------------------------------------------------
