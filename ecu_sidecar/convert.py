@@ -1,8 +1,11 @@
-"""Protobuf ↔ pricing types: job specs and usage lines in, quotes out.
+"""Protobuf ↔ domain and pricing types: one converter per type, each built plainly.
 
-Unset oneofs become ``None`` so the pricer reports "give exactly one of prompt_text, messages,
-prompt_tokens" with the right field path; zero counts that the API documents as "0 = 1"
-(samples, calls) are mapped here.
+Requests in (accounts, reserve and commit items, job specs, usage lines, enums), answers out
+(holds, commit outcomes, quotes, balances). Unset oneofs become ``None`` so the pricer reports
+"give exactly one of prompt_text, messages, prompt_tokens" with the right field path; zero
+counts that the API documents as "0 = 1" (samples, calls) are mapped here. An enum number the
+domain has no value for passes through as its wire name (unmapped_enum), for the engine or the
+pricer to refuse in field order.
 """
 
 from __future__ import annotations
@@ -12,7 +15,19 @@ import hashlib
 from typing import Any
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
-from ecu_sidecar.model import Balance, JobType, ScopeUsage
+from ecu_sidecar.model import (
+    AccountRef,
+    Balance,
+    CommitItem,
+    CommitOutcome,
+    GrantKind,
+    HoldState,
+    HoldView,
+    JobType,
+    ReserveItem,
+    ScopeUsage,
+    Usage,
+)
 from ecu_sidecar.pricing import (
     ChatMessage,
     GepaSpec,
@@ -25,11 +40,19 @@ from ecu_sidecar.pricing import (
 )
 
 __all__ = [
+    "account_from_pb",
     "balance_from_pb",
     "balance_to_pb",
+    "cap_scope_from_pb",
+    "commit_item_from_pb",
+    "commit_to_pb",
     "fingerprint",
+    "grant_kind_from_pb",
+    "hold_state_to_pb",
+    "hold_to_pb",
     "job_from_pb",
     "quote_to_pb",
+    "reserve_item_from_pb",
     "scope_from_pb",
     "scope_to_pb",
     "unmapped_enum",
@@ -43,6 +66,21 @@ _JOB_TYPE_PB = {
     JobType.TRACE_EVAL: pb.JOB_TYPE_TRACE_EVAL,
     JobType.ENGINE: pb.JOB_TYPE_ENGINE,
 }
+_JOB_TYPES = {number: job_type for job_type, number in _JOB_TYPE_PB.items()}
+_GRANT_KINDS = {
+    pb.GRANT_KIND_STARTER: GrantKind.STARTER,
+    pb.GRANT_KIND_TOP_UP: GrantKind.TOP_UP,
+    pb.GRANT_KIND_AUTO_TOP_UP: GrantKind.AUTO_TOP_UP,
+    pb.GRANT_KIND_ENTERPRISE: GrantKind.ENTERPRISE,
+    pb.GRANT_KIND_ADJUSTMENT: GrantKind.ADJUSTMENT,
+}
+_HOLD_STATES = {
+    HoldState.ACTIVE: pb.HOLD_STATE_ACTIVE,
+    HoldState.COMMITTED: pb.HOLD_STATE_COMMITTED,
+    HoldState.RELEASED: pb.HOLD_STATE_RELEASED,
+    HoldState.EXPIRED: pb.HOLD_STATE_EXPIRED,
+}
+_CAP_SCOPES = {pb.CAP_SCOPE_TEAM: "team", pb.CAP_SCOPE_PROJECT: "project"}
 _USAGE_KINDS = {
     pb.USAGE_KIND_INFERENCE: "inference",
     pb.USAGE_KIND_JUDGE: "judge",
@@ -65,6 +103,61 @@ def unmapped_enum(enum_type: Any, number: int) -> str:
 def fingerprint(job: pb.JobSpec) -> str:
     """A digest of a job spec, stable across processes (deterministic serialization)."""
     return hashlib.sha256(job.SerializeToString(deterministic=True)).hexdigest()[:32]
+
+
+def grant_kind_from_pb(number: int) -> GrantKind | str:
+    """The GrantKind of a protobuf enum number (unmapped: its wire name)."""
+    return _GRANT_KINDS.get(number) or unmapped_enum(pb.GrantKind, number)
+
+
+def cap_scope_from_pb(number: int) -> str:
+    """``team`` or ``project`` for a protobuf CapScope (unmapped: its wire name)."""
+    return _CAP_SCOPES.get(number) or unmapped_enum(pb.CapScope, number)
+
+
+def hold_state_to_pb(state: HoldState) -> int:
+    """The protobuf HoldState number of a hold's state."""
+    return _HOLD_STATES[state]
+
+
+# -- requests in ----------------------------------------------------------------------------------
+
+
+def account_from_pb(msg: pb.Account) -> AccountRef:
+    """Who pays, from a request's ``account``."""
+    return AccountRef(msg.organization, msg.team, msg.project, msg.user)
+
+
+def reserve_item_from_pb(msg: Any) -> ReserveItem:
+    """A step to hold, from a ReserveRequest or a ReserveItem (the same field names). A job
+    spec travels as the pricer's (its amount comes from pricing), with its fingerprint."""
+    job_type = _JOB_TYPES.get(msg.job_type) or unmapped_enum(pb.JobType, msg.job_type)
+    if not msg.HasField("job"):
+        return ReserveItem(msg.reservation_id, msg.amount_uecu, job_type, msg.model, msg.ttl_ms)
+    if msg.job_type == pb.JOB_TYPE_UNSPECIFIED:
+        job_type = None  # derived from the job by the engine
+    return ReserveItem(
+        msg.reservation_id,
+        msg.amount_uecu,
+        job_type,
+        msg.model,
+        msg.ttl_ms,
+        fingerprint=fingerprint(msg.job),
+        job=job_from_pb(msg.job),
+    )
+
+
+def commit_item_from_pb(msg: Any) -> CommitItem:
+    """A hold to settle, from a CommitRequest or a CommitItem (the same field names)."""
+    lines = msg.usage_lines
+    u = msg.usage
+    return CommitItem(
+        msg.reservation_id,
+        msg.actual_uecu,
+        Usage(u.tokens_in, u.tokens_out, u.calls),
+        msg.rate_card_version,
+        usage_lines=usage_from_pb(lines) if lines else None,
+    )
 
 
 def _messages(msg: pb.ChatMessages) -> list[ChatMessage]:
@@ -131,6 +224,36 @@ def usage_from_pb(lines: Any) -> list[UsageLine]:
         )
         for u in lines
     ]
+
+
+# -- answers out ----------------------------------------------------------------------------------
+
+
+def hold_to_pb(org: str, h: HoldView) -> pb.Hold:
+    """A hold of ``org`` as its protobuf message."""
+    return pb.Hold(
+        reservation_id=h.reservation_id,
+        organization=org,
+        amount_uecu=h.amount_uecu,
+        deadline_unix_ms=h.deadline_unix_ms,
+        state=_HOLD_STATES[h.state],
+    )
+
+
+def commit_to_pb(o: CommitOutcome) -> pb.CommitResponse:
+    """A commit's outcome as its protobuf answer."""
+    return pb.CommitResponse(
+        reservation_id=o.reservation_id,
+        committed_uecu=o.committed_uecu,
+        released_uecu=o.released_uecu,
+        overage_uecu=o.overage_uecu,
+        unbilled_overage_uecu=o.unbilled_overage_uecu,
+        late=o.late,
+        available_uecu=o.available_uecu,
+        replayed=o.replayed,
+        quote=quote_to_pb(o.quote) if o.quote else None,
+        degraded=o.degraded,
+    )
 
 
 def quote_to_pb(quote: Quote) -> pb.Quote:

@@ -1,14 +1,7 @@
 """Value types shared by the engine, the store adapter and the gRPC edge.
 
-Every amount is an integer number of micro-ECU (1 ECU = 1,000,000 µECU).
-
-The types made once per step of a batch (ReserveItem, Usage, CommitItem, HoldView,
-CommitOutcome) are not frozen: a frozen dataclass sets each field through
-``object.__setattr__``, which made up a fifth of the sidecar's instructions per ReserveBatch
-of 100 steps (docs/benchmarks.md). They are values all the same: nothing changes one after it
-is made (``dataclasses.replace`` makes a new one), and they hash by value as the frozen ones
-did (``unsafe_hash``: the worker client hands HoldView and CommitOutcome to callers, who may
-key on them). The others stay frozen.
+Every amount is an integer number of micro-ECU (1 ECU = 1,000,000 µECU). Every type is a
+frozen value (``dataclasses.replace`` makes a changed copy).
 """
 
 from __future__ import annotations
@@ -101,7 +94,7 @@ class AccountRef:
     """Recorded for attribution only; users have no caps."""
 
 
-@dataclass(slots=True, unsafe_hash=True)
+@dataclass(frozen=True, slots=True)
 class ReserveItem:
     """One step to hold: its caller-chosen id, worst-case amount and attribution."""
 
@@ -120,7 +113,7 @@ class ReserveItem:
     """A job spec (ecu_sidecar.pricing.JobSpec) to price instead of amount_uecu."""
 
 
-@dataclass(slots=True, unsafe_hash=True)
+@dataclass(frozen=True, slots=True)
 class Usage:
     """What a step consumed, recorded with its commit."""
 
@@ -129,7 +122,7 @@ class Usage:
     calls: int = 0
 
 
-@dataclass(slots=True, unsafe_hash=True)
+@dataclass(frozen=True, slots=True)
 class CommitItem:
     """One hold to settle with its actual cost."""
 
@@ -145,7 +138,7 @@ class CommitItem:
     of actual_uecu."""
 
 
-@dataclass(slots=True, unsafe_hash=True)
+@dataclass(frozen=True, slots=True)
 class HoldView:
     """A hold as a reserve answer reports it."""
 
@@ -167,7 +160,7 @@ class ReserveOutcome:
     quotes: list[Any] = field(default_factory=list)
     """Per item, the pricing Quote of a job-spec item (None for a caller's amount)."""
     degraded: bool = False
-    """Granted locally while Redis was unreachable (ecu_sidecar.degraded)."""
+    """Granted locally while Redis was unreachable (ecu_sidecar.engine.degraded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +198,7 @@ class LedgerReservation:
     outcome: CommitOutcome | None = None
 
 
-@dataclass(slots=True, unsafe_hash=True)
+@dataclass(frozen=True, slots=True)
 class CommitOutcome:
     """The answer to one commit; ``error`` is set instead when a batch item failed."""
 

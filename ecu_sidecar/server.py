@@ -19,8 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ecu_sidecar.api.v1 import quota_pb2, quota_pb2_grpc
-from ecu_sidecar.degraded import Journal
-from ecu_sidecar.engine import QuotaEngine
+from ecu_sidecar.engine import Journal, QuotaEngine
 from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.metrics import FlusherMetrics, Metrics, process_metrics

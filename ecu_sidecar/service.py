@@ -22,26 +22,22 @@ from ecu_sidecar import errors
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.convert import (
+    account_from_pb,
     balance_to_pb,
-    fingerprint,
+    cap_scope_from_pb,
+    commit_item_from_pb,
+    commit_to_pb,
+    grant_kind_from_pb,
+    hold_state_to_pb,
+    hold_to_pb,
     job_from_pb,
     quote_to_pb,
+    reserve_item_from_pb,
     scope_to_pb,
-    unmapped_enum,
-    usage_from_pb,
 )
 from ecu_sidecar.engine import QuotaEngine
 from ecu_sidecar.metrics import Metrics
-from ecu_sidecar.model import (
-    AccountRef,
-    CommitItem,
-    CommitOutcome,
-    GrantKind,
-    HoldState,
-    JobType,
-    ReserveItem,
-    Usage,
-)
+from ecu_sidecar.model import CommitOutcome
 from ecu_sidecar.pricing import NoRateCard
 from ecu_sidecar.status import code_for, to_grpc_status
 
@@ -49,80 +45,7 @@ __all__ = ["QuotaService", "Undecodable", "tolerant_deserializer"]
 
 log = logging.getLogger(__name__)
 
-_JOB_TYPES = {
-    pb.JOB_TYPE_INFERENCE: JobType.INFERENCE,
-    pb.JOB_TYPE_JUDGE: JobType.JUDGE,
-    pb.JOB_TYPE_GEPA: JobType.GEPA,
-    pb.JOB_TYPE_TRACE_EVAL: JobType.TRACE_EVAL,
-    pb.JOB_TYPE_ENGINE: JobType.ENGINE,
-}
-_GRANT_KINDS = {
-    pb.GRANT_KIND_STARTER: GrantKind.STARTER,
-    pb.GRANT_KIND_TOP_UP: GrantKind.TOP_UP,
-    pb.GRANT_KIND_AUTO_TOP_UP: GrantKind.AUTO_TOP_UP,
-    pb.GRANT_KIND_ENTERPRISE: GrantKind.ENTERPRISE,
-    pb.GRANT_KIND_ADJUSTMENT: GrantKind.ADJUSTMENT,
-}
-_HOLD_STATES = {
-    HoldState.ACTIVE: pb.HOLD_STATE_ACTIVE,
-    HoldState.COMMITTED: pb.HOLD_STATE_COMMITTED,
-    HoldState.RELEASED: pb.HOLD_STATE_RELEASED,
-    HoldState.EXPIRED: pb.HOLD_STATE_EXPIRED,
-}
-_CAP_SCOPES = {pb.CAP_SCOPE_TEAM: "team", pb.CAP_SCOPE_PROJECT: "project"}
-
-Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-
-
-def _account(msg: pb.Account) -> AccountRef:
-    return AccountRef(msg.organization, msg.team, msg.project, msg.user)
-
-
-def _usage(msg: pb.Usage) -> Usage:
-    return Usage(msg.tokens_in, msg.tokens_out, msg.calls)
-
-
-def _fill_hold(m: pb.Hold, org: str, h: Any) -> None:
-    """Set a Hold message's fields in place (a response's ``hold``, or ``holds.add()``):
-    attribute by attribute, which upb does faster than from constructor keywords."""
-    m.reservation_id = h.reservation_id
-    m.organization = org
-    m.amount_uecu = h.amount_uecu
-    m.deadline_unix_ms = h.deadline_unix_ms
-    m.state = _HOLD_STATES[h.state]
-
-
-def _fill_commit(m: pb.CommitResponse, o: CommitOutcome) -> None:
-    """Set a CommitResponse's fields in place (an answer, or a batch result's ``commit``),
-    leaving the ones at their default unset."""
-    m.reservation_id = o.reservation_id
-    m.committed_uecu = o.committed_uecu
-    m.released_uecu = o.released_uecu
-    m.available_uecu = o.available_uecu
-    if o.overage_uecu:
-        m.overage_uecu = o.overage_uecu
-    if o.unbilled_overage_uecu:
-        m.unbilled_overage_uecu = o.unbilled_overage_uecu
-    if o.late:
-        m.late = True
-    if o.replayed:
-        m.replayed = True
-    if o.quote:
-        m.quote.CopyFrom(quote_to_pb(o.quote))
-    if o.degraded:
-        m.degraded = True
-
-
-def _commit_item(msg: Any) -> CommitItem:
-    lines = msg.usage_lines
-    return CommitItem(
-        msg.reservation_id,
-        msg.actual_uecu,
-        _usage(msg.usage),
-        msg.rate_card_version,
-        usage_lines=usage_from_pb(lines) if lines else None,
-    )
 
 
 #: RPCs that change state: each success is logged once at DEBUG.
@@ -286,91 +209,66 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         if not hmac.compare_digest(supplied, self._admin_token):
             raise errors.PermissionDenied("the admin token does not match")
 
-    def _reserve_item(self, msg: Any) -> ReserveItem:
-        # An unmapped enum number passes through as its wire name; the engine refuses it in
-        # field order.
-        job_type = _JOB_TYPES.get(msg.job_type) or unmapped_enum(pb.JobType, msg.job_type)
-        if not msg.HasField("job"):
-            return ReserveItem(msg.reservation_id, msg.amount_uecu, job_type, msg.model, msg.ttl_ms)
-        if msg.job_type == pb.JOB_TYPE_UNSPECIFIED:
-            job_type = None  # derived from the job by the engine
-        return ReserveItem(
-            msg.reservation_id,
-            msg.amount_uecu,
-            job_type,
-            msg.model,
-            msg.ttl_ms,
-            fingerprint=fingerprint(msg.job),
-            job=job_from_pb(msg.job),
-        )
-
     @_handle("Reserve")
     async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
-        account = _account(request.account)
-        out = await self.engine.reserve(account, [self._reserve_item(request)])
+        account = account_from_pb(request.account)
+        out = await self.engine.reserve(account, [reserve_item_from_pb(request)])
         quote = out.quotes[0] if out.quotes else None
         if out.degraded and not out.replayed:
             self.metrics.degraded_grants.inc()
             self.metrics.degraded_uecu.inc(out.holds[0].amount_uecu)
-        response = pb.ReserveResponse(
+        return pb.ReserveResponse(
+            hold=hold_to_pb(account.organization, out.holds[0]),
             available_uecu=out.available_uecu,
             replayed=out.replayed,
             quote=quote_to_pb(quote) if quote else None,
             degraded=out.degraded,
         )
-        _fill_hold(response.hold, account.organization, out.holds[0])
-        return response
 
     @_handle("ReserveBatch")
     async def ReserveBatch(
         self, request: pb.ReserveBatchRequest, context: Any
     ) -> pb.ReserveBatchResponse:
-        account = _account(request.account)
-        items = [self._reserve_item(it) for it in request.items]
+        account = account_from_pb(request.account)
+        items = [reserve_item_from_pb(it) for it in request.items]
         out = await self.engine.reserve(account, items, batch=True)
-        response = pb.ReserveBatchResponse(available_uecu=out.available_uecu, replayed=out.replayed)
-        # Filled in place with add(): a list of messages given to the constructor is built
-        # and then copied, which doubled the cost of a 100-item answer.
         org = account.organization
-        add_hold, add_quote = response.holds.add, response.quotes.add
-        for h in out.holds:
-            _fill_hold(add_hold(), org, h)
-        for q in out.quotes:
-            if q is None:
-                add_quote()
-            else:
-                response.quotes.append(quote_to_pb(q))
-        return response
+        return pb.ReserveBatchResponse(
+            holds=[hold_to_pb(org, h) for h in out.holds],
+            available_uecu=out.available_uecu,
+            replayed=out.replayed,
+            quotes=[quote_to_pb(q) if q else pb.Quote() for q in out.quotes],
+        )
 
     @_handle("Commit")
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
-        (out,) = await self.engine.commit(request.organization, [_commit_item(request)])
+        (out,) = await self.engine.commit(request.organization, [commit_item_from_pb(request)])
         if out.error is not None:
             raise out.error
-        response = pb.CommitResponse()
-        _fill_commit(response, out)
-        return response
+        return commit_to_pb(out)
 
     @_handle("CommitBatch")
     async def CommitBatch(
         self, request: pb.CommitBatchRequest, context: Any
     ) -> pb.CommitBatchResponse:
-        items = [_commit_item(it) for it in request.items]
+        items = [commit_item_from_pb(it) for it in request.items]
         batch = await self.engine.commit_batch(request.organization, items)
-        response = pb.CommitBatchResponse(available_uecu=batch.available_uecu)
-        add = response.results.add  # in place: see ReserveBatch
-        for o in batch.outcomes:
-            if isinstance(o.error, errors.EcuError):
-                self.metrics.errors.labels("CommitBatch.item", o.error.reason).inc()
-                add(
-                    code=code_for(o.error).value[0],
-                    message=o.error.message,
-                    reason=o.error.reason,
-                    commit={"reservation_id": o.reservation_id},
-                )
-            else:
-                _fill_commit(add().commit, o)
-        return response
+        return pb.CommitBatchResponse(
+            results=[self._commit_result(o) for o in batch.outcomes],
+            available_uecu=batch.available_uecu,
+        )
+
+    def _commit_result(self, o: CommitOutcome) -> pb.CommitResult:
+        """One item's result in a CommitBatch answer: its outcome, or its error (counted)."""
+        if not isinstance(o.error, errors.EcuError):
+            return pb.CommitResult(commit=commit_to_pb(o))
+        self.metrics.errors.labels("CommitBatch.item", o.error.reason).inc()
+        return pb.CommitResult(
+            code=code_for(o.error).value[0],
+            message=o.error.message,
+            reason=o.error.reason,
+            commit=pb.CommitResponse(reservation_id=o.reservation_id),
+        )
 
     @_handle("Release")
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
@@ -378,7 +276,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         return pb.ReleaseResponse(
             reservation_id=out.reservation_id,
             released_uecu=out.released_uecu,
-            state=_HOLD_STATES[out.state],
+            state=hold_state_to_pb(out.state),
             available_uecu=out.available_uecu,
             replayed=out.replayed,
             degraded=out.degraded,
@@ -405,7 +303,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     @_handle("Grant")
     async def Grant(self, request: pb.GrantRequest, context: Any) -> pb.GrantResponse:
         self._require_admin(context)
-        kind = _GRANT_KINDS.get(request.kind) or unmapped_enum(pb.GrantKind, request.kind)
+        kind = grant_kind_from_pb(request.kind)
         out = await self.engine.grant(
             request.organization,
             request.grant_id,
@@ -423,7 +321,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     @_handle("SetCap")
     async def SetCap(self, request: pb.SetCapRequest, context: Any) -> pb.SetCapResponse:
         self._require_admin(context)
-        scope = _CAP_SCOPES.get(request.scope) or unmapped_enum(pb.CapScope, request.scope)
+        scope = cap_scope_from_pb(request.scope)
         cap = None if request.clear else request.cap_uecu
         out = await self.engine.set_cap(request.organization, scope, request.id, cap)
         return pb.SetCapResponse(usage=scope_to_pb(out))
@@ -439,7 +337,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
 
     @_handle("Preview")
     async def Preview(self, request: pb.PreviewRequest, context: Any) -> pb.PreviewResponse:
-        account = _account(request.account)
+        account = account_from_pb(request.account)
         quote, available = await self.engine.preview(account, job_from_pb(request.job))
         total = quote.total_uecu
         return pb.PreviewResponse(

@@ -21,9 +21,8 @@ from prometheus_client import CollectorRegistry
 from ecu_sidecar import errors
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
-from ecu_sidecar.degraded import Journal
-from ecu_sidecar.degraded import now_ms as degraded_now_ms
-from ecu_sidecar.engine import QuotaEngine
+from ecu_sidecar.engine import Journal, QuotaEngine
+from ecu_sidecar.engine.degraded import now_ms as degraded_now_ms
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.ledger import open_ledger
 from ecu_sidecar.metrics import FlusherMetrics, Metrics
@@ -702,7 +701,7 @@ async def test_a_hold_committed_locally_during_its_own_replay_is_replayed_again(
         while (await o.direct.balance(org)).held_uecu == 0:
             assert not replay.done()
         # What commit_batch does when its own call answers UNAVAILABLE:
-        out = o.engine._commit_locally(org, [CommitItem("h", 300)])
+        out = o.engine.degraded.commit(org, [CommitItem("h", 300)])
         assert out.outcomes[0].committed_uecu == 300 and out.outcomes[0].degraded
         assert await replay == 0, "the hold's reserve replayed, its commit not yet"
         o.proxy.delay_s = 0.0

@@ -5,18 +5,14 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from dataclasses import replace
+from dataclasses import FrozenInstanceError
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given
-from hypothesis import settings as hsettings
-from hypothesis import strategies as st
 
 from ecu_sidecar import errors
-from ecu_sidecar.engine import SWEEP_IDLE_INTERVALS, QuotaEngine, _plain_commit
+from ecu_sidecar.engine import SWEEP_IDLE_INTERVALS, QuotaEngine
 from ecu_sidecar.model import (
-    MAX_REQUEST_UECU,
     AccountRef,
     CommitItem,
     CommitOutcome,
@@ -50,7 +46,6 @@ async def outbox(store: RedisStore, org: str) -> list[dict[str, str]]:
 def settings(backend: str) -> Any:
     """This module's settings: correctness under contention, not latency, is what these tests
     check, so a loaded machine's queueing must not read as an outage."""
-    from tests.conftest import make_settings
 
     return make_settings(backend, redis_timeout_ms=15_000)
 
@@ -436,11 +431,11 @@ async def test_background_sweeper_visits_an_organization_when_it_has_work(
     step(20)
     assert await engine.sweep_recent() == 0
     assert swept == [org, org, org]
-    assert engine._recent[org] - clock() == pytest.approx(idle_ms / 1000)
+    assert engine.sweeps.due_at(org) - clock() == pytest.approx(idle_ms / 1000)
 
 
 async def test_sweep_is_bounded_per_call(backend: str) -> None:
-    from tests.conftest import drop_keys, make_settings
+    from tests.conftest import drop_keys
 
     settings = make_settings(backend, sweep_limit=3)
     store = RedisStore.from_settings(settings)
@@ -497,7 +492,7 @@ async def test_extend_moves_the_deadline_forward_only(
 
 
 async def test_tombstones_answer_replays_then_are_purged(backend: str) -> None:
-    from tests.conftest import drop_keys, make_settings
+    from tests.conftest import drop_keys
 
     settings = make_settings(backend, tombstone_ttl_ms=10_000)
     store = RedisStore.from_settings(settings)
@@ -579,121 +574,12 @@ async def test_every_state_change_appends_one_outbox_event(
     assert all(e["org"] == org for e in events)
 
 
-# -- the common step's short path ----------------------------------------------------------------
+# -- TTLs ---------------------------------------------------------------------------------------
 
 
 async def redis_now_ms(store: RedisStore) -> int:
     seconds, micros = await store._client.time()
     return int(seconds) * 1000 + int(micros) // 1000
-
-
-def _finished(coro: Any) -> Any:
-    """Run a coroutine that never suspends (a step without a job spec prices nothing)."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    raise AssertionError("the coroutine suspended")
-
-
-_AMOUNTS = st.integers(min_value=1, max_value=MAX_REQUEST_UECU)
-_JOB_TYPES = st.sampled_from(list(JobType))
-_MODELS = st.sampled_from(["gpt-4o", "anthropic/claude-3.5@2024", "m:1+x", "a" * 128])
-_TTLS = st.sampled_from([0, 1_000, 3_600_000, 86_400_000])  # min_ttl_ms 1 s, max_ttl_ms 24 h
-
-_STEPS = st.builds(
-    ReserveItem,
-    st.just("r-1"),
-    st.one_of(_AMOUNTS, st.sampled_from([0, -1, MAX_REQUEST_UECU + 1, True, False, 1.0, "5"])),
-    st.one_of(_JOB_TYPES, st.sampled_from([0, 99, "inference", None])),
-    st.one_of(_MODELS, st.sampled_from(["", "a" * 129, "x y", "{o}", "é"]), st.text(max_size=8)),
-    st.one_of(_TTLS, st.sampled_from([1, 999, 86_400_001, -1, True, False, 0.0]), st.integers()),
-)
-
-
-@hsettings(max_examples=1_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(step=_STEPS)
-def test_a_plain_step_is_one_the_checks_pass_unchanged(step: ReserveItem) -> None:
-    """reserve() skips the field checks for a step _plain_step accepts: sound only if the
-    checks would pass that step, and change nothing but resolve a TTL of 0."""
-    engine = QuotaEngine(None, make_settings("embedded", min_ttl_ms=1_000))  # type: ignore[arg-type]
-    plain = engine._plain_step(step)
-    event(f"plain: {plain}")
-    if not plain:
-        return  # the checks run, as for every step before the short path existed
-    checked, quote = _finished(engine._checked_step("o", "items[0].", step))
-    assert quote is None
-    assert checked == replace(step, ttl_ms=step.ttl_ms or engine.settings.default_ttl_ms)
-
-
-@hsettings(max_examples=200, deadline=None)
-@given(step=st.builds(ReserveItem, st.just("r-1"), _AMOUNTS, _JOB_TYPES, _MODELS, _TTLS))
-def test_every_valid_step_without_a_job_spec_is_plain(step: ReserveItem) -> None:
-    engine = QuotaEngine(None, make_settings("embedded", min_ttl_ms=1_000))  # type: ignore[arg-type]
-    assert engine._plain_step(step)
-    checked, _ = _finished(engine._checked_step("o", "", step))
-    assert checked == replace(step, ttl_ms=step.ttl_ms or engine.settings.default_ttl_ms)
-
-
-_COUNTS = st.integers(min_value=0, max_value=2**53 - 1)
-_ODD_COUNTS = st.sampled_from([-1, 2**53, True, 1.0, None])
-_COMMITS = st.builds(
-    CommitItem,
-    st.just("r-1"),
-    st.one_of(st.integers(0, MAX_REQUEST_UECU), st.sampled_from([-1, MAX_REQUEST_UECU + 1, True])),
-    st.builds(
-        Usage,
-        st.one_of(_COUNTS, _ODD_COUNTS),
-        st.one_of(_COUNTS, _ODD_COUNTS),
-        st.one_of(_COUNTS, _ODD_COUNTS),
-    ),
-    st.sampled_from(["", "", "v1"]),
-    st.just(""),
-    st.sampled_from([None, None, [], ["a usage line"]]),
-)
-
-
-@hsettings(max_examples=1_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(commit=_COMMITS)
-def test_a_plain_commit_is_one_the_checks_pass_unchanged(commit: CommitItem) -> None:
-    """commit_batch skips the field checks for a commit _plain_commit accepts: sound only if
-    the checks would pass it and change nothing."""
-    engine = QuotaEngine(None, make_settings("embedded"))  # type: ignore[arg-type]
-    plain = _plain_commit(commit)
-    event(f"plain: {plain}")
-    if plain:
-        assert engine._checked_commit("o", "items[0].", commit) == (commit, None)
-
-
-@hsettings(max_examples=200, deadline=None)
-@given(
-    commit=st.builds(
-        CommitItem,
-        st.just("r-1"),
-        st.integers(0, MAX_REQUEST_UECU),
-        st.builds(Usage, _COUNTS, _COUNTS, _COUNTS),
-    )
-)
-def test_every_valid_commit_of_an_amount_is_plain(commit: CommitItem) -> None:
-    engine = QuotaEngine(None, make_settings("embedded"))  # type: ignore[arg-type]
-    assert _plain_commit(commit)
-    assert engine._checked_commit("o", "", commit) == (commit, None)
-
-
-def test_the_plain_step_predicate_accepts_the_common_step_and_refuses_the_rest() -> None:
-    engine = QuotaEngine(None, make_settings("embedded"))  # type: ignore[arg-type]
-    assert engine._plain_step(ReserveItem("r", 1_000, JobType.JUDGE, "gpt-4o-mini"))
-    assert engine._plain_step(ReserveItem("r", 1_000, JobType.GEPA))  # no model needed
-    for odd in (
-        ReserveItem("r", 0, JobType.JUDGE, "m"),
-        ReserveItem("r", True, JobType.JUDGE, "m"),  # type: ignore[arg-type]
-        ReserveItem("r", 1_000, 3, "m"),  # type: ignore[arg-type]
-        ReserveItem("r", 1_000, JobType.INFERENCE, ""),  # a model is required
-        ReserveItem("r", 1_000, JobType.JUDGE, "m", -5),
-        ReserveItem("r", 1_000, JobType.JUDGE, "m", True),  # type: ignore[arg-type]
-        ReserveItem("r", 0, JobType.JUDGE, "m", job=[object()]),
-    ):
-        assert not engine._plain_step(odd), odd
 
 
 async def test_a_ttl_of_zero_holds_for_the_default_ttl(
@@ -715,8 +601,8 @@ async def test_a_ttl_of_zero_holds_for_the_default_ttl(
 
 
 def test_the_per_step_value_types_compare_and_hash_by_value() -> None:
-    """Not frozen (for speed), yet values: equal by their fields, and hashable as before, so a
-    caller of the worker client may still key a dict on a HoldView or a CommitOutcome."""
+    """Values: equal by their fields, hashable (a caller of the worker client may key a dict on
+    a HoldView or a CommitOutcome), and unchangeable once made."""
     made = [
         lambda: ReserveItem("r", 5, JobType.JUDGE, "m"),
         lambda: Usage(1, 2, 3),
@@ -729,3 +615,5 @@ def test_the_per_step_value_types_compare_and_hash_by_value() -> None:
         assert a == b and hash(a) == hash(b)
         assert {a: 1}[b] == 1
     assert hash(Usage(1, 2, 3)) != hash(Usage(1, 2, 4))
+    with pytest.raises(FrozenInstanceError):
+        Usage(1, 2, 3).calls = 4  # type: ignore[misc]

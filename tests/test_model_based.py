@@ -89,8 +89,7 @@ from hypothesis.stateful import (
 )
 
 from ecu_sidecar import errors
-from ecu_sidecar.degraded import Journal
-from ecu_sidecar.engine import QuotaEngine
+from ecu_sidecar.engine import Journal, QuotaEngine
 from ecu_sidecar.flusher import Flusher
 from ecu_sidecar.ledger import Ledger, open_ledger
 from ecu_sidecar.ledger.types import LedgerUnavailable

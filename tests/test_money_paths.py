@@ -33,7 +33,7 @@ async def test_the_overage_bound_is_exact_for_large_holds(
     hold = 700_000_000_000_003  # floor(hold * 33.0 / 100) in doubles is one too many
     bound = hold * 33 // 100
     org = "exact-bound"
-    engine.settings = dataclasses.replace(engine.settings, overage_max_percent=33)
+    engine = QuotaEngine(store, dataclasses.replace(engine.settings, overage_max_percent=33))
     await engine.grant(org, "g1", hold, GrantKind.TOP_UP)
     await engine.grant(org, "g2", hold, GrantKind.TOP_UP)
     await engine.reserve(AccountRef(org), [item("h", hold, ttl_ms=DAY_MS)])

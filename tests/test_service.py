@@ -287,11 +287,8 @@ async def test_reflection_lists_the_services(sidecar) -> None:
     ],
     ids=["plain", "overage-late", "replayed-degraded", "zero", "quote"],
 )
-def test_batch_results_carry_every_commit_field(changes: dict[str, object]) -> None:
-    # A commit answer is filled in place, setting only the non-default fields: alone or as a
-    # CommitBatch result, it must equal the CommitResponse with every field spelled out.
-    from ecu_sidecar import service
-    from ecu_sidecar.convert import quote_to_pb
+def test_a_commit_answer_carries_every_field(changes: dict[str, object]) -> None:
+    from ecu_sidecar.convert import commit_to_pb, quote_to_pb
     from ecu_sidecar.model import CommitOutcome, JobType
     from ecu_sidecar.pricing import Line, Quote
     from ecu_sidecar.pricing.pricer import Unit
@@ -302,30 +299,27 @@ def test_batch_results_carry_every_commit_field(changes: dict[str, object]) -> N
     if values.get("quote"):
         values["quote"] = quote
     o = CommitOutcome("r-1", **values)  # type: ignore[arg-type]
-    full = pb.CommitResponse(
-        reservation_id=o.reservation_id,
-        committed_uecu=o.committed_uecu,
-        released_uecu=o.released_uecu,
-        overage_uecu=o.overage_uecu,
-        unbilled_overage_uecu=o.unbilled_overage_uecu,
-        late=o.late,
-        available_uecu=o.available_uecu,
-        replayed=o.replayed,
-        quote=quote_to_pb(o.quote) if o.quote else None,
-        degraded=o.degraded,
-    )
-    alone = pb.CommitResponse()
-    service._fill_commit(alone, o)
-    assert alone == full
-    batch = pb.CommitBatchResponse()
-    service._fill_commit(batch.results.add().commit, o)
-    assert batch.results[0].commit == full
-    assert batch.results[0].commit.HasField("quote") == bool(changes.get("quote"))
+    m = commit_to_pb(o)
+    for name in (
+        "reservation_id",
+        "committed_uecu",
+        "released_uecu",
+        "overage_uecu",
+        "unbilled_overage_uecu",
+        "late",
+        "available_uecu",
+        "replayed",
+        "degraded",
+    ):
+        assert getattr(m, name) == getattr(o, name), name
+    assert m.HasField("quote") == bool(changes.get("quote"))
+    if o.quote:
+        assert m.quote == quote_to_pb(quote)
 
 
 async def test_batch_answers_carry_every_hold_and_result(stub) -> None:
-    # ReserveBatch and CommitBatch fill their answers in place: every hold field, one (empty)
-    # quote per amount item, one result per commit item, failures in their own slot.
+    # ReserveBatch and CommitBatch answers carry every hold field, one (empty) quote per
+    # amount item, one result per commit item, failures in their own slot.
     await grant(stub, "acme", 1_000_000)
     single = await stub.Reserve(
         pb.ReserveRequest(

@@ -1,35 +1,13 @@
-"""Opt-in degraded mode: a bounded local allowance while Redis is unreachable.
+"""Degraded mode's journal: every local decision, appended and fsynced before it is answered.
 
-The default is fail-closed: with Redis down every call answers UNAVAILABLE. With
-ECU_DEGRADED_ALLOWANCE_UECU > 0 a sidecar may instead *grant locally*, per organization, at
-most that many µECU of holds while Redis is unreachable — the explicit, configured bound of
-overspend per sidecar and organization. A local commit is bounded like any commit of a hold:
-it bills at most the hold plus its overage bound (ECU_OVERAGE_MAX_PERCENT), the rest is
-recorded unbilled. Every local decision is appended to a journal on local disk and fsynced
-**before** it is answered, so it survives a SIGKILL of the sidecar.
-
-When Redis answers again, the engine replays the journal oldest first
-(``QuotaEngine.replay_degraded``), each entry on its own:
-
-- a local hold that was committed → the commit script with the local hold as its known hold
-  (kind ``degraded``): it settles the real hold if the reserve reached Redis after all (it
-  timed out but ran), otherwise it bills min(actual, hold + bound) flagged orphan, under the
-  event id ``commit:<rid>:<t0>`` (t0: when the local hold was granted), which the ledger
-  deduplicates;
-- a local hold that was released → a release in Redis (settles a reserve that landed; a hold
-  Redis never had is nothing to settle);
-- a local hold still open → reserved in Redis with the original request's parameters, so a
-  reserve that had landed answers as a replay (if Redis cannot cover it, it stays local until
-  its commit or release is replayed, or its deadline passes: then it expired, nothing to bill);
-- a commit of a hold that lives in Redis (made before the outage) → the normal commit script.
-
-An entry Redis cannot take now (StoreUnavailable) stays for the next pass; an entry Redis
-definitely refuses (the id exists there with other parameters, the hold was settled the other
-way) is marked **failed**: logged, counted (``ecu_degraded_replay_failures_total``) and kept in
-the journal for the operator, never replayed again. Neither blocks any other entry. Once no
-entry is pending, the journal is rewritten to hold only the failed entries (empty when there
-are none). Replays are idempotent (reservation ids, event ids), so a crash during replay only
-repeats work.
+One JSON object a line: ``reserve`` (a local hold), ``commit`` and ``release`` (of a local
+hold), ``remote_commit`` (a commit of a hold that lives in Redis), and ``done`` / ``failed``
+(a replay's result, naming the entry). It survives a SIGKILL of the sidecar: the next process
+loads it and replays what is pending (ecu_sidecar.engine.degraded). Once no entry is pending,
+the journal is rewritten (temporary file, fsync, rename) to hold only its failed entries, kept
+for the operator (empty when there are none). Journals written by older versions stay
+readable: a hold without ``t0_ms`` reads its deadline there, a commit without ``billed``
+billed its actual.
 """
 
 from __future__ import annotations
@@ -38,20 +16,13 @@ import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Journal", "LocalHold", "RemoteCommit", "bounded_commit"]
+__all__ = ["Journal", "LocalHold", "RemoteCommit"]
 
 log = logging.getLogger(__name__)
-
-
-def bounded_commit(amount_uecu: int, actual_uecu: int, overage_max_percent: int) -> int:
-    """What a commit of a hold of ``amount_uecu`` bills: min(actual, hold + bound), with
-    bound = floor(hold × pct / 100) computed exactly (Python integers)."""
-    return min(actual_uecu, amount_uecu + amount_uecu * overage_max_percent // 100)
 
 
 @dataclass
@@ -405,8 +376,3 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def now_ms() -> int:
-    """The sidecar's own clock (Redis's is unreachable in degraded mode)."""
-    return time.time_ns() // 1_000_000
