@@ -245,7 +245,7 @@ def assert_matches(ledger: Ledger, sim: Sim) -> None:
 
 
 def count_rows(ledger: Ledger, table: str) -> int:
-    with ledger._db.transaction(write=False) as tx:
+    with ledger.backend.transaction(write=False) as tx:
         return tx.rows(f"SELECT COUNT(*) FROM {table}")[0][0]
 
 
@@ -756,10 +756,10 @@ def test_text_postgres_cannot_store_is_quarantined_losslessly(ledger: Ledger) ->
 def test_a_row_the_database_refuses_is_isolated_and_quarantined(
     ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ecu_sidecar.ledger import repository
+    from ecu_sidecar.ledger import handlers
 
-    refusal = ledger._db.refusals[0]
-    on_hold = repository._HANDLERS["reserve"]
+    refusal = ledger.backend.refusals[0]
+    on_hold = handlers.HANDLERS["reserve"]
 
     def poisoned(tx: Any, ev: Any, fx: Any) -> str | None:
         if ev.values["rid"] == victim:
@@ -768,7 +768,7 @@ def test_a_row_the_database_refuses_is_isolated_and_quarantined(
 
     sim = Sim(seed=11).run(40)
     victim = next(e["rid"] for e in sim.events if e["type"] == "reserve")
-    monkeypatch.setitem(repository._HANDLERS, "reserve", poisoned)
+    monkeypatch.setitem(handlers.HANDLERS, "reserve", poisoned)
     batch = [*sim.events, {"type": "nope", "eid": "x", "org": "acme", "ts": "1"}]
     result = ledger.write_events(batch)
     assert result.quarantined == 2 and result.inserted == len(sim.events) - 1
@@ -887,7 +887,7 @@ def test_snapshots_record_drift(ledger: Ledger, clock: Clock) -> None:
 def test_sqlite_runs_wal_full_sync_with_foreign_keys(tmp_path: Any) -> None:
     with open_ledger(f"sqlite://{tmp_path}/l.db?busy_timeout_ms=1234") as led:
         led.migrate()
-        with led._db.transaction(write=False) as tx:
+        with led.backend.transaction(write=False) as tx:
             assert tx.rows("PRAGMA journal_mode")[0][0] == "wal"
             assert tx.rows("PRAGMA synchronous")[0][0] == 2  # FULL
             assert tx.rows("PRAGMA foreign_keys")[0][0] == 1
@@ -996,7 +996,7 @@ def _grant(gid: str = "g1", amount: int = 10_000) -> dict[str, str]:
 
 def _holds_ended(ledger: Ledger, rid: str) -> list[str]:
     """How the ledger says the hold ended: its commit, and its expiry or release rows."""
-    with ledger._db.transaction(write=False) as tx:
+    with ledger.backend.transaction(write=False) as tx:
         rows = tx.rows(
             "SELECT kind FROM hold_events WHERE org_id = 'acme' AND reservation_id = ? "
             "AND kind IN ('expire', 'release') UNION ALL SELECT 'commit' FROM usage_entries "

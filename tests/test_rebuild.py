@@ -229,7 +229,7 @@ async def test_a_flush_between_the_outbox_check_and_the_ledger_read_is_no_rebuil
             asyncio.run_coroutine_threadsafe(stack.flusher.drain(), loop).result(timeout=30)
             return stale
 
-    racy = FlushAfterRead(stack.ledger._db)
+    racy = FlushAfterRead(stack.ledger.backend)
     engine = QuotaEngine(stack.store, stack.settings, ledger=racy)
     with pytest.raises(errors.StoreUnavailable, match="waits for the flusher"):
         await engine.balance(org)

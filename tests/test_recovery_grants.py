@@ -517,7 +517,8 @@ def test_the_sidecars_ledger_bounds_every_statement(database: Database) -> None:
     settings = make_settings("redis", ledger_url=database.url, ledger_timeout_ms=1234)
 
     def statement_timeout(led: Ledger) -> str:
-        return led._read(lambda tx: tx.rows("SHOW statement_timeout"))[0][0]
+        with led.backend.transaction(write=False) as tx:
+            return str(tx.rows("SHOW statement_timeout")[0][0])
 
     with open_configured(settings, check=False, bounded=True) as led:
         assert statement_timeout(led) == "1234ms"

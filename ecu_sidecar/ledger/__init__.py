@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ecu_sidecar.ledger.events import SPECS as EVENT_SPECS
+from ecu_sidecar.ledger.migrations import MIGRATIONS, Migration
 from ecu_sidecar.ledger.repository import DAY_MS, REPORT_DIMENSIONS, Ledger, open_ledger
-from ecu_sidecar.ledger.schema import MIGRATIONS, Migration
 from ecu_sidecar.ledger.types import (
     AccountState,
     AutoTopup,

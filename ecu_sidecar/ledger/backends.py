@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from ecu_sidecar.ledger import pgarrays
 from ecu_sidecar.ledger.types import LedgerArgumentError, LedgerUnavailable
 
 __all__ = ["Backend", "PostgresBackend", "Retry", "SqliteBackend", "Tx", "backend_for_url"]
@@ -157,16 +156,10 @@ class _PgTx:
         if not rows:
             return []
         # One statement of fixed text whatever the number of rows (psycopg prepares it once),
-        # with one array per column, sent in binary and packed by pgarrays (psycopg's own
-        # dumping goes element by element in Python; it still takes a column pgarrays
-        # declines). unnest yields the rows in array order, so the rows are inserted, and
-        # their unique keys locked, in the order given.
+        # with one array per column, which psycopg dumps in binary. unnest yields the rows in
+        # array order, so the rows are inserted, and their unique keys locked, in the order given.
         sql = _pg_insert(table, columns, conflict, returning)
-        arrays = []
-        for (_, kind), col in zip(columns, zip(*rows, strict=True), strict=True):
-            array = pgarrays.packed(kind, col)
-            arrays.append(list(col) if array is None else array)
-        self._cur.execute(sql, arrays)
+        self._cur.execute(sql, [list(col) for col in zip(*rows, strict=True)])
         return self._cur.fetchall() if returning else []
 
 
@@ -186,9 +179,8 @@ def _pg_insert(
 
 
 def _configure(conn: Any, *, statement_timeout_ms: int | None = None) -> None:
-    """Every new pool connection: sends pgarrays' packed arrays; cancels statements that run
-    past ``statement_timeout_ms`` (a blocked caller's thread then comes back)."""
-    pgarrays.register(conn.adapters)
+    """Every new pool connection: cancels statements that run past ``statement_timeout_ms``
+    (a blocked caller's thread then comes back)."""
     if statement_timeout_ms is not None:
         conn.execute(f"SET statement_timeout = {int(statement_timeout_ms)}")
 

@@ -12,7 +12,6 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from ecu_sidecar.ledger.types import NotificationKind
@@ -29,6 +28,8 @@ TEXT_MAX = 256
 JSON_MAX = 65_536
 _EVENT_ID = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 _TEXT = re.compile(r"[^\x00-\x1f\x7f]*")
+#: json.dumps(fields, sort_keys=True, separators=(",", ":")), its encoder made once.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 # Field kinds: how a value is checked and what it becomes.
 _GRANT_KINDS = frozenset(k.value for k in GrantKind)
@@ -116,11 +117,9 @@ SPECS: dict[str, tuple[tuple[str, str, bool], ...]] = {
 SPECS["expire"] = SPECS["release"]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Event:
-    """A validated outbox event. Nothing changes one after it is made; not frozen, because a
-    frozen dataclass sets each field through object.__setattr__ (with OutboxEntry's, 4 % of
-    the flusher's instructions per event)."""
+    """A validated outbox event."""
 
     type: str
     event_id: str
@@ -165,20 +164,10 @@ class _Invalid(Exception):
     pass
 
 
-class _QuotedNames(dict[str, str]):
-    """Field name -> its JSON string and the colon: the known names once, any other each time
-    (never stored: the names of odd entries do not accumulate)."""
-
-    def __missing__(self, name: str) -> str:
-        return _quote(name) + ":"
-
-
 def canonical(fields: Mapping[str, str]) -> tuple[str, str]:
-    """The canonical JSON of an entry and its fingerprint."""
-    # json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":")), written
-    # out for a flat mapping of strings with the escaping function json.dumps itself uses:
-    # the same text, at half the cost (json.dumps builds an encoder per call).
-    payload = "{" + ",".join([_QUOTED[k] + _quote(fields[k]) for k in sorted(fields)]) + "}"
+    """The canonical JSON of an entry (sorted keys, ASCII, no spaces) and its fingerprint, the
+    sha256 of it. The ledger stores both: this text never changes."""
+    payload = _CANONICAL.encode(fields)
     return payload, hashlib.sha256(payload.encode("ascii")).hexdigest()
 
 
@@ -202,18 +191,10 @@ def _decode(raw: Mapping[Any, Any]) -> tuple[dict[str, str], list[str]]:
 
 
 def parse_event(raw: Mapping[Any, Any]) -> Event | Rejected:
-    """Validate one outbox entry; never raises for bad content."""
+    """Validate one outbox entry, field by field, naming the first fault; never raises for bad
+    content."""
     fields, odd = _decode(raw)
     payload, fingerprint = canonical(fields)
-    if not odd and (fast := _fast_event(fields, payload, fingerprint)) is not None:
-        return fast
-    return _checked_event(fields, odd, payload, fingerprint)
-
-
-def _checked_event(
-    fields: dict[str, str], odd: list[str], payload: str, fingerprint: str
-) -> Event | Rejected:
-    """Field by field, naming the first fault (every entry the fast path does not take)."""
     org = fields.get("org", "")
     eid = fields.get("eid", "")
     etype = fields.get("type", "")
@@ -298,11 +279,6 @@ def _check_text(name: str, value: str, limit: int) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise _Invalid(f"field {name[:40]!r}: not valid UTF-8") from None
-
-
-def _value(name: str, kind: str, text: str) -> Any:
-    """Check one field's text as its kind says and return the value."""
-    return _CHECKS[kind](text, name)
 
 
 def _integer(low: int) -> Callable[[str, str], int]:
@@ -460,121 +436,3 @@ def _check_commit(v: dict[str, Any]) -> None:
             raise _Invalid(f"commit: released {v['released']} != hold {hold} - min(billed, hold)")
         if v["overage"] != max(0, billed - hold):
             raise _Invalid(f"commit: overage {v['overage']} != max(0, billed - hold)")
-
-
-# -- the fast path --------------------------------------------------------------------------
-#
-# An entry the product's own scripts wrote is valid as it is. One regular expression per event
-# type, over its canonical JSON (sorted keys, so the fields come in a known order), accepts a
-# subset of what the field-by-field checks accept: every field of the type present (optional
-# ones may be absent), no other field but the extras the scripts write (_FAST_EXTRA), each
-# value in a form that JSON writes unescaped and that its check accepts (integers of at most
-# 15 digits, so below MAX_VALUE). Such an entry is then converted without the per-field check
-# calls; anything else, and anything a conversion or the commit's arithmetic refuses, goes
-# through the checks above, which name the fault. tests/test_ledger_events.py holds the two
-# paths equal.
-
-_PLAIN = r"[\x20\x21\x23-\x5b\x5d-\x7e]"  # printable ASCII but '"' and '\': JSON leaves it as is
-_DIGITS = r"[0-9]{1,15}"
-_FAST_VALUE = {
-    "amount": _DIGITS,
-    "positive": r"[1-9][0-9]{0,14}",
-    "int": "-?" + _DIGITS,
-    "flag": "[01]",
-    "id": rf"[A-Za-z0-9._-]{{1,{SCOPE_ID_MAX}}}",
-    "opt_id": rf"[A-Za-z0-9._-]{{0,{SCOPE_ID_MAX}}}",
-    "caller_id": rf"[A-Za-z0-9._-]{{1,{CALLER_ID_MAX}}}",
-    "model": rf"[A-Za-z0-9._/@+:-]{{0,{MODEL_MAX}}}",
-    "text": rf'(?:{_PLAIN}|\\["\\]){{0,{TEXT_MAX}}}',  # '"' and '\' as JSON escapes them
-    "json": r'(?:[^"\\]|\\.)*',  # any JSON string: _json decides
-    "cap": f"(?:{_DIGITS})?",
-    **{
-        kind: "(?:" + "|".join(sorted(map(re.escape, choices))) + ")"
-        for kind, choices in (
-            ("grant_kind", _GRANT_KINDS),
-            ("job", _JOB_TYPES),
-            ("notify_kind", _NOTIFY_KINDS),
-            ("scope", frozenset({"team", "project"})),
-        )
-    },
-}
-#: Fields beyond its spec that the scripts write into an event type (kept in Event.extra).
-_FAST_EXTRA = {"reserve": ("rcv",)}
-_FLAGS = {"0": False, "1": True}
-#: Field kind -> how its text becomes its value on the fast path (None: the text itself).
-_FAST_CONVERT: dict[str, Callable[[str], Any] | None] = {
-    "amount": int,
-    "positive": int,
-    "int": int,
-    "flag": _FLAGS.__getitem__,
-    "cap": lambda text: None if text == "" else int(text),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class _Fast:
-    pattern: re.Pattern[str]
-    fields: tuple[tuple[str, Callable[[str], Any] | None, Any], ...]
-    """(field, conversion, value when absent), in the spec's order"""
-    json_fields: tuple[str, ...]
-    extras: tuple[str, ...]
-
-
-def _fast_spec(etype: str, spec: tuple[tuple[str, str, bool], ...]) -> _Fast:
-    extras = _FAST_EXTRA.get(etype, ())
-    kinds = {name: (kind, required) for name, kind, required in spec}
-    kinds |= {name: ("text", False) for name in extras}
-    eid = rf"[\x21\x23-\x5b\x5d-\x7e]{{1,{EVENT_ID_MAX}}}"  # printable, no space, unescaped
-    common = {"type": re.escape(_quote(etype)[1:-1]), "eid": eid}
-    common |= {"org": _FAST_VALUE["id"], "ts": _DIGITS}
-    parts = []
-    for name in sorted({*common, *kinds}):
-        value = common.get(name) or _FAST_VALUE[kinds[name][0]]
-        # A comma before every field but the first present one, which follows the brace.
-        part = r"(?:,|(?<=\{))" + re.escape(_quote(name)) + ':"' + value + '"'
-        parts.append(part if name in common or kinds[name][1] else f"(?:{part})?")
-    return _Fast(
-        re.compile("{" + "".join(parts) + "}"),
-        tuple(
-            (name, _FAST_CONVERT.get(kind), False if kind == "flag" else None)
-            for name, kind, _ in spec
-            if kind != "json"
-        ),
-        tuple(name for name, kind, _ in spec if kind == "json"),
-        extras,
-    )
-
-
-_FAST = {etype: _fast_spec(etype, spec) for etype, spec in SPECS.items()}
-#: Every name a script writes, quoted for canonical(): the common fields, the specs', extras.
-_QUOTED = _QuotedNames(
-    (name, _quote(name) + ":")
-    for name in {"type", "eid", "org", "ts"}.union(
-        *([f for f, _, _ in spec] for spec in SPECS.values()), *_FAST_EXTRA.values()
-    )
-)
-
-
-def _fast_event(fields: dict[str, str], payload: str, fingerprint: str) -> Event | None:
-    """The event, when the entry is valid as it is (see above); else None."""
-    etype = fields.get("type")
-    fast = _FAST.get(etype) if type(etype) is str else None
-    if fast is None or len(payload) > JSON_MAX or fast.pattern.fullmatch(payload) is None:
-        return None
-    values: dict[str, Any] = {}
-    for name, convert, default in fast.fields:
-        text = fields.get(name)
-        if text is None:
-            values[name] = default
-        else:
-            values[name] = text if convert is None else convert(text)
-    try:
-        for name in fast.json_fields:
-            values[name] = _json(fields[name], name) if name in fields else None
-        if etype == "commit":
-            _check_commit(values)
-    except _Invalid:
-        return None
-    extra = {name: fields[name] for name in fast.extras if name in fields}
-    ts = int(fields["ts"])
-    return Event(etype, fields["eid"], fields["org"], ts, values, extra, fingerprint, payload)

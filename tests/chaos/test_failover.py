@@ -103,7 +103,7 @@ async def conserved_after_failover(store: Any, org: str) -> None:
 def ledger_faults(ledger: Any, org: str) -> dict[str, int]:
     """Holds the ledger says ended twice (a commit not late beside an expiry or release), and
     events it quarantined."""
-    with ledger._db.transaction(write=False) as tx:
+    with ledger.backend.transaction(write=False) as tx:
         twice = tx.rows(
             "SELECT COUNT(*) FROM usage_entries u JOIN hold_events h ON h.org_id = u.org_id "
             "AND h.event_id IN ('expire:' || substr(u.event_id, 8), "

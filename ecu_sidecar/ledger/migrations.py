@@ -1,4 +1,5 @@
-"""Versioned schema migrations, one dialect-neutral set rendered for PostgreSQL or SQLite.
+"""The schema: versioned migrations, one dialect-neutral set rendered for PostgreSQL or SQLite,
+and ``Migrations``, which applies them and checks a database against them.
 
 Each migration is a tuple of statements (never a script split on ';'). Three placeholders are
 the only dialect differences in the DDL: ``{json}`` (JSONB | TEXT), ``{bool}`` (BOOLEAN |
@@ -10,9 +11,14 @@ one instead.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["MIGRATIONS", "Migration", "render"]
+from ecu_sidecar.ledger.backends import Tx
+from ecu_sidecar.ledger.db import Database
+from ecu_sidecar.ledger.types import SchemaAhead, SchemaBehind, SchemaModified
+
+__all__ = ["MIGRATIONS", "Migration", "Migrations", "render"]
 
 _TYPES = {
     "postgresql": {
@@ -268,3 +274,101 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "two-phase ledger-first grants", _V2),
     Migration(3, "usage entries by reservation", _V3),
 )
+
+
+class Migrations:
+    """Applies a set of migrations to a database and checks a database against them."""
+
+    def __init__(self, db: Database, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+        versions = [m.version for m in migrations]
+        if versions != list(range(1, len(versions) + 1)):
+            raise ValueError(f"migration versions must be 1..n in order, got {versions}")
+        self._db = db
+        self._migrations = tuple(migrations)
+
+    def migrate(self) -> list[int]:
+        """Apply the migrations the database lacks, in one transaction; return their versions.
+
+        Idempotent, and safe when several processes run it at once (PostgreSQL: an advisory
+        lock per schema; SQLite: BEGIN IMMEDIATE). Refuses a database that is ahead of the code.
+        """
+        dialect = self._db.dialect
+
+        def run(tx: Tx) -> list[int]:
+            self._db.backend.lock_migrations(tx)
+            tx.run(SCHEMA_MIGRATIONS_DDL)
+            applied = _applied(tx)
+            self._raise_if_ahead_or_modified(applied)
+            done = []
+            for m in self._migrations:
+                if m.version in applied:
+                    continue
+                for statement in m.render(dialect):
+                    tx.run(statement)
+                tx.run(
+                    "INSERT INTO schema_migrations (version, name, checksum, applied_at_ms) "
+                    "VALUES (?, ?, ?, ?)",
+                    (m.version, m.name, m.checksum(dialect), self._db.clock()),
+                )
+                done.append(m.version)
+            return done
+
+        return self._db.write(run)
+
+    def check_schema(self) -> None:
+        """Raise SchemaBehind / SchemaAhead / SchemaModified unless the database has exactly
+        the migrations of this code (the start-up check)."""
+
+        def run(tx: Tx) -> None:
+            if not self._db.backend.table_exists(tx, "schema_migrations"):
+                raise SchemaBehind(
+                    "the ledger database has no schema (no schema_migrations table): "
+                    "run `ecu-sidecar migrate`",
+                    versions=tuple(m.version for m in self._migrations),
+                )
+            applied = _applied(tx)
+            self._raise_if_ahead_or_modified(applied)
+            missing = tuple(m.version for m in self._migrations if m.version not in applied)
+            if missing:
+                raise SchemaBehind(
+                    f"the ledger schema is behind this code: migration(s) "
+                    f"{', '.join(map(str, missing))} not applied (database at version "
+                    f"{max(applied, default=0)}, code at {len(self._migrations)}): "
+                    "run `ecu-sidecar migrate`",
+                    versions=missing,
+                )
+
+        self._db.read(run)
+
+    def schema_version(self) -> int:
+        """The highest applied migration (0 when the database has no schema)."""
+
+        def run(tx: Tx) -> int:
+            if not self._db.backend.table_exists(tx, "schema_migrations"):
+                return 0
+            return max(_applied(tx), default=0)
+
+        return self._db.read(run)
+
+    def _raise_if_ahead_or_modified(self, applied: Mapping[int, str]) -> None:
+        known = {m.version: m for m in self._migrations}
+        ahead = tuple(sorted(v for v in applied if v not in known))
+        if ahead:
+            raise SchemaAhead(
+                f"the ledger database has migration(s) {', '.join(map(str, ahead))} that this "
+                f"code does not know (code at version {len(known)}): the code is older than "
+                "the database; deploy the newer version",
+                versions=ahead,
+            )
+        dialect = self._db.dialect
+        modified = tuple(sorted(v for v, c in applied.items() if known[v].checksum(dialect) != c))
+        if modified:
+            raise SchemaModified(
+                f"applied migration(s) {', '.join(map(str, modified))} differ from this code's "
+                "text of them (checksum mismatch): a released migration was edited",
+                versions=modified,
+            )
+
+
+def _applied(tx: Tx) -> dict[int, str]:
+    return dict(tx.rows("SELECT version, checksum FROM schema_migrations"))
