@@ -40,6 +40,7 @@ from ecu_sidecar.metrics import Metrics
 from ecu_sidecar.model import CommitOutcome
 from ecu_sidecar.pricing import NoRateCard
 from ecu_sidecar.status import code_for, to_grpc_status
+from ecu_sidecar.validation import check_org
 
 __all__ = ["QuotaService", "Undecodable", "tolerant_deserializer"]
 
@@ -193,15 +194,27 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         self.metrics = metrics
         self._admin_token = admin_token.encode()
 
-    def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
-        if not self._admin_token:
-            raise errors.AdminDisabled("admin RPCs are disabled: no ECU_ADMIN_TOKEN is configured")
+    @staticmethod
+    def _bearer(context: grpc.aio.ServicerContext) -> bytes:
+        """The bearer token of the call's authorization metadata (b"" when none)."""
         supplied = b""
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 text = value.decode() if isinstance(value, bytes) else value
                 if text.startswith("Bearer "):
                     supplied = text[len("Bearer ") :].encode()
+        return supplied
+
+    def _is_admin(self, context: grpc.aio.ServicerContext) -> bool:
+        supplied = self._bearer(context)
+        return bool(self._admin_token and supplied) and hmac.compare_digest(
+            supplied, self._admin_token
+        )
+
+    def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._admin_token:
+            raise errors.AdminDisabled("admin RPCs are disabled: no ECU_ADMIN_TOKEN is configured")
+        supplied = self._bearer(context)
         if not supplied:
             raise errors.Unauthenticated(
                 "admin RPCs need 'authorization: Bearer <admin token>' metadata"
@@ -355,6 +368,14 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
         if rates is None:
             raise NoRateCard("no rate card is configured (set ECU_RATE_CARD_FILE)")
         card = rates.current
+        # Which organizations negotiated terms is the platform's business, not a worker's: a
+        # caller without the admin token learns only about the organization it names.
+        with_terms = sorted(card.organizations)
+        if not self._is_admin(context):
+            org = request.organization
+            if org:
+                check_org("organization", org, self.engine.settings.allowed_org_set)
+            with_terms = [org] if org and org in card.organizations else []
         return pb.GetRateCardResponse(
             version=card.version,
             models=[
@@ -373,6 +394,6 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             judge_call_uecu=card.fees.judge_call_uecu,
             gepa_iteration_uecu=card.fees.gepa_iteration_uecu,
             trace_uecu=card.fees.trace_uecu,
-            organizations_with_terms=sorted(card.organizations),
+            organizations_with_terms=with_terms,
             versions=list(rates.versions()),
         )

@@ -668,7 +668,7 @@ async def test_commit_batch_prices_each_item(stub) -> None:
 
 
 async def test_get_rate_card_returns_the_card(stub) -> None:
-    out = await stub.GetRateCard(pb.GetRateCardRequest())
+    out = await stub.GetRateCard(pb.GetRateCardRequest(), metadata=ADMIN_METADATA)
     assert out.version == V1 and list(out.versions) == [V1]
     assert (
         out.engine_call_uecu,
@@ -956,3 +956,34 @@ async def test_a_changed_file_is_picked_up_by_polling(backend: str, card_file: P
             assert time.monotonic() < deadline, "the changed card was not loaded"
             await asyncio.sleep(0.05)
         assert server.registry.get_sample_value("ecu_rate_card_info", {"version": V2}) == 1
+
+
+async def test_only_an_admin_learns_which_organizations_negotiated_terms() -> None:
+    """GetRateCard names organizations with negotiated terms to the admin token's holder only;
+    any other caller learns at most whether the organization it names has terms."""
+    assert len(CARD.organizations) >= 1
+    member = sorted(CARD.organizations)[0]
+    settings = make_settings("embedded")
+    server = SidecarServer(settings)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = quota_pb2_grpc.QuotaStub(ch)
+            admin = await stub.GetRateCard(pb.GetRateCardRequest(), metadata=ADMIN_METADATA)
+            assert list(admin.organizations_with_terms) == sorted(CARD.organizations)
+            anyone = await stub.GetRateCard(pb.GetRateCardRequest())
+            assert list(anyone.organizations_with_terms) == []
+            assert anyone.version == admin.version and anyone.models == admin.models
+            own = await stub.GetRateCard(pb.GetRateCardRequest(organization=member))
+            assert list(own.organizations_with_terms) == [member]
+            other = await stub.GetRateCard(pb.GetRateCardRequest(organization="no-terms-org"))
+            assert list(other.organizations_with_terms) == []
+            wrong = await stub.GetRateCard(
+                pb.GetRateCardRequest(), metadata=(("authorization", "Bearer not-it"),)
+            )
+            assert list(wrong.organizations_with_terms) == []
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await stub.GetRateCard(pb.GetRateCardRequest(organization="no{way}"))
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await server.stop(grace=0)

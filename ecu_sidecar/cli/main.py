@@ -270,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default="")
     p.add_argument("--user", default="")
 
-    client_command("rates", "show the rate card the sidecar prices with", cc.cmd_rates)
+    p = client_command("rates", "show the rate card the sidecar prices with", cc.cmd_rates)
+    # With ECU_ADMIN_TOKEN set, the card names every organization with negotiated terms.
+    p.set_defaults(admin=True)
 
     p = client_command(
         "auto-top-up",

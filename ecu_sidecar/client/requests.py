@@ -554,9 +554,13 @@ def _preview_outcome(r: pb.PreviewResponse) -> PreviewOutcome:
     return PreviewOutcome(_quote(r.quote), r.covered, r.available_uecu, r.available_after_uecu)
 
 
-def rate_card() -> Call[RateCardInfo]:
-    """GetRateCard: the rate card the sidecar prices with."""
-    return Call("GetRateCard", pb.GetRateCardRequest(), _rate_card_info)
+def rate_card(org: str = "") -> Call[RateCardInfo]:
+    """GetRateCard: the rate card the sidecar prices with. Which organizations have negotiated
+    terms: all of them with the admin token (sent when the client has one), else at most
+    ``org``."""
+    return Call(
+        "GetRateCard", pb.GetRateCardRequest(organization=org), _rate_card_info, admin=True
+    )
 
 
 def _rate_card_info(r: pb.GetRateCardResponse) -> RateCardInfo:

@@ -279,8 +279,10 @@ class PreviewResponse(_message.Message):
     def __init__(self, quote: _Optional[_Union[Quote, _Mapping]] = ..., covered: _Optional[bool] = ..., available_uecu: _Optional[int] = ..., available_after_uecu: _Optional[int] = ...) -> None: ...
 
 class GetRateCardRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("organization",)
+    ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
+    organization: str
+    def __init__(self, organization: _Optional[str] = ...) -> None: ...
 
 class ModelRate(_message.Message):
     __slots__ = ("model", "input_uecu_per_mtok", "output_uecu_per_mtok", "encoding", "context_window", "max_output_tokens", "estimate_factor_percent")
