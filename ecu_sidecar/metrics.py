@@ -190,6 +190,16 @@ class Metrics:
             ["version"],
             registry=registry,
         )
+        self.rebuilds = Counter(
+            "ecu_sidecar_rebuilds_total",
+            "Organizations this sidecar found missing from Redis and asked the ledger for, by "
+            "result: rebuilt (from the ledger), raced (another process rebuilt it first), "
+            "unknown (the ledger does not know it either).",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("rebuilt", "raced", "unknown"):
+            self.rebuilds.labels(result)
         self.degraded_grants = Counter(
             "ecu_degraded_grants_total",
             "Holds granted locally while Redis was unreachable (opt-in degraded mode).",

@@ -200,6 +200,7 @@ class SidecarServer:
         )
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self.engine.hydrator.on_rebuild = lambda result: self.metrics.rebuilds.labels(result).inc()
         process_metrics(self.registry, "sidecar", settings.store_target)
         if self.journal is not None:
             self.metrics.degraded_pending.set_function(self.journal.pending)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from prometheus_client import CollectorRegistry
 
 from ecu_sidecar import errors
 from ecu_sidecar.engine import QuotaEngine
@@ -26,6 +27,7 @@ from ecu_sidecar.model import (
     LedgerHold,
     ReserveItem,
 )
+from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.store.keys import SUFFIXES, org_keys
 from tests.conftest import Database, drop_keys, make_settings
 from tests.test_flusher import Stack as FlusherStack
@@ -344,3 +346,31 @@ async def test_ledger_lists_outstanding_holds_by_reservation_and_creation_time(
         LedgerHold("r", 6, 40, 160, 60, 3, "", "p", "", "gepa", ""),
         LedgerHold("x", 7, 41, 99, 58, 0, "", "p", "", "gepa", "", "v7"),
     ]
+
+
+async def test_each_rebuild_is_reported_with_its_result(stack: Stack) -> None:
+    """The sidecar counts (ecu_sidecar_rebuilds_total) and logs the organizations it rebuilt
+    from the ledger: rebuilt, raced (another process first) or unknown to the ledger."""
+    seen: list[str] = []
+    stack.engine.hydrator.on_rebuild = seen.append
+    org = "reported"
+    await stack.engine.grant(org, "g1", 70_000, GrantKind.TOP_UP)
+    assert seen == ["unknown"]  # a first grant asks the ledger, which does not know org yet
+    await stack.flusher.drain()
+    await stack.lose(org, "acct")
+    assert (await stack.balance(org)).balance_uecu == 70_000
+    assert seen == ["unknown", "rebuilt"]
+    with pytest.raises(errors.AccountNotFound):
+        await stack.balance("never-granted")
+    assert seen == ["unknown", "rebuilt", "unknown"]
+
+
+def test_the_server_counts_rebuilds_by_result() -> None:
+    server = SidecarServer(make_settings("embedded"), registry=CollectorRegistry())
+    server.engine.hydrator.on_rebuild("rebuilt")
+    server.engine.hydrator.on_rebuild("unknown")
+    server.engine.hydrator.on_rebuild("unknown")
+    sample = server.registry.get_sample_value
+    assert sample("ecu_sidecar_rebuilds_total", {"result": "rebuilt"}) == 1
+    assert sample("ecu_sidecar_rebuilds_total", {"result": "unknown"}) == 2
+    assert sample("ecu_sidecar_rebuilds_total", {"result": "raced"}) == 0

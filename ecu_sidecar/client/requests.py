@@ -558,9 +558,7 @@ def rate_card(org: str = "") -> Call[RateCardInfo]:
     """GetRateCard: the rate card the sidecar prices with. Which organizations have negotiated
     terms: all of them with the admin token (sent when the client has one), else at most
     ``org``."""
-    return Call(
-        "GetRateCard", pb.GetRateCardRequest(organization=org), _rate_card_info, admin=True
-    )
+    return Call("GetRateCard", pb.GetRateCardRequest(organization=org), _rate_card_info, admin=True)
 
 
 def _rate_card_info(r: pb.GetRateCardResponse) -> RateCardInfo:

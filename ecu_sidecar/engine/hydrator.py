@@ -86,6 +86,10 @@ class Hydrator:
         self.ledger = ledger
         self.clock = clock
         """Monotonic seconds for the negative cache (injected so tests step time)."""
+        self.on_rebuild: Callable[[str], None] = lambda result: None
+        """Called with each rebuild's result: ``rebuilt`` (this process rebuilt the
+        organization), ``raced`` (another got there first), ``unknown`` (the ledger does not
+        know it). The server counts them (ecu_sidecar_rebuilds_total)."""
         self._unknown: OrderedDict[str, float] = OrderedDict()
         """Organizations the ledger did not know (oldest first) -> until when (``clock``)
         that answer stands (ECU_LEDGER_NEGATIVE_TTL_MS)."""
@@ -136,9 +140,22 @@ class Hydrator:
         account = await self.call("rebuild", self.ledger.ledger_account, org)
         if account is None:
             self._remember_unknown(org)
+            self.on_rebuild("unknown")
             return False
         # A no-op if another sidecar got there first.
-        await self.store.hydrate(account, flushed_id=outbox.last_id if outbox.fully_flushed else "")
+        rebuilt = await self.store.hydrate(
+            account, flushed_id=outbox.last_id if outbox.fully_flushed else ""
+        )
+        if rebuilt:
+            log.warning(
+                "organization %s was missing from Redis: rebuilt from the ledger "
+                "(balance %d uECU, %d holds)",
+                org,
+                account.balance_uecu,
+                len(account.active_holds),
+                extra={"organization": org},
+            )
+        self.on_rebuild("rebuilt" if rebuilt else "raced")
         return True
 
     async def hydrating(self, org: str, call: Callable[[], Awaitable[T]]) -> T:
