@@ -83,6 +83,11 @@ def wait_until_sync(condition: Callable[[], Any], what: str, limit_s: float = 20
     return ok
 
 
+#: gRPC channel options for a client that may connect before its server listens: attempts 50 ms
+#: apart (the default backoff waits 1 s after a refused connection, then longer).
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 50)]
+
+
 #: assert_conserved's default for the ledger: not asked (a row of None is an unknown organization).
 _UNASKED: Any = object()
 
