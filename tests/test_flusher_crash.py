@@ -30,6 +30,7 @@ from ecu_sidecar.store.outbox import GROUP
 from tests.conftest import (
     REDIS_URL,
     Database,
+    assert_conserved,
     drop_keys,
     make_settings,
     require_redis,
@@ -125,13 +126,7 @@ async def wait_exit(proc: subprocess.Popen[bytes], limit_s: float = 60) -> tuple
 async def assert_exactly_once(rig: Rig) -> None:
     for org in ORGS:
         b = await rig.engine.balance(org)
-        c = await asyncio.to_thread(rig.ledger.conservation, org)
-        assert c is not None and c.ok, c
-        assert (c.granted_uecu, c.committed_uecu, c.balance_uecu) == (
-            b.granted_uecu,
-            b.committed_uecu,
-            b.balance_uecu,
-        )
+        assert_conserved(b, await asyncio.to_thread(rig.ledger.conservation, org))
         acct = await asyncio.to_thread(rig.ledger.account, org)
         assert acct is not None
         holds = acct.holds
