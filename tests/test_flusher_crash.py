@@ -246,7 +246,7 @@ async def test_redis_restarted_empty_mid_run(database: Database, tmp_path: Any) 
 
         b = await engine.balance(org)  # rebuilt on first use, outstanding holds restored
         assert b.balance_uecu == ledger_balance and b.held_uecu == outstanding
-        assert b.conservation_faults() == []
+        assert_conserved(b)
         # No overspend: exactly what the ledger balance leaves beside the restored holds can
         # be reserved, not a micro-ECU more.
         free = ledger_balance - outstanding
@@ -261,9 +261,10 @@ async def test_redis_restarted_empty_mid_run(database: Database, tmp_path: Any) 
         assert done.error is None and not done.late and done.committed_uecu == 30_000
         assert done.released_uecu == 20_000
         await flusher.drain()
+        b = await engine.balance(org)
         c = await asyncio.to_thread(ledger.conservation, org)
-        assert c is not None and c.ok
-        assert c.balance_uecu == ledger_balance - 30_000 == (await engine.balance(org)).balance_uecu
+        assert_conserved(b, c)
+        assert c is not None and c.balance_uecu == ledger_balance - 30_000 == b.balance_uecu
     finally:
         await store.close()
         ledger.close()
