@@ -27,7 +27,8 @@ import pytest_asyncio
 
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.engine import QuotaEngine
-from ecu_sidecar.model import GrantKind
+from ecu_sidecar.ledger import Conservation
+from ecu_sidecar.model import Balance, GrantKind
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
@@ -52,19 +53,63 @@ class ManualClock:
         return self.now
 
 
-async def wait_until(condition: Callable[[], Any], what: str, limit_s: float = 20.0) -> None:
-    """Poll ``condition`` (a plain or async callable) until it is true; fail saying ``what``
-    did not happen after ``limit_s``. Only for what another task, thread or process brings
-    about, never to let time pass for the code under test (step a clock for that)."""
+#: How often the polling helpers look again: short, as what they wait for is another process,
+#: thread or task, not time passing.
+POLL_S = 0.01
+
+
+async def wait_until(condition: Callable[[], Any], what: str, limit_s: float = 20.0) -> Any:
+    """Poll ``condition`` (a plain or async callable) until it returns something true, and
+    return that; fail saying ``what`` did not happen after ``limit_s``. Only for what another
+    task, thread or process brings about, never to let time pass for the code under test (step
+    a clock for that). The one polling loop of the tests, with wait_until_sync."""
     give_up = time.monotonic() + limit_s
     while True:
         ok = condition()
         if inspect.isawaitable(ok):
             ok = await ok
         if ok:
-            return
+            return ok
         assert time.monotonic() < give_up, f"{what}: not within {limit_s:g} s"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(POLL_S)
+
+
+def wait_until_sync(condition: Callable[[], Any], what: str, limit_s: float = 20.0) -> Any:
+    """wait_until for code without an event loop (fixtures, helper classes, threads)."""
+    give_up = time.monotonic() + limit_s
+    while not (ok := condition()):
+        assert time.monotonic() < give_up, f"{what}: not within {limit_s:g} s"
+        time.sleep(POLL_S)
+    return ok
+
+
+#: gRPC channel options for a client that may connect before its server listens: attempts 50 ms
+#: apart (the default backoff waits 1 s after a refused connection, then longer).
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 50)]
+
+
+#: assert_conserved's default for the ledger: not asked (a row of None is an unknown organization).
+_UNASKED: Any = object()
+
+
+def assert_conserved(
+    balance: Balance | None = None, ledger: Conservation | None = _UNASKED
+) -> None:
+    """The product's conservation identities hold, checked by the product's own definitions:
+    Redis's counters (``balance``) by ``Balance.conservation_faults`` (ecu_sidecar/model.py);
+    the ledger's (``ledger``, what ``Ledger.conservation`` returned) by its query's ``ok``; and
+    given both, the ledger holds Redis's wallet counters (after a drain). The tests' one
+    conservation check: none re-derives the identities."""
+    if balance is not None:
+        faults = balance.conservation_faults()
+        assert faults == [], faults
+    if ledger is _UNASKED:
+        return
+    assert ledger is not None and ledger.ok, ledger
+    if balance is not None:
+        got = (ledger.granted_uecu, ledger.expired_grants_uecu, ledger.committed_uecu)
+        want = (balance.granted_uecu, balance.expired_grants_uecu, balance.committed_uecu)
+        assert (got, ledger.balance_uecu) == (want, balance.balance_uecu), (ledger, balance)
 
 
 def redis_reachable(host: str = REDIS_HOST, port: int = REDIS_PORT) -> bool:

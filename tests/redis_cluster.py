@@ -149,6 +149,8 @@ def _launch(cluster: RedisClusterProcess, server: str, node_timeout_ms: int) -> 
             "--cluster-node-timeout", str(node_timeout_ms),
             "--save", "",
             "--appendonly", "no",
+            # A replica's first sync starts at once (a diskless sync waits 5 s by default).
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         cluster.processes.append(
             subprocess.Popen(
@@ -166,8 +168,11 @@ def _wait(
     check: Callable[[RedisClusterProcess], bool],
     cluster: RedisClusterProcess,
 ) -> None:
-    """Poll ``check(cluster)`` every 50 ms until true; fail fast if a node process died."""
-    while True:
+    """Until ``check(cluster)`` is true (tests.conftest.wait_until_sync); fail fast if a node
+    process died."""
+    from tests.conftest import wait_until_sync
+
+    def ready() -> bool:
         for proc, port in zip(cluster.processes, cluster.ports, strict=True):
             if proc.poll() is not None:
                 raise ClusterStartError(
@@ -175,11 +180,13 @@ def _wait(
                     f"for {what}\n{cluster.logs()}"
                 )
         with contextlib.suppress(OSError, ValueError):
-            if check(cluster):
-                return
-        if time.monotonic() > deadline:
-            raise ClusterStartError(f"timed out waiting for {what}\n{cluster.logs()}")
-        time.sleep(0.05)
+            return check(cluster)
+        return False
+
+    try:
+        wait_until_sync(ready, what, limit_s=max(0.0, deadline - time.monotonic()))
+    except AssertionError as exc:
+        raise ClusterStartError(f"timed out waiting for {exc}\n{cluster.logs()}") from None
 
 
 def _all_answer_ping(cluster: RedisClusterProcess) -> bool:
@@ -304,9 +311,12 @@ def start_cluster(
 
 
 @contextlib.contextmanager
-def cluster_or_skip(masters: int = 3, replicas: int = 0) -> Iterator[RedisClusterProcess]:
+def cluster_or_skip(
+    masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2_000
+) -> Iterator[RedisClusterProcess]:
     """A running cluster for the duration of the block; skips (or, with
-    ECU_REQUIRE_SERVICES set, fails) when the Redis binaries are missing."""
+    ECU_REQUIRE_SERVICES set, fails) when the Redis binaries are missing. ``node_timeout_ms``
+    is how long a silent primary takes to be failed over (plus an election of about 1 s)."""
     import pytest
 
     from tests.conftest import REQUIRE_SERVICES
@@ -316,7 +326,7 @@ def cluster_or_skip(masters: int = 3, replicas: int = 0) -> Iterator[RedisCluste
         if REQUIRE_SERVICES:
             pytest.fail(message + " and ECU_REQUIRE_SERVICES is set", pytrace=False)
         pytest.skip(message)
-    cluster = start_cluster(masters, replicas=replicas)
+    cluster = start_cluster(masters, replicas=replicas, node_timeout_ms=node_timeout_ms)
     try:
         yield cluster
     finally:

@@ -11,33 +11,37 @@ dies.
 
 from __future__ import annotations
 
-import time
-
 import redis
 
+from tests.conftest import wait_until_sync
 from tests.test_unavailable import PrivateRedis
 
 __all__ = ["ReplicatedRedis"]
 
 
-def _wait_for(what: str, check: object, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 class ReplicatedRedis:
-    """A primary and one replica (``--replicaof``), each a PrivateRedis."""
+    """A primary and one replica (``REPLICAOF``), each a PrivateRedis."""
 
     def __init__(self) -> None:
-        # No diskless-sync delay: the replica's first full sync starts at once (5 s otherwise).
-        self.primary = PrivateRedis("--repl-diskless-sync-delay", "0")
-        self.primary.start()
-        self.replica = PrivateRedis("--replicaof", "127.0.0.1", str(self.primary.port))
-        self.replica.start()
+        self.primary = self._started()
         self._gone: list[PrivateRedis] = []
+        self._start_replica()
+
+    @staticmethod
+    def _started() -> PrivateRedis:
+        # A full sync through a file, not diskless: a diskless sync waits 5 s before it starts
+        # (repl-diskless-sync-delay), and after one the primary counts the replica only from
+        # its first acknowledgement, which the replica sends on its once-a-second timer.
+        server = PrivateRedis("--repl-diskless-sync", "no")
+        server.start()
+        return server
+
+    def _start_replica(self) -> None:
+        """A new server made the primary's replica by command, synced: the command starts the
+        handshake at once (``--replicaof`` waits for the replica's next timer tick)."""
+        self.replica = self._started()
+        with self.client(self.replica) as c:
+            c.execute_command("REPLICAOF", "127.0.0.1", self.primary.port)
         self.wait_linked()
 
     @property
@@ -55,9 +59,8 @@ class ReplicatedRedis:
         primary, replica = self.client(self.primary), self.client(self.replica)
 
         def linked() -> bool:
-            # Online as the primary sees it (after a diskless sync the primary counts the
-            # replica, in WAIT too, only once it acknowledged). Caught up is proved next, by
-            # a WAIT (offsets compared would never match under a continuing load).
+            # Online as the primary sees it (in WAIT too). Caught up is proved next, by a WAIT
+            # (offsets compared would never match under a continuing load).
             seen = primary.info("replication").get("slave0") or {}
             return (
                 replica.info("replication").get("master_link_status") == "up"
@@ -71,8 +74,8 @@ class ReplicatedRedis:
             return primary.execute_command("WAIT", 1, 200) == 1
 
         try:
-            _wait_for("the replica to sync", linked, timeout_s=30)
-            _wait_for("the replica to acknowledge", acknowledging, timeout_s=30)
+            wait_until_sync(linked, "the replica to sync", limit_s=30)
+            wait_until_sync(acknowledging, "the replica to acknowledge", limit_s=30)
         finally:
             primary.close()
             replica.close()
@@ -94,12 +97,11 @@ class ReplicatedRedis:
         clients write again. The old primary's port is then served by nothing."""
         self.primary.kill()
         with self.client(self.replica) as c:
-            _wait_for(
-                "the replica to see its primary gone",
+            wait_until_sync(
                 lambda: c.info("replication").get("master_link_status") != "up",
+                "the replica to see its primary gone",
             )
             c.execute_command("REPLICAOF", "NO", "ONE")
-            c.execute_command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
             c.execute_command("CLIENT", "UNPAUSE")
 
     def replace_replica(self) -> None:
@@ -107,9 +109,7 @@ class ReplicatedRedis:
         replica of it is started and synced (the next failover's target)."""
         self._gone.append(self.primary)
         self.primary = self.replica
-        self.replica = PrivateRedis("--replicaof", "127.0.0.1", str(self.primary.port))
-        self.replica.start()
-        self.wait_linked()
+        self._start_replica()
 
     def close(self) -> None:
         """Stop every server started."""
@@ -156,7 +156,7 @@ class PrivateSentinel:
                 except redis.ConnectionError:
                     return False
 
-            _wait_for("the sentinel to come up", up)
+            wait_until_sync(up, "the sentinel to come up")
 
     @property
     def url(self) -> str:

@@ -29,6 +29,7 @@ from ecu_sidecar.model import (
 )
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import org_keys
+from tests.conftest import assert_conserved
 
 PCT = 20
 """Overage bound of these tests, in percent of the hold."""
@@ -212,9 +213,7 @@ async def test_commit_batch_equals_one_by_one(store: RedisStore, on_touch: bool)
     assert "g:soon" not in acct
     assert int(acct["g:later"]) == 10_000 - (billed_total - 800)
     assert (await state(store, batch_org))["gexp"] == ["later"]
-    b = await store.balance(batch_org)
-    spendable = b.granted_uecu - b.expired_grants_uecu
-    assert spendable == b.committed_uecu + b.held_uecu + b.available_uecu
+    assert_conserved(await store.balance(batch_org))
 
 
 async def test_commit_batch_of_fresh_account_creates_counters_like_single_commits(

@@ -29,7 +29,7 @@ from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.cli import format_ecu, parse_uecu
 from ecu_sidecar.convert import job_from_pb
 from ecu_sidecar.pricing import load_rate_card, preview
-from tests.conftest import ADMIN_TOKEN, EXAMPLE_RATE_CARD
+from tests.conftest import ADMIN_TOKEN, EXAMPLE_RATE_CARD, FAST_RECONNECT, wait_until_sync
 
 EXAMPLE_JOB = Path(__file__).resolve().parent.parent / "examples" / "job.json"
 CARD = load_rate_card(EXAMPLE_RATE_CARD)
@@ -85,22 +85,24 @@ def start_serve(log: Path, **ecu: str) -> Serve:
             env=env,
         )
     serve = Serve(proc, port, log)
-    deadline = time.monotonic() + STARTUP_S
-    with grpc.insecure_channel(serve.target) as channel:
+    with grpc.insecure_channel(serve.target, options=FAST_RECONNECT) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        while True:
+
+        def serving() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()}")
             try:
                 status = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return serve
             except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"serve did not become healthy in {STARTUP_S}s:\n{log.read_text()}")
-            time.sleep(0.05)
+                return False
+            return status == health_pb2.HealthCheckResponse.SERVING
+
+        try:
+            wait_until_sync(serving, "serve healthy", limit_s=STARTUP_S)
+        except AssertionError as exc:
+            proc.kill()
+            pytest.fail(f"{exc}:\n{log.read_text()}")
+    return serve
 
 
 def stop_serve(serve: Serve) -> int:

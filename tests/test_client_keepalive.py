@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -24,7 +23,13 @@ from ecu_sidecar.client import AsyncQuotaClient, QuotaClient
 from ecu_sidecar.model import Balance, HoldState
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings
-from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.conftest import (
+    ADMIN_TOKEN,
+    assert_conserved,
+    make_settings,
+    wait_until,
+    wait_until_sync,
+)
 from tests.test_client import Attempts, rpcs, simulated
 
 ORG = "acme"
@@ -54,21 +59,15 @@ async def client(sidecar: SidecarServer) -> AsyncIterator[AsyncQuotaClient]:
 
 async def until(condition: Callable[[], bool]) -> None:
     """Wait (event loop free) until ``condition`` holds; fail after PATIENCE_S."""
-    give_up = time.monotonic() + PATIENCE_S
-    while not condition():
-        assert time.monotonic() < give_up, "the keep-alive did not get there"
-        await asyncio.sleep(0.01)
+    await wait_until(condition, "the keep-alive getting there", PATIENCE_S)
 
 
 def until_sync(condition: Callable[[], bool]) -> None:
-    give_up = time.monotonic() + PATIENCE_S
-    while not condition():
-        assert time.monotonic() < give_up, "the keep-alive did not get there"
-        time.sleep(0.01)
+    wait_until_sync(condition, "the keep-alive getting there", PATIENCE_S)
 
 
 def sound(b: Balance) -> Balance:
-    assert b.conservation_faults() == []
+    assert_conserved(b)
     return b
 
 

@@ -61,7 +61,7 @@ from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import SUFFIXES, org_keys
 from ecu_sidecar.store.scripts import SCRIPTS
-from tests.conftest import ADMIN_METADATA, make_settings
+from tests.conftest import ADMIN_METADATA, assert_conserved, make_settings
 from tests.redis_cluster import HOST, RedisClusterProcess, cluster_or_skip, slot_owners
 
 pytestmark = pytest.mark.cluster
@@ -311,12 +311,8 @@ async def check_balance(engine: QuotaEngine, i: int, exp: Expected) -> None:
         exp.expired_holds,
     )  # fmt: skip
     assert got == want, ORGS[i]
-    # Conservation (no grant expired here).
-    assert b.balance_uecu == b.granted_uecu - b.committed_uecu
-    assert b.reserved_uecu == (
-        b.committed_from_holds_uecu + b.released_uecu + b.expired_uecu + b.held_uecu
-    )
-    assert b.available_uecu == b.balance_uecu - b.held_uecu
+    assert_conserved(b)
+    assert b.expired_grants_uecu == 0 and b.available_uecu == b.balance_uecu - b.held_uecu
     assert [(t.id, t.cap_uecu, t.held_uecu, t.used_uecu) for t in b.teams] == [
         ("ta", 300_000, exp.team_held, exp.team_used)
     ]

@@ -44,10 +44,12 @@ from tests.conftest import (
     ADMIN_METADATA,
     ADMIN_TOKEN,
     EXAMPLE_RATE_CARD,
+    FAST_RECONNECT,
     REDIS_PORT,
     drop_keys,
     make_settings,
     require_redis,
+    wait_until,
 )
 from tests.tcp_proxy import TcpProxy
 from tests.test_cli import clean_env, free_port
@@ -75,11 +77,7 @@ def commit(rid: str, actual: int) -> pb.CommitRequest:
 
 
 async def wait_replayed(journal: Journal) -> None:
-    for _ in range(400):
-        if journal.pending() == 0:
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"{journal.pending()} journal entries never replayed")
+    await wait_until(lambda: journal.pending() == 0, "the journal entries replayed")
 
 
 def test_an_allowance_needs_a_journal() -> None:
@@ -192,7 +190,7 @@ async def test_the_journal_survives_a_sigkill(redis: PrivateRedis, tmp_path: Pat
 
     proc = serve()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as ch:
             await ready(ch)
             stub = quota_pb2_grpc.QuotaStub(ch)
             await stub.Grant(
@@ -209,14 +207,15 @@ async def test_the_journal_survives_a_sigkill(redis: PrivateRedis, tmp_path: Pat
         assert proc.wait(timeout=10) == -signal.SIGKILL
         redis.thaw()
         proc = serve()  # a new process finds the journal and replays it
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as ch:
             await ready(ch)
             stub = quota_pb2_grpc.QuotaStub(ch)
-            for _ in range(400):
+
+            async def replayed() -> pb.Balance | None:
                 b = (await stub.GetBalance(pb.GetBalanceRequest(organization="acme"))).balance
-                if b.committed_uecu:
-                    break
-                await asyncio.sleep(0.025)
+                return b if b.committed_uecu else None
+
+            b = await wait_until(replayed, "the journal replayed by the new process")
             assert (b.committed_uecu, b.balance_uecu) == (640, 10_000 - 640)
     finally:
         redis.thaw()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -20,13 +20,21 @@ from grpc_status import rpc_status
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.errors import ReplicationUnconfirmed, StoreUnavailable
-from ecu_sidecar.model import AccountRef, CommitItem, GrantKind, JobType, ReserveItem, Usage
+from ecu_sidecar.model import (
+    AccountRef,
+    Balance,
+    CommitItem,
+    GrantKind,
+    JobType,
+    ReserveItem,
+    Usage,
+)
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import SettingsError, parse_sentinel_url
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import org_keys
 from ecu_sidecar.store.outbox import OutboxReader
-from tests.conftest import ADMIN_METADATA, make_settings
+from tests.conftest import ADMIN_METADATA, make_settings, wait_until, wait_until_sync
 from tests.replicated_redis import ReplicatedRedis
 
 WAIT_MS = 100
@@ -63,6 +71,18 @@ def item(rid: str, amount: int = 100) -> ReserveItem:
 
 def commit_item(rid: str, actual: int) -> CommitItem:
     return CommitItem(rid, actual, Usage(0, 0, 0), "", "")
+
+
+def balance_of(store: RedisStore, org: str) -> Callable[[], Awaitable[Balance | None]]:
+    """For wait_until: the balance of ``org``, or None while the store is unavailable."""
+
+    async def read() -> Balance | None:
+        try:
+            return await store.balance(org)
+        except StoreUnavailable:
+            return None
+
+    return read
 
 
 async def on_replica(pair: ReplicatedRedis, prefix: str, org: str, rid: str) -> bool:
@@ -288,7 +308,7 @@ async def test_sentinel_url_follows_a_failover(pair: ReplicatedRedis) -> None:
     """redis+sentinel:// through redis-py's Sentinel support: the primary is asked of the
     Sentinel; after the primary dies and the Sentinel promotes the replica, the same store
     serves from the new primary, and what it acknowledged with the wait on is there."""
-    from tests.replicated_redis import PrivateSentinel, _wait_for
+    from tests.replicated_redis import PrivateSentinel
 
     sentinel = PrivateSentinel(pair.primary.port)
     store = RedisStore.from_settings(
@@ -306,18 +326,12 @@ async def test_sentinel_url_follows_a_failover(pair: ReplicatedRedis) -> None:
         await store.grant(org, "g1", 10_000, GrantKind.TOP_UP, 0)
         await store.reserve(AccountRef(org), [item("r1")])
         pair.primary.kill()
-        _wait_for(
-            "the Sentinel to promote the replica",
+        wait_until_sync(
             lambda: sentinel.primary_port() == pair.replica.port,
-            timeout_s=30,
+            "the Sentinel to promote the replica",
+            limit_s=30,
         )
-        for attempt in range(100):
-            try:
-                seen = await store.balance(org)
-                break
-            except StoreUnavailable:
-                assert attempt < 99, "the store never reached the promoted replica"
-                await asyncio.sleep(0.05)
+        seen = await wait_until(balance_of(store, org), "the store reaching the promoted replica")
         assert (seen.outstanding_holds, seen.held_uecu) == (1, 100)
         assert seen.conservation_faults() == []
         # The new primary has no replica yet: with the wait on, writes are not acknowledged.
@@ -335,7 +349,6 @@ async def test_cluster_waits_on_the_replica_of_the_node_that_ran_the_script() ->
     from redis.crc import key_slot
 
     from tests.redis_cluster import cluster_or_skip, replicas_by_master, slot_owners
-    from tests.replicated_redis import _wait_for
 
     with cluster_or_skip(masters=3, replicas=1) as cluster:
         store = RedisStore.from_settings(
@@ -411,7 +424,7 @@ async def test_cluster_waits_on_the_replica_of_the_node_that_ran_the_script() ->
                     info = c.info("replication")
                     return info["slave0"]["offset"] == info["master_repl_offset"]
 
-            _wait_for("the replica to catch up", caught_up)
+            wait_until_sync(caught_up, "the replica to catch up")
             again = await store.reserve(AccountRef(org), [item("r2")])
             assert again.replayed
             b = await store.balance(org)
@@ -488,9 +501,9 @@ async def test_cluster_failover_keeps_what_the_wait_confirmed() -> None:
     from redis.crc import key_slot
 
     from tests.redis_cluster import cluster_or_skip, replicas_by_master, slot_owners
-    from tests.replicated_redis import _wait_for
 
-    with cluster_or_skip(masters=3, replicas=1) as cluster:
+    # A 1 s node timeout: the failover the test waits for comes that much sooner.
+    with cluster_or_skip(masters=3, replicas=1, node_timeout_ms=1_000) as cluster:
         store = RedisStore.from_settings(
             make_settings(
                 "redis",
@@ -523,18 +536,14 @@ async def test_cluster_failover_keeps_what_the_wait_confirmed() -> None:
             victim.kill()
             victim.wait(10)
             survivor = next(p for p in cluster.ports if p not in (owner, promoted))
-            _wait_for(
-                "the cluster to promote the replica",
+            wait_until_sync(
                 lambda: slot_owners(survivor).get(promoted) is not None,
-                timeout_s=60,
+                "the cluster to promote the replica",
+                limit_s=60,
             )
-            for attempt in range(200):
-                try:
-                    seen = await store.balance(org)
-                    break
-                except StoreUnavailable:
-                    assert attempt < 199, "the store never reached the promoted replica"
-                    await asyncio.sleep(0.05)
+            seen = await wait_until(
+                balance_of(store, org), "the store reaching the promoted replica"
+            )
             assert (seen.outstanding_holds, seen.held_uecu) == (10, 1_000)
             assert seen.conservation_faults() == []
             with pytest.raises(ReplicationUnconfirmed, match="0 of 1 replicas"):

@@ -68,12 +68,15 @@ async def stack(pair: ReplicatedRedis, database: Database) -> AsyncIterator[tupl
 async def retrying(call: Any) -> Any:
     """A worker's retry with the same ids: through the failover's unavailability and the
     rebuild's fence."""
-    for _ in range(200):
+
+    async def served() -> tuple[Any] | None:
         try:
-            return await call()
+            return (await call(),)
         except errors.StoreUnavailable:
-            await asyncio.sleep(0.02)
-    raise AssertionError("never served")
+            return None
+
+    (result,) = await wait_until(served, "served again")
+    return result
 
 
 async def fail_over(pair: ReplicatedRedis, proxy: TcpProxy) -> None:

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -39,6 +38,7 @@ from tests.conftest import (
     own_pg_database,
     pg_read_only,
     require_redis,
+    wait_until,
 )
 from tests.test_unavailable import PrivateRedis, free_port
 
@@ -76,23 +76,26 @@ class FlushProcess:
 
     async def until(self, what: str, check: Callable[[], bool], limit_s: float = 30) -> None:
         """Poll ``check`` (bounded); fail with the process's stderr."""
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
+
+        async def done() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"flusher exited ({self.proc.returncode}):\n{self.stderr()}")
-            if await asyncio.to_thread(check):
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{what} not within {limit_s}s:\n{self.stderr()}")
+            return await asyncio.to_thread(check)
+
+        try:
+            await wait_until(done, what, limit_s)
+        except AssertionError as exc:
+            if "flusher exited" in str(exc):
+                raise
+            raise AssertionError(f"{exc}:\n{self.stderr()}") from None
 
     async def exit(self, limit_s: float = 60) -> tuple[int, str, str]:
         """(exit status, stdout, stderr) once it exits (bounded)."""
-        deadline = time.monotonic() + limit_s
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"flusher did not exit in {limit_s}s:\n{self.stderr()}")
-            await asyncio.sleep(0.05)
+        try:
+            await wait_until(lambda: self.proc.poll() is not None, "the flusher exiting", limit_s)
+        except AssertionError:
+            self.proc.kill()
+            raise AssertionError(f"flusher did not exit in {limit_s}s:\n{self.stderr()}") from None
         assert self.proc.stdout is not None
         return self.proc.returncode, self.proc.stdout.read().decode(), self.stderr()
 

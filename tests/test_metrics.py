@@ -17,7 +17,7 @@ import subprocess
 import sys
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from ecu_sidecar.ledger import open_ledger
 from ecu_sidecar.metrics import FlusherMetrics, Metrics, StoreMetrics
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings, SettingsError
-from tests.conftest import ADMIN_METADATA, drop_keys, make_settings, require_redis
+from tests.conftest import ADMIN_METADATA, drop_keys, make_settings, require_redis, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -109,6 +109,7 @@ def flusher_env(settings: Settings, ledger_url: str, port: int, org: str) -> dic
         ECU_FLUSHER_INTERVAL_MS="20",
         ECU_FLUSHER_DISCOVERY_INTERVAL_MS="0",
         ECU_RECONCILE_INTERVAL_MS="50",
+        ECU_FLUSHER_OBSERVE_INTERVAL_MS="50",  # the gauges the test waits for (10 s otherwise)
         ECU_LOG_LEVEL="WARNING",
     )
     return env
@@ -135,18 +136,18 @@ def stop_flusher(flusher: subprocess.Popen[bytes]) -> str:
     return err.decode()
 
 
-async def poll(fn: Any, until: Any, limit_s: float = 20.0) -> Any:
-    """Call fn() until until(result) holds (bounded); returns the last result."""
-    result = None
-    for _ in range(int(limit_s / 0.05)):
+def scraped(port: int, until: Callable[[str], bool] = lambda text: True) -> Callable[[], Any]:
+    """For wait_until: a scrape of ``port`` that ``until`` accepts, or None (not yet serving,
+    or not yet there)."""
+
+    def scrape() -> str | None:
         try:
-            result = await asyncio.to_thread(fn)
+            text = scrape_text(port)
         except OSError:
-            result = None
-        if result is not None and until(result):
-            return result
-        await asyncio.sleep(0.05)
-    return result
+            return None
+        return text if until(text) else None
+
+    return scrape
 
 
 async def test_counters_move_by_exactly_the_traffic(sidecar: SidecarServer, tmp_path: Path) -> None:
@@ -158,8 +159,7 @@ async def test_counters_move_by_exactly_the_traffic(sidecar: SidecarServer, tmp_
     port = free_port()
     flusher = start_flusher(flusher_env(sidecar.settings, ledger_url, port, org))
     try:
-        flusher_before_text = await poll(lambda: scrape_text(port), lambda t: True)
-        assert flusher_before_text is not None, "the flusher never served /metrics"
+        flusher_before_text = await wait_until(scraped(port), "the flusher serving /metrics")
         side_before = parse(scrape_text(sidecar.metrics_port))
         flush_before = parse(flusher_before_text)
 
@@ -248,8 +248,7 @@ async def test_counters_move_by_exactly_the_traffic(sidecar: SidecarServer, tmp_
                 and value(s, "ecu_organization_held_uecu", organization=org) == 300_000
             )
 
-        flush_text = await poll(lambda: scrape_text(port), flushed)
-        assert flush_text is not None and flushed(flush_text), flush_text
+        flush_text = await wait_until(scraped(port, flushed), "the flusher's gauges and counters")
         after = parse(flush_text)
 
         def money(name: str, job: str) -> float:

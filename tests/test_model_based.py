@@ -67,7 +67,6 @@ import asyncio
 import functools
 import os
 import sqlite3
-import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -113,10 +112,12 @@ from ecu_sidecar.store.keys import org_keys
 from tests.conftest import (
     PG_URL,
     REDIS_PORT,
+    assert_conserved,
     drop_keys,
     make_settings,
     require_postgres,
     require_redis,
+    wait_until_sync,
 )
 from tests.tcp_proxy import TcpProxy
 
@@ -502,14 +503,15 @@ class QuotaMachine(RuleBasedStateMachine):
             self.proxy.heal()
             # The sidecar's pool reconnects on its own schedule (a backoff: the test shortens
             # its first delay); the ledger is back for the sidecar once it answers again.
-            deadline = time.monotonic() + 15
-            while True:
+
+            def answers() -> bool:
                 try:
                     self.ledger.organizations()
-                    break
                 except LedgerUnavailable:
-                    assert time.monotonic() < deadline, "the ledger pool never reconnected"
-                    time.sleep(0.05)
+                    return False
+                return True
+
+            wait_until_sync(answers, "the ledger pool reconnected", limit_s=15)
         if self.blocker is not None:
             self.blocker.execute("ROLLBACK")
             self.blocker.close()
@@ -1039,7 +1041,8 @@ class QuotaMachine(RuleBasedStateMachine):
             assert self.xlen(org) == 0, f"{org}: outbox not empty after a drain"
             assert not self.direct.quarantined(org=org), self.direct.quarantined(org=org)
             c = self.direct.conservation(org)
-            assert c is not None and c.ok, c
+            assert_conserved(ledger=c)
+            assert c is not None
             want = (m.c["granted"], m.c["expired_grants"], m.c["committed"], m.c["balance"])
             got = (c.granted_uecu, c.expired_grants_uecu, c.committed_uecu, c.balance_uecu)
             assert got == want, f"{org}: ledger {got} != model {want}"
@@ -1382,8 +1385,7 @@ class QuotaMachine(RuleBasedStateMachine):
             assert got == m.c, f"{org}: Redis {got} != model {m.c}"
             active = sum(1 for h in self.holds.values() if h.org == org and h.st == "A")
             assert b.outstanding_holds == active
-            faults = b.conservation_faults()
-            assert not faults, f"{org}: {faults}"
+            assert_conserved(b)
             # Below zero only by the overage bounds of what was committed above its hold or
             # late (R4: an expiring grant never takes held money; R5).
             assert b.available_uecu >= -m.below_zero_bound, (b, m.below_zero_bound)

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from ecu_sidecar import __version__
 from ecu_sidecar.metrics import FlusherMetrics, Metrics, process_metrics
+from tests.conftest import FAST_RECONNECT, wait_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "ops" / "prometheus" / "ecu-sidecar.rules.yml"
@@ -229,18 +229,18 @@ def test_image_entrypoint_serves_health_and_metrics_then_stops_on_sigterm() -> N
         venv_command(entrypoint()), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        status = None
-        with grpc.insecure_channel(f"127.0.0.1:{health}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{health}", options=FAST_RECONNECT) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            for _ in range(200):  # bounded: at most ~20 s
-                if proc.poll() is not None:
-                    break
+
+            def answered() -> int | None:
+                assert proc.poll() is None, proc.communicate()[1].decode()
                 try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status
-                    break
+                    return stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status
                 except grpc.RpcError:
-                    time.sleep(0.1)
-        assert status == health_pb2.HealthCheckResponse.SERVING, proc.stderr
+                    return None
+
+            status = wait_until_sync(answered, "the entrypoint's health endpoint")
+        assert status == health_pb2.HealthCheckResponse.SERVING
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as resp:
             assert b'ecu_build_info{component="sidecar",version="' in resp.read()
         proc.send_signal(signal.SIGTERM)

@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +30,7 @@ from ecu_sidecar.logs import (
     secrets_of,
 )
 from ecu_sidecar.server import SidecarServer
-from tests.conftest import REQUIRE_SERVICES, make_settings
+from tests.conftest import REQUIRE_SERVICES, make_settings, wait_until_sync
 
 ADMIN_TOKEN = "adm1n-T0KEN-never-logged"
 PASSWORD = "r3dis-PASS-never-logged"
@@ -60,14 +59,15 @@ def redis_with_password() -> Iterator[int]:
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        for _ in range(100):  # bounded: the redis-server coming up
+
+        def accepting() -> bool:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
+                    return True
             except OSError:
-                time.sleep(0.05)
-        else:
-            pytest.fail(f"the private redis-server on port {port} never accepted a connection")
+                return False
+
+        wait_until_sync(accepting, f"the private redis-server on port {port} accepting")
         yield port
     finally:
         proc.terminate()

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,14 @@ from ecu_sidecar.pricing import (
 )
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings
-from tests.conftest import ADMIN_METADATA, EXAMPLE_RATE_CARD, drop_keys, make_settings, snapshot
+from tests.conftest import (
+    ADMIN_METADATA,
+    EXAMPLE_RATE_CARD,
+    drop_keys,
+    make_settings,
+    snapshot,
+    wait_until,
+)
 from tests.test_service import details
 
 ECU = 1_000_000
@@ -951,10 +957,11 @@ async def test_a_changed_file_is_picked_up_by_polling(backend: str, card_file: P
     settings = make_settings(backend, rate_card_file=str(card_file), rate_card_poll_ms=50)
     async with running(settings) as (server, stub):
         await asyncio.to_thread(card_file.write_text, v2_text())
-        deadline = time.monotonic() + 10
-        while (await stub.GetRateCard(pb.GetRateCardRequest())).version != V2:
-            assert time.monotonic() < deadline, "the changed card was not loaded"
-            await asyncio.sleep(0.05)
+
+        async def loaded() -> bool:
+            return (await stub.GetRateCard(pb.GetRateCardRequest())).version == V2
+
+        await wait_until(loaded, "the changed card loaded", limit_s=10)
         assert server.registry.get_sample_value("ecu_rate_card_info", {"version": V2}) == 1
 
 

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from typing import Any
 
 import grpc
@@ -21,7 +20,7 @@ from grpc_status import rpc_status
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.server import SidecarServer
-from tests.conftest import ADMIN_METADATA, make_settings, wait_until
+from tests.conftest import ADMIN_METADATA, make_settings, wait_until, wait_until_sync
 
 #: The gRPC deadline each call gets: far above the store bound, so a hung call shows up as
 #: DEADLINE_EXCEEDED instead of the UNAVAILABLE the sidecar must answer by itself.
@@ -63,16 +62,16 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def pong() -> bool:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
+                    return s.recv(16).startswith(b"+PONG")
             except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("private redis-server did not come up")
+                return False
+
+        wait_until_sync(pong, "the private redis-server answering PING", limit_s=10)
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -36,7 +36,15 @@ from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.model import Balance
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import org_keys
-from tests.conftest import ADMIN_METADATA, ADMIN_TOKEN, REQUIRE_SERVICES
+from tests.conftest import (
+    ADMIN_METADATA,
+    ADMIN_TOKEN,
+    FAST_RECONNECT,
+    REQUIRE_SERVICES,
+    assert_conserved,
+    wait_until,
+    wait_until_sync,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LONG = os.environ.get("ECU_CHAOS_LONG", "") not in ("", "0", "false", "no")
@@ -92,17 +100,20 @@ class RedisServer:
             args += ["--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.starts += 1
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def pong() -> bool:
+            if proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited: {self.log_tail()}")
             try:
-                if self.command("PING", timeout=0.2) == b"+PONG":
-                    return
+                return self.command("PING", timeout=0.2) == b"+PONG"
             except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not come up: {self.log_tail()}")
+                return False
+
+        try:
+            wait_until_sync(pong, "redis-server answering PING", timeout_s)
+        except AssertionError:
+            raise RuntimeError(f"redis-server did not come up: {self.log_tail()}") from None
 
     def log_tail(self, n: int = 20) -> str:
         with contextlib.suppress(OSError):
@@ -200,34 +211,35 @@ class SidecarProcess:
 
     async def wait_serving(self, timeout_s: float = 20.0) -> None:
         """Until gRPC health says SERVING (bounded)."""
-        deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with grpc.aio.insecure_channel(self.target, options=FAST_RECONNECT) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
+
+            async def serving() -> bool:
                 if self.proc.poll() is not None:
-                    raise AssertionError(f"sidecar exited at start-up:\n{self.stderr()}")
+                    raise RuntimeError(f"sidecar exited at start-up:\n{self.stderr()}")
                 try:
                     reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
                 except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"sidecar not SERVING within {timeout_s}s:\n{self.stderr()}")
+                    return False
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+            try:
+                await wait_until(serving, "sidecar SERVING", timeout_s)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}:\n{self.stderr()}") from None
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
     async def wait_exit(self, timeout_s: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout_s
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                stacks = self.stacks()
-                self.proc.kill()
-                raise AssertionError(
-                    f"sidecar did not exit in {timeout_s}s:\n{self.stderr()}\n{stacks}"
-                )
-            await asyncio.sleep(0.02)
+        try:
+            await wait_until(lambda: self.proc.poll() is not None, "sidecar exiting", timeout_s)
+        except AssertionError:
+            stacks = self.stacks()
+            self.proc.kill()
+            raise AssertionError(
+                f"sidecar did not exit in {timeout_s}s:\n{self.stderr()}\n{stacks}"
+            ) from None
         return self.proc.returncode
 
     def stacks(self) -> str:
@@ -426,7 +438,7 @@ async def audit(store: RedisStore, org: str) -> Audit:
     b = await store.balance(org)  # sweeps overdue holds first
     raw = await store._client.hgetall(org_keys(store._settings.key_prefix, org)[1])
     records = {k.decode(): json.loads(v) for k, v in raw.items()}
-    assert b.conservation_faults() == [], (org, b.conservation_faults())
+    assert_conserved(b)
     sums = dict.fromkeys(
         (
             "reserved",
@@ -568,14 +580,7 @@ async def ledger_agrees(ledger: Any, store: RedisStore, org: str) -> None:
     """After a drain: the ledger's conservation query is ok, its totals equal Redis's, and the
     organization's outbox is empty."""
     b = await store.balance(org)
-    c = await asyncio.to_thread(ledger.conservation, org)
-    assert c is not None and c.ok, c
-    assert (c.granted_uecu, c.expired_grants_uecu, c.committed_uecu, c.balance_uecu) == (
-        b.granted_uecu,
-        b.expired_grants_uecu,
-        b.committed_uecu,
-        b.balance_uecu,
-    ), (org, c, b)
+    assert_conserved(b, await asyncio.to_thread(ledger.conservation, org))
     acct = await asyncio.to_thread(ledger.account, org)
     assert acct is not None
     h = acct.holds

@@ -41,7 +41,7 @@ from tests.chaos.support import (
     worker,
     write_result,
 )
-from tests.conftest import Database, make_settings
+from tests.conftest import Database, assert_conserved, make_settings, wait_until
 from tests.replicated_redis import ReplicatedRedis
 from tests.tcp_proxy import TcpProxy
 
@@ -90,14 +90,13 @@ async def conserved_after_failover(store: Any, org: str) -> None:
     whole, so a lagging replica is behind, never inconsistent)."""
     from ecu_sidecar.errors import StoreUnavailable
 
-    for attempt in range(100):
+    async def balance() -> Any:
         try:
-            b = await store.balance(org)
-            break
-        except StoreUnavailable as exc:
-            assert attempt < 99, f"the sidecar never reached the promoted replica: {exc}"
-            await asyncio.sleep(0.05)
-    assert b.conservation_faults() == [], (org, b.conservation_faults())
+            return await store.balance(org)
+        except StoreUnavailable:
+            return None
+
+    assert_conserved(await wait_until(balance, "the sidecar reaching the promoted replica"))
 
 
 def ledger_faults(ledger: Any, org: str) -> dict[str, int]:
@@ -178,8 +177,8 @@ async def test_failover_with_a_lagging_replica(wait: int, database: Database) ->
                     proxy.cut()
                     for org in [*ORGS, EDGE]:
                         await conserved_after_failover(server.store, org)
-                        c = await asyncio.to_thread(ledger.conservation, org)
-                        assert c is not None and c.ok, c  # the ledger too, as the flusher goes on
+                        # The ledger too, as the flusher goes on (behind Redis: not compared).
+                        assert_conserved(ledger=await asyncio.to_thread(ledger.conservation, org))
                     await asyncio.to_thread(pair.replace_replica)
             finally:
                 stop.set()
@@ -198,9 +197,12 @@ async def test_failover_with_a_lagging_replica(wait: int, database: Database) ->
             faults = {}
             for org in [*ORGS, EDGE]:
                 b = await server.store.balance(org)
-                assert b.conservation_faults() == [], (org, b.conservation_faults())
                 c = await asyncio.to_thread(ledger.conservation, org)
-                assert c is not None and c.ok, c
+                # Each keeps the identities; whether they agree is measured, not asserted (a
+                # failover with the wait off may take acknowledged writes back out of Redis).
+                assert_conserved(b)
+                assert_conserved(ledger=c)
+                assert c is not None
                 agreement.append(
                     (c.granted_uecu, c.committed_uecu, c.balance_uecu)
                     == (b.granted_uecu, b.committed_uecu, b.balance_uecu)

@@ -43,7 +43,7 @@ from tests.chaos.support import (
     worker,
     write_result,
 )
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_until
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.chaos
@@ -275,16 +275,14 @@ async def test_failover_to_a_promoted_replica_behind_the_same_address(
 
 async def _wait_synced(primary: RedisServer, replica: RedisServer, timeout_s: float = 10) -> None:
     """Until the replica's replication offset equals the primary's (and the link is up)."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        info = _info(primary)
-        rinfo = _info(replica)
-        if rinfo.get("master_link_status") == "up" and info.get("master_repl_offset") == rinfo.get(
-            "slave_repl_offset"
-        ):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("replica did not catch up")
+
+    def synced() -> bool:
+        info, rinfo = _info(primary), _info(replica)
+        return rinfo.get("master_link_status") == "up" and info.get(
+            "master_repl_offset"
+        ) == rinfo.get("slave_repl_offset")
+
+    await wait_until(synced, "the replica catching up", timeout_s)
 
 
 def _info(server: RedisServer) -> dict[str, str]:
