@@ -20,6 +20,7 @@ __all__ = [
     "InsufficientEcu",
     "InvalidArgument",
     "OrganizationNotAllowed",
+    "Overloaded",
     "PermissionDenied",
     "RateCardMismatch",
     "Rebuilding",
@@ -153,6 +154,13 @@ class Rebuilding(StoreUnavailable):
     ``retry_after_ms`` is served."""
 
     reason = "REBUILDING"
+
+
+class Overloaded(EcuError):
+    """The sidecar is already answering ECU_MAX_CONCURRENT_RPCS calls: this one did nothing;
+    a retry after ``retry_after_ms`` is served."""
+
+    reason = "OVERLOADED"
 
 
 class AdminDisabled(EcuError):

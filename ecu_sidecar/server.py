@@ -255,9 +255,13 @@ class SidecarServer:
             ]
         )
         self._server = server
-        add_quota_service(
-            QuotaService(self.engine, self.metrics, self.settings.admin_token), server
+        self.quota_service = QuotaService(
+            self.engine,
+            self.metrics,
+            self.settings.admin_token,
+            max_concurrent=self.settings.max_concurrent_rpcs,
         )
+        add_quota_service(self.quota_service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection(
             server,

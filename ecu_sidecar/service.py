@@ -54,6 +54,8 @@ _STATE_CHANGES = frozenset(
     {"Reserve", "ReserveBatch", "Commit", "CommitBatch", "Release", "Extend", "Grant", "SetCap",
      "SetAutoTopUp"}
 )  # fmt: skip
+#: The pause an OVERLOADED answer suggests before a retry.
+_OVERLOADED_RETRY_MS = 50
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:/+=-]")
 _MAX_LOGGED_IDS = 20
 
@@ -142,9 +144,18 @@ def _handle(
         ) -> Resp:
             start = time.perf_counter()
             code = "OK"
+            admitted = False
             try:
                 if type(request) is Undecodable:
                     raise request.error
+                if self.max_concurrent and self.in_flight >= self.max_concurrent:
+                    raise errors.Overloaded(
+                        f"the sidecar is answering {self.in_flight} calls "
+                        f"(ECU_MAX_CONCURRENT_RPCS); nothing was done, retry",
+                        retry_after_ms=_OVERLOADED_RETRY_MS,
+                    )
+                self.in_flight += 1
+                admitted = True
                 response = await fn(self, request, context)
                 if method in _STATE_CHANGES and log.isEnabledFor(logging.DEBUG):
                     log.debug("%s ok", method, extra=_log_fields(request, context, response))
@@ -177,6 +188,8 @@ def _handle(
                 code = ""
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see sidecar logs")
             finally:
+                if admitted:
+                    self.in_flight -= 1
                 if code:  # an answer (or a cancellation): not counted yet
                     self.metrics.rpc_done(method, code, time.perf_counter() - start)
             raise AssertionError("unreachable")  # pragma: no cover
@@ -189,10 +202,20 @@ def _handle(
 class QuotaService(quota_pb2_grpc.QuotaServicer):
     """ecu_sidecar.api.v1.Quota on top of a QuotaEngine."""
 
-    def __init__(self, engine: QuotaEngine, metrics: Metrics, admin_token: str = "") -> None:
+    def __init__(
+        self,
+        engine: QuotaEngine,
+        metrics: Metrics,
+        admin_token: str = "",
+        max_concurrent: int = 0,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self._admin_token = admin_token.encode()
+        self.max_concurrent = max_concurrent
+        """ECU_MAX_CONCURRENT_RPCS (0: unbounded)."""
+        self.in_flight = 0
+        """Calls being worked on now."""
 
     @staticmethod
     def _bearer(context: grpc.aio.ServicerContext) -> bytes:

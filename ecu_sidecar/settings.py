@@ -240,6 +240,11 @@ class Settings:
     admin_token: str = field(default="", metadata={"kind": "secret"})
     """ECU_ADMIN_TOKEN: bearer token for Grant/SetCap; empty disables the admin RPCs."""
 
+    max_concurrent_rpcs: int = field(default=512, metadata=_int(0, 100_000))
+    """ECU_MAX_CONCURRENT_RPCS: calls the sidecar works on at once; one more is answered
+    UNAVAILABLE OVERLOADED (retryable: nothing was done) instead of queueing without bound.
+    0: unbounded."""
+
     shutdown_grace_s: float = field(default=10.0, metadata={"kind": "float", "lo": 0, "hi": 600})
     """ECU_SHUTDOWN_GRACE_S: how long shutdown waits for in-flight RPCs to finish."""
 

@@ -39,6 +39,7 @@ STATUS_BY_ERROR: dict[type[errors.EcuError], grpc.StatusCode] = {
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ReplicationUnconfirmed: grpc.StatusCode.UNAVAILABLE,
     errors.Rebuilding: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.UNAVAILABLE,
     errors.AdminDisabled: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,

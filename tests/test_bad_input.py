@@ -337,7 +337,7 @@ BASE: dict[str, Message] = {
     "GetRateCard": pb.GetRateCardRequest(),
 }
 #: RPCs whose request has no input field at all (the coverage test checks it stays so).
-NO_INPUT = frozenset({"GetRateCard"})
+NO_INPUT: frozenset[str] = frozenset()
 
 #: The valid changes that turn a base request into one priced by the sidecar.
 RESERVE_JOB = {"amount_uecu": 0, "job": JOB}
@@ -615,6 +615,9 @@ EXTEND = [
 
 GET_BALANCE = field_cases("GetBalance", "organization", SCOPE_IDS)
 
+#: Optional: a caller without the admin token names its own organization (or none).
+GET_RATE_CARD = field_cases("GetRateCard", "organization", OPTIONAL_SCOPE_IDS)
+
 GRANT = [
     *field_cases("Grant", "grant_id", CALLER_IDS),
     *field_cases("Grant", "organization", SCOPE_IDS),
@@ -812,6 +815,7 @@ CASES = [
     *RELEASE,
     *EXTEND,
     *GET_BALANCE,
+    *GET_RATE_CARD,
     *GRANT,
     *SET_CAP,
     *SET_AUTO_TOP_UP,
