@@ -9,32 +9,27 @@ name the variable, what was expected and what was found.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
 
-__all__ = [
-    "SENTINEL_SCHEME",
-    "SentinelUrl",
-    "Settings",
-    "SettingsError",
-    "describe",
-    "parse_sentinel_url",
-]
+from ecu_sidecar.settings.addresses import (
+    is_loopback,
+    mask_url,
+    parse_sentinel_url,
+    split_hostport,
+)
+from ecu_sidecar.settings.values import (
+    SENTINEL_SCHEME,
+    UNIX_SCHEME,
+    SettingsError,
+    coerce,
+    int_range,
+    read_file,
+)
 
-
-class SettingsError(ValueError):
-    """A configuration value is missing, malformed or out of range."""
-
-
-#: The scheme of a Redis Sentinel URL in ECU_REDIS_URL.
-SENTINEL_SCHEME = "redis+sentinel://"
-#: ECU_LISTEN's prefix for a Unix domain socket (grpc's own address syntax).
-UNIX_SCHEME = "unix:"
+__all__ = ["Settings", "describe"]
 
 #: Bound of ECU_METRICS_ORGS (ecu_sidecar.metrics.MAX_METRICS_ORGS).
 _MAX_METRICS_ORGS = 100
@@ -42,10 +37,6 @@ _MAX_METRICS_ORGS = 100
 #: Smallest non-zero ECU_OUTBOX_MAX_LEN: a Redis stream node holds up to 100 entries (the
 #: default stream-node-max-entries), and approximate trimming drops whole nodes only.
 _MIN_OUTBOX_MAX_LEN = 100
-
-
-def _int(lo: int, hi: int) -> dict[str, Any]:
-    return {"kind": "int", "lo": lo, "hi": hi}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +68,7 @@ class Settings:
     reflection describing only it (for kubelet probes that cannot reach loopback); empty
     disables it."""
 
-    degraded_allowance_uecu: int = field(default=0, metadata=_int(0, 10**12))
+    degraded_allowance_uecu: int = field(default=0, metadata=int_range(0, 10**12))
     """ECU_DEGRADED_ALLOWANCE_UECU: while Redis is unreachable, grant at most this many µECU of
     holds per organization locally, journaled on disk (the explicit overspend bound per sidecar
     and organization). 0 (the default) fails closed: UNAVAILABLE."""
@@ -97,16 +88,16 @@ class Settings:
     redis_cluster: bool = field(default=False, metadata={"kind": "bool"})
     """ECU_REDIS_CLUSTER: treat ECU_REDIS_URL as a Redis Cluster seed node."""
 
-    redis_timeout_ms: int = field(default=250, metadata=_int(1, 60_000))
+    redis_timeout_ms: int = field(default=250, metadata=int_range(1, 60_000))
     """ECU_REDIS_TIMEOUT_MS: bound on one store call; past it the RPC answers UNAVAILABLE."""
 
-    redis_connect_timeout_ms: int = field(default=250, metadata=_int(1, 60_000))
+    redis_connect_timeout_ms: int = field(default=250, metadata=int_range(1, 60_000))
     """ECU_REDIS_CONNECT_TIMEOUT_MS: bound on opening a Redis connection."""
 
-    redis_pool_size: int = field(default=64, metadata=_int(1, 10_000))
+    redis_pool_size: int = field(default=64, metadata=int_range(1, 10_000))
     """ECU_REDIS_POOL_SIZE: most Redis connections per node."""
 
-    redis_wait_replicas: int = field(default=0, metadata=_int(0, 16))
+    redis_wait_replicas: int = field(default=0, metadata=int_range(0, 16))
     """ECU_REDIS_WAIT_REPLICAS: before answering OK to a mutation (reserve, commit, release,
     extend, grant, caps, auto-top-up, and the flusher's sweeps), wait until this many replicas
     acknowledged the script's write (Redis WAIT, sent in the script's own round trip); a write
@@ -115,7 +106,7 @@ class Settings:
     default) does not wait: an acknowledged write can be lost in a failover. Production with
     replicas: 1 or more (at most the replicas each primary has)."""
 
-    redis_wait_timeout_ms: int = field(default=100, metadata=_int(1, 60_000))
+    redis_wait_timeout_ms: int = field(default=100, metadata=int_range(1, 60_000))
     """ECU_REDIS_WAIT_TIMEOUT_MS: bound on the replica acknowledgement of one write (WAIT's
     timeout); must be below ECU_REDIS_TIMEOUT_MS, so an unconfirmed write is told apart from an
     unreachable Redis."""
@@ -123,34 +114,34 @@ class Settings:
     key_prefix: str = field(default="ecu", metadata={"kind": "str"})
     """ECU_KEY_PREFIX: namespace of every Redis key (ecu:{org}:...)."""
 
-    default_ttl_ms: int = field(default=300_000, metadata=_int(1_000, 7 * 86_400_000))
+    default_ttl_ms: int = field(default=300_000, metadata=int_range(1_000, 7 * 86_400_000))
     """ECU_DEFAULT_TTL_MS: hold lifetime when a request leaves ttl_ms at 0."""
 
-    min_ttl_ms: int = field(default=1_000, metadata=_int(1, 86_400_000))
+    min_ttl_ms: int = field(default=1_000, metadata=int_range(1, 86_400_000))
     """ECU_MIN_TTL_MS: shortest hold lifetime a request may ask for."""
 
-    max_ttl_ms: int = field(default=86_400_000, metadata=_int(1_000, 7 * 86_400_000))
+    max_ttl_ms: int = field(default=86_400_000, metadata=int_range(1_000, 7 * 86_400_000))
     """ECU_MAX_TTL_MS: longest hold lifetime a request (or one extend) may ask for."""
 
-    tombstone_ttl_ms: int = field(default=3_600_000, metadata=_int(1_000, 30 * 86_400_000))
+    tombstone_ttl_ms: int = field(default=3_600_000, metadata=int_range(1_000, 30 * 86_400_000))
     """ECU_TOMBSTONE_TTL_MS: how long a settled hold still answers replays."""
 
-    overage_max_percent: int = field(default=20, metadata=_int(0, 1_000))
+    overage_max_percent: int = field(default=20, metadata=int_range(0, 1_000))
     """ECU_OVERAGE_MAX_PERCENT: a commit above its hold is billed up to hold × (1 + pct/100)."""
 
-    max_batch_items: int = field(default=2_000, metadata=_int(1, 10_000))
+    max_batch_items: int = field(default=2_000, metadata=int_range(1, 10_000))
     """ECU_MAX_BATCH_ITEMS: most steps in one ReserveBatch/CommitBatch."""
 
-    sweep_interval_ms: int = field(default=1_000, metadata=_int(10, 3_600_000))
+    sweep_interval_ms: int = field(default=1_000, metadata=int_range(10, 3_600_000))
     """ECU_SWEEP_INTERVAL_MS: how often the background sweeper expires overdue holds."""
 
-    sweep_limit: int = field(default=200, metadata=_int(1, 1_000))
+    sweep_limit: int = field(default=200, metadata=int_range(1, 1_000))
     """ECU_SWEEP_LIMIT: most expired holds (and old tombstones) one script call handles."""
 
-    sweep_max_orgs: int = field(default=10_000, metadata=_int(1, 1_000_000))
+    sweep_max_orgs: int = field(default=10_000, metadata=int_range(1, 1_000_000))
     """ECU_SWEEP_MAX_ORGS: most recently seen organizations the background sweeper tracks."""
 
-    outbox_max_len: int = field(default=10_000, metadata=_int(0, 1_000_000_000))
+    outbox_max_len: int = field(default=10_000, metadata=int_range(0, 1_000_000_000))
     """ECU_OUTBOX_MAX_LEN: with no ledger (ECU_LEDGER_URL empty, so nothing flushes the
     outboxes), the background sweeper trims the outbox of each organization it serves to about
     this many events (XTRIM MAXLEN ~: whole stream nodes, so up to stream-node-max-entries - 1
@@ -165,23 +156,23 @@ class Settings:
     """ECU_RATE_CARD_ARCHIVE_DIR: older rate cards (*.toml) loaded at start so commits of holds
     pinned to them still price after a restart."""
 
-    tokenizer_threads: int = field(default=2, metadata=_int(1, 64))
+    tokenizer_threads: int = field(default=2, metadata=int_range(1, 64))
     """ECU_TOKENIZER_THREADS: a prompt text of 131,072 characters or more is cut where its token
     count stays exact, and its parts are counted in up to this many threads (1: one thread)."""
 
-    rate_card_poll_ms: int = field(default=2_000, metadata=_int(0, 3_600_000))
+    rate_card_poll_ms: int = field(default=2_000, metadata=int_range(0, 3_600_000))
     """ECU_RATE_CARD_POLL_MS: how often the rate card file is checked for changes (0 = only on
     SIGHUP)."""
 
     ledger_url: str = field(default="", metadata={"kind": "dsn"})
     """ECU_LEDGER_URL: postgresql://... or sqlite:///path; empty runs without a ledger."""
 
-    ledger_timeout_ms: int = field(default=2_000, metadata=_int(100, 60_000))
+    ledger_timeout_ms: int = field(default=2_000, metadata=int_range(100, 60_000))
     """ECU_LEDGER_TIMEOUT_MS: bound on one ledger call the sidecar makes on a request's path (a
     grant's ledger-first write or void, the read that rebuilds a lost organization), and the
     ledger's connect, pool-wait and statement timeouts; past it the RPC answers UNAVAILABLE."""
 
-    ledger_negative_ttl_ms: int = field(default=5_000, metadata=_int(0, 3_600_000))
+    ledger_negative_ttl_ms: int = field(default=5_000, metadata=int_range(0, 3_600_000))
     """ECU_LEDGER_NEGATIVE_TTL_MS: how long an organization the ledger does not know is
     remembered as unknown (no ledger transaction per request for it meanwhile); 0 disables."""
 
@@ -189,45 +180,47 @@ class Settings:
     """ECU_FLUSHER_IN_SERVE: run the flusher inside `serve` (default: yes on the embedded store
     when a ledger is configured, no with real Redis, where `ecu-sidecar flush` runs apart)."""
 
-    flusher_batch: int = field(default=2_000, metadata=_int(1, 100_000))
+    flusher_batch: int = field(default=2_000, metadata=int_range(1, 100_000))
     """ECU_FLUSHER_BATCH: entries the flusher reads per cycle, for one ledger transaction, spread
     over the outbox streams; streams with a backlog share it among themselves."""
 
-    flusher_interval_ms: int = field(default=200, metadata=_int(1, 60_000))
+    flusher_interval_ms: int = field(default=200, metadata=int_range(1, 60_000))
     """ECU_FLUSHER_INTERVAL_MS: pause between cycles when the outboxes are empty."""
 
-    flusher_redis_timeout_ms: int = field(default=5_000, metadata=_int(1, 60_000))
+    flusher_redis_timeout_ms: int = field(default=5_000, metadata=int_range(1, 60_000))
     """ECU_FLUSHER_REDIS_TIMEOUT_MS: bound on one of the flusher's outbox calls (a bulk read,
     claim or acknowledgement); past it the cycle fails as Redis unavailable and backs off."""
 
-    flusher_claim_idle_ms: int = field(default=30_000, metadata=_int(0, 3_600_000))
+    flusher_claim_idle_ms: int = field(default=30_000, metadata=int_range(0, 3_600_000))
     """ECU_FLUSHER_CLAIM_IDLE_MS: entries pending this long with a silent flusher are claimed."""
 
-    flusher_discovery_interval_ms: int = field(default=5_000, metadata=_int(0, 3_600_000))
+    flusher_discovery_interval_ms: int = field(default=5_000, metadata=int_range(0, 3_600_000))
     """ECU_FLUSHER_DISCOVERY_INTERVAL_MS: how often outbox streams are rediscovered (SCAN)."""
 
-    flusher_observe_interval_ms: int = field(default=10_000, metadata=_int(10, 3_600_000))
+    flusher_observe_interval_ms: int = field(default=10_000, metadata=int_range(10, 3_600_000))
     """ECU_FLUSHER_OBSERVE_INTERVAL_MS: how often the flusher reads the outboxes' length,
     pending entries and lag (the age of the oldest entry not acknowledged) from Redis for its
     gauges, deletes entries acknowledged but left in a stream, and removes dead consumers:
     on its own cadence, whether or not the ledger takes writes."""
 
-    flusher_dead_consumer_ms: int = field(default=3_600_000, metadata=_int(1_000, 30 * 86_400_000))
+    flusher_dead_consumer_ms: int = field(
+        default=3_600_000, metadata=int_range(1_000, 30 * 86_400_000)
+    )
     """ECU_FLUSHER_DEAD_CONSUMER_MS: a consumer of the outbox group with nothing pending and
     idle this long is removed (a flusher that died leaves one in every outbox). Removing a
     live one is harmless: it has nothing pending, and its next read creates it again."""
 
-    flusher_stall_timeout_ms: int = field(default=600_000, metadata=_int(1_000, 86_400_000))
+    flusher_stall_timeout_ms: int = field(default=600_000, metadata=int_range(1_000, 86_400_000))
     """ECU_FLUSHER_STALL_TIMEOUT_MS: ``/livez`` on ECU_METRICS_LISTEN answers 503 when no
     flusher cycle succeeded for this long (an empty cycle succeeds; one failing on Redis or
     the ledger, or hung, does not), so the chart's livenessProbe restarts a stuck flusher."""
 
-    reconcile_interval_ms: int = field(default=30_000, metadata=_int(0, 86_400_000))
+    reconcile_interval_ms: int = field(default=30_000, metadata=int_range(0, 86_400_000))
     """ECU_RECONCILE_INTERVAL_MS: how often ledger and Redis balances are compared, each
     organization's Redis keys checked against each other, and organizations Redis lost (or
     whose keys no longer add up) rebuilt from the ledger."""
 
-    rebuild_fence_ms: int = field(default=10_000, metadata=_int(100, 600_000))
+    rebuild_fence_ms: int = field(default=10_000, metadata=int_range(100, 600_000))
     """ECU_REBUILD_FENCE_MS: when the flusher finds that Redis lost part of an organization's
     history (a failover or restart: see docs/reliability.md), the organization refuses
     changes (UNAVAILABLE, reason REBUILDING) for at most this long while its outbox drains
@@ -240,7 +233,7 @@ class Settings:
     admin_token: str = field(default="", metadata={"kind": "secret"})
     """ECU_ADMIN_TOKEN: bearer token for Grant/SetCap; empty disables the admin RPCs."""
 
-    max_concurrent_rpcs: int = field(default=512, metadata=_int(0, 100_000))
+    max_concurrent_rpcs: int = field(default=512, metadata=int_range(0, 100_000))
     """ECU_MAX_CONCURRENT_RPCS: calls the sidecar works on at once; one more is answered
     UNAVAILABLE OVERLOADED (retryable: nothing was done) instead of queueing without bound.
     0: unbounded."""
@@ -339,7 +332,7 @@ class Settings:
         raw: dict[str, tuple[str, Any]] = {}
         path = env.get("ECU_CONFIG_FILE", "")
         if path:
-            for key, value in _read_file(path).items():
+            for key, value in read_file(path).items():
                 raw[key] = (f"{path}: {key}", value)
         for f in dataclasses.fields(cls):
             var = "ECU_" + f.name.upper()
@@ -355,7 +348,7 @@ class Settings:
         for name, (origin, value) in raw.items():
             if name not in known:
                 raise SettingsError(f"{origin}: unknown setting")
-            values[name] = _coerce(origin, known[name].metadata, value)
+            values[name] = coerce(origin, known[name].metadata, value)
         settings = cls(**values)
         settings._check()
         return settings
@@ -381,7 +374,7 @@ class Settings:
             )
         if self.listen.startswith(UNIX_SCHEME):
             self._check_unix_socket()
-        elif not _is_loopback(_split_hostport("ECU_LISTEN", self.listen)[0]) and not self.tls:
+        elif not is_loopback(split_hostport("ECU_LISTEN", self.listen)[0]) and not self.tls:
             raise SettingsError(
                 f"ECU_LISTEN: {self.listen} is not a loopback address; listening beyond this host "
                 "requires TLS (set ECU_TLS_CERT_FILE and ECU_TLS_KEY_FILE)"
@@ -398,7 +391,7 @@ class Settings:
             if path and not os.path.isfile(path):
                 raise SettingsError(f"{var}: no such file: {path}")
         if self.health_listen:
-            _split_hostport("ECU_HEALTH_LISTEN", self.health_listen)
+            split_hostport("ECU_HEALTH_LISTEN", self.health_listen)
         if self.degraded_allowance_uecu and not self.degraded_journal:
             raise SettingsError(
                 "ECU_DEGRADED_JOURNAL: required when ECU_DEGRADED_ALLOWANCE_UECU is set "
@@ -410,7 +403,7 @@ class Settings:
                     f"ECU_ALLOWED_ORGS: {org!r} is not an organization id ([A-Za-z0-9._-], 1-64)"
                 )
         if self.metrics_listen:
-            _split_hostport("ECU_METRICS_LISTEN", self.metrics_listen)
+            split_hostport("ECU_METRICS_LISTEN", self.metrics_listen)
         if len(self.metrics_org_list) > _MAX_METRICS_ORGS:
             raise SettingsError(
                 f"ECU_METRICS_ORGS: at most {_MAX_METRICS_ORGS} organizations, "
@@ -463,130 +456,6 @@ class Settings:
             parse_sentinel_url(self.redis_url)
 
 
-def _read_file(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise SettingsError(f"ECU_CONFIG_FILE: cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"ECU_CONFIG_FILE: {path} is not valid TOML: {exc}") from exc
-    return data
-
-
-def _coerce(origin: str, meta: Mapping[str, Any], value: Any) -> Any:
-    kind = meta["kind"]
-    text = value.strip() if isinstance(value, str) else value
-    if kind == "int":
-        if isinstance(text, bool) or not isinstance(text, (int, str)):
-            raise SettingsError(f"{origin}: expected an integer, got {value!r}")
-        try:
-            number = int(text)
-        except ValueError:
-            raise SettingsError(f"{origin}: expected an integer, got {value!r}") from None
-        if not meta["lo"] <= number <= meta["hi"]:
-            raise SettingsError(
-                f"{origin}: must be between {meta['lo']} and {meta['hi']}, got {number}"
-            )
-        return number
-    if kind == "float":
-        try:
-            number = float(text)
-        except (TypeError, ValueError):
-            raise SettingsError(f"{origin}: expected a number, got {value!r}") from None
-        if not meta["lo"] <= number <= meta["hi"]:
-            raise SettingsError(
-                f"{origin}: must be between {meta['lo']} and {meta['hi']}, got {number}"
-            )
-        return number
-    if kind == "bool":
-        if isinstance(text, bool):
-            return text
-        lowered = str(text).lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off", ""):
-            return False
-        raise SettingsError(f"{origin}: expected true or false, got {value!r}")
-    if not isinstance(text, str):
-        raise SettingsError(f"{origin}: expected a string, got {value!r}")
-    if kind == "dsn":
-        return text
-    if kind == "choice":
-        for choice in meta["choices"]:
-            if choice.lower() == text.lower():
-                return choice
-        raise SettingsError(f"{origin}: must be one of {', '.join(meta['choices'])}, got {value!r}")
-    if (
-        kind == "url"
-        and text
-        and not text.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME))
-    ):
-        raise SettingsError(
-            f"{origin}: must start with redis://, rediss://, unix:// or {SENTINEL_SCHEME}"
-        )
-    return text
-
-
-@dataclass(frozen=True, slots=True)
-class SentinelUrl:
-    """A parsed ``redis+sentinel://`` URL (see ECU_REDIS_URL)."""
-
-    sentinels: tuple[tuple[str, int], ...]
-    """The Sentinels' (host, port)."""
-    service: str
-    """The monitored primary's name (Sentinel's master name)."""
-    db: int
-    username: str | None
-    """Of the Redis primary and replicas (Sentinels are asked without credentials)."""
-    password: str | None
-
-
-def parse_sentinel_url(url: str) -> SentinelUrl:
-    """Parse ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]``
-    (raises SettingsError naming what is wrong)."""
-    origin = "ECU_REDIS_URL"
-    rest = url[len(SENTINEL_SCHEME) :]
-    creds, at, rest = rest.rpartition("@")
-    username = password = None
-    if at:
-        user, sep, secret = creds.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if sep else None
-    hosts, _, path = rest.partition("/")
-    parts = [p for p in path.split("/") if p]
-    if not parts or len(parts) > 2:
-        raise SettingsError(
-            f"{origin}: a Sentinel URL needs the service name: "
-            "redis+sentinel://host:port[,host:port...]/service[/db]"
-        )
-    db = 0
-    if len(parts) == 2:
-        if not parts[1].isdigit():
-            raise SettingsError(f"{origin}: database must be a number, got {parts[1]!r}")
-        db = int(parts[1])
-    sentinels = []
-    for item in hosts.split(","):
-        sentinels.append(_split_hostport(origin, item))
-    return SentinelUrl(tuple(sentinels), unquote(parts[0]), db, username, password)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _split_hostport(var: str, value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SettingsError(f"{var}: expected host:port, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
 def describe(settings: Settings) -> dict[str, Any]:
     """The settings as a dict for logs and check-config, with secrets and URL passwords masked."""
     out: dict[str, Any] = {}
@@ -595,47 +464,6 @@ def describe(settings: Settings) -> dict[str, Any]:
         if f.metadata["kind"] == "secret":
             value = "(set)" if value else "(not set)"
         elif f.metadata["kind"] in ("url", "dsn") and value:
-            value = _mask_url(value)
+            value = mask_url(value)
         out["ECU_" + f.name.upper()] = value
     return out
-
-
-#: A query parameter whose name contains one of these words carries a secret: masked wherever
-#: settings are shown, redacted from logs.
-_SECRET_WORDS = ("password", "passwd", "pwd", "secret", "token")
-
-
-def _secret_name(name: str) -> bool:
-    return any(word in name.lower() for word in _SECRET_WORDS)
-
-
-def url_secrets(url: str) -> list[str]:
-    """The secret values a URL carries (its password, secret-looking query parameters), as
-    written and percent-decoded: what no log line may show."""
-    found: list[str] = []
-    rest = url.partition("://")[2]
-    rest, _, query = rest.partition("?")
-    creds, at, _ = rest.rpartition("@")
-    if at and ":" in creds:
-        found.append(creds.split(":", 1)[1])
-    for name, _, value in (item.partition("=") for item in query.split("&") if item):
-        if _secret_name(name) and value:
-            found.append(value)
-    return [v for secret in found if secret for v in dict.fromkeys((secret, unquote(secret)))]
-
-
-def _mask_url(url: str) -> str:
-    """The URL with its password and every secret-looking query parameter (``?password=``,
-    ``sslpassword=``, ``token=``) masked."""
-    scheme, sep, rest = url.partition("://")
-    rest, qsep, query = rest.partition("?")
-    creds, at, host = rest.rpartition("@")
-    if at:
-        user = creds.split(":", 1)[0]
-        rest = f"{user + ':' if user else ''}***@{host}" if ":" in creds or not user else rest
-    if qsep:
-        query = "&".join(
-            f"{name}=***" if _secret_name(name) else f"{name}{eq}{value}"
-            for name, eq, value in (item.partition("=") for item in query.split("&"))
-        )
-    return f"{scheme}{sep}{rest}{qsep}{query}"
