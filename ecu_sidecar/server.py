@@ -411,6 +411,7 @@ class SidecarServer:
             except Exception as exc:
                 log.error("final flush failed; events stay in the outbox: %s", exc)
         await self.store.close()
+        self.engine.close()
         if self._metrics_http is not None:
             await asyncio.to_thread(self._metrics_http.shutdown)  # waits out one poll (0.5 s)
             self._metrics_http.server_close()

@@ -7,6 +7,8 @@ SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -374,3 +376,27 @@ def test_the_server_counts_rebuilds_by_result() -> None:
     assert sample("ecu_sidecar_rebuilds_total", {"result": "rebuilt"}) == 1
     assert sample("ecu_sidecar_rebuilds_total", {"result": "unknown"}) == 2
     assert sample("ecu_sidecar_rebuilds_total", {"result": "raced"}) == 0
+
+
+async def test_a_rebuild_reads_the_ledger_on_its_own_threads(stack: Stack) -> None:
+    """Ledger calls run on the engine's ledger threads (ECU_LEDGER_THREADS), long-prompt
+    pricing on its own: with every thread of the default executor (the in-process flusher's)
+    busy, an organization Redis lost is still rebuilt."""
+    org = "own-threads"
+    await stack.engine.grant(org, "g1", 40_000, GrantKind.TOP_UP)
+    await stack.flusher.drain()
+    await stack.lose(org, "acct")
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    default_threads = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
+    busy = [loop.run_in_executor(None, release.wait, 30) for _ in range(default_threads)]
+    try:
+        balance = await asyncio.wait_for(stack.engine.balance(org), timeout=10)
+        assert balance.balance_uecu == 40_000
+    finally:
+        release.set()
+        await asyncio.gather(*busy)
+    names = stack.engine.hydrator.executor.submit(lambda: threading.current_thread().name)
+    assert names.result(timeout=5).startswith("ecu-ledger")
+    pricing = stack.engine.pricing_executor.submit(lambda: threading.current_thread().name)
+    assert pricing.result(timeout=5).startswith("ecu-pricing")

@@ -9,9 +9,11 @@ every organization served is scheduled for the background sweeper (sweep).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -169,6 +171,11 @@ class QuotaEngine:
         """With a ledger, grants are written to it first, and an organization Redis has lost is
         rebuilt from it on first use."""
         self.hydrator = Hydrator(store, settings, ledger, clock)
+        self.pricing_executor = ThreadPoolExecutor(
+            settings.tokenizer_threads, thread_name_prefix="ecu-pricing"
+        )
+        """Long prompts are priced on these threads (ECU_TOKENIZER_THREADS), apart from the
+        ledger's and the default executor the in-process flusher uses."""
         """Rebuilds from the ledger (with its deadline and negative cache)."""
         self.degraded = (
             DegradedMode(journal, store, settings, self.hydrator) if journal is not None else None
@@ -176,6 +183,11 @@ class QuotaEngine:
         """Local decisions while Redis is unreachable, and their replay (None: fail closed)."""
         self.sweeps = SweepSchedule(settings.sweep_interval_ms, settings.sweep_max_orgs, clock)
         """The organizations served recently, for the background sweeper."""
+
+    def close(self) -> None:
+        """Let the engine's threads (pricing, ledger) end once their work is done."""
+        self.pricing_executor.shutdown(wait=False)
+        self.hydrator.executor.shutdown(wait=False)
 
     async def replay_degraded(self) -> int:
         """Replay degraded mode's journal into Redis (DegradedMode.replay); entries replayed."""
@@ -269,7 +281,8 @@ class QuotaEngine:
         card = self._card()
         if _text_size(job) > _INLINE_PRICING_CHARS:
             # tiktoken releases the GIL: a long prompt is counted off the event loop.
-            return await asyncio.to_thread(preview, card, org, job, field=field)
+            call = functools.partial(preview, card, org, job, field=field)
+            return await asyncio.get_running_loop().run_in_executor(self.pricing_executor, call)
         return preview(card, org, job, field=field)
 
     async def commit(

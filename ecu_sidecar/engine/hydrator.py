@@ -9,10 +9,12 @@ ECU_LEDGER_NEGATIVE_TTL_MS.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
@@ -53,15 +55,18 @@ class LedgerReader(Protocol):
     def reservation(self, org: str, reservation_id: str) -> LedgerReservation | None: ...
 
 
-async def ledger_call(timeout_ms: int, what: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+async def ledger_call(
+    executor: Executor, timeout_ms: int, what: str, fn: Callable[..., T], *args: Any, **kw: Any
+) -> T:
     """Run a blocking ledger call on a thread, bounded by ``timeout_ms``. The ledger
     unreachable, or slower than that, raises StoreUnavailable (UNAVAILABLE: an unknown outcome
     the caller's retry settles). The thread itself is bounded by the ledger's own connect,
     pool-wait and statement timeouts (open_configured(bounded=True)), so threads of calls given
-    up on do not pile up."""
+    up on do not pile up. ``executor``: the ledger's own threads (ECU_LEDGER_THREADS)."""
     try:
         async with asyncio.timeout(timeout_ms / 1000):
-            return await asyncio.to_thread(fn, *args, **kw)
+            call = functools.partial(fn, *args, **kw)
+            return await asyncio.get_running_loop().run_in_executor(executor, call)
     except TimeoutError:
         raise StoreUnavailable(
             f"the ledger did not answer within {timeout_ms} ms ({what})"
@@ -86,6 +91,8 @@ class Hydrator:
         self.ledger = ledger
         self.clock = clock
         """Monotonic seconds for the negative cache (injected so tests step time)."""
+        self.executor = ThreadPoolExecutor(settings.ledger_threads, thread_name_prefix="ecu-ledger")
+        """The threads ledger calls run on (ECU_LEDGER_THREADS), nobody else's."""
         self.on_rebuild: Callable[[str], None] = lambda result: None
         """Called with each rebuild's result: ``rebuilt`` (this process rebuilt the
         organization), ``raced`` (another got there first), ``unknown`` (the ledger does not
@@ -96,7 +103,9 @@ class Hydrator:
 
     async def call(self, what: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """``fn`` (a blocking ledger method) bounded by ECU_LEDGER_TIMEOUT_MS (ledger_call)."""
-        return await ledger_call(self.settings.ledger_timeout_ms, what, fn, *args, **kw)
+        return await ledger_call(
+            self.executor, self.settings.ledger_timeout_ms, what, fn, *args, **kw
+        )
 
     # -- the negative cache -------------------------------------------------------------------
 

@@ -172,6 +172,11 @@ class Settings:
     grant's ledger-first write or void, the read that rebuilds a lost organization), and the
     ledger's connect, pool-wait and statement timeouts; past it the RPC answers UNAVAILABLE."""
 
+    ledger_threads: int = field(default=4, metadata=int_range(1, 64))
+    """ECU_LEDGER_THREADS: threads of the sidecar's own for its ledger calls (rebuilds, ledger-first
+    grants), apart from long-prompt pricing and the in-process flusher, so a burst of one never
+    starves the others."""
+
     ledger_negative_ttl_ms: int = field(default=5_000, metadata=int_range(0, 3_600_000))
     """ECU_LEDGER_NEGATIVE_TTL_MS: how long an organization the ledger does not know is
     remembered as unknown (no ledger transaction per request for it meanwhile); 0 disables."""
