@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ecu_sidecar.errors import InvalidArgument
 from ecu_sidecar.model import MAX_REQUEST_UECU, JobType
-from ecu_sidecar.pricing.ratecard import ModelRates, OrganizationTerms, RateCard
+from ecu_sidecar.pricing.card import ModelRates, OrganizationTerms, RateCard
 
 __all__ = [
     "PER_CALL",

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 
 from ecu_sidecar.errors import InvalidArgument
-from ecu_sidecar.pricing.ratecard import ModelRates, RateCard
+from ecu_sidecar.pricing.card import ModelRates, RateCard
 from ecu_sidecar.pricing.tokens import ChatMessage
 from ecu_sidecar.validation import check_model
 

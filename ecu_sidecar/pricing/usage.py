@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 from ecu_sidecar.errors import InvalidArgument
 from ecu_sidecar.model import JobType
+from ecu_sidecar.pricing.card import RateCard
 from ecu_sidecar.pricing.lines import Line, Pricer, Quote, Unit, check_total
-from ecu_sidecar.pricing.ratecard import RateCard
 from ecu_sidecar.pricing.spec import UsageKind, UsageLine, check_list, flag, known_model
 from ecu_sidecar.validation import check_count, check_optional_id
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from ecu_sidecar.errors import InvalidArgument
 from ecu_sidecar.model import JobType
 from ecu_sidecar.pricing import tokens
+from ecu_sidecar.pricing.card import ModelRates, RateCard
 from ecu_sidecar.pricing.lines import Line, Pricer, Quote, Unit, ceil_div, check_total
-from ecu_sidecar.pricing.ratecard import ModelRates, RateCard
 from ecu_sidecar.pricing.spec import (
     GepaSpec,
     InferenceSpec,
