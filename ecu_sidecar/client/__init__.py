@@ -4,7 +4,8 @@
 written out in both; everything but the wire call is shared. One module per concern:
 
 - ``requests``: each RPC's request, validated and built from plain Python values (caller ids
-  fixed once), and its response converted to the model's types;
+  fixed once);
+- ``responses``: each RPC's response converted to the model's types;
 - ``errors``: ``QuotaError`` and one subclass per status a worker acts on;
 - ``retry``: ``RetryPolicy`` and the decision to try a failed call again;
 - ``hold``: the ``hold()`` context managers and their keep-alive;

@@ -1,4 +1,5 @@
-"""Each RPC's request built from plain Python values, and its response converted back.
+"""Each RPC's request built from plain Python values; its response's converter is in
+``responses``.
 
 Both client flavours share this module; they add only the wire call. A builder (``reserve``,
 ``commit`` ...) validates its arguments before anything is sent (floats and bools are refused
@@ -14,13 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import grpc
 from google.protobuf.json_format import ParseDict, ParseError
 from google.protobuf.message import Message
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
-from ecu_sidecar.client.errors import error_for, invalid
-from ecu_sidecar.convert import balance_from_pb, scope_from_pb
+from ecu_sidecar.client import responses
+from ecu_sidecar.client.errors import invalid
+from ecu_sidecar.client.responses import JOB_TYPES, PreviewOutcome, RateCardInfo
 from ecu_sidecar.model import (
     Balance,
     CommitItem,
@@ -28,8 +29,6 @@ from ecu_sidecar.model import (
     ExtendOutcome,
     GrantKind,
     GrantOutcome,
-    HoldState,
-    HoldView,
     JobType,
     ReleaseOutcome,
     ReserveItem,
@@ -37,7 +36,7 @@ from ecu_sidecar.model import (
     ScopeUsage,
     Usage,
 )
-from ecu_sidecar.pricing import Fees, Line, ModelRates, Quote, Unit, UsageKind, UsageLine
+from ecu_sidecar.pricing import UsageKind, UsageLine
 
 __all__ = [
     "Call",
@@ -80,44 +79,8 @@ def new_caller_id() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass(frozen=True, slots=True)
-class PreviewOutcome:
-    """A job's worst case as the sidecar priced it, and whether the balance covers it."""
-
-    quote: Quote
-    """The worst-case total, its itemized lines and the rate card version."""
-    covered: bool
-    """Whether the organization's available balance covers the total."""
-    available_uecu: int
-    """The organization's available balance (0 when it has no account)."""
-    available_after_uecu: int
-    """available - total: negative when not covered."""
-
-
-@dataclass(frozen=True, slots=True)
-class RateCardInfo:
-    """The rate card a sidecar prices with (GetRateCard)."""
-
-    version: str
-    fees: Fees
-    models: list[ModelRates]
-    """Every model with its rates, sorted by name."""
-    organizations_with_terms: list[str]
-    """Organizations with negotiated terms (ids only)."""
-    versions: list[str]
-    """Every version the sidecar can still price commits with."""
-
-
 # -- the enums on the wire ---------------------------------------------------------------------
 
-_JOB_TYPES = {
-    JobType.INFERENCE: pb.JOB_TYPE_INFERENCE,
-    JobType.JUDGE: pb.JOB_TYPE_JUDGE,
-    JobType.GEPA: pb.JOB_TYPE_GEPA,
-    JobType.TRACE_EVAL: pb.JOB_TYPE_TRACE_EVAL,
-    JobType.ENGINE: pb.JOB_TYPE_ENGINE,
-}
-_JOB_TYPES_BACK = {number: member for member, number in _JOB_TYPES.items()}
 _GRANT_KINDS = {
     GrantKind.STARTER: pb.GRANT_KIND_STARTER,
     GrantKind.TOP_UP: pb.GRANT_KIND_TOP_UP,
@@ -126,19 +89,12 @@ _GRANT_KINDS = {
     GrantKind.ADJUSTMENT: pb.GRANT_KIND_ADJUSTMENT,
 }
 _CAP_SCOPES = {"team": pb.CAP_SCOPE_TEAM, "project": pb.CAP_SCOPE_PROJECT}
-_HOLD_STATES = {
-    pb.HOLD_STATE_ACTIVE: HoldState.ACTIVE,
-    pb.HOLD_STATE_COMMITTED: HoldState.COMMITTED,
-    pb.HOLD_STATE_RELEASED: HoldState.RELEASED,
-    pb.HOLD_STATE_EXPIRED: HoldState.EXPIRED,
-}
 _USAGE_KINDS = {
     UsageKind.INFERENCE: pb.USAGE_KIND_INFERENCE,
     UsageKind.JUDGE: pb.USAGE_KIND_JUDGE,
     UsageKind.GEPA_ITERATION: pb.USAGE_KIND_GEPA_ITERATION,
     UsageKind.TRACE: pb.USAGE_KIND_TRACE,
 }
-_CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 
 
 # -- values in: checked before anything is sent -----------------------------------------------
@@ -165,7 +121,7 @@ def _job_type(field: str, job_type: JobType | str | None, job: Any) -> int:
         if job is None:
             raise invalid(field, "is required when reserving an amount (not a job)")
         return pb.JOB_TYPE_UNSPECIFIED
-    return _choice(field, job_type, _JOB_TYPES)
+    return _choice(field, job_type, JOB_TYPES)
 
 
 def _job(field: str, job: Any) -> pb.JobSpec:
@@ -221,56 +177,6 @@ def _usage_lines(field: str, lines: Sequence[Any]) -> list[pb.UsageLine]:
     return out
 
 
-# -- values out: responses as the model's types ------------------------------------------------
-
-
-def _unit(text: str) -> Unit | str:
-    try:
-        return Unit(text)
-    except ValueError:  # a unit newer than this client: kept as the sidecar named it
-        return text
-
-
-def _quote(q: pb.Quote) -> Quote:
-    return Quote(
-        total_uecu=q.total_uecu,
-        rate_card_version=q.rate_card_version,
-        lines=tuple(
-            Line(
-                description=x.description,
-                quantity=x.quantity,
-                unit=_unit(x.unit),  # type: ignore[arg-type]
-                rate_uecu=x.rate_uecu,
-                per=x.per,
-                subtotal_uecu=x.subtotal_uecu,
-                model=x.model,
-                job_type=_JOB_TYPES_BACK.get(x.job_type, x.job_type),  # type: ignore[arg-type]
-                item=x.item,
-                byok=x.byok,
-                negotiated=x.negotiated,
-                gross_uecu=x.gross_uecu,
-                discount_uecu=x.discount_uecu,
-            )
-            for x in q.lines
-        ),
-    )
-
-
-def _quote_or_none(q: pb.Quote) -> Quote | None:
-    """The quote of a job-priced hold or usage-priced commit; None for plain amounts."""
-    return _quote(q) if q.rate_card_version else None
-
-
-def _hold_view(h: pb.Hold, quote: Quote | None) -> HoldView:
-    return HoldView(
-        h.reservation_id,
-        h.amount_uecu,
-        h.deadline_unix_ms,
-        _HOLD_STATES[h.state],
-        rate_card_version=quote.rate_card_version if quote else "",
-    )
-
-
 # -- one builder per RPC, each followed by its response's converter ----------------------------
 
 
@@ -299,14 +205,7 @@ def reserve(
     )
     if job is not None:
         request.job.CopyFrom(_job("job", job))
-    return Call("Reserve", request, _reserve_outcome)
-
-
-def _reserve_outcome(resp: pb.ReserveResponse) -> ReserveOutcome:
-    quote = _quote_or_none(resp.quote)
-    return ReserveOutcome(
-        [_hold_view(resp.hold, quote)], resp.available_uecu, resp.replayed, quotes=[quote]
-    )
+    return Call("Reserve", request, responses.reserve_outcome)
 
 
 def reserve_batch(
@@ -325,7 +224,7 @@ def reserve_batch(
             account=pb.Account(organization=org, team=team, project=project, user=user),
             items=[_reserve_item(f"items[{i}]", it) for i, it in enumerate(items)],
         ),
-        _reserve_batch_outcome,
+        responses.reserve_batch_outcome,
     )
 
 
@@ -340,16 +239,6 @@ def _reserve_item(field: str, it: ReserveItem) -> pb.ReserveItem:
     if it.job is not None:
         item.job.CopyFrom(_job(f"{field}.job", it.job))
     return item
-
-
-def _reserve_batch_outcome(resp: pb.ReserveBatchResponse) -> ReserveOutcome:
-    quotes = [_quote_or_none(q) for q in resp.quotes] or [None] * len(resp.holds)
-    return ReserveOutcome(
-        [_hold_view(h, q) for h, q in zip(resp.holds, quotes, strict=True)],
-        resp.available_uecu,
-        resp.replayed,
-        quotes=quotes,
-    )
 
 
 def commit(
@@ -372,21 +261,7 @@ def commit(
     )
     if usage_lines is not None:
         request.usage_lines.extend(_usage_lines("usage_lines", usage_lines))
-    return Call("Commit", request, _commit_outcome)
-
-
-def _commit_outcome(c: pb.CommitResponse) -> CommitOutcome:
-    return CommitOutcome(
-        reservation_id=c.reservation_id,
-        committed_uecu=c.committed_uecu,
-        released_uecu=c.released_uecu,
-        overage_uecu=c.overage_uecu,
-        unbilled_overage_uecu=c.unbilled_overage_uecu,
-        late=c.late,
-        replayed=c.replayed,
-        available_uecu=c.available_uecu,
-        quote=_quote_or_none(c.quote),
-    )
+    return Call("Commit", request, responses.commit_outcome)
 
 
 def commit_batch(org: str, items: Sequence[CommitItem]) -> Call[list[CommitOutcome]]:
@@ -406,21 +281,8 @@ def commit_batch(org: str, items: Sequence[CommitItem]) -> Call[list[CommitOutco
                 for i, it in enumerate(items)
             ],
         ),
-        _commit_batch_outcomes,
+        responses.commit_batch_outcomes,
     )
-
-
-def _commit_batch_outcomes(resp: pb.CommitBatchResponse) -> list[CommitOutcome]:
-    """One outcome per item; a refused item carries its QuotaError in ``error``."""
-    out = []
-    for r in resp.results:
-        if r.code == 0:
-            out.append(_commit_outcome(r.commit))
-        else:
-            code = _CODE_BY_NUMBER.get(r.code, grpc.StatusCode.UNKNOWN)
-            error = error_for(code, r.message, r.reason)
-            out.append(CommitOutcome(r.commit.reservation_id, error=error))
-    return out
 
 
 def release(org: str, reservation_id: str) -> Call[ReleaseOutcome]:
@@ -428,13 +290,7 @@ def release(org: str, reservation_id: str) -> Call[ReleaseOutcome]:
     return Call(
         "Release",
         pb.ReleaseRequest(reservation_id=reservation_id, organization=org),
-        _release_outcome,
-    )
-
-
-def _release_outcome(r: pb.ReleaseResponse) -> ReleaseOutcome:
-    return ReleaseOutcome(
-        r.reservation_id, r.released_uecu, _HOLD_STATES[r.state], r.available_uecu, r.replayed
+        responses.release_outcome,
     )
 
 
@@ -448,21 +304,13 @@ def extend(org: str, reservation_id: str, *, sequence: int, ttl_ms: int = 0) -> 
             ttl_ms=_int("ttl_ms", ttl_ms),
             sequence=_int("sequence", sequence),
         ),
-        _extend_outcome,
+        responses.extend_outcome,
     )
-
-
-def _extend_outcome(r: pb.ExtendResponse) -> ExtendOutcome:
-    return ExtendOutcome(r.reservation_id, r.deadline_unix_ms, r.replayed)
 
 
 def balance(org: str) -> Call[Balance]:
     """GetBalance: the organization's wallet, hold counters and caps."""
-    return Call("GetBalance", pb.GetBalanceRequest(organization=org), _balance)
-
-
-def _balance(resp: pb.GetBalanceResponse) -> Balance:
-    return balance_from_pb(resp.balance)
+    return Call("GetBalance", pb.GetBalanceRequest(organization=org), responses.balance)
 
 
 def grant(
@@ -483,13 +331,9 @@ def grant(
             kind=_choice("kind", kind, _GRANT_KINDS),
             expires_at_unix_ms=_int("expires_at_unix_ms", expires_at_ms),
         ),
-        _grant_outcome,
+        responses.grant_outcome,
         admin=True,
     )
-
-
-def _grant_outcome(r: pb.GrantResponse) -> GrantOutcome:
-    return GrantOutcome(r.grant_id, r.balance_uecu, r.available_uecu, r.replayed)
 
 
 def set_cap(org: str, scope: str, scope_id: str, cap_uecu: int | None) -> Call[ScopeUsage]:
@@ -503,13 +347,9 @@ def set_cap(org: str, scope: str, scope_id: str, cap_uecu: int | None) -> Call[S
             cap_uecu=0 if cap_uecu is None else _int("cap_uecu", cap_uecu),
             clear=cap_uecu is None,
         ),
-        _scope_usage,
+        responses.scope_usage,
         admin=True,
     )
-
-
-def _scope_usage(r: pb.SetCapResponse) -> ScopeUsage:
-    return scope_from_pb(r.usage)
 
 
 def set_auto_topup(org: str, threshold_uecu: int | None, amount_uecu: int = 0) -> Call[None]:
@@ -522,13 +362,9 @@ def set_auto_topup(org: str, threshold_uecu: int | None, amount_uecu: int = 0) -
             amount_uecu=0 if threshold_uecu is None else _int("amount_uecu", amount_uecu),
             disable=threshold_uecu is None,
         ),
-        _nothing,
+        responses.nothing,
         admin=True,
     )
-
-
-def _nothing(r: pb.SetAutoTopUpResponse) -> None:
-    return None
 
 
 def preview(
@@ -546,37 +382,14 @@ def preview(
             account=pb.Account(organization=org, team=team, project=project, user=user),
             job=_job("job", job),
         ),
-        _preview_outcome,
+        responses.preview_outcome,
     )
-
-
-def _preview_outcome(r: pb.PreviewResponse) -> PreviewOutcome:
-    return PreviewOutcome(_quote(r.quote), r.covered, r.available_uecu, r.available_after_uecu)
 
 
 def rate_card(org: str = "") -> Call[RateCardInfo]:
     """GetRateCard: the rate card the sidecar prices with. Which organizations have negotiated
     terms: all of them with the admin token (sent when the client has one), else at most
     ``org``."""
-    return Call("GetRateCard", pb.GetRateCardRequest(organization=org), _rate_card_info, admin=True)
-
-
-def _rate_card_info(r: pb.GetRateCardResponse) -> RateCardInfo:
-    return RateCardInfo(
-        version=r.version,
-        fees=Fees(r.engine_call_uecu, r.judge_call_uecu, r.gepa_iteration_uecu, r.trace_uecu),
-        models=[
-            ModelRates(
-                name=m.model,
-                input_uecu_per_mtok=m.input_uecu_per_mtok,
-                output_uecu_per_mtok=m.output_uecu_per_mtok,
-                encoding=m.encoding,
-                context_window=m.context_window,
-                max_output_tokens=m.max_output_tokens,
-                estimate_factor_percent=m.estimate_factor_percent,
-            )
-            for m in r.models
-        ],
-        organizations_with_terms=list(r.organizations_with_terms),
-        versions=list(r.versions),
+    return Call(
+        "GetRateCard", pb.GetRateCardRequest(organization=org), responses.rate_card_info, admin=True
     )
