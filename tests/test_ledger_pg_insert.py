@@ -18,7 +18,7 @@ def backend() -> Iterator[tuple[PostgresBackend, str]]:
     require_postgres()
     import psycopg
 
-    schema = "pg_insert_test_" + uuid.uuid4().hex[:12]
+    schema = "ledger_insert_test_" + uuid.uuid4().hex[:12]
     with psycopg.connect(PG_URL, autocommit=True) as c:
         c.execute(f"CREATE SCHEMA {schema}")
         c.execute(f"CREATE TABLE {schema}.t (k TEXT PRIMARY KEY, n BIGINT, b BOOLEAN, j JSONB)")
