@@ -20,7 +20,13 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
-from ecu_sidecar.client import AsyncQuotaClient, QuotaClient, Unavailable, tls_credentials
+from ecu_sidecar.client import (
+    AsyncQuotaClient,
+    QuotaClient,
+    RetryPolicy,
+    Unavailable,
+    tls_credentials,
+)
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings, SettingsError
 from tests.conftest import ADMIN_METADATA, ADMIN_TOKEN, drop_keys, make_settings, snapshot
@@ -137,7 +143,8 @@ async def test_the_shipped_client_and_cli_reach_a_mutual_tls_sidecar(
         with QuotaClient(target, credentials=creds) as sync_client:
             assert (await asyncio.to_thread(sync_client.balance, "tls-org")).granted_uecu == 7_000
         no_cert = tls_credentials(pki["ca"])
-        async with AsyncQuotaClient(target, credentials=no_cert, timeout_s=2) as c:
+        once = RetryPolicy(attempts=1)
+        async with AsyncQuotaClient(target, credentials=no_cert, timeout_s=1, retry=once) as c:
             with pytest.raises(Unavailable):
                 await c.balance("tls-org")
         with pytest.raises(ValueError, match="needs its key"):
@@ -147,7 +154,7 @@ async def test_the_shipped_client_and_cli_reach_a_mutual_tls_sidecar(
             env = {k: v for k, v in os.environ.items() if not k.startswith("ECU_")}
             command = [sys.executable, "-m", "ecu_sidecar", "balance", "tls-org", "--json"]
             return subprocess.run(
-                [*command, "--target", target, "--timeout", "2", *extra],
+                [*command, "--target", target, "--timeout", "1", *extra],
                 env=env,
                 capture_output=True,
                 text=True,
