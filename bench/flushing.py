@@ -37,10 +37,7 @@ def _settings(spec: dict[str, Any]) -> Any:
 
 async def _left(store: Any, flusher: Any) -> int:
     """Entries still in the outboxes (the flusher deletes what the ledger committed)."""
-    pipe = store._client.pipeline(transaction=False)
-    for org in flusher._orgs:
-        pipe.xlen(store.outbox_key(org))
-    return sum(int(n) for n in await pipe.execute())
+    return sum([(await store.outbox_state(org)).length for org in await flusher.discover()])
 
 
 async def _main(spec: dict[str, Any]) -> dict[str, Any]:

@@ -18,20 +18,21 @@ def _redis_py_pool() -> None:
 
     The product change it measures backwards (ecu_sidecar/store/multiplex.py): script calls to a
     standalone Redis share one connection, written straight onto the socket and matched to
-    their replies in order, and the pool lost ``socket_timeout`` (RedisStore._call's outer
-    bound stays). This patch puts both back.
+    their replies in order, and the pool lost ``socket_timeout`` (the store's outer
+    bound, Transport.bounded, stays). This patch puts both back.
     """
     from ecu_sidecar.store import redis_store
+    from ecu_sidecar.store.transport import Transport
 
     original = redis_store.RedisStore.from_settings.__func__  # type: ignore[attr-defined]
 
     def from_settings(cls: Any, settings: Any) -> Any:
-        store = original(cls, settings)
-        if store.kind == "standalone":
-            store._channel = None
-            kwargs = store._client.connection_pool.connection_kwargs
-            kwargs["socket_timeout"] = settings.redis_timeout_ms / 1000
-        return store
+        if settings.embedded or settings.redis_cluster:
+            return original(cls, settings)
+        transport = Transport.pooled(settings)
+        kwargs = transport.client.connection_pool.connection_kwargs
+        kwargs["socket_timeout"] = settings.redis_timeout_ms / 1000
+        return cls(transport, settings)
 
     redis_store.RedisStore.from_settings = classmethod(from_settings)  # type: ignore[assignment]
 

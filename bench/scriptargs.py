@@ -55,14 +55,16 @@ async def capture(prefix: str, *, amount: int = 1_000, actual: int = 700) -> dic
     from ecu_sidecar.store import RedisStore
 
     settings = Settings.from_mapping({"key_prefix": ("bench", prefix)})
-    store = RedisStore(None, settings, kind="standalone")
     seen: list[tuple[Any, Sequence[str], list[Any]]] = []
 
-    async def _eval(script: Any, keys: Sequence[str], argv: list[Any]) -> Any:
-        seen.append((script, keys, list(argv)))
-        raise _Captured
+    class _Capture:  # a transport that keeps the script call instead of sending it
+        kind = "standalone"
 
-    store._eval = _eval  # type: ignore[method-assign]
+        async def script(self, script: Any, keys: Sequence[str], argv: Sequence[Any]) -> Any:
+            seen.append((script, keys, list(argv)))
+            raise _Captured
+
+    store = RedisStore(_Capture(), settings)  # type: ignore[arg-type]
     calls = {
         "reserve": lambda: store.reserve(
             AccountRef(_ORG),
