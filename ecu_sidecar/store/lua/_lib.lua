@@ -109,22 +109,15 @@ local function put_hold(rid, rec)
   redis.call('HSET', HOLDS, rid, cjson.encode(rec))
 end
 
--- Append one event to the outbox. ...: its fields as name, value arguments, every value a
--- string (what the hot paths, reserve and commit, have at hand: a type check per value was 7 %
--- of a ReserveBatch's instructions in Redis, and a table per event another 4 %). eid is unique
--- per organization for all time: hold events carry the hold's creation time (t0), so a
+-- Append one event to the outbox. fields: a flat list of name, value; numbers among the values
+-- are written as decimal strings (in place: callers pass a table they no longer use). eid is
+-- unique per organization for all time: hold events carry the hold's creation time (t0), so a
 -- reservation id reused after its tombstone was purged makes new event ids.
-local function emit_strings(etype, eid, ...)
-  redis.call('XADD', OUTBOX, '*', 'type', etype, 'eid', eid, 'org', ORG, 'ts', NOW_S, ...)
-end
-
--- emit_strings of a flat list of name, value whose values may be numbers: they are turned into
--- decimal strings in place (callers pass a table they no longer use).
 local function emit(etype, eid, fields)
   for i = 2, #fields, 2 do
     if type(fields[i]) == 'number' then fields[i] = I(fields[i]) end
   end
-  emit_strings(etype, eid, unpack(fields))
+  redis.call('XADD', OUTBOX, '*', 'type', etype, 'eid', eid, 'org', ORG, 'ts', NOW_S, unpack(fields))
 end
 
 -- Run one variadic command (HMGET, HSET, ZADD, ZREM ...) on key over a flat argument list of
