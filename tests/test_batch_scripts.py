@@ -1,9 +1,8 @@
 """The batch paths of the commit and reserve scripts answer and leave exactly what the same
 items sent one call at a time answer and leave.
 
-commit.lua sums a batch's counter deltas and writes each counter once, burns the expiring
-grants once for the whole batch, reads and writes the hold records in bulk and derives each
-item's available-after from running totals. These tests run one mixed batch on one
+commit.lua reads and writes a batch's hold records in bulk and derives each item's
+available-after from running totals. These tests run one mixed batch on one
 organization and the same items one by one on a twin organization set up identically, then
 compare every per-item outcome, the account hash, the hold records, the indexes and the outbox.
 """
