@@ -88,14 +88,6 @@ class OutboxReader:
         self._prefix = prefix
         self.consumer = consumer
         self._client = transport.client
-        self._reads = transport.client
-        """Who runs XREADGROUP: on a standalone Redis, a client of its own on the store's pool
-        that hands back the replies as hiredis parsed them. redis-py's callback turns every
-        entry into a tuple and a dict (parse_stream_list, pairs_to_dict): about 1 µs an entry,
-        more than reading it."""
-        if transport.kind == "standalone":
-            self._reads = type(transport.client)(connection_pool=transport.client.connection_pool)
-            self._reads.set_response_callback("XREADGROUP", _as_sent)
         self.timeout_s = timeout_s
         """The bound on each call (ECU_FLUSHER_REDIS_TIMEOUT_MS)."""
         self._match = f"{prefix}:{{*}}:outbox"
@@ -154,7 +146,7 @@ class OutboxReader:
         if not orgs:
             return []
         start = "0" if own_pending else ">"
-        pipe = self._reads.pipeline(transaction=False)
+        pipe = self._client.pipeline(transaction=False)
         for org in orgs:
             n = count if isinstance(count, int) else count[org]
             pipe.xreadgroup(GROUP, self.consumer, {self.key(org): start}, count=n)
@@ -331,19 +323,18 @@ class OutboxReader:
 
     @staticmethod
     def _entries(org: str, entries: list[Any]) -> list[OutboxEntry]:
-        """Entries as [id, fields]: fields a flat list (as Redis sends them) or a dict (through
-        redis-py's callback)."""
+        """Entries as redis-py's callbacks make them: (id, {field: value})."""
         out = []
         for eid, fields in entries:
-            if fields is None:  # an entry deleted while pending comes back empty
+            if not fields:  # deleted while pending: no fields (an XADD always writes one)
                 continue
             try:
-                decoded = {k.decode(): v.decode() for k, v in _pairs(fields)}
+                decoded = {k.decode(): v.decode() for k, v in fields.items()}
             except (AttributeError, UnicodeDecodeError):
                 # Text from a decoding client, or bytes that are not UTF-8: kept losslessly
                 # (as surrogates), so that the ledger quarantines the entry instead of this
                 # cycle failing on it forever.
-                decoded = {_text(k): _text(v) for k, v in _pairs(fields)}
+                decoded = {_text(k): _text(v) for k, v in fields.items()}
             out.append(OutboxEntry(org, eid.decode() if isinstance(eid, bytes) else eid, decoded))
         return out
 
@@ -374,25 +365,14 @@ def _next(value: tuple[int, int]) -> tuple[int, int]:
     return value[0], value[1] + 1
 
 
-def _as_sent(response: Any, **options: Any) -> Any:
-    return response
-
-
 def _streams(reply: Any) -> Iterator[list[Any]]:
-    """The entry lists of an XREADGROUP reply: a map of stream -> entries (RESP3), a list of
-    [stream, entries] (RESP2, and redis-py's callback), or nothing."""
+    """The entry lists of an XREADGROUP reply as redis-py's callback makes it: a list of
+    [stream, entries] (RESP2), a map of stream -> [entries] (RESP3), or nothing."""
     if not reply:
         return iter(())
     if isinstance(reply, dict):
-        return iter(reply.values())
+        return (entries for (entries,) in reply.values())
     return (entries for _key, entries in reply)
-
-
-def _pairs(fields: Any) -> Iterator[tuple[Any, Any]]:
-    if isinstance(fields, list):
-        flat = iter(fields)
-        return zip(flat, flat, strict=False)
-    return iter(fields.items())
 
 
 def _text(value: Any) -> str:
