@@ -179,7 +179,7 @@ for i = 0, n - 1 do
       if rcv ~= '' then
         ev[#ev + 1], ev[#ev + 2], ev[#ev + 3], ev[#ev + 4] = 'rcv', rcv, 'lines', lines
       end
-      emit('commit', 'commit:' .. rid .. ':' .. rec.t0, ev)
+      emit('commit', 'commit:' .. rid .. ':' .. rec.t0, unpack(ev))
       item_ok(rid, rec, 0)
     end
   end

@@ -118,9 +118,9 @@ for i = 0, n - 1 do
     puts[np + 1], puts[np + 2] = rid, cjson.encode(rec)
     deadlines[np + 1], deadlines[np + 2] = dl, rid
     np = np + 2
-    emit('reserve', 'reserve:' .. rid .. ':' .. NOW_S, {'rid', rid, 'amount', amt,
+    emit('reserve', 'reserve:' .. rid .. ':' .. NOW_S, 'rid', rid, 'amount', amt,
       'team', team, 'project', project, 'user', user, 'job', job, 'model', mdl, 'deadline', dl,
-      'rcv', rcv})
+      'rcv', rcv)
   end
   local k = 4 + i * 5
   out[k], out[k + 1], out[k + 2], out[k + 3], out[k + 4] = rid, tonumber(rec.amt), tonumber(rec.dl),
