@@ -35,7 +35,10 @@ def _connections(port: int) -> int:
 def test_which_urls_are_multiplexed() -> None:
     assert multiplexable("redis://127.0.0.1:6379/0")
     assert multiplexable("unix:///run/redis.sock")
-    assert not multiplexable("rediss://127.0.0.1:6380/0")
+    assert multiplexable("rediss://127.0.0.1:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=none")
+    # TLS options the channel does not apply: redis-py's pool alone, which does.
+    assert not multiplexable("rediss://127.0.0.1:6380/0?ssl_ciphers=HIGH")
+    assert not multiplexable("redis+sentinel://127.0.0.1:26379/mymaster")
 
 
 async def test_concurrent_calls_share_one_connection(private_redis: PrivateRedis) -> None:

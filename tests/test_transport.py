@@ -4,11 +4,15 @@ rediss:// and Sentinel URLs use), redis-py's cluster client and the embedded sto
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +25,7 @@ from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore, Transport
 from tests.conftest import make_settings, open_store
 from tests.redis_cluster import RedisClusterProcess, cluster_or_skip
-from tests.test_unavailable import PrivateRedis
+from tests.test_unavailable import PrivateRedis, free_port
 
 TIMEOUT_MS = 300
 
@@ -184,4 +188,84 @@ async def test_the_embedded_store_falls_back_to_eval_too() -> None:
     finally:
         if direct is not None:
             await direct.aclose()
+        await store.close()
+
+
+class TlsRedis:
+    """A redis-server of the test's own serving TLS only, with a CA and a certificate for
+    127.0.0.1 made for it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.ca = str(directory / "ca.pem")
+        key, cert, ca_key = (str(directory / n) for n in ("key.pem", "cert.pem", "ca.key"))
+        run = functools.partial(subprocess.run, check=True, capture_output=True)
+        run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=test-ca", "-keyout", ca_key, "-out", self.ca])  # fmt: skip
+        csr = str(directory / "req.csr")
+        run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+             "-keyout", key, "-out", csr])  # fmt: skip
+        ext = directory / "ext.cnf"
+        ext.write_text("subjectAltName=IP:127.0.0.1\n")
+        run(["openssl", "x509", "-req", "-in", csr, "-CA", self.ca, "-CAkey", ca_key,
+             "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", cert])  # fmt: skip
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
+             "--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", self.ca,
+             "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
+             "--dir", str(directory)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for attempt in range(200):
+            try:
+                with self.admin() as c:
+                    c.ping()
+                return
+            except redis.ConnectionError:
+                assert attempt < 199, "the TLS redis-server did not come up"
+                time.sleep(0.05)
+
+    def admin(self) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, ssl=True, ssl_ca_certs=self.ca, socket_timeout=5
+        )
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
+    if shutil.which("openssl") is None or shutil.which("redis-server") is None:
+        pytest.skip("openssl or redis-server not on PATH")
+    t = TlsRedis(tmp_path)
+    yield t
+    t.close()
+
+
+@pytest.mark.parametrize("kind", ["multiplexed", "pooled"])
+async def test_rediss_behaves_as_redis(tls_redis: TlsRedis, kind: str) -> None:
+    """rediss:// takes the multiplexed channel as redis:// does (the pool alone beside it, for
+    comparison): NOSCRIPT falls back to EVAL, a broken connection is sent once more."""
+    settings = make_settings(
+        "redis",
+        redis_url=f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={tls_redis.ca}",
+        redis_timeout_ms=2_000,
+    )
+    transport = Transport.open(settings) if kind == "multiplexed" else Transport.pooled(settings)
+    assert transport.multiplexed_scripts == (kind == "multiplexed")
+    store = RedisStore(transport, settings)
+    try:
+        await store.grant("acme", "g", 1_000, GrantKind.TOP_UP, 0)
+        with tls_redis.admin() as admin:
+            assert admin.script_flush()
+        one = ReserveItem("r1", 10, JobType.GEPA, "", 60_000)
+        assert (await store.reserve(AccountRef("acme"), [one])).available_uecu == 990
+        with tls_redis.admin() as admin:
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        two = ReserveItem("r2", 10, JobType.GEPA, "", 60_000)
+        assert (await store.reserve(AccountRef("acme"), [two])).available_uecu == 980
+    finally:
         await store.close()

@@ -28,10 +28,10 @@ Behaviour kept from the pool it replaces (tests/test_unavailable.py, tests/chaos
   once its last reply is in, so a failover behind a stable address is followed without
   failing the calls still on the old connection.
 
-Only TCP (``redis://``) and Unix-socket (``unix://``) URLs are multiplexed; the store keeps
-redis-py's pool for ``rediss://`` (see Transport.open), and for the scripts whose
-write it confirms on replicas (ECU_REDIS_WAIT_REPLICAS): their WAIT blocks the connection it is
-sent on, which here would hold every other call behind it.
+TCP (``redis://``), TLS (``rediss://``, with the common ``ssl_`` options of its URL) and
+Unix-socket (``unix://``) URLs are multiplexed (see Transport.open); the store keeps redis-py's
+pool for the scripts whose write it confirms on replicas (ECU_REDIS_WAIT_REPLICAS): their WAIT
+blocks the connection it is sent on, which here would hold every other call behind it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import ssl
 import time
 from typing import Any
 
@@ -52,9 +53,42 @@ __all__ = ["ScriptChannel", "multiplexable"]
 _MORE = object()  # hiredis: no complete reply buffered yet
 
 
+#: The TLS options of a ``rediss://`` URL the channel applies as redis-py's SSLConnection does;
+#: a URL with any other ``ssl_`` option (OCSP, ciphers, ...) stays on redis-py's pool.
+_TLS_OPTIONS = frozenset(
+    {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+     "ssl_check_hostname", "ssl_password"}
+)  # fmt: skip
+
+
 def multiplexable(url: str) -> bool:
-    """Whether a Redis URL is served by the multiplexed channel (plain TCP or Unix socket)."""
-    return url.startswith(("redis://", "unix://"))
+    """Whether a Redis URL is served by the multiplexed channel: TCP, TLS or a Unix socket."""
+    if url.startswith(("redis://", "unix://")):
+        return True
+    if not url.startswith("rediss://"):
+        return False
+    return all(not k.startswith("ssl_") or k in _TLS_OPTIONS for k in parse_url(url))
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _tls(params: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context of a ``rediss://`` URL's options (None for plain TCP), with redis-py's
+    defaults: the server's certificate required and its host name checked."""
+    if "connection_class" not in params or params["connection_class"].__name__ != "SSLConnection":
+        return None
+    ctx = ssl.create_default_context(
+        cafile=params.get("ssl_ca_certs"), capath=params.get("ssl_ca_path")
+    )
+    reqs = _CERT_REQS.get(params.get("ssl_cert_reqs", "required"), ssl.CERT_REQUIRED)
+    ctx.check_hostname = reqs != ssl.CERT_NONE and params.get("ssl_check_hostname", True)
+    ctx.verify_mode = reqs
+    if params.get("ssl_certfile"):
+        ctx.load_cert_chain(
+            params["ssl_certfile"], params.get("ssl_keyfile"), params.get("ssl_password")
+        )
+    return ctx
 
 
 class _Connection(asyncio.Protocol):
@@ -150,6 +184,7 @@ class ScriptChannel:
         self._db = int(params.get("db", 0) or 0)
         self._username: str | None = params.get("username")
         self._password: str | None = params.get("password")
+        self._tls = _tls(params)
         self._connect_timeout_s = connect_timeout_s
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
@@ -206,7 +241,13 @@ class ScriptChannel:
                 if self._path is not None:
                     _, conn = await loop.create_unix_connection(_Connection, self._path)
                 else:
-                    _, conn = await loop.create_connection(_Connection, self._host, self._port)
+                    _, conn = await loop.create_connection(
+                        _Connection,
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
+                        server_hostname=self._host if self._tls is not None else None,
+                    )
                 try:
                     if self._password is not None:
                         auth = (
