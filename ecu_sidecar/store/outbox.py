@@ -9,7 +9,6 @@ the next discovery.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -112,21 +111,11 @@ class OutboxReader:
         return sorted(orgs)
 
     async def _scan(self) -> list[str]:
-        # Bounded on progress rather than as a whole (the walk grows with the keyspace): each
-        # step of the walk is a call of its own. Not retried: a broken walk starts again at
-        # the next discovery.
-        orgs = []
-        async with contextlib.aclosing(
-            self._client.scan_iter(match=self._match, count=1000, _type="stream")
-        ) as keys:
-            while True:
-                try:
-                    key = await self._transport.bounded(
-                        lambda: anext(keys), timeout_s=self.timeout_s, retry=False
-                    )
-                except StopAsyncIteration:
-                    return orgs
-                orgs.append(self.org_of(_s(key)))
+        keys = await self._transport.walk(
+            lambda: self._client.scan_iter(match=self._match, count=1000, _type="stream"),
+            timeout_s=self.timeout_s,
+        )
+        return [self.org_of(_s(key)) for key in keys]
 
     @_bounded()
     async def _ensure_group(self, org: str) -> None:

@@ -26,9 +26,10 @@ the embedded default fakeredis. Which one serves a call changes nothing above.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -245,13 +246,36 @@ class Transport:
         """Run ``fn`` under the bound (``timeout_s``, default the transport's), once more on
         a broken connection when ``retry``; every failure of Redis as StoreUnavailable."""
         bound = self.timeout_s if timeout_s is None else timeout_s
+        async with self._mapped(bound), asyncio.timeout(bound):
+            if self._gate is None:
+                return await _once_more(fn, retry)
+            async with self._gate:
+                return await _once_more(fn, retry)
+
+    async def walk(self, iterate: Callable[[], AsyncIterator[T]], *, timeout_s: float) -> list[T]:
+        """Every item of ``iterate()``, an iteration of many round trips (SCAN): each step
+        bounded by ``timeout_s`` (the whole grows with the keyspace); after a broken connection
+        the iteration once more from its start, by the same rule (a read takes nothing twice)."""
+
+        async def steps() -> list[T]:
+            items: list[T] = []
+            async with contextlib.aclosing(iterate()) as it:  # type: ignore[type-var]
+                while True:
+                    async with asyncio.timeout(timeout_s):
+                        try:
+                            items.append(await anext(it))
+                        except StopAsyncIteration:
+                            return items
+
+        async with self._mapped(timeout_s):
+            return await _once_more(steps, True)
+
+    @contextlib.asynccontextmanager
+    async def _mapped(self, bound: float) -> AsyncIterator[None]:
+        """Every failure of Redis inside the block as StoreUnavailable (the one mapping)."""
         started = time.monotonic()
         try:
-            async with asyncio.timeout(bound):
-                if self._gate is None:
-                    return await _once_more(fn, retry)
-                async with self._gate:
-                    return await _once_more(fn, retry)
+            yield
         except TimeoutError:
             if self._channel is not None:
                 self._channel.stalled(started)
