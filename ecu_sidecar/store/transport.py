@@ -10,17 +10,18 @@ Every call goes through ``Transport.bounded``:
   calls that are safe to resend: every script (a resend of a script that did run is answered
   as a replay of its caller's id), pipelines of them, reads and acknowledgements. A call whose
   resend would take something twice says so (``retry=False``: XREADGROUP, whose lost reply
-  leaves entries delivered to this consumer, re-read as its own pending instead). A timeout is
+  leaves entries delivered to this consumer, re-read as its own pending instead); an iteration
+  of many round trips (SCAN, ``walk``) starts again from its beginning. A timeout is
   never retried here: the command may still run, so the caller retries with the same id.
   redis-py's own retries are off (``_NO_RETRY``) so that this is the only one;
 - **one error mapping**: unreachable, silent or refusing (READONLY, OOM, LOADING, ...) Redis
   -> StoreUnavailable; a script's NOSCRIPT -> EVAL of its source (``script``).
 
-Connections: a standalone Redis (``redis://``, ``unix://``) takes script calls on one
-multiplexed connection (store/multiplex.py: 1.25-1.48 x less sidecar CPU at c=64 than
+Connections: a standalone Redis (``redis://``, ``rediss://``, ``unix://``) takes script calls
+on one multiplexed connection (store/multiplex.py: 1.25-1.48 x less sidecar CPU at c=64 than
 redis-py's pool, docs/benchmarks.md "levers") and everything else on redis-py's blocking pool;
-``rediss://`` and Sentinel URLs use the pool alone, Redis Cluster redis-py's cluster client,
-the embedded default fakeredis. Which one serves a call changes nothing above.
+Sentinel URLs use the pool alone, Redis Cluster redis-py's cluster client, the embedded default
+fakeredis. Which one serves a call changes nothing above.
 """
 
 from __future__ import annotations
