@@ -31,7 +31,7 @@ from ecu_sidecar.ledger import Conservation
 from ecu_sidecar.model import Balance, GrantKind
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings
-from ecu_sidecar.store import RedisStore
+from ecu_sidecar.store import RedisStore, Transport
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -163,12 +163,55 @@ def settings(backend: str) -> Settings:
     return make_settings(backend)
 
 
+#: The embedded stores' servers, by key prefix (each test has its own): direct_client reaches
+#: the same data as the store open_store made.
+_EMBEDDED_SERVERS: dict[str, Any] = {}
+
+
+def open_store(settings: Settings) -> RedisStore:
+    """The store under test, as ``RedisStore.from_settings`` makes it; on the embedded backend
+    its in-process server is kept so that ``direct_client`` reaches the same data."""
+    if not settings.embedded:
+        return RedisStore.from_settings(settings)
+    import fakeredis
+
+    server = _EMBEDDED_SERVERS.setdefault(settings.key_prefix, fakeredis.FakeServer())
+    return RedisStore(Transport.embedded(settings, server), settings)
+
+
+def direct_client(settings: Settings) -> Any:
+    """A Redis client of the test's own on the store's server (same URL, or the embedded server
+    ``open_store`` made), to look at or damage keys under ``settings.key_prefix`` directly. It
+    waits longer than the product (ECU_REDIS_CONNECT_TIMEOUT_MS is 250 ms): a look that lands
+    on a moment when the loaded test machine stalls must not fail the test."""
+    if settings.embedded:
+        import fakeredis
+
+        return fakeredis.FakeAsyncRedis(server=_EMBEDDED_SERVERS[settings.key_prefix])
+    if settings.redis_cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(settings.redis_url, socket_connect_timeout=10)
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=10, socket_timeout=30)
+
+
 @pytest_asyncio.fixture
 async def store(settings: Settings) -> AsyncIterator[RedisStore]:
-    st = RedisStore.from_settings(settings)
+    st = open_store(settings)
     yield st
-    await drop_keys(st, settings.key_prefix)
+    await drop_keys(settings)
     await st.close()
+    _EMBEDDED_SERVERS.pop(settings.key_prefix, None)
+
+
+@pytest_asyncio.fixture
+async def direct(settings: Settings) -> AsyncIterator[Any]:
+    """``direct_client(settings)``, closed after the test."""
+    client = direct_client(settings)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture
@@ -176,42 +219,38 @@ def engine(store: RedisStore, settings: Settings) -> QuotaEngine:
     return QuotaEngine(store, settings)
 
 
-async def drop_keys(store: RedisStore, prefix: str) -> None:
-    """Delete a test's keys. Against a Redis server, through a client of its own that waits
-    longer than the product's (ECU_REDIS_CONNECT_TIMEOUT_MS is 250 ms): a cleanup that lands on
-    a moment when the loaded test machine stalls must not fail the test."""
-    own = store.kind == "standalone"
-    if own:
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis.from_url(
-            store._settings.redis_url, socket_connect_timeout=10, socket_timeout=30
-        )
-    else:
-        client = store._client
+async def drop_keys(settings: Settings) -> None:
+    """Delete a test's keys (also a test's way to make Redis lose them). An embedded store not
+    made by ``open_store`` is left alone: its keys go with it."""
+    if settings.embedded and settings.key_prefix not in _EMBEDDED_SERVERS:
+        return
+    client = direct_client(settings)
     try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        keys = [k async for k in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000)]
         for k in keys:
             await client.delete(k)
     finally:
-        if own:
-            await client.aclose()
+        await client.aclose()
 
 
-async def snapshot(store: RedisStore, prefix: str) -> dict[bytes, Any]:
-    """Every key under the prefix with its full contents (streams, hashes, zsets)."""
-    client = store._client
+async def snapshot(settings: Settings) -> dict[bytes, Any]:
+    """Every key under the test's prefix with its full contents (streams, hashes, zsets), read
+    with ``direct_client`` (on the embedded backend, of a store ``open_store`` made)."""
+    client = direct_client(settings)
     out: dict[bytes, Any] = {}
-    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        kind = (await client.type(key)).decode()
-        if kind == "hash":
-            out[key] = ("hash", await client.hgetall(key))
-        elif kind == "zset":
-            out[key] = ("zset", await client.zrange(key, 0, -1, withscores=True))
-        elif kind == "stream":
-            out[key] = ("stream", await client.xrange(key))
-        else:
-            out[key] = (kind, await client.dump(key))
+    try:
+        async for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
+            kind = (await client.type(key)).decode()
+            if kind == "hash":
+                out[key] = ("hash", await client.hgetall(key))
+            elif kind == "zset":
+                out[key] = ("zset", await client.zrange(key, 0, -1, withscores=True))
+            elif kind == "stream":
+                out[key] = ("stream", await client.xrange(key))
+            else:
+                out[key] = (kind, await client.dump(key))
+    finally:
+        await client.aclose()
     return out
 
 
@@ -225,11 +264,11 @@ async def funded(engine: QuotaEngine, amount: int, org: str | None = None) -> st
 @pytest_asyncio.fixture
 async def sidecar(settings: Settings) -> AsyncIterator[SidecarServer]:
     """A running sidecar on 127.0.0.1 (ephemeral port), on the test's backend."""
-    server = SidecarServer(settings)
+    server = SidecarServer(settings, store=open_store(settings))
     await server.start()
     yield server
     try:
-        await drop_keys(server.store, settings.key_prefix)
+        await drop_keys(settings)
     finally:
         # Stopped even when the cleanup fails: a grpc.aio server left running keeps its poller
         # thread alive, and pytest then hangs at exit instead of reporting the failure.

@@ -29,7 +29,14 @@ from ecu_sidecar.client import (
 )
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings, SettingsError
-from tests.conftest import ADMIN_METADATA, ADMIN_TOKEN, drop_keys, make_settings, snapshot
+from tests.conftest import (
+    ADMIN_METADATA,
+    ADMIN_TOKEN,
+    drop_keys,
+    make_settings,
+    open_store,
+    snapshot,
+)
 
 
 def test_default_listen_is_loopback() -> None:
@@ -267,7 +274,7 @@ async def test_health_only_port_reflects_only_what_it_serves(version: str) -> No
 
 async def test_pinned_sidecar_refuses_other_organizations(backend: str) -> None:
     settings = make_settings(backend, allowed_orgs="acme, beta")
-    server = SidecarServer(settings)
+    server = SidecarServer(settings, store=open_store(settings))
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
@@ -278,7 +285,7 @@ async def test_pinned_sidecar_refuses_other_organizations(backend: str) -> None:
                 ),
                 metadata=ADMIN_METADATA,
             )
-            before = await snapshot(server.store, settings.key_prefix)
+            before = await snapshot(settings)
             calls = [
                 stub.Reserve(
                     pb.ReserveRequest(
@@ -302,12 +309,12 @@ async def test_pinned_sidecar_refuses_other_organizations(backend: str) -> None:
                     await call
                 assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
                 assert "other" in ei.value.details()
-            assert await snapshot(server.store, settings.key_prefix) == before
+            assert await snapshot(settings) == before
             b = await stub.GetBalance(pb.GetBalanceRequest(organization="acme"))
             assert b.balance.balance_uecu == 100
     finally:
         try:
-            await drop_keys(server.store, settings.key_prefix)
+            await drop_keys(settings)
         finally:
             await server.stop(grace=0)
 

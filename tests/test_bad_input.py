@@ -52,7 +52,7 @@ from ecu_sidecar.model import (
 from ecu_sidecar.pricing import ModelRates, RateCardRegistry, load_rate_card
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings
-from tests.conftest import ADMIN_METADATA, EXAMPLE_RATE_CARD, drop_keys, snapshot
+from tests.conftest import ADMIN_METADATA, EXAMPLE_RATE_CARD, drop_keys, open_store, snapshot
 from tests.test_service import details
 
 ECU = 1_000_000
@@ -135,7 +135,7 @@ async def seed(engine: QuotaEngine) -> None:
 
 
 async def state(server: SidecarServer) -> dict[bytes, Any]:
-    return await snapshot(server.store, server.settings.key_prefix)
+    return await snapshot(server.settings)
 
 
 async def seeded_state(server: SidecarServer) -> dict[bytes, Any]:
@@ -1257,11 +1257,11 @@ async def two_cards(settings: Settings, v2_card: Path) -> AsyncIterator[SidecarS
     rates = RateCardRegistry()
     rates.register(v2)
     rates.load(EXAMPLE_RATE_CARD)
-    server = SidecarServer(settings, rates=rates)
+    server = SidecarServer(settings, store=open_store(settings), rates=rates)
     await server.start()
     yield server
     try:
-        await drop_keys(server.store, settings.key_prefix)
+        await drop_keys(settings)
     finally:
         await server.stop(grace=0)
 

@@ -1,9 +1,8 @@
 """The batch paths of the commit and reserve scripts answer and leave exactly what the same
 items sent one call at a time answer and leave.
 
-commit.lua sums a batch's counter deltas and writes each counter once, burns the expiring
-grants once for the whole batch, reads and writes the hold records in bulk and derives each
-item's available-after from running totals. These tests run one mixed batch on one
+commit.lua reads and writes a batch's hold records in bulk and derives each item's
+available-after from running totals. These tests run one mixed batch on one
 organization and the same items one by one on a twin organization set up identically, then
 compare every per-item outcome, the account hash, the hold records, the indexes and the outbox.
 """
@@ -74,7 +73,7 @@ BATCH = [
 ]
 
 
-async def setup_org(store: RedisStore, org: str, now: int, *, on_touch: bool) -> None:
+async def setup_org(store: RedisStore, direct: Any, org: str, now: int, *, on_touch: bool) -> None:
     """Grants (two expiring ones the batch burns across), the holds, one commit and one
     release."""
     await store.grant(org, "topup", 1_000_000, GrantKind.TOP_UP, 0)
@@ -88,8 +87,8 @@ async def setup_org(store: RedisStore, org: str, now: int, *, on_touch: bool) ->
     if on_touch:
         # Out of the deadline index, no sweep expires them: each expires on its first touch,
         # inside the commit script (the path that writes counters in the middle of a batch).
-        deadlines = org_keys(store._settings.key_prefix, org)[2]
-        await store._client.zrem(deadlines, "late1", "late2", "late3")
+        deadlines = org_keys(store.key_prefix, org)[2]
+        await direct.zrem(deadlines, "late1", "late2", "late3")
 
 
 def known() -> dict[str, KnownHold]:
@@ -117,10 +116,10 @@ def outcome_view(o: CommitOutcome) -> tuple[Any, ...]:
     )
 
 
-async def state(store: RedisStore, org: str) -> dict[str, Any]:
-    """The organization's keys, with what depends on the wall clock or the org id masked."""
-    client = store._client
-    acct, holds, deadlines, tombs, outbox, _grants, gexp = org_keys(store._settings.key_prefix, org)
+async def state(client: Any, store: RedisStore, org: str) -> dict[str, Any]:
+    """The organization's keys (read with the test's own ``client``), with what depends on the
+    wall clock or the org id masked."""
+    acct, holds, deadlines, tombs, outbox, _grants, gexp = org_keys(store.key_prefix, org)
 
     def text(raw: dict[bytes, bytes]) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in raw.items()}
@@ -150,11 +149,13 @@ async def state(store: RedisStore, org: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("on_touch", [False, True], ids=["swept", "expired-on-touch"])
-async def test_commit_batch_equals_one_by_one(store: RedisStore, on_touch: bool) -> None:
+async def test_commit_batch_equals_one_by_one(
+    store: RedisStore, on_touch: bool, direct: Any
+) -> None:
     batch_org, single_org = "batch-org", "single-org"
     now = int(time.time() * 1000)
     for org in (batch_org, single_org):
-        await setup_org(store, org, now, on_touch=on_touch)
+        await setup_org(store, direct, org, now, on_touch=on_touch)
     store.clock_offset_ms = 5_000  # past the short holds' deadlines
     before = (await store.balance(batch_org)).available_uecu
     assert (await store.balance(single_org)).available_uecu == before
@@ -167,7 +168,7 @@ async def test_commit_batch_equals_one_by_one(store: RedisStore, on_touch: bool)
 
     assert [outcome_view(o) for o in batch.outcomes] == [outcome_view(o) for o in singles]
     assert batch.available_uecu == (await store.balance(single_org)).available_uecu
-    assert await state(store, batch_org) == await state(store, single_org)
+    assert await state(direct, store, batch_org) == await state(direct, store, single_org)
 
     # And what they both answered is right, item by item (a model of available-after).
     amounts = {rid: amount for rid, amount, _, _ in HOLDS}
@@ -208,16 +209,17 @@ async def test_commit_batch_equals_one_by_one(store: RedisStore, on_touch: bool)
 
     # The expiring grants burned soonest-first across the items: "soon" (800 left after the
     # commit before the batch) is gone, "later" paid the rest.
-    acct = (await state(store, batch_org))["acct"]
+    acct = (await state(direct, store, batch_org))["acct"]
     billed_total = sum(o.committed_uecu for o in first.values() if not o.replayed)
     assert "g:soon" not in acct
     assert int(acct["g:later"]) == 10_000 - (billed_total - 800)
-    assert (await state(store, batch_org))["gexp"] == ["later"]
+    assert (await state(direct, store, batch_org))["gexp"] == ["later"]
     assert_conserved(await store.balance(batch_org))
 
 
 async def test_commit_batch_of_fresh_account_creates_counters_like_single_commits(
     store: RedisStore,
+    direct: Any,
 ) -> None:
     """Counters an account has never had (overage, released, late_committed, ...) appear after
     a batch exactly as after the same commits one by one, zero-valued ones included."""
@@ -231,12 +233,15 @@ async def test_commit_batch_of_fresh_account_creates_counters_like_single_commit
     await store.commit("fresh-batch", items, PCT)
     for it in items:
         await store.commit("fresh-single", [it], PCT)
-    batch, single = await state(store, "fresh-batch"), await state(store, "fresh-single")
+    batch, single = (
+        await state(direct, store, "fresh-batch"),
+        await state(direct, store, "fresh-single"),
+    )
     assert batch == single
     assert batch["acct"]["overage"] == "0" and batch["acct"]["released"] == "0"
 
 
-async def test_reserve_batch_equals_one_by_one(store: RedisStore) -> None:
+async def test_reserve_batch_equals_one_by_one(store: RedisStore, direct: Any) -> None:
     """A batch reservation leaves the same records, deadlines and events as one reservation per
     item (its holds share one available-after: the batch is all or nothing)."""
     items = [
@@ -248,7 +253,10 @@ async def test_reserve_batch_equals_one_by_one(store: RedisStore) -> None:
     out = await store.reserve(account["res-batch"], items)
     for it in items:
         await store.reserve(account["res-single"], [it])
-    batch, single = await state(store, "res-batch"), await state(store, "res-single")
+    batch, single = (
+        await state(direct, store, "res-batch"),
+        await state(direct, store, "res-single"),
+    )
     for rec in single["holds"].values():
         rec["av0"] = str(out.available_uecu)  # one call: one available-after for every hold
     assert batch == single
@@ -256,4 +264,4 @@ async def test_reserve_batch_equals_one_by_one(store: RedisStore) -> None:
     # Replaying the whole batch changes nothing and answers the original.
     again = await store.reserve(account["res-batch"], items)
     assert again.replayed and again.available_uecu == out.available_uecu
-    assert await state(store, "res-batch") == batch
+    assert await state(direct, store, "res-batch") == batch

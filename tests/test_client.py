@@ -391,7 +391,7 @@ async def test_retry_reaches_a_sidecar_that_starts_after_the_first_attempt(
         assert rpcs(late, "Reserve", "OK") == 1
     finally:
         if late.port:
-            await drop_keys(late.store, late_settings.key_prefix)
+            await drop_keys(late_settings)
         await late.stop(grace=0)
 
 

@@ -26,6 +26,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -61,7 +62,7 @@ from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import SUFFIXES, org_keys
 from ecu_sidecar.store.scripts import SCRIPTS
-from tests.conftest import ADMIN_METADATA, assert_conserved, make_settings
+from tests.conftest import ADMIN_METADATA, assert_conserved, direct_client, make_settings
 from tests.redis_cluster import HOST, RedisClusterProcess, cluster_or_skip, slot_owners
 
 pytestmark = pytest.mark.cluster
@@ -98,6 +99,14 @@ async def cluster_store(cluster_settings: Settings) -> AsyncIterator[RedisStore]
     assert store.kind == "cluster"
     yield store
     await store.close()
+
+
+@pytest_asyncio.fixture
+async def cluster_direct(cluster_settings: Settings) -> AsyncIterator[Any]:
+    """A cluster client of the test's own (same URL and key prefix as ``cluster_store``)."""
+    client = direct_client(cluster_settings)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture
@@ -298,7 +307,7 @@ async def phase_two(engine: QuotaEngine, i: int) -> Expected:
     )
 
 
-async def check_balance(engine: QuotaEngine, i: int, exp: Expected) -> None:
+async def check_balance(engine: QuotaEngine, direct: Any, i: int, exp: Expected) -> None:
     b = await engine.balance(ORGS[i])
     got = (
         b.granted_uecu, b.committed_uecu, b.held_uecu, b.reserved_uecu,
@@ -320,7 +329,7 @@ async def check_balance(engine: QuotaEngine, i: int, exp: Expected) -> None:
         ("pa", 500_000, exp.project_held, exp.project_used)
     ]
     outbox = org_keys(engine.settings.key_prefix, ORGS[i])[SUFFIXES.index("outbox")]
-    assert await engine.store._client.xlen(outbox) == exp.events
+    assert await direct.xlen(outbox) == exp.events
 
 
 # -- tests ----------------------------------------------------------------------------------
@@ -364,6 +373,7 @@ async def test_engine_life_cycle_across_60_orgs(
     cluster_engine: QuotaEngine,
     cluster_store: RedisStore,
     nodes: dict[int, aioredis.Redis],
+    cluster_direct: Any,
 ) -> None:
     engine = cluster_engine
     # Unknown organization: a clean ACCOUNT_NOT_FOUND, not a cluster error.
@@ -373,7 +383,9 @@ async def test_engine_life_cycle_across_60_orgs(
     await asyncio.gather(*(phase_one(engine, i) for i in range(len(ORGS))))
     cluster_store.clock_offset_ms = 5_000  # past e1's 1 s ttl, far from b4's 120 s
     expected = await asyncio.gather(*(phase_two(engine, i) for i in range(len(ORGS))))
-    await asyncio.gather(*(check_balance(engine, i, e) for i, e in enumerate(expected)))
+    await asyncio.gather(
+        *(check_balance(engine, cluster_direct, i, e) for i, e in enumerate(expected))
+    )
     assert await engine.sweep_recent() == 0
 
     # Every master holds organization keys, every key is on the master owning its slot, and
@@ -455,7 +467,7 @@ async def test_noscript_fallback_after_script_flush_on_every_node(
         assert await client.script_flush() is True
         assert not any(await client.script_exists(*shas))
 
-    caplog.set_level(logging.DEBUG, logger="ecu_sidecar.store.redis_store")
+    caplog.set_level(logging.DEBUG, logger="ecu_sidecar.store.transport")
     await asyncio.gather(*(work(o) for o in orgs[10:]))  # NOSCRIPT -> EVAL on every node
     fallbacks = [r for r in caplog.records if "not cached on this node" in r.getMessage()]
     assert fallbacks, "no NOSCRIPT fallback happened"
@@ -546,7 +558,10 @@ async def test_grpc_reserve_commit_over_cluster(
 
 
 async def test_flusher_finds_every_outbox_on_every_master(
-    cluster_store: RedisStore, cluster_settings: Settings, tmp_path: Path
+    cluster_store: RedisStore,
+    cluster_settings: Settings,
+    tmp_path: Path,
+    cluster_direct: Any,
 ) -> None:
     """Discovery is SCAN on every primary: organizations on all three masters reach the ledger,
     exactly once, and reconcile with zero drift."""
@@ -574,7 +589,7 @@ async def test_flusher_finds_every_outbox_on_every_master(
         # The gauges and the tidying read every master's streams in pipelines, and a dead
         # consumer is removed by a script in its stream's slot.
         ghost = cluster_store.outbox_key(orgs[7])
-        await cluster_store._client.xgroup_createconsumer(ghost, "ledger", "ghost")
+        await cluster_direct.xgroup_createconsumer(ghost, "ledger", "ghost")
         await flusher.observe()
         assert flusher.metrics.registry.get_sample_value("ecu_outbox_length") == 0
         assert await flusher.reader.forget_consumers(orgs, 0) == 1
@@ -586,8 +601,8 @@ async def test_flusher_finds_every_outbox_on_every_master(
         for org in (lost_acct, lost_index):
             await engine.reserve(AccountRef(org), [ReserveItem("open", 500, JobType.GEPA)])
         await flusher.drain()
-        await cluster_store._client.delete(org_keys(cluster_settings.key_prefix, lost_acct)[0])
-        await cluster_store._client.delete(org_keys(cluster_settings.key_prefix, lost_index)[2])
+        await cluster_direct.delete(org_keys(cluster_settings.key_prefix, lost_acct)[0])
+        await cluster_direct.delete(org_keys(cluster_settings.key_prefix, lost_index)[2])
         b = await engine.balance(lost_acct)  # rebuilt by the sidecar, hold restored
         assert (b.held_uecu, b.balance_uecu, b.conservation_faults()) == (500, 9_600, [])
         drifts = await flusher.reconcile()  # finds lost_index's keys lost and rebuilds it

@@ -288,7 +288,7 @@ class Outage:
 
     async def close(self) -> None:
         self.proxy.close()
-        await drop_keys(self.direct, self.settings.key_prefix)
+        await drop_keys(self.direct_settings)
         await self.store.close()
         await self.direct.close()
 

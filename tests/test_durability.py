@@ -31,9 +31,8 @@ from ecu_sidecar.model import (
 )
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import SettingsError, parse_sentinel_url
-from ecu_sidecar.store import RedisStore
+from ecu_sidecar.store import RedisStore, Transport
 from ecu_sidecar.store.keys import org_keys
-from ecu_sidecar.store.outbox import OutboxReader
 from tests.conftest import ADMIN_METADATA, make_settings, wait_until, wait_until_sync
 from tests.replicated_redis import ReplicatedRedis
 
@@ -56,11 +55,8 @@ async def store(request: pytest.FixtureRequest, pair: ReplicatedRedis) -> AsyncI
     pool alone is what rediss:// and Sentinel URLs use). Confirmed scripts take the pool in
     both; reads take the multiplexed connection where there is one."""
     settings = durable_settings(pair)
-    if request.param == "multiplexed":
-        st = RedisStore.from_settings(settings)  # type: ignore[arg-type]
-        assert st._channel is not None
-    else:
-        st = RedisStore(aioredis.Redis.from_url(pair.url), settings, kind="standalone")  # type: ignore[arg-type]
+    transport = Transport.multiplexed if request.param == "multiplexed" else Transport.pooled
+    st = RedisStore(transport(settings), settings)  # type: ignore[arg-type]
     yield st
     await st.close()
 
@@ -97,7 +93,7 @@ async def test_an_acknowledged_write_is_on_the_replica(
     store: RedisStore, pair: ReplicatedRedis
 ) -> None:
     org = "org-" + uuid.uuid4().hex[:8]
-    prefix = store._settings.key_prefix
+    prefix = store.key_prefix
     await store.grant(org, "g1", 10_000, GrantKind.TOP_UP, 0)
     for i in range(20):
         out = await store.reserve(AccountRef(org), [item(f"r{i}")])
@@ -179,7 +175,7 @@ async def test_no_wait_when_off(pair: ReplicatedRedis) -> None:
         pair.hold_back()
         out = await store.reserve(AccountRef(org), [item("r")])
         assert out.holds[0].amount_uecu == 100
-        assert not await on_replica(pair, store._settings.key_prefix, org, "r")
+        assert not await on_replica(pair, store.key_prefix, org, "r")
     finally:
         await store.close()
 
@@ -255,7 +251,7 @@ async def test_the_flusher_meets_a_demoted_primary_as_unavailable(pair: Replicat
         await primary.xgroup_create(key, "ledger", id="0", mkstream=True)
         eid = await primary.xadd(key, {"e": "1"})
         pair.wait_linked()
-        reader = OutboxReader(store, "c1")
+        reader = store.outbox("c1")
         with pytest.raises(StoreUnavailable) as ei:
             await reader.read(["acme"], 10)
         assert "READONLY" in ei.value.message or "ReadOnlyError" in ei.value.message
@@ -311,17 +307,17 @@ async def test_sentinel_url_follows_a_failover(pair: ReplicatedRedis) -> None:
     from tests.replicated_redis import PrivateSentinel
 
     sentinel = PrivateSentinel(pair.primary.port)
-    store = RedisStore.from_settings(
-        make_settings(
-            "redis",
-            redis_url=sentinel.url,
-            redis_wait_replicas=1,
-            redis_wait_timeout_ms=WAIT_MS,
-            redis_timeout_ms=1_000,
-        )
+    settings = make_settings(
+        "redis",
+        redis_url=sentinel.url,
+        redis_wait_replicas=1,
+        redis_wait_timeout_ms=WAIT_MS,
+        redis_timeout_ms=1_000,
     )
+    transport = Transport.open(settings)
+    store = RedisStore(transport, settings)
     try:
-        assert store.kind == "standalone" and store._channel is None
+        assert store.kind == "standalone" and not transport.multiplexed_scripts
         org = "org-" + uuid.uuid4().hex[:8]
         await store.grant(org, "g1", 10_000, GrantKind.TOP_UP, 0)
         await store.reserve(AccountRef(org), [item("r1")])
@@ -351,15 +347,15 @@ async def test_cluster_waits_on_the_replica_of_the_node_that_ran_the_script() ->
     from tests.redis_cluster import cluster_or_skip, replicas_by_master, slot_owners
 
     with cluster_or_skip(masters=3, replicas=1) as cluster:
-        store = RedisStore.from_settings(
-            make_settings(
-                "redis",
-                redis_url=cluster.url,
-                redis_cluster=True,
-                redis_wait_replicas=1,
-                redis_wait_timeout_ms=WAIT_MS,
-            )
+        settings = make_settings(
+            "redis",
+            redis_url=cluster.url,
+            redis_cluster=True,
+            redis_wait_replicas=1,
+            redis_wait_timeout_ms=WAIT_MS,
         )
+        transport = Transport.cluster(settings)
+        store = RedisStore(transport, settings)
         try:
             await store.connect()
             org = "org-" + uuid.uuid4().hex[:8]
@@ -397,9 +393,9 @@ async def test_cluster_waits_on_the_replica_of_the_node_that_ran_the_script() ->
             # A stale route (the slot moved, or a failover the client has not learned yet):
             # the other node answers MOVED without running the script; the pipeline is sent
             # once more to the new owner, and the route is learned.
-            manager = store._client.nodes_manager
+            manager = transport.client.nodes_manager
             elsewhere = next(p for p in layout if p != owner)
-            manager.slots_cache[slot] = [store._client.get_node("127.0.0.1", elsewhere)]
+            manager.slots_cache[slot] = [transport.client.get_node("127.0.0.1", elsewhere)]
             moved = await store.reserve(AccountRef(org), [item("r0")])
             assert not moved.replayed
             assert manager.slots_cache[slot][0].port == owner
@@ -435,7 +431,7 @@ async def test_cluster_waits_on_the_replica_of_the_node_that_ran_the_script() ->
 
 
 def test_waitaof_joins_wait_only_where_redis_has_it_and_runs_aof() -> None:
-    from ecu_sidecar.store.redis_store import _info, waitaof_applies
+    from ecu_sidecar.store.replicas import info_dict, waitaof_applies
 
     assert not waitaof_applies("7.0.15", True)  # this machine's Redis: WAIT alone
     assert not waitaof_applies("7.2.4", False)  # numlocal 1 is an error without AOF
@@ -443,8 +439,8 @@ def test_waitaof_joins_wait_only_where_redis_has_it_and_runs_aof() -> None:
     assert waitaof_applies("8.0.1", True)
     assert not waitaof_applies("garbage", True)
     raw = b"# Server\r\nredis_version:7.2.4\r\nredis_mode:standalone\r\n"
-    assert _info(raw)["redis_version"] == "7.2.4"
-    assert _info({"aof_enabled": 1})["aof_enabled"] == 1
+    assert info_dict(raw)["redis_version"] == "7.2.4"
+    assert info_dict({"aof_enabled": 1})["aof_enabled"] == 1
 
 
 async def test_an_unconfirmed_reserve_is_never_granted_locally(
@@ -504,15 +500,15 @@ async def test_cluster_failover_keeps_what_the_wait_confirmed() -> None:
 
     # A 1 s node timeout: the failover the test waits for comes that much sooner.
     with cluster_or_skip(masters=3, replicas=1, node_timeout_ms=1_000) as cluster:
-        store = RedisStore.from_settings(
-            make_settings(
-                "redis",
-                redis_url=cluster.url,
-                redis_cluster=True,
-                redis_wait_replicas=1,
-                redis_wait_timeout_ms=WAIT_MS,
-            )
+        settings = make_settings(
+            "redis",
+            redis_url=cluster.url,
+            redis_cluster=True,
+            redis_wait_replicas=1,
+            redis_wait_timeout_ms=WAIT_MS,
         )
+        transport = Transport.cluster(settings)
+        store = RedisStore(transport, settings)
         try:
             await store.connect()
             org = "org-" + uuid.uuid4().hex[:8]

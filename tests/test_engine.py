@@ -25,7 +25,6 @@ from ecu_sidecar.model import (
 )
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
-from ecu_sidecar.store.keys import org_keys
 from tests.conftest import ManualClock, funded, make_settings, snapshot
 
 
@@ -33,9 +32,8 @@ def item(rid: str, amount: int, ttl_ms: int = 0, job: JobType = JobType.GEPA) ->
     return ReserveItem(rid, amount, job, "", ttl_ms)
 
 
-async def outbox(store: RedisStore, org: str) -> list[dict[str, str]]:
-    key = org_keys(store._settings.key_prefix, org)[4]
-    entries = await store._client.xrange(key)
+async def outbox(direct: Any, store: RedisStore, org: str) -> list[dict[str, str]]:
+    entries = await direct.xrange(store.outbox_key(org))
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
@@ -121,11 +119,12 @@ async def test_concurrent_replays_of_one_id_charge_once(engine: QuotaEngine) -> 
 
 
 async def test_every_mutation_replays_its_first_outcome(
-    engine: QuotaEngine, store: RedisStore
+    engine: QuotaEngine,
+    store: RedisStore,
+    settings: Settings,
 ) -> None:
     org = await funded(engine, 10_000)
     acct = AccountRef(org, "t", "p", "u")
-    prefix = store._settings.key_prefix
 
     first = await engine.reserve(acct, [item("r1", 1_000)])
     ext = await engine.extend(org, "r1", 600_000, 1)
@@ -137,7 +136,7 @@ async def test_every_mutation_replays_its_first_outcome(
     gr = await engine.grant(org, "g2", 5_000, GrantKind.TOP_UP)
     cap = await engine.set_cap(org, "team", "t", 50_000)
 
-    before = await snapshot(store, prefix)
+    before = await snapshot(settings)
     again = [
         await engine.reserve(acct, [item("r1", 1_000)]),
         await engine.reserve(acct, [item("b1", 100), item("b2", 200)], batch=True),
@@ -155,16 +154,16 @@ async def test_every_mutation_replays_its_first_outcome(
     assert (await engine.release(org, "r2")).released_uecu == rel.released_uecu
     assert (await engine.grant(org, "g2", 5_000, GrantKind.TOP_UP)).balance_uecu == gr.balance_uecu
     assert await engine.set_cap(org, "team", "t", 50_000) == cap
-    assert await snapshot(store, prefix) == before, "replays must change nothing"
+    assert await snapshot(settings) == before, "replays must change nothing"
 
     # Extend is replayed by its sequence number (the hold is committed now, so use a new one).
     await engine.reserve(acct, [item("r3", 10)])
     e1 = await engine.extend(org, "r3", 200_000, 1)
-    mid = await snapshot(store, prefix)
+    mid = await snapshot(settings)
     e1b = await engine.extend(org, "r3", 200_000, 1)
     assert (e1b.deadline_unix_ms, e1b.replayed) == (e1.deadline_unix_ms, True)
     assert ext.deadline_unix_ms > first.holds[0].deadline_unix_ms
-    assert await snapshot(store, prefix) == mid
+    assert await snapshot(settings) == mid
 
 
 def _fields(obj: object) -> dict[str, object]:
@@ -172,7 +171,9 @@ def _fields(obj: object) -> dict[str, object]:
 
 
 async def test_same_id_different_parameters_is_a_conflict(
-    engine: QuotaEngine, store: RedisStore
+    engine: QuotaEngine,
+    store: RedisStore,
+    settings: Settings,
 ) -> None:
     org = await funded(engine, 10_000)
     acct = AccountRef(org, "t")
@@ -181,7 +182,7 @@ async def test_same_id_different_parameters_is_a_conflict(
     await engine.commit(org, [CommitItem("r2", 10)])
     await engine.reserve(acct, [item("r3", 1_000)])
     await engine.extend(org, "r3", 100_000, 2)
-    before = await snapshot(store, store._settings.key_prefix)
+    before = await snapshot(settings)
 
     conflicts = [
         engine.reserve(acct, [item("r1", 1_001)]),
@@ -194,9 +195,9 @@ async def test_same_id_different_parameters_is_a_conflict(
             await call
     (c,) = await engine.commit(org, [CommitItem("r2", 11)])
     assert isinstance(c.error, errors.IdempotencyConflict)
-    assert await snapshot(store, store._settings.key_prefix) == before
+    assert await snapshot(settings) == before
     await engine.grant(org, "gx", 7, GrantKind.TOP_UP)
-    before = await snapshot(store, store._settings.key_prefix)
+    before = await snapshot(settings)
     with pytest.raises(errors.IdempotencyConflict):
         await engine.grant(org, "gx", 8, GrantKind.TOP_UP)
     with pytest.raises(errors.IdempotencyConflict):
@@ -205,7 +206,7 @@ async def test_same_id_different_parameters_is_a_conflict(
         await engine.extend(org, "r3", 100_001, 2)
     with pytest.raises(errors.StaleSequence):
         await engine.extend(org, "r3", 100_000, 1)
-    assert await snapshot(store, store._settings.key_prefix) == before
+    assert await snapshot(settings) == before
 
 
 # -- hierarchy ------------------------------------------------------------------------------
@@ -213,14 +214,17 @@ async def test_same_id_different_parameters_is_a_conflict(
 
 @pytest.mark.parametrize("capped", ["team", "project"])
 async def test_cap_rejects_without_touching_wallet_or_other_cap(
-    engine: QuotaEngine, store: RedisStore, capped: str
+    engine: QuotaEngine,
+    store: RedisStore,
+    capped: str,
+    settings: Settings,
 ) -> None:
     org = await funded(engine, 1_000_000)
     await engine.set_cap(org, "team", "t1", 500_000 if capped == "project" else 300)
     await engine.set_cap(org, "project", "p1", 500_000 if capped == "team" else 300)
     acct = AccountRef(org, "t1", "p1")
     await engine.reserve(acct, [item("ok", 200)])
-    before = await snapshot(store, store._settings.key_prefix)
+    before = await snapshot(settings)
     with pytest.raises(errors.InsufficientEcu) as ei:
         await engine.reserve(acct, [item("too-much", 101)])
     assert ei.value.metadata == {
@@ -229,7 +233,7 @@ async def test_cap_rejects_without_touching_wallet_or_other_cap(
         "requested": "101",
         "available": "100",
     }
-    assert await snapshot(store, store._settings.key_prefix) == before
+    assert await snapshot(settings) == before
     b = await engine.balance(org)
     assert b.available_uecu == 1_000_000 - 200
     assert [(s.id, s.held_uecu) for s in b.teams + b.projects] == [("t1", 200), ("p1", 200)]
@@ -242,14 +246,16 @@ async def test_cap_rejects_without_touching_wallet_or_other_cap(
     ]
 
 
-async def test_wallet_rejects_without_touching_caps(engine: QuotaEngine, store: RedisStore) -> None:
+async def test_wallet_rejects_without_touching_caps(
+    engine: QuotaEngine, store: RedisStore, settings: Settings
+) -> None:
     org = await funded(engine, 1_000)
     await engine.set_cap(org, "team", "t1", 10_000)
-    before = await snapshot(store, store._settings.key_prefix)
+    before = await snapshot(settings)
     with pytest.raises(errors.InsufficientEcu) as ei:
         await engine.reserve(AccountRef(org, "t1"), [item("r", 1_001)])
     assert ei.value.metadata["scope"] == "organization"
-    assert await snapshot(store, store._settings.key_prefix) == before
+    assert await snapshot(settings) == before
 
 
 async def test_cap_usage_follows_commit_and_release(engine: QuotaEngine) -> None:
@@ -272,12 +278,14 @@ async def test_cap_usage_follows_commit_and_release(engine: QuotaEngine) -> None
     await engine.reserve(acct, [item("c", 5_000)])  # uncapped now
 
 
-async def test_batch_is_all_or_nothing(engine: QuotaEngine, store: RedisStore) -> None:
+async def test_batch_is_all_or_nothing(
+    engine: QuotaEngine, store: RedisStore, settings: Settings
+) -> None:
     org = await funded(engine, 1_000)
-    before = await snapshot(store, store._settings.key_prefix)
+    before = await snapshot(settings)
     with pytest.raises(errors.InsufficientEcu):
         await engine.reserve(AccountRef(org), [item(f"i{i}", 100) for i in range(11)], batch=True)
-    assert await snapshot(store, store._settings.key_prefix) == before
+    assert await snapshot(settings) == before
     out = await engine.reserve(AccountRef(org), [item(f"i{i}", 100) for i in range(10)], batch=True)
     assert out.available_uecu == 0 and len(out.holds) == 10
 
@@ -364,7 +372,9 @@ async def test_zero_available_blocks_new_work_but_holds_still_commit(engine: Quo
 # -- expiry ------------------------------------------------------------------------------------
 
 
-async def test_expired_holds_are_swept_and_counted(engine: QuotaEngine, store: RedisStore) -> None:
+async def test_expired_holds_are_swept_and_counted(
+    engine: QuotaEngine, store: RedisStore, direct: Any
+) -> None:
     org = await funded(engine, 10_000)
     await engine.reserve(
         AccountRef(org, "t"), [item(f"h{i}", 100, ttl_ms=1_000) for i in range(5)], batch=True
@@ -381,7 +391,7 @@ async def test_expired_holds_are_swept_and_counted(engine: QuotaEngine, store: R
     assert (b.expired_uecu, b.expired_holds, b.held_uecu, b.outstanding_holds) == (500, 5, 100, 1)
     assert b.teams[0].held_uecu == 0
     assert b.conservation_faults() == []
-    kinds = [e["type"] for e in await outbox(store, org)]
+    kinds = [e["type"] for e in await outbox(direct, store, org)]
     assert kinds.count("expire") == 5
 
 
@@ -450,7 +460,7 @@ async def test_sweep_is_bounded_per_call(backend: str) -> None:
         assert [(o.expired, o.waiting) for o in outs] == [(3, 4), (3, 1), (1, 0)]
         assert outs[-1].next_due_ms is None  # nothing left to fall due
     finally:
-        await drop_keys(store, settings.key_prefix)
+        await drop_keys(settings)
         await store.close()
 
 
@@ -508,7 +518,7 @@ async def test_tombstones_answer_replays_then_are_purged(backend: str) -> None:
         with pytest.raises(errors.HoldNotFound):
             await engine.release(org, "a")
     finally:
-        await drop_keys(store, settings.key_prefix)
+        await drop_keys(settings)
         await store.close()
 
 
@@ -516,7 +526,9 @@ async def test_tombstones_answer_replays_then_are_purged(backend: str) -> None:
 
 
 async def test_every_state_change_appends_one_outbox_event(
-    engine: QuotaEngine, store: RedisStore
+    engine: QuotaEngine,
+    store: RedisStore,
+    direct: Any,
 ) -> None:
     org = await funded(engine, 10_000)
     acct = AccountRef(org, "t", "p", "u")
@@ -527,7 +539,7 @@ async def test_every_state_change_appends_one_outbox_event(
     await engine.reserve(acct, [item("b", 50, ttl_ms=1_000)])
     await engine.release(org, "b")
     await engine.set_cap(org, "team", "t", 9_000)
-    events = await outbox(store, org)
+    events = await outbox(direct, store, org)
     assert [e["type"] for e in events] == [
         "grant",
         "reserve",
@@ -578,8 +590,7 @@ async def test_every_state_change_appends_one_outbox_event(
 
 
 async def redis_now_ms(store: RedisStore) -> int:
-    seconds, micros = await store._client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+    return await store.now_ms() - store.clock_offset_ms
 
 
 async def test_a_ttl_of_zero_holds_for_the_default_ttl(

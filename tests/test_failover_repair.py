@@ -222,7 +222,7 @@ async def test_the_fence_refuses_changes_until_the_rebuild(
 
         # The rebuild lifts it, and records the epoch of the node it rebuilt on.
         assert await s.store.check_epoch(org, "run-2:repl-3", 60_000) == now  # until rebuilt
-        assert await s.flusher._rebuild_fenced(org)
+        assert await s.flusher.reconciler.rebuild_fenced(org)
         assert await s.store.check_epoch(org, now, 60_000) is None
         assert await raw.hget(keys[0], "fence") is None
         rebuilt = await s.engine.balance(org)
@@ -299,4 +299,4 @@ async def test_a_fenced_organization_answers_unavailable_rebuilding_over_grpc(
             assert (b.outstanding_holds, b.balance_uecu) == (0, 1_000)
     finally:
         await server.stop(grace=0)
-        await drop_keys(server.engine.store, settings.key_prefix)
+        await drop_keys(settings)

@@ -9,6 +9,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -29,8 +30,10 @@ from tests.conftest import (
     REDIS_URL,
     Database,
     ManualClock,
+    direct_client,
     drop_keys,
     make_settings,
+    open_store,
     require_redis,
     wait_until,
 )
@@ -42,11 +45,12 @@ def item(rid: str, amount: int, ttl_ms: int = 0) -> ReserveItem:
 
 
 class Stack:
-    """Store, ledger, engine and flusher of one test."""
+    """Store, ledger, engine and flusher of one test, and a Redis client of its own."""
 
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self.settings = settings
-        self.store = RedisStore.from_settings(settings)
+        self.store = open_store(settings)
+        self.direct = direct_client(settings)
         self.ledger = ledger
         self.engine = QuotaEngine(self.store, settings, ledger=ledger)
         self.registry = CollectorRegistry()
@@ -65,8 +69,9 @@ async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
     ledger.migrate()
     s = Stack(settings, ledger)
     yield s
-    await drop_keys(s.store, settings.key_prefix)
+    await drop_keys(settings)
     await s.store.close()
+    await s.direct.aclose()
     ledger.close()
 
 
@@ -126,7 +131,7 @@ async def test_redelivered_events_change_nothing(stack: Stack) -> None:
     await stack.engine.grant(org, "g1", 100_000, GrantKind.TOP_UP)
     await traffic(stack.engine, org, 10, random.Random(1))
     key = stack.store.outbox_key(org)
-    entries = await stack.store._client.xrange(key)
+    entries = await stack.direct.xrange(key)
     await stack.flusher.drain()
     # The same entries again, as after a crash between the ledger commit and the ack.
     fields = [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries]
@@ -145,7 +150,7 @@ async def test_money_metrics_count_each_event_once_when_it_is_redelivered(stack:
     await stack.engine.reserve(acct, [ReserveItem("a", 30_000, JobType.JUDGE, "gpt-4o-mini")])
     await stack.engine.commit(org, [CommitItem("a", 20_000, Usage(10, 5, 1))])
     await stack.engine.reserve(acct, [ReserveItem("b", 4_000, JobType.JUDGE, "gpt-4o-mini")])
-    entries = await stack.store._client.xrange(stack.store.outbox_key(org))
+    entries = await stack.direct.xrange(stack.store.outbox_key(org))
     fields = [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries]
     await asyncio.to_thread(stack.ledger.write_events, fields[:3])  # the dead flusher's commit
     assert await stack.flusher.drain() == 4
@@ -190,7 +195,7 @@ async def test_drift_is_detected_and_repaired(stack: Stack) -> None:
     await traffic(stack.engine, org, 8, random.Random(5))
     await stack.flusher.drain()
     assert (await stack.flusher.reconcile()) == {org: 0}
-    await stack.store._client.hincrby(stack.store.acct_key(org), "balance", 12_345)  # a fault
+    await stack.direct.hincrby(stack.store.acct_key(org), "balance", 12_345)  # a fault
     drifts = await stack.flusher.reconcile()
     assert drifts == {org: 12_345}
     assert stack.metric("ecu_reconcile_drift_uecu") == 12_345
@@ -224,7 +229,7 @@ async def test_a_lost_organization_is_rebuilt_once_from_the_ledger(stack: Stack)
     await stack.engine.reserve(AccountRef(org, "t1"), [item("in-flight", 10_000)])
     await stack.flusher.drain()
     # Redis loses the organization (eviction, a restart without persistence).
-    await drop_keys(stack.store, stack.settings.key_prefix)
+    await drop_keys(stack.settings)
     # Many sidecars notice at once: one rebuild.
     results = await asyncio.gather(*(stack.engine.balance(org) for _ in range(10)))
     assert {r.balance_uecu for r in results} == {80_000}
@@ -249,7 +254,7 @@ async def test_flusher_rebuilds_organizations_missing_from_redis(stack: Stack) -
     for org in orgs:
         await stack.engine.grant(org, "g1", 10_000 * (1 + orgs.index(org)), GrantKind.TOP_UP)
     await stack.flusher.drain()
-    await drop_keys(stack.store, stack.settings.key_prefix)
+    await drop_keys(stack.settings)
     assert sorted(await stack.flusher.hydrate_missing()) == orgs
     assert stack.metric("ecu_hydrations_total") == 3
     assert await stack.flusher.hydrate_missing() == []
@@ -297,7 +302,7 @@ async def test_ledger_down_then_back_loses_nothing(backend: str, tmp_path: Any) 
         await runner
         await assert_agree(s, [org])
     finally:
-        await drop_keys(s.store, settings.key_prefix)
+        await drop_keys(settings)
         await s.store.close()
         ledger.close()
 
@@ -311,8 +316,7 @@ async def test_expiry_burn_order_and_notifications_reach_the_ledger_once(stack: 
     under concurrent spending: each lands in the ledger exactly once per crossing, and a
     top-up re-arms them."""
     org = "lifecycle"
-    seconds, micros = await stack.store._client.time()
-    now = seconds * 1000 + micros // 1000
+    now = await stack.store.now_ms()
     await stack.engine.grant(org, "starter", 300_000, GrantKind.STARTER, now + 60_000)
     await stack.engine.grant(org, "topup", 700_000, GrantKind.TOP_UP)
     await stack.engine.set_auto_topup(org, 100_000, 500_000)
@@ -350,8 +354,7 @@ async def test_expiry_burn_order_and_notifications_reach_the_ledger_once(stack: 
 
 async def test_unspent_starter_leaves_the_ledger_balance_too(stack: Stack) -> None:
     org = "expiring"
-    seconds, micros = await stack.store._client.time()
-    now = seconds * 1000 + micros // 1000
+    now = await stack.store.now_ms()
     await stack.engine.grant(org, "starter", 300_000, GrantKind.STARTER, now + 60_000)
     await stack.engine.grant(org, "topup", 100_000, GrantKind.TOP_UP)
     await stack.engine.reserve(AccountRef(org), [item("a", 120_000)])
@@ -377,8 +380,8 @@ async def test_every_outbox_call_of_a_silent_redis_fails_within_the_bound(call: 
         settings = make_settings(
             "redis", redis_url=f"redis://127.0.0.1:{proxy.port}/0", flusher_redis_timeout_ms=200
         )
-        store = RedisStore.from_settings(settings)
-        reader = OutboxReader(store, "silent")
+        store = open_store(settings)
+        reader = store.outbox("silent")
         entry = OutboxEntry("org", "1-0", {"type": "grant"})
         calls = {
             "discover": lambda: reader.discover(),
@@ -431,7 +434,7 @@ async def test_a_read_whose_reply_is_lost_is_read_again_at_once(database: Databa
             assert s.metric("ecu_flusher_events_total", {"result": "written"}) == 2
         finally:
             proxy.heal()
-            await drop_keys(s.store, settings.key_prefix)
+            await drop_keys(settings)
             await s.store.close()
             ledger.close()
 
@@ -492,7 +495,7 @@ async def test_an_entry_that_is_not_utf8_is_quarantined_not_stuck(stack: Stack) 
     quarantine, losslessly, and the rest of the outbox moves on."""
     org = "binary"
     await stack.engine.grant(org, "g1", 10_000, GrantKind.TOP_UP)
-    await stack.store._client.xadd(
+    await stack.direct.xadd(
         stack.store.outbox_key(org),
         {"type": "grant", "eid": "grant:odd", "org": org, "ts": "1", "kind": b"\xff\xfe"},
     )
@@ -566,18 +569,19 @@ async def test_the_reader_takes_stream_replies_of_either_protocol_as_redis_sends
     with entries deleted while pending skipped, and its own pending ones read again."""
     require_redis()
     settings = make_settings("redis", redis_url=f"{REDIS_URL}?protocol={protocol}")
-    store = RedisStore.from_settings(settings)
-    reader = OutboxReader(store, "reader-1")
+    store = open_store(settings)
+    reader = store.outbox("reader-1")
+    direct = direct_client(settings)
     orgs = ["shape-a", "shape-b"]
     try:
         written = {}
         for org in orgs:
             key = store.outbox_key(org)
             for i in range(3):
-                await store._client.xadd(key, {"type": "t", "eid": f"e{i}", "n": str(i), "é": "ü"})
+                await direct.xadd(key, {"type": "t", "eid": f"e{i}", "n": str(i), "é": "ü"})
             written[org] = [
                 (eid.decode(), {k.decode(): v.decode() for k, v in f.items()})
-                for eid, f in await store._client.xrange(key)
+                for eid, f in await direct.xrange(key)
             ]
         assert sorted(await reader.discover()) == orgs
         entries = await reader.read(orgs, 10)
@@ -586,74 +590,85 @@ async def test_the_reader_takes_stream_replies_of_either_protocol_as_redis_sends
         ]
         assert await reader.read(orgs, 10) == []  # nothing new
         gone = written["shape-a"][0][0]
-        await store._client.xdel(store.outbox_key("shape-a"), gone)
+        await direct.xdel(store.outbox_key("shape-a"), gone)
         again = await reader.read(orgs, 10, own_pending=True)
         assert [(e.org, e.entry_id) for e in again] == [
             (org, eid) for org in orgs for eid, _ in written[org] if (org, eid) != ("shape-a", gone)
         ]
     finally:
-        await drop_keys(store, settings.key_prefix)
+        await drop_keys(settings)
         await store.close()
+        await direct.aclose()
 
 
 # -- the outboxes as they are after crashes: leftovers, dead consumers, taken-over backlogs ---
 
 
+@dataclass
+class Boxes:
+    """An outbox reader (consumer ``me``), its store, and a Redis client of the test's own."""
+
+    reader: OutboxReader
+    store: RedisStore
+    direct: Any
+
+
 @pytest_asyncio.fixture(params=["redis-resp2", "redis-resp3", "embedded"])
-async def reader(request: pytest.FixtureRequest) -> AsyncIterator[OutboxReader]:
-    """An outbox reader (consumer ``me``) on real Redis, either protocol, or the embedded
-    store."""
+async def boxes(request: pytest.FixtureRequest) -> AsyncIterator[Boxes]:
+    """An outbox reader on real Redis, either protocol, or the embedded store."""
     if request.param == "embedded":
         settings = make_settings("embedded")
     else:
         require_redis()
         protocol = request.param[-1]
         settings = make_settings("redis", redis_url=f"{REDIS_URL}?protocol={protocol}")
-    store = RedisStore.from_settings(settings)
-    yield OutboxReader(store, "me")
-    await drop_keys(store, settings.key_prefix)
+    store = open_store(settings)
+    direct = direct_client(settings)
+    yield Boxes(store.outbox("me"), store, direct)
+    await drop_keys(settings)
     await store.close()
+    await direct.aclose()
 
 
 async def test_the_lag_is_the_oldest_unacknowledged_entry_and_leftovers_go(
-    reader: OutboxReader,
+    boxes: Boxes,
 ) -> None:
     """A flusher (or Redis) that died between XACK and XDEL leaves acknowledged entries at the
     head of the stream: they do not count as lag, and tidying deletes them, and only them."""
-    client, key = reader.store._client, reader.store.outbox_key("org")
+    client, key = boxes.direct, boxes.store.outbox_key("org")
     for ms in (1000, 2000, 3000, 4000, 5000):
         await client.xadd(key, {"n": str(ms)}, id=f"{ms}-0")
-    assert await reader.backlog(["org"]) == Backlog(5, 0, 1000, 0), "no group yet: all unread"
-    await reader.discover()
+    assert await boxes.reader.backlog(["org"]) == Backlog(5, 0, 1000, 0), "no group yet: all unread"
+    await boxes.reader.discover()
     await client.xreadgroup(GROUP, "dead", {key: ">"}, count=3)
     await client.xack(key, GROUP, "1000-0", "2000-0")  # ... and died before XDEL
-    assert await reader.backlog(["org"]) == Backlog(5, 1, 3000, 0)
-    assert await reader.backlog(["org"], tidy=True) == Backlog(3, 1, 3000, 2)
+    assert await boxes.reader.backlog(["org"]) == Backlog(5, 1, 3000, 0)
+    assert await boxes.reader.backlog(["org"], tidy=True) == Backlog(3, 1, 3000, 2)
     assert [eid for eid, _ in await client.xrange(key)] == [b"3000-0", b"4000-0", b"5000-0"]
     # Nothing pending: the oldest is the first entry never delivered, past the leftovers.
     await client.xack(key, GROUP, "3000-0")
-    assert await reader.backlog(["org"]) == Backlog(3, 0, 4000, 0)
-    assert await reader.backlog(["org"], tidy=True) == Backlog(2, 0, 4000, 1)
+    assert await boxes.reader.backlog(["org"]) == Backlog(3, 0, 4000, 0)
+    assert await boxes.reader.backlog(["org"], tidy=True) == Backlog(2, 0, 4000, 1)
     # Delivered and not acknowledged: never deleted, whoever holds it.
     await client.xreadgroup(GROUP, "live", {key: ">"}, count=1)
-    assert await reader.backlog(["org"], tidy=True) == Backlog(2, 1, 4000, 0)
+    assert await boxes.reader.backlog(["org"], tidy=True) == Backlog(2, 1, 4000, 0)
     # A leftover behind a pending entry waits for that one to be acknowledged.
     await client.xreadgroup(GROUP, "live", {key: ">"}, count=1)
     await client.xack(key, GROUP, "5000-0")
-    assert await reader.backlog(["org"], tidy=True) == Backlog(2, 1, 4000, 0)
+    assert await boxes.reader.backlog(["org"], tidy=True) == Backlog(2, 1, 4000, 0)
     await client.xack(key, GROUP, "4000-0")
-    assert await reader.backlog(["org", "none"], tidy=True) == Backlog(0, 0, None, 2)
+    assert await boxes.reader.backlog(["org", "none"], tidy=True) == Backlog(0, 0, None, 2)
     assert await client.xlen(key) == 0
 
 
-async def test_dead_consumers_are_removed_and_pending_entries_kept(reader: OutboxReader) -> None:
+async def test_dead_consumers_are_removed_and_pending_entries_kept(boxes: Boxes) -> None:
     """Consumers with nothing pending and idle long enough go; one holding entries stays (its
     entries would otherwise be dropped unwritten), and so does the reader's own."""
-    client = reader.store._client
-    keys = {org: reader.store.outbox_key(org) for org in ("a", "b")}
+    client = boxes.direct
+    keys = {org: boxes.store.outbox_key(org) for org in ("a", "b")}
     for key in keys.values():
         await client.xadd(key, {"n": "1"})
-    await reader.discover()
+    await boxes.reader.discover()
     await client.xreadgroup(GROUP, "holder", {keys["a"]: ">"}, count=1)
     for name in ("dead-1", "dead-2", "me"):
         for key in keys.values():
@@ -662,11 +677,13 @@ async def test_dead_consumers_are_removed_and_pending_entries_kept(reader: Outbo
     async def names(org: str) -> set[str]:
         return {c["name"].decode() for c in await client.xinfo_consumers(keys[org], GROUP)}
 
-    assert await reader.forget_consumers(["a", "b", "none"], 3_600_000) == 0, "none idle so long"
-    assert await reader.forget_consumers(["a", "b", "none"], 0) == 4
+    assert await boxes.reader.forget_consumers(["a", "b", "none"], 3_600_000) == 0, (
+        "none idle so long"
+    )
+    assert await boxes.reader.forget_consumers(["a", "b", "none"], 0) == 4
     assert await names("a") == {"holder", "me"}
     assert await names("b") == {"me"}
-    assert (await reader.state("a")).pending == 1
+    assert (await boxes.reader.state("a")).pending == 1
 
 
 async def test_a_dead_flushers_backlog_is_taken_over_in_full_batches(stack: Stack) -> None:
@@ -681,7 +698,7 @@ async def test_a_dead_flushers_backlog_is_taken_over_in_full_batches(stack: Stac
         await stack.engine.set_cap(busy, "team", "t1", 100_000 + i)
     await flusher.reader.discover()
     key = stack.store.outbox_key(busy)
-    client = stack.store._client
+    client = stack.direct
     ((_, taken),) = await client.xreadgroup(GROUP, "dead", {key: ">"})
     # The dead flusher's entries have been pending for an hour (claimable after 30 s).
     await client.xclaim(key, GROUP, "dead", 0, [eid for eid, _ in taken], idle=3_600_000)
@@ -705,7 +722,7 @@ async def test_a_drain_takes_over_every_pending_entry_whoever_holds_it(stack: St
         await stack.engine.set_cap(org, "team", "t1", 100_000 + i)
     await live.reader.discover()
     key = stack.store.outbox_key(org)
-    await stack.store._client.xreadgroup(GROUP, "dead", {key: ">"}, count=250)
+    await stack.direct.xreadgroup(GROUP, "dead", {key: ">"}, count=250)
     assert await live.flush_once(read_ahead=False) == 50, "the live one holds the last 51"
     taken = await live.reader.read([org], 100)
     assert len(taken) == 1
@@ -772,7 +789,7 @@ async def test_gauges_keep_moving_while_the_ledger_refuses_writes(
         if runner is not None:
             await runner
         blocker.close()
-        await drop_keys(s.store, settings.key_prefix)
+        await drop_keys(settings)
         await s.store.close()
         ledger.close()
 
@@ -851,6 +868,6 @@ async def test_livez_fails_once_no_cycle_succeeded_for_the_stall_timeout(
         http.shutdown()
         http.server_close()
         blocker.close()
-        await drop_keys(s.store, settings.key_prefix)
+        await drop_keys(settings)
         await s.store.close()
         ledger.close()

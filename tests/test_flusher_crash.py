@@ -31,6 +31,7 @@ from tests.conftest import (
     REDIS_URL,
     Database,
     assert_conserved,
+    direct_client,
     drop_keys,
     make_settings,
     require_redis,
@@ -49,6 +50,7 @@ class Rig:
         self.ledger = ledger
         self.url = url
         self.store = RedisStore.from_settings(settings)
+        self.direct = direct_client(settings)
         self.engine = QuotaEngine(self.store, settings, ledger=ledger)
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -86,8 +88,9 @@ async def rig(database: Database) -> AsyncIterator[Rig]:
     for i, org in enumerate(ORGS):
         await r.engine.grant(org, "g1", 5_000_000 * (i + 1), GrantKind.TOP_UP)
     yield r
-    await drop_keys(r.store, settings.key_prefix)
+    await drop_keys(settings)
     await r.store.close()
+    await r.direct.aclose()
     ledger.close()
 
 
@@ -137,8 +140,8 @@ async def assert_exactly_once(rig: Rig) -> None:
             b.expired_uecu,
         )
         key = rig.store.outbox_key(org)
-        assert await rig.store._client.xlen(key) == 0, "every entry acknowledged and deleted"
-        pending = await rig.store._client.xpending(key, GROUP)
+        assert await rig.direct.xlen(key) == 0, "every entry acknowledged and deleted"
+        pending = await rig.direct.xpending(key, GROUP)
         assert pending["pending"] == 0
 
 
@@ -182,7 +185,7 @@ async def test_two_flusher_processes_at_once(rig: Rig) -> None:
     async def both_reading() -> bool:
         for org in ORGS:
             with contextlib.suppress(ResponseError):  # no group yet: nobody has read
-                for c in await rig.store._client.xinfo_consumers(rig.store.outbox_key(org), GROUP):
+                for c in await rig.direct.xinfo_consumers(rig.store.outbox_key(org), GROUP):
                     name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
                     seen.update(p.pid for p in procs if f"-{p.pid}-" in name)
         done = running.done() or any(p.poll() is not None for p in procs)
@@ -199,7 +202,7 @@ async def test_two_flusher_processes_at_once(rig: Rig) -> None:
     for proc in procs:
         code, err = await wait_exit(proc)
         assert code == 0, err
-    lengths = [await rig.store._client.xlen(rig.store.outbox_key(o)) for o in ORGS]
+    lengths = [await rig.direct.xlen(rig.store.outbox_key(o)) for o in ORGS]
     assert lengths == [0] * len(ORGS), "every outbox drained"
     await assert_exactly_once(rig)
 

@@ -33,6 +33,7 @@ from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.outbox import GROUP
 from tests.conftest import (
     REDIS_URL,
+    direct_client,
     drop_keys,
     make_settings,
     own_pg_database,
@@ -155,6 +156,7 @@ class Outboxes:
     def __init__(self, redis_url: str, ledger_url: str) -> None:
         self.settings = make_settings("redis", redis_url=redis_url, ledger_url=ledger_url)
         self.store = RedisStore.from_settings(self.settings)
+        self.direct = direct_client(self.settings)
         self.ledger = open_ledger(ledger_url)
         self.ledger.migrate()
         self.engine = QuotaEngine(self.store, self.settings, ledger=self.ledger)
@@ -170,16 +172,15 @@ class Outboxes:
             await self.engine.set_cap(org, "team", "t1", 100_000 + i)
 
     async def length(self, org: str) -> int:
-        return int(await self.store._client.xlen(self.store.outbox_key(org)))
+        return int(await self.direct.xlen(self.store.outbox_key(org)))
 
     async def pending(self, org: str) -> int:
-        return int(
-            (await self.store._client.xpending(self.store.outbox_key(org), GROUP))["pending"]
-        )
+        return int((await self.direct.xpending(self.store.outbox_key(org), GROUP))["pending"])
 
     async def close(self) -> None:
-        await drop_keys(self.store, self.settings.key_prefix)
+        await drop_keys(self.settings)
         await self.store.close()
+        await self.direct.aclose()
         self.ledger.close()
 
 
@@ -285,8 +286,8 @@ async def test_sigterm_while_redis_is_down_exits_1_with_one_error_line(
 async def dead_flusher_holds(boxes: Outboxes, org: str, n: int) -> None:
     """A flusher read ``n`` entries of the outbox of ``org`` and died (they stay pending)."""
     key = boxes.store.outbox_key(org)
-    await boxes.store._client.xgroup_create(key, GROUP, id="0", mkstream=True)
-    await boxes.store._client.xreadgroup(GROUP, "dead-flusher", {key: ">"}, count=n)
+    await boxes.direct.xgroup_create(key, GROUP, id="0", mkstream=True)
+    await boxes.direct.xreadgroup(GROUP, "dead-flusher", {key: ">"}, count=n)
 
 
 async def test_flush_once_moves_a_dead_flushers_pending_entries(sqlite_outboxes: Outboxes) -> None:

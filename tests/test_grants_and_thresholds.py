@@ -4,6 +4,7 @@ reconciliation and orphan commits: the Redis side of the ledger rules (both back
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -28,8 +29,7 @@ def item(rid: str, amount: int, ttl_ms: int = 0) -> ReserveItem:
 
 
 async def now_ms(store: RedisStore) -> int:
-    seconds, micros = await store._client.time()
-    return seconds * 1000 + micros // 1000
+    return await store.now_ms() - store.clock_offset_ms
 
 
 async def spend(engine: QuotaEngine, org: str, rid: str, amount: int) -> None:
@@ -38,7 +38,9 @@ async def spend(engine: QuotaEngine, org: str, rid: str, amount: int) -> None:
     assert c.error is None
 
 
-async def test_starter_expires_and_burns_first(engine: QuotaEngine, store: RedisStore) -> None:
+async def test_starter_expires_and_burns_first(
+    engine: QuotaEngine, store: RedisStore, direct: Any
+) -> None:
     t0 = await now_ms(store)
     org = "burn-org"
     await engine.grant(org, "topup", 1_000, GrantKind.TOP_UP)
@@ -55,7 +57,7 @@ async def test_starter_expires_and_burns_first(engine: QuotaEngine, store: Redis
     assert b.expired_grants_uecu == 250, "the rest of starter-late (300 - 50) leaves"
     assert (b.balance_uecu, b.available_uecu) == (1_000, 1_000), "the top-up never expires"
     assert b.conservation_faults() == []
-    events = [e for e in await outbox(store, org) if e["type"] == "grant_expire"]
+    events = [e for e in await outbox(direct, store, org) if e["type"] == "grant_expire"]
     assert [(e["grant_id"], e["amount"]) for e in events] == [("starter-late", "250")]
 
 
@@ -82,7 +84,9 @@ async def test_expiry_with_outstanding_holds(engine: QuotaEngine, store: RedisSt
     assert b.conservation_faults() == []
 
 
-async def test_expiry_never_charges_twice(engine: QuotaEngine, store: RedisStore) -> None:
+async def test_expiry_never_charges_twice(
+    engine: QuotaEngine, store: RedisStore, direct: Any
+) -> None:
     """10 ECU granted, expiring with a 10 ECU hold outstanding: once 10 expired and 10 were
     billed, the balance was -10. Now nothing expires and the commit spends the grant."""
     org = "twice-org"
@@ -94,12 +98,14 @@ async def test_expiry_never_charges_twice(engine: QuotaEngine, store: RedisStore
     b = await engine.balance(org)
     assert (b.expired_grants_uecu, b.committed_uecu, b.balance_uecu) == (0, 10_000_000, 0)
     assert b.conservation_faults() == []
-    (ev,) = [e for e in await outbox(store, org) if e["type"] == "grant_expire"]
+    (ev,) = [e for e in await outbox(direct, store, org) if e["type"] == "grant_expire"]
     assert (ev["amount"], ev["kept"]) == ("0", "10000000")
 
 
 async def test_warnings_fire_once_per_crossing_under_concurrency(
-    engine: QuotaEngine, store: RedisStore
+    engine: QuotaEngine,
+    store: RedisStore,
+    direct: Any,
 ) -> None:
     org = "warn-org"
     await engine.grant(org, "g1", 100_000, GrantKind.TOP_UP)
@@ -113,7 +119,7 @@ async def test_warnings_fire_once_per_crossing_under_concurrency(
                 return
 
     await asyncio.gather(*(spender(w) for w in range(20)))  # 200 x 1,000 > 100,000
-    kinds = [e["kind"] for e in await outbox(store, org) if e["type"] == "notify"]
+    kinds = [e["kind"] for e in await outbox(direct, store, org) if e["type"] == "notify"]
     assert sorted(kinds) == ["auto_topup_requested", "low_balance_20", "low_balance_5"]
     b = await engine.balance(org)
     assert b.available_uecu == 0
@@ -121,7 +127,7 @@ async def test_warnings_fire_once_per_crossing_under_concurrency(
     # A top-up re-arms all three: spending down again notifies again, once each.
     await engine.grant(org, "g2", 100_000, GrantKind.AUTO_TOP_UP)
     await asyncio.gather(*(spender(w) for w in range(20, 40)))
-    notes = [e for e in await outbox(store, org) if e["type"] == "notify"]
+    notes = [e for e in await outbox(direct, store, org) if e["type"] == "notify"]
     assert sorted(e["kind"] for e in notes) == sorted(
         ["auto_topup_requested", "low_balance_20", "low_balance_5"] * 2
     )
@@ -129,14 +135,16 @@ async def test_warnings_fire_once_per_crossing_under_concurrency(
 
 
 async def test_warning_reference_is_the_level_after_the_latest_grant(
-    engine: QuotaEngine, store: RedisStore
+    engine: QuotaEngine,
+    store: RedisStore,
+    direct: Any,
 ) -> None:
     org = "ref-org"
     await engine.grant(org, "g1", 1_000, GrantKind.TOP_UP)
     await spend(engine, org, "a", 800)  # 200 left = exactly 20%: not below
-    assert not [e for e in await outbox(store, org) if e["type"] == "notify"]
+    assert not [e for e in await outbox(direct, store, org) if e["type"] == "notify"]
     await spend(engine, org, "b", 1)  # 199 < 20% of 1,000
-    notes = [e for e in await outbox(store, org) if e["type"] == "notify"]
+    notes = [e for e in await outbox(direct, store, org) if e["type"] == "notify"]
     assert [(e["kind"], e["available"], e["reference"]) for e in notes] == [
         ("low_balance_20", "199", "1000")
     ]
@@ -174,7 +182,9 @@ async def test_hydration_is_race_free(engine: QuotaEngine, store: RedisStore) ->
 
 
 async def test_an_id_never_reserved_is_never_billed_after_a_rebuild(
-    engine: QuotaEngine, store: RedisStore
+    engine: QuotaEngine,
+    store: RedisStore,
+    direct: Any,
 ) -> None:
     """Once, a rebuilt account billed any unknown reservation id in full, with no hold."""
     with pytest.raises(errors.HoldNotFound):  # a live account: unknown ids stay unknown
@@ -185,7 +195,7 @@ async def test_an_id_never_reserved_is_never_billed_after_a_rebuild(
     (c,) = await engine.commit("rebuilt", [CommitItem("lost-hold", 1_234)])
     assert isinstance(c.error, errors.HoldNotFound)
     assert await engine.balance("rebuilt") == before
-    assert not [e for e in await outbox(store, "rebuilt") if e["type"] == "commit"]
+    assert not [e for e in await outbox(direct, store, "rebuilt") if e["type"] == "commit"]
 
 
 async def _funded(engine: QuotaEngine) -> str:
@@ -194,24 +204,26 @@ async def _funded(engine: QuotaEngine) -> str:
 
 
 async def test_reconcile_repairs_drift_with_an_absolute_value(
-    engine: QuotaEngine, store: RedisStore
+    engine: QuotaEngine,
+    store: RedisStore,
+    direct: Any,
 ) -> None:
     org = "drift-org"
     await engine.grant(org, "g", 10_000, GrantKind.TOP_UP)
     key = store.outbox_key(org)
     group = "ledger"
-    await store._client.xgroup_create(key, group, id="0")
+    await direct.xgroup_create(key, group, id="0")
     # Nothing flushed yet (the group has delivered nothing): the check must skip.
-    last = (await store._client.xinfo_stream(key))["last-generated-id"].decode()
+    last = (await direct.xinfo_stream(key))["last-generated-id"].decode()
     assert (await store.reconcile(org, last, 10_000, group)).drift_uecu is None
     # Deliver and acknowledge everything, as a flusher would after its ledger commit.
-    entries = await store._client.xreadgroup(group, "c", {key: ">"}, count=100)
-    await store._client.xack(key, group, *[eid for eid, _ in entries[0][1]])
+    entries = await direct.xreadgroup(group, "c", {key: ">"}, count=100)
+    await direct.xack(key, group, *[eid for eid, _ in entries[0][1]])
     assert (await store.reconcile(org, last, 10_000, group)).drift_uecu == 0
     # Inject drift: Redis lost 300 uECU of a grant the ledger holds (the write of both
     # counters; the repair then accounts for it in `repaired`, so conservation still holds).
-    await store._client.hincrby(store.acct_key(org), "balance", -300)
-    await store._client.hincrby(store.acct_key(org), "granted", -300)
+    await direct.hincrby(store.acct_key(org), "balance", -300)
+    await direct.hincrby(store.acct_key(org), "granted", -300)
     assert (await store.reconcile(org, last, 10_000, group)).drift_uecu == -300
     b = await engine.balance(org)
     assert (b.balance_uecu, b.repaired_uecu) == (10_000, 300)

@@ -94,7 +94,7 @@ async def sidecar() -> AsyncIterator[SidecarServer]:
     server = SidecarServer(settings, registry=CollectorRegistry())
     await server.start()
     yield server
-    await drop_keys(server.store, settings.key_prefix)
+    await drop_keys(settings)
     await server.stop(grace=0)
 
 

@@ -113,6 +113,7 @@ from tests.conftest import (
     PG_URL,
     REDIS_PORT,
     assert_conserved,
+    direct_client,
     drop_keys,
     make_settings,
     require_postgres,
@@ -340,6 +341,8 @@ class QuotaMachine(RuleBasedStateMachine):
             except LedgerUnavailable:
                 assert attempt < 199, "the ledger never answered through the proxy"
         self.store: RedisStore = self.run(self._make_store(self.settings))
+        self.redis = direct_client(self.settings)
+        """A Redis client of the test's own: what the faults and the checks go through."""
         self.engine = QuotaEngine(self.store, self.settings, ledger=self.ledger)
         self.flusher = self.new_flusher()
         # A second sidecar in degraded mode, whose Redis is behind a proxy of the test's own
@@ -386,8 +389,9 @@ class QuotaMachine(RuleBasedStateMachine):
                 self.flush()
         finally:
             self.end_outage()
-            self.run(drop_keys(self.store, self.settings.key_prefix))
+            self.run(drop_keys(self.settings))
             self.run(self.store.close())
+            self.run(self.redis.aclose())
             self.run(self.dstore.close())
             self.redis_proxy.close()
             self.ledger.close()
@@ -408,15 +412,18 @@ class QuotaMachine(RuleBasedStateMachine):
         return f"{prefix}{self.n}"
 
     async def redis_now(self) -> int:
-        seconds, micros = await self.store._client.time()
-        return seconds * 1000 + micros // 1000 + self.offset
+        return await self.store.now_ms()  # Redis TIME plus the offset the steps moved it by
 
     def step_clock(self, ms: int) -> None:
         self.offset += ms
         self.store.clock_offset_ms = self.dstore.clock_offset_ms = self.offset
 
+    def history_rebuilds(self) -> float:
+        registry = self.flusher.metrics.registry
+        return registry.get_sample_value("ecu_flusher_history_rebuilds_total") or 0.0
+
     def xlen(self, org: str) -> int:
-        return int(self.run(self.store._client.xlen(self.store.outbox_key(org))))
+        return int(self.run(self.redis.xlen(self.store.outbox_key(org))))
 
     def sweep(self, org: str) -> None:
         """What a script's sweep does at the current offset: grants first (R4: only the rest
@@ -1096,7 +1103,7 @@ class QuotaMachine(RuleBasedStateMachine):
             "acct": keys[:1],
             "holds": keys[1:3],
         }[what]
-        self.run(self.store._client.delete(*names))
+        self.run(self.redis.delete(*names))
         self.orgs[org].lost = what
         self.seen["lose:" + what] += 1
 
@@ -1173,7 +1180,7 @@ class QuotaMachine(RuleBasedStateMachine):
         self.replica[org] = dict(zip(keys, self.run(self._dump(keys)), strict=True))
 
     async def _dump(self, keys: list[str]) -> list[bytes | None]:
-        return [await self.store._client.dump(k) for k in keys]
+        return [await self.redis.dump(k) for k in keys]
 
     @precondition(
         lambda self: (
@@ -1193,13 +1200,13 @@ class QuotaMachine(RuleBasedStateMachine):
         held = self.replica.pop(org)
         self.run(self._restore(held))
         acct = org_keys(self.settings.key_prefix, org)[0]
-        before = self.flusher.metrics.history_rebuilds._value.get()
+        before = self.history_rebuilds()
         if held[acct] is None:
             # The replica never saw the account: it is missing, and rebuilt as such.
             assert self.run(self.flusher.hydrate_missing()) == [org]
         else:
             # The promoted node names another history than the one the account recorded.
-            self.run(self.store._client.hset(acct, "epoch", "the-lost-primary:history"))
+            self.run(self.redis.hset(acct, "epoch", "the-lost-primary:history"))
             # Found: the organization is fenced, and a change meanwhile is refused (REBUILDING)
             # and changes nothing (the model's checks after the step); then the rebuild.
             epoch = self.run(self.store.epochs([org]))[org]
@@ -1209,15 +1216,15 @@ class QuotaMachine(RuleBasedStateMachine):
                 errors.Rebuilding,
             )
             self.run(self.flusher.reconcile())
-            assert self.flusher.metrics.history_rebuilds._value.get() == before + 1
+            assert self.history_rebuilds() == before + 1
         self.rebuilt(org)
         self.seen["failover:" + ("account" if held[acct] is None else "history")] += 1
 
     async def _restore(self, held: dict[str, bytes | None]) -> None:
-        await self.store._client.delete(*held)
+        await self.redis.delete(*held)
         for key, dump in held.items():
             if dump is not None:
-                await self.store._client.restore(key, 0, dump, replace=True)
+                await self.redis.restore(key, 0, dump, replace=True)
 
     def rebuilt(self, org: str) -> None:
         """The model of a rebuild (R3): money totals from the ledger, outstanding holds

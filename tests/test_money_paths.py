@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -17,6 +18,7 @@ from ecu_sidecar.ledger import open_ledger
 from ecu_sidecar.model import MAX_REQUEST_UECU, AccountRef, CommitItem, GrantKind, Usage
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.store import RedisStore
+from ecu_sidecar.store.keys import org_keys
 from tests.conftest import ADMIN_TOKEN, Database, drop_keys, make_settings
 from tests.test_engine import outbox
 from tests.test_flusher import Stack
@@ -49,7 +51,12 @@ async def test_the_overage_bound_is_exact_for_large_holds(
 @pytest.mark.parametrize(("share", "kind"), [(20, "low_balance_20"), (5, "low_balance_5")])
 @pytest.mark.parametrize("ref", [2**52 - 1, 2**52 - 2**52 % 100])
 async def test_low_balance_thresholds_are_exact_at_the_boundary(
-    engine: QuotaEngine, store: RedisStore, share: int, kind: str, ref: int
+    engine: QuotaEngine,
+    store: RedisStore,
+    share: int,
+    kind: str,
+    ref: int,
+    direct: Any,
 ) -> None:
     """Near 2^52 the products avail * 100 and ref * share pass 2^53: the script decides the
     crossing from an exact quotient and remainder, to the µECU on both sides of the line."""
@@ -68,9 +75,9 @@ async def test_low_balance_thresholds_are_exact_at_the_boundary(
         await engine.reserve(AccountRef(org), [item(f"h{n}", step, ttl_ms=DAY_MS)])
         rest, n = rest - step, n + 1
     assert (await engine.balance(org)).available_uecu == edge
-    assert not [e for e in await outbox(store, org) if e.get("kind") == kind]
+    assert not [e for e in await outbox(direct, store, org) if e.get("kind") == kind]
     await engine.reserve(AccountRef(org), [item("one-more", 1, ttl_ms=DAY_MS)])
-    fired = [e for e in await outbox(store, org) if e.get("kind") == kind]
+    fired = [e for e in await outbox(direct, store, org) if e.get("kind") == kind]
     assert len(fired) == 1 and int(fired[0]["available"]) == edge - 1
 
 
@@ -124,8 +131,9 @@ async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
     ledger.migrate()
     s = Stack(settings, ledger)
     yield s
-    await drop_keys(s.store, settings.key_prefix)
+    await drop_keys(settings)
     await s.store.close()
+    await s.direct.aclose()
     ledger.close()
 
 
@@ -133,7 +141,7 @@ async def _purge(s: Stack, org: str) -> None:
     """Step the clock past every tombstone's retention and sweep them away."""
     s.store.clock_offset_ms += 2 * DAY_MS
     await s.store.sweep(org)
-    assert not await s.store._client.hlen(f"{s.settings.key_prefix}{{{org}}}:holds")
+    assert not await s.direct.hlen(org_keys(s.settings.key_prefix, org)[1])
 
 
 async def test_a_commit_after_its_tombstone_is_purged_is_answered_from_the_ledger(
@@ -186,7 +194,7 @@ async def test_a_late_commit_after_purge_bills_once_like_before_purge(stack: Sta
     assert b.conservation_faults() == []
     await s.flusher.drain()
     assert s.ledger.balance(org) == b.balance_uecu
-    (ev,) = [e for e in await outbox(s.store, org) if e["type"] == "commit"] or [None]
+    (ev,) = [e for e in await outbox(s.direct, s.store, org) if e["type"] == "commit"] or [None]
     assert ev is None, "drained: the commit event went to the ledger"
     assert s.ledger.conservation(org).ok
     # The commit's event id is the one the hold always had: commit:<rid>:<t0 of its reserve>.

@@ -16,10 +16,15 @@ from ecu_sidecar.errors import StoreUnavailable
 from ecu_sidecar.model import GrantKind
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.multiplex import ScriptChannel, multiplexable
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_until
 from tests.test_unavailable import PrivateRedis
 
 ECHO = "return {ARGV[1], tonumber(ARGV[2]) * 2}"
+
+
+def _clients(port: int) -> int:
+    """Connections open now, the probe's own included."""
+    return int(redis.Redis(port=port).info("clients")["connected_clients"])
 
 
 def _connections(port: int) -> int:
@@ -30,7 +35,10 @@ def _connections(port: int) -> int:
 def test_which_urls_are_multiplexed() -> None:
     assert multiplexable("redis://127.0.0.1:6379/0")
     assert multiplexable("unix:///run/redis.sock")
-    assert not multiplexable("rediss://127.0.0.1:6380/0")
+    assert multiplexable("rediss://127.0.0.1:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=none")
+    # TLS options the channel does not apply: redis-py's pool alone, which does.
+    assert not multiplexable("rediss://127.0.0.1:6380/0?ssl_ciphers=HIGH")
+    assert not multiplexable("redis+sentinel://127.0.0.1:26379/mymaster")
 
 
 async def test_concurrent_calls_share_one_connection(private_redis: PrivateRedis) -> None:
@@ -82,13 +90,18 @@ async def test_a_late_reply_goes_to_nobody(private_redis: PrivateRedis) -> None:
         await channel.close()
 
 
-async def test_restarted_server_is_reconnected_transparently(private_redis: PrivateRedis) -> None:
+async def test_a_restarted_server_is_a_connection_error_then_a_fresh_connection(
+    private_redis: PrivateRedis,
+) -> None:
+    """The channel does not retry (store/transport.py does, tests/test_transport.py): a call on
+    a connection the server closed fails with ConnectionError, and the next one connects anew."""
     channel = ScriptChannel(f"redis://127.0.0.1:{private_redis.port}/0", connect_timeout_s=2)
     try:
         assert await channel.execute("EVAL", ECHO, 0, "x", 1) == [b"x", 2]
         private_redis.kill()
         private_redis.start()
-        # The old connection is dead; the call is retried once on a fresh one.
+        with pytest.raises(ConnectionError):  # sent on the old connection, which is gone
+            await channel.execute("EVAL", ECHO, 0, "y", 2)
         assert await channel.execute("EVAL", ECHO, 0, "y", 2) == [b"y", 4]
         private_redis.kill()
         with pytest.raises(ConnectionError):
@@ -111,10 +124,13 @@ async def test_store_aborts_a_stalled_connection_and_recovers(private_redis: Pri
         for _ in range(2):
             with pytest.raises(StoreUnavailable):
                 await store.sweep("acme")
-        # The connection that owed replies for a whole timeout was aborted: nothing waits on it.
-        assert store._channel is not None and store._channel._conn is None
         private_redis.thaw()
+        # The connection that owed replies for a whole timeout was aborted: the next call
+        # connects afresh (one more connection beside the probe's own) instead of queueing
+        # behind it.
+        before = _connections(private_redis.port)
         assert (await store.balance("acme")).balance_uecu == 1_000
+        assert _connections(private_redis.port) - before == 2
     finally:
         private_redis.thaw()
         await store.close()
@@ -124,7 +140,7 @@ async def test_retired_connection_finishes_its_calls(private_redis: PrivateRedis
     channel = ScriptChannel(f"redis://127.0.0.1:{private_redis.port}/0", connect_timeout_s=2)
     try:
         await channel.execute("PING")
-        old = channel._conn
+        before = _connections(private_redis.port)
         pending = [
             asyncio.ensure_future(channel.execute("EVAL", ECHO, 0, "o", i)) for i in range(50)
         ]
@@ -133,7 +149,10 @@ async def test_retired_connection_finishes_its_calls(private_redis: PrivateRedis
         fresh = await channel.execute("EVAL", ECHO, 0, "n", 1)
         assert [await p for p in pending] == [[b"o", 2 * i] for i in range(50)]
         assert fresh == [b"n", 2]
-        assert old is not None and old.lost and channel._conn is not old
+        # A fresh connection took the new call (one more beside the probe's own); the old one
+        # closed once drained: the probe and the fresh one are all that is left.
+        assert _connections(private_redis.port) - before == 2
+        await wait_until(lambda: _clients(private_redis.port) == 2, "the retired connection closed")
     finally:
         await channel.close()
 

@@ -22,7 +22,7 @@ from ecu_sidecar.model import AccountRef, CommitItem, GrantKind, JobType, Reserv
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings, SettingsError
 from ecu_sidecar.store.outbox import GROUP
-from tests.conftest import drop_keys, make_settings, wait_until
+from tests.conftest import direct_client, drop_keys, make_settings, open_store, wait_until
 from tests.redis_cluster import cluster_or_skip
 
 #: The bound under test (the smallest allowed: the trims show within a few hundred steps).
@@ -36,7 +36,7 @@ TRIM_EVERY = 50
 
 
 async def started(settings: Settings, **kwargs: object) -> SidecarServer:
-    server = SidecarServer(settings, **kwargs)  # type: ignore[arg-type]
+    server = SidecarServer(settings, store=open_store(settings), **kwargs)  # type: ignore[arg-type]
     await server.start()
     return server
 
@@ -49,7 +49,7 @@ async def quiet(backend: str) -> AsyncIterator[SidecarServer]:
     server = await started(settings)
     yield server
     try:
-        await drop_keys(server.store, settings.key_prefix)
+        await drop_keys(settings)
     finally:
         await server.stop(grace=0)
 
@@ -66,10 +66,22 @@ async def step(server: SidecarServer, org: str, n: int) -> None:
 
 async def outbox(server: SidecarServer, org: str) -> tuple[int, bytes]:
     """The outbox's length and its newest entry's event id."""
-    client = server.store._client
-    key = server.store.outbox_key(org)
-    newest = await client.xrevrange(key, count=1)
-    return await client.xlen(key), newest[0][1][b"eid"] if newest else b""
+    client = direct_client(server.settings)
+    try:
+        key = server.store.outbox_key(org)
+        newest = await client.xrevrange(key, count=1)
+        return await client.xlen(key), newest[0][1][b"eid"] if newest else b""
+    finally:
+        await client.aclose()
+
+
+async def read_by_a_flusher(server: SidecarServer, org: str) -> None:
+    """A flusher's consumer group on the organization's outbox."""
+    client = direct_client(server.settings)
+    try:
+        await client.xgroup_create(server.store.outbox_key(org), GROUP, id="0")
+    finally:
+        await client.aclose()
 
 
 def gauge(server: SidecarServer) -> float | None:
@@ -114,7 +126,7 @@ async def test_the_background_task_bounds_every_outbox_it_serves(backend: str) -
         await wait_until(trimmed, "the background task trimming")
         assert all(MAX_LEN <= n <= UPPER for n in await lengths())
     finally:
-        await drop_keys(server.store, settings.key_prefix)
+        await drop_keys(settings)
         await server.stop(grace=0)
 
 
@@ -123,7 +135,7 @@ async def test_an_outbox_a_flusher_reads_is_never_trimmed(quiet: SidecarServer) 
     # group is on the stream, and every event must reach the ledger.
     org = "read-org"
     await quiet.engine.grant(org, "seed", 10**9, GrantKind.TOP_UP)
-    await quiet.store._client.xgroup_create(quiet.store.outbox_key(org), GROUP, id="0")
+    await read_by_a_flusher(quiet, org)
     await step(quiet, org, 200)
     assert await quiet.bound_outboxes() == 401 == gauge(quiet)
     assert (await outbox(quiet, org))[0] == 401
@@ -139,7 +151,7 @@ async def test_unbounded_when_set_to_zero(backend: str) -> None:
         assert await server.bound_outboxes() == 401 == gauge(server)
         assert (await outbox(server, org))[0] == 401
     finally:
-        await drop_keys(server.store, settings.key_prefix)
+        await drop_keys(settings)
         await server.stop(grace=0)
 
 
@@ -166,7 +178,7 @@ async def test_with_a_ledger_nothing_is_trimmed(backend: str, tmp_path: Path) ->
         assert (await outbox(server, org))[0] == 401
         assert gauge(server) is None  # the flushers export it, not this sidecar
     finally:
-        await drop_keys(server.store, settings.key_prefix)
+        await drop_keys(settings)
         await server.stop(grace=0)
         ledger.close()
 
@@ -191,7 +203,7 @@ async def test_bound_outboxes_on_a_redis_cluster() -> None:
             for org in orgs:
                 await server.engine.grant(org, "seed", 10**9, GrantKind.TOP_UP)
             read = orgs[0]
-            await server.store._client.xgroup_create(server.store.outbox_key(read), GROUP, id="0")
+            await read_by_a_flusher(server, read)
             for org in orgs:
                 await step(server, org, 200)
             left = await server.bound_outboxes()

@@ -43,8 +43,10 @@ from ecu_sidecar.settings import Settings
 from tests.conftest import (
     ADMIN_METADATA,
     EXAMPLE_RATE_CARD,
+    direct_client,
     drop_keys,
     make_settings,
+    open_store,
     snapshot,
     wait_until,
 )
@@ -276,7 +278,11 @@ async def balance(stub: Any, org: str) -> pb.Balance:
 
 
 async def outbox(server: SidecarServer, org: str) -> list[dict[str, str]]:
-    entries = await server.store._client.xrange(server.store.outbox_key(org))
+    client = direct_client(server.settings)
+    try:
+        entries = await client.xrange(server.store.outbox_key(org))
+    finally:
+        await client.aclose()
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
@@ -526,13 +532,12 @@ async def test_preview_enterprise_terms_and_byok(stub) -> None:
 async def test_preview_changes_no_state(sidecar, stub) -> None:
     await grant(stub, PLAIN, 10 * ECU)
     await reserve_job(stub, PLAIN, "r1", job_pb("judge"))
-    prefix = sidecar.settings.key_prefix
-    before = await snapshot(sidecar.store, prefix)
+    before = await snapshot(sidecar.settings)
     for name in sorted(JOBS):
         await preview_rpc(stub, PLAIN, job_pb(name))
     out = await preview_rpc(stub, "nobody", job_pb("judge"))  # no account: no state made
     assert not out.covered
-    assert await snapshot(sidecar.store, prefix) == before
+    assert await snapshot(sidecar.settings) == before
 
 
 async def test_unknown_model_is_refused_never_priced_as_zero(stub) -> None:
@@ -764,13 +769,13 @@ def v2_text() -> str:
 @contextlib.asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[tuple[SidecarServer, Any]]:
     """A sidecar of the given settings and a stub on it; its keys are dropped afterwards."""
-    server = SidecarServer(settings)
+    server = SidecarServer(settings, store=open_store(settings))
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield server, quota_pb2_grpc.QuotaStub(channel)
     finally:
-        await drop_keys(server.store, settings.key_prefix)
+        await drop_keys(settings)
         await server.stop(grace=0)
 
 
@@ -853,7 +858,7 @@ async def test_commit_after_a_reload_is_priced_with_the_pinned_version(
     assert (out.committed_uecu, out.quote.rate_card_version) == (v1_price, V1)
 
     # The V2 hold cannot be priced with V1 (nor changed by trying).
-    before = await snapshot(r.server.store, r.server.settings.key_prefix)
+    before = await snapshot(r.server.settings)
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await stub.Commit(
             pb.CommitRequest(
@@ -865,7 +870,7 @@ async def test_commit_after_a_reload_is_priced_with_the_pinned_version(
         )
     assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert details(ei.value)["ErrorInfo"].reason == "RATE_CARD_MISMATCH"
-    assert await snapshot(r.server.store, r.server.settings.key_prefix) == before
+    assert await snapshot(r.server.settings) == before
     out = await stub.Commit(
         pb.CommitRequest(
             reservation_id="r-v2",

@@ -49,7 +49,7 @@ class Stack(FlusherStack):
 
     async def lose(self, org: str, *suffixes: str) -> None:
         """What eviction does: whole keys of the organization vanish."""
-        await self.store._client.delete(*(self.key(org, s) for s in suffixes))
+        await self.direct.delete(*(self.key(org, s) for s in suffixes))
 
     async def balance(self, org: str) -> Balance:
         b = await self.engine.balance(org)
@@ -82,8 +82,9 @@ async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
     ledger.migrate()
     s = Stack(settings, ledger)
     yield s
-    await drop_keys(s.store, settings.key_prefix)
+    await drop_keys(settings)
     await s.store.close()
+    await s.direct.aclose()
     ledger.close()
 
 
@@ -152,7 +153,7 @@ async def test_full_loss_restores_outstanding_holds_as_live_holds(stack: Stack) 
         ),
     ]  # fmt: skip
 
-    await drop_keys(stack.store, stack.settings.key_prefix)  # Redis lost everything
+    await drop_keys(stack.settings)  # Redis lost everything
     # The short hold's deadline passes while Redis is empty; the long one's does not.
     stack.store.clock_offset_ms = 2 * MINUTE_MS
     b = await stack.balance(org)
@@ -194,8 +195,8 @@ async def test_rebuild_waits_while_the_outbox_has_unflushed_events(stack: Stack)
     with pytest.raises(errors.StoreUnavailable, match="waits for the flusher"):
         await stack.engine.balance(org)
     # Nothing was written: the holds and the outbox are as they were, no account.
-    assert not await stack.store._client.exists(stack.key(org, "acct"))
-    assert await stack.store._client.hlen(stack.key(org, "holds")) == 2
+    assert not await stack.direct.exists(stack.key(org, "acct"))
+    assert await stack.direct.hlen(stack.key(org, "holds")) == 2
     assert await stack.flusher.hydrate(org) is False  # the flusher drains first, too
 
     # A caller that saw the outbox empty, while events arrived since, is refused by the
@@ -205,7 +206,7 @@ async def test_rebuild_waits_while_the_outbox_has_unflushed_events(stack: Stack)
     assert account is not None
     with pytest.raises(errors.StoreUnavailable, match="waits for the flusher"):
         await stack.store.hydrate(account, flushed_id="0-0")
-    assert not await stack.store._client.exists(stack.key(org, "acct"))
+    assert not await stack.direct.exists(stack.key(org, "acct"))
 
     assert await stack.flusher.hydrate_missing() == [org]
     b = await stack.balance(org)
@@ -248,7 +249,7 @@ async def test_reconcile_rebuilds_an_organization_whose_keys_were_lost(
     stack: Stack, lost: str
 ) -> None:
     org = f"lost-{lost}"
-    seconds, _ = await stack.store._client.time()
+    seconds = await stack.store.now_ms() // 1000
     await stack.engine.grant(org, "g1", 100_000, GrantKind.TOP_UP)
     await stack.engine.grant(
         org, "starter", 5_000, GrantKind.STARTER, expires_at_ms=(seconds + 86_400) * 1000
@@ -265,7 +266,7 @@ async def test_reconcile_rebuilds_an_organization_whose_keys_were_lost(
     assert stack.metric("ecu_flusher_key_loss_accounts") == 1
     assert stack.metric("ecu_hydrations_total") == 1
 
-    client = stack.store._client
+    client = stack.direct
     assert await client.zcard(stack.key(org, "deadlines")) == 2
     assert await client.hlen(stack.key(org, "holds")) == 2
     assert await client.zcard(stack.key(org, "gexp")) == 1

@@ -69,8 +69,9 @@ async def stack(database: Database) -> AsyncIterator[Stack]:
     ledger.migrate()
     s = Stack(settings, ledger)
     yield s
-    await drop_keys(s.store, settings.key_prefix)
+    await drop_keys(settings)
     await s.store.close()
+    await s.direct.aclose()
     ledger.close()
 
 
@@ -257,11 +258,11 @@ async def test_one_organization_failing_does_not_stop_the_others_repairs(stack: 
     await stack.call(stack.ledger.grant, limited, "over", MAX_REQUEST_UECU, "enterprise", 0)
     # broken: its account is not a hash any more: every script fails on it.
     acct_key = stack.store.acct_key(broken)
-    await stack.store._client.delete(acct_key)
-    await stack.store._client.set(acct_key, "not a hash")
+    await stack.direct.delete(acct_key)
+    await stack.direct.set(acct_key, "not a hash")
     # The healthy ones drifted: the pass must still repair them.
     for org in healthy:
-        await stack.store._client.hincrby(stack.store.acct_key(org), "balance", 77)
+        await stack.direct.hincrby(stack.store.acct_key(org), "balance", 77)
 
     drifts = await asyncio.wait_for(stack.flusher.reconcile(), HUNG_S)
     assert drifts == {org: 77 for org in healthy}
@@ -336,7 +337,7 @@ async def test_a_one_event_batch_the_database_refuses_is_quarantined(stack: Stac
     org = org_id()
     await stack.engine.grant(org, "g", 1_000, GrantKind.TOP_UP)
     await stack.flusher.drain()
-    await stack.store._client.xadd(
+    await stack.direct.xadd(
         stack.store.outbox_key(org),
         {"type": "commit", "eid": "commit:odd:1", "org": org, "ts": "10", "rid": "odd",
          "amount": "5", "actual": "5", "committed": "5", "released": "0", "overage": "0",
@@ -421,7 +422,7 @@ async def test_grant_and_rebuild_answer_unavailable_when_the_ledger_is_down() ->
                         assert exc.code() == grpc.StatusCode.UNAVAILABLE
                 assert b.balance.balance_uecu == 100
         finally:
-            await drop_keys(server.store, settings.key_prefix)
+            await drop_keys(settings)
             await server.stop(grace=0)
     finally:
         proxy.close()
@@ -442,10 +443,10 @@ async def test_a_closed_ledger_port_is_unavailable_for_every_engine_ledger_call(
             await asyncio.wait_for(engine.grant("acme", "g", 5, GrantKind.TOP_UP), HUNG_S)
         with pytest.raises(errors.StoreUnavailable, match="ledger"):
             await asyncio.wait_for(engine.balance("acme"), HUNG_S)
-        assert not await store._client.exists(store.acct_key("acme"))  # nothing applied
+        assert await store.missing_accounts(["acme"]) == ["acme"]  # nothing applied
     finally:
         ledger.close()
-        await drop_keys(store, settings.key_prefix)
+        await drop_keys(settings)
         await store.close()
 
 
@@ -479,7 +480,7 @@ async def test_an_organization_unknown_to_the_ledger_is_remembered(stack: Stack)
         await stack.engine.balance(other)
     await stack.engine.grant(other, "g", 10, GrantKind.TOP_UP)
     await stack.flusher.drain()
-    await drop_keys(stack.store, stack.settings.key_prefix)  # Redis loses both
+    await drop_keys(stack.settings)  # Redis loses both
     assert (await stack.engine.balance(other)).balance_uecu == 10
 
 
@@ -501,14 +502,14 @@ async def test_a_locked_sqlite_ledger_makes_grant_unavailable(tmp_path: Any) -> 
         blocker.execute("BEGIN IMMEDIATE")
         with pytest.raises(errors.StoreUnavailable, match="ledger"):
             await asyncio.wait_for(engine.grant("acme", "g", 5, GrantKind.TOP_UP), HUNG_S)
-        assert not await store._client.exists(store.acct_key("acme"))
+        assert await store.missing_accounts(["acme"]) == ["acme"]
         blocker.execute("ROLLBACK")
         out = await asyncio.wait_for(engine.grant("acme", "g", 5, GrantKind.TOP_UP), HUNG_S)
         assert out.balance_uecu == 5
     finally:
         blocker.close()
         ledger.close()
-        await drop_keys(store, settings.key_prefix)
+        await drop_keys(settings)
         await store.close()
 
 

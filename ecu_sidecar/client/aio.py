@@ -1,8 +1,9 @@
 """The asyncio client (grpc.aio): one method per RPC, plus ``hold``.
 
 Each method builds its call with the shared builder in ``requests`` (which validates the
-arguments and fixes the caller ids) and makes it with ``_call``: per-attempt deadline, admin
-metadata, retries as ``retry`` decides. ``QuotaClient`` (``sync``) is the same, blocking.
+arguments and fixes the caller ids) and makes it with ``call`` (public: the holds of
+client/hold.py call through it): per-attempt deadline, admin metadata, retries as ``retry``
+decides. ``QuotaClient`` (``sync``) is the same, blocking.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class AsyncQuotaClient(ClientBase):
             self._stub = quota_pb2_grpc.QuotaStub(self._channel)
         return self._stub
 
-    async def _call(self, call: Call[T]) -> T:
+    async def call(self, call: Call[T]) -> T:
         """Make ``call``: the same request every attempt, retried as ``self.retry`` decides;
         after the first failure, an attempt waits (within its deadline) for the connection."""
         rpc = getattr(self._get_stub(), call.method)
@@ -117,7 +118,7 @@ class AsyncQuotaClient(ClientBase):
         """Hold a step's worst case: ``amount_uecu`` with its ``job_type``, or a ``job`` spec
         that the sidecar prices (its quote in ``quotes[0]``, pinned to the rate card version).
         The reservation id is generated when not given."""
-        return await self._call(
+        return await self.call(
             requests.reserve(
                 org,
                 amount_uecu,
@@ -143,7 +144,7 @@ class AsyncQuotaClient(ClientBase):
     ) -> ReserveOutcome:
         """Hold many steps of one account, all or none; items with an empty id get one. An
         item with ``job`` (amount 0, job_type None or given) is priced by the sidecar."""
-        return await self._call(
+        return await self.call(
             requests.reserve_batch(org, items, team=team, project=project, user=user)
         )
 
@@ -160,7 +161,7 @@ class AsyncQuotaClient(ClientBase):
         """Settle a hold with what the step really cost: ``actual_uecu``, or ``usage_lines``
         that the sidecar prices with ``rate_card_version`` (the version the hold was priced
         with; the price and its breakdown come back in ``quote``)."""
-        return await self._call(
+        return await self.call(
             requests.commit(
                 org,
                 reservation_id,
@@ -174,23 +175,23 @@ class AsyncQuotaClient(ClientBase):
     async def commit_batch(self, org: str, items: Sequence[CommitItem]) -> list[CommitOutcome]:
         """Settle many holds; failed items carry their QuotaError in ``CommitOutcome.error``.
         Items may carry ``usage_lines`` with ``rate_card_version`` instead of an actual."""
-        return await self._call(requests.commit_batch(org, items))
+        return await self.call(requests.commit_batch(org, items))
 
     async def release(self, org: str, reservation_id: str) -> ReleaseOutcome:
         """Void a hold: its amount returns to available."""
-        return await self._call(requests.release(org, reservation_id))
+        return await self.call(requests.release(org, reservation_id))
 
     async def extend(
         self, org: str, reservation_id: str, *, sequence: int, ttl_ms: int = 0
     ) -> ExtendOutcome:
         """Push a live hold's deadline (heartbeat ``sequence``: from 1, increasing)."""
-        return await self._call(
+        return await self.call(
             requests.extend(org, reservation_id, sequence=sequence, ttl_ms=ttl_ms)
         )
 
     async def balance(self, org: str) -> Balance:
         """The organization's wallet, hold counters and caps."""
-        return await self._call(requests.balance(org))
+        return await self.call(requests.balance(org))
 
     async def grant(
         self,
@@ -202,7 +203,7 @@ class AsyncQuotaClient(ClientBase):
         expires_at_ms: int = 0,
     ) -> GrantOutcome:
         """Admin: credit an organization under a caller-chosen, idempotent grant id."""
-        return await self._call(
+        return await self.call(
             requests.grant(
                 org, amount_uecu, grant_id=grant_id, kind=kind, expires_at_ms=expires_at_ms
             )
@@ -212,14 +213,14 @@ class AsyncQuotaClient(ClientBase):
         self, org: str, scope: str, scope_id: str, cap_uecu: int | None
     ) -> ScopeUsage:
         """Admin: set a team or project cap, or clear it with ``cap_uecu=None``."""
-        return await self._call(requests.set_cap(org, scope, scope_id, cap_uecu))
+        return await self.call(requests.set_cap(org, scope, scope_id, cap_uecu))
 
     async def set_auto_topup(
         self, org: str, threshold_uecu: int | None, amount_uecu: int = 0
     ) -> None:
         """Admin: when available falls below ``threshold_uecu``, notify billing to top up
         ``amount_uecu``; ``threshold_uecu=None`` turns auto-top-up off."""
-        await self._call(requests.set_auto_topup(org, threshold_uecu, amount_uecu))
+        await self.call(requests.set_auto_topup(org, threshold_uecu, amount_uecu))
 
     async def preview(
         self,
@@ -231,12 +232,12 @@ class AsyncQuotaClient(ClientBase):
         user: str = "",
     ) -> PreviewOutcome:
         """A job's worst case, itemized, and whether the balance covers it (no side effects)."""
-        return await self._call(requests.preview(org, job, team=team, project=project, user=user))
+        return await self.call(requests.preview(org, job, team=team, project=project, user=user))
 
     async def rate_card(self) -> RateCardInfo:
         """The rate card the sidecar prices with: version, fees, models, versions still
         loaded."""
-        return await self._call(requests.rate_card())
+        return await self.call(requests.rate_card())
 
     def hold(
         self,

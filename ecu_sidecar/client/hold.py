@@ -261,7 +261,7 @@ class AsyncHold(_HoldBase):
 
     async def __aenter__(self) -> AsyncHold:
         sent = time.monotonic()
-        self._placed(await self._client._call(self._reserve_call), sent)
+        self._placed(await self._client.call(self._reserve_call), sent)
         if self.keepalive and self.state is HoldState.ACTIVE:
             self._keeper = asyncio.create_task(
                 self._keep_alive(), name=f"ecu-keepalive-{self.reservation_id}"
@@ -306,7 +306,7 @@ class AsyncHold(_HoldBase):
     async def _extend_locked(self, ttl_ms: int) -> ExtendOutcome:
         call = self._extend_call(ttl_ms)
         sent = time.monotonic()
-        return self._extended(await self._client._call(call), sent, ttl_ms)
+        return self._extended(await self._client.call(call), sent, ttl_ms)
 
     async def commit(
         self,
@@ -321,7 +321,7 @@ class AsyncHold(_HoldBase):
         call = self._commit_call(actual_uecu, usage, usage_lines)
         async with self._lock:
             try:
-                return self._committed(await self._client._call(call))
+                return self._committed(await self._client.call(call))
             except QuotaError as error:
                 self._commit_failed(error)
                 raise
@@ -329,7 +329,7 @@ class AsyncHold(_HoldBase):
     async def release(self) -> ReleaseOutcome:
         """Void the hold now; its amount returns to available."""
         async with self._lock:
-            return self._released(await self._client._call(self._release_call()))
+            return self._released(await self._client.call(self._release_call()))
 
     async def extend(self, ttl_ms: int = 0) -> ExtendOutcome:
         """Heartbeat: push the deadline to now + ttl_ms (0: the hold's original TTL)."""
@@ -357,7 +357,7 @@ class Hold(_HoldBase):
 
     def __enter__(self) -> Hold:
         sent = time.monotonic()
-        self._placed(self._client._call(self._reserve_call), sent)
+        self._placed(self._client.call(self._reserve_call), sent)
         if self.keepalive and self.state is HoldState.ACTIVE:
             self._stop.clear()
             self._keeper = threading.Thread(
@@ -403,7 +403,7 @@ class Hold(_HoldBase):
     def _extend_locked(self, ttl_ms: int) -> ExtendOutcome:
         call = self._extend_call(ttl_ms)
         sent = time.monotonic()
-        return self._extended(self._client._call(call), sent, ttl_ms)
+        return self._extended(self._client.call(call), sent, ttl_ms)
 
     def commit(
         self,
@@ -418,7 +418,7 @@ class Hold(_HoldBase):
         call = self._commit_call(actual_uecu, usage, usage_lines)
         with self._lock:
             try:
-                return self._committed(self._client._call(call))
+                return self._committed(self._client.call(call))
             except QuotaError as error:
                 self._commit_failed(error)
                 raise
@@ -426,7 +426,7 @@ class Hold(_HoldBase):
     def release(self) -> ReleaseOutcome:
         """Void the hold now; its amount returns to available."""
         with self._lock:
-            return self._released(self._client._call(self._release_call()))
+            return self._released(self._client.call(self._release_call()))
 
     def extend(self, ttl_ms: int = 0) -> ExtendOutcome:
         """Heartbeat: push the deadline to now + ttl_ms (0: the hold's original TTL)."""

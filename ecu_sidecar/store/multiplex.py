@@ -8,28 +8,30 @@ waits on a future; replies come back in order (Redis answers each connection in 
 parsed by hiredis as they arrive, many per read under load. This is how redis-rs's multiplexed
 connection and Lettuce work.
 
+Why it exists: 1.25-1.48 x less sidecar CPU at c=64 than redis-py's pool (docs/benchmarks.md,
+"levers"). Timeouts and retries are not its business: store/transport.py bounds every call and
+sends it once more after a broken connection (ConnectionError), on a fresh connection here.
+
 Behaviour kept from the pool it replaces (tests/test_unavailable.py, tests/chaos):
-- a call whose connection breaks (Redis restarted) is retried once on a fresh connection;
-  safe, because every script is idempotent on its caller's id;
 - error replies become redis-py's exception classes (NoScriptError, ReadOnlyError, ...), so the
   store maps them exactly as before;
 - when a call times out and its connection has received nothing since that call began (a
   dead or frozen peer), the connection is aborted (``stalled``): the calls still on it fail
-  and are retried once on a fresh connection, and later calls connect afresh instead of
-  queueing behind the dead peer. (Commands already written still run if a frozen Redis thaws:
-  closing a socket does not take them back. That is why UNAVAILABLE means "unknown outcome"
-  and callers retry with the same id.) A slow but live Redis keeps answering other calls, so
-  it is left alone;
+  (the transport sends them once more, on a fresh connection), and later calls connect afresh
+  instead of queueing behind the dead peer. (Commands already written still run if a frozen
+  Redis thaws: closing a socket does not take them back. That is why UNAVAILABLE means
+  "unknown outcome" and callers retry with the same id.) A slow but live Redis keeps
+  answering other calls, so it is left alone;
 - a new connection carries commands only once Redis has answered a PING on it, so a frozen
   Redis never receives (and later runs) commands sent after the first timeout;
 - ``retire()`` (after READONLY) sends new calls to a fresh connection and closes the old one
   once its last reply is in, so a failover behind a stable address is followed without
   failing the calls still on the old connection.
 
-Only TCP (``redis://``) and Unix-socket (``unix://``) URLs are multiplexed; the store keeps
-redis-py's pool for ``rediss://`` (see RedisStore.from_settings), and for the scripts whose
-write it confirms on replicas (ECU_REDIS_WAIT_REPLICAS): their WAIT blocks the connection it is
-sent on, which here would hold every other call behind it.
+TCP (``redis://``), TLS (``rediss://``, with the common ``ssl_`` options of its URL) and
+Unix-socket (``unix://``) URLs are multiplexed (see Transport.open); the store keeps redis-py's
+pool for the scripts whose write it confirms on replicas (ECU_REDIS_WAIT_REPLICAS): their WAIT
+blocks the connection it is sent on, which here would hold every other call behind it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import ssl
 import time
 from typing import Any
 
@@ -50,9 +53,42 @@ __all__ = ["ScriptChannel", "multiplexable"]
 _MORE = object()  # hiredis: no complete reply buffered yet
 
 
+#: The TLS options of a ``rediss://`` URL the channel applies as redis-py's SSLConnection does;
+#: a URL with any other ``ssl_`` option (OCSP, ciphers, ...) stays on redis-py's pool.
+_TLS_OPTIONS = frozenset(
+    {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+     "ssl_check_hostname", "ssl_password"}
+)  # fmt: skip
+
+
 def multiplexable(url: str) -> bool:
-    """Whether a Redis URL is served by the multiplexed channel (plain TCP or Unix socket)."""
-    return url.startswith(("redis://", "unix://"))
+    """Whether a Redis URL is served by the multiplexed channel: TCP, TLS or a Unix socket."""
+    if url.startswith(("redis://", "unix://")):
+        return True
+    if not url.startswith("rediss://"):
+        return False
+    return all(not k.startswith("ssl_") or k in _TLS_OPTIONS for k in parse_url(url))
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _tls(params: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context of a ``rediss://`` URL's options (None for plain TCP), with redis-py's
+    defaults: the server's certificate required and its host name checked."""
+    if "connection_class" not in params or params["connection_class"].__name__ != "SSLConnection":
+        return None
+    ctx = ssl.create_default_context(
+        cafile=params.get("ssl_ca_certs"), capath=params.get("ssl_ca_path")
+    )
+    reqs = _CERT_REQS.get(params.get("ssl_cert_reqs", "required"), ssl.CERT_REQUIRED)
+    ctx.check_hostname = reqs != ssl.CERT_NONE and params.get("ssl_check_hostname", True)
+    ctx.verify_mode = reqs
+    if params.get("ssl_certfile"):
+        ctx.load_cert_chain(
+            params["ssl_certfile"], params.get("ssl_keyfile"), params.get("ssl_password")
+        )
+    return ctx
 
 
 class _Connection(asyncio.Protocol):
@@ -148,23 +184,15 @@ class ScriptChannel:
         self._db = int(params.get("db", 0) or 0)
         self._username: str | None = params.get("username")
         self._password: str | None = params.get("password")
+        self._tls = _tls(params)
         self._connect_timeout_s = connect_timeout_s
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
 
     async def execute(self, *args: Any) -> Any:
         """Send one command and return its reply (redis-py exception classes on error
-        replies; ConnectionError when the connection breaks twice in a row)."""
+        replies; ConnectionError when the connection breaks or cannot be made)."""
         packed = hiredis.pack_command(args)
-        conn = await self._connection()
-        try:
-            return await conn.send(packed)
-        except ConnectionError:
-            if not conn.lost:
-                raise
-        # The connection broke under this call (Redis restarted, a peer reset): once more on
-        # a fresh one. Every script is idempotent on its caller's id, so a call that did run
-        # before the break answers as a replay.
         conn = await self._connection()
         return await conn.send(packed)
 
@@ -192,14 +220,6 @@ class ScriptChannel:
         conn = self._conn
         if conn is not None and not conn.lost:
             return conn
-        joined = self._connecting is not None
-        try:
-            return await asyncio.shield(self._connect())
-        except ConnectionError:
-            if not joined:
-                raise
-        # The attempt this call joined began earlier and failed (it may have begun while Redis
-        # was still away): one attempt of this call's own.
         return await asyncio.shield(self._connect())
 
     def _connect(self) -> asyncio.Future[_Connection]:
@@ -221,7 +241,13 @@ class ScriptChannel:
                 if self._path is not None:
                     _, conn = await loop.create_unix_connection(_Connection, self._path)
                 else:
-                    _, conn = await loop.create_connection(_Connection, self._host, self._port)
+                    _, conn = await loop.create_connection(
+                        _Connection,
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
+                        server_hostname=self._host if self._tls is not None else None,
+                    )
                 try:
                     if self._password is not None:
                         auth = (

@@ -9,72 +9,49 @@ the next discovery.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from redis.exceptions import ConnectionError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
-from ecu_sidecar.errors import StoreUnavailable
-from ecu_sidecar.store.redis_store import RedisStore, _s, refusal
+from ecu_sidecar.store.codec import text as _s
+from ecu_sidecar.store.scripts import Script
 from ecu_sidecar.store.streams import GROUP, StreamState, stream_state
+from ecu_sidecar.store.transport import Transport
+
+__all__ = ["GROUP", "Backlog", "OutboxEntry", "OutboxReader", "StreamState"]
+
+#: Run on its own (not after the quota scripts' _lib.lua): it touches the outbox alone.
+_FORGET_CONSUMERS = Script.load("forget_consumers", prelude=False)
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-@contextlib.contextmanager
-def _store_errors(timeout_s: float) -> Iterator[None]:
-    """Redis unreachable, silent or refusing -> StoreUnavailable, as for the scripts (the
-    flusher backs off)."""
-    try:
-        yield
-    except TimeoutError:  # before OSError, of which it is a subclass
-        raise StoreUnavailable(
-            f"Redis did not answer the flusher within {timeout_s * 1000:.0f} ms"
-        ) from None
-    except (ConnectionError, RedisTimeoutError, OSError) as exc:
-        raise StoreUnavailable(f"Redis is unreachable: {type(exc).__name__}") from None
-    except ResponseError as exc:
-        # READONLY (a primary demoted under the flusher), NOREPLICAS, OOM, LOADING ...: Redis
-        # cannot serve now, as the scripts meet it; not a ledger failure.
-        word = refusal(exc)
-        if word is None:
-            raise
-        raise StoreUnavailable(f"Redis cannot serve the flusher: {word}") from None
+def _bounded(
+    *, retry: bool = True
+) -> Callable[
+    [Callable[Concatenate[OutboxReader, P], Awaitable[R]]],
+    Callable[Concatenate[OutboxReader, P], Awaitable[R]],
+]:
+    """The method as one call of the store's transport: bounded by ECU_FLUSHER_REDIS_TIMEOUT_MS,
+    errors as StoreUnavailable, retried once on a broken connection when ``retry`` (see
+    store/transport.py: not a read whose lost reply delivered entries to this consumer)."""
 
+    def wrap(
+        fn: Callable[Concatenate[OutboxReader, P], Awaitable[R]],
+    ) -> Callable[Concatenate[OutboxReader, P], Awaitable[R]]:
+        @functools.wraps(fn)
+        async def bounded(self: OutboxReader, *args: P.args, **kwargs: P.kwargs) -> R:
+            return await self._transport.bounded(
+                lambda: fn(self, *args, **kwargs), timeout_s=self.timeout_s, retry=retry
+            )
 
-def _unavailable(
-    fn: Callable[Concatenate[OutboxReader, P], Awaitable[R]],
-) -> Callable[Concatenate[OutboxReader, P], Awaitable[R]]:
-    """Each call bounded by ECU_FLUSHER_REDIS_TIMEOUT_MS (the reader's own bound: the store's
-    client sets no socket timeout, and a bulk read needs longer than a script), and Redis
-    unreachable or silent -> StoreUnavailable."""
+        return bounded
 
-    @functools.wraps(fn)
-    async def wrapped(self: OutboxReader, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            with _store_errors(self.timeout_s):
-                async with asyncio.timeout(self.timeout_s):
-                    return await fn(self, *args, **kwargs)
-        except StoreUnavailable as exc:
-            if exc.message.endswith(": ReadOnlyError"):
-                await self.store.demoted()
-            raise
-
-    return wrapped
-
-
-__all__ = ["GROUP", "Backlog", "OutboxEntry", "OutboxReader", "StreamState"]
-
-_LUA = resources.files("ecu_sidecar.store") / "lua"
-#: Run on its own (not after the quota scripts' _lib.lua): it touches the outbox alone.
-_FORGET_CONSUMERS = (_LUA / "forget_consumers.lua").read_text(encoding="utf-8")
+    return wrap
 
 
 @dataclass(slots=True)
@@ -105,24 +82,19 @@ class Backlog:
 class OutboxReader:
     """Consumer-group access to every organization's outbox, for one flusher process."""
 
-    def __init__(self, store: RedisStore, consumer: str) -> None:
-        self.store = store
+    def __init__(self, transport: Transport, prefix: str, consumer: str, *, timeout_s: float):
+        self._transport = transport
+        self._prefix = prefix
         self.consumer = consumer
-        self._client = store._client
-        self._reads = store._client
-        """Who runs XREADGROUP: on a standalone Redis, a client of its own on the store's pool
-        that hands back the replies as hiredis parsed them. redis-py's callback turns every
-        entry into a tuple and a dict (parse_stream_list, pairs_to_dict): about 1 µs an entry,
-        more than reading it."""
-        if store.kind == "standalone":
-            self._reads = type(store._client)(connection_pool=store._client.connection_pool)
-            self._reads.set_response_callback("XREADGROUP", _as_sent)
-        self.timeout_s = store._settings.flusher_redis_timeout_ms / 1000
+        self._client = transport.client
+        self.timeout_s = timeout_s
         """The bound on each call (ECU_FLUSHER_REDIS_TIMEOUT_MS)."""
-        prefix = store._settings.key_prefix
         self._match = f"{prefix}:{{*}}:outbox"
         self._known: set[str] = set()
-        self._forget = store._client.register_script(_FORGET_CONSUMERS)
+
+    def key(self, org: str) -> str:
+        """The organization's outbox stream."""
+        return f"{self._prefix}:{{{org}}}:outbox"
 
     @staticmethod
     def org_of(key: str) -> str:
@@ -139,36 +111,21 @@ class OutboxReader:
         return sorted(orgs)
 
     async def _scan(self) -> list[str]:
-        # Bounded on progress rather than as a whole: the walk grows with the keyspace, and
-        # every SCAN reply that arrives moves the deadline.
-        loop = asyncio.get_running_loop()
-        orgs = []
-        with _store_errors(self.timeout_s):
-            async with (
-                asyncio.timeout(self.timeout_s) as bound,
-                contextlib.aclosing(
-                    self._client.scan_iter(match=self._match, count=1000, _type="stream")
-                ) as keys,
-            ):
-                moved = loop.time()
-                async for key in keys:
-                    orgs.append(self.org_of(_s(key)))
-                    if loop.time() - moved > self.timeout_s / 4:
-                        moved = loop.time()
-                        bound.reschedule(moved + self.timeout_s)
-        return orgs
+        keys = await self._transport.walk(
+            lambda: self._client.scan_iter(match=self._match, count=1000, _type="stream"),
+            timeout_s=self.timeout_s,
+        )
+        return [self.org_of(_s(key)) for key in keys]
 
-    @_unavailable
+    @_bounded()
     async def _ensure_group(self, org: str) -> None:
         try:
-            await self._client.xgroup_create(
-                self.store.outbox_key(org), GROUP, id="0", mkstream=True
-            )
+            await self._client.xgroup_create(self.key(org), GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    @_unavailable
+    @_bounded(retry=False)  # a lost reply's entries are re-read as our own pending
     async def read(
         self, orgs: list[str], count: int | Mapping[str, int], *, own_pending: bool = False
     ) -> list[OutboxEntry]:
@@ -178,10 +135,10 @@ class OutboxReader:
         if not orgs:
             return []
         start = "0" if own_pending else ">"
-        pipe = self._reads.pipeline(transaction=False)
+        pipe = self._client.pipeline(transaction=False)
         for org in orgs:
             n = count if isinstance(count, int) else count[org]
-            pipe.xreadgroup(GROUP, self.consumer, {self.store.outbox_key(org): start}, count=n)
+            pipe.xreadgroup(GROUP, self.consumer, {self.key(org): start}, count=n)
         replies = await pipe.execute(raise_on_error=False)
         out: list[OutboxEntry] = []
         for org, reply in zip(orgs, replies, strict=True):
@@ -194,7 +151,7 @@ class OutboxReader:
                 out.extend(self._entries(org, entries))
         return out
 
-    @_unavailable
+    @_bounded(retry=False)  # a lost reply's entries are claimed again once idle
     async def claim(
         self,
         orgs: list[str],
@@ -213,7 +170,7 @@ class OutboxReader:
         pipe = self._client.pipeline(transaction=False)
         for org in orgs:
             n = count if isinstance(count, int) else count[org]
-            key = self.store.outbox_key(org)
+            key = self.key(org)
             pipe.xautoclaim(key, GROUP, self.consumer, min_idle_ms, start.get(org, "0-0"), count=n)
         replies = await pipe.execute(raise_on_error=False)
         out: list[OutboxEntry] = []
@@ -230,7 +187,7 @@ class OutboxReader:
             out.extend(self._entries(org, reply[1]))
         return out, more
 
-    @_unavailable
+    @_bounded()
     async def ack(self, entries: list[OutboxEntry]) -> None:
         """Acknowledge and delete entries the ledger has committed."""
         by_org: dict[str, list[str]] = {}
@@ -238,17 +195,17 @@ class OutboxReader:
             by_org.setdefault(e.org, []).append(e.entry_id)
         pipe = self._client.pipeline(transaction=False)
         for org, ids in by_org.items():
-            key = self.store.outbox_key(org)
+            key = self.key(org)
             pipe.xack(key, GROUP, *ids)
             pipe.xdel(key, *ids)
         await pipe.execute()
 
-    @_unavailable
+    @_bounded()
     async def state(self, org: str) -> StreamState:
         """The stream's last id and the ledger group's progress on it."""
-        return await stream_state(self._client, self.store.outbox_key(org))
+        return await stream_state(self._client, self.key(org))
 
-    @_unavailable
+    @_bounded()
     async def backlog(self, orgs: list[str], *, tidy: bool = False) -> Backlog:
         """What the outboxes of ``orgs`` hold that is not acknowledged, and the age of its
         oldest entry (pending with a flusher, or never delivered): not the stream's first
@@ -265,7 +222,7 @@ class OutboxReader:
             return Backlog(0, 0, None, 0)
         pipe = self._client.pipeline(transaction=False)
         for org in orgs:
-            key = self.store.outbox_key(org)
+            key = self.key(org)
             pipe.xinfo_groups(key)
             pipe.xpending(key, GROUP)
             pipe.xinfo_stream(key)
@@ -309,7 +266,7 @@ class OutboxReader:
         if seek:
             pipe = self._client.pipeline(transaction=False)
             for org, after in seek.items():
-                pipe.xrange(self.store.outbox_key(org), min=after, count=1)
+                pipe.xrange(self.key(org), min=after, count=1)
             for found in await pipe.execute(raise_on_error=False):
                 if isinstance(found, list) and found:
                     c = _id(found[0][0])
@@ -319,11 +276,11 @@ class OutboxReader:
         if tidy and trims:
             pipe = self._client.pipeline(transaction=False)
             for org, bound in trims.items():
-                pipe.xtrim(self.store.outbox_key(org), minid=bound, approximate=False)
+                pipe.xtrim(self.key(org), minid=bound, approximate=False)
             removed = sum(int(n or 0) for n in await pipe.execute())
         return Backlog(length - removed, pending, None if oldest is None else oldest[0], removed)
 
-    @_unavailable
+    @_bounded()
     async def forget_consumers(self, orgs: list[str], idle_ms: int) -> int:
         """Remove the group's consumers that have nothing pending and have been idle for
         ``idle_ms`` (flushers that died, each leaving a consumer in every stream); returns
@@ -334,7 +291,7 @@ class OutboxReader:
             return 0
         pipe = self._client.pipeline(transaction=False)
         for org in orgs:
-            pipe.xinfo_consumers(self.store.outbox_key(org), GROUP)
+            pipe.xinfo_consumers(self.key(org), GROUP)
         replies = await pipe.execute(raise_on_error=False)
         removed = 0
         for org, consumers in zip(orgs, replies, strict=True):
@@ -346,25 +303,27 @@ class OutboxReader:
                 and _s(c["name"]) != self.consumer
                 for c in consumers
             ):
-                keys = [self.store.outbox_key(org)]
-                removed += int(await self._forget(keys, [GROUP, idle_ms, self.consumer]))
+                keys = [self.key(org)]
+                forget = self._transport.script(
+                    _FORGET_CONSUMERS, keys, [GROUP, idle_ms, self.consumer]
+                )
+                removed += int(await forget)
         return removed
 
     @staticmethod
     def _entries(org: str, entries: list[Any]) -> list[OutboxEntry]:
-        """Entries as [id, fields]: fields a flat list (as Redis sends them) or a dict (through
-        redis-py's callback)."""
+        """Entries as redis-py's callbacks make them: (id, {field: value})."""
         out = []
         for eid, fields in entries:
-            if fields is None:  # an entry deleted while pending comes back empty
+            if not fields:  # deleted while pending: no fields (an XADD always writes one)
                 continue
             try:
-                decoded = {k.decode(): v.decode() for k, v in _pairs(fields)}
+                decoded = {k.decode(): v.decode() for k, v in fields.items()}
             except (AttributeError, UnicodeDecodeError):
                 # Text from a decoding client, or bytes that are not UTF-8: kept losslessly
                 # (as surrogates), so that the ledger quarantines the entry instead of this
                 # cycle failing on it forever.
-                decoded = {_text(k): _text(v) for k, v in _pairs(fields)}
+                decoded = {_text(k): _text(v) for k, v in fields.items()}
             out.append(OutboxEntry(org, eid.decode() if isinstance(eid, bytes) else eid, decoded))
         return out
 
@@ -395,25 +354,14 @@ def _next(value: tuple[int, int]) -> tuple[int, int]:
     return value[0], value[1] + 1
 
 
-def _as_sent(response: Any, **options: Any) -> Any:
-    return response
-
-
 def _streams(reply: Any) -> Iterator[list[Any]]:
-    """The entry lists of an XREADGROUP reply: a map of stream -> entries (RESP3), a list of
-    [stream, entries] (RESP2, and redis-py's callback), or nothing."""
+    """The entry lists of an XREADGROUP reply as redis-py's callback makes it: a list of
+    [stream, entries] (RESP2), a map of stream -> [entries] (RESP3), or nothing."""
     if not reply:
         return iter(())
     if isinstance(reply, dict):
-        return iter(reply.values())
+        return (entries for (entries,) in reply.values())
     return (entries for _key, entries in reply)
-
-
-def _pairs(fields: Any) -> Iterator[tuple[Any, Any]]:
-    if isinstance(fields, list):
-        flat = iter(fields)
-        return zip(flat, flat, strict=False)
-    return iter(fields.items())
 
 
 def _text(value: Any) -> str:

@@ -24,11 +24,13 @@ class Script:
     sha: str
 
     @classmethod
-    def load(cls, name: str) -> Script:
-        """Read ``lua/_lib.lua`` + ``lua/<name>.lua``."""
-        lib = (_LUA / "_lib.lua").read_text(encoding="utf-8")
+    def load(cls, name: str, *, prelude: bool = True) -> Script:
+        """Read ``lua/_lib.lua`` + ``lua/<name>.lua`` (without ``prelude``, the body alone)."""
         body = (_LUA / f"{name}.lua").read_text(encoding="utf-8")
-        source = f"{lib}\n-- ==== {name}.lua ====\n{body}"
+        source = body
+        if prelude:
+            lib = (_LUA / "_lib.lua").read_text(encoding="utf-8")
+            source = f"{lib}\n-- ==== {name}.lua ====\n{body}"
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 

@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.model import Balance
+from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import org_keys
 from tests.conftest import (
@@ -42,6 +43,7 @@ from tests.conftest import (
     FAST_RECONNECT,
     REQUIRE_SERVICES,
     assert_conserved,
+    direct_client,
     wait_until,
     wait_until_sync,
 )
@@ -432,11 +434,16 @@ class Audit:
         return None if rec is None else rec["st"]
 
 
-async def audit(store: RedisStore, org: str) -> Audit:
-    """Read every hold record of ``org`` and check that the account's counters are exactly
-    their sums (nothing applied twice, nothing lost), and that conservation holds."""
+async def audit(store: RedisStore, org: str, settings: Settings) -> Audit:
+    """Read every hold record of ``org`` (with a client of the test's own on the Redis
+    ``settings`` name) and check that the account's counters are exactly their sums (nothing
+    applied twice, nothing lost), and that conservation holds."""
     b = await store.balance(org)  # sweeps overdue holds first
-    raw = await store._client.hgetall(org_keys(store._settings.key_prefix, org)[1])
+    direct = direct_client(settings)
+    try:
+        raw = await direct.hgetall(org_keys(store.key_prefix, org)[1])
+    finally:
+        await direct.aclose()
     records = {k.decode(): json.loads(v) for k, v in raw.items()}
     assert_conserved(b)
     sums = dict.fromkeys(
@@ -601,7 +608,7 @@ async def ledger_agrees(ledger: Any, store: RedisStore, org: str) -> None:
         b.late_committed_uecu,
         b.unbilled_overage_uecu,
     ), (org, h, b)
-    assert await store._client.xlen(store.outbox_key(org)) == 0
+    assert (await store.outbox_state(org)).length == 0
 
 
 def new_flusher(store: RedisStore, ledger: Any, settings: Any) -> Any:

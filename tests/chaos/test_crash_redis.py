@@ -99,7 +99,7 @@ async def test_redis_sigkill_with_aof_loses_no_acknowledged_operation(
         unknown = await replay_unknown(rec, stub)
         store = server.store
         for org in ORGS:
-            check_acked(await audit(store, org), rec, org)
+            check_acked(await audit(store, org, settings), rec, org)
         flusher = new_flusher(store, ledger, settings)
         await flusher.drain()
         for org in ORGS:

@@ -150,13 +150,13 @@ async def test_sidecar_killed_mid_load(redis_servers: Any, tmp_path: Path, sig: 
         # The post-mortem: a store on the same Redis and prefix, its clock past every TTL.
         store = RedisStore.from_settings(settings)
         try:
-            left = sum([await store._client.xlen(store.outbox_key(org)) for org in ORGS])
+            left = sum([(await store.outbox_state(org)).length for org in ORGS])
             if sig == signal.SIGTERM:
                 assert left == 0, "the final flush of a graceful stop moves every event"
             store.clock_offset_ms = 600_000  # past every hold (2 s TTL), before any tombstone
             expired = outstanding = 0
             for org in ORGS:
-                a = await audit(store, org)
+                a = await audit(store, org, settings)
                 check_acked(a, all_calls, org)
                 assert a.balance.outstanding_holds == 0
                 outstanding += a.balance.outstanding_holds
@@ -169,7 +169,7 @@ async def test_sidecar_killed_mid_load(redis_servers: Any, tmp_path: Path, sig: 
             # After SIGTERM a failed call never ran (no hold, or not settled by it); after
             # SIGKILL a CANCELLED one neither (an UNAVAILABLE one may have: unknown outcome).
             for c in never_ran if sig == signal.SIGTERM else cancelled:
-                hold = (await audit(store, c.org)).records.get(c.rid)
+                hold = (await audit(store, c.org, settings)).records.get(c.rid)
                 if c.op == "Reserve":
                     assert hold is None, (c.rid, hold)
                 else:

@@ -186,7 +186,10 @@ async def test_failover_with_a_lagging_replica(wait: int, database: Database) ->
                 await flushing
             answered = rec.codes()  # before the retries replace the unknown outcomes
             unknown = await replay_unknown(rec, stub)
-            records = {org: (await audit(server.store, org)).records for org in [*ORGS, EDGE]}
+            records = {
+                org: (await audit(server.store, org, server.settings)).records
+                for org in [*ORGS, EDGE]
+            }
             for org in [*ORGS, EDGE]:
                 await conserved_after_failover(server.store, org)
             # The flusher finishes: every event in the ledger, every changed history rebuilt.

@@ -130,7 +130,7 @@ async def test_postgres_refuses_then_returns_flusher_catches_up() -> None:
             return reg.get_sample_value(name, labels or {}) or 0.0
 
         async def outbox_length() -> int:
-            return sum([await store._client.xlen(store.outbox_key(o)) for o in ORGS])
+            return sum([(await store.outbox_state(o)).length for o in ORGS])
 
         async def caught_up() -> bool:
             for org in ORGS:
@@ -182,12 +182,12 @@ async def test_postgres_refuses_then_returns_flusher_catches_up() -> None:
                     }
                 )
             for org in ORGS:
-                await audit(store, org)
+                await audit(store, org, settings)
                 await ledger_agrees(ledger, store, org)
         finally:
             stop_flusher.set()
             await asyncio.wait_for(runner, 30)
-            await drop_keys(store, settings.key_prefix)
+            await drop_keys(settings)
             await store.close()
             ledger.close()
     result = {

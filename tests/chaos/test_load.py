@@ -128,7 +128,7 @@ async def test_sustained_mixed_load(tmp_path: Path) -> None:
         store.clock_offset_ms = 600_000  # every hold's TTL has passed; tombstones remain
         expired = 0
         for org in orgs:
-            a = await audit(store, org)
+            a = await audit(store, org, settings)
             assert a.balance.outstanding_holds == 0
             expired += a.balance.expired_holds
             for entry in acked.get(org, []):
@@ -155,7 +155,7 @@ async def test_sustained_mixed_load(tmp_path: Path) -> None:
             sc.close()
         if flusher.poll() is None:
             flusher.kill()
-        await drop_keys(store, prefix)
+        await drop_keys(settings)
         await store.close()
         ledger.close()
 

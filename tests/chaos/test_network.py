@@ -113,12 +113,12 @@ def check_answers(rec: Recorder, healed: float, name: str) -> dict[str, Any]:
     }
 
 
-async def exactly_once(rec: Recorder, stub: Any, store: Any) -> tuple[int, int]:
+async def exactly_once(rec: Recorder, stub: Any, server: Any) -> tuple[int, int]:
     """Retry the unknowns with the same ids; then one effect each. Returns (retried, replayed)."""
     unknown = await replay_unknown(rec, stub)
     replayed = sum(1 for c in rec.calls if c.retried and c.ok and c.reply.replayed)
     for org in ORGS:
-        check_acked(await audit(store, org), rec, org)
+        check_acked(await audit(server.store, org, server.settings), rec, org)
     return unknown, replayed
 
 
@@ -159,7 +159,7 @@ async def test_connection_fault_bounded_answers_and_recovery(
                     stub, inject, proxy.heal, before_s=0.2, during_s=0.5, after_s=0.7
                 )
                 summary = check_answers(rec, healed, fault)
-                unknown, replayed = await exactly_once(rec, stub, server.store)
+                unknown, replayed = await exactly_once(rec, stub, server)
                 if fault == "swallow":
                     assert proxy.swallowed_chunks > 0
                     assert replayed > 0, "Redis ran the calls whose replies were lost"
@@ -198,7 +198,7 @@ async def test_latency_below_the_timeout_is_only_slower(redis_servers: Any) -> N
             check_answers(rec, healed, "slow")
             assert rec.codes().keys() <= {"OK", "RESOURCE_EXHAUSTED/INSUFFICIENT_ECU"}, rec.codes()
             for org in ORGS:
-                check_acked(await audit(server.store, org), rec, org)
+                check_acked(await audit(server.store, org, server.settings), rec, org)
 
 
 async def test_read_only_redis_answers_unavailable_then_recovers(redis_servers: Any) -> None:
@@ -231,7 +231,7 @@ async def test_read_only_redis_answers_unavailable_then_recovers(redis_servers: 
             )
             summary = check_answers(rec, healed, "readonly")
             assert summary["unavailable"] > 0, "the read-only window was not seen"
-            await exactly_once(rec, stub, server.store)
+            await exactly_once(rec, stub, server)
         errors = server.registry.get_sample_value(
             "ecu_rpc_errors_total", {"method": "Reserve", "reason": "INTERNAL"}
         )
@@ -268,7 +268,7 @@ async def test_failover_to_a_promoted_replica_behind_the_same_address(
                 stub, failover, lambda: None, before_s=0.3, during_s=0.2, after_s=1.5
             )
             summary = check_answers(rec, healed, "failover")
-            unknown, _ = await exactly_once(rec, stub, server.store)
+            unknown, _ = await exactly_once(rec, stub, server)
             write_result("network_failover", {**summary, "retried": unknown, "lost": 0})
             print(f"failover: {summary}")
 
@@ -322,6 +322,6 @@ async def test_script_flush_under_load_reaches_no_worker(redis_servers: Any) -> 
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED/INSUFFICIENT_ECU"}, codes
         check_replies(rec)
         for org in ORGS:
-            check_acked(await audit(server.store, org), rec, org)
+            check_acked(await audit(server.store, org, server.settings), rec, org)
     write_result("script_flush", {"flushes": flushes, "calls": len(rec.calls), "codes": codes})
     print(f"script flush x{flushes}: {codes}")

@@ -110,21 +110,11 @@ local function put_hold(rid, rec)
 end
 
 -- Append one event to the outbox. ...: its fields as name, value arguments, every value a
--- string (what the hot paths, reserve and commit, have at hand: a type check per value was 7 %
--- of a ReserveBatch's instructions in Redis, and a table per event another 4 %). eid is unique
--- per organization for all time: hold events carry the hold's creation time (t0), so a
--- reservation id reused after its tombstone was purged makes new event ids.
-local function emit_strings(etype, eid, ...)
+-- string (I() writes an amount as one). eid is unique per organization for all time: hold
+-- events carry the hold's creation time (t0), so a reservation id reused after its tombstone was
+-- purged makes new event ids.
+local function emit(etype, eid, ...)
   redis.call('XADD', OUTBOX, '*', 'type', etype, 'eid', eid, 'org', ORG, 'ts', NOW_S, ...)
-end
-
--- emit_strings of a flat list of name, value whose values may be numbers: they are turned into
--- decimal strings in place (callers pass a table they no longer use).
-local function emit(etype, eid, fields)
-  for i = 2, #fields, 2 do
-    if type(fields[i]) == 'number' then fields[i] = I(fields[i]) end
-  end
-  emit_strings(etype, eid, unpack(fields))
 end
 
 -- Run one variadic command (HMGET, HSET, ZADD, ZREM ...) on key over a flat argument list of
@@ -168,8 +158,8 @@ local function expire_hold(rid, rec)
   redis.call('HINCRBY', ACCT, 'expired', I(amt))
   redis.call('HINCRBY', ACCT, 'expired_holds', 1)
   scope_incr(rec, 'held', -amt)
-  emit('expire', 'expire:' .. rid .. ':' .. rec.t0, {'rid', rid, 'amount', amt, 'team', rec.tm, 'project', rec.pj,
-    'user', rec.us, 'job', rec.job, 'model', rec.mdl})
+  emit('expire', 'expire:' .. rid .. ':' .. rec.t0, 'rid', rid, 'amount', I(amt), 'team', rec.tm,
+    'project', rec.pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl)
 end
 
 local function available()
@@ -213,8 +203,8 @@ local function expire_grants()
         redis.call('HINCRBY', ACCT, 'balance', I(-gone))
         redis.call('HINCRBY', ACCT, 'expired_grants', I(gone))
       end
-      emit('grant_expire', 'grant_expire:' .. gid, {'grant_id', gid, 'amount', gone,
-        'kept', rest - gone})
+      emit('grant_expire', 'grant_expire:' .. gid, 'grant_id', gid, 'amount', I(gone),
+        'kept', I(rest - gone))
     end
   end
   return #due
@@ -261,9 +251,9 @@ end
 -- re-arms all three and starts a new generation (part of the notification's event id).
 local function notify(kind, avail, extra)
   local gen = redis.call('HGET', ACCT, 'gen') or '0'
-  local fields = {'kind', kind, 'available', avail, 'generation', gen}
+  local fields = {'kind', kind, 'available', I(avail), 'generation', gen}
   for _, x in ipairs(extra) do fields[#fields + 1] = x end
-  emit('notify', 'notify:' .. kind .. ':' .. gen, fields)
+  emit('notify', 'notify:' .. kind .. ':' .. gen, unpack(fields))
 end
 
 -- THRESHOLD_FIELDS: what check_thresholds reads. A caller that already holds their current
@@ -279,11 +269,11 @@ local function check_thresholds(v)
   if ref > 0 then
     if not v[4] and below_share(avail, ref, 5) then
       redis.call('HSET', ACCT, 'w20', '1')
-      notify('low_balance_20', avail, {'reference', ref})
+      notify('low_balance_20', avail, {'reference', I(ref)})
     end
     if not v[5] and below_share(avail, ref, 20) then
       redis.call('HSET', ACCT, 'w5', '1')
-      notify('low_balance_5', avail, {'reference', ref})
+      notify('low_balance_5', avail, {'reference', I(ref)})
     end
   end
   if v[6] and not v[8] and avail < N(v[6]) then

@@ -26,11 +26,9 @@
 -- is HOLD_NOT_FOUND: a reservation id never reserved is never billed.
 -- Billed amounts burn expiring grants soonest-first.
 
--- Cost: a fixed handful of commands plus, per item, one XADD (its event). A batch reads its hold
--- records with one HMGET and writes them with one HSET; tombstones move with one ZREM and one
--- ZADD; each account counter is written once, with the sum of the call's deltas; the expiring
--- grants are burned once, for the sum of what was billed (burning greedily soonest-first is
--- additive: burning a then b leaves exactly what burning a + b leaves). Each item's available
+-- Cost: a fixed handful of commands plus, per item, its counters (HINCRBY each), its burn of
+-- expiring grants and one XADD (its event). A batch reads its hold records with one HMGET and
+-- writes them with one HSET; tombstones move with one ZREM and one ZADD. Each item's available
 -- right after it comes from running totals (`bal`, `held`) that track the acct fields exactly.
 
 if FENCED then return fenced_error() end
@@ -81,30 +79,9 @@ for j = 0, tonumber(ARGV[6]) - 1 do
   known[ARGV[kb + j * 9]] = kb + j * 9
 end
 
--- The counter deltas of this call, written in the order each field was first touched (so a field
--- new to the account lands where one write per change would have put it).
-local delta, touched = {}, {}
 local function add(field, d)
-  local cur = delta[field]
-  if cur == nil then
-    touched[#touched + 1] = field
-    cur = 0
-  end
-  delta[field] = cur + d
+  redis.call('HINCRBY', ACCT, field, I(d))
 end
-local function flush()
-  for _, f in ipairs(touched) do
-    local d = delta[f]
-    if d ~= 0 then
-      redis.call('HINCRBY', ACCT, f, I(d))
-    else
-      -- A zero delta only creates a missing field, as HINCRBY by 0 would.
-      redis.call('HSETNX', ACCT, f, '0')
-    end
-  end
-  delta, touched = {}, {}
-end
-local burned = 0
 
 for i = 0, n - 1 do
   local b = 8 + i * 7
@@ -122,8 +99,6 @@ for i = 0, n - 1 do
     item_err(rid, 'HOLD_NOT_FOUND', 'no hold ' .. rid .. ' in organization ' .. ORG)
   else
     if rec.st == 'A' and tonumber(rec.dl) <= NOW then
-      -- expire_hold writes counters itself: the pending ones go first, in their order.
-      flush()
       settle_deadline(rid, rec)
       raw[rid] = cjson.encode(rec)
       if wallet then held = held - tonumber(rec.amt) end
@@ -171,7 +146,7 @@ for i = 0, n - 1 do
       else
         add('late_committed', billed)
       end
-      burned = burned + billed
+      burn(billed)
       add('balance', -billed)
       add('committed', billed)
       bal = bal - billed
@@ -204,13 +179,11 @@ for i = 0, n - 1 do
       if rcv ~= '' then
         ev[#ev + 1], ev[#ev + 2], ev[#ev + 3], ev[#ev + 4] = 'rcv', rcv, 'lines', lines
       end
-      emit_strings('commit', 'commit:' .. rid .. ':' .. rec.t0, unpack(ev))
+      emit('commit', 'commit:' .. rid .. ':' .. rec.t0, unpack(ev))
       item_ok(rid, rec, 0)
     end
   end
 end
-flush()
-burn(burned)
 if #tombed > 0 then
   call_sliced('HSET', HOLDS, puts, 2)
   -- entomb() for each committed hold: they share one purge time.

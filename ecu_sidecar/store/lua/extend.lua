@@ -47,5 +47,6 @@ rec.seq = seq_s
 rec.ettl = ttl_s
 put_hold(rid, rec)
 redis.call('ZADD', DEADLINES, I(dl), rid)
-emit('extend', 'extend:' .. rid .. ':' .. rec.t0 .. ':' .. seq_s, {'rid', rid, 'deadline', dl, 'sequence', seq_s})
+emit('extend', 'extend:' .. rid .. ':' .. rec.t0 .. ':' .. seq_s, 'rid', rid, 'deadline', rec.dl,
+  'sequence', seq_s)
 return {'OK', dl, 0}

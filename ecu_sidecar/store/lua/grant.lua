@@ -49,5 +49,5 @@ redis.call('HDEL', ACCT, 'w20', 'w5', 'atu_req')
 redis.call('HINCRBY', ACCT, 'gen', 1)
 redis.call('HSET', GRANTS, gid, cjson.encode({amt = amt_s, kind = kind, exp = exp_s, t = NOW_S,
   bal = I(bal), av = I(av)}))
-emit('grant', 'grant:' .. gid, {'grant_id', gid, 'amount', amt_s, 'kind', kind, 'expires_at', exp_s})
+emit('grant', 'grant:' .. gid, 'grant_id', gid, 'amount', amt_s, 'kind', kind, 'expires_at', exp_s)
 return {'OK', bal, av, 0}

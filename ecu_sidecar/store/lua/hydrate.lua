@@ -107,8 +107,8 @@ for _ = 1, h do
   b = b + 12
 end
 emit('hydrate', 'hydrate:' .. NOW_S .. ':' .. I(granted) .. ':' .. I(committed),
-  {'granted', granted, 'expired', expired, 'committed', committed, 'balance', balance,
-    'held', held, 'holds', h, 'forced', force and '1' or '0'})
+  'granted', I(granted), 'expired', I(expired), 'committed', I(committed), 'balance', I(balance),
+  'held', I(held), 'holds', I(h), 'forced', force and '1' or '0')
 -- Grants already past their expiry while Redis was empty leave now, and restored holds already
 -- past their deadline expire (their expire events are new to the ledger).
 sweep()

@@ -69,8 +69,8 @@ local drift = bal - ledger
 if drift ~= 0 then
   redis.call('HSET', ACCT, 'balance', I(ledger))
   redis.call('HINCRBY', ACCT, 'repaired', I(-drift))
-  emit('repair', 'repair:' .. expected .. ':' .. NOW_S, {'redis_balance', bal, 'ledger_balance', ledger,
-    'drift', drift})
+  emit('repair', 'repair:' .. expected .. ':' .. NOW_S, 'redis_balance', I(bal),
+    'ledger_balance', I(ledger), 'drift', I(drift))
   check_thresholds()
 end
 return {'OK', 'DONE', drift}

@@ -44,6 +44,6 @@ local after = available()
 rec.av1 = I(after)
 put_hold(rid, rec)
 entomb(rid)
-emit('release', 'release:' .. rid .. ':' .. rec.t0, {'rid', rid, 'amount', amt, 'team', rec.tm, 'project', rec.pj,
-  'user', rec.us, 'job', rec.job, 'model', rec.mdl})
+emit('release', 'release:' .. rid .. ':' .. rec.t0, 'rid', rid, 'amount', I(amt), 'team', rec.tm,
+  'project', rec.pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl)
 return {'OK', after, amt, 'R', 0}

@@ -118,7 +118,7 @@ for i = 0, n - 1 do
     puts[np + 1], puts[np + 2] = rid, cjson.encode(rec)
     deadlines[np + 1], deadlines[np + 2] = dl, rid
     np = np + 2
-    emit_strings('reserve', 'reserve:' .. rid .. ':' .. NOW_S, 'rid', rid, 'amount', amt,
+    emit('reserve', 'reserve:' .. rid .. ':' .. NOW_S, 'rid', rid, 'amount', amt,
       'team', team, 'project', project, 'user', user, 'job', job, 'model', mdl, 'deadline', dl,
       'rcv', rcv)
   end

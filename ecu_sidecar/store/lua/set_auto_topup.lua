@@ -19,7 +19,7 @@ if (cur[1] or '') ~= t or (t ~= '' and cur[2] ~= a) then
     redis.call('HSET', ACCT, 'atu_t', t, 'atu_a', a)
   end
   emit('autotopup', 'autotopup:' .. NOW_S .. ':' .. redis.call('HINCRBY', ACCT, 'cap_changes', 1),
-    {'threshold', t, 'amount', t == '' and '0' or a})
+    'threshold', t, 'amount', t == '' and '0' or a)
   check_thresholds()
 end
 return {'OK', t, t == '' and 0 or tonumber(a)}

@@ -19,7 +19,7 @@ if (cur or '') ~= cap then
     redis.call('HSET', ACCT, base .. 'cap', cap)
   end
   emit('cap', 'cap:' .. base .. NOW_S .. ':' .. redis.call('HINCRBY', ACCT, 'cap_changes', 1),
-    {'scope', pfx == 't' and 'team' or 'project', 'scope_id', id, 'cap', cap})
+    'scope', pfx == 't' and 'team' or 'project', 'scope_id', id, 'cap', cap)
 end
 local v = redis.call('HMGET', ACCT, base .. 'held', base .. 'used')
 return {'OK', cap, N(v[1]), N(v[2])}

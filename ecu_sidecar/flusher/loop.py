@@ -1,4 +1,4 @@
-"""The flusher: moves every outbox event into the ledger exactly once, keeps Redis and the
+"""The flush loop: moves every outbox event into the ledger exactly once, keeps Redis and the
 ledger in agreement, and rebuilds organizations Redis has lost.
 
 One cycle: read new entries (consumer group ``ledger``) and entries a dead flusher left pending
@@ -20,43 +20,20 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
-from ecu_sidecar.errors import (
-    AccountNotFound,
-    BalanceLimit,
-    GrantAlreadyExpired,
-    IdempotencyConflict,
-    StoreUnavailable,
-)
+from ecu_sidecar.errors import AccountNotFound, StoreUnavailable
+from ecu_sidecar.flusher.ports import FlusherLedger
+from ecu_sidecar.flusher.reconcile import Reconciler
 from ecu_sidecar.metrics import FlusherMetrics, StoreMetrics
-from ecu_sidecar.model import GrantKind, LedgerAccount
 from ecu_sidecar.settings import Settings
-from ecu_sidecar.store import RedisStore
-from ecu_sidecar.store.outbox import GROUP, OutboxEntry, OutboxReader
+from ecu_sidecar.store.outbox import OutboxEntry
+from ecu_sidecar.store.port import Store
 
-__all__ = ["Flusher", "LedgerPort"]
+__all__ = ["Flusher"]
 
 log = logging.getLogger(__name__)
-
-
-class LedgerPort(Protocol):
-    """What the flusher needs of the ledger repository (ecu_sidecar.ledger)."""
-
-    def parse_events(self, events: Sequence[dict[str, str]]) -> Any: ...
-
-    def write_events(self, events: Any) -> Any:
-        """Write entries (their fields), or what parse_events made of them."""
-        ...
-
-    def ledger_account(self, org: str) -> LedgerAccount | None: ...
-
-    def void_grant(self, org: str, grant_id: str) -> bool: ...
-
-    def organizations(self) -> list[str]: ...
-
-    def record_snapshot(self, org: str, ledger_balance: int, redis_balance: int) -> None: ...
 
 
 class Flusher:
@@ -64,8 +41,8 @@ class Flusher:
 
     def __init__(
         self,
-        store: RedisStore,
-        ledger: LedgerPort,
+        store: Store,
+        ledger: FlusherLedger,
         settings: Settings,
         metrics: FlusherMetrics,
         *,
@@ -79,7 +56,10 @@ class Flusher:
         if store.metrics is None:  # `ecu-sidecar flush`: its own store, its own registry
             store.metrics = StoreMetrics.of(metrics.registry)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.reader = OutboxReader(store, self.consumer)
+        self.reader = store.outbox(self.consumer)
+        self.reconciler = Reconciler(
+            store, self.reader, ledger, settings, metrics, lambda: self.flush_once(read_ahead=False)
+        )
         self._orgs: list[str] = []
         self._next_discovery = 0.0
         self._next_reconcile = 0.0
@@ -278,166 +258,19 @@ class Flusher:
         finally:
             self._taking_over = False
 
-    # -- reconciliation and hydration -----------------------------------------------------
+    # -- reconciliation and rebuilds (flusher/reconcile.py) ----------------------------------
 
     async def reconcile(self) -> dict[str, int]:
-        """Compare each fully flushed organization's ledger balance with Redis; repair drift.
-        Returns {org: drift} for the organizations checked (skipped ones are absent).
-
-        Each organization is checked on its own: one that fails (a grant Redis refuses, a
-        ledger or Redis error for it) is logged and counted in
-        ``ecu_flusher_reconcile_errors_total``, and the pass goes on with the next one, so one
-        organization never stops the others' repairs nor slows the flushing down."""
-        drifts: dict[str, int] = {}
-        lost: set[str] = set()
-        orgs = await self.discover(force=True)
-        epochs = await self.store.epochs(orgs)
-        for org in orgs:
-            try:
-                drift = await self._reconcile_one(org, lost, epochs[org])
-            except Exception as exc:
-                self.metrics.reconcile_errors.inc()
-                log.error(
-                    "reconciling %s failed (%s: %s); going on with the other organizations",
-                    org,
-                    type(exc).__name__,
-                    getattr(exc, "message", exc),
-                )
-                continue
-            if drift is not None:
-                drifts[org] = drift
-        self.metrics.key_loss_accounts.set(len(lost))
-        self.metrics.drift_accounts.set(sum(1 for d in drifts.values() if d))
-        self.metrics.drift_uecu.set(sum(abs(d) for d in drifts.values()))
-        self.metrics.repairs.inc(sum(1 for d in drifts.values() if d))
-        return drifts
-
-    async def _reconcile_one(self, org: str, lost: set[str], epoch: str) -> int | None:
-        """Reconcile one organization; its drift, or None when skipped (or rebuilt: its keys
-        were found lost, and it joins ``lost``; or Redis changed history under it)."""
-        if epoch:
-            was = await self.store.check_epoch(org, epoch, self.settings.rebuild_fence_ms)
-            if was is not None:
-                # A failover or restart took back changes the ledger may hold: rebuilt whole
-                # from the ledger now, under traffic (a fence holds changes while it drains).
-                log.error(
-                    "Redis holding %s changed history (%s, was %s): rebuilding it from the ledger",
-                    org,
-                    epoch,
-                    was,
-                )
-                if await self._rebuild_fenced(org):
-                    self.metrics.history_rebuilds.inc()
-                return None
-        state = await self.reader.state(org)
-        if not state.fully_flushed:
-            return None
-        account = await asyncio.to_thread(self.ledger.ledger_account, org)
-        if account is None:
-            return None
-        if account.unconfirmed_grants:
-            # Every Redis event is in the ledger, yet these pending ledger-first grants have
-            # none: Redis never applied them (the caller died between the two writes, or did
-            # not hear Redis's answer). Finish them (a grant Redis did apply meanwhile answers
-            # as a replay) or void those Redis refuses.
-            await self._finish_grants(org, account.unconfirmed_grants)
-            return None  # the new grant events must be flushed before balances compare
-        expected = account.balance_uecu
-        checked = await self.store.reconcile(org, state.last_id, expected, GROUP)
-        if checked.key_loss:
-            # A key lost beside the account (eviction, a manual DEL): the organization is
-            # rebuilt whole from the ledger read above, for the same outbox position.
-            lost.add(org)
-            log.error("keys of %s lost (%s): rebuilding it from the ledger", org, checked.key_loss)
-            await self._rebuild(account, state.last_id, force=True)
-            return None
-        drift = checked.drift_uecu
-        if drift is None:
-            return None
-        await asyncio.to_thread(self.ledger.record_snapshot, org, expected, expected + drift)
-        if drift:
-            log.warning("drift in %s: Redis was %+d uECU off the ledger; repaired", org, drift)
-        return drift
-
-    async def _rebuild_fenced(self, org: str) -> bool:
-        """Drain the fenced organization's outbox into the ledger, then rebuild it from there
-        (which records the node's epoch and lifts the fence). False when the drain did not finish
-        within the fence (another flusher's entries not yet claimable, the ledger down): the
-        fence lapses, and the next pass fences again."""
-        deadline = time.monotonic() + self.settings.rebuild_fence_ms / 1000
-        while time.monotonic() < deadline:
-            state = await self.reader.state(org)
-            if state.fully_flushed:
-                account = await asyncio.to_thread(self.ledger.ledger_account, org)
-                if account is None:
-                    log.error("cannot rebuild %s: the ledger has no account for it", org)
-                    return False
-                try:
-                    return await self._rebuild(account, state.last_id, force=True)
-                except StoreUnavailable:  # an entry arrived since the look: drain again
-                    continue
-            if not await self.flush_once(read_ahead=False):
-                await asyncio.sleep(0.02)  # entries pending with another flusher
-        log.warning("rebuild of %s waits: its outbox did not drain within the fence", org)
-        return False
-
-    async def _finish_grants(self, org: str, grants: list[tuple[str, int, str, int]]) -> None:
-        """Apply pending ledger-first grants to Redis; void those Redis definitely refuses."""
-        for grant_id, amount, kind, expires_at in grants:
-            try:
-                await self.store.grant(org, grant_id, amount, GrantKind(kind), expires_at)
-                log.warning("applied ledger-first grant %s of %s to Redis", grant_id, org)
-            except (GrantAlreadyExpired, BalanceLimit, IdempotencyConflict) as exc:
-                # Redis will never apply it as recorded: it leaves the pending set for good
-                # (a grant event for it, should Redis have applied it otherwise, confirms it).
-                voided = await asyncio.to_thread(self.ledger.void_grant, org, grant_id)
-                if voided:
-                    self.metrics.grants_voided.inc()
-                log.error(
-                    "ledger-first grant %s of %s refused by Redis (%s: %s); %s",
-                    grant_id,
-                    org,
-                    exc.reason,
-                    exc.message,
-                    "voided" if voided else "no longer pending",
-                )
+        """Reconcile every fully flushed organization (see Reconciler.reconcile)."""
+        return await self.reconciler.reconcile(await self.discover(force=True))
 
     async def hydrate_missing(self) -> list[str]:
         """Rebuild every organization the ledger knows and Redis has lost."""
-        orgs = await asyncio.to_thread(self.ledger.organizations)
-        missing = await self.store.missing_accounts(orgs)
-        rebuilt = []
-        for org in missing:
-            if await self.hydrate(org):
-                rebuilt.append(org)
-        return rebuilt
+        return await self.reconciler.hydrate_missing()
 
     async def hydrate(self, org: str) -> bool:
-        """Rebuild one organization from the ledger if Redis lacks it (race-free). Only once its
-        outbox is fully flushed (the ledger must hold every event): until then False, and a
-        later pass, after the flush, rebuilds it."""
-        state = await self.reader.state(org)  # before the ledger read: see RedisStore.hydrate
-        if not state.fully_flushed:
-            log.warning("rebuild of %s waits for its outbox to reach the ledger", org)
-            return False
-        account = await asyncio.to_thread(self.ledger.ledger_account, org)
-        if account is None:
-            return False
-        return await self._rebuild(account, state.last_id)
-
-    async def _rebuild(
-        self, account: LedgerAccount, flushed_id: str, *, force: bool = False
-    ) -> bool:
-        done = await self.store.hydrate(account, flushed_id=flushed_id, force=force)
-        if done:
-            self.metrics.hydrations.inc()
-            log.warning(
-                "rebuilt %s from the ledger (balance %d uECU, %d holds restored)",
-                account.organization,
-                account.balance_uecu,
-                len(account.active_holds),
-            )
-        return done
+        """Rebuild one organization from the ledger if Redis lacks it (see Reconciler.hydrate)."""
+        return await self.reconciler.hydrate(org)
 
     async def observe(self) -> None:
         """Outbox length, lag and pending gauges over every known organization, from Redis

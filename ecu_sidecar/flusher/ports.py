@@ -1,0 +1,38 @@
+"""What the flusher needs of the ledger (ecu_sidecar.ledger implements it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ecu_sidecar.model import LedgerAccount
+
+__all__ = ["FlusherLedger"]
+
+
+class FlusherLedger(Protocol):
+    """The ledger as the flusher writes events into it and reconciles against it."""
+
+    def parse_events(self, events: Sequence[dict[str, str]]) -> Any:
+        """Validate entries' fields into what write_events takes."""
+        ...
+
+    def write_events(self, events: Any) -> Any:
+        """Write entries (their fields), or what parse_events made of them."""
+        ...
+
+    def ledger_account(self, org: str) -> LedgerAccount | None:
+        """The organization as the ledger knows it (what a rebuild writes back to Redis)."""
+        ...
+
+    def void_grant(self, org: str, grant_id: str) -> bool:
+        """Drop a pending ledger-first grant Redis refuses for good."""
+        ...
+
+    def organizations(self) -> list[str]:
+        """Every organization the ledger knows."""
+        ...
+
+    def record_snapshot(self, org: str, ledger_balance: int, redis_balance: int) -> None:
+        """Record a reconciliation's comparison."""
+        ...

@@ -1,0 +1,210 @@
+"""Reconciliation and rebuilds: Redis's counters checked against the ledger (drift is repaired
+and counted), organizations Redis lost rebuilt from the ledger, and a history Redis took back
+(a failover, a restart: the node's epoch changed) drained and rebuilt behind a fence.
+
+Run by the flusher's loop between its cycles (flusher/loop.py): a reconciliation needs nothing
+pending in the consumer group, so the loop reads no batch ahead into one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from ecu_sidecar.errors import (
+    BalanceLimit,
+    GrantAlreadyExpired,
+    IdempotencyConflict,
+    StoreUnavailable,
+)
+from ecu_sidecar.flusher.ports import FlusherLedger
+from ecu_sidecar.metrics import FlusherMetrics
+from ecu_sidecar.model import GrantKind, LedgerAccount
+from ecu_sidecar.settings import Settings
+from ecu_sidecar.store.outbox import GROUP
+from ecu_sidecar.store.port import Outbox, Store
+
+__all__ = ["Reconciler"]
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    """Reconciliation and rebuilds of one flusher."""
+
+    def __init__(
+        self,
+        store: Store,
+        outbox: Outbox,
+        ledger: FlusherLedger,
+        settings: Settings,
+        metrics: FlusherMetrics,
+        flush_once: Callable[[], Awaitable[int]],
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.ledger = ledger
+        self.settings = settings
+        self.metrics = metrics
+        self.flush_once = flush_once
+        """One flush cycle without read-ahead (a fenced rebuild drains the outbox with it)."""
+
+    async def reconcile(self, orgs: list[str]) -> dict[str, int]:
+        """Compare each fully flushed organization's ledger balance with Redis; repair drift.
+        Returns {org: drift} for the organizations checked (skipped ones are absent).
+
+        Each organization is checked on its own: one that fails (a grant Redis refuses, a
+        ledger or Redis error for it) is logged and counted in
+        ``ecu_flusher_reconcile_errors_total``, and the pass goes on with the next one, so one
+        organization never stops the others' repairs nor slows the flushing down."""
+        drifts: dict[str, int] = {}
+        lost: set[str] = set()
+        epochs = await self.store.epochs(orgs)
+        for org in orgs:
+            try:
+                drift = await self._reconcile_one(org, lost, epochs[org])
+            except Exception as exc:
+                self.metrics.reconcile_errors.inc()
+                log.error(
+                    "reconciling %s failed (%s: %s); going on with the other organizations",
+                    org,
+                    type(exc).__name__,
+                    getattr(exc, "message", exc),
+                )
+                continue
+            if drift is not None:
+                drifts[org] = drift
+        self.metrics.key_loss_accounts.set(len(lost))
+        self.metrics.drift_accounts.set(sum(1 for d in drifts.values() if d))
+        self.metrics.drift_uecu.set(sum(abs(d) for d in drifts.values()))
+        self.metrics.repairs.inc(sum(1 for d in drifts.values() if d))
+        return drifts
+
+    async def _reconcile_one(self, org: str, lost: set[str], epoch: str) -> int | None:
+        """Reconcile one organization; its drift, or None when skipped (or rebuilt: its keys
+        were found lost, and it joins ``lost``; or Redis changed history under it)."""
+        if epoch:
+            was = await self.store.check_epoch(org, epoch, self.settings.rebuild_fence_ms)
+            if was is not None:
+                # A failover or restart took back changes the ledger may hold: rebuilt whole
+                # from the ledger now, under traffic (a fence holds changes while it drains).
+                log.error(
+                    "Redis holding %s changed history (%s, was %s): rebuilding it from the ledger",
+                    org,
+                    epoch,
+                    was,
+                )
+                if await self.rebuild_fenced(org):
+                    self.metrics.history_rebuilds.inc()
+                return None
+        state = await self.outbox.state(org)
+        if not state.fully_flushed:
+            return None
+        account = await asyncio.to_thread(self.ledger.ledger_account, org)
+        if account is None:
+            return None
+        if account.unconfirmed_grants:
+            # Every Redis event is in the ledger, yet these pending ledger-first grants have
+            # none: Redis never applied them (the caller died between the two writes, or did
+            # not hear Redis's answer). Finish them (a grant Redis did apply meanwhile answers
+            # as a replay) or void those Redis refuses.
+            await self._finish_grants(org, account.unconfirmed_grants)
+            return None  # the new grant events must be flushed before balances compare
+        expected = account.balance_uecu
+        checked = await self.store.reconcile(org, state.last_id, expected, GROUP)
+        if checked.key_loss:
+            # A key lost beside the account (eviction, a manual DEL): the organization is
+            # rebuilt whole from the ledger read above, for the same outbox position.
+            lost.add(org)
+            log.error("keys of %s lost (%s): rebuilding it from the ledger", org, checked.key_loss)
+            await self._rebuild(account, state.last_id, force=True)
+            return None
+        drift = checked.drift_uecu
+        if drift is None:
+            return None
+        await asyncio.to_thread(self.ledger.record_snapshot, org, expected, expected + drift)
+        if drift:
+            log.warning("drift in %s: Redis was %+d uECU off the ledger; repaired", org, drift)
+        return drift
+
+    async def rebuild_fenced(self, org: str) -> bool:
+        """Drain the fenced organization's outbox into the ledger, then rebuild it from there
+        (which records the node's epoch and lifts the fence). False when the drain did not finish
+        within the fence (another flusher's entries not yet claimable, the ledger down): the
+        fence lapses, and the next pass fences again."""
+        deadline = time.monotonic() + self.settings.rebuild_fence_ms / 1000
+        while time.monotonic() < deadline:
+            state = await self.outbox.state(org)
+            if state.fully_flushed:
+                account = await asyncio.to_thread(self.ledger.ledger_account, org)
+                if account is None:
+                    log.error("cannot rebuild %s: the ledger has no account for it", org)
+                    return False
+                try:
+                    return await self._rebuild(account, state.last_id, force=True)
+                except StoreUnavailable:  # an entry arrived since the look: drain again
+                    continue
+            if not await self.flush_once():
+                await asyncio.sleep(0.02)  # entries pending with another flusher
+        log.warning("rebuild of %s waits: its outbox did not drain within the fence", org)
+        return False
+
+    async def _finish_grants(self, org: str, grants: list[tuple[str, int, str, int]]) -> None:
+        """Apply pending ledger-first grants to Redis; void those Redis definitely refuses."""
+        for grant_id, amount, kind, expires_at in grants:
+            try:
+                await self.store.grant(org, grant_id, amount, GrantKind(kind), expires_at)
+                log.warning("applied ledger-first grant %s of %s to Redis", grant_id, org)
+            except (GrantAlreadyExpired, BalanceLimit, IdempotencyConflict) as exc:
+                # Redis will never apply it as recorded: it leaves the pending set for good
+                # (a grant event for it, should Redis have applied it otherwise, confirms it).
+                voided = await asyncio.to_thread(self.ledger.void_grant, org, grant_id)
+                if voided:
+                    self.metrics.grants_voided.inc()
+                log.error(
+                    "ledger-first grant %s of %s refused by Redis (%s: %s); %s",
+                    grant_id,
+                    org,
+                    exc.reason,
+                    exc.message,
+                    "voided" if voided else "no longer pending",
+                )
+
+    async def hydrate_missing(self) -> list[str]:
+        """Rebuild every organization the ledger knows and Redis has lost."""
+        orgs = await asyncio.to_thread(self.ledger.organizations)
+        missing = await self.store.missing_accounts(orgs)
+        rebuilt = []
+        for org in missing:
+            if await self.hydrate(org):
+                rebuilt.append(org)
+        return rebuilt
+
+    async def hydrate(self, org: str) -> bool:
+        """Rebuild one organization from the ledger if Redis lacks it (race-free). Only once its
+        outbox is fully flushed (the ledger must hold every event): until then False, and a
+        later pass, after the flush, rebuilds it."""
+        state = await self.outbox.state(org)  # before the ledger read: see RedisStore.hydrate
+        if not state.fully_flushed:
+            log.warning("rebuild of %s waits for its outbox to reach the ledger", org)
+            return False
+        account = await asyncio.to_thread(self.ledger.ledger_account, org)
+        if account is None:
+            return False
+        return await self._rebuild(account, state.last_id)
+
+    async def _rebuild(
+        self, account: LedgerAccount, flushed_id: str, *, force: bool = False
+    ) -> bool:
+        done = await self.store.hydrate(account, flushed_id=flushed_id, force=force)
+        if done:
+            self.metrics.hydrations.inc()
+            log.warning(
+                "rebuilt %s from the ledger (balance %d uECU, %d holds restored)",
+                account.organization,
+                account.balance_uecu,
+                len(account.active_holds),
+            )
+        return done
