@@ -224,6 +224,8 @@ class SidecarServer:
             self.metrics.rate_card_loaded(self.rates.current.version)
         self.port = 0
         """The bound gRPC port (useful when ECU_LISTEN asks for port 0)."""
+        self.serving = True
+        """False once shutdown began: health answers NOT_SERVING from then on."""
         self._metrics_http: Any = None
         self.metrics_port = 0
         """The bound /metrics port (ECU_METRICS_LISTEN; useful with port 0)."""
@@ -384,6 +386,7 @@ class SidecarServer:
             return
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        self.serving = False
         if self._server is not None:
             await self._server.stop(grace)
         if self._health_server is not None:

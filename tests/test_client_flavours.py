@@ -5,7 +5,7 @@ Each public method of ``AsyncQuotaClient`` and ``QuotaClient`` has the same para
 defaults, return type and docstring as the other's, and the parameters of its builder in
 ``ecu_sidecar.client.requests``; and each forwards every argument: called with a value for
 every parameter, it makes exactly the call the builder builds. No sidecar is needed: the
-flavour's ``_call`` is replaced by one that records the call it was given.
+flavour's ``call`` is replaced by one that records the call it was given.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "set_cap": ((ORG, "team", "t", 5), {}),
     "set_auto_topup": ((ORG, 5, 6), {}),
     "preview": ((ORG, JOB), dict(team="t", project="p", user="u")),
-    "rate_card": ((), {}),
+    "rate_card": (("acme",), {}),
 }
 KEEPALIVE = ("keepalive", "keepalive_margin")
 
@@ -77,7 +77,7 @@ def parameters(f: Any) -> list[tuple[str, Any, Any, Any]]:
 
 def test_both_flavours_have_the_same_methods() -> None:
     assert public_methods(AsyncQuotaClient) == public_methods(QuotaClient)
-    assert public_methods(AsyncQuotaClient) == {*CALLS, "hold", "close"}
+    assert public_methods(AsyncQuotaClient) == {*CALLS, "call", "hold", "close"}
 
 
 @pytest.mark.parametrize("name", [*CALLS, "hold", "close"])
@@ -134,7 +134,7 @@ async def test_the_async_method_forwards_every_argument(
         sent.append(call)
 
     c = AsyncQuotaClient()
-    monkeypatch.setattr(c, "_call", record)
+    monkeypatch.setattr(c, "call", record)
     await getattr(c, name)(*args, **kwargs)
     (call,) = sent
     assert same_call(call, getattr(requests, name)(*args, **kwargs))
@@ -147,7 +147,7 @@ def test_the_sync_method_forwards_every_argument(
     args, kwargs = CALLS[name]
     sent: list[Call[Any]] = []
     c = QuotaClient()
-    monkeypatch.setattr(c, "_call", sent.append)
+    monkeypatch.setattr(c, "call", sent.append)
     getattr(c, name)(*args, **kwargs)
     (call,) = sent
     assert same_call(call, getattr(requests, name)(*args, **kwargs))
@@ -157,7 +157,7 @@ def test_the_sync_method_forwards_every_argument(
 def test_hold_forwards_every_argument(flavour: type[AsyncQuotaClient | QuotaClient]) -> None:
     args, kwargs = CALLS["reserve"]
     h = flavour().hold(*args, **kwargs, keepalive=False, keepalive_margin=0.5)
-    assert same_call(h._reserve_call, requests.reserve(*args, **kwargs))
+    assert same_call(h.reserve_call, requests.reserve(*args, **kwargs))
     assert (h.keepalive, h.keepalive_margin, h.reservation_id) == (False, 0.5, "r1")
     assert isinstance(h, qc.AsyncHold if flavour is AsyncQuotaClient else qc.Hold)
 

@@ -111,7 +111,7 @@ async def test_keepalive_stops_when_the_block_ends(
         org=ORG, amount_uecu=1_000, job_type="gepa", ttl_ms=TTL_MS, keepalive_margin=MARGIN
     ) as h:
         await until(lambda: h.keepalive_extends >= 1)
-        keeper = h._keeper
+        keeper = h.keeper
         assert keeper is not None and not keeper.done()
     assert keeper.done() and h.state is HoldState.RELEASED
     with pytest.raises(RuntimeError):
@@ -131,7 +131,7 @@ async def test_without_keepalive_the_hold_expires(
     async with client.hold(
         org=ORG, amount_uecu=400_000, job_type="gepa", ttl_ms=TTL_MS, keepalive=False
     ) as h:
-        assert h._keeper is None
+        assert h.keeper is None
         # The deadline passes (script clock stepped, no sleep): the sweep of the next call
         # expires the hold, and nothing kept it alive.
         sidecar.store.clock_offset_ms = TTL_MS + 1
@@ -177,7 +177,7 @@ async def test_a_failed_keepalive_is_recorded_and_never_kills_the_block(
         await until(lambda: h.keepalive_error is not None)
         error = h.keepalive_error
         assert isinstance(error, qc.FailedPrecondition) and error.reason == "HOLD_RELEASED"
-        keeper = h._keeper
+        keeper = h.keeper
         await until(lambda: keeper is not None and keeper.done())  # stopped, not retrying
         assert keeper is not None and keeper.exception() is None
         assert (await client.balance(ORG)).released_uecu == 500  # the block carries on
@@ -246,7 +246,7 @@ async def test_sync_keepalive_keeps_the_hold_alive_then_stops(sidecar: SidecarSe
                 # The caller's own heartbeat meanwhile takes the next number, not a stale one.
                 h.extend()
                 seen["during"] = c.balance(ORG)
-                seen["keeper"] = h._keeper
+                seen["keeper"] = h.keeper
                 seen["commit"] = h.commit(150_000)
             seen["alive_after"] = seen["keeper"].is_alive()
             seen["h"] = h
@@ -278,7 +278,7 @@ async def test_sync_without_keepalive_the_hold_expires(sidecar: SidecarServer) -
             with c.hold(
                 org=ORG, amount_uecu=400_000, job_type="gepa", ttl_ms=TTL_MS, keepalive=False
             ) as h:
-                seen["keeper"] = h._keeper
+                seen["keeper"] = h.keeper
                 placed.set()
                 expired.wait(PATIENCE_S)
                 seen["during"] = c.balance(ORG)

@@ -116,3 +116,19 @@ async def test_health_flusher_reads_livez(tmp_path: Path) -> None:
     assert stopped.returncode == 1
     no_metrics = await health({}, "--flusher")
     assert no_metrics.returncode == 2 and "ECU_METRICS_LISTEN" in no_metrics.stderr
+
+
+def test_without_the_embedded_extra_serve_asks_for_a_redis_url() -> None:
+    """The image leaves the embedded store out: `serve` without ECU_REDIS_URL then says what
+    to do (exit 2, one line), instead of a traceback about a missing module."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ECU_")}
+    blocked = (
+        "import sys; sys.modules['fakeredis'] = None; "
+        "from ecu_sidecar.cli import main; sys.exit(main(['serve']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", blocked], env=clean, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "ECU_REDIS_URL is not set and the embedded store is not installed" in proc.stderr

@@ -98,9 +98,10 @@ def test_shipped_file_is_the_official_one(name: str) -> None:
 def test_pattern_and_special_tokens_match_tiktoken(name: str, monkeypatch) -> None:
     monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *a, **k: {b"x": 0})
     theirs = openai_public.ENCODING_CONSTRUCTORS[name]()
-    ours = tokens.get_encoding(name)
-    assert ours._pat_str == theirs["pat_str"]
-    assert ours._special_tokens == theirs["special_tokens"]
+    ours = tokens.ENCODINGS[name]
+    assert ours.pat_str == theirs["pat_str"]
+    assert dict(ours.special_tokens) == theirs["special_tokens"]
+    assert tokens.get_encoding(name).special_tokens_set == set(theirs["special_tokens"])
 
 
 def test_known_token_ids() -> None:
@@ -215,7 +216,7 @@ def test_parallel_count_is_the_count(name: str, threads: int, monkeypatch) -> No
     text = CORPUS[-1] * 2
     assert len(text) >= 4 * tokens.PART_MIN_CHARS
     seen: list[str] = []
-    count = tokens._count
+    count = tokens.count_part
 
     def recording(enc, part):
         import threading
@@ -223,7 +224,7 @@ def test_parallel_count_is_the_count(name: str, threads: int, monkeypatch) -> No
         seen.append(threading.current_thread().name)
         return count(enc, part)
 
-    monkeypatch.setattr(tokens, "_count", recording)
+    monkeypatch.setattr(tokens, "count_part", recording)
     tokens.set_threads(threads)
     try:
         assert count_text(text, name) == len(tokens.get_encoding(name).encode_ordinary(text))
@@ -372,6 +373,6 @@ def test_tokenizer_threads_setting_is_checked_and_applied() -> None:
         Settings.from_env({"ECU_TOKENIZER_THREADS": "0"})
     SidecarServer(Settings.from_env({"ECU_TOKENIZER_THREADS": "3"}))
     try:
-        assert tokens._threads == 3
+        assert tokens.threads() == 3
     finally:
         tokens.set_threads(2)

@@ -222,9 +222,7 @@ async def test_shutdown_drains_in_flight_calls(private_redis: PrivateRedis) -> N
         stopping = asyncio.ensure_future(server.stop(grace=10))
         health = health_pb2_grpc.HealthStub(channel)
         await wait_until(
-            lambda: (
-                server.health._server_status.get("") == health_pb2.HealthCheckResponse.NOT_SERVING
-            ),
+            lambda: not server.serving,
             "health NOT_SERVING once stopping",
         )
         private_redis.thaw()

@@ -288,7 +288,7 @@ def cmd_preview(args: argparse.Namespace, c: QuotaClient) -> None:
 
 
 def cmd_rates(args: argparse.Namespace, c: QuotaClient) -> None:
-    card = c.rate_card()
+    card = c.rate_card(args.org or "")
     fees = dataclasses.asdict(card.fees)
     data = {
         "version": card.version,

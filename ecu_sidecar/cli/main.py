@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="")
 
     p = client_command("rates", "show the rate card the sidecar prices with", cc.cmd_rates)
+    p.add_argument(
+        "--org", help="your organization: whether it has negotiated terms (without the admin token)"
+    )
     # With ECU_ADMIN_TOKEN set, the card names every organization with negotiated terms.
     p.set_defaults(admin=True)
 

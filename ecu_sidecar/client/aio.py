@@ -234,10 +234,11 @@ class AsyncQuotaClient(ClientBase):
         """A job's worst case, itemized, and whether the balance covers it (no side effects)."""
         return await self.call(requests.preview(org, job, team=team, project=project, user=user))
 
-    async def rate_card(self) -> RateCardInfo:
+    async def rate_card(self, org: str = "") -> RateCardInfo:
         """The rate card the sidecar prices with: version, fees, models, versions still
-        loaded."""
-        return await self.call(requests.rate_card())
+        loaded; the organizations with negotiated terms: all of them with the admin token,
+        else at most ``org``."""
+        return await self.call(requests.rate_card(org))
 
     def hold(
         self,

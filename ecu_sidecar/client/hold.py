@@ -241,10 +241,21 @@ class _HoldBase:
             error,
         )
 
+    @property
+    def reserve_call(self) -> Call[ReserveOutcome]:
+        """The Reserve this hold sends (built once: a retry resends the same reservation id)."""
+        return self._reserve_call
+
 
 class AsyncHold(_HoldBase):
     """A hold placed on entering ``async with client.hold(...)``, released unless committed,
     kept alive by a background task while the block runs (unless ``keepalive=False``)."""
+
+    @property
+    def keeper(self) -> asyncio.Task[None] | None:
+        """The keep-alive task while it runs (None before the hold is placed, with
+        ``keepalive=False``, and once the hold is settled)."""
+        return self._keeper
 
     def __init__(
         self,
@@ -340,6 +351,12 @@ class AsyncHold(_HoldBase):
 class Hold(_HoldBase):
     """A hold placed on entering ``with client.hold(...)``, released unless committed, kept
     alive by a background thread while the block runs (unless ``keepalive=False``)."""
+
+    @property
+    def keeper(self) -> threading.Thread | None:
+        """The keep-alive thread while it runs (None before the hold is placed, with
+        ``keepalive=False``, and once the hold is settled)."""
+        return self._keeper
 
     def __init__(
         self,

@@ -225,10 +225,11 @@ class QuotaClient(ClientBase):
         """A job's worst case, itemized, and whether the balance covers it (no side effects)."""
         return self.call(requests.preview(org, job, team=team, project=project, user=user))
 
-    def rate_card(self) -> RateCardInfo:
+    def rate_card(self, org: str = "") -> RateCardInfo:
         """The rate card the sidecar prices with: version, fees, models, versions still
-        loaded."""
-        return self.call(requests.rate_card())
+        loaded; the organizations with negotiated terms: all of them with the admin token,
+        else at most ``org``."""
+        return self.call(requests.rate_card(org))
 
     def hold(
         self,

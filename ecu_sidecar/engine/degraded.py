@@ -65,7 +65,7 @@ from ecu_sidecar.model import (
     Usage,
 )
 from ecu_sidecar.settings import Settings
-from ecu_sidecar.store import RedisStore
+from ecu_sidecar.store import Store
 
 __all__ = ["DegradedMode", "bounded_commit", "now_ms"]
 
@@ -87,7 +87,7 @@ class DegradedMode:
     """Local decisions while Redis is unreachable, journaled; and their replay into Redis."""
 
     def __init__(
-        self, journal: Journal, store: RedisStore, settings: Settings, hydrator: Hydrator
+        self, journal: Journal, store: Store, settings: Settings, hydrator: Hydrator
     ) -> None:
         self.journal = journal
         self.store = store

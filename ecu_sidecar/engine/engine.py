@@ -59,7 +59,7 @@ from ecu_sidecar.pricing import (
 )
 from ecu_sidecar.pricing.registry import NoRateCard
 from ecu_sidecar.settings import Settings
-from ecu_sidecar.store import RedisStore
+from ecu_sidecar.store import Store
 from ecu_sidecar.validation import (
     CALLER_ID_MAX,
     check_account,
@@ -154,7 +154,7 @@ class QuotaEngine:
 
     def __init__(
         self,
-        store: RedisStore,
+        store: Store,
         settings: Settings,
         ledger: GrantLedger | None = None,
         rates: RateCardRegistry | None = None,

@@ -20,7 +20,7 @@ from ecu_sidecar.errors import (
     StoreUnavailable,
 )
 from ecu_sidecar.model import MAX_GRANTED_UECU, GrantKind, GrantOutcome
-from ecu_sidecar.store import RedisStore
+from ecu_sidecar.store import Store
 
 __all__ = ["GrantLedger", "grant_ledger_first"]
 
@@ -48,7 +48,7 @@ class GrantLedger(LedgerReader, Protocol):
 
 
 async def grant_ledger_first(
-    store: RedisStore,
+    store: Store,
     ledger: GrantLedger,
     hydrator: Hydrator,
     org: str,

@@ -34,7 +34,7 @@ from ecu_sidecar.model import (
     LedgerReservation,
 )
 from ecu_sidecar.settings import Settings
-from ecu_sidecar.store import RedisStore
+from ecu_sidecar.store import Store
 
 __all__ = ["UNKNOWN_ORGS_MAX", "Hydrator", "LedgerReader", "ledger_call"]
 
@@ -81,7 +81,7 @@ class Hydrator:
 
     def __init__(
         self,
-        store: RedisStore,
+        store: Store,
         settings: Settings,
         ledger: LedgerReader | None,
         clock: Callable[[], float] = time.monotonic,

@@ -144,6 +144,11 @@ _threads = 2
 _pool: ThreadPoolExecutor | None = None
 
 
+def threads() -> int:
+    """How many threads count a long text's parts (ECU_TOKENIZER_THREADS; set_threads)."""
+    return _threads
+
+
 def _data_file(name: str) -> str:
     # find_spec locates the package without importing (running) it: only its data is used.
     spec = importlib.util.find_spec(DATA_PACKAGE)
@@ -263,7 +268,7 @@ def cut_points(text: str, parts: int, min_part: int = PART_MIN_CHARS) -> list[in
 _NO_SPECIAL: frozenset[str] = frozenset()
 
 
-def _count(enc: tiktoken.Encoding, text: str) -> int:
+def count_part(enc: tiktoken.Encoding, text: str) -> int:
     # encode_to_tiktoken_buffer is what tiktoken's own encode_to_numpy calls: the ids as a
     # buffer of u32, without building a list of Python ints. No special token is allowed, so
     # special-token strings are encoded as ordinary text, as encode_ordinary does (tested).
@@ -274,14 +279,14 @@ def count_text(text: str, encoding: str) -> int:
     """Tokens of plain text; special-token strings in it count as ordinary text."""
     enc = get_encoding(encoding)
     if _threads < 2 or len(text) < PARALLEL_MIN_CHARS:
-        return _count(enc, text)
+        return count_part(enc, text)
     cuts = cut_points(text, _threads)
     if not cuts:
-        return _count(enc, text)
+        return count_part(enc, text)
     parts = [text[a:b] for a, b in itertools.pairwise([0, *cuts, len(text)])]
     pool = _executor()
-    rest = [pool.submit(_count, enc, part) for part in parts[1:]]
-    return _count(enc, parts[0]) + sum(f.result() for f in rest)
+    rest = [pool.submit(count_part, enc, part) for part in parts[1:]]
+    return count_part(enc, parts[0]) + sum(f.result() for f in rest)
 
 
 def count_messages(messages: Sequence[ChatMessage], encoding: str) -> int:
@@ -295,8 +300,8 @@ def count_messages(messages: Sequence[ChatMessage], encoding: str) -> int:
     total = REPLY_PRIMING_TOKENS
     for message in messages:
         total += TOKENS_PER_MESSAGE
-        total += _count(enc, message.role)
+        total += count_part(enc, message.role)
         total += count_text(message.content, encoding)
         if message.name:
-            total += _count(enc, message.name) + TOKENS_PER_NAME
+            total += count_part(enc, message.name) + TOKENS_PER_NAME
     return total

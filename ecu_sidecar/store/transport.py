@@ -54,7 +54,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ecu_sidecar.errors import StoreUnavailable
-from ecu_sidecar.settings import SENTINEL_SCHEME, Settings, parse_sentinel_url
+from ecu_sidecar.settings import SENTINEL_SCHEME, Settings, SettingsError, parse_sentinel_url
 from ecu_sidecar.store.multiplex import ScriptChannel, multiplexable
 from ecu_sidecar.store.scripts import Script
 
@@ -141,8 +141,15 @@ class Transport:
     @classmethod
     def embedded(cls, settings: Settings, server: Any = None) -> Transport:
         """The in-process store (fakeredis); ``server``: its FakeServer (a fresh one if None;
-        a test passes its own to look at the same data)."""
-        import fakeredis
+        a test passes its own to look at the same data). The `embedded` extra installs it;
+        without it (the container image), ECU_REDIS_URL is required."""
+        try:
+            import fakeredis
+        except ImportError:
+            raise SettingsError(
+                "ECU_REDIS_URL is not set and the embedded store is not installed: set "
+                "ECU_REDIS_URL, or install the embedded extra (pip install 'ecu-sidecar[embedded]')"
+            ) from None
 
         client = fakeredis.FakeAsyncRedis(
             server=server or fakeredis.FakeServer(),
