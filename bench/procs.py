@@ -116,6 +116,8 @@ class Child:
     proc: subprocess.Popen[str]
     port: int
     info: dict[str, Any] = field(default_factory=dict)
+    socket: str = ""
+    """A Unix domain socket it listens on instead of the port (ECU_LISTEN=unix:///path)."""
 
     @property
     def pid(self) -> int:
@@ -123,7 +125,7 @@ class Child:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"unix://{self.socket}" if self.socket else f"127.0.0.1:{self.port}"
 
     def sample(self) -> ProcSample:
         return proc_sample(self.pid)
@@ -150,7 +152,10 @@ def start_sidecar(name: str, env: dict[str, str]) -> Child:
         stdin=subprocess.DEVNULL,
         text=True,
     )
-    return Child(name, proc, int(env["ECU_LISTEN"].rpartition(":")[2]))
+    listen = env["ECU_LISTEN"]
+    if listen.startswith("unix://"):
+        return Child(name, proc, 0, socket=listen.removeprefix("unix://"))
+    return Child(name, proc, int(listen.rpartition(":")[2]))
 
 
 def start_server(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,7 +28,17 @@ from bench.stats import summarize
 __all__ = ["SECTIONS", "run_all"]
 
 #: The sections in the order a run executes them (``python -m bench --only NAME`` picks some).
-SECTIONS = ("roundtrips", "pairs", "batch", "preview", "redis_cost", "flusher", "lag", "durability")
+SECTIONS = (
+    "roundtrips",
+    "pairs",
+    "batch",
+    "preview",
+    "redis_cost",
+    "flusher",
+    "lag",
+    "durability",
+    "unix_socket",
+)
 
 _WORDS = (
     "the model evaluates each trace against a rubric and returns a score with its reasons "
@@ -73,6 +85,50 @@ def run_all(h: Harness) -> None:
         flusher_lag(h, sidecar)
     if "durability" in want:
         durability(h)
+    if "unix_socket" in want:
+        unix_socket(h)
+
+
+def unix_socket(h: Harness) -> None:
+    """The sidecar on a Unix domain socket against the same on loopback TCP, in one run:
+    Reserve→Commit pairs, one organization, c=1 and c=16, the two in turn per repeat. Not a
+    target (the socket is offered for isolation): the figures say whether it is also faster."""
+    folder = tempfile.mkdtemp(prefix="ecu-bench-uds-")
+    prefix = h.new_prefix("u")
+    h.fund(prefix, ["uds-0"])
+    unix = h.start_sidecar("sidecar-unix", prefix, env={"ECU_LISTEN": f"unix://{folder}/ecu.sock"})
+    tcp = h.start_sidecar("sidecar-tcp", prefix)
+    out: dict[str, list[dict[str, float]]] = {}
+    try:
+        for rep in range(1, h.cfg.repeats + 1):
+            for c in (1, 16):
+                for name, child in (("tcp", tcp), ("unix", unix)):
+                    run = h.measure(
+                        f"sidecar over {name} c={c}",
+                        "unix_socket",
+                        "grpc_pairs",
+                        child,
+                        {
+                            "target": child.target,
+                            "concurrency": c,
+                            "orgs": ["uds-0"],
+                            "mode": "commit",
+                        },
+                        repeat=rep,
+                    )
+                    p50 = run["latency_ms"].get("Reserve", {}).get("p50", 0.0)
+                    out.setdefault(f"{name} c={c}", []).append(
+                        {"rpc_per_s": run["rpc_per_s"], "reserve_p50_ms": p50}
+                    )
+    finally:
+        unix.stop()
+        tcp.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    h.results["unix_socket"] = out
+    for key, runs in out.items():
+        rates = " / ".join(f"{r['rpc_per_s']:,.0f}" for r in runs)
+        p50s = " / ".join(f"{r['reserve_p50_ms']:.3f}" for r in runs)
+        h.log(f"{key}: RPC/s {rates}, Reserve p50 {p50s} ms")
 
 
 def roundtrips(h: Harness, sidecar: procs.Child) -> None:

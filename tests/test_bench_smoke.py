@@ -69,6 +69,11 @@ def test_smoke_run_produces_every_section(tmp_path: Path) -> None:
         sections
     )
     assert "durability" in sections
+    # The Unix socket against loopback TCP, both in this run, every repeat.
+    assert "unix_socket" in sections
+    assert set(results["unix_socket"]) == {"tcp c=1", "unix c=1", "tcp c=16", "unix c=16"}
+    for runs in results["unix_socket"].values():
+        assert len(runs) == repeats and all(r["rpc_per_s"] > 0 for r in runs)
     for run in results["runs"]:
         assert run["rpcs"] > 0, run["id"]
         assert _finite(run["rpc_per_s"]) and run["rpc_per_s"] > 0, run["id"]
