@@ -67,6 +67,9 @@ async def run_round(
         REDIS_TIMEOUT_MS=2_000,
         REDIS_CONNECT_TIMEOUT_MS=1_000,
         SHUTDOWN_GRACE_S=10,
+        # The workers stay connected through the signal: the sidecar serves them this long
+        # after NOT_SERVING (it would serve a connected worker up to 20 s by default).
+        SHUTDOWN_DELAY_S=1,
         DEFAULT_TTL_MS=2_000,
         LEDGER_URL=ledger_url,
         FLUSHER_IN_SERVE="true",
