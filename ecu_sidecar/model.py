@@ -26,6 +26,7 @@ __all__ = [
     "HoldView",
     "JobType",
     "LedgerAccount",
+    "LedgerBalance",
     "LedgerHold",
     "Reconciled",
     "ReleaseOutcome",
@@ -321,6 +322,16 @@ class LedgerHold:
     model: str = ""
     rate_card_version: str = ""
     """The rate card version the hold was priced with ('' for a caller's amount)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerBalance:
+    """What reconciliation compares of an organization (a cheap read of many at once): its
+    ledger balance, equal to ``LedgerAccount.balance_uecu``, and whether it has ledger-first
+    grants Redis has not confirmed (then the full LedgerAccount is read to finish them)."""
+
+    balance_uecu: int
+    unconfirmed_grants: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ecu_sidecar.model import LedgerAccount
+from ecu_sidecar.model import LedgerAccount, LedgerBalance
 
 __all__ = ["FlusherLedger"]
 
@@ -23,6 +23,10 @@ class FlusherLedger(Protocol):
 
     def ledger_account(self, org: str) -> LedgerAccount | None:
         """The organization as the ledger knows it (what a rebuild writes back to Redis)."""
+        ...
+
+    def balances(self, orgs: list[str]) -> dict[str, LedgerBalance]:
+        """What reconciliation compares of each known organization, read in bulk."""
         ...
 
     def void_grant(self, org: str, grant_id: str) -> bool:

@@ -23,6 +23,7 @@ from ecu_sidecar.model import (
     CommitOutcome,
     KnownHold,
     LedgerAccount,
+    LedgerBalance,
     LedgerHold,
     LedgerReservation,
     Usage,
@@ -30,6 +31,8 @@ from ecu_sidecar.model import (
 
 __all__ = ["Accounts"]
 
+#: Organizations one balance read names in its IN list (well under either dialect's bound).
+_BALANCE_CHUNK = 500
 #: Grants a Redis rebuild receives (so that a retried grant is still recognized as a replay).
 _RECENT = 1_000
 
@@ -51,6 +54,23 @@ class Accounts:
             lambda tx: tx.rows("SELECT balance_uecu FROM organizations WHERE org_id = ?", (org,))
         )
         return rows[0][0] if rows else 0
+
+    def balances(self, orgs: list[str]) -> dict[str, LedgerBalance]:
+        """What reconciliation compares of each organization in ``orgs`` (one query per
+        chunk of them, each a snapshot): the balance ``ledger_account`` reports and whether
+        pending ledger-first grants wait. Unknown organizations are absent."""
+        out: dict[str, LedgerBalance] = {}
+        for i in range(0, len(orgs), _BALANCE_CHUNK):
+            part = orgs[i : i + _BALANCE_CHUNK]
+            sql = (
+                "SELECT o.org_id, o.granted_uecu - o.expired_grants_uecu - o.committed_uecu, "
+                "EXISTS (SELECT 1 FROM grants g WHERE g.org_id = o.org_id "
+                "AND g.state = 'pending') FROM organizations o "
+                f"WHERE o.org_id IN ({', '.join(['?'] * len(part))})"
+            )
+            rows = self._db.read(lambda tx, sql=sql, part=part: tx.rows(sql, part))
+            out.update({r[0]: LedgerBalance(int(r[1]), bool(r[2])) for r in rows})
+        return out
 
     def account(self, org: str) -> AccountState | None:
         """Everything needed to rebuild one organization in Redis; None when unknown."""

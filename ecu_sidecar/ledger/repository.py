@@ -39,7 +39,7 @@ from ecu_sidecar.ledger.types import (
     WriteResult,
 )
 from ecu_sidecar.ledger.writer import EventWriter
-from ecu_sidecar.model import GrantKind, LedgerAccount, LedgerReservation
+from ecu_sidecar.model import GrantKind, LedgerAccount, LedgerBalance, LedgerReservation
 
 __all__ = ["DAY_MS", "REPORT_DIMENSIONS", "Ledger", "open_ledger"]
 
@@ -233,6 +233,11 @@ class Ledger:
     def account(self, org: str) -> AccountState | None:
         """Everything needed to rebuild one organization in Redis; None when unknown."""
         return self._accounts.account(org)
+
+    def balances(self, orgs: list[str]) -> dict[str, LedgerBalance]:
+        """Each known organization's ledger balance and whether pending grants wait, read in
+        bulk for reconciliation (equal to what ``ledger_account`` reports)."""
+        return self._accounts.balances(orgs)
 
     def ledger_account(self, org: str) -> LedgerAccount | None:
         """The state a Redis rebuild of ``org`` takes, or None (Accounts.ledger_account)."""
