@@ -9,6 +9,7 @@ pending in the consumer group, so the loop reads no batch ahead into one.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,30 @@ class Reconciler:
         self.metrics = metrics
         self.flush_once = flush_once
         """One flush cycle without read-ahead (a fenced rebuild drains the outbox with it)."""
+        self._after: str | None = None
+        """The last organization of the last pass's slice (None: a cycle starts over)."""
+        self._cycle_started = 0.0
+
+    def next_slice(self, orgs: list[str]) -> list[str]:
+        """The next ECU_RECONCILE_BATCH organizations of ``orgs`` (in name order) after the
+        last slice's, so that each is visited within ceil(len(orgs) / batch) passes however
+        organizations come and go. The slice reaching the last one ends a cycle."""
+        ordered = sorted(orgs)
+        start = 0 if self._after is None else bisect.bisect_right(ordered, self._after)
+        if start == 0 or start >= len(ordered):
+            start = 0
+            self._cycle_started = time.monotonic()
+        taken = ordered[start : start + self.settings.reconcile_batch]
+        self._after = taken[-1] if start + len(taken) < len(ordered) else None
+        return taken
+
+    async def reconcile_next(self, orgs: list[str]) -> dict[str, int]:
+        """Reconcile the next slice of ``orgs`` (see next_slice); when it ends a cycle,
+        ``ecu_reconcile_cycle_seconds`` says how long the cycle took."""
+        drifts = await self.reconcile(self.next_slice(orgs))
+        if self._after is None:
+            self.metrics.cycle_seconds.set(time.monotonic() - self._cycle_started)
+        return drifts
 
     async def reconcile(self, orgs: list[str]) -> dict[str, int]:
         """Compare each fully flushed organization's ledger balance with Redis; repair drift.
