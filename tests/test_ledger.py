@@ -724,6 +724,43 @@ def test_balances_are_what_ledger_account_reports_for_many_organizations(
     assert all(wide[o].balance_uecu == 1_000 + i for i, o in enumerate(many))
 
 
+def test_a_balance_snapshot_is_due_once_a_day(ledger: Ledger, clock: Clock) -> None:
+    ledger.write_events(
+        [
+            {
+                "type": "grant",
+                "eid": "grant:g1",
+                "org": "acme",
+                "ts": "10",
+                "grant_id": "g1",
+                "amount": "1000",
+                "kind": "top_up",
+                "expires_at": "0",
+            }
+        ]
+    )
+    assert ledger.balances(["acme"])["acme"].snapshot_due is True  # none yet
+    ledger.record_snapshot("acme", 1_000, 1_000)
+    clock.now += 86_400_000
+    assert ledger.balances(["acme"])["acme"].snapshot_due is False  # a day old, not older
+    clock.now += 1
+    assert ledger.balances(["acme"])["acme"].snapshot_due is True
+
+
+def test_old_snapshots_are_pruned_in_bounded_batches(ledger: Ledger, clock: Clock) -> None:
+    day = 86_400_000
+    for org, ago in [("a", 100), ("b", 95), ("a", 91), ("b", 3), ("a", 0)]:
+        ledger.record_snapshot(org, 10, 10 + ago, at_ms=clock.now - ago * day)
+    assert ledger.prune_snapshots(90 * day, limit=2) == 2  # the batch bounds it
+    assert ledger.prune_snapshots(90 * day, limit=2) == 1  # the last old one
+    assert ledger.prune_snapshots(90 * day, limit=2) == 0
+    kept = sorted((s.organization, s.taken_at_ms) for o in "ab" for s in ledger.snapshots(o))
+    assert kept == [("a", clock.now), ("b", clock.now - 3 * day)]
+    clock.now += 2 * day
+    assert ledger.prune_snapshots(4 * day, limit=100) == 1
+    assert ledger.snapshots("b") == []
+
+
 # ---------------------------------------------------------------------- quarantine
 
 

@@ -40,3 +40,7 @@ class FlusherLedger(Protocol):
     def record_snapshot(self, org: str, ledger_balance: int, redis_balance: int) -> None:
         """Record a reconciliation's comparison."""
         ...
+
+    def prune_snapshots(self, older_than_ms: int, *, limit: int) -> int:
+        """Delete at most ``limit`` snapshots older than ``older_than_ms``."""
+        ...

@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+DAY_MS = 86_400_000
+#: Balance snapshots one pass deletes at most, or twice its slice if more: above the most a
+#: pass writes (one per organization), so what is kept stays bounded.
+PRUNE_BATCH = 10_000
+
 
 class Reconciler:
     """Reconciliation and rebuilds of one flusher."""
@@ -75,6 +80,15 @@ class Reconciler:
         """Reconcile the next slice of ``orgs`` (see next_slice); when it ends a cycle,
         ``ecu_reconcile_cycle_seconds`` says how long the cycle took."""
         drifts = await self.reconcile(self.next_slice(orgs))
+        if self.settings.snapshot_retention_days:
+            await self._guard(
+                "the snapshots' retention",
+                asyncio.to_thread(
+                    self.ledger.prune_snapshots,
+                    self.settings.snapshot_retention_days * DAY_MS,
+                    limit=max(PRUNE_BATCH, 2 * self.settings.reconcile_batch),
+                ),
+            )
         if self._after is None:
             self.metrics.cycle_seconds.set(time.monotonic() - self._cycle_started)
         return drifts
@@ -178,7 +192,8 @@ class Reconciler:
         drift = checked.drift_uecu
         if drift is None:
             return None
-        await asyncio.to_thread(self.ledger.record_snapshot, org, expected, expected + drift)
+        if drift or balance.snapshot_due:  # what says something: a drift, or a daily mark
+            await asyncio.to_thread(self.ledger.record_snapshot, org, expected, expected + drift)
         if drift:
             log.warning("drift in %s: Redis was %+d uECU off the ledger; repaired", org, drift)
         return drift

@@ -176,6 +176,11 @@ class Ledger:
         """Record one reconciliation measurement (drift = redis − ledger)."""
         self._records.record_snapshot(org, ledger_balance_uecu, redis_balance_uecu, at_ms=at_ms)
 
+    def prune_snapshots(self, older_than_ms: int, *, limit: int) -> int:
+        """Delete at most ``limit`` balance snapshots older than ``older_than_ms``, oldest
+        written first; how many went."""
+        return self._records.prune_snapshots(older_than_ms, limit=limit)
+
     def snapshots(self, org: str, *, limit: int = 100) -> list[Snapshot]:
         """The latest snapshots of an organization, newest first."""
         return self._records.snapshots(org, limit=limit)

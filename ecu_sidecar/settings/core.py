@@ -231,6 +231,11 @@ class Settings:
     ceil(organizations / batch) passes (``ecu_reconcile_cycle_seconds`` says how long that
     took)."""
 
+    snapshot_retention_days: int = field(default=90, metadata=int_range(0, 36_500))
+    """ECU_SNAPSHOT_RETENTION_DAYS: balance snapshots (one per organization a day, and one per
+    drift) older than this are deleted, a bounded batch each reconciliation pass; 0 keeps
+    them all."""
+
     rebuild_fence_ms: int = field(default=10_000, metadata=int_range(100, 600_000))
     """ECU_REBUILD_FENCE_MS: when the flusher finds that Redis lost part of an organization's
     history (a failover or restart: see docs/reliability.md), the organization refuses
