@@ -60,6 +60,9 @@ class Config:
     that way, else batches (sections.LAG_BATCH)."""
     lag_orgs: int = 20
     roundtrip_calls: int = 50
+    reconcile_orgs: int = 20_000
+    reconcile_batch: int = 2_000
+    """The reconcile section: organizations seeded, and the slice a timed pass takes."""
     redis_cost_calls: int = 500
     start_margin_s: float = 0.6
     only: tuple[str, ...] = ()
@@ -82,6 +85,8 @@ class Config:
             "lag_steps": 10,  # the batched path (the pairs path is the sidecar runs' code)
             "lag_orgs": 3,
             "roundtrip_calls": 5,
+            "reconcile_orgs": 30,
+            "reconcile_batch": 10,
             "redis_cost_calls": 20,
             "start_margin_s": 0.3,
         }

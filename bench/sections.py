@@ -22,6 +22,7 @@ from bench import procs
 from bench.durability import durability
 from bench.floors import copy_floor, redis_cost
 from bench.harness import Harness
+from bench.reconciling import reconcile
 from bench.scriptargs import ScriptCall, capture
 from bench.stats import summarize
 
@@ -38,6 +39,7 @@ SECTIONS = (
     "lag",
     "durability",
     "unix_socket",
+    "reconcile",
 )
 
 _WORDS = (
@@ -87,6 +89,8 @@ def run_all(h: Harness) -> None:
         durability(h)
     if "unix_socket" in want:
         unix_socket(h)
+    if "reconcile" in want:
+        reconcile(h)
 
 
 def unix_socket(h: Harness) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "HoldView",
     "JobType",
     "LedgerAccount",
+    "LedgerBalance",
     "LedgerHold",
     "Reconciled",
     "ReleaseOutcome",
@@ -321,6 +322,18 @@ class LedgerHold:
     model: str = ""
     rate_card_version: str = ""
     """The rate card version the hold was priced with ('' for a caller's amount)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerBalance:
+    """What reconciliation compares of an organization (a cheap read of many at once): its
+    ledger balance, equal to ``LedgerAccount.balance_uecu``, and whether it has ledger-first
+    grants Redis has not confirmed (then the full LedgerAccount is read to finish them); and
+    whether a balance snapshot is due (none taken within the last day)."""
+
+    balance_uecu: int
+    unconfirmed_grants: bool
+    snapshot_due: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,11 @@ def test_smoke_run_produces_every_section(tmp_path: Path) -> None:
     assert set(results["unix_socket"]) == {"tcp c=1", "unix c=1", "tcp c=16", "unix c=16"}
     for runs in results["unix_socket"].values():
         assert len(runs) == repeats and all(r["rpc_per_s"] > 0 for r in runs)
+    # A reconciliation pass of one slice, and the ledger read both ways, every repeat.
+    rc = results["reconcile"]
+    assert rc["slice"] == 10 and rc["organizations"] == 30
+    for key in ("pass_us_per_org", "bulk_read_us_per_org", "account_read_us_per_org"):
+        assert len(rc[key]["runs"]) == repeats and rc[key]["median"] > 0, key
     for run in results["runs"]:
         assert run["rpcs"] > 0, run["id"]
         assert _finite(run["rpc_per_s"]) and run["rpc_per_s"] > 0, run["id"]

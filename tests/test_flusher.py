@@ -206,6 +206,82 @@ async def test_drift_is_detected_and_repaired(stack: Stack) -> None:
     assert any(s.redis_balance_uecu - s.ledger_balance_uecu == 12_345 for s in snaps)
 
 
+async def test_reconciliation_visits_a_bounded_slice_round_robin(stack: Stack) -> None:
+    orgs = [f"slice-{i}" for i in range(7)]
+    for i, org in enumerate(orgs):
+        await stack.engine.grant(org, "g1", 100_000 + i, GrantKind.TOP_UP)
+    await stack.flusher.drain()
+    registry = CollectorRegistry()
+    settings = dataclasses.replace(stack.settings, reconcile_batch=3)
+    flusher = Flusher(stack.store, stack.ledger, settings, FlusherMetrics(registry))
+
+    def cycle_seconds() -> float | None:
+        return registry.get_sample_value("ecu_reconcile_cycle_seconds")
+
+    for cycle in range(2):
+        # A drift in every organization: each one is compared, and repaired, once per cycle.
+        for i, org in enumerate(orgs):
+            await stack.direct.hincrby(stack.store.acct_key(org), "balance", 10 * cycle + i + 1)
+        passes = []
+        for _ in range(3):
+            if cycle == 0:
+                assert cycle_seconds() == 0  # no cycle complete yet
+            passes.append(await flusher.reconcile())
+            await stack.flusher.drain()  # the repair events
+        assert [len(p) for p in passes] == [3, 3, 1]
+        seen = [org for p in passes for org in p]
+        assert sorted(seen) == orgs  # each exactly once
+        assert {o: d for p in passes for o, d in p.items()} == {
+            org: 10 * cycle + i + 1 for i, org in enumerate(orgs)
+        }
+        assert (cycle_seconds() or 0) > 0
+        await assert_agree(stack, orgs)
+    assert await flusher.reconcile() == {org: 0 for org in orgs[:3]}  # a new cycle
+
+
+async def test_snapshots_are_written_on_drift_or_daily_and_pruned(
+    stack: Stack, database: Database
+) -> None:
+    org = "snappy"
+    await stack.engine.grant(org, "g1", 500_000, GrantKind.TOP_UP)
+    await stack.flusher.drain()
+    now = [int(time.time() * 1000)]
+    ledger = open_ledger(database.url, clock=lambda: now[0])  # the ledger's clock, frozen
+    day = 86_400_000
+
+    def flusher(retention_days: int) -> Flusher:
+        settings = dataclasses.replace(stack.settings, snapshot_retention_days=retention_days)
+        return Flusher(stack.store, ledger, settings, FlusherMetrics(CollectorRegistry()))
+
+    def taken() -> list[int]:
+        return sorted(s.taken_at_ms for s in ledger.snapshots(org))
+
+    try:
+        keeping = flusher(0)
+        t0 = now[0]
+        assert await keeping.reconcile() == {org: 0}
+        assert taken() == [t0]  # the first: none yet
+        assert await keeping.reconcile() == {org: 0}
+        assert taken() == [t0]  # nothing new to say
+        await stack.direct.hincrby(stack.store.acct_key(org), "balance", 77)  # a fault
+        assert await keeping.reconcile() == {org: 77}
+        assert taken() == [t0, t0]  # a drift always
+        await stack.flusher.drain()  # the repair event
+        now[0] += day
+        assert await keeping.reconcile() == {org: 0}
+        assert taken() == [t0, t0]  # a day old: not older
+        now[0] += 1
+        assert await keeping.reconcile() == {org: 0}
+        assert taken() == [t0, t0, t0 + day + 1]  # the daily mark
+        now[0] += 400 * day
+        assert await keeping.reconcile() == {org: 0}
+        assert len(taken()) == 4  # 0 days of retention keeps them all
+        assert await flusher(90).reconcile() == {org: 0}
+        assert taken() == [now[0]]  # older than 90 days: gone, the latest kept
+    finally:
+        ledger.close()
+
+
 async def test_ledger_first_grant_that_redis_missed_is_finished(stack: Stack) -> None:
     org = "half-granted"
     await stack.engine.grant(org, "g1", 1_000, GrantKind.TOP_UP)

@@ -679,6 +679,88 @@ def test_ledger_account_is_the_rebuild_state_of_the_engine_and_flusher(ledger: L
     assert ledger.ledger_account("nobody") is None
 
 
+def test_balances_are_what_ledger_account_reports_for_many_organizations(
+    ledger: Ledger,
+) -> None:
+    # Grants of every kind, expiries, commits (late ones too), releases and hold expiries.
+    sim = Sim(seed=11).run(0, starter=300_000_000, starter_days=60).steps(200)
+    ledger.write_events(sim.events)
+    assert ledger.grant("acme", "pending-1", 7, "top_up") is True  # Redis has not seen it
+    assert ledger.grant("globex", "pending-2", 9, "top_up") is True
+    assert ledger.void_grant("globex", "pending-2") is True  # Redis refused it: not pending
+    assert ledger.grant("fresh", "only-pending", 5, "top_up") is True  # nothing confirmed
+    assert {e["type"] for e in sim.events} >= {"grant_expire", "commit", "release", "expire"}
+    assert any(e["type"] == "commit" and e["late"] == "1" for e in sim.events)
+    orgs = [*sim.orgs, "fresh", "nobody"]
+    got = ledger.balances(orgs)
+    assert set(got) == {*sim.orgs, "fresh"}  # an unknown organization is absent
+    for org, balance in got.items():
+        account = ledger.ledger_account(org)
+        assert account is not None
+        assert type(balance.balance_uecu) is int
+        assert balance.balance_uecu == account.balance_uecu == ledger.balance(org)
+        assert balance.unconfirmed_grants is bool(account.unconfirmed_grants)
+    assert {o for o, b in got.items() if b.unconfirmed_grants} == {"acme", "fresh"}
+    assert got["acme"].balance_uecu > 0
+    # Many organizations at once: past one chunk of the IN list.
+    many = [f"org-{i:04d}" for i in range(1_200)]
+    ledger.write_events(
+        [
+            {
+                "type": "grant",
+                "eid": f"grant:{o}",
+                "org": o,
+                "ts": "10",
+                "grant_id": "g",
+                "amount": str(1_000 + i),
+                "kind": "top_up",
+                "expires_at": "0",
+            }
+            for i, o in enumerate(many)
+        ]
+    )
+    wide = ledger.balances([*many, "acme"])
+    assert len(wide) == 1_201 and wide["acme"] == got["acme"]
+    assert all(wide[o].balance_uecu == 1_000 + i for i, o in enumerate(many))
+
+
+def test_a_balance_snapshot_is_due_once_a_day(ledger: Ledger, clock: Clock) -> None:
+    ledger.write_events(
+        [
+            {
+                "type": "grant",
+                "eid": "grant:g1",
+                "org": "acme",
+                "ts": "10",
+                "grant_id": "g1",
+                "amount": "1000",
+                "kind": "top_up",
+                "expires_at": "0",
+            }
+        ]
+    )
+    assert ledger.balances(["acme"])["acme"].snapshot_due is True  # none yet
+    ledger.record_snapshot("acme", 1_000, 1_000)
+    clock.now += 86_400_000
+    assert ledger.balances(["acme"])["acme"].snapshot_due is False  # a day old, not older
+    clock.now += 1
+    assert ledger.balances(["acme"])["acme"].snapshot_due is True
+
+
+def test_old_snapshots_are_pruned_in_bounded_batches(ledger: Ledger, clock: Clock) -> None:
+    day = 86_400_000
+    for org, ago in [("a", 100), ("b", 95), ("a", 91), ("b", 3), ("a", 0)]:
+        ledger.record_snapshot(org, 10, 10 + ago, at_ms=clock.now - ago * day)
+    assert ledger.prune_snapshots(90 * day, limit=2) == 2  # the batch bounds it
+    assert ledger.prune_snapshots(90 * day, limit=2) == 1  # the last old one
+    assert ledger.prune_snapshots(90 * day, limit=2) == 0
+    kept = sorted((s.organization, s.taken_at_ms) for o in "ab" for s in ledger.snapshots(o))
+    assert kept == [("a", clock.now), ("b", clock.now - 3 * day)]
+    clock.now += 2 * day
+    assert ledger.prune_snapshots(4 * day, limit=100) == 1
+    assert ledger.snapshots("b") == []
+
+
 # ---------------------------------------------------------------------- quarantine
 
 

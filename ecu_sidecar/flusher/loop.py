@@ -261,8 +261,9 @@ class Flusher:
     # -- reconciliation and rebuilds (flusher/reconcile.py) ----------------------------------
 
     async def reconcile(self) -> dict[str, int]:
-        """Reconcile every fully flushed organization (see Reconciler.reconcile)."""
-        return await self.reconciler.reconcile(await self.discover(force=True))
+        """Reconcile the next ECU_RECONCILE_BATCH organizations, round-robin (see
+        Reconciler.next_slice and Reconciler.reconcile)."""
+        return await self.reconciler.reconcile_next(await self.discover(force=True))
 
     async def hydrate_missing(self) -> list[str]:
         """Rebuild every organization the ledger knows and Redis has lost."""

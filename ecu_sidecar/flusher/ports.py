@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ecu_sidecar.model import LedgerAccount
+from ecu_sidecar.model import LedgerAccount, LedgerBalance
 
 __all__ = ["FlusherLedger"]
 
@@ -25,6 +25,10 @@ class FlusherLedger(Protocol):
         """The organization as the ledger knows it (what a rebuild writes back to Redis)."""
         ...
 
+    def balances(self, orgs: list[str]) -> dict[str, LedgerBalance]:
+        """What reconciliation compares of each known organization, read in bulk."""
+        ...
+
     def void_grant(self, org: str, grant_id: str) -> bool:
         """Drop a pending ledger-first grant Redis refuses for good."""
         ...
@@ -35,4 +39,8 @@ class FlusherLedger(Protocol):
 
     def record_snapshot(self, org: str, ledger_balance: int, redis_balance: int) -> None:
         """Record a reconciliation's comparison."""
+        ...
+
+    def prune_snapshots(self, older_than_ms: int, *, limit: int) -> int:
+        """Delete at most ``limit`` snapshots older than ``older_than_ms``."""
         ...

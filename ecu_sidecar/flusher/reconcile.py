@@ -9,9 +9,11 @@ pending in the consumer group, so the loop reads no batch ahead into one.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from ecu_sidecar.errors import (
     BalanceLimit,
@@ -21,7 +23,7 @@ from ecu_sidecar.errors import (
 )
 from ecu_sidecar.flusher.ports import FlusherLedger
 from ecu_sidecar.metrics import FlusherMetrics
-from ecu_sidecar.model import GrantKind, LedgerAccount
+from ecu_sidecar.model import GrantKind, LedgerAccount, LedgerBalance
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store.outbox import GROUP
 from ecu_sidecar.store.port import Outbox, Store
@@ -29,6 +31,13 @@ from ecu_sidecar.store.port import Outbox, Store
 __all__ = ["Reconciler"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DAY_MS = 86_400_000
+#: Balance snapshots one pass deletes at most, or twice its slice if more: above the most a
+#: pass writes (one per organization), so what is kept stays bounded.
+PRUNE_BATCH = 10_000
 
 
 class Reconciler:
@@ -50,10 +59,48 @@ class Reconciler:
         self.metrics = metrics
         self.flush_once = flush_once
         """One flush cycle without read-ahead (a fenced rebuild drains the outbox with it)."""
+        self._after: str | None = None
+        """The last organization of the last pass's slice (None: a cycle starts over)."""
+        self._cycle_started = 0.0
+
+    def next_slice(self, orgs: list[str]) -> list[str]:
+        """The next ECU_RECONCILE_BATCH organizations of ``orgs`` (in name order) after the
+        last slice's, so that each is visited within ceil(len(orgs) / batch) passes however
+        organizations come and go. The slice reaching the last one ends a cycle."""
+        ordered = sorted(orgs)
+        start = 0 if self._after is None else bisect.bisect_right(ordered, self._after)
+        if start == 0 or start >= len(ordered):
+            start = 0
+            self._cycle_started = time.monotonic()
+        taken = ordered[start : start + self.settings.reconcile_batch]
+        self._after = taken[-1] if start + len(taken) < len(ordered) else None
+        return taken
+
+    async def reconcile_next(self, orgs: list[str]) -> dict[str, int]:
+        """Reconcile the next slice of ``orgs`` (see next_slice); when it ends a cycle,
+        ``ecu_reconcile_cycle_seconds`` says how long the cycle took."""
+        drifts = await self.reconcile(self.next_slice(orgs))
+        if self.settings.snapshot_retention_days:
+            await self._guard(
+                "the snapshots' retention",
+                asyncio.to_thread(
+                    self.ledger.prune_snapshots,
+                    self.settings.snapshot_retention_days * DAY_MS,
+                    limit=max(PRUNE_BATCH, 2 * self.settings.reconcile_batch),
+                ),
+            )
+        if self._after is None:
+            self.metrics.cycle_seconds.set(time.monotonic() - self._cycle_started)
+        return drifts
 
     async def reconcile(self, orgs: list[str]) -> dict[str, int]:
         """Compare each fully flushed organization's ledger balance with Redis; repair drift.
         Returns {org: drift} for the organizations checked (skipped ones are absent).
+
+        The ledger is read cheaply and in bulk (``balances``: the balance and whether pending
+        grants wait); an organization's full state (``ledger_account``) only for one that needs
+        it: pending grants to finish, lost keys to rebuild, a history to rebuild. Each outbox
+        position is read before the ledger, so the ledger holds at least every event up to it.
 
         Each organization is checked on its own: one that fails (a grant Redis refuses, a
         ledger or Redis error for it) is logged and counted in
@@ -62,18 +109,18 @@ class Reconciler:
         drifts: dict[str, int] = {}
         lost: set[str] = set()
         epochs = await self.store.epochs(orgs)
+        flushed: dict[str, str] = {}  # org -> the outbox position the ledger holds all of
         for org in orgs:
-            try:
-                drift = await self._reconcile_one(org, lost, epochs[org])
-            except Exception as exc:
-                self.metrics.reconcile_errors.inc()
-                log.error(
-                    "reconciling %s failed (%s: %s); going on with the other organizations",
-                    org,
-                    type(exc).__name__,
-                    getattr(exc, "message", exc),
-                )
-                continue
+            last_id = await self._guard(org, self._flushed_position(org, epochs[org]))
+            if last_id is not None:
+                flushed[org] = last_id
+        balances = await self._guard(
+            "the ledger balances", asyncio.to_thread(self.ledger.balances, list(flushed))
+        )
+        for org, last_id in flushed.items() if balances is not None else ():
+            if org not in balances:
+                continue  # the ledger does not know it (yet)
+            drift = await self._guard(org, self._compare(org, last_id, balances[org], lost))
             if drift is not None:
                 drifts[org] = drift
         self.metrics.key_loss_accounts.set(len(lost))
@@ -82,9 +129,24 @@ class Reconciler:
         self.metrics.repairs.inc(sum(1 for d in drifts.values() if d))
         return drifts
 
-    async def _reconcile_one(self, org: str, lost: set[str], epoch: str) -> int | None:
-        """Reconcile one organization; its drift, or None when skipped (or rebuilt: its keys
-        were found lost, and it joins ``lost``; or Redis changed history under it)."""
+    async def _guard(self, what: str, step: Awaitable[T]) -> T | None:
+        """``step``'s result, or None when it failed (logged and counted)."""
+        try:
+            return await step
+        except Exception as exc:
+            self.metrics.reconcile_errors.inc()
+            log.error(
+                "reconciling %s failed (%s: %s); going on with the other organizations",
+                what,
+                type(exc).__name__,
+                getattr(exc, "message", exc),
+            )
+            return None
+
+    async def _flushed_position(self, org: str, epoch: str) -> str | None:
+        """The outbox position up to which the ledger holds every event of ``org``, or None
+        to skip it this pass (not fully flushed; or Redis changed history under it, and it
+        was rebuilt behind a fence)."""
         if epoch:
             was = await self.store.check_epoch(org, epoch, self.settings.rebuild_fence_ms)
             if was is not None:
@@ -100,31 +162,38 @@ class Reconciler:
                     self.metrics.history_rebuilds.inc()
                 return None
         state = await self.outbox.state(org)
-        if not state.fully_flushed:
-            return None
-        account = await asyncio.to_thread(self.ledger.ledger_account, org)
-        if account is None:
-            return None
-        if account.unconfirmed_grants:
-            # Every Redis event is in the ledger, yet these pending ledger-first grants have
-            # none: Redis never applied them (the caller died between the two writes, or did
-            # not hear Redis's answer). Finish them (a grant Redis did apply meanwhile answers
-            # as a replay) or void those Redis refuses.
-            await self._finish_grants(org, account.unconfirmed_grants)
+        return state.last_id if state.fully_flushed else None
+
+    async def _compare(
+        self, org: str, last_id: str, balance: LedgerBalance, lost: set[str]
+    ) -> int | None:
+        """Reconcile one organization against its ledger balance; its drift, or None when
+        skipped (or rebuilt: its keys were found lost, and it joins ``lost``)."""
+        if balance.unconfirmed_grants:
+            # Every Redis event is in the ledger, yet pending ledger-first grants have none:
+            # Redis never applied them (the caller died between the two writes, or did not
+            # hear Redis's answer). Finish them (a grant Redis did apply meanwhile answers as
+            # a replay) or void those Redis refuses.
+            account = await asyncio.to_thread(self.ledger.ledger_account, org)
+            if account is not None and account.unconfirmed_grants:
+                await self._finish_grants(org, account.unconfirmed_grants)
             return None  # the new grant events must be flushed before balances compare
-        expected = account.balance_uecu
-        checked = await self.store.reconcile(org, state.last_id, expected, GROUP)
+        expected = balance.balance_uecu
+        checked = await self.store.reconcile(org, last_id, expected, GROUP)
         if checked.key_loss:
             # A key lost beside the account (eviction, a manual DEL): the organization is
-            # rebuilt whole from the ledger read above, for the same outbox position.
+            # rebuilt whole from the ledger, for the same outbox position (read before it).
             lost.add(org)
             log.error("keys of %s lost (%s): rebuilding it from the ledger", org, checked.key_loss)
-            await self._rebuild(account, state.last_id, force=True)
+            account = await asyncio.to_thread(self.ledger.ledger_account, org)
+            if account is not None:
+                await self._rebuild(account, last_id, force=True)
             return None
         drift = checked.drift_uecu
         if drift is None:
             return None
-        await asyncio.to_thread(self.ledger.record_snapshot, org, expected, expected + drift)
+        if drift or balance.snapshot_due:  # what says something: a drift, or a daily mark
+            await asyncio.to_thread(self.ledger.record_snapshot, org, expected, expected + drift)
         if drift:
             log.warning("drift in %s: Redis was %+d uECU off the ledger; repaired", org, drift)
         return drift

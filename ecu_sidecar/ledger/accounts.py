@@ -23,6 +23,7 @@ from ecu_sidecar.model import (
     CommitOutcome,
     KnownHold,
     LedgerAccount,
+    LedgerBalance,
     LedgerHold,
     LedgerReservation,
     Usage,
@@ -30,6 +31,10 @@ from ecu_sidecar.model import (
 
 __all__ = ["Accounts"]
 
+#: A balance snapshot is due when an organization's last one is older than this (without drift).
+SNAPSHOT_EVERY_MS = 86_400_000
+#: Organizations one balance read names in its IN list (well under either dialect's bound).
+_BALANCE_CHUNK = 500
 #: Grants a Redis rebuild receives (so that a retried grant is still recognized as a replay).
 _RECENT = 1_000
 
@@ -51,6 +56,28 @@ class Accounts:
             lambda tx: tx.rows("SELECT balance_uecu FROM organizations WHERE org_id = ?", (org,))
         )
         return rows[0][0] if rows else 0
+
+    def balances(self, orgs: list[str]) -> dict[str, LedgerBalance]:
+        """What reconciliation compares of each organization in ``orgs`` (one query per
+        chunk of them, each a snapshot): the balance ``ledger_account`` reports, whether
+        pending ledger-first grants wait, and whether a balance snapshot is due (none within
+        SNAPSHOT_EVERY_MS by the ledger's clock). Unknown organizations are absent."""
+        out: dict[str, LedgerBalance] = {}
+        recent = self._db.clock() - SNAPSHOT_EVERY_MS
+        for i in range(0, len(orgs), _BALANCE_CHUNK):
+            part = orgs[i : i + _BALANCE_CHUNK]
+            sql = (
+                "SELECT o.org_id, o.granted_uecu - o.expired_grants_uecu - o.committed_uecu, "
+                "EXISTS (SELECT 1 FROM grants g WHERE g.org_id = o.org_id "
+                "AND g.state = 'pending'), "
+                "NOT EXISTS (SELECT 1 FROM balance_snapshots s WHERE s.org_id = o.org_id "
+                "AND s.taken_at_ms >= ?) FROM organizations o "
+                f"WHERE o.org_id IN ({', '.join(['?'] * len(part))})"
+            )
+            params = [recent, *part]
+            rows = self._db.read(lambda tx, sql=sql, params=params: tx.rows(sql, params))
+            out.update({r[0]: LedgerBalance(int(r[1]), bool(r[2]), bool(r[3])) for r in rows})
+        return out
 
     def account(self, org: str) -> AccountState | None:
         """Everything needed to rebuild one organization in Redis; None when unknown."""

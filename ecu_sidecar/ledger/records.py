@@ -162,6 +162,21 @@ class Records:
 
         self._db.write(run)
 
+    def prune_snapshots(self, older_than_ms: int, *, limit: int) -> int:
+        """Delete balance snapshots taken more than ``older_than_ms`` ago (the ledger's clock),
+        at most ``limit`` of them, oldest written first: among the ``limit`` first rows in
+        insertion order, so that the statement reads no more than that through the primary
+        key. Returns how many went."""
+        check_int("older_than_ms", older_than_ms, low=0)
+        cutoff = self._db.clock() - older_than_ms
+        return self._db.write(
+            lambda tx: tx.run(
+                "DELETE FROM balance_snapshots WHERE id IN "
+                "(SELECT id FROM balance_snapshots ORDER BY id LIMIT ?) AND taken_at_ms < ?",
+                (check_limit(limit), cutoff),
+            )
+        )
+
     def snapshots(self, org: str, *, limit: int = 100) -> list[Snapshot]:
         """The latest snapshots of an organization, newest first."""
         rows = self._db.read(

@@ -39,7 +39,7 @@ from ecu_sidecar.ledger.types import (
     WriteResult,
 )
 from ecu_sidecar.ledger.writer import EventWriter
-from ecu_sidecar.model import GrantKind, LedgerAccount, LedgerReservation
+from ecu_sidecar.model import GrantKind, LedgerAccount, LedgerBalance, LedgerReservation
 
 __all__ = ["DAY_MS", "REPORT_DIMENSIONS", "Ledger", "open_ledger"]
 
@@ -176,6 +176,11 @@ class Ledger:
         """Record one reconciliation measurement (drift = redis − ledger)."""
         self._records.record_snapshot(org, ledger_balance_uecu, redis_balance_uecu, at_ms=at_ms)
 
+    def prune_snapshots(self, older_than_ms: int, *, limit: int) -> int:
+        """Delete at most ``limit`` balance snapshots older than ``older_than_ms``, oldest
+        written first; how many went."""
+        return self._records.prune_snapshots(older_than_ms, limit=limit)
+
     def snapshots(self, org: str, *, limit: int = 100) -> list[Snapshot]:
         """The latest snapshots of an organization, newest first."""
         return self._records.snapshots(org, limit=limit)
@@ -233,6 +238,11 @@ class Ledger:
     def account(self, org: str) -> AccountState | None:
         """Everything needed to rebuild one organization in Redis; None when unknown."""
         return self._accounts.account(org)
+
+    def balances(self, orgs: list[str]) -> dict[str, LedgerBalance]:
+        """Each known organization's ledger balance and whether pending grants wait, read in
+        bulk for reconciliation (equal to what ``ledger_account`` reports)."""
+        return self._accounts.balances(orgs)
 
     def ledger_account(self, org: str) -> LedgerAccount | None:
         """The state a Redis rebuild of ``org`` takes, or None (Accounts.ledger_account)."""

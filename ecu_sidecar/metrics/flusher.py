@@ -120,6 +120,12 @@ class FlusherMetrics:
             "Organizations whose balance drifted in the last reconciliation pass.",
             registry=registry,
         )
+        self.cycle_seconds = Gauge(
+            "ecu_reconcile_cycle_seconds",
+            "How long the last full reconciliation cycle over every organization took (passes "
+            "of at most ECU_RECONCILE_BATCH organizations each, ECU_RECONCILE_INTERVAL_MS apart).",
+            registry=registry,
+        )
         self.key_loss_accounts = Gauge(
             "ecu_flusher_key_loss_accounts",
             "Organizations whose Redis keys did not add up in the last reconciliation pass (held "

@@ -225,6 +225,17 @@ class Settings:
     organization's Redis keys checked against each other, and organizations Redis lost (or
     whose keys no longer add up) rebuilt from the ledger."""
 
+    reconcile_batch: int = field(default=2_000, metadata=int_range(1, 1_000_000))
+    """ECU_RECONCILE_BATCH: organizations one reconciliation pass compares at most, taken
+    round-robin after the last pass's, so every organization is visited within
+    ceil(organizations / batch) passes (``ecu_reconcile_cycle_seconds`` says how long that
+    took)."""
+
+    snapshot_retention_days: int = field(default=90, metadata=int_range(0, 36_500))
+    """ECU_SNAPSHOT_RETENTION_DAYS: balance snapshots (one per organization a day, and one per
+    drift) older than this are deleted, a bounded batch each reconciliation pass; 0 keeps
+    them all."""
+
     rebuild_fence_ms: int = field(default=10_000, metadata=int_range(100, 600_000))
     """ECU_REBUILD_FENCE_MS: when the flusher finds that Redis lost part of an organization's
     history (a failover or restart: see docs/reliability.md), the organization refuses
