@@ -239,6 +239,29 @@ async def test_reconciliation_visits_a_bounded_slice_round_robin(stack: Stack) -
     assert await flusher.reconcile() == {org: 0 for org in orgs[:3]}  # a new cycle
 
 
+@pytest.mark.parametrize("backend", ["redis"])  # the embedded store has no node epochs
+async def test_a_changed_history_is_not_left_to_the_slice(stack: Stack) -> None:
+    """Reconciliation visits a bounded slice per pass, but an organization whose history
+    Redis changed is rebuilt at the first pass that sees a node epoch it has not seen (a
+    failover, a restart, the flusher's start), wherever it stands in the round robin."""
+    orgs = [f"hist-{i}" for i in range(5)]
+    for org in orgs:
+        await stack.engine.grant(org, "g1", 100_000, GrantKind.TOP_UP)
+    await stack.flusher.drain()
+    registry = CollectorRegistry()
+    settings = dataclasses.replace(stack.settings, reconcile_batch=1)
+    flusher = Flusher(stack.store, stack.ledger, settings, FlusherMetrics(registry))
+    # The last organization's account says it was built on another node's history.
+    await stack.direct.hset(stack.store.acct_key(orgs[-1]), "epoch", "the-lost-primary:history")
+    await stack.direct.hincrby(stack.store.acct_key(orgs[-1]), "balance", 777)
+    drifts = await flusher.reconcile()
+    assert list(drifts) == [orgs[0]]  # the slice: one organization
+    assert registry.get_sample_value("ecu_flusher_history_rebuilds_total") == 1
+    assert (await stack.engine.balance(orgs[-1])).balance_uecu == 100_000  # the ledger's
+    await flusher.reconcile()  # the same epoch again: no organization checked beyond the slice
+    assert registry.get_sample_value("ecu_flusher_history_rebuilds_total") == 1
+
+
 async def test_snapshots_are_written_on_drift_or_daily_and_pruned(
     stack: Stack, database: Database
 ) -> None:

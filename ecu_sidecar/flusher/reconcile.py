@@ -61,6 +61,8 @@ class Reconciler:
         """One flush cycle without read-ahead (a fenced rebuild drains the outbox with it)."""
         self._after: str | None = None
         """The last organization of the last pass's slice (None: a cycle starts over)."""
+        self._known_epochs: set[str] = set()
+        """The Redis node epochs (run id and replication id) the last pass saw."""
         self._cycle_started = 0.0
 
     def next_slice(self, orgs: list[str]) -> list[str]:
@@ -78,8 +80,22 @@ class Reconciler:
 
     async def reconcile_next(self, orgs: list[str]) -> dict[str, int]:
         """Reconcile the next slice of ``orgs`` (see next_slice); when it ends a cycle,
-        ``ecu_reconcile_cycle_seconds`` says how long the cycle took."""
-        drifts = await self.reconcile(self.next_slice(orgs))
+        ``ecu_reconcile_cycle_seconds`` says how long the cycle took.
+
+        A changed history is not left to the slice: every pass reads each Redis node's epoch
+        (one INFO per node), and when a node shows an epoch the last pass did not see (a
+        failover, a restart, or this flusher's first pass), every organization on that node
+        has its history checked in this pass, and is rebuilt behind a fence if it changed."""
+        epochs = await self._guard("the nodes' epochs", self.store.epochs(orgs))
+        if epochs is None:
+            return {}
+        fresh = {e for e in epochs.values() if e} - self._known_epochs
+        if fresh:
+            for org in orgs:
+                if epochs[org] in fresh:
+                    await self._guard(org, self._history_changed(org, epochs[org]))
+        self._known_epochs = {e for e in epochs.values() if e}
+        drifts = await self.reconcile(self.next_slice(orgs), epochs)
         if self.settings.snapshot_retention_days:
             await self._guard(
                 "the snapshots' retention",
@@ -93,7 +109,9 @@ class Reconciler:
             self.metrics.cycle_seconds.set(time.monotonic() - self._cycle_started)
         return drifts
 
-    async def reconcile(self, orgs: list[str]) -> dict[str, int]:
+    async def reconcile(
+        self, orgs: list[str], epochs: dict[str, str] | None = None
+    ) -> dict[str, int]:
         """Compare each fully flushed organization's ledger balance with Redis; repair drift.
         Returns {org: drift} for the organizations checked (skipped ones are absent).
 
@@ -108,7 +126,8 @@ class Reconciler:
         organization never stops the others' repairs nor slows the flushing down."""
         drifts: dict[str, int] = {}
         lost: set[str] = set()
-        epochs = await self.store.epochs(orgs)
+        if epochs is None:
+            epochs = await self.store.epochs(orgs)
         flushed: dict[str, str] = {}  # org -> the outbox position the ledger holds all of
         for org in orgs:
             last_id = await self._guard(org, self._flushed_position(org, epochs[org]))
@@ -147,22 +166,28 @@ class Reconciler:
         """The outbox position up to which the ledger holds every event of ``org``, or None
         to skip it this pass (not fully flushed; or Redis changed history under it, and it
         was rebuilt behind a fence)."""
-        if epoch:
-            was = await self.store.check_epoch(org, epoch, self.settings.rebuild_fence_ms)
-            if was is not None:
-                # A failover or restart took back changes the ledger may hold: rebuilt whole
-                # from the ledger now, under traffic (a fence holds changes while it drains).
-                log.error(
-                    "Redis holding %s changed history (%s, was %s): rebuilding it from the ledger",
-                    org,
-                    epoch,
-                    was,
-                )
-                if await self.rebuild_fenced(org):
-                    self.metrics.history_rebuilds.inc()
-                return None
+        if epoch and await self._history_changed(org, epoch):
+            return None
         state = await self.outbox.state(org)
         return state.last_id if state.fully_flushed else None
+
+    async def _history_changed(self, org: str, epoch: str) -> bool:
+        """Whether Redis changed ``org``'s history under it (its account records another node
+        epoch than ``epoch``); if so it is rebuilt from the ledger now, behind a fence."""
+        was = await self.store.check_epoch(org, epoch, self.settings.rebuild_fence_ms)
+        if was is None:
+            return False
+        # A failover or restart took back changes the ledger may hold: rebuilt whole from the
+        # ledger now, under traffic (a fence holds changes while it drains).
+        log.error(
+            "Redis holding %s changed history (%s, was %s): rebuilding it from the ledger",
+            org,
+            epoch,
+            was,
+        )
+        if await self.rebuild_fenced(org):
+            self.metrics.history_rebuilds.inc()
+        return True
 
     async def _compare(
         self, org: str, last_id: str, balance: LedgerBalance, lost: set[str]
