@@ -76,7 +76,7 @@ MAX_TTL_MS = 86_400_000
 MAX_EPOCH_MS = 253_402_300_799_000
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
-MAX_BATCH = 2_000
+MAX_BATCH = Settings().max_batch_items
 
 #: The card every test sidecar prices with (conftest.make_settings); limits are read from it.
 CARD = load_rate_card(EXAMPLE_RATE_CARD)
