@@ -90,12 +90,16 @@ class Reconciler:
         if epochs is None:
             return {}
         fresh = {e for e in epochs.values() if e} - self._known_epochs
-        if fresh:
-            for org in orgs:
-                if epochs[org] in fresh:
-                    await self._guard(org, self._history_changed(org, epochs[org]))
+        checked: dict[str, bool | None] = {}  # org -> its history changed (None: the check failed)
+        for org in orgs if fresh else ():
+            if epochs[org] in fresh:
+                checked[org] = await self._guard(org, self._history_changed(org, epochs[org]))
         self._known_epochs = {e for e in epochs.values() if e}
-        drifts = await self.reconcile(self.next_slice(orgs), epochs)
+        slice_ = [org for org in self.next_slice(orgs) if checked.get(org, False) is False]
+        # Checked just now: the history check is not made (nor its failure counted) twice.
+        drifts = await self.reconcile(
+            slice_, {org: "" if org in checked else epochs[org] for org in slice_}
+        )
         if self.settings.snapshot_retention_days:
             await self._guard(
                 "the snapshots' retention",
