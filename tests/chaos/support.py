@@ -563,23 +563,37 @@ async def serving(settings: Any) -> Any:
         await server.stop(grace=0)
 
 
+#: How long a call whose outcome is unknown may keep answering UNAVAILABLE before the test
+#: gives up: an organization being rebuilt after a failover answers REBUILDING for up to
+#: ECU_REBUILD_FENCE_MS (10 s) per fence, fenced again while its drain cannot finish (no replica
+#: yet to confirm it), as the worker client's RetryPolicy.rebuild_wait_s (15 s) allows for.
+REPLAY_LIMIT_S = 30.0
+
+
 async def replay_unknown(
-    rec: Recorder, stub: quota_pb2_grpc.QuotaStub, *, attempts: int = 20, deadline_s: float = 5.0
+    rec: Recorder, stub: quota_pb2_grpc.QuotaStub, *, deadline_s: float = 5.0
 ) -> int:
     """Retry every call whose outcome was unknown, with the same request (same ids), until it
-    gets a definite answer; the retry's answer replaces the unknown one. Returns how many."""
+    gets a definite answer (within REPLAY_LIMIT_S); the retry's answer replaces the unknown
+    one. Returns how many."""
     unknown = rec.unknown()
     for c in unknown:
-        for attempt in range(attempts):
+        give_up = time.monotonic() + REPLAY_LIMIT_S
+        attempt = 0
+        while True:
             again = Recorder()
             r = await again.call(stub, c.op, c.org, c.rid, c.request, timeout=deadline_s)
             if r.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
                 c.code, c.reason, c.reply = r.code, r.reason, r.reply
                 c.retried = True
                 break
-            await asyncio.sleep(0.05 * (attempt + 1))
-        else:
-            raise AssertionError(f"{c.op} {c.rid} still has no definite outcome")
+            attempt += 1
+            if time.monotonic() > give_up:
+                raise AssertionError(
+                    f"{c.op} {c.rid} still has no definite outcome after {REPLAY_LIMIT_S:g} s "
+                    f"({attempt} attempts; last {r.code} {r.reason})"
+                )
+            await asyncio.sleep(min(0.5, 0.05 * attempt))
     return len(unknown)
 
 
