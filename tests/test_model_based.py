@@ -1195,6 +1195,10 @@ class QuotaMachine(RuleBasedStateMachine):
         the flusher ahead of the replica). Reconciliation finds the node's new history and
         rebuilds the organization whole from the ledger; the model is what it was."""
         org = data.draw(st.sampled_from(sorted(self.replica)))
+        # The flusher restarts with the failover, or runs on: a restarted one knows no node
+        # epoch yet, so its first pass checks every organization's history at once (the fresh-
+        # epoch path); a running one finds the changed history in its round-robin slice.
+        restarted = data.draw(st.booleans())
         self.run(self.flusher.drain())
         self.check_ledger()
         held = self.replica.pop(org)
@@ -1215,10 +1219,16 @@ class QuotaMachine(RuleBasedStateMachine):
                 self.engine.reserve(AccountRef(org), [_item(self.next_id("f"), 1)]),
                 errors.Rebuilding,
             )
+            if restarted:
+                self.flusher = self.new_flusher()
+                before = self.history_rebuilds()
             self.run(self.flusher.reconcile())
             assert self.history_rebuilds() == before + 1
         self.rebuilt(org)
-        self.seen["failover:" + ("account" if held[acct] is None else "history")] += 1
+        if held[acct] is None:
+            self.seen["failover:account"] += 1
+        else:
+            self.seen["failover:history:" + ("fresh_epoch" if restarted else "slice")] += 1
 
     async def _restore(self, held: dict[str, bytes | None]) -> None:
         await self.redis.delete(*held)
@@ -1462,7 +1472,8 @@ WANTED = {
     "grant_refused:limit",
     "grant_refused:conflict",
     *(f"lose:{what}" for what in LOSSES),
-    "failover:history",
+    "failover:history:fresh_epoch",
+    "failover:history:slice",
     "rebuild:engine",
     "rebuild:hydrate_missing",
     "rebuild:reconcile",
