@@ -8,26 +8,15 @@ import asyncio
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.server import SidecarServer
 from tests.conftest import ADMIN_METADATA, REDIS_PORT, make_settings, require_redis, wait_until
 from tests.tcp_proxy import TcpProxy
+from tests.test_service import details
 
 ORG = "overload-org"
-
-
-def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(exc)
-    assert status is not None
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info
-    raise AssertionError("no ErrorInfo")
 
 
 async def test_one_call_beyond_the_bound_is_refused_and_changes_nothing() -> None:
@@ -71,7 +60,7 @@ async def test_one_call_beyond_the_bound_is_refused_and_changes_nothing() -> Non
                         timeout=2,
                     )
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-                info = error_info(refused.value)
+                info = details(refused.value)["ErrorInfo"]
                 assert info.reason == "OVERLOADED"
                 assert int(info.metadata["retry_after_ms"]) > 0
                 assert "ECU_MAX_CONCURRENT_RPCS" in (refused.value.details() or "")

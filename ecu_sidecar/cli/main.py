@@ -70,11 +70,6 @@ def _cmd_check_config(args: argparse.Namespace, defaults: Defaults) -> int:
     return 0
 
 
-def _local(listen: str) -> str:
-    """host:port to reach a server of this process's pod that binds ``listen``."""
-    return cc.client_target(listen)
-
-
 def _cmd_health(args: argparse.Namespace, defaults: Defaults) -> int:
     """Is the process beside us healthy: a sidecar's gRPC health (ECU_HEALTH_LISTEN, else
     ECU_LISTEN), or with --flusher a flusher's /livez (ECU_METRICS_LISTEN). For an image's
@@ -83,7 +78,7 @@ def _cmd_health(args: argparse.Namespace, defaults: Defaults) -> int:
     if args.flusher:
         if not settings.metrics_listen:
             raise UsageError("health --flusher: ECU_METRICS_LISTEN is not set (no /livez)")
-        url = f"http://{_local(settings.metrics_listen)}/livez"
+        url = f"http://{cc.client_target(settings.metrics_listen)}/livez"
         try:
             with urllib.request.urlopen(url, timeout=args.timeout) as reply:
                 print(f"{url}: {reply.status} {reply.read().decode().strip()}")
@@ -93,7 +88,7 @@ def _cmd_health(args: argparse.Namespace, defaults: Defaults) -> int:
         except OSError as exc:
             print(f"{url}: {getattr(exc, 'reason', exc)}")
         return 1
-    target = _local(settings.health_listen or settings.listen)
+    target = cc.client_target(settings.health_listen or settings.listen)
     secure = settings.tls and not settings.health_listen
     channel = (
         grpc.secure_channel(target, cc.credentials(args) or grpc.ssl_channel_credentials())
