@@ -19,13 +19,19 @@ __all__ = [
     "IdempotencyConflict",
     "InsufficientEcu",
     "InvalidArgument",
+    "JobClosed",
+    "JobNotFound",
+    "JobScopeMismatch",
     "OrganizationNotAllowed",
     "Overloaded",
     "PermissionDenied",
+    "QuoteMismatch",
+    "QuoteStale",
     "RateCardMismatch",
     "Rebuilding",
     "ReplicationUnconfirmed",
     "StaleSequence",
+    "StepExceedsApproval",
     "StoreUnavailable",
     "Unauthenticated",
     "UndecodableRequest",
@@ -134,6 +140,45 @@ class RateCardMismatch(EcuError):
     reason = "RATE_CARD_MISMATCH"
 
 
+class JobNotFound(EcuError):
+    """No approved job with that id in the organization (never approved, approved for another
+    organization, or purged after its retention)."""
+
+    reason = "JOB_NOT_FOUND"
+
+
+class JobClosed(EcuError):
+    """The job was closed or abandoned: its steps and heartbeats are refused."""
+
+    reason = "JOB_CLOSED"
+
+
+class JobScopeMismatch(EcuError):
+    """A step named another team or project than its job was approved for."""
+
+    reason = "JOB_SCOPE_MISMATCH"
+
+
+class StepExceedsApproval(EcuError):
+    """One step needs more than its job may ever hold (approval plus extra max)."""
+
+    reason = "STEP_EXCEEDS_APPROVAL"
+
+
+class QuoteStale(EcuError):
+    """The approved quote was priced with a rate card version that is no longer current: the
+    metadata carries the current version and the job's total under it (a re-quote to show the
+    user); nothing was held."""
+
+    reason = "QUOTE_STALE"
+
+
+class QuoteMismatch(EcuError):
+    """The approved total is not what the job spec costs under the approved version."""
+
+    reason = "QUOTE_MISMATCH"
+
+
 class StoreUnavailable(EcuError):
     """Redis did not answer within the configured timeout, or refused the connection."""
 
@@ -203,5 +248,9 @@ BY_REASON: dict[str, type[EcuError]] = {
         GrantAlreadyExpired,
         RateCardMismatch,
         Rebuilding,
+        JobNotFound,
+        JobClosed,
+        JobScopeMismatch,
+        StepExceedsApproval,
     )
 }

@@ -162,6 +162,8 @@ class ReserveOutcome:
     """Per item, the pricing Quote of a job-spec item (None for a caller's amount)."""
     degraded: bool = False
     """Granted locally while Redis was unreachable (ecu_sidecar.engine.degraded)."""
+    job_room_uecu: int | None = None
+    """Steps of an approved job: the job's room left after them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +324,8 @@ class LedgerHold:
     model: str = ""
     rate_card_version: str = ""
     """The rate card version the hold was priced with ('' for a caller's amount)."""
+    job_id: str = ""
+    """The approved job it is a step of ('' for a wallet hold)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +370,9 @@ class LedgerAccount:
     """Notification kinds (low_balance_20, low_balance_5, auto_topup_requested) the ledger
     already recorded for the current generation: the rebuild sets their flags, so that they
     are not sent again (a second event under the same id would be quarantined)."""
+    jobs: list[Any] = field(default_factory=list)
+    """Jobs to restore (ecu_sidecar.jobs.JobView): the open ones, with their room as the ledger
+    derives it, and those ended within the tombstone retention (a replayed close)."""
     notice_reference_uecu: int | None = None
     """The reference level those notifications recorded (the available balance after the
     latest grant), when the ledger has one: the rebuild keeps it so that the 5 % threshold

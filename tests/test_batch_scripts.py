@@ -119,7 +119,7 @@ def outcome_view(o: CommitOutcome) -> tuple[Any, ...]:
 async def state(client: Any, store: RedisStore, org: str) -> dict[str, Any]:
     """The organization's keys (read with the test's own ``client``), with what depends on the
     wall clock or the org id masked."""
-    acct, holds, deadlines, tombs, outbox, _grants, gexp = org_keys(store.key_prefix, org)
+    acct, holds, deadlines, tombs, outbox, _grants, gexp, *_jobs = org_keys(store.key_prefix, org)
 
     def text(raw: dict[bytes, bytes]) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in raw.items()}

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ecu_sidecar"
 #: Top-level modules and packages of ecu_sidecar, by layer: each may import from its own layer
 #: and below. ``api`` is the generated gRPC code.
 LAYERS: list[set[str]] = [
-    {"api", "model", "settings", "errors", "logs", "eventloop"},
+    {"api", "model", "jobs", "settings", "errors", "logs", "eventloop"},
     {"validation", "metrics"},
     {"store", "ledger", "pricing"},
     {"engine", "flusher"},

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ecu_sidecar.errors import BY_REASON, EcuError
+from ecu_sidecar.jobs import JobApproval, JobPolicy, JobState, JobView
 from ecu_sidecar.model import (
     AccountRef,
     Balance,
@@ -74,10 +75,10 @@ def script_error(reply: list[Any]) -> EcuError:
 
 
 def reserve_args(
-    account: AccountRef, items: Sequence[ReserveItem], default_ttl_ms: int
+    account: AccountRef, items: Sequence[ReserveItem], default_ttl_ms: int, job_id: str
 ) -> list[Any]:
     """reserve.lua's arguments after the common four."""
-    args: list[Any] = [account.team, account.project, account.user, len(items)]
+    args: list[Any] = [account.team, account.project, account.user, job_id, len(items)]
     for it in items:
         args += [
             it.reservation_id, it.amount_uecu, it.job_type.value, it.model,
@@ -91,9 +92,53 @@ def reserve_reply(r: list[Any]) -> ReserveOutcome:
     states = _HOLD_STATES
     holds = [
         HoldView(r[i].decode(), r[i + 1], r[i + 2], states[r[i + 3]], r[i + 4].decode())
-        for i in range(3, len(r), 5)
+        for i in range(4, len(r), 5)
     ]
-    return ReserveOutcome(holds, int(r[1]), bool(r[2]))
+    room = None if r[3] in (b"", "") else int(r[3])
+    return ReserveOutcome(holds, int(r[1]), bool(r[2]), job_room_uecu=room)
+
+
+def job_args(op: str, job_id: str, account: AccountRef | None = None,
+             approval: JobApproval | None = None, ttl_ms: int = 0,
+             overage_max_percent: int = 0) -> list[Any]:  # fmt: skip
+    """job.lua's arguments after the common four."""
+    if approval is None or account is None:
+        return [op, job_id]
+    return [
+        op, job_id, approval.amount_uecu, approval.job_type.value, account.team,
+        account.project, account.user, approval.rate_card_version, approval.policy.value,
+        ttl_ms, overage_max_percent, approval.fingerprint,
+    ]  # fmt: skip
+
+
+def job_reply(job_id: str, r: list[Any]) -> JobView:
+    """job.lua's reply."""
+    return JobView(
+        job_id=job_id,
+        state=JobState(text(r[3])),
+        approved_uecu=int(r[4]),
+        extra_uecu=int(r[5]),
+        extra_max_uecu=int(r[6]),
+        room_uecu=int(r[7]),
+        steps_held_uecu=int(r[8]),
+        committed_uecu=int(r[9]),
+        steps=int(r[10]),
+        steps_committed=int(r[11]),
+        steps_ended=int(r[12]),
+        policy=JobPolicy(text(r[13])),
+        team=text(r[14]),
+        project=text(r[15]),
+        user=text(r[16]),
+        job_type=text(r[17]),
+        rate_card_version=text(r[18]),
+        ttl_ms=int(r[19]),
+        deadline_unix_ms=int(r[20]),
+        opened_at_ms=int(r[21]),
+        ended_at_ms=int(r[22]),
+        returned_uecu=int(r[23]),
+        available_uecu=int(r[2]),
+        replayed=bool(r[1]),
+    )
 
 
 def commit_args(
@@ -200,7 +245,15 @@ def hydrate_args(
     for h in account.active_holds:
         args += [
             h.reservation_id, h.amount_uecu, h.t0_ms, h.deadline_ms, h.ttl_ms, h.sequence,
-            h.team, h.project, h.user, h.job_type, h.model, h.rate_card_version,
+            h.team, h.project, h.user, h.job_type, h.model, h.rate_card_version, h.job_id,
+        ]  # fmt: skip
+    args.append(len(account.jobs))
+    for j in account.jobs:
+        args += [
+            j.job_id, j.state.value, j.approved_uecu, j.extra_uecu, j.extra_max_uecu,
+            j.room_uecu, j.steps_held_uecu, j.committed_uecu, j.steps, j.steps_committed,
+            j.steps_ended, j.policy.value, j.team, j.project, j.user, j.job_type,
+            j.rate_card_version, j.ttl_ms, j.opened_at_ms, j.ended_at_ms, j.returned_uecu,
         ]  # fmt: skip
     args.append(epoch)
     return args

@@ -7,6 +7,12 @@
     <prefix>:{<org>}:outbox      stream one event per state change, for the ledger flusher
     <prefix>:{<org>}:grants      hash   grant id -> grant record
     <prefix>:{<org>}:gexp        zset   grant id -> expiry ms of expiring grants with a rest
+    <prefix>:{<org>}:jobs        hash   job id -> approved job record (open, and closed ones
+                                        until their purge time)
+    <prefix>:{<org>}:jobdl       zset   job id -> abandonment deadline ms of an open job, purge
+                                        time ms of a closed one
+    <prefix>:{<org>}:jsteps      zset   '<job id>:<reservation id>' of every ACTIVE step hold of
+                                        an open job (all scores 0: a job's steps are one lex range)
     <prefix>:{<org>}:fence       string written after each confirmed script, so that the WAIT
                                         behind it covers everything the primary holds (see
                                         RedisStore: ECU_REDIS_WAIT_REPLICAS); no script reads it
@@ -21,13 +27,15 @@ from functools import lru_cache
 
 __all__ = ["SUFFIXES", "fence_key", "org_keys"]
 
-#: Suffixes in the order every script receives them as KEYS[1..7].
-SUFFIXES = ("acct", "holds", "deadlines", "tombs", "outbox", "grants", "gexp")
+#: Suffixes in the order every script receives them as KEYS[1..10].
+SUFFIXES = (
+    "acct", "holds", "deadlines", "tombs", "outbox", "grants", "gexp", "jobs", "jobdl", "jsteps",
+)  # fmt: skip
 
 
 @lru_cache(maxsize=65_536)
 def org_keys(prefix: str, org: str) -> tuple[str, ...]:
-    """The seven keys of one organization, in script order."""
+    """The keys of one organization, in script order."""
     base = f"{prefix}:{{{org}}}:"
     return tuple(base + s for s in SUFFIXES)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from ecu_sidecar.jobs import JobApproval, JobView
 from ecu_sidecar.model import (
     AccountRef,
     Balance,
@@ -99,9 +100,24 @@ class Store(Protocol):
         ...
 
     async def reserve(
-        self, account: AccountRef, items: Sequence[ReserveItem], *, default_ttl_ms: int = 0
+        self,
+        account: AccountRef,
+        items: Sequence[ReserveItem],
+        *,
+        default_ttl_ms: int = 0,
+        job_id: str = "",
     ) -> ReserveOutcome:
-        """Hold every item against the account, all or nothing."""
+        """Hold every item against the account (or the approved job's room), all or nothing."""
+        ...
+
+    async def approve_job(
+        self, account: AccountRef, approval: JobApproval, *, ttl_ms: int, overage_max_percent: int
+    ) -> JobView:
+        """Open a job holding its approved amount; a replay answers the job as it stands."""
+        ...
+
+    async def job(self, org: str, job_id: str, op: str = "get") -> JobView:
+        """Get, touch (heartbeat) or close a job."""
         ...
 
     async def commit(

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ecu_sidecar.errors import ReplicationUnconfirmed, StoreUnavailable
+from ecu_sidecar.jobs import JobApproval, JobView
 from ecu_sidecar.model import (
     MAX_GRANTED_UECU,
     AccountRef,
@@ -177,12 +178,32 @@ class RedisStore:
     # -- operations ---------------------------------------------------------------------------
 
     async def reserve(
-        self, account: AccountRef, items: Sequence[ReserveItem], *, default_ttl_ms: int = 0
+        self,
+        account: AccountRef,
+        items: Sequence[ReserveItem],
+        *,
+        default_ttl_ms: int = 0,
+        job_id: str = "",
     ) -> ReserveOutcome:
-        """Hold every item against the account, all or nothing; an item's TTL of 0 means
-        ``default_ttl_ms``."""
-        args = codec.reserve_args(account, items, default_ttl_ms)
+        """Hold every item against the account, all or nothing (against the room of the approved
+        job ``job_id`` when given); an item's TTL of 0 means ``default_ttl_ms``."""
+        args = codec.reserve_args(account, items, default_ttl_ms, job_id)
         return codec.reserve_reply(await self._run("reserve", account.organization, args))
+
+    async def approve_job(
+        self, account: AccountRef, approval: JobApproval, *, ttl_ms: int, overage_max_percent: int
+    ) -> JobView:
+        """Open a job: hold its approved amount against the wallet and caps, all or nothing;
+        a replay of the same approval answers the job as it stands."""
+        jid = approval.job_id
+        args = codec.job_args("open", jid, account, approval, ttl_ms, overage_max_percent)
+        return codec.job_reply(jid, await self._run("job", account.organization, args))
+
+    async def job(self, org: str, job_id: str, op: str = "get") -> JobView:
+        """``get`` a job, ``touch`` it (a heartbeat) or ``close`` it (its room and its steps
+        still held return to the wallet; closing an ended job is a replay)."""
+        r = await self._run("job", org, codec.job_args(op, job_id))
+        return codec.job_reply(job_id, r)
 
     async def commit(
         self,

@@ -49,5 +49,6 @@ SCRIPTS: dict[str, Script] = {
         "reconcile",
         "set_auto_topup",
         "epoch",
+        "job",
     )
 }

@@ -10,6 +10,11 @@
 --   KEYS[5] outbox     stream: one event per state change, for the ledger flusher
 --   KEYS[6] grants     hash: grant id -> cjson grant record
 --   KEYS[7] gexp       zset: grant id -> expiry (ms) of every expiring grant with an unspent rest
+--   KEYS[8] jobs       hash: job id -> cjson job record (an approved job; see job.lua)
+--   KEYS[9] jobdl      zset: job id -> abandonment deadline (ms) of an open job, purge time (ms)
+--                      of a closed one
+--   KEYS[10] jsteps    zset: '<job id>:<reservation id>' of every ACTIVE step of an open job, all
+--                      scored 0, so that one lex range lists a job's steps (ids exclude ':')
 -- and these leading arguments:
 --   ARGV[1] organization id (recorded in events)
 --   ARGV[2] clock offset in ms added to Redis TIME (0 in production; tests step time with it)
@@ -26,6 +31,7 @@
 
 local ACCT, HOLDS, DEADLINES, TOMBS, OUTBOX, GRANTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local GEXP = KEYS[7]
+local JOBS, JOBDL, JSTEPS = KEYS[8], KEYS[9], KEYS[10]
 local ORG = ARGV[1]
 local TOMB_MS = tonumber(ARGV[3])
 local SWEEP_LIMIT = tonumber(ARGV[4])
@@ -119,7 +125,7 @@ end
 
 -- Run one variadic command (HMGET, HSET, ZADD, ZREM ...) on key over a flat argument list of
 -- groups of `group` values, in slices of at most 1000 groups: unpack() stops at Lua's C stack
--- limit (8000 values) and a batch may hold 10,000 items. args must not be empty. Returns the
+-- limit (8000 values) and a batch may hold 2,000 items. args must not be empty. Returns the
 -- reply; for several slices, their array replies concatenated (HMGET: every value, in order).
 local function call_sliced(cmd, key, args, group)
   local width = 1000 * group
@@ -147,19 +153,113 @@ local function scope_incr(rec, field, delta)
   if rec.pj ~= '' then redis.call('HINCRBY', ACCT, 'p:' .. rec.pj .. ':' .. field, I(delta)) end
 end
 
--- Expire one ACTIVE hold whose deadline has passed: its amount returns to available.
+-- ---- approved jobs (job.lua) ----
+-- A job record (cjson, numbers as decimal strings): st 'O' open | 'C' closed | 'X' abandoned,
+-- amt the approved amount, x what steps drew from the wallet beyond it (policy 'wallet', at most
+-- xmax), room the approved money no step holds, sh the sum of its ACTIVE steps, cm what its
+-- steps billed, n / nc / nr steps reserved / committed / ended unbilled (released or expired),
+-- pol the policy for a step beyond the room ('refuse' | 'wallet'), tm / pj / us its account,
+-- job its job type, rcv the rate card version it is pinned to, ttl / dl its abandonment ttl and
+-- deadline, t0 its creation time, fin when it ended, ret what its end returned to the wallet,
+-- av0 available right after the approval, fp the approval's parameters (for replays).
+-- The wallet holds an open job's room + sh (both in held, and in its team's and project's held):
+-- a step moves money from the room to its own hold and back, never through the wallet; what a
+-- step bills leaves held as committed_from_holds. An ACTIVE step's job is always open.
+
+local function get_job(jid)
+  local raw = redis.call('HGET', JOBS, jid)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function put_job(jid, j)
+  redis.call('HSET', JOBS, jid, cjson.encode(j))
+end
+
+-- Add d to the job's numeric field f.
+local function jadd(j, f, d)
+  j[f] = I(tonumber(j[f]) + d)
+end
+
+-- Steps or a heartbeat keep an open job alive for another ttl.
+local function touch_job(jid, j)
+  j.dl = I(NOW + tonumber(j.ttl))
+  redis.call('ZADD', JOBDL, j.dl, jid)
+end
+
+local function step_member(jid, rid)
+  return jid .. ':' .. rid
+end
+
+-- Expire one ACTIVE hold whose deadline has passed: its amount returns to available, or to its
+-- job's room when it is a step.
 local function expire_hold(rid, rec)
   local amt = tonumber(rec.amt)
   rec.st = 'E'
   rec.fin = NOW_S
   put_hold(rid, rec)
   entomb(rid)
-  redis.call('HINCRBY', ACCT, 'held', I(-amt))
-  redis.call('HINCRBY', ACCT, 'expired', I(amt))
-  redis.call('HINCRBY', ACCT, 'expired_holds', 1)
-  scope_incr(rec, 'held', -amt)
+  local jid = rec.jb or ''
+  local j = jid ~= '' and get_job(jid) or nil
+  if j and j.st == 'O' then
+    jadd(j, 'room', amt)
+    jadd(j, 'sh', -amt)
+    jadd(j, 'nr', 1)
+    put_job(jid, j)
+    redis.call('ZREM', JSTEPS, step_member(jid, rid))
+  else
+    redis.call('HINCRBY', ACCT, 'held', I(-amt))
+    redis.call('HINCRBY', ACCT, 'expired', I(amt))
+    redis.call('HINCRBY', ACCT, 'expired_holds', 1)
+    scope_incr(rec, 'held', -amt)
+  end
   emit('expire', 'expire:' .. rid .. ':' .. rec.t0, 'rid', rid, 'amount', I(amt), 'team', rec.tm,
-    'project', rec.pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl)
+    'project', rec.pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl, 'job_id', jid)
+end
+
+-- End an open job: 'C' closed by its owner (its ACTIVE steps are released) or 'X' abandoned (no
+-- step and no heartbeat for its ttl; its ACTIVE steps expire, so that a late commit still bills
+-- them). Its room and its steps' holds return to the wallet at once. O(its ACTIVE steps).
+local function end_job(jid, j, how)
+  local members = redis.call('ZRANGEBYLEX', JSTEPS, '[' .. jid .. ':', '(' .. jid .. ';')
+  local steps = 0
+  for _, m in ipairs(members) do
+    local rid = string.sub(m, #jid + 2)
+    local rec = get_hold(rid)
+    if rec and rec.st == 'A' then
+      local amt = rec.amt
+      rec.fin = NOW_S
+      if how == 'C' then
+        rec.st, rec.rel = 'R', amt
+      else
+        rec.st = 'E'
+      end
+      put_hold(rid, rec)
+      entomb(rid)
+      steps = steps + tonumber(amt)
+      jadd(j, 'nr', 1)
+      emit(how == 'C' and 'release' or 'expire', (how == 'C' and 'release:' or 'expire:') .. rid
+        .. ':' .. rec.t0, 'rid', rid, 'amount', amt, 'team', rec.tm, 'project', rec.pj,
+        'user', rec.us, 'job', rec.job, 'model', rec.mdl, 'job_id', jid)
+    end
+  end
+  if #members > 0 then redis.call('ZREM', JSTEPS, unpack(members)) end
+  local room = tonumber(j.room)
+  local back = room + steps
+  redis.call('HINCRBY', ACCT, 'held', I(-back))
+  redis.call('HINCRBY', ACCT, how == 'C' and 'released' or 'expired', I(back))
+  scope_incr(j, 'held', -back)
+  j.st, j.ret, j.room, j.sh, j.fin = how, I(back), '0', '0', NOW_S
+  put_job(jid, j)
+  redis.call('ZADD', JOBDL, I(NOW + TOMB_MS), jid)
+  emit('job_close', 'job_close:' .. jid .. ':' .. j.t0, 'job_id', jid, 'state', how,
+    'returned', I(room), 'steps_uecu', I(steps), 'committed', j.cm, 'approved', j.amt,
+    'extra', j.x, 'job', j.job, 'team', j.tm, 'project', j.pj)
+end
+
+-- An open job past its abandonment deadline is ended on first touch, whether or not a sweep ran.
+local function settle_job(jid, j)
+  if j.st == 'O' and tonumber(j.dl) <= NOW and not FENCED then end_job(jid, j, 'X') end
 end
 
 local function available()
@@ -224,6 +324,16 @@ local function sweep()
       n = n + 1
     else
       redis.call('ZREM', DEADLINES, rid)
+    end
+  end
+  -- Jobs: abandon the open ones past their deadline, purge the ended ones past retention.
+  for _, jid in ipairs(redis.call('ZRANGEBYSCORE', JOBDL, '-inf', NOW_S, 'LIMIT', '0', SWEEP_LIMIT_S)) do
+    local j = get_job(jid)
+    if j and j.st == 'O' then
+      end_job(jid, j, 'X')
+    else
+      redis.call('HDEL', JOBS, jid)
+      redis.call('ZREM', JOBDL, jid)
     end
   end
   local old = redis.call('ZRANGEBYSCORE', TOMBS, '-inf', NOW_S, 'LIMIT', '0', SWEEP_LIMIT_S)

@@ -25,6 +25,12 @@
 -- ledger already holds is never billed twice there. An id neither Redis nor the caller knows
 -- is HOLD_NOT_FOUND: a reservation id never reserved is never billed.
 -- Billed amounts burn expiring grants soonest-first.
+-- A step of an approved job bills from the job's money: its hold, then (above it, within the
+-- bound) the job's room; what is above both is billed from the wallet under policy 'wallet' and
+-- recorded unbilled under 'refuse', so a job under 'refuse' never bills more than its approval.
+-- The unused part of its hold returns to the room. A step that expired while its job is still
+-- open bills late from the room (at most the room); once the job has ended, like any late
+-- commit. The event's job_uecu is what the step took from the job's money.
 
 -- Cost: a fixed handful of commands plus, per item, its counters (HINCRBY each), its burn of
 -- expiring grants and one XADD (its event). A batch reads its hold records with one HMGET and
@@ -53,15 +59,28 @@ local function item_ok(rid, rec, replayed)
     tonumber(rec.late), replayed, tonumber(rec.av1)
 end
 
--- raw[rid]: the hold record as stored (false: none), as this call left it. A batch reads every
--- record at once; a single item reads its own below.
+-- raw[rid]: the hold record as stored (false: none), as this call left it.
 local raw = {}
-if n > 1 then
-  local rids = {}
-  for i = 0, n - 1 do rids[i + 1] = ARGV[8 + i * 7] end
-  local got = call_sliced('HMGET', HOLDS, rids, 1)
-  for i = 1, n do raw[rids[i]] = got[i] end
+local rids = {}
+for i = 0, n - 1 do rids[i + 1] = ARGV[8 + i * 7] end
+local got = n == 1 and {redis.call('HGET', HOLDS, rids[1])} or call_sliced('HMGET', HOLDS, rids, 1)
+-- The jobs of these steps, ended first when abandoned (which ends their ACTIVE steps: those
+-- records are read again).
+local jobs = {}
+local ended = false
+for i = 1, n do
+  local jid = got[i] and cjson.decode(got[i]).jb
+  if jid and jobs[jid] == nil then
+    local j = get_job(jid)
+    jobs[jid] = j or false
+    if j and j.st == 'O' and tonumber(j.dl) <= NOW then
+      end_job(jid, j, 'X')
+      ended = true
+    end
+  end
 end
+if ended then got = call_sliced('HMGET', HOLDS, rids, 1) end
+for i = 1, n do raw[rids[i]] = got[i] end
 local puts, tombed = {}, {}
 
 -- Read once, when an item first needs it: the threshold state (no item changes it) with balance
@@ -87,7 +106,6 @@ for i = 0, n - 1 do
   local b = 8 + i * 7
   local rid, actual_s, rcv, lines = ARGV[b], ARGV[b + 1], ARGV[b + 5], ARGV[b + 6]
   local r = raw[rid]
-  if r == nil then r = redis.call('HGET', HOLDS, rid) end
   local rec = r and cjson.decode(r) or nil
   if not rec and known[rid] then
     local k = known[rid]
@@ -98,10 +116,13 @@ for i = 0, n - 1 do
   if not rec then
     item_err(rid, 'HOLD_NOT_FOUND', 'no hold ' .. rid .. ' in organization ' .. ORG)
   else
+    local jid = rec.jb
+    local j = jid and jobs[jid] or nil
     if rec.st == 'A' and tonumber(rec.dl) <= NOW then
       settle_deadline(rid, rec)
       raw[rid] = cjson.encode(rec)
-      if wallet then held = held - tonumber(rec.amt) end
+      if j then j = get_job(jid); jobs[jid] = j end
+      if wallet and not j then held = held - tonumber(rec.amt) end
     end
     if rec.st == 'C' then
       if rec.act == actual_s and rec.ti == ARGV[b + 2] and rec.to == ARGV[b + 3]
@@ -124,13 +145,46 @@ for i = 0, n - 1 do
       local late = rec.st == 'E'
       local bound = overage_bound(amt, pct)
       local billed = math.min(actual, amt + bound)
-      if late then billed = math.min(billed, math.max(0, bal - held) + bound) end
+      local job_open = j and j.st == 'O'
+      local room = job_open and tonumber(j.room) or 0
+      local job_uecu = 0
+      if late and job_open then
+        billed = math.min(billed, room)
+      elseif late then
+        billed = math.min(billed, math.max(0, bal - held) + bound)
+      elseif job_open and billed > amt then
+        local ov_room = math.min(billed - amt, room)
+        if j.pol ~= 'wallet' then billed = amt + ov_room end
+        job_uecu = amt + ov_room
+      end
       local overage = math.max(0, billed - amt)
       local unbilled = actual - billed
       local from_hold = math.min(billed, amt)
       local released = 0
       local tm, pj = rec.tm, rec.pj
-      if not late and not orphan then
+      if job_open then
+        -- The job's money: the hold (live) or the room (late) pays job_uecu, the rest of a live
+        -- hold returns to the room, and only an overage beyond the room (policy 'wallet') is
+        -- the wallet's.
+        if late then
+          job_uecu = billed
+          jadd(j, 'room', -billed)
+        else
+          if job_uecu == 0 then job_uecu = from_hold end
+          released = amt - from_hold
+          add('overage', billed - job_uecu)
+          jadd(j, 'room', amt - job_uecu)
+          jadd(j, 'sh', -amt)
+          redis.call('ZREM', JSTEPS, step_member(jid, rid))
+        end
+        add('held', -job_uecu)
+        add('committed_from_holds', job_uecu)
+        if job_uecu ~= 0 then
+          if tm ~= '' then add('t:' .. tm .. ':held', -job_uecu) end
+          if pj ~= '' then add('p:' .. pj .. ':held', -job_uecu) end
+        end
+        held = held - job_uecu
+      elseif not late and not orphan then
         released = amt - from_hold
         add('held', -amt)
         add('committed_from_holds', from_hold)
@@ -151,6 +205,12 @@ for i = 0, n - 1 do
       add('committed', billed)
       bal = bal - billed
       if unbilled > 0 then add(late and 'late_unbilled' or 'unbilled_overage', unbilled) end
+      if j then
+        jadd(j, 'cm', billed)
+        jadd(j, 'nc', 1)
+        if job_open then touch_job(jid, j) end
+        put_job(jid, j)
+      end
       if billed ~= 0 then
         if tm ~= '' then add('t:' .. tm .. ':used', billed) end
         if pj ~= '' then add('p:' .. pj .. ':used', billed) end
@@ -161,6 +221,7 @@ for i = 0, n - 1 do
       rec.cm = I(billed)
       rec.rel = I(released)
       rec.ov = I((late or orphan) and 0 or overage)
+      rec.ju = I(job_uecu)
       rec.uov = I(unbilled)
       rec.late = (late or orphan) and '1' or '0'
       rec.orphan = orphan and '1' or nil
@@ -175,7 +236,8 @@ for i = 0, n - 1 do
         'released', rec.rel, 'overage', rec.ov, 'unbilled', rec.uov, 'late', rec.late,
         'orphan', orphan and '1' or '0',
         'team', tm, 'project', pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl,
-        'tokens_in', ARGV[b + 2], 'tokens_out', ARGV[b + 3], 'calls', ARGV[b + 4]}
+        'tokens_in', ARGV[b + 2], 'tokens_out', ARGV[b + 3], 'calls', ARGV[b + 4],
+        'job_id', jid or '', 'job_uecu', I(job_uecu)}
       if rcv ~= '' then
         ev[#ev + 1], ev[#ev + 2], ev[#ev + 3], ev[#ev + 4] = 'rcv', rcv, 'lines', lines
       end

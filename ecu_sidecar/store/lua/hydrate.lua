@@ -14,8 +14,13 @@
 --   then m, then m groups of 3: expiring grant id, expiry ms, unspent rest
 --   then k, then k groups of 4: recent grant id, amount, kind, expires at ms (so that a retry of
 --   a grant the ledger already holds is answered as a replay, not applied twice)
---   then h, then h groups of 12: an outstanding hold's reservation id, amount, t0 (ms), deadline
---   (ms), ttl (ms), last extend sequence, team, project, user, job type, model, rate card version
+--   then h, then h groups of 13: an outstanding hold's reservation id, amount, t0 (ms), deadline
+--   (ms), ttl (ms), last extend sequence, team, project, user, job type, model, rate card version,
+--   job id ('' = a wallet hold)
+--   then j, then j groups of 21: a job's id, state ('O' | 'C' | 'X'), approved, extra, extra max,
+--   room (open: approved + extra - what its steps billed from it - its outstanding steps),
+--   steps held, committed, steps, steps committed, steps ended, policy, team, project, user,
+--   job type, rate card version, ttl (ms), t0 (ms), ended at (ms), returned to the wallet
 --   then the epoch of the node ('' = unknown; see epoch.lua), recorded in the rebuilt account
 -- Returns {'OK', 1} when it rebuilt the account, {'OK', 0} when the account already existed
 --   (and no rebuild was forced), {'OK', 'WAIT'} when the outbox moved since the caller looked or
@@ -36,7 +41,7 @@ if not outbox_flushed(expected, group) then
   return {'OK', 'WAIT'}
 end
 
-redis.call('DEL', ACCT, HOLDS, DEADLINES, TOMBS, GRANTS, GEXP)
+redis.call('DEL', ACCT, HOLDS, DEADLINES, TOMBS, GRANTS, GEXP, JOBS, JOBDL, JSTEPS)
 FENCED = false  -- the fence went with the account: the rebuilt organization is open again
 
 local granted, expired, committed = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
@@ -56,9 +61,17 @@ b = recent_at + 4 * k
 local h = tonumber(ARGV[b])
 local holds_at = b + 1
 local held = 0
-for i = 0, h - 1 do held = held + tonumber(ARGV[holds_at + 12 * i + 1]) end
+for i = 0, h - 1 do held = held + tonumber(ARGV[holds_at + 13 * i + 1]) end
+b = holds_at + 13 * h
+local nj = tonumber(ARGV[b])
+local jobs_at = b + 1
+-- An open job's room is held too (its steps are among the holds).
+for i = 0, nj - 1 do
+  local at = jobs_at + 21 * i
+  if ARGV[at + 1] == 'O' then held = held + tonumber(ARGV[at + 5]) end
+end
 local av_s = I(balance - held)
-local epoch = ARGV[holds_at + 12 * h] or ''
+local epoch = ARGV[jobs_at + 21 * nj] or ''
 
 local ref = ARGV[14]
 if ref == '' then ref = I(math.max(balance - held, 0)) end
@@ -98,13 +111,37 @@ for _ = 1, h do
   -- (a retried reserve is then compared by amount), the available balance after the reserve
   -- (a replay answers the rebuilt one), and the ttl of the last extend ('' = unknown: a retry
   -- of that extend is answered as a replay, see extend.lua).
+  local jid = ARGV[b + 12]
   put_hold(rid, {st = 'A', amt = amt, job = ARGV[b + 9], mdl = ARGV[b + 10], ttl = ARGV[b + 4],
     tm = tm, pj = pj, us = ARGV[b + 8], dl = ARGV[b + 3], t0 = ARGV[b + 2], av0 = av_s, seq = seq,
-    ettl = seq == '0' and '0' or '', rcv = ARGV[b + 11], fp = ''})
+    ettl = seq == '0' and '0' or '', rcv = ARGV[b + 11], fp = '', jb = jid ~= '' and jid or nil})
   redis.call('ZADD', DEADLINES, ARGV[b + 3], rid)
+  if jid ~= '' then redis.call('ZADD', JSTEPS, '0', step_member(jid, rid)) end
   if tm ~= '' then redis.call('HINCRBY', ACCT, 't:' .. tm .. ':held', amt) end
   if pj ~= '' then redis.call('HINCRBY', ACCT, 'p:' .. pj .. ':held', amt) end
-  b = b + 12
+  b = b + 13
+end
+-- Jobs: open ones get a fresh abandonment ttl (the rebuild is activity); ended ones answer a
+-- replayed close until their purge time. What the ledger does not keep: the fingerprint of the
+-- approval (a retried approval is then compared by its other parameters).
+b = jobs_at
+for _ = 1, nj do
+  local jid, st = ARGV[b], ARGV[b + 1]
+  local j = {st = st, amt = ARGV[b + 2], x = ARGV[b + 3], xmax = ARGV[b + 4], room = ARGV[b + 5],
+    sh = ARGV[b + 6], cm = ARGV[b + 7], n = ARGV[b + 8], nc = ARGV[b + 9], nr = ARGV[b + 10],
+    pol = ARGV[b + 11], tm = ARGV[b + 12], pj = ARGV[b + 13], us = ARGV[b + 14],
+    job = ARGV[b + 15], rcv = ARGV[b + 16], ttl = ARGV[b + 17], dl = '0', t0 = ARGV[b + 18],
+    fin = ARGV[b + 19], ret = ARGV[b + 20], av0 = av_s, fp = ''}
+  if st == 'O' then
+    touch_job(jid, j)
+    local room = tonumber(j.room)
+    if j.tm ~= '' then redis.call('HINCRBY', ACCT, 't:' .. j.tm .. ':held', I(room)) end
+    if j.pj ~= '' then redis.call('HINCRBY', ACCT, 'p:' .. j.pj .. ':held', I(room)) end
+  else
+    redis.call('ZADD', JOBDL, I(tonumber(j.fin) + TOMB_MS), jid)
+  end
+  put_job(jid, j)
+  b = b + 21
 end
 emit('hydrate', 'hydrate:' .. NOW_S .. ':' .. I(granted) .. ':' .. I(committed),
   'granted', I(granted), 'expired', I(expired), 'committed', I(committed), 'balance', I(balance),

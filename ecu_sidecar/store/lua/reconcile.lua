@@ -9,11 +9,14 @@
 -- or {'OK', 'DONE', drift} where drift is Redis minus ledger before the repair (0 = in agreement).
 -- Lost keys are not repaired here: the caller rebuilds the organization from the ledger (the
 -- hydrate script, forced, with the same outbox id), which owns every key. They are found by:
---   held = the sum of the ACTIVE holds the deadline index lists, every one of them ACTIVE;
+--   held = the sum of the ACTIVE holds the deadline index lists, every one of them ACTIVE, plus
+--   the rooms of the open jobs; every ACTIVE step of a job is in the step index, and its job
+--   is open and its records' steps held add up to what its ACTIVE steps hold;
+--   every job record is in the job deadline index, and every entry there has a record;
 --   every hold record is either in the deadline index or in the tombstone index;
 --   one grant-expiry index entry per g:<grant id> rest in the account;
 --   the grants hash exists once anything was granted.
--- Cost: O(active holds + account fields); no balance repair runs while keys are lost.
+-- Cost: O(active holds + jobs + account fields); no balance repair runs while keys are lost.
 -- The repair sets balance to the ledger's value (restoring balance = granted - expired_grants -
 -- committed, which only a fault outside the scripts can break) and counts the correction in
 -- 'repaired' for operators.
@@ -27,7 +30,10 @@ local function key_loss()
   local v = redis.call('HMGET', ACCT, 'held', 'granted')
   local held, granted = N(v[1]), N(v[2])
   local rids = redis.call('ZRANGE', DEADLINES, '0', '-1')
-  local active, sum = 0, 0
+  local active, sum, steps = 0, 0, 0
+  local jobs = {}
+  for _, jid in ipairs(redis.call('HKEYS', JOBS)) do jobs[jid] = get_job(jid) end
+  local step_sum = {}  -- job id -> what its ACTIVE steps hold
   if #rids > 0 then
     local raws = call_sliced('HMGET', HOLDS, rids, 1)
     for i = 1, #rids do
@@ -35,11 +41,45 @@ local function key_loss()
       if rec and rec.st == 'A' then
         active = active + 1
         sum = sum + tonumber(rec.amt)
+        if rec.jb then
+          local j = jobs[rec.jb]
+          if not j or j.st ~= 'O' then
+            return 'step ' .. rids[i] .. ' is active but its job ' .. rec.jb .. ' is not open'
+          end
+          if not redis.call('ZSCORE', JSTEPS, step_member(rec.jb, rids[i])) then
+            return 'step ' .. rids[i] .. ' of job ' .. rec.jb .. ' is not in the step index'
+          end
+          steps = steps + 1
+          step_sum[rec.jb] = (step_sum[rec.jb] or 0) + tonumber(rec.amt)
+        end
       end
     end
   end
-  if held ~= sum then
+  local rooms = 0
+  for jid, j in pairs(jobs) do
+    if j.st == 'O' then
+      rooms = rooms + tonumber(j.room)
+      if tonumber(j.sh) ~= (step_sum[jid] or 0) then
+        return 'job ' .. jid .. ' records ' .. j.sh .. ' uECU in steps but its active steps hold '
+          .. I(step_sum[jid] or 0)
+      end
+    end
+    if not redis.call('ZSCORE', JOBDL, jid) then
+      return 'job ' .. jid .. ' is not in the job deadline index'
+    end
+  end
+  if held ~= sum + rooms then
     return 'held ' .. I(held) .. ' uECU but the active holds hold ' .. I(sum)
+      .. ' and the open jobs\' rooms ' .. I(rooms)
+  end
+  if redis.call('ZCARD', JSTEPS) ~= steps then
+    return 'the step index lists ' .. redis.call('ZCARD', JSTEPS) .. ' steps, of which ' .. steps
+      .. ' are active'
+  end
+  local indexed_jobs = redis.call('ZCARD', JOBDL)
+  if indexed_jobs ~= redis.call('HLEN', JOBS) then
+    return indexed_jobs .. ' jobs in the job deadline index but ' .. redis.call('HLEN', JOBS)
+      .. ' job records'
   end
   if #rids ~= active then
     return 'the deadline index lists ' .. #rids .. ' holds, of which ' .. active .. ' are active'

@@ -5,6 +5,7 @@
 --   or {'ERR', 'ACCOUNT_NOT_FOUND', msg, 'organization', org}
 --   or {'ERR', 'HOLD_NOT_FOUND' | 'HOLD_COMMITTED', msg, 'reservation_id', id}
 -- Releasing a hold that already expired is not an error: nothing is held either way (state 'E').
+-- A step of an open job returns its amount to the job's room, not to the wallet.
 
 if FENCED then return fenced_error() end
 if not account_exists() then
@@ -16,7 +17,14 @@ local rec = get_hold(rid)
 if not rec then
   return err('HOLD_NOT_FOUND', 'no hold ' .. rid .. ' in organization ' .. ORG, 'reservation_id', rid)
 end
+local jid = rec.jb
+local j = jid and get_job(jid) or nil
+if j and j.st == 'O' and tonumber(j.dl) <= NOW then
+  end_job(jid, j, 'X')
+  rec = get_hold(rid)
+end
 settle_deadline(rid, rec)
+if j then j = get_job(jid) end
 if rec.st == 'C' then
   return err('HOLD_COMMITTED', 'hold ' .. rid .. ' was committed; it cannot be released',
     'reservation_id', rid)
@@ -34,9 +42,18 @@ if rec.st == 'E' then
   return {'OK', available(), 0, 'E', replayed}
 end
 local amt = tonumber(rec.amt)
-redis.call('HINCRBY', ACCT, 'held', I(-amt))
-redis.call('HINCRBY', ACCT, 'released', I(amt))
-scope_incr(rec, 'held', -amt)
+if j and j.st == 'O' then
+  jadd(j, 'room', amt)
+  jadd(j, 'sh', -amt)
+  jadd(j, 'nr', 1)
+  touch_job(jid, j)
+  put_job(jid, j)
+  redis.call('ZREM', JSTEPS, step_member(jid, rid))
+else
+  redis.call('HINCRBY', ACCT, 'held', I(-amt))
+  redis.call('HINCRBY', ACCT, 'released', I(amt))
+  scope_incr(rec, 'held', -amt)
+end
 rec.st = 'R'
 rec.rel = rec.amt
 rec.fin = NOW_S
@@ -45,5 +62,5 @@ rec.av1 = I(after)
 put_hold(rid, rec)
 entomb(rid)
 emit('release', 'release:' .. rid .. ':' .. rec.t0, 'rid', rid, 'amount', I(amt), 'team', rec.tm,
-  'project', rec.pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl)
+  'project', rec.pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl, 'job_id', jid or '')
 return {'OK', after, amt, 'R', 0}

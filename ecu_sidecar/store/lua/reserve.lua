@@ -1,17 +1,25 @@
 -- reserve: place one or more holds for one account, all or nothing.
 --   KEYS: the organization's keys (see _lib.lua)
 --   ARGV[5] team ('' = none)   ARGV[6] project ('' = none)   ARGV[7] user ('' = none)
---   ARGV[8] item count n, then n groups of 7: reservation id, amount, job type, model, ttl ms,
+--   ARGV[8] job id: the approved job the steps draw from ('' = the wallet)
+--   ARGV[9] item count n, then n groups of 7: reservation id, amount, job type, model, ttl ms,
 --   rate card version ('' = a plain amount), job fingerprint ('' = a plain amount)
--- Returns {'OK', available_after, replayed_all (0|1), then per item: id, amount, deadline, state,
---   pinned rate card version}
+-- Returns {'OK', available_after, replayed_all (0|1), the job's room after ('' without a job),
+--   then per item: id, amount, deadline, state, pinned rate card version}
 --   or {'ERR', 'ACCOUNT_NOT_FOUND', msg, 'organization', org}
+--   or {'ERR', 'JOB_NOT_FOUND' | 'JOB_CLOSED' | 'JOB_SCOPE_MISMATCH' | 'STEP_EXCEEDS_APPROVAL', ...}
+--   or {'ERR', 'RATE_CARD_MISMATCH', msg, 'rate_card_version', the job's version, 'job_id', id}
 --   or {'ERR', 'IDEMPOTENCY_CONFLICT', msg, 'reservation_id', id}
 --   or {'ERR', 'INSUFFICIENT_ECU', msg, 'scope', s, 'scope_id', id, 'requested', r, 'available', a}
 -- A reservation id already held with the same parameters is answered from its record (a replay)
 -- and not charged again; with different parameters the whole call is refused. A hold priced
 -- from a job spec is compared by the spec's fingerprint, not its amount, so a retry that lands
 -- after a rate card reload is still a replay of the hold priced (and pinned) the first time.
+-- Steps of a job take their holds from its room, not from the wallet: they succeed at zero
+-- available balance while the room covers them, and carry the job's team and project (whose
+-- caps the approval was checked against). Beyond the room, policy 'refuse' refuses
+-- (INSUFFICIENT_ECU, scope job) and policy 'wallet' draws the rest from the wallet like a hold,
+-- within the job's extra max.
 
 -- Cost: a fixed handful of commands plus one XADD per fresh item: a batch reads its records
 -- with one HMGET and writes them with one HSET and its deadlines with one ZADD; the threshold
@@ -24,8 +32,24 @@ end
 sweep()
 
 local team, project, user = ARGV[5], ARGV[6], ARGV[7]
-local n = tonumber(ARGV[8])
--- Item i (0-based) is ARGV[9 + 7i ..]: rid, amount, job, model, ttl, rate card version,
+local jid = ARGV[8]
+local n = tonumber(ARGV[9])
+local jrec
+if jid ~= '' then
+  jrec = get_job(jid)
+  if not jrec then
+    return err('JOB_NOT_FOUND', 'no job ' .. jid .. ' in organization ' .. ORG, 'job_id', jid,
+      'organization', ORG)
+  end
+  settle_job(jid, jrec)
+  if (team ~= '' and team ~= jrec.tm) or (project ~= '' and project ~= jrec.pj) then
+    return err('JOB_SCOPE_MISMATCH', 'job ' .. jid .. " was approved for team '" .. jrec.tm
+      .. "' and project '" .. jrec.pj .. "'; its steps cannot name team '" .. team
+      .. "' and project '" .. project .. "'", 'job_id', jid, 'team', jrec.tm, 'project', jrec.pj)
+  end
+  team, project = jrec.tm, jrec.pj
+end
+-- Item i (0-based) is ARGV[10 + 7i ..]: rid, amount, job, model, ttl, rate card version,
 -- fingerprint; read in place (a table per item was a measurable part of a batch).
 local recs = {}  -- i + 1 -> the hold already recorded under the id (a replay), or false
 local need = 0
@@ -34,21 +58,21 @@ local fresh = 0
 -- Phase 1: read and check everything; no writes.
 local raws
 if n == 1 then
-  raws = {redis.call('HGET', HOLDS, ARGV[9])}
+  raws = {redis.call('HGET', HOLDS, ARGV[10])}
 else
   local rids = {}
-  for i = 0, n - 1 do rids[i + 1] = ARGV[9 + i * 7] end
+  for i = 0, n - 1 do rids[i + 1] = ARGV[10 + i * 7] end
   raws = n > 0 and call_sliced('HMGET', HOLDS, rids, 1) or {}
 end
 for i = 0, n - 1 do
-  local b = 9 + i * 7
+  local b = 10 + i * 7
   local rec = raws[i + 1] and cjson.decode(raws[i + 1]) or false
   if rec then
     local fp = ARGV[b + 6]
     local same_cost = rec.amt == ARGV[b + 1] and (rec.fp or '') == ''
     if (rec.fp or '') ~= '' then same_cost = rec.fp == fp end
     if not same_cost or rec.job ~= ARGV[b + 2] or rec.mdl ~= ARGV[b + 3] or rec.ttl ~= ARGV[b + 4]
-        or rec.tm ~= team or rec.pj ~= project or rec.us ~= user then
+        or rec.tm ~= team or rec.pj ~= project or rec.us ~= user or (rec.jb or '') ~= jid then
       return err('IDEMPOTENCY_CONFLICT',
         'reservation_id ' .. ARGV[b] .. ' was already used with different parameters',
         'reservation_id', ARGV[b])
@@ -60,7 +84,43 @@ for i = 0, n - 1 do
   recs[i + 1] = rec
 end
 
--- The threshold state is read here too: nothing below changes it but held, by need.
+-- A job's steps: the room covers need, or policy 'wallet' draws the rest (wneed) from the
+-- wallet, which the checks below then cover like any hold.
+local wneed = need
+if jrec and fresh > 0 then
+  if jrec.st ~= 'O' then
+    return err('JOB_CLOSED', 'job ' .. jid .. ' is ' .. (jrec.st == 'C' and 'closed' or 'abandoned')
+      .. '; its steps cannot be reserved', 'job_id', jid, 'state', jrec.st)
+  end
+  local most = tonumber(jrec.amt) + tonumber(jrec.xmax)
+  for i = 0, n - 1 do
+    local b = 10 + i * 7
+    if not recs[i + 1] then
+      if ARGV[b + 5] ~= '' and ARGV[b + 5] ~= jrec.rcv then
+        return err('RATE_CARD_MISMATCH', 'job ' .. jid .. " is pinned to rate card version '"
+          .. jrec.rcv .. "'; step " .. ARGV[b] .. " was priced with '" .. ARGV[b + 5] .. "'",
+          'rate_card_version', jrec.rcv, 'job_id', jid)
+      end
+      if tonumber(ARGV[b + 1]) > most then
+        return err('STEP_EXCEEDS_APPROVAL', 'step ' .. ARGV[b] .. ' needs ' .. ARGV[b + 1]
+          .. ' uECU, more than job ' .. jid .. ' may ever hold (' .. I(most) .. ' uECU)',
+          'job_id', jid, 'requested', ARGV[b + 1], 'approved', jrec.amt, 'extra_max', jrec.xmax)
+      end
+    end
+  end
+  local room = tonumber(jrec.room)
+  wneed = math.max(0, need - room)
+  local extra_left = tonumber(jrec.xmax) - tonumber(jrec.x)
+  if wneed > 0 and (jrec.pol ~= 'wallet' or wneed > extra_left) then
+    local can = room
+    if jrec.pol == 'wallet' then can = room + extra_left end
+    return err('INSUFFICIENT_ECU', 'insufficient ECU: job ' .. jid .. ' has ' .. I(can)
+      .. ' uECU of room left, ' .. I(need) .. ' requested (policy ' .. jrec.pol .. ')',
+      'scope', 'job', 'scope_id', jid, 'requested', I(need), 'available', I(can))
+  end
+end
+
+-- The threshold state is read here too: nothing below changes it but held, by wneed.
 local fields = {unpack(THRESHOLD_FIELDS)}
 if team ~= '' then
   local f = 't:' .. team .. ':'
@@ -73,21 +133,21 @@ end
 local v = redis.call('HMGET', ACCT, unpack(fields))
 local avail = N(v[1]) - N(v[2])
 
-if fresh > 0 then
-  if need > avail then
+if wneed > 0 then
+  if wneed > avail then
     return err('INSUFFICIENT_ECU', 'insufficient ECU: organization ' .. ORG .. ' has ' .. I(avail)
-      .. ' uECU available, ' .. I(need) .. ' requested',
-      'scope', 'organization', 'scope_id', ORG, 'requested', I(need), 'available', I(avail))
+      .. ' uECU available, ' .. I(wneed) .. ' requested',
+      'scope', 'organization', 'scope_id', ORG, 'requested', I(wneed), 'available', I(avail))
   end
   local k = #THRESHOLD_FIELDS + 1
   for _, sc in ipairs({{'team', team}, {'project', project}}) do
     if sc[2] ~= '' then
       if v[k] then
         local left = N(v[k]) - N(v[k + 1]) - N(v[k + 2])
-        if need > left then
+        if wneed > left then
           return err('INSUFFICIENT_ECU', 'insufficient ECU: ' .. sc[1] .. ' ' .. sc[2] .. ' cap has '
-            .. I(left) .. ' uECU left, ' .. I(need) .. ' requested',
-            'scope', sc[1], 'scope_id', sc[2], 'requested', I(need), 'available', I(left))
+            .. I(left) .. ' uECU left, ' .. I(wneed) .. ' requested',
+            'scope', sc[1], 'scope_id', sc[2], 'requested', I(wneed), 'available', I(left))
         end
       end
       k = k + 3
@@ -96,14 +156,17 @@ if fresh > 0 then
 end
 
 -- Phase 2: write.
-local after = avail - need
+local after = avail - wneed
 if fresh == 0 then after = tonumber(recs[n].av0) end
-local out = {'OK', after, fresh == 0 and 1 or 0}
+local out = {'OK', after, fresh == 0 and 1 or 0, ''}
+-- What each fresh step of a job takes from the room; the rest of it comes from the wallet.
+local room_left = jrec and tonumber(jrec.room) or 0
+local steps = {}
 local puts, deadlines, np = {}, {}, 0
 local after_s = I(after)
 local dls = {}  -- ttl -> deadline: a batch's steps mostly share one ttl
 for i = 0, n - 1 do
-  local b = 9 + i * 7
+  local b = 10 + i * 7
   local rid, rec = ARGV[b], recs[i + 1]
   if not rec then
     local amt, job, mdl, ttl, rcv = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
@@ -114,26 +177,45 @@ for i = 0, n - 1 do
     end
     rec = {st = 'A', amt = amt, job = job, mdl = mdl, ttl = ttl, tm = team, pj = project,
       us = user, dl = dl, t0 = NOW_S, av0 = after_s, seq = '0', ettl = '0', rcv = rcv,
-      fp = ARGV[b + 6]}
+      fp = ARGV[b + 6], jb = jrec and jid or nil}
     puts[np + 1], puts[np + 2] = rid, cjson.encode(rec)
     deadlines[np + 1], deadlines[np + 2] = dl, rid
     np = np + 2
+    local extra = 0
+    if jid ~= '' then
+      local take = math.min(room_left, tonumber(amt))
+      room_left = room_left - take
+      extra = tonumber(amt) - take
+      steps[#steps + 1], steps[#steps + 2] = '0', step_member(jid, rid)
+    end
     emit('reserve', 'reserve:' .. rid .. ':' .. NOW_S, 'rid', rid, 'amount', amt,
       'team', team, 'project', project, 'user', user, 'job', job, 'model', mdl, 'deadline', dl,
-      'rcv', rcv)
+      'rcv', rcv, 'job_id', jid, 'extra', I(extra))
   end
-  local k = 4 + i * 5
+  local k = 5 + i * 5
   out[k], out[k + 1], out[k + 2], out[k + 3], out[k + 4] = rid, tonumber(rec.amt), tonumber(rec.dl),
     rec.st, rec.rcv or ''
 end
 if fresh > 0 then
   call_sliced('HSET', HOLDS, puts, 2)
   call_sliced('ZADD', DEADLINES, deadlines, 2)
-  redis.call('HINCRBY', ACCT, 'held', I(need))
-  redis.call('HINCRBY', ACCT, 'reserved', I(need))
-  if team ~= '' then redis.call('HINCRBY', ACCT, 't:' .. team .. ':held', I(need)) end
-  if project ~= '' then redis.call('HINCRBY', ACCT, 'p:' .. project .. ':held', I(need)) end
-  v[1], v[2] = N(v[1]), N(v[2]) + need
-  check_thresholds(v)
+  if jrec then
+    call_sliced('ZADD', JSTEPS, steps, 2)
+    jadd(jrec, 'room', -(need - wneed))
+    jadd(jrec, 'x', wneed)
+    jadd(jrec, 'sh', need)
+    jadd(jrec, 'n', fresh)
+    touch_job(jid, jrec)
+    put_job(jid, jrec)
+  end
+  if wneed > 0 then
+    redis.call('HINCRBY', ACCT, 'held', I(wneed))
+    redis.call('HINCRBY', ACCT, 'reserved', I(wneed))
+    if team ~= '' then redis.call('HINCRBY', ACCT, 't:' .. team .. ':held', I(wneed)) end
+    if project ~= '' then redis.call('HINCRBY', ACCT, 'p:' .. project .. ':held', I(wneed)) end
+    v[1], v[2] = N(v[1]), N(v[2]) + wneed
+    check_thresholds(v)
+  end
 end
+if jrec then out[4] = tonumber(jrec.room) end
 return out
