@@ -206,6 +206,9 @@ _BY_KIND = {
     "id": _IDS,
     "opt_id": _IDS,
     "caller_id": _IDS,
+    "opt_caller_id": _IDS,
+    "job_policy": _CHOICES,
+    "job_end": _CHOICES,
     "model": st.one_of(_IDS, st.sampled_from(["gpt-4o", "org/m@1+x:y", "a b"])),
     "text": st.one_of(st.text(max_size=10), st.integers(250, 260).map(lambda n: "v" * n)),
     "json": st.one_of(_JSON_TEXTS, st.text(max_size=10)),
@@ -225,6 +228,9 @@ _WELL_FORMED = {
     "id": st.text(_ID_CHARS, min_size=1, max_size=64),
     "opt_id": st.text(_ID_CHARS, max_size=64),
     "caller_id": st.text(_ID_CHARS, min_size=1, max_size=128),
+    "opt_caller_id": st.text(_ID_CHARS, max_size=128),
+    "job_policy": st.sampled_from(["refuse", "wallet"]),
+    "job_end": st.sampled_from(["C", "X"]),
     "model": st.text(_ID_CHARS + "/@+:", max_size=128),
     "text": st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=256),
     "json": st.sampled_from(["", "{}", '[{"model": "m", "tokens_in": 5}]', '{"a": "b\\"c"}']),
@@ -299,6 +305,8 @@ def test_every_well_formed_entry_parses(data: st.DataObject, etype: str) -> None
             "unbilled": "0", "late": "0", "orphan": "0",
             "released": str(hold - min(billed, hold)), "overage": str(max(0, billed - hold)),
         }  # fmt: skip
+        if "job_uecu" in entry:  # a step bills from its job's money at most what it billed
+            entry["job_uecu"] = str(data.draw(st.integers(0, billed)))
     if etype == "reserve" and data.draw(st.booleans()):
         entry["rcv"] = data.draw(_WELL_FORMED["text"])
     assert isinstance(parse_event(entry), Event), parse_event(entry)

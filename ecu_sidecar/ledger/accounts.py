@@ -11,6 +11,7 @@ from typing import Any
 from ecu_sidecar.ledger import burn
 from ecu_sidecar.ledger.backends import Tx
 from ecu_sidecar.ledger.db import Database
+from ecu_sidecar.ledger.jobs import ledger_jobs
 from ecu_sidecar.ledger.types import (
     AccountState,
     AutoTopup,
@@ -93,18 +94,20 @@ class Accounts:
         whose event confirms them. Void grants (Redis refused them) are in neither.
         """
 
-        def run(tx: Tx) -> tuple[AccountState, int, list[LedgerHold], list[Any]] | None:
+        def run(tx: Tx) -> tuple[AccountState, int, list[LedgerHold], list[Any], list[Any]] | None:
             acct = _account(tx, org)
             if acct is None:
                 return None
             # generation counts confirmed grants only, as Redis's gen does
             generation = acct.generation
-            return acct, generation, _outstanding_holds(tx, org), _notices(tx, org, generation)
+            holds = _outstanding_holds(tx, org)
+            jobs = ledger_jobs(tx, org, holds)
+            return acct, generation, holds, _notices(tx, org, generation), jobs
 
         found = self._db.read(run)
         if found is None:
             return None
-        acct, generation, holds, notices = found
+        acct, generation, holds, notices, jobs = found
         pending = [g for g in acct.grants if g.state == GrantStatus.PENDING]
         confirmed = [g for g in acct.grants if g.confirmed]
         latest = sorted(confirmed, key=lambda g: (g.granted_at_ms, g.grant_id))[-_RECENT:]
@@ -126,6 +129,7 @@ class Accounts:
                 (g.grant_id, g.amount_uecu, g.kind, g.expires_at_ms or 0) for g in pending
             ],
             active_holds=holds,
+            jobs=jobs,
             notified=sorted({kind for kind, _ref in notices}),
             notice_reference_uecu=references[0] if references else None,
         )
@@ -358,6 +362,7 @@ def _outstanding_holds(tx: Tx, org: str) -> list[LedgerHold]:
             job_type=job,
             model=model,
             rate_card_version=str(fields.get("rcv") or ""),
+            job_id=str(fields.get("job_id") or ""),
         )
     return list(found.values())
 

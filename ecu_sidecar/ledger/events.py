@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ecu_sidecar.jobs import JobPolicy, JobState
 from ecu_sidecar.ledger.types import NotificationKind
 from ecu_sidecar.model import GrantKind, JobType
 from ecu_sidecar.validation import CALLER_ID_MAX, ID_PATTERN, MODEL_MAX, MODEL_PATTERN, SCOPE_ID_MAX
@@ -57,6 +58,8 @@ SPECS: dict[str, tuple[tuple[str, str, bool], ...]] = {
         ("job", "job", True),
         ("model", "model", True),
         ("deadline", "amount", True),
+        ("job_id", "opt_caller_id", False),
+        ("extra", "amount", False),
     ),
     "extend": (
         ("rid", "caller_id", True),
@@ -83,6 +86,8 @@ SPECS: dict[str, tuple[tuple[str, str, bool], ...]] = {
         ("calls", "amount", True),
         ("rcv", "text", False),
         ("lines", "json", False),
+        ("job_id", "opt_caller_id", False),
+        ("job_uecu", "amount", False),
     ),
     "release": (
         ("rid", "caller_id", True),
@@ -92,6 +97,7 @@ SPECS: dict[str, tuple[tuple[str, str, bool], ...]] = {
         ("user", "opt_id", True),
         ("job", "job", True),
         ("model", "model", True),
+        ("job_id", "opt_caller_id", False),
     ),
     "cap": (
         ("scope", "scope", True),
@@ -109,6 +115,30 @@ SPECS: dict[str, tuple[tuple[str, str, bool], ...]] = {
         ("threshold", "int", False),
         ("reference", "int", False),
         ("amount", "amount", False),
+    ),
+    "job_open": (
+        ("job_id", "caller_id", True),
+        ("amount", "positive", True),
+        ("team", "opt_id", True),
+        ("project", "opt_id", True),
+        ("user", "opt_id", True),
+        ("job", "job", True),
+        ("rcv", "text", False),
+        ("policy", "job_policy", True),
+        ("ttl", "amount", True),
+        ("extra_max", "amount", True),
+    ),
+    "job_close": (
+        ("job_id", "caller_id", True),
+        ("state", "job_end", True),
+        ("returned", "amount", True),
+        ("steps_uecu", "amount", True),
+        ("committed", "amount", True),
+        ("approved", "positive", True),
+        ("extra", "amount", True),
+        ("job", "job", True),
+        ("team", "opt_id", True),
+        ("project", "opt_id", True),
     ),
     # Reconciliation writes absolute values into Redis; the ledger keeps them as an audit trail.
     "hydrate": (),
@@ -376,6 +406,7 @@ _CHECKS: dict[str, Callable[[str, str], Any]] = {
     "id": _ID,
     "opt_id": _identifier(SCOPE_ID_MAX, optional=True),
     "caller_id": _identifier(CALLER_ID_MAX, optional=False),
+    "opt_caller_id": _identifier(CALLER_ID_MAX, optional=True),
     "model": _model,
     "text": _text,
     "json": _json,
@@ -383,6 +414,8 @@ _CHECKS: dict[str, Callable[[str, str], Any]] = {
     "job": _choice(_JOB_TYPES),
     "notify_kind": _choice(_NOTIFY_KINDS),
     "scope": _choice(frozenset({"team", "project"})),
+    "job_policy": _choice(frozenset(p.value for p in JobPolicy)),
+    "job_end": _choice(frozenset({JobState.CLOSED.value, JobState.ABANDONED.value})),
     "cap": _cap,
 }
 
@@ -436,3 +469,5 @@ def _check_commit(v: dict[str, Any]) -> None:
             raise _Invalid(f"commit: released {v['released']} != hold {hold} - min(billed, hold)")
         if v["overage"] != max(0, billed - hold):
             raise _Invalid(f"commit: overage {v['overage']} != max(0, billed - hold)")
+    if (v["job_uecu"] or 0) > billed:
+        raise _Invalid(f"commit: job_uecu {v['job_uecu']} exceeds committed {billed}")

@@ -15,6 +15,7 @@ from typing import Any
 
 from ecu_sidecar.ledger.backends import Tx
 from ecu_sidecar.ledger.events import Event
+from ecu_sidecar.ledger.jobs import flush_jobs, on_job_close, on_job_open
 from ecu_sidecar.ledger.types import GrantStatus
 
 __all__ = [
@@ -64,6 +65,8 @@ _USAGE_COLUMNS = (
     ("rate_card_version", "text"),
     ("breakdown", "json"),
     ("occurred_at_ms", "bigint"),
+    ("job_id", "text"),
+    ("job_uecu", "bigint"),
 )
 _HOLD_COLUMNS = (
     ("org_id", "text"),
@@ -79,6 +82,8 @@ _HOLD_COLUMNS = (
     ("job_type", "text"),
     ("model", "text"),
     ("occurred_at_ms", "bigint"),
+    ("job_id", "text"),
+    ("extra_uecu", "bigint"),
 )
 _RECON_COLUMNS = (
     ("org_id", "text"),
@@ -120,6 +125,8 @@ class Effects:
         self.holds: list[tuple[Any, ...]] = []
         self.recon: list[tuple[Any, ...]] = []
         self.autotopup: dict[str, tuple[Any, ...]] = {}  # org -> newest (ts, seq, eid, t, a)
+        self.job_opens: list[tuple[Any, ...]] = []
+        self.job_closes: list[tuple[Any, ...]] = []
 
     def add(self, org: str, granted: int = 0, expired: int = 0, committed: int = 0) -> None:
         t = self.totals.setdefault(org, [0, 0, 0])
@@ -135,6 +142,7 @@ class Effects:
         tx.insert("usage_entries", _USAGE_COLUMNS, self.usage)
         tx.insert("hold_events", _HOLD_COLUMNS, self.holds)
         tx.insert("reconciliations", _RECON_COLUMNS, self.recon)
+        flush_jobs(tx, self.job_opens, self.job_closes)
         # Organization rows are locked last, in org order (concurrent writers wait, never
         # deadlock).
         totals = []
@@ -311,7 +319,7 @@ def _on_commit(tx: Tx, ev: Event, fx: Effects) -> str | None:
         (ev.org, ev.event_id, v["rid"], v["team"], v["project"], v["user"], v["model"], v["job"],
          v["tokens_in"], v["tokens_out"], v["calls"], v["committed"], v["actual"], v["amount"],
          v["released"], v["overage"], v["unbilled"], v["late"], v["orphan"], v["rcv"],
-         v["lines"], ev.ts)
+         v["lines"], ev.ts, v["job_id"] or "", v["job_uecu"] or 0)
     )  # fmt: skip
     fx.add(ev.org, committed=v["committed"])
     return None
@@ -322,7 +330,8 @@ def _on_hold(tx: Tx, ev: Event, fx: Effects) -> str | None:
     fx.holds.append(
         (ev.org, ev.event_id, v["rid"], ev.type, v.get("amount", 0), v.get("deadline"),
          v.get("sequence"), v.get("team", ""), v.get("project", ""), v.get("user", ""),
-         v.get("job", ""), v.get("model", ""), ev.ts)
+         v.get("job", ""), v.get("model", ""), ev.ts, v.get("job_id") or "",
+         v.get("extra") or 0)
     )  # fmt: skip
     return None
 
@@ -405,6 +414,8 @@ HANDLERS: dict[str, Callable[[Tx, Event, Effects], str | None]] = {
     "cap": _on_cap,
     "notify": _on_notify,
     "autotopup": _on_autotopup,
+    "job_open": lambda tx, ev, fx: on_job_open(tx, ev, fx.job_opens),
+    "job_close": lambda tx, ev, fx: on_job_close(tx, ev, fx.job_closes),
     "hydrate": _on_reconciliation,
     "repair": _on_reconciliation,
 }

@@ -269,10 +269,49 @@ _V3 = (
     "CREATE INDEX usage_entries_by_reservation ON usage_entries (org_id, reservation_id)",
 )
 
+_V4 = (
+    # Approved jobs (docs/jobs.md): every step's hold and commit rows carry their job id; a
+    # step's reserve row what it drew from the wallet beyond the job's room, its commit row
+    # what it billed from the job's money. A job's room is derived from them (ledger/jobs.py).
+    "ALTER TABLE hold_events ADD COLUMN job_id TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE hold_events ADD COLUMN extra_uecu BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE usage_entries ADD COLUMN job_id TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE usage_entries ADD COLUMN job_uecu BIGINT NOT NULL DEFAULT 0",
+    "CREATE INDEX hold_events_by_job ON hold_events (org_id, job_id) WHERE job_id <> ''",
+    "CREATE INDEX usage_entries_by_job ON usage_entries (org_id, job_id) WHERE job_id <> ''",
+    # One row per approved job, keyed by its open event (a job id may be reused once the
+    # first job's record was purged). An end that lands before its open writes what it knows.
+    """
+    CREATE TABLE jobs (
+        org_id                TEXT NOT NULL,
+        job_id                TEXT NOT NULL,
+        open_event_id         TEXT NOT NULL,
+        opened_at_ms          BIGINT NOT NULL,
+        job_type              TEXT NOT NULL,
+        team                  TEXT NOT NULL,
+        project               TEXT NOT NULL,
+        user_id               TEXT,
+        policy                TEXT,
+        approved_uecu         BIGINT NOT NULL,
+        extra_max_uecu        BIGINT,
+        rate_card_version     TEXT,
+        ttl_ms                BIGINT,
+        state                 TEXT NOT NULL DEFAULT 'open'
+                              CHECK (state IN ('open', 'closed', 'abandoned')),
+        ended_at_ms           BIGINT,
+        close_event_id        TEXT,
+        returned_uecu         BIGINT,
+        committed_at_end_uecu BIGINT,
+        PRIMARY KEY (org_id, open_event_id)
+    )""",
+    "CREATE INDEX jobs_by_state ON jobs (org_id, state, job_type)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial ledger", _V1),
     Migration(2, "two-phase ledger-first grants", _V2),
     Migration(3, "usage entries by reservation", _V3),
+    Migration(4, "approved jobs", _V4),
 )
 
 

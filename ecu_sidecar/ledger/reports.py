@@ -25,6 +25,7 @@ REPORT_DIMENSIONS = {
     "user": "user_id",
     "model": "model",
     "job_type": "job_type",
+    "job": "job_id",
 }
 _PERIODS = ("day", "month")
 #: The conservation query (docs/ledger.md): running totals against the sums of the

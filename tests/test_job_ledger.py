@@ -1,0 +1,195 @@
+"""Approved jobs through the outbox, the ledger and a rebuild (issue 16): every step row carries
+its job id, the jobs table follows each job's life, and a rebuild from the ledger restores open
+jobs exactly (room, steps held, counts) and ended ones for a replayed close, after a full or a
+partial loss of the organization's keys. Real Redis and the embedded store; the ledger on
+SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from ecu_sidecar import errors
+from ecu_sidecar.jobs import JobApproval, JobPolicy, JobState, JobView
+from ecu_sidecar.ledger import open_ledger
+from ecu_sidecar.model import AccountRef, CommitItem, GrantKind, JobType, ReserveItem
+from ecu_sidecar.store.keys import SUFFIXES
+from tests.conftest import Database, drop_keys, make_settings
+from tests.test_rebuild import Stack
+
+MINUTE_MS = 60_000
+#: What a rebuild may change of a job: its abandonment deadline starts again, the available
+#: balance is the organization's, and replayed says how it was asked.
+_VOLATILE = {"deadline_unix_ms": 0, "available_uecu": 0, "replayed": False}
+
+
+@pytest_asyncio.fixture
+async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
+    settings = make_settings(
+        backend, ledger_url=database.url, flusher_claim_idle_ms=0, flusher_discovery_interval_ms=0
+    )
+    ledger = open_ledger(database.url)
+    ledger.migrate()
+    s = Stack(settings, ledger)
+    yield s
+    await drop_keys(settings)
+    await s.store.close()
+    await s.direct.aclose()
+    ledger.close()
+
+
+def step(rid: str, amount: int, ttl_ms: int = 10 * MINUTE_MS) -> ReserveItem:
+    return ReserveItem(rid, amount, JobType.JUDGE, "gpt-4o", ttl_ms)
+
+
+def same(job: JobView) -> JobView:
+    return dataclasses.replace(job, **_VOLATILE)
+
+
+async def approve(s: Stack, org: str, jid: str, amount: int, **kw: object) -> JobView:
+    policy = kw.pop("policy", JobPolicy.REFUSE)
+    acct = AccountRef(org, str(kw.pop("team", "")), str(kw.pop("project", "")))
+    return await s.store.approve_job(
+        acct,
+        JobApproval(jid, amount, JobType.JUDGE, policy),  # type: ignore[arg-type]
+        ttl_ms=30 * MINUTE_MS,
+        overage_max_percent=s.settings.overage_max_percent,
+    )
+
+
+async def busy_job(s: Stack, org: str) -> JobView:
+    """A job with a step in every state: committed below and above its hold, released, expired
+    into the room, still held, and one drawn beyond the approval from the wallet."""
+    await s.engine.grant(org, "g1", 1_000_000, GrantKind.TOP_UP)
+    await approve(s, org, "j1", 100_000, policy=JobPolicy.WALLET, team="t1", project="p1")
+    acct = AccountRef(org, "", "", "u1")
+    await s.store.reserve(acct, [step("a", 30_000), step("b", 20_000)], job_id="j1")
+    await s.store.reserve(acct, [step("c", 10_000), step("d", 5_000, 1_000)], job_id="j1")
+    await s.store.reserve(acct, [step("e", 25_000)], job_id="j1")
+    (a,) = (await s.store.commit(org, [CommitItem("a", 12_000)], 20)).outcomes
+    (b,) = (await s.store.commit(org, [CommitItem("b", 23_000)], 20)).outcomes
+    assert (a.committed_uecu, a.released_uecu, b.committed_uecu, b.overage_uecu) == (
+        12_000,
+        18_000,
+        23_000,
+        3_000,
+    )
+    await s.store.release(org, "c")
+    s.store.clock_offset_ms += 2_000  # d expires into the room
+    await s.store.sweep(org)
+    # room: 100,000 - 30,000 - 20,000 - 10,000 - 5,000 - 25,000 + 18,000 - 3,000 + 10,000
+    # + 5,000 = 40,000; a step of 45,000 draws 5,000 from the wallet (within 20 % = 20,000)
+    await s.store.reserve(acct, [step("f", 45_000)], job_id="j1")
+    job = await s.store.job(org, "j1")
+    assert (job.room_uecu, job.extra_uecu, job.steps_held_uecu, job.committed_uecu) == (
+        0,
+        5_000,
+        70_000,
+        35_000,
+    )
+    assert (job.steps, job.steps_committed, job.steps_ended) == (6, 2, 2)
+    return job
+
+
+@pytest.mark.parametrize("lost", ["all", "jobs", "jsteps", "acct"])
+async def test_a_rebuild_restores_an_open_job_exactly(stack: Stack, lost: str) -> None:
+    org = f"job-{lost}"
+    before = await busy_job(stack, org)
+    balance = await stack.balance(org)
+    await stack.flusher.drain()
+    if lost == "all":
+        await stack.lose(org, *(s for s in SUFFIXES if s != "outbox"))
+        await stack.balance(org)  # rebuilt on first use
+    else:
+        await stack.lose(org, lost)
+        if lost == "acct":
+            await stack.balance(org)
+        else:
+            assert await stack.flusher.reconcile() == {}  # lost keys: rebuilt, not compared
+            assert stack.metric("ecu_flusher_key_loss_accounts") == 1
+    after = await stack.store.job(org, "j1")
+    assert same(after) == same(before)
+    rebuilt = await stack.balance(org)
+    assert (rebuilt.balance_uecu, rebuilt.held_uecu, rebuilt.available_uecu) == (
+        balance.balance_uecu,
+        balance.held_uecu,
+        balance.available_uecu,
+    )
+    assert [(t.id, t.held_uecu, t.used_uecu) for t in rebuilt.teams] == [
+        (t.id, t.held_uecu, t.used_uecu) for t in balance.teams
+    ]
+    await stack.flusher.drain()
+    assert await stack.flusher.reconcile() == {org: 0}  # nothing lost any more
+
+    # The rebuilt job goes on: a step commits into it, the close returns the rest exactly.
+    (f,) = (await stack.store.commit(org, [CommitItem("f", 40_000)], 20)).outcomes
+    assert (f.committed_uecu, f.released_uecu) == (40_000, 5_000)
+    closed = await stack.store.job(org, "j1", "close")
+    assert (closed.state, closed.returned_uecu, closed.committed_uecu) == (
+        JobState.CLOSED,
+        30_000,  # e's 25,000 still held and f's 5,000 back in the room
+        75_000,
+    )
+    end = await stack.balance(org)
+    assert (end.held_uecu, end.balance_uecu) == (0, 1_000_000 - 75_000)
+    await stack.agree(org)
+
+
+async def test_a_closed_job_answers_a_replayed_close_after_a_full_loss(stack: Stack) -> None:
+    org = "job-closed"
+    await busy_job(stack, org)
+    closed = await stack.store.job(org, "j1", "close")
+    await stack.flusher.drain()
+    await stack.lose(org, *(s for s in SUFFIXES if s != "outbox"))
+    await stack.balance(org)
+    again = await stack.store.job(org, "j1", "close")
+    assert again.replayed
+    assert same(again) == same(dataclasses.replace(closed, ended_at_ms=again.ended_at_ms))
+    assert again.ended_at_ms == closed.ended_at_ms
+    with pytest.raises(errors.JobClosed):
+        await stack.store.reserve(AccountRef(org), [step("late", 1)], job_id="j1")
+    await stack.agree(org)
+
+
+async def test_the_ledger_records_each_step_with_its_job(stack: Stack) -> None:
+    org = "job-rows"
+    await busy_job(stack, org)
+    await stack.store.job(org, "j1", "close")
+    await stack.flusher.drain()
+
+    Rows = list[tuple[object, ...]]
+
+    def rows() -> tuple[Rows, Rows, Rows]:
+        with stack.ledger.backend.transaction(write=False) as tx:
+            usage = tx.rows(
+                "SELECT reservation_id, job_id, amount_uecu, job_uecu FROM usage_entries "
+                "WHERE org_id = ? ORDER BY reservation_id",
+                (org,),
+            )
+            holds = tx.rows(
+                "SELECT reservation_id, kind, job_id, extra_uecu FROM hold_events "
+                "WHERE org_id = ? ORDER BY reservation_id, kind",
+                (org,),
+            )
+            jobs = tx.rows(
+                "SELECT job_id, state, approved_uecu, returned_uecu, committed_at_end_uecu "
+                "FROM jobs WHERE org_id = ?",
+                (org,),
+            )
+        return usage, holds, jobs
+
+    usage, holds, jobs = await asyncio.to_thread(rows)
+    assert usage == [("a", "j1", 12_000, 12_000), ("b", "j1", 23_000, 23_000)]
+    assert ("f", "reserve", "j1", 5_000) in holds
+    assert {(r, k) for r, k, _, _ in holds if k != "reserve"} == {
+        ("c", "release"),
+        ("d", "expire"),
+        ("e", "release"),
+        ("f", "release"),
+    }
+    assert all(j == "j1" for _, _, j, _ in holds)
+    assert jobs == [("j1", "closed", 100_000, 70_000, 35_000)]
