@@ -42,6 +42,34 @@ async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
     ledger.close()
 
 
+async def agree(s: Stack, org: str) -> None:
+    """The ledger's totals and hold counters equal Redis's (a job is one hold of the wallet)."""
+    await s.agree(org)
+    b = await s.balance(org)
+    acct = await asyncio.to_thread(s.ledger.account, org)
+    assert acct is not None
+    h = acct.holds
+    assert (
+        h.reserved_uecu - b.reserved_uecu,
+        h.committed_from_holds_uecu,
+        h.released_uecu,
+        h.expired_uecu,
+        h.expired_holds,
+        h.overage_uecu,
+        h.late_committed_uecu,
+        h.unbilled_uecu,
+    ) == (
+        0,
+        b.committed_from_holds_uecu,
+        b.released_uecu,
+        b.expired_uecu,
+        b.expired_holds,
+        b.overage_uecu,
+        b.late_committed_uecu,
+        b.unbilled_overage_uecu + b.late_unbilled_uecu,
+    )
+
+
 def step(rid: str, amount: int, ttl_ms: int = 10 * MINUTE_MS) -> ReserveItem:
     return ReserveItem(rid, amount, JobType.JUDGE, "gpt-4o", ttl_ms)
 
@@ -153,6 +181,26 @@ async def test_a_closed_job_answers_a_replayed_close_after_a_full_loss(stack: St
     with pytest.raises(errors.JobClosed):
         await stack.store.reserve(AccountRef(org), [step("late", 1)], job_id="j1")
     await stack.agree(org)
+
+
+async def test_the_ledger_counts_holds_as_the_wallet_does(stack: Stack) -> None:
+    """Every way a step ends, and both ends of a job, against Redis's hold counters."""
+    org = "job-counters"
+    await busy_job(stack, org)
+    await agree(stack, org)
+    acct = AccountRef(org)
+    await approve(stack, org, "j2", 50_000)
+    await stack.store.reserve(acct, [step("g", 10_000, 1_000)], job_id="j2")
+    stack.store.clock_offset_ms += 2_000  # g expires into j2's room
+    (g,) = (await stack.store.commit(org, [CommitItem("g", 15_000)], 20)).outcomes
+    assert g.late and g.committed_uecu == 12_000  # hold + bound, within the room
+    await stack.store.reserve(acct, [step("h", 10_000)], job_id="j2")
+    stack.store.clock_offset_ms += 31 * MINUTE_MS  # both jobs abandoned, h expires with j2
+    abandoned = await stack.store.job(org, "j2")
+    assert (abandoned.state, abandoned.returned_uecu) == (JobState.ABANDONED, 38_000)
+    (h,) = (await stack.store.commit(org, [CommitItem("h", 1_000)], 20)).outcomes
+    assert h.late and h.committed_uecu == 1_000  # a late commit of the wallet now
+    await agree(stack, org)
 
 
 async def test_the_ledger_records_each_step_with_its_job(stack: Stack) -> None:

@@ -254,27 +254,45 @@ def _account(tx: Tx, org: str) -> AccountState | None:
             (org,),
         ):
             scopes.setdefault((scope, sid), [None, 0])[1] = int(used)
+    # The wallet's hold counters, as Redis keeps them: a job holds its approval (and what its
+    # steps drew beyond it) as one hold, its steps move money inside it, and its end returns
+    # the rest (released when closed, expired when abandoned). A step bills job_uecu from the
+    # job's money (from holds) and the rest of what it billed from the wallet (overage).
     h = tx.rows(
         "SELECT "
-        "COALESCE(SUM(CASE WHEN kind = 'reserve' THEN amount_uecu ELSE 0 END), 0), "
-        "COALESCE(SUM(CASE WHEN kind = 'release' THEN amount_uecu ELSE 0 END), 0), "
-        "COALESCE(SUM(CASE WHEN kind = 'expire' THEN amount_uecu ELSE 0 END), 0), "
-        "COALESCE(SUM(CASE WHEN kind = 'expire' THEN 1 ELSE 0 END), 0) "
+        "COALESCE(SUM(CASE WHEN kind <> 'reserve' THEN 0 WHEN job_id = '' THEN amount_uecu "
+        "ELSE extra_uecu END), 0), "
+        "COALESCE(SUM(CASE WHEN kind = 'release' AND job_id = '' THEN amount_uecu ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN kind = 'expire' AND job_id = '' THEN amount_uecu ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN kind = 'expire' AND job_id = '' THEN 1 ELSE 0 END), 0) "
         "FROM hold_events WHERE org_id = ?",
+        (org,),
+    )[0]
+    j = tx.rows(
+        "SELECT COALESCE(SUM(approved_uecu), 0), "
+        "COALESCE(SUM(CASE WHEN state = 'closed' THEN returned_uecu ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN state = 'abandoned' THEN returned_uecu ELSE 0 END), 0) "
+        "FROM jobs WHERE org_id = ?",
         (org,),
     )[0]
     c = tx.rows(
         "SELECT "
-        "COALESCE(SUM(CASE WHEN late THEN 0 WHEN amount_uecu < hold_uecu THEN amount_uecu "
-        "ELSE hold_uecu END), 0), "
-        "COALESCE(SUM(released_uecu), 0), "
-        "COALESCE(SUM(CASE WHEN late AND NOT orphan THEN amount_uecu ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN job_uecu > 0 THEN job_uecu WHEN late THEN 0 "
+        "WHEN amount_uecu < hold_uecu THEN amount_uecu ELSE hold_uecu END), 0), "
+        "COALESCE(SUM(CASE WHEN job_id = '' THEN released_uecu ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN late AND NOT orphan AND job_uecu = 0 THEN amount_uecu "
+        "ELSE 0 END), 0), "
         "COALESCE(SUM(CASE WHEN orphan THEN amount_uecu ELSE 0 END), 0), "
-        "COALESCE(SUM(overage_uecu), 0), COALESCE(SUM(unbilled_uecu), 0) "
+        "COALESCE(SUM(CASE WHEN job_id <> '' AND NOT late THEN amount_uecu - job_uecu "
+        "ELSE overage_uecu END), 0), "
+        "COALESCE(SUM(unbilled_uecu), 0) "
         "FROM usage_entries WHERE org_id = ?",
         (org,),
     )[0]
     h, c = [int(x) for x in h], [int(x) for x in c]
+    h[0] += int(j[0])
+    h[1] += int(j[1])
+    h[2] += int(j[2])
     return AccountState(
         organization=org,
         granted_uecu=granted,

@@ -84,7 +84,8 @@ class Reports:
     ) -> list[ConsumptionRow]:
         """Billed usage per UTC day or month (and per key of ``by``), oldest first.
 
-        ``by``: None, 'team', 'project', 'user', 'model' or 'job_type' ('job-type' too).
+        ``by``: None, 'team', 'project', 'user', 'model', 'job_type' ('job-type' too) or 'job'
+        (the approved job a step drew from; '' for wallet holds).
         The range is ``start_ms <= occurred_at < end_ms`` (either side open when None).
         """
         column = _dimension(by) if by is not None else None
