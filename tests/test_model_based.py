@@ -17,13 +17,21 @@ encodes, as the comments below name them:
 - R5 a late commit bills at most min(actual, hold + bound, max(0, available) + bound), the rest
   counted in late_unbilled (bound = floor(hold x pct / 100));
 - R6 degraded mode bills a local commit like its hold would be, and replays it;
-- R7 a ledger that cannot be reached is UNAVAILABLE, and changes nothing.
+- R7 a ledger that cannot be reached is UNAVAILABLE, and changes nothing;
+- R8 an approved job is one hold of the wallet: its approval (and what its steps draw beyond it
+  under policy wallet) is held, a step moves money from its room to its own hold and back, a
+  step bills from the job's money (its hold, then the room) and only beyond that from the wallet
+  (policy wallet) or not at all (policy refuse), a step that expired into an open job bills late
+  from the room, and the job's end (closed: its live steps released; abandoned: expired) returns
+  the room and its live steps to the wallet at once.
 
 Operations: grant (never-expiring and expiring), reserve (one to three holds, all or nothing),
 commit below / at / within the overage bound above / far above the hold, release, extend
 (next, same and stale sequence), expire (the store's clock steps forward), replay of any
 earlier successful call, a reused id with other parameters, unknown ids, and flush
-(``Flusher.drain``, then ``Flusher.reconcile``).
+(``Flusher.drain``, then ``Flusher.reconcile``); approved jobs (R8): approve (both policies),
+steps drawn from them (within the room, beyond it, refused), heartbeat, close, abandonment, and
+their bad input (unknown job, closed job, a step over the approval, a conflicting approval).
 
 Faults and recovery, as steps among the operations:
 
@@ -90,6 +98,7 @@ from hypothesis.stateful import (
 from ecu_sidecar import errors
 from ecu_sidecar.engine import Journal, QuotaEngine
 from ecu_sidecar.flusher import Flusher
+from ecu_sidecar.jobs import JobApproval, JobPolicy
 from ecu_sidecar.ledger import Ledger, open_ledger
 from ecu_sidecar.ledger.types import LedgerUnavailable
 from ecu_sidecar.metrics import FlusherMetrics
@@ -103,6 +112,7 @@ from ecu_sidecar.model import (
     GrantKind,
     HoldState,
     JobType,
+    ReleaseOutcome,
     ReserveItem,
     Usage,
 )
@@ -172,9 +182,11 @@ HOLD_COUNTERS = (
 )
 """The hold counters a rebuild starts again from the restored holds (the ledger's totals of
 them go on: the difference is carried in MOrg.base)."""
-LOSSES = ("all", "state", "acct", "holds")
+LOSSES = ("all", "state", "acct", "holds", "jobs")
 """What a loss deletes: every key (after a drain); every key but the outbox; the account hash
-only (eviction); the holds hash and the deadlines only."""
+only (eviction); the holds hash and the deadlines only; the job records and their indexes."""
+BESIDE = ("holds", "jobs")
+"""Losses beside a surviving account: found and rebuilt by reconciliation."""
 
 
 class _FlusherDied(BaseException):
@@ -215,6 +227,42 @@ class MHold:
     """Redis has its record (False once a purge or a rebuild took the tombstone)."""
     restored: bool = False
     """Restored by a rebuild (R3): its sequence, TTL and reserve parameters are the ledger's."""
+    job: str = ""
+    """The approved job it is a step of ('' for a wallet hold)."""
+
+
+@dataclass
+class MJob:
+    """The model of one approved job (R8)."""
+
+    jid: str
+    org: str
+    amt: int
+    policy: JobPolicy
+    ttl: int
+    grid_dl: int
+    """Abandonment deadline on the offset grid."""
+    room: int = 0
+    x: int = 0
+    sh: int = 0
+    cm: int = 0
+    n: int = 0
+    nc: int = 0
+    nr: int = 0
+    st: str = "O"
+    ret: int = 0
+    settled_at: int = 0
+    record: bool = True
+    """Redis has its record (False once purged past the tombstone retention)."""
+    first: Any = None
+    """The JobView its approval answered."""
+
+    @property
+    def xmax(self) -> int:
+        return self.amt * PCT // 100 if self.policy is JobPolicy.WALLET else 0
+
+    def touch(self, offset: int) -> None:
+        self.grid_dl = offset + self.ttl
 
 
 @dataclass
@@ -287,6 +335,7 @@ class QuotaMachine(RuleBasedStateMachine):
         self.offset = 0
         self.orgs = {o: MOrg() for o in ORGS}
         self.holds: dict[str, MHold] = {}
+        self.jobs: dict[str, MJob] = {}
         self.history: list[tuple[str, tuple[Any, ...], Any]] = []
         self.replica: dict[str, dict[str, bytes | None]] = {}
         """Per organization, its keys as a lagging replica holds them (DUMP), until a
@@ -444,10 +493,26 @@ class QuotaMachine(RuleBasedStateMachine):
             if h.org == org and h.st == "A" and h.grid_dl <= self.offset:
                 h.st = "E"
                 h.settled_at = self.offset
+                job = self.open_job(h.job)
+                if job is not None:  # R8: into its open job's room
+                    self.seen["job:step_expired"] += 1
+                    job.room += h.amt
+                    job.sh -= h.amt
+                    job.nr += 1
+                    continue
                 self.seen["hold:expired"] += 1
                 m.c["held"] -= h.amt
                 m.c["expired"] += h.amt
                 m.c["expired_holds"] += 1
+        for job in self.jobs.values():
+            if job.org != org:
+                continue
+            if job.st == "O" and job.grid_dl <= self.offset:
+                self.seen["job:abandoned"] += 1
+                self.end_job(job, "X")
+            elif job.st != "O" and job.record and job.settled_at + TOMB_UNITS * UNIT <= self.offset:
+                job.record = False
+                self.seen["job:purged"] += 1
         for h in self.holds.values():
             if (
                 h.org == org
@@ -457,6 +522,31 @@ class QuotaMachine(RuleBasedStateMachine):
             ):
                 h.record = False
                 self.seen["tombstone:purged"] += 1
+
+    def end_job(self, job: MJob, how: str) -> None:
+        """R8: a job's end returns its room and its live steps to the wallet (closed: the steps
+        are released; abandoned: they expire, so that a late commit still bills them)."""
+        m = self.orgs[job.org]
+        steps = 0
+        for h in self.holds.values():
+            if h.job == job.jid and h.org == job.org and h.st == "A":
+                h.st = "R" if how == "C" else "E"
+                h.settled_at = self.offset
+                steps += h.amt
+                job.nr += 1
+        back = job.room + steps
+        m.c["held"] -= back
+        m.c["released" if how == "C" else "expired"] += back
+        job.st, job.ret, job.room, job.sh = how, back, 0, 0
+        job.settled_at = self.offset
+        for h in self.holds.values():
+            if h.job == job.jid and h.org == job.org and h.st == "R" and h.release is None:
+                # A replayed release of a step the close released answers that release.
+                h.release = ReleaseOutcome(h.rid, h.amt, HoldState.RELEASED, m.available, False)
+
+    def open_job(self, jid: str) -> MJob | None:
+        job = self.jobs.get(jid)
+        return job if job is not None and job.st == "O" else None
 
     def burn(self, org: str, amount: int) -> None:
         m = self.orgs[org]
@@ -546,6 +636,19 @@ class QuotaMachine(RuleBasedStateMachine):
         self._commit(first, _actual(first.amt, over), Usage(10, 20, 1))
         self._extend(second, "next", 3 * UNIT)
         self._release(third)
+        # R8: a job of each policy, with steps that outlive a short one's TTL, so that the
+        # random steps find steps to commit, release, expire into the room and bill late.
+        for org, policy in zip(ORGS[:2], (JobPolicy.WALLET, JobPolicy.REFUSE), strict=True):
+            self._approve(org, 100_000, policy, 4 * UNIT)
+            job = self.open_job(list(self.jobs)[-1])
+            if job is not None:
+                self._job_step(job, [(amounts[0] % 40_000 + 1, 2 * UNIT), (30_000, 3 * UNIT)])
+        for org in ORGS[:2]:  # the first step of each job commits above its hold
+            first_step = next(
+                (h for h in self.holds.values() if h.job and h.org == org and h.st == "A"), None
+            )
+            if first_step is not None:
+                self._commit(first_step, _actual(first_step.amt, over), Usage(5, 5, 1))
 
     def _grant(self, org: str, amount: int, expires_units: int | None) -> None:
         gid = self.next_id("g")
@@ -684,6 +787,200 @@ class QuotaMachine(RuleBasedStateMachine):
             )
         self.history.append(("reserve", (org, batch), out))
 
+    # -- approved jobs (R8) -----------------------------------------------------------------
+
+    def _approve_call(self, org: str, jid: str, amount: int, policy: JobPolicy, ttl: int) -> Any:
+        return self.store.approve_job(
+            AccountRef(org),
+            JobApproval(jid, amount, JobType.JUDGE, policy, ttl),
+            ttl_ms=ttl,
+            overage_max_percent=PCT,
+        )
+
+    def _step_call(self, org: str, jid: str, batch: list[ReserveItem]) -> Any:
+        return self.store.reserve(
+            AccountRef(org), batch, default_ttl_ms=self.settings.default_ttl_ms, job_id=jid
+        )
+
+    def open_jobs(self) -> list[str]:
+        return sorted(j for j, job in self.jobs.items() if job.st == "O" and self.usable(job.org))
+
+    @precondition(lambda self: self.live_orgs())
+    @rule(
+        data=st.data(),
+        amount=st.integers(1, 400_000),
+        policy=st.sampled_from(list(JobPolicy)),
+        ttl=st.sampled_from([2 * UNIT, 4 * UNIT]),
+    )
+    @step
+    def approve(self, data: st.DataObject, amount: int, policy: JobPolicy, ttl: int) -> None:
+        """R8: a job holds its approval against the wallet, all or nothing."""
+        self._approve(data.draw(st.sampled_from(self.live_orgs())), amount, policy, ttl)
+
+    def _approve(self, org: str, amount: int, policy: JobPolicy, ttl: int) -> None:
+        m = self.orgs[org]
+        jid = self.next_id("j")
+        call = self._approve_call(org, jid, amount, policy, ttl)
+        self.sweep(org)
+        if amount > m.available:
+            self.seen["job:approve:insufficient"] += 1
+            self.expect_error(call, errors.InsufficientEcu)
+            return
+        out = self.run(call)
+        m.c["held"] += amount
+        m.c["reserved"] += amount
+        job = MJob(jid, org, amount, policy, ttl, self.offset + ttl, room=amount)
+        job.first = out
+        self.jobs[jid] = job
+        assert out.available_uecu == m.available and not out.replayed
+        self.check_job(job, out)
+        self.seen["job:approve:" + policy.value] += 1
+        self.history.append(("approve", (org, jid, amount, policy, ttl), out))
+
+    @precondition(lambda self: self.open_jobs())
+    @rule(
+        data=st.data(),
+        items=st.lists(
+            st.tuples(
+                st.integers(1, 150_000),
+                st.sampled_from([0, 2 * UNIT, 3 * UNIT]),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        drain=st.booleans(),
+    )
+    @step
+    def job_step(self, data: st.DataObject, items: list[tuple[int, int]], drain: bool) -> None:
+        """R8: steps draw from the job's room, at zero available balance too (``drain``: other
+        traffic first reserves everything the wallet has left); beyond it, policy refuse
+        refuses and policy wallet draws the rest from the wallet."""
+        job = self.jobs[data.draw(st.sampled_from(self.open_jobs()))]
+        m = self.orgs[job.org]
+        self.sweep(job.org)
+        if drain and 0 < m.available <= MAX_REQUEST_UECU:
+            self._reserve(job.org, [(m.available, 3 * UNIT)])
+        self._job_step(job, items)
+
+    def _job_step(self, job: MJob, items: list[tuple[int, int]]) -> None:
+        m = self.orgs[job.org]
+        batch = [ReserveItem(self.next_id("s"), a, JobType.JUDGE, "", ttl) for a, ttl in items]
+        call = self._step_call(job.org, job.jid, batch)
+        self.sweep(job.org)
+        need = sum(a for a, _ in items)
+        if job.st != "O":
+            self.seen["job:step:closed"] += 1
+            self.expect_error(call, errors.JobClosed)
+            return
+        if any(a > job.amt + job.xmax for a, _ in items):
+            self.seen["job:step:exceeds"] += 1
+            self.expect_error(call, errors.StepExceedsApproval)
+            return
+        wneed = max(0, need - job.room)
+        if wneed and (job.policy is JobPolicy.REFUSE or wneed > job.xmax - job.x):
+            self.seen["job:step:refused"] += 1
+            exc = self.expect_error(call, errors.InsufficientEcu)
+            assert isinstance(exc, errors.InsufficientEcu) and exc.metadata["scope"] == "job"
+            return
+        if wneed > m.available:
+            self.seen["job:step:wallet_short"] += 1
+            self.expect_error(call, errors.InsufficientEcu)
+            return
+        out = self.run(call)
+        if m.available <= 0:
+            self.seen["job:step:at_zero_balance"] += 1
+        job.room -= need - wneed
+        job.x += wneed
+        job.sh += need
+        job.n += len(batch)
+        job.touch(self.offset)
+        m.c["held"] += wneed
+        m.c["reserved"] += wneed
+        self.seen["job:step:wallet" if wneed else "job:step"] += 1
+        assert out.available_uecu == m.available and not out.replayed
+        assert out.job_room_uecu == job.room
+        for it in batch:
+            ttl = it.ttl_ms or self.settings.default_ttl_ms
+            self.holds[it.reservation_id] = MHold(
+                it.reservation_id, job.org, it.amount_uecu, ttl, self.offset + ttl, job=job.jid
+            )
+        self.history.append(("job_step", (job.org, job.jid, batch), out))
+
+    @precondition(lambda self: any(j.record and self.usable(j.org) for j in self.jobs.values()))
+    @rule(data=st.data(), op=st.sampled_from(["close", "touch"]))
+    @step
+    def end_or_touch_job(self, data: st.DataObject, op: str) -> None:
+        """R8: close returns the room and the live steps at once (twice: a replay); a heartbeat
+        keeps an open job alive and is refused for an ended one."""
+        jid = data.draw(
+            st.sampled_from(
+                sorted(j for j, job in self.jobs.items() if job.record and self.usable(job.org))
+            )
+        )
+        job = self.jobs[jid]
+        call = self.store.job(job.org, jid, op)
+        self.sweep(job.org)
+        if not job.record:  # purged by this very sweep
+            self.expect_error(call, errors.JobNotFound)
+            return
+        if op == "touch":
+            if job.st != "O":
+                self.expect_error(call, errors.JobClosed)
+                return
+            out = self.run(call)
+            job.touch(self.offset)
+            self.seen["job:touch"] += 1
+        else:
+            replay = job.st != "O"
+            if not replay:
+                self.end_job(job, "C")
+            out = self.run(call)
+            assert out.replayed == replay, out
+            self.seen["job:close:replay" if replay else "job:close"] += 1
+        self.check_job(job, out)
+
+    @precondition(lambda self: self.live_orgs())
+    @rule(data=st.data(), what=st.sampled_from(["unknown", "conflict", "exceeds", "closed"]))
+    @step
+    def job_bad_input(self, data: st.DataObject, what: str) -> None:
+        """R8: a step of an unknown job, an approval reusing a job id with other parameters, a
+        step over the job's approval, a step of an ended job: each refused, nothing changes
+        (the check after the step compares every counter and every job)."""
+        org = data.draw(st.sampled_from(self.live_orgs()))
+        jobs = [j for j in self.jobs.values() if j.org == org and j.record]
+        step_item = [ReserveItem(self.next_id("b"), 1, JobType.JUDGE, "", 0)]
+        if what == "unknown" or not jobs:
+            self.expect_error(self._step_call(org, "never-" + self.next_id("j"), step_item),
+                              errors.JobNotFound)  # fmt: skip
+            self.seen["job:bad:unknown"] += 1
+            return
+        job = data.draw(st.sampled_from(jobs))
+        self.sweep(org)
+        if not job.record:
+            return
+        if what == "conflict":
+            call = self._approve_call(org, job.jid, job.amt + 1, job.policy, job.ttl)
+            self.expect_error(call, errors.IdempotencyConflict)
+        elif what == "exceeds" and job.st == "O":
+            big = [ReserveItem(self.next_id("b"), job.amt + job.xmax + 1, JobType.JUDGE, "", 0)]
+            self.expect_error(self._step_call(org, job.jid, big), errors.StepExceedsApproval)
+        elif job.st != "O":
+            self.expect_error(self._step_call(org, job.jid, step_item), errors.JobClosed)
+        else:
+            return
+        self.seen["job:bad:" + what] += 1
+
+    def check_job(self, job: MJob, v: Any) -> None:
+        """Redis's view of a job is the model's."""
+        got = (
+            v.state.value, v.approved_uecu, v.extra_uecu, v.room_uecu, v.steps_held_uecu,
+            v.committed_uecu, v.steps, v.steps_committed, v.steps_ended, v.returned_uecu,
+        )  # fmt: skip
+        want = (
+            job.st, job.amt, job.x, job.room, job.sh, job.cm, job.n, job.nc, job.nr, job.ret,
+        )  # fmt: skip
+        assert got == want, f"job {job.jid}: Redis {got} != model {want}"
+
     def _replayable(self, rid: str) -> bool:
         """A hold whose reserve a replay can be checked against: Redis has the record the
         reserve made (a reserve of an id whose record is gone places a new hold, and a restored
@@ -759,7 +1056,37 @@ class QuotaMachine(RuleBasedStateMachine):
         late = h.st == "E" or known == "late"
         orphan = known == "degraded"
         overage = released = 0
-        if orphan:
+        # R8: a step Redis has the record of bills from its job's money while the job is open.
+        of_job = self.jobs.get(h.job) if h.job and h.record and not known else None
+        job = of_job if of_job is not None and of_job.st == "O" else None
+        if job is not None and late:
+            # Expired into the room: bills late from the room, at most what is in it.
+            billed = min(capped, job.room)
+            job.room -= billed
+            m.c["held"] -= billed
+            m.c["committed_from_holds"] += billed
+            m.c["late_unbilled"] += actual - billed
+            self.seen["job:commit:late_from_room"] += 1
+        elif job is not None:
+            billed = from_job = capped
+            if capped > h.amt:
+                from_room = min(capped - h.amt, job.room)
+                from_job = h.amt + from_room
+                if job.policy is JobPolicy.REFUSE:
+                    billed = from_job
+                self.seen[f"job:commit:over:{job.policy.value}"] += 1
+                m.overage_bound += bound
+                m.below_zero_bound += bound
+            overage = max(0, billed - h.amt)
+            released = h.amt - min(billed, h.amt)
+            m.c["held"] -= from_job
+            m.c["committed_from_holds"] += from_job
+            m.c["overage"] += billed - from_job
+            m.c["unbilled_overage"] += actual - billed
+            job.room += h.amt - from_job
+            job.sh -= h.amt
+            self.seen["job:commit"] += 1
+        elif orphan:
             # The configured allowance bounds degraded mode; its replay bills like the hold.
             billed = capped
             m.c["orphan_committed"] += billed
@@ -789,6 +1116,11 @@ class QuotaMachine(RuleBasedStateMachine):
         self.burn(h.org, billed)
         m.c["balance"] -= billed
         m.c["committed"] += billed
+        if of_job is not None and of_job.record:
+            of_job.cm += billed
+            of_job.nc += 1
+            if job is not None:
+                job.touch(self.offset)
         kind = "orphan" if orphan else "late" if late else "over" if actual > h.amt else ""
         self.seen[f"commit:{kind}" if kind else "commit"] += 1
         want = CommitOutcome(
@@ -860,8 +1192,16 @@ class QuotaMachine(RuleBasedStateMachine):
             assert out.available_uecu == m.available
             h.released_expired = True
             return
-        m.c["held"] -= h.amt
-        m.c["released"] += h.amt
+        job = self.open_job(h.job)
+        if job is not None:  # R8: back into the room
+            job.room += h.amt
+            job.sh -= h.amt
+            job.nr += 1
+            job.touch(self.offset)
+            self.seen["job:release"] += 1
+        else:
+            m.c["held"] -= h.amt
+            m.c["released"] += h.amt
         assert (out.released_uecu, out.replayed, out.available_uecu) == (h.amt, False, m.available)
         h.st = "R"
         h.settled_at = self.offset
@@ -907,6 +1247,9 @@ class QuotaMachine(RuleBasedStateMachine):
             return
         out = self.run(call)
         assert not out.replayed
+        job = self.open_job(h.job)
+        if job is not None:  # a step's heartbeat is its job's
+            job.touch(self.offset)
         h.grid_dl = max(h.grid_dl, self.offset + (ttl or h.ttl))
         h.seq, h.ettl = seq, ttl
         self.history.append(("extend", (h.org, h.rid, ttl, seq), out))
@@ -972,6 +1315,16 @@ class QuotaMachine(RuleBasedStateMachine):
                 return
             out = self.run(call)
             assert out.replayed and out == _replayed(first)
+        elif kind == "approve":
+            org, jid, amount, policy, ttl = args
+            out = self.run(self._approve_call(org, jid, amount, policy, ttl))
+            assert out.replayed
+            self.check_job(self.jobs[jid], out)
+        elif kind == "job_step":
+            org, jid, batch = args
+            out = self.run(self._step_call(org, jid, batch))
+            assert out.replayed and out.available_uecu == first.available_uecu
+            assert [hv.amount_uecu for hv in out.holds] == [it.amount_uecu for it in batch]
         elif kind == "extend":
             org, rid, ttl, seq = args
             h = self.holds[rid]
@@ -992,6 +1345,12 @@ class QuotaMachine(RuleBasedStateMachine):
             return False
         if kind == "reserve":
             return all(self._replayable(it.reservation_id) for it in args[1])
+        if kind == "approve":
+            return self.jobs[args[1]].record
+        if kind == "job_step":
+            return self.jobs[args[1]].record and all(
+                self._replayable(it.reservation_id) for it in args[2]
+            )
         if kind == "extend":
             return not self.holds[args[1]].restored
         return True
@@ -1091,6 +1450,12 @@ class QuotaMachine(RuleBasedStateMachine):
             # Held money lost with its holds is what reconcile must find (R3: held != the sum
             # of the live holds); tombstones alone lost may be rebuilt or not.
             return
+        if what == "jobs" and not any(
+            j.org == org and j.st == "O" and j.room + j.sh > 0 for j in self.jobs.values()
+        ):
+            # Likewise: a job holding money, lost, is what reconcile must find (held != the
+            # live holds plus the open jobs' rooms; a live step whose job is gone).
+            return
         if what == "all":
             if self.outage:
                 return  # the outbox is lost too: only after a drain, which needs the ledger
@@ -1102,6 +1467,7 @@ class QuotaMachine(RuleBasedStateMachine):
             "state": keys[:4] + keys[5:],
             "acct": keys[:1],
             "holds": keys[1:3],
+            "jobs": keys[7:10],
         }[what]
         self.run(self.redis.delete(*names))
         self.orgs[org].lost = what
@@ -1116,7 +1482,7 @@ class QuotaMachine(RuleBasedStateMachine):
         lost holds)."""
         org = data.draw(st.sampled_from(sorted(o for o, m in self.orgs.items() if m.lost)))
         m = self.orgs[org]
-        if by == "flusher" or m.lost == "holds":
+        if by == "flusher" or m.lost in BESIDE:
             self.rebuild_by_flusher(org)
             return
         if self.xlen(org) or self.reads_fail:
@@ -1147,14 +1513,14 @@ class QuotaMachine(RuleBasedStateMachine):
                 else:
                     self.expect_error(self.flusher.hydrate_missing(), Exception)
                 for o in lost:
-                    if self.orgs[o].lost != "holds":
+                    if self.orgs[o].lost not in BESIDE:
                         self.expect_error(self.store.balance(o), errors.AccountNotFound)
                 return
-            if self.orgs[org].lost == "holds":
+            if self.orgs[org].lost in BESIDE:
                 return  # reconcile would have to write to the locked ledger
         self.run(self.flusher.drain())
         self.check_ledger()
-        gone = {o for o in lost if self.orgs[o].lost != "holds"}
+        gone = {o for o in lost if self.orgs[o].lost not in BESIDE}
         rebuilt = self.run(self.flusher.hydrate_missing())
         assert set(rebuilt) == gone, (rebuilt, gone)
         for o in sorted(gone):
@@ -1255,6 +1621,9 @@ class QuotaMachine(RuleBasedStateMachine):
                     h.restored = True
                 else:
                     h.record = False
+        for job in self.jobs.values():
+            if job.org == org and job.st == "O":
+                job.touch(self.offset)  # a rebuild starts an open job's ttl again
         m.rebuilt_grants.update(m.grants)
         m.lost = None
         self.sweep(org)
@@ -1387,7 +1756,7 @@ class QuotaMachine(RuleBasedStateMachine):
     def redis_equals_model(self) -> None:
         for org, m in self.orgs.items():
             if m.lost:
-                if m.lost != "holds":  # nothing rebuilt it behind the model's back
+                if m.lost not in BESIDE:  # nothing rebuilt it behind the model's back
                     self.expect_error(self.store.balance(org), errors.AccountNotFound)
                 continue
             if not m.exists:
@@ -1407,6 +1776,11 @@ class QuotaMachine(RuleBasedStateMachine):
             # late (R4: an expiring grant never takes held money; R5).
             assert b.available_uecu >= -m.below_zero_bound, (b, m.below_zero_bound)
             assert b.overage_uecu <= m.overage_bound
+            for job in self.jobs.values():
+                if job.org == org and job.record:
+                    self.check_job(job, self.run(self.store.job(org, job.jid)))
+                elif job.org == org:
+                    self.expect_error(self.store.job(org, job.jid), errors.JobNotFound)
 
 
 def _actual(amount: int, mode: str) -> int:
@@ -1483,6 +1857,29 @@ WANTED = {
     "outage:start",
     "outage:grant",
     "outage:flush",
+    "job:approve:refuse",
+    "job:approve:wallet",
+    "job:approve:insufficient",
+    "job:step",
+    "job:step:wallet",
+    "job:step:refused",
+    "job:step:at_zero_balance",
+    "job:commit",
+    "job:commit:over:refuse",
+    "job:commit:over:wallet",
+    "job:commit:late_from_room",
+    "job:release",
+    "job:step_expired",
+    "job:abandoned",
+    "job:close",
+    "job:close:replay",
+    "job:touch",
+    "job:bad:unknown",
+    "job:bad:conflict",
+    "job:bad:exceeds",
+    "job:bad:closed",
+    "replay:approve",
+    "replay:job_step",
 }
 
 
@@ -1508,7 +1905,7 @@ def test_engine_matches_the_model(
             machine,
             settings=settings(
                 max_examples=200 if LONG else 25 if ledger == "sqlite" else 15,
-                stateful_step_count=60 if LONG else 30,
+                stateful_step_count=60 if LONG else 40,
                 deadline=None,
                 derandomize=not LONG and round_ == 0,
                 database=None,

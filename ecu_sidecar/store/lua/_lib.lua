@@ -153,6 +153,11 @@ local function scope_incr(rec, field, delta)
   if rec.pj ~= '' then redis.call('HINCRBY', ACCT, 'p:' .. rec.pj .. ':' .. field, I(delta)) end
 end
 
+local function available()
+  local v = redis.call('HMGET', ACCT, 'balance', 'held')
+  return N(v[1]) - N(v[2])
+end
+
 -- ---- approved jobs (job.lua) ----
 -- A job record (cjson, numbers as decimal strings): st 'O' open | 'C' closed | 'X' abandoned,
 -- amt the approved amount, x what steps drew from the wallet beyond it (policy 'wallet', at most
@@ -222,26 +227,32 @@ end
 -- them). Its room and its steps' holds return to the wallet at once. O(its ACTIVE steps).
 local function end_job(jid, j, how)
   local members = redis.call('ZRANGEBYLEX', JSTEPS, '[' .. jid .. ':', '(' .. jid .. ';')
-  local steps = 0
+  local live, steps = {}, 0
   for _, m in ipairs(members) do
     local rid = string.sub(m, #jid + 2)
     local rec = get_hold(rid)
     if rec and rec.st == 'A' then
-      local amt = rec.amt
-      rec.fin = NOW_S
-      if how == 'C' then
-        rec.st, rec.rel = 'R', amt
-      else
-        rec.st = 'E'
-      end
-      put_hold(rid, rec)
-      entomb(rid)
-      steps = steps + tonumber(amt)
-      jadd(j, 'nr', 1)
-      emit(how == 'C' and 'release' or 'expire', (how == 'C' and 'release:' or 'expire:') .. rid
-        .. ':' .. rec.t0, 'rid', rid, 'amount', amt, 'team', rec.tm, 'project', rec.pj,
-        'user', rec.us, 'job', rec.job, 'model', rec.mdl, 'job_id', jid)
+      live[#live + 1] = {rid, rec}
+      steps = steps + tonumber(rec.amt)
     end
+  end
+  -- A released step answers a replayed release with the available balance right after the end.
+  local after = I(available() + tonumber(j.room) + steps)
+  for _, x in ipairs(live) do
+    local rid, rec = x[1], x[2]
+    local amt = rec.amt
+    rec.fin = NOW_S
+    if how == 'C' then
+      rec.st, rec.rel, rec.av1 = 'R', amt, after
+    else
+      rec.st = 'E'
+    end
+    put_hold(rid, rec)
+    entomb(rid)
+    jadd(j, 'nr', 1)
+    emit(how == 'C' and 'release' or 'expire', (how == 'C' and 'release:' or 'expire:') .. rid
+      .. ':' .. rec.t0, 'rid', rid, 'amount', amt, 'team', rec.tm, 'project', rec.pj,
+      'user', rec.us, 'job', rec.job, 'model', rec.mdl, 'job_id', jid)
   end
   if #members > 0 then redis.call('ZREM', JSTEPS, unpack(members)) end
   local room = tonumber(j.room)
@@ -260,11 +271,6 @@ end
 -- An open job past its abandonment deadline is ended on first touch, whether or not a sweep ran.
 local function settle_job(jid, j)
   if j.st == 'O' and tonumber(j.dl) <= NOW and not FENCED then end_job(jid, j, 'X') end
-end
-
-local function available()
-  local v = redis.call('HMGET', ACCT, 'balance', 'held')
-  return N(v[1]) - N(v[2])
 end
 
 -- Spend order: expiring grants soonest-expiry first, then the never-expiring pool (implicit).
