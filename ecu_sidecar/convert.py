@@ -148,7 +148,10 @@ def reserve_item_from_pb(msg: Any) -> ReserveItem:
 
 
 def commit_item_from_pb(msg: Any) -> CommitItem:
-    """A hold to settle, from a CommitRequest or a CommitItem (the same field names)."""
+    """A hold to settle, from a CommitRequest or a CommitItem (the same field names).
+
+    On the wire an empty list is no list: a commit naming a rate card version is priced from
+    its usage lines, none (a job that made no call) included."""
     lines = msg.usage_lines
     u = msg.usage
     return CommitItem(
@@ -156,7 +159,7 @@ def commit_item_from_pb(msg: Any) -> CommitItem:
         msg.actual_uecu,
         Usage(u.tokens_in, u.tokens_out, u.calls),
         msg.rate_card_version,
-        usage_lines=usage_from_pb(lines) if lines else None,
+        usage_lines=usage_from_pb(lines) if lines or msg.rate_card_version else None,
     )
 
 

@@ -971,6 +971,14 @@ BOUNDARIES = [
     case("ReserveBatch", "items[2].job", "instead-of-amount", BATCH_JOB),
     case("Commit", "usage_lines", "priced-with-the-pinned-version", COMMIT_USAGE),
     case("Commit", "usage_lines", "empty-is-a-plain-commit", {"usage_lines": []}),
+    # A job that made no call: the version alone, no line, prices at 0.
+    case("Commit", "usage_lines", "none-used-priced-at-zero", {**COMMIT_USAGE, "usage_lines": []}),
+    case(
+        "CommitBatch",
+        "items[2].usage_lines",
+        "none-used-priced-at-zero",
+        {**BATCH_USAGE, "items[2].usage_lines": []},
+    ),
 ]
 
 

@@ -675,6 +675,52 @@ async def test_commit_batch_prices_each_item(stub) -> None:
     ]
 
 
+async def test_a_commit_of_no_usage_lines_prices_at_zero(sidecar, stub) -> None:
+    """A job that made no call (it short-circuited) reports an empty usage list: the commit is
+    priced at 0, commits 0 and returns the whole hold. On the wire an empty list is no list at
+    all; the rate card version alone says the commit is priced from usage lines."""
+    await grant(stub, PLAIN, 50 * ECU)
+    held = await reserve_job(stub, PLAIN, "r-none", job_pb("judge"))
+    batched = await reserve_job(stub, PLAIN, "r-none-b", job_pb("gepa"))
+
+    out = await stub.Commit(
+        pb.CommitRequest(reservation_id="r-none", organization=PLAIN, rate_card_version=V1)
+    )
+    assert (out.committed_uecu, out.released_uecu, out.overage_uecu) == (
+        0,
+        held.hold.amount_uecu,
+        0,
+    )
+    assert (out.quote.total_uecu, list(out.quote.lines), out.quote.rate_card_version) == (
+        0,
+        [],
+        V1,
+    )
+    batch = await stub.CommitBatch(
+        pb.CommitBatchRequest(
+            organization=PLAIN,
+            items=[pb.CommitItem(reservation_id="r-none-b", rate_card_version=V1)],
+        )
+    )
+    (result,) = batch.results
+    assert (result.code, result.commit.committed_uecu, result.commit.released_uecu) == (
+        0,
+        0,
+        batched.hold.amount_uecu,
+    )
+    b = await balance(stub, PLAIN)
+    assert (b.committed_uecu, b.held_uecu, b.available_uecu) == (0, 0, 50 * ECU)
+    events = [e for e in await outbox(sidecar, PLAIN) if e["type"] == "commit"]
+    assert [(e["rcv"], int(e["committed"]), json.loads(e["lines"])) for e in events] == [
+        (V1, 0, [])
+    ] * 2
+
+    again = await stub.Commit(
+        pb.CommitRequest(reservation_id="r-none", organization=PLAIN, rate_card_version=V1)
+    )
+    assert again.replayed and again.committed_uecu == 0
+
+
 # -- the rate card -----------------------------------------------------------------------------
 
 
