@@ -417,6 +417,9 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             judge_call_uecu=card.fees.judge_call_uecu,
             gepa_iteration_uecu=card.fees.gepa_iteration_uecu,
             trace_uecu=card.fees.trace_uecu,
+            byok_engine_call_uecu=card.fees.engine_call_uecu
+            if card.fees.byok_engine_call_uecu is None
+            else card.fees.byok_engine_call_uecu,
             organizations_with_terms=with_terms,
             versions=list(rates.versions()),
         )

@@ -738,6 +738,9 @@ async def test_get_rate_card_returns_the_card(stub) -> None:
         CARD.fees.gepa_iteration_uecu,
         CARD.fees.trace_uecu,
     )
+    # The example card sets no BYOK engine fee: BYOK calls pay the engine fee.
+    assert CARD.fees.byok_engine_call_uecu is None
+    assert out.byok_engine_call_uecu == CARD.fees.engine_call_uecu
     assert list(out.organizations_with_terms) == sorted(CARD.organizations)
     assert {m.model: m for m in out.models}.keys() == set(CARD.models)
     for m in out.models:

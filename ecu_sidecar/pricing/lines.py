@@ -145,6 +145,15 @@ class Pricer:
             return negotiated, True
         return getattr(self.card.fees, key), False
 
+    def engine_fee(self, byok: bool) -> tuple[str, str]:
+        """The fee key and wording of a call's engine fee: BYOK calls pay
+        ``byok_engine_call_uecu`` when the card or the organization's terms set one, every
+        other call (and BYOK calls when neither does) ``engine_call_uecu``."""
+        own = (self.terms.fees.byok_engine_call_uecu, self.card.fees.byok_engine_call_uecu)
+        if byok and own != (None, None):
+            return "byok_engine_call_uecu", "BYOK engine fee per call"
+        return "engine_call_uecu", "engine fee per call"
+
     def model_calls(
         self,
         *,
@@ -180,7 +189,7 @@ class Pricer:
                     byok=byok,
                 )
             )
-        fees = [("engine_call_uecu", "engine fee per call")]
+        fees = [self.engine_fee(byok)]
         if judge:
             fees.append(("judge_call_uecu", "judge fee per call"))
         for key, what in fees:

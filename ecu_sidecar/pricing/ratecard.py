@@ -39,6 +39,7 @@ __all__ = [
     "MAX_CONTEXT_TOKENS",
     "MAX_ESTIMATE_FACTOR_PERCENT",
     "MAX_RATE_UECU",
+    "OPTIONAL_FEE_KEYS",
     "FeeOverride",
     "Fees",
     "ModelOverride",
@@ -59,8 +60,11 @@ MAX_RATE_UECU = 10**12
 MAX_CONTEXT_TOKENS = 100_000_000
 #: Ceiling on estimate_factor_percent (10× the tokenizer's count).
 MAX_ESTIMATE_FACTOR_PERCENT = 1_000
-#: The four platform fees, each an integer µECU amount.
+#: The four platform fees every card sets, each an integer µECU amount.
 FEE_KEYS = ("engine_call_uecu", "judge_call_uecu", "gepa_iteration_uecu", "trace_uecu")
+#: Fees a card may leave out (absent: BYOK calls pay engine_call_uecu).
+OPTIONAL_FEE_KEYS = ("byok_engine_call_uecu",)
+_ALL_FEE_KEYS = FEE_KEYS + OPTIONAL_FEE_KEYS
 
 _TOP_KEYS = ("version", "description", "fees", "models", "organizations")
 _MODEL_KEYS = (
@@ -223,8 +227,11 @@ class _Validator:
         if "fees" not in raw:
             raise self.error(("fees",), "missing: the [fees] table is required")
         fees_table = self.table(raw["fees"], ("fees",))
-        self.keys(fees_table, ("fees",), FEE_KEYS)
-        fees = Fees(**{key: self.uecu(fees_table, ("fees",), key) for key in FEE_KEYS})
+        self.keys(fees_table, ("fees",), _ALL_FEE_KEYS)
+        fees = Fees(
+            **{key: self.uecu(fees_table, ("fees",), key) for key in FEE_KEYS},
+            **{key: self.optional_uecu(fees_table, ("fees",), key) for key in OPTIONAL_FEE_KEYS},
+        )
         models = self.models(raw)
         organizations = self.organizations(raw.get("organizations", {}), models)
         fingerprint = hashlib.sha256(
@@ -361,9 +368,9 @@ class _Validator:
             )
         fees_parts = (*parts, "fees")
         fees_table = self.table(table.get("fees", {}), fees_parts)
-        self.keys(fees_table, fees_parts, FEE_KEYS)
+        self.keys(fees_table, fees_parts, _ALL_FEE_KEYS)
         fees = FeeOverride(
-            **{key: self.optional_uecu(fees_table, fees_parts, key) for key in FEE_KEYS}
+            **{key: self.optional_uecu(fees_table, fees_parts, key) for key in _ALL_FEE_KEYS}
         )
         return OrganizationTerms(
             organization=org,

@@ -303,7 +303,7 @@ class ModelRate(_message.Message):
     def __init__(self, model: _Optional[str] = ..., input_uecu_per_mtok: _Optional[int] = ..., output_uecu_per_mtok: _Optional[int] = ..., encoding: _Optional[str] = ..., context_window: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., estimate_factor_percent: _Optional[int] = ...) -> None: ...
 
 class GetRateCardResponse(_message.Message):
-    __slots__ = ("version", "models", "engine_call_uecu", "judge_call_uecu", "gepa_iteration_uecu", "trace_uecu", "organizations_with_terms", "versions")
+    __slots__ = ("version", "models", "engine_call_uecu", "judge_call_uecu", "gepa_iteration_uecu", "trace_uecu", "organizations_with_terms", "versions", "byok_engine_call_uecu")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_CALL_UECU_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +312,7 @@ class GetRateCardResponse(_message.Message):
     TRACE_UECU_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATIONS_WITH_TERMS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    BYOK_ENGINE_CALL_UECU_FIELD_NUMBER: _ClassVar[int]
     version: str
     models: _containers.RepeatedCompositeFieldContainer[ModelRate]
     engine_call_uecu: int
@@ -320,7 +321,8 @@ class GetRateCardResponse(_message.Message):
     trace_uecu: int
     organizations_with_terms: _containers.RepeatedScalarFieldContainer[str]
     versions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRate, _Mapping]]] = ..., engine_call_uecu: _Optional[int] = ..., judge_call_uecu: _Optional[int] = ..., gepa_iteration_uecu: _Optional[int] = ..., trace_uecu: _Optional[int] = ..., organizations_with_terms: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[str]] = ...) -> None: ...
+    byok_engine_call_uecu: int
+    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRate, _Mapping]]] = ..., engine_call_uecu: _Optional[int] = ..., judge_call_uecu: _Optional[int] = ..., gepa_iteration_uecu: _Optional[int] = ..., trace_uecu: _Optional[int] = ..., organizations_with_terms: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[str]] = ..., byok_engine_call_uecu: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("reservation_id", "account", "amount_uecu", "job_type", "model", "ttl_ms", "job")
