@@ -675,6 +675,53 @@ async def test_commit_batch_prices_each_item(stub) -> None:
     ]
 
 
+async def test_a_byok_model_the_card_does_not_list_bills_the_engine_work(sidecar, stub) -> None:
+    """A customer's own model on its own key: accepted though the card does not list it, its
+    tokens free, the platform's engine (and judge) fees billed; without BYOK it is refused
+    with the field and nothing changes."""
+    custom = "acme/support-ft-v3"
+    assert CARD.model(custom) is None
+    job = {
+        "items": [
+            {"inference": {"model": custom, "promptTokens": 900, "samples": 2, "byok": True}},
+            {"judge": {"judgeModel": custom, "calls": 3, "promptText": "Grade.", "byok": True}},
+        ]
+    }
+    await grant(stub, PLAIN, ECU)
+    held = await reserve_job(stub, PLAIN, "r-custom", ParseDict(job, pb.JobSpec()))
+    f = CARD.fees
+    assert held.hold.amount_uecu == 2 * f.engine_call_uecu + 3 * (
+        f.engine_call_uecu + f.judge_call_uecu
+    )
+    assert {(x.model, x.subtotal_uecu) for x in held.quote.lines if x.unit == "token"} == {
+        (custom, 0)
+    }
+    used = [
+        UsageLine("inference", custom, tokens_in=1_800, tokens_out=700, calls=2, byok=True),
+        UsageLine("judge", custom, tokens_in=60, tokens_out=30, calls=1, byok=True),
+    ]
+    out = await stub.Commit(
+        pb.CommitRequest(
+            reservation_id="r-custom",
+            organization=PLAIN,
+            usage_lines=usage_pb(used),
+            rate_card_version=V1,
+        )
+    )
+    assert out.committed_uecu == 2 * f.engine_call_uecu + f.engine_call_uecu + f.judge_call_uecu
+
+    before = await snapshot(sidecar.settings)
+    job["items"][0]["inference"]["byok"] = False
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await reserve_job(stub, PLAIN, "r-custom-2", ParseDict(job, pb.JobSpec()))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        details(ei.value)["BadRequest"].field_violations[0].field == "job.items[0].inference.model"
+    )
+    assert f"unknown model {custom!r}" in ei.value.details()
+    assert await snapshot(sidecar.settings) == before
+
+
 async def test_a_commit_of_no_usage_lines_prices_at_zero(sidecar, stub) -> None:
     """A job that made no call (it short-circuited) reports an empty usage list: the commit is
     priced at 0, commits 0 and returns the whole hold. On the wire an empty list is no list at

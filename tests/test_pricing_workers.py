@@ -9,14 +9,19 @@ BYOK calls. Expected figures are derived from the card's values, never pasted.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from ecu_sidecar.errors import InvalidArgument
 from ecu_sidecar.pricing import (
     InferenceSpec,
     JudgeSpec,
+    RateCard,
     RateCardError,
     Unit,
     UsageLine,
+    load_rate_card,
     parse_rate_card,
     preview,
     price_usage,
@@ -127,3 +132,59 @@ def test_a_bad_byok_engine_fee_names_its_field(fees: str, path: str, words: str)
         parse_rate_card(card_text(fees))
     assert caught.value.path == path
     assert words in caught.value.problem
+
+
+# -- BYOK models the card does not list --------------------------------------------------------
+
+EXAMPLE = load_rate_card(Path(__file__).resolve().parent.parent / "ratecards" / "example.toml")
+#: A customer's fine-tune on its own provider key: no card lists it.
+CUSTOM = "acme/support-ft-v3"
+
+
+@pytest.mark.parametrize("card", [EXAMPLE, SPLIT], ids=["engine-fee", "byok-engine-fee"])
+def test_an_unlisted_byok_model_bills_only_the_platforms_engine_work(card: RateCard) -> None:
+    assert card.model(CUSTOM) is None
+    job = [
+        InferenceSpec(
+            CUSTOM, prompt_text="Classify this ticket.", max_output_tokens=300, byok=True
+        ),
+        JudgeSpec("acme/grader", calls=3, prompt_tokens_per_call=900, byok=True),
+    ]
+    quote = preview(card, "", job)
+    engine = card.fees.engine_call_uecu
+    if card.fees.byok_engine_call_uecu is not None:
+        engine = card.fees.byok_engine_call_uecu
+    assert quote.total_uecu == engine + 3 * (engine + card.fees.judge_call_uecu) > 0
+    token_lines = [x for x in quote.lines if x.unit is Unit.TOKEN]
+    assert [(x.model, x.rate_uecu, x.subtotal_uecu, x.byok) for x in token_lines] == [
+        (CUSTOM, 0, 0, True),
+        (CUSTOM, 0, 0, True),
+        ("acme/grader", 0, 0, True),
+        ("acme/grader", 0, 0, True),
+    ]
+    assert "not on the rate card" in token_lines[0].description
+    # What the workers report for it is accepted and priced the same way.
+    used = [
+        UsageLine("inference", CUSTOM, tokens_in=12, tokens_out=300, calls=1, byok=True),
+        UsageLine("judge", "acme/grader", tokens_in=2_700, tokens_out=90, calls=3, byok=True),
+    ]
+    assert price_usage(card, "", used).total_uecu == quote.total_uecu
+
+
+def test_an_unlisted_model_without_byok_is_still_refused() -> None:
+    for job, field in (
+        ([InferenceSpec(CUSTOM, prompt_tokens=10)], "job.items[0].inference.model"),
+        ([JudgeSpec(CUSTOM, prompt_tokens_per_call=10)], "job.items[0].judge.judge_model"),
+    ):
+        with pytest.raises(InvalidArgument) as caught:
+            preview(EXAMPLE, "", job)
+        assert caught.value.field == field
+        assert f"unknown model {CUSTOM!r}" in caught.value.description
+        assert "byok" in caught.value.description
+    with pytest.raises(InvalidArgument) as caught:
+        price_usage(EXAMPLE, "", [UsageLine("inference", CUSTOM, tokens_in=1, calls=1)])
+    assert caught.value.field == "usage[0].model"
+    # A malformed name is refused whatever the key.
+    with pytest.raises(InvalidArgument) as caught:
+        preview(EXAMPLE, "", [InferenceSpec("acme ft", prompt_tokens=1, byok=True)])
+    assert caught.value.field == "job.items[0].inference.model"

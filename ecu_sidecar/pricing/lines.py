@@ -168,7 +168,10 @@ class Pricer:
         item: str,
     ) -> list[Line]:
         """Token lines (always shown, 0 under BYOK), then the engine (and judge) fee lines."""
-        suffix = " (BYOK: 0, paid by the customer's key)" if byok else ""
+        suffix = ""
+        if byok:
+            unlisted = "" if self.card.model(model.name) else ", not on the rate card"
+            suffix = f" (BYOK{unlisted}: 0, paid by the customer's key)"
         lines = []
         for which, quantity, what in (
             ("input_uecu_per_mtok", tokens_in, "input tokens"),

@@ -72,7 +72,8 @@ def _preview_item(pricer: Pricer, item: object, path: str) -> list[Line]:
 def _inference(
     pricer: Pricer, spec: InferenceSpec, path: str, repeat: int, job_type: JobType, label: str
 ) -> list[Line]:
-    model = known_model(pricer.card, spec.model, f"{path}.model")
+    byok = flag(spec.byok, f"{path}.byok")
+    model = known_model(pricer.card, spec.model, f"{path}.model", byok=byok)
     prompt = _prompt(
         model,
         path,
@@ -82,7 +83,6 @@ def _inference(
     )
     max_out = _max_output(model, spec.max_output_tokens, f"{path}.max_output_tokens")
     samples = _positive(spec.samples, f"{path}.samples")
-    byok = flag(spec.byok, f"{path}.byok")
     calls = samples * repeat
     return pricer.model_calls(
         model=model,
@@ -100,7 +100,8 @@ def _inference(
 def _judge(
     pricer: Pricer, spec: JudgeSpec, path: str, repeat: int, job_type: JobType, label: str
 ) -> list[Line]:
-    model = known_model(pricer.card, spec.judge_model, f"{path}.judge_model")
+    byok = flag(spec.byok, f"{path}.byok")
+    model = known_model(pricer.card, spec.judge_model, f"{path}.judge_model", byok=byok)
     prompt = _prompt(
         model,
         path,
@@ -112,7 +113,6 @@ def _judge(
         model, spec.max_output_tokens_per_call, f"{path}.max_output_tokens_per_call"
     )
     calls = _positive(spec.calls, f"{path}.calls") * repeat
-    byok = flag(spec.byok, f"{path}.byok")
     return pricer.model_calls(
         model=model,
         tokens_in=prompt * calls,
