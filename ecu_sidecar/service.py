@@ -410,6 +410,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
                     context_window=m.context_window,
                     max_output_tokens=m.max_output_tokens,
                     estimate_factor_percent=m.estimate_factor_percent,
+                    chat_only=m.chat_only,
                 )
                 for m in sorted(card.models.values(), key=lambda m: m.name)
             ],

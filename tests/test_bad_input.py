@@ -942,11 +942,13 @@ BOUNDARIES = [
         "context-window",
         CARD.models["gpt-4o"].context_window,
     ),
+    # gpt-4o is chat-only: its plain prompt is counted as the user message it is sent as, whose
+    # 7 tokens of framing (3 + 3 + "user") fill the window with the text.
     case(
         "Preview",
         f"job.{INF}.prompt_text",
         "context-window",
-        " a" * CARD.models["gpt-4o"].context_window,
+        " a" * (CARD.models["gpt-4o"].context_window - 7),
     ),
     case(
         "Preview",

@@ -799,6 +799,7 @@ async def test_get_rate_card_returns_the_card(stub) -> None:
             m.context_window,
             m.max_output_tokens,
             m.estimate_factor_percent,
+            m.chat_only,
         ) == (
             card.input_uecu_per_mtok,
             card.output_uecu_per_mtok,
@@ -806,7 +807,9 @@ async def test_get_rate_card_returns_the_card(stub) -> None:
             card.context_window,
             card.max_output_tokens,
             card.estimate_factor_percent,
+            card.chat_only,
         )
+    assert any(m.chat_only for m in out.models)
 
 
 async def test_without_a_rate_card_pricing_is_a_failed_precondition(backend: str) -> None:

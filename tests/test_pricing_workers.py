@@ -9,12 +9,14 @@ BYOK calls. Expected figures are derived from the card's values, never pasted.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from ecu_sidecar.errors import InvalidArgument
 from ecu_sidecar.pricing import (
+    ChatMessage,
     InferenceSpec,
     JudgeSpec,
     RateCard,
@@ -25,6 +27,7 @@ from ecu_sidecar.pricing import (
     parse_rate_card,
     preview,
     price_usage,
+    tokens,
 )
 
 MTOK = 1_000_000
@@ -188,3 +191,90 @@ def test_an_unlisted_model_without_byok_is_still_refused() -> None:
     with pytest.raises(InvalidArgument) as caught:
         preview(EXAMPLE, "", [InferenceSpec("acme ft", prompt_tokens=1, byok=True)])
     assert caught.value.field == "job.items[0].inference.model"
+
+
+# -- chat-only models given a plain prompt ------------------------------------------------------
+
+EXAMPLE_JOB = json.loads(
+    (Path(__file__).resolve().parent.parent / "examples" / "job.json").read_text()
+)
+
+
+def sent_as_chat(text: str, encoding: str) -> int:
+    """The prompt tokens a chat API bills for ``text`` sent as one user message (OpenAI's
+    cookbook count, which tests/test_pricing_tokens.py checks against the API's figures)."""
+    return tokens.count_messages([ChatMessage("user", text)], encoding)
+
+
+@pytest.mark.parametrize("org", ["", "acme", "globex", "initech"])
+def test_the_shipped_examples_plain_prompt_is_priced_as_the_chat_message_it_is_sent_as(
+    org: str,
+) -> None:
+    body = EXAMPLE_JOB["items"][0]["inference"]
+    spec = InferenceSpec(
+        body["model"],
+        prompt_text=body["promptText"],
+        max_output_tokens=body["maxOutputTokens"],
+        samples=body["samples"],
+    )
+    model = EXAMPLE.models[spec.model]
+    assert model.chat_only
+    sent = sent_as_chat(spec.prompt_text, model.encoding)
+    # The framing: <|start|>user<|message|>…<|end|>, then the reply's priming.
+    assert sent == tokens.count_text(spec.prompt_text, model.encoding) + 3 + 3 + 1
+    used = [
+        UsageLine(
+            "inference",
+            spec.model,
+            tokens_in=spec.samples * sent,
+            tokens_out=spec.samples * spec.max_output_tokens,
+            calls=spec.samples,
+        )
+    ]
+    worst = preview(EXAMPLE, org, [spec])
+    assert worst.lines[0].quantity == spec.samples * sent
+    assert worst.total_uecu == price_usage(EXAMPLE, org, used).total_uecu
+
+
+def test_only_a_model_marked_chat_only_frames_a_plain_prompt() -> None:
+    text = "Classify the ticket below as bug, question or feature request."
+    plain = parse_rate_card(card_text("engine_call_uecu = 0"))
+    chat = parse_rate_card(card_text("engine_call_uecu = 0").replace("[models.gpt-4o]", CHAT_ONLY))
+    assert (plain.models["gpt-4o"].chat_only, chat.models["gpt-4o"].chat_only) == (False, True)
+    spec = InferenceSpec("gpt-4o", prompt_text=text, max_output_tokens=1)
+    raw = tokens.count_text(text, "o200k_base")
+    assert preview(plain, "", [spec]).lines[0].quantity == raw
+    assert preview(chat, "", [spec]).lines[0].quantity == sent_as_chat(text, "o200k_base")
+    # Chat messages and known counts are priced as before on either.
+    for card in (plain, chat):
+        given = InferenceSpec("gpt-4o", prompt_tokens=raw, max_output_tokens=1)
+        assert preview(card, "", [given]).lines[0].quantity == raw
+        framed = InferenceSpec("gpt-4o", messages=[ChatMessage("user", text)], max_output_tokens=1)
+        assert preview(card, "", [framed]).lines[0].quantity == sent_as_chat(text, "o200k_base")
+
+
+CHAT_ONLY = "[models.gpt-4o]\nchat_only = true"
+
+
+def test_a_chat_only_prompt_must_fit_the_context_window_as_a_message() -> None:
+    card = parse_rate_card(card_text("engine_call_uecu = 0").replace("[models.gpt-4o]", CHAT_ONLY))
+    window = card.models["gpt-4o"].context_window
+    fits = " a" * (window - 7)  # " a" is one token: 7 tokens of framing fill the window
+    assert (
+        preview(card, "", [InferenceSpec("gpt-4o", prompt_text=fits)]).lines[0].quantity == window
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        preview(card, "", [InferenceSpec("gpt-4o", prompt_text=fits + " a")])
+    assert caught.value.field == "job.items[0].inference.prompt_text"
+    assert f"the prompt is {window + 1} tokens" in caught.value.description
+
+
+@pytest.mark.parametrize("value", ["1", "'yes'", "1.0"])
+def test_chat_only_is_a_boolean(value: str) -> None:
+    text = card_text("engine_call_uecu = 0").replace(
+        "[models.gpt-4o]", f"[models.gpt-4o]\nchat_only = {value}"
+    )
+    with pytest.raises(RateCardError) as caught:
+        parse_rate_card(text)
+    assert caught.value.path == "models.gpt-4o.chat_only"
+    assert "true or false" in caught.value.problem

@@ -254,6 +254,7 @@ def rate_card_info(r: pb.GetRateCardResponse) -> RateCardInfo:
                 context_window=m.context_window,
                 max_output_tokens=m.max_output_tokens,
                 estimate_factor_percent=m.estimate_factor_percent,
+                chat_only=m.chat_only,
             )
             for m in r.models
         ],

@@ -55,6 +55,9 @@ class ModelRates:
     """Most completion tokens one call may produce; the worst case when a spec says 0."""
     estimate_factor_percent: int = 100
     """Estimated prompt tokens are multiplied by this / 100 (≥ 100, for other tokenizers)."""
+    chat_only: bool = False
+    """The model is only reached through a chat API: a plain prompt text is sent, and billed,
+    as one user message, so it is counted with that message's framing."""
 
 
 @dataclass(frozen=True, slots=True)

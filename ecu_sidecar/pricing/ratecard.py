@@ -74,6 +74,7 @@ _MODEL_KEYS = (
     "context_window",
     "max_output_tokens",
     "estimate_factor_percent",
+    "chat_only",
 )
 _OVERRIDE_RATE_KEYS = ("input_uecu_per_mtok", "output_uecu_per_mtok")
 _ORG_KEYS = ("discount_percent", "models", "fees")
@@ -203,6 +204,12 @@ class _Validator:
     def optional_uecu(self, table: dict[str, Any], parts: tuple[str, ...], key: str) -> int | None:
         return self.uecu(table, parts, key) if key in table else None
 
+    def boolean(self, table: dict[str, Any], parts: tuple[str, ...], key: str) -> bool:
+        value = table.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error((*parts, key), f"must be true or false, got {_describe(value)}")
+        return value
+
     def string(self, table: dict[str, Any], parts: tuple[str, ...], key: str) -> str:
         here = (*parts, key)
         if key not in table:
@@ -317,6 +324,7 @@ class _Validator:
             context_window=context_window,
             max_output_tokens=max_output,
             estimate_factor_percent=factor,
+            chat_only=self.boolean(table, parts, "chat_only"),
         )
 
     def organizations(

@@ -205,7 +205,11 @@ def _prompt(model: ModelRates, path: str, *sources: tuple[str, object]) -> int:
     if name == "prompt_text":
         if not isinstance(value, str):
             raise InvalidArgument(field, f"must be a string, got {type(value).__name__}")
-        counted = tokens.count_text(value, model.encoding)
+        if model.chat_only:
+            # Sent, and billed, as the one user message a chat API takes it as.
+            counted = tokens.count_messages([ChatMessage("user", value)], model.encoding)
+        else:
+            counted = tokens.count_text(value, model.encoding)
     elif name == "messages":
         counted = tokens.count_messages(_messages(value, field), model.encoding)
     else:

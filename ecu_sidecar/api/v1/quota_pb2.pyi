@@ -285,7 +285,7 @@ class GetRateCardRequest(_message.Message):
     def __init__(self, organization: _Optional[str] = ...) -> None: ...
 
 class ModelRate(_message.Message):
-    __slots__ = ("model", "input_uecu_per_mtok", "output_uecu_per_mtok", "encoding", "context_window", "max_output_tokens", "estimate_factor_percent")
+    __slots__ = ("model", "input_uecu_per_mtok", "output_uecu_per_mtok", "encoding", "context_window", "max_output_tokens", "estimate_factor_percent", "chat_only")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_UECU_PER_MTOK_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_UECU_PER_MTOK_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +293,7 @@ class ModelRate(_message.Message):
     CONTEXT_WINDOW_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_FACTOR_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_ONLY_FIELD_NUMBER: _ClassVar[int]
     model: str
     input_uecu_per_mtok: int
     output_uecu_per_mtok: int
@@ -300,7 +301,8 @@ class ModelRate(_message.Message):
     context_window: int
     max_output_tokens: int
     estimate_factor_percent: int
-    def __init__(self, model: _Optional[str] = ..., input_uecu_per_mtok: _Optional[int] = ..., output_uecu_per_mtok: _Optional[int] = ..., encoding: _Optional[str] = ..., context_window: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., estimate_factor_percent: _Optional[int] = ...) -> None: ...
+    chat_only: bool
+    def __init__(self, model: _Optional[str] = ..., input_uecu_per_mtok: _Optional[int] = ..., output_uecu_per_mtok: _Optional[int] = ..., encoding: _Optional[str] = ..., context_window: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., estimate_factor_percent: _Optional[int] = ..., chat_only: _Optional[bool] = ...) -> None: ...
 
 class GetRateCardResponse(_message.Message):
     __slots__ = ("version", "models", "engine_call_uecu", "judge_call_uecu", "gepa_iteration_uecu", "trace_uecu", "organizations_with_terms", "versions", "byok_engine_call_uecu")
