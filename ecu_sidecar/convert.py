@@ -192,6 +192,8 @@ def _judge(msg: pb.JudgeSpec) -> JudgeSpec:
         else None,
         max_output_tokens_per_call=msg.max_output_tokens_per_call,
         byok=msg.byok,
+        answer_max_tokens=msg.answer_max_tokens,
+        answer_of_item=msg.answer_of_item if msg.HasField("answer_of_item") else None,
     )
 
 

@@ -710,6 +710,20 @@ def spec_cases(rpc: str, base: Mapping[str, Any], prefix: str, at: str, *, full:
         c(max_f, "over-model-max", model.max_output_tokens + 1),
         *[c(max_f, label, value) for label, value in some(BAD_COUNTS)],
         *[c(count_f, label, value) for label, value in some(BAD_POSITIVE_COUNTS)],
+        *(answer_cases(c, path, some) if judge else []),
+    ]
+
+
+def answer_cases(c: Any, path: str, some: Any) -> list[Any]:
+    """The answer a judge reads: a bad bound, or an item that is not there or not an
+    inference (a trace evaluation's judges name none)."""
+    own = int(re.findall(r"\[(\d+)\]", path)[-1])
+    oneof = (f"{path}.answer",)
+    return [
+        *[c("answer_max_tokens", label, value) for label, value in some(BAD_COUNTS)],
+        c("answer_of_item", "out-of-range", 99, covers=oneof),
+        c("answer_of_item", "negative", -1, covers=oneof),
+        c("answer_of_item", "itself-a-judge", own, covers=oneof),
     ]
 
 
@@ -958,6 +972,11 @@ BOUNDARIES = [
     ),
     case("Preview", f"job.{INF}.max_output_tokens", "zero-model-max", 0),
     case("Preview", f"job.{INF}.samples", "zero-is-one", 0),
+    # A judge reads the answer of an inference item of its list, or a bound in tokens as large
+    # as a count may be (what a call reads stops at the judge's context window).
+    case("Preview", f"job.{JUDGE}.answer_of_item", "the-inference", 0),
+    case("Preview", f"job.{GEPA_JUDGE}.answer_of_item", "the-inference", 0),
+    case("Preview", f"job.{JUDGE}.answer_max_tokens", "largest-count", 2**53 - 1),
     case("Preview", f"job.{JUDGE}.calls", "zero-is-one", 0),
     case("Preview", f"job.{INF}.prompt_tokens", "zero", 0),
     case("Preview", f"job.{INF}.byok", "byok", True),

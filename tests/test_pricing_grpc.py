@@ -176,6 +176,53 @@ JOBS: dict[str, tuple[dict[str, Any], list[Any]]] = {
             )
         ],
     ),
+    # A judge that reads the candidate's answer: a bound in tokens, or the answer of an item
+    # (local to the GEPA iteration's list, so the "mixed" job's indices stay valid).
+    "judge-of-an-answer": (
+        {
+            "items": [
+                {
+                    "judge": {
+                        "judgeModel": "gpt-4o-mini",
+                        "calls": 2,
+                        "promptTokensPerCall": 300,
+                        "answerMaxTokens": 900,
+                    }
+                }
+            ]
+        },
+        [JudgeSpec("gpt-4o-mini", calls=2, prompt_tokens_per_call=300, answer_max_tokens=900)],
+    ),
+    "gepa-judged-answers": (
+        {
+            "items": [
+                {
+                    "gepa": {
+                        "iterations": 3,
+                        "perIteration": [
+                            {
+                                "judge": {
+                                    "judgeModel": "gpt-4o",
+                                    "promptText": TEXT,
+                                    "answerOfItem": 1,
+                                }
+                            },
+                            {"inference": {"model": "gpt-4.1", "promptTokens": 2000}},
+                        ],
+                    }
+                }
+            ]
+        },
+        [
+            GepaSpec(
+                3,
+                [
+                    JudgeSpec("gpt-4o", prompt_text=TEXT, answer_of_item=1),
+                    InferenceSpec("gpt-4.1", prompt_tokens=2000),
+                ],
+            )
+        ],
+    ),
     "trace-eval": (
         {
             "items": [

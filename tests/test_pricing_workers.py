@@ -10,6 +10,7 @@ BYOK calls. Expected figures are derived from the card's values, never pasted.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,12 @@ import pytest
 from ecu_sidecar.errors import InvalidArgument
 from ecu_sidecar.pricing import (
     ChatMessage,
+    GepaSpec,
     InferenceSpec,
     JudgeSpec,
     RateCard,
     RateCardError,
+    TraceEvalSpec,
     Unit,
     UsageLine,
     load_rate_card,
@@ -278,3 +281,158 @@ def test_chat_only_is_a_boolean(value: str) -> None:
         parse_rate_card(text)
     assert caught.value.path == "models.gpt-4o.chat_only"
     assert "true or false" in caught.value.problem
+
+
+# -- a judge that reads the candidate's answer ---------------------------------------------------
+
+ORGS = ["", "acme", "globex", "initech"]
+LLAMA = "meta-llama/llama-3.1-70b-instruct"
+
+
+@pytest.mark.parametrize("org", ORGS)
+def test_a_judge_of_an_answer_reads_up_to_the_answers_max_output(org: str) -> None:
+    answer = InferenceSpec("gpt-4o", prompt_tokens=800, max_output_tokens=1_500, samples=3)
+    judge = JudgeSpec(
+        "gpt-4o-mini",
+        calls=3,
+        prompt_tokens_per_call=400,
+        max_output_tokens_per_call=50,
+        answer_of_item=0,
+    )
+    # Every answer as long as allowed; each judge call reads the rubric and one answer.
+    used = [
+        UsageLine("inference", "gpt-4o", tokens_in=3 * 800, tokens_out=3 * 1_500, calls=3),
+        UsageLine("judge", "gpt-4o-mini", tokens_in=3 * (400 + 1_500), tokens_out=150, calls=3),
+    ]
+    worst = preview(EXAMPLE, org, [answer, judge])
+    assert worst.total_uecu == price_usage(EXAMPLE, org, used).total_uecu
+    judge_in = next(x for x in worst.lines if x.item == "job.items[1].judge")
+    assert judge_in.quantity == 3 * (400 + 1_500)
+    assert "+ 1500 answer" in judge_in.description
+    # The same bound given as a count, without naming the item.
+    counted = replace(judge, answer_of_item=None, answer_max_tokens=1_500)
+    assert preview(EXAMPLE, org, [answer, counted]).total_uecu == worst.total_uecu
+
+
+def test_an_answers_bound_is_its_models_max_output_when_the_spec_leaves_it_at_0() -> None:
+    answer = InferenceSpec("gpt-4o", prompt_tokens=10)
+    judge = JudgeSpec("gpt-4o", prompt_tokens_per_call=10, answer_of_item=0)
+    quote = preview(EXAMPLE, "", [answer, judge])
+    judge_in = next(x for x in quote.lines if x.item == "job.items[1].judge")
+    assert judge_in.quantity == 10 + EXAMPLE.models["gpt-4o"].max_output_tokens
+
+
+def test_an_answer_in_another_tokenizer_is_scaled_by_the_judges_factor() -> None:
+    sonnet = EXAMPLE.models["anthropic/claude-sonnet-4"]
+    answer = InferenceSpec("gpt-4o", prompt_tokens=10, max_output_tokens=1_000)
+    foreign = JudgeSpec(sonnet.name, prompt_tokens_per_call=100, answer_of_item=0)
+    quote = preview(EXAMPLE, "", [answer, foreign])
+    judge_in = next(x for x in quote.lines if x.item == "job.items[1].judge")
+    assert judge_in.quantity == 100 + ceil_div(1_000 * sonnet.estimate_factor_percent, 100)
+    # A judge reading its own model's answer reads it in its own tokens.
+    own = [
+        InferenceSpec(LLAMA, prompt_tokens=10, max_output_tokens=1_000),
+        JudgeSpec(LLAMA, prompt_tokens_per_call=100, answer_of_item=0),
+    ]
+    judge_in = next(x for x in preview(EXAMPLE, "", own).lines if x.item == "job.items[1].judge")
+    assert judge_in.quantity == 100 + 1_000
+
+
+def test_what_a_judge_reads_is_bounded_by_its_context_window() -> None:
+    turbo = EXAMPLE.models["gpt-4-turbo"]
+    job = [
+        InferenceSpec("gpt-4.1", prompt_tokens=10),  # up to 32,768 tokens of answer
+        JudgeSpec(turbo.name, calls=2, prompt_tokens_per_call=100_000, answer_of_item=0),
+    ]
+    judge_in = next(x for x in preview(EXAMPLE, "", job).lines if x.item == "job.items[1].judge")
+    assert judge_in.quantity == 2 * turbo.context_window
+
+
+def test_gepa_judges_read_the_answer_of_their_iterations_inference() -> None:
+    spec = GepaSpec(
+        iterations=5,
+        per_iteration=[
+            InferenceSpec("gpt-4.1", prompt_tokens=3_000, max_output_tokens=1_000),
+            JudgeSpec(
+                "gpt-4o-mini",
+                calls=4,
+                prompt_tokens_per_call=1_500,
+                max_output_tokens_per_call=100,
+                answer_of_item=0,
+            ),
+        ],
+    )
+    used = [
+        UsageLine("gepa_iteration", calls=5),
+        UsageLine("inference", "gpt-4.1", tokens_in=5 * 3_000, tokens_out=5 * 1_000, calls=5),
+        UsageLine("judge", "gpt-4o-mini", tokens_in=20 * 2_500, tokens_out=20 * 100, calls=20),
+    ]
+    for org in ORGS:
+        assert (
+            preview(EXAMPLE, org, [spec]).total_uecu == price_usage(EXAMPLE, org, used).total_uecu
+        )
+
+
+ANSWERED = InferenceSpec("gpt-4o", prompt_tokens=10, max_output_tokens=100)
+RUBRIC = JudgeSpec("gpt-4o-mini", prompt_tokens_per_call=10)
+
+
+@pytest.mark.parametrize(
+    ("job", "field", "words"),
+    [
+        (
+            [ANSWERED, replace(RUBRIC, answer_of_item=2)],
+            "job.items[1].judge.answer_of_item",
+            "index of an inference item of job.items (0 to 1), got 2",
+        ),
+        (
+            [ANSWERED, replace(RUBRIC, answer_of_item=-1)],
+            "job.items[1].judge.answer_of_item",
+            "got -1",
+        ),
+        (
+            [ANSWERED, replace(RUBRIC, answer_of_item=True)],
+            "job.items[1].judge.answer_of_item",
+            "must be an integer",
+        ),
+        (
+            [ANSWERED, replace(RUBRIC, answer_of_item=1)],
+            "job.items[1].judge.answer_of_item",
+            "job.items[1] is a judge run, not an inference",
+        ),
+        (
+            [GepaSpec(2, [ANSWERED]), replace(RUBRIC, answer_of_item=0)],
+            "job.items[1].judge.answer_of_item",
+            "job.items[0] is a GEPA optimization, not an inference",
+        ),
+        (
+            [ANSWERED, replace(RUBRIC, answer_of_item=0, answer_max_tokens=100)],
+            "job.items[1].judge.answer",
+            "at most one of answer_max_tokens, answer_of_item",
+        ),
+        (
+            [replace(RUBRIC, answer_max_tokens=-5)],
+            "job.items[0].judge.answer_max_tokens",
+            "between 0",
+        ),
+        (
+            [TraceEvalSpec(3, [replace(RUBRIC, answer_of_item=0)])],
+            "job.items[0].trace_eval.judges[0].answer_of_item",
+            "judges of a trace evaluation read traces",
+        ),
+        (
+            [
+                GepaSpec(
+                    2, [replace(RUBRIC, answer_of_item=1), InferenceSpec("gpt-5", prompt_tokens=1)]
+                )
+            ],
+            "job.items[0].gepa.per_iteration[1].inference.model",
+            "unknown model 'gpt-5'",
+        ),
+    ],
+)
+def test_a_bad_answer_reference_names_its_field(job, field: str, words: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        preview(EXAMPLE, "", job)
+    assert caught.value.field == field
+    assert words in caught.value.description

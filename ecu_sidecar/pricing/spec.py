@@ -83,7 +83,9 @@ class JudgeSpec:
     """An LLM judge run: ``calls`` calls of the judge model, each with the same prompt bound.
 
     Exactly one of ``prompt_tokens_per_call``, ``prompt_text`` and ``messages`` gives the
-    per-call prompt. In a TraceEvalSpec, ``calls`` are the calls per trace.
+    per-call prompt (the rubric). A judge of a candidate's answer reads that answer on top of
+    it: ``answer_of_item`` or ``answer_max_tokens`` bounds it. In a TraceEvalSpec, ``calls``
+    are the calls per trace.
     """
 
     judge_model: str
@@ -95,6 +97,12 @@ class JudgeSpec:
     max_output_tokens_per_call: int = 0
     """Completion bound per call; 0 means the judge model's max_output_tokens."""
     byok: bool = False
+    answer_max_tokens: int = 0
+    """Each call also reads a candidate's answer of up to this many tokens (0: none)."""
+    answer_of_item: int | None = None
+    """Each call also reads the answer of this inference item of the same list (the job's
+    items, or the GEPA iteration's ``per_iteration``): up to that item's output bound. At most
+    one of this and ``answer_max_tokens``."""
 
 
 @dataclass(frozen=True, slots=True)

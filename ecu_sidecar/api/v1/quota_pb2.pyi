@@ -143,7 +143,7 @@ class InferenceSpec(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., samples: _Optional[int] = ..., byok: _Optional[bool] = ...) -> None: ...
 
 class JudgeSpec(_message.Message):
-    __slots__ = ("judge_model", "calls", "prompt_text", "messages", "prompt_tokens_per_call", "max_output_tokens_per_call", "byok")
+    __slots__ = ("judge_model", "calls", "prompt_text", "messages", "prompt_tokens_per_call", "max_output_tokens_per_call", "byok", "answer_max_tokens", "answer_of_item")
     JUDGE_MODEL_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,8 @@ class JudgeSpec(_message.Message):
     PROMPT_TOKENS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_TOKENS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
     BYOK_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_OF_ITEM_FIELD_NUMBER: _ClassVar[int]
     judge_model: str
     calls: int
     prompt_text: str
@@ -158,7 +160,9 @@ class JudgeSpec(_message.Message):
     prompt_tokens_per_call: int
     max_output_tokens_per_call: int
     byok: bool
-    def __init__(self, judge_model: _Optional[str] = ..., calls: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_tokens_per_call: _Optional[int] = ..., max_output_tokens_per_call: _Optional[int] = ..., byok: _Optional[bool] = ...) -> None: ...
+    answer_max_tokens: int
+    answer_of_item: int
+    def __init__(self, judge_model: _Optional[str] = ..., calls: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_tokens_per_call: _Optional[int] = ..., max_output_tokens_per_call: _Optional[int] = ..., byok: _Optional[bool] = ..., answer_max_tokens: _Optional[int] = ..., answer_of_item: _Optional[int] = ...) -> None: ...
 
 class GepaStep(_message.Message):
     __slots__ = ("inference", "judge")
