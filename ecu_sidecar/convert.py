@@ -204,7 +204,11 @@ def _step(msg: Any) -> Any:
     if which == "judge":
         return _judge(msg.judge)
     if which == "gepa":
-        return GepaSpec(msg.gepa.iterations, [_step(s) for s in msg.gepa.per_iteration])
+        return GepaSpec(
+            msg.gepa.iterations,
+            [_step(s) for s in msg.gepa.per_iteration],
+            msg.gepa.prompt_growth_tokens_per_iteration,
+        )
     if which == "trace_eval":
         return TraceEvalSpec(msg.trace_eval.traces, [_judge(j) for j in msg.trace_eval.judges])
     return None  # an empty item: the pricer names it

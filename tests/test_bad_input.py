@@ -753,6 +753,10 @@ def job_cases(rpc: str, base: Mapping[str, Any], prefix: str, *, full: bool) -> 
             for label, value in zero + some(BAD_POSITIVE_COUNTS)
         ],
         c(f"{GEPA}.per_iteration", "empty", {f"{prefix}{GEPA}.per_iteration": []}),
+        *[
+            c(f"{GEPA}.prompt_growth_tokens_per_iteration", label, value)
+            for label, value in some(BAD_COUNTS)
+        ],
         c(
             f"{GEPA}.per_iteration[1]",
             "empty-step",
@@ -977,6 +981,8 @@ BOUNDARIES = [
     case("Preview", f"job.{JUDGE}.answer_of_item", "the-inference", 0),
     case("Preview", f"job.{GEPA_JUDGE}.answer_of_item", "the-inference", 0),
     case("Preview", f"job.{JUDGE}.answer_max_tokens", "largest-count", 2**53 - 1),
+    # A GEPA prompt that grows stops at the model's context window, however fast it grows.
+    case("Preview", f"job.{GEPA}.prompt_growth_tokens_per_iteration", "largest-count", 2**53 - 1),
     case("Preview", f"job.{JUDGE}.calls", "zero-is-one", 0),
     case("Preview", f"job.{INF}.prompt_tokens", "zero", 0),
     case("Preview", f"job.{INF}.byok", "byok", True),

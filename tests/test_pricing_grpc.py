@@ -193,7 +193,7 @@ JOBS: dict[str, tuple[dict[str, Any], list[Any]]] = {
         },
         [JudgeSpec("gpt-4o-mini", calls=2, prompt_tokens_per_call=300, answer_max_tokens=900)],
     ),
-    "gepa-judged-answers": (
+    "gepa-growing-judged-answers": (
         {
             "items": [
                 {
@@ -209,6 +209,7 @@ JOBS: dict[str, tuple[dict[str, Any], list[Any]]] = {
                             },
                             {"inference": {"model": "gpt-4.1", "promptTokens": 2000}},
                         ],
+                        "promptGrowthTokensPerIteration": 300,
                     }
                 }
             ]
@@ -220,6 +221,7 @@ JOBS: dict[str, tuple[dict[str, Any], list[Any]]] = {
                     JudgeSpec("gpt-4o", prompt_text=TEXT, answer_of_item=1),
                     InferenceSpec("gpt-4.1", prompt_tokens=2000),
                 ],
+                prompt_growth_tokens_per_iteration=300,
             )
         ],
     ),

@@ -436,3 +436,76 @@ def test_a_bad_answer_reference_names_its_field(job, field: str, words: str) -> 
         preview(EXAMPLE, "", job)
     assert caught.value.field == field
     assert words in caught.value.description
+
+
+# -- GEPA prompts that grow --------------------------------------------------------------------
+
+
+def grown(base: int, growth: int, iterations: int, window: int) -> list[int]:
+    """The prompt of each iteration when every reflection appends ``growth`` tokens to it."""
+    return [min(base + i * growth, max(base, window)) for i in range(1, iterations + 1)]
+
+
+@pytest.mark.parametrize("org", ORGS)
+def test_a_gepa_prompt_that_grows_each_iteration_is_bounded(org: str) -> None:
+    spec = GepaSpec(
+        iterations=10,
+        per_iteration=[
+            InferenceSpec("gpt-4.1", prompt_tokens=3_000, max_output_tokens=1_000, samples=2),
+            JudgeSpec("gpt-4o-mini", calls=4, prompt_tokens_per_call=1_500, answer_of_item=0),
+        ],
+        prompt_growth_tokens_per_iteration=250,
+    )
+    prompts = grown(3_000, 250, 10, EXAMPLE.models["gpt-4.1"].context_window)
+    mini = EXAMPLE.models["gpt-4o-mini"].max_output_tokens
+    used = [
+        UsageLine("gepa_iteration", calls=10),
+        UsageLine("inference", "gpt-4.1", 2 * sum(prompts), 2 * 10 * 1_000, 2 * 10),
+        # The judges read the candidate's answers; their rubric does not grow.
+        UsageLine("judge", "gpt-4o-mini", 40 * (1_500 + 1_000), 40 * mini, 40),
+    ]
+    worst = preview(EXAMPLE, org, [spec])
+    assert worst.total_uecu == price_usage(EXAMPLE, org, used).total_uecu
+    prompt_line = next(x for x in worst.lines if x.item.endswith("per_iteration[0].inference"))
+    assert prompt_line.quantity == 2 * sum(prompts)
+    assert "+ 250 per iteration" in prompt_line.description
+    # Without the growth the same job was previewed below what its workers report.
+    flat = replace(spec, prompt_growth_tokens_per_iteration=0)
+    assert preview(EXAMPLE, org, [flat]).total_uecu < worst.total_uecu
+
+
+def test_growth_stops_at_the_models_context_window() -> None:
+    turbo = EXAMPLE.models["gpt-4-turbo"]
+    spec = GepaSpec(
+        iterations=6,
+        per_iteration=[InferenceSpec(turbo.name, prompt_tokens=100_000, max_output_tokens=1)],
+        prompt_growth_tokens_per_iteration=10_000,
+    )
+    prompts = grown(100_000, 10_000, 6, turbo.context_window)
+    assert prompts == [110_000, 120_000, 128_000, 128_000, 128_000, 128_000]
+    assert preview(EXAMPLE, "", [spec]).lines[1].quantity == sum(prompts)
+    # A growth as large as a count may be is bounded the same way (and fits an int64).
+    huge = replace(spec, prompt_growth_tokens_per_iteration=2**53 - 1)
+    assert preview(EXAMPLE, "", [huge]).lines[1].quantity == 6 * turbo.context_window
+
+
+def test_an_estimated_prompt_grows_from_its_estimate() -> None:
+    sonnet = EXAMPLE.models["anthropic/claude-sonnet-4"]
+    text = "Rewrite the instruction so the assistant cites its sources. " * 20
+    estimate = preview(EXAMPLE, "", [InferenceSpec(sonnet.name, prompt_text=text)]).lines[0]
+    spec = GepaSpec(
+        3, [InferenceSpec(sonnet.name, prompt_text=text)], prompt_growth_tokens_per_iteration=40
+    )
+    line = preview(EXAMPLE, "", [spec]).lines[1]
+    assert line.quantity == sum(grown(estimate.quantity, 40, 3, sonnet.context_window))
+
+
+@pytest.mark.parametrize(
+    ("growth", "words"), [(-1, "between 0"), (1.5, "integer"), (True, "integer")]
+)
+def test_a_bad_growth_names_its_field(growth: object, words: str) -> None:
+    spec = GepaSpec(2, [ANSWERED], prompt_growth_tokens_per_iteration=growth)
+    with pytest.raises(InvalidArgument) as caught:
+        preview(EXAMPLE, "", [spec])
+    assert caught.value.field == "job.items[0].gepa.prompt_growth_tokens_per_iteration"
+    assert words in caught.value.description

@@ -111,6 +111,10 @@ class GepaSpec:
 
     iterations: int
     per_iteration: Sequence[InferenceSpec | JudgeSpec]
+    prompt_growth_tokens_per_iteration: int = 0
+    """Tokens each iteration's reflection may append to the candidate prompt: iteration i
+    (1 to ``iterations``) sends each per-iteration inference prompt + i × this, at most the
+    model's context window. Judges' prompts (their rubric) do not grow."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,8 +80,16 @@ def _preview_item(pricer: Pricer, item: object, path: str, siblings: _Siblings) 
 
 
 def _inference(
-    pricer: Pricer, spec: InferenceSpec, path: str, repeat: int, job_type: JobType, label: str
+    pricer: Pricer,
+    spec: InferenceSpec,
+    path: str,
+    repeat: int,
+    job_type: JobType,
+    label: str,
+    growth: int = 0,
 ) -> list[Line]:
+    """``repeat`` rounds of the spec's samples; with ``growth``, round i's prompt is
+    i × growth tokens longer (a GEPA iteration's)."""
     byok = flag(spec.byok, f"{path}.byok")
     model = known_model(pricer.card, spec.model, f"{path}.model", byok=byok)
     prompt = _prompt(
@@ -94,17 +102,30 @@ def _inference(
     max_out = _max_output(model, spec.max_output_tokens, f"{path}.max_output_tokens")
     samples = _positive(spec.samples, f"{path}.samples")
     calls = samples * repeat
+    sent = f"{prompt} in"
+    if growth:
+        sent += f" + {growth} per iteration up to {max(prompt, model.context_window)}"
     return pricer.model_calls(
         model=model,
-        tokens_in=prompt * calls,
+        tokens_in=samples * _grown(prompt, growth, repeat, model.context_window),
         tokens_out=max_out * calls,
         calls=calls,
         byok=byok,
         judge=False,
         job_type=job_type,
-        label=f"{label} {model.name} ({calls} calls × {prompt} in, {max_out} max out)",
+        label=f"{label} {model.name} ({calls} calls × {sent}, {max_out} max out)",
         item=path,
     )
+
+
+def _grown(prompt: int, growth: int, rounds: int, window: int) -> int:
+    """Σ over rounds i = 1..rounds of ``prompt + i × growth``, each at most the context window
+    (the provider refuses more; an estimate above it stays as estimated)."""
+    if not growth:
+        return prompt * rounds
+    cap = max(prompt, window)
+    below = min(rounds, (cap - prompt) // growth)  # rounds whose prompt is under the cap
+    return below * prompt + growth * below * (below + 1) // 2 + (rounds - below) * cap
 
 
 def _judge(
@@ -213,6 +234,10 @@ def _kind(item: object) -> str:
 def _gepa(pricer: Pricer, spec: GepaSpec, path: str) -> list[Line]:
     iterations = _positive(spec.iterations, f"{path}.iterations")
     inner = check_list(spec.per_iteration, f"{path}.per_iteration")
+    growth = check_count(
+        f"{path}.prompt_growth_tokens_per_iteration",
+        spec.prompt_growth_tokens_per_iteration,  # type: ignore[arg-type]
+    )
     label = f"GEPA × {iterations} iterations"
     lines = pricer.fee_line(
         "gepa_iteration_uecu",
@@ -227,7 +252,13 @@ def _gepa(pricer: Pricer, spec: GepaSpec, path: str) -> list[Line]:
         here = f"{path}.per_iteration[{index}]"
         if isinstance(item, InferenceSpec):
             lines += _inference(
-                pricer, item, f"{here}.inference", iterations, JobType.GEPA, f"{label}, inference"
+                pricer,
+                item,
+                f"{here}.inference",
+                iterations,
+                JobType.GEPA,
+                f"{label}, inference",
+                growth,
             )
         elif isinstance(item, JudgeSpec):
             lines += _judge(

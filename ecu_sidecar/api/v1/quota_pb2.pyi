@@ -173,12 +173,14 @@ class GepaStep(_message.Message):
     def __init__(self, inference: _Optional[_Union[InferenceSpec, _Mapping]] = ..., judge: _Optional[_Union[JudgeSpec, _Mapping]] = ...) -> None: ...
 
 class GepaSpec(_message.Message):
-    __slots__ = ("iterations", "per_iteration")
+    __slots__ = ("iterations", "per_iteration", "prompt_growth_tokens_per_iteration")
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     PER_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_GROWTH_TOKENS_PER_ITERATION_FIELD_NUMBER: _ClassVar[int]
     iterations: int
     per_iteration: _containers.RepeatedCompositeFieldContainer[GepaStep]
-    def __init__(self, iterations: _Optional[int] = ..., per_iteration: _Optional[_Iterable[_Union[GepaStep, _Mapping]]] = ...) -> None: ...
+    prompt_growth_tokens_per_iteration: int
+    def __init__(self, iterations: _Optional[int] = ..., per_iteration: _Optional[_Iterable[_Union[GepaStep, _Mapping]]] = ..., prompt_growth_tokens_per_iteration: _Optional[int] = ...) -> None: ...
 
 class TraceEvalSpec(_message.Message):
     __slots__ = ("traces", "judges")
