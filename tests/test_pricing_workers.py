@@ -509,3 +509,80 @@ def test_a_bad_growth_names_its_field(growth: object, words: str) -> None:
         preview(EXAMPLE, "", [spec])
     assert caught.value.field == "job.items[0].gepa.prompt_growth_tokens_per_iteration"
     assert words in caught.value.description
+
+
+# -- the shipped example, end to end -----------------------------------------------------------
+
+
+def example_usage() -> list[UsageLine]:
+    """What the workers of examples/job.json report when every call uses all it may: derived
+    by hand from the JSON (the provider's counts of what is sent), not by the pricer."""
+    inference, judge, gepa, trace_eval = (
+        next(iter(item.values())) for item in EXAMPLE_JOB["items"]
+    )
+    enc = EXAMPLE.models[inference["model"]].encoding
+    answer = inference["maxOutputTokens"]
+    rubric = tokens.count_messages(
+        [ChatMessage(m["role"], m["content"]) for m in judge["messages"]["messages"]],
+        EXAMPLE.models[judge["judgeModel"]].encoding,
+    )
+    n, k = inference["samples"], gepa["iterations"]
+    rollout, grader = (next(iter(step.values())) for step in gepa["perIteration"])
+    growth = gepa["promptGrowthTokensPerIteration"]
+    sonnet, llama = trace_eval["judges"]
+    t = trace_eval["traces"]
+    return [
+        UsageLine(
+            "inference", "gpt-4o", n * sent_as_chat(inference["promptText"], enc), n * answer, n
+        ),
+        UsageLine(
+            "judge",
+            "gpt-4o-mini",
+            judge["calls"] * (rubric + answer),
+            judge["calls"] * judge["maxOutputTokensPerCall"],
+            judge["calls"],
+        ),
+        UsageLine("gepa_iteration", calls=k),
+        UsageLine(
+            "inference",
+            "gpt-4.1",
+            sum(rollout["promptTokens"] + i * growth for i in range(1, k + 1)),
+            k * rollout["maxOutputTokens"],
+            k,
+        ),
+        UsageLine(
+            "judge",
+            "gpt-4o-mini",
+            k * grader["calls"] * (grader["promptTokensPerCall"] + rollout["maxOutputTokens"]),
+            k * grader["calls"] * grader["maxOutputTokensPerCall"],
+            k * grader["calls"],
+        ),
+        UsageLine("trace", calls=t),
+        UsageLine(
+            "judge",
+            sonnet["judgeModel"],
+            t * sonnet["promptTokensPerCall"],
+            t * sonnet["maxOutputTokensPerCall"],
+            t,
+        ),
+        UsageLine(
+            "judge",
+            llama["judgeModel"],
+            t * llama["calls"] * llama["promptTokensPerCall"],
+            t * llama["calls"] * llama["maxOutputTokensPerCall"],
+            t * llama["calls"],
+            byok=True,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("org", ORGS)
+def test_the_shipped_example_bounds_what_its_workers_report(org: str) -> None:
+    from google.protobuf.json_format import ParseDict
+
+    from ecu_sidecar.api.v1 import quota_pb2 as pb
+    from ecu_sidecar.convert import job_from_pb
+
+    job = job_from_pb(ParseDict(EXAMPLE_JOB, pb.JobSpec()))
+    worst = preview(EXAMPLE, org, job)
+    assert worst.total_uecu == price_usage(EXAMPLE, org, example_usage()).total_uecu
