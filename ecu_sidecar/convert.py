@@ -148,7 +148,10 @@ def reserve_item_from_pb(msg: Any) -> ReserveItem:
 
 
 def commit_item_from_pb(msg: Any) -> CommitItem:
-    """A hold to settle, from a CommitRequest or a CommitItem (the same field names)."""
+    """A hold to settle, from a CommitRequest or a CommitItem (the same field names).
+
+    On the wire an empty list is no list: a commit naming a rate card version is priced from
+    its usage lines, none (a job that made no call) included."""
     lines = msg.usage_lines
     u = msg.usage
     return CommitItem(
@@ -156,7 +159,7 @@ def commit_item_from_pb(msg: Any) -> CommitItem:
         msg.actual_uecu,
         Usage(u.tokens_in, u.tokens_out, u.calls),
         msg.rate_card_version,
-        usage_lines=usage_from_pb(lines) if lines else None,
+        usage_lines=usage_from_pb(lines) if lines or msg.rate_card_version else None,
     )
 
 
@@ -189,6 +192,8 @@ def _judge(msg: pb.JudgeSpec) -> JudgeSpec:
         else None,
         max_output_tokens_per_call=msg.max_output_tokens_per_call,
         byok=msg.byok,
+        answer_max_tokens=msg.answer_max_tokens,
+        answer_of_item=msg.answer_of_item if msg.HasField("answer_of_item") else None,
     )
 
 
@@ -199,7 +204,11 @@ def _step(msg: Any) -> Any:
     if which == "judge":
         return _judge(msg.judge)
     if which == "gepa":
-        return GepaSpec(msg.gepa.iterations, [_step(s) for s in msg.gepa.per_iteration])
+        return GepaSpec(
+            msg.gepa.iterations,
+            [_step(s) for s in msg.gepa.per_iteration],
+            msg.gepa.prompt_growth_tokens_per_iteration,
+        )
     if which == "trace_eval":
         return TraceEvalSpec(msg.trace_eval.traces, [_judge(j) for j in msg.trace_eval.judges])
     return None  # an empty item: the pricer names it

@@ -410,6 +410,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
                     context_window=m.context_window,
                     max_output_tokens=m.max_output_tokens,
                     estimate_factor_percent=m.estimate_factor_percent,
+                    chat_only=m.chat_only,
                 )
                 for m in sorted(card.models.values(), key=lambda m: m.name)
             ],
@@ -417,6 +418,9 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             judge_call_uecu=card.fees.judge_call_uecu,
             gepa_iteration_uecu=card.fees.gepa_iteration_uecu,
             trace_uecu=card.fees.trace_uecu,
+            byok_engine_call_uecu=card.fees.engine_call_uecu
+            if card.fees.byok_engine_call_uecu is None
+            else card.fees.byok_engine_call_uecu,
             organizations_with_terms=with_terms,
             versions=list(rates.versions()),
         )

@@ -253,7 +253,14 @@ def check_step(
 
 def check_usage_lines(it: CommitItem, *, item: int | None = None) -> CommitItem:
     """A commit priced from usage lines, before pricing: the lines carry the amount and the
-    usage, and the rate card version the hold was priced with is named."""
+    usage, and the rate card version the hold was priced with is named. No line at all (the
+    job made no call) prices at 0."""
+    if not it.usage_lines and (it.actual_uecu or it.usage != Usage()):
+        raise InvalidArgument(
+            field_path(item, "rate_card_version"),
+            "is only meaningful with usage_lines (a commit of actual_uecu or usage names no "
+            "version; naming only the version commits an empty usage list at 0)",
+        )
     if it.actual_uecu:
         raise InvalidArgument(
             field_path(item, "actual_uecu"), "give actual_uecu or usage_lines, not both"

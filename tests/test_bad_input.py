@@ -710,6 +710,20 @@ def spec_cases(rpc: str, base: Mapping[str, Any], prefix: str, at: str, *, full:
         c(max_f, "over-model-max", model.max_output_tokens + 1),
         *[c(max_f, label, value) for label, value in some(BAD_COUNTS)],
         *[c(count_f, label, value) for label, value in some(BAD_POSITIVE_COUNTS)],
+        *(answer_cases(c, path, some) if judge else []),
+    ]
+
+
+def answer_cases(c: Any, path: str, some: Any) -> list[Any]:
+    """The answer a judge reads: a bad bound, or an item that is not there or not an
+    inference (a trace evaluation's judges name none)."""
+    own = int(re.findall(r"\[(\d+)\]", path)[-1])
+    oneof = (f"{path}.answer",)
+    return [
+        *[c("answer_max_tokens", label, value) for label, value in some(BAD_COUNTS)],
+        c("answer_of_item", "out-of-range", 99, covers=oneof),
+        c("answer_of_item", "negative", -1, covers=oneof),
+        c("answer_of_item", "itself-a-judge", own, covers=oneof),
     ]
 
 
@@ -739,6 +753,10 @@ def job_cases(rpc: str, base: Mapping[str, Any], prefix: str, *, full: bool) -> 
             for label, value in zero + some(BAD_POSITIVE_COUNTS)
         ],
         c(f"{GEPA}.per_iteration", "empty", {f"{prefix}{GEPA}.per_iteration": []}),
+        *[
+            c(f"{GEPA}.prompt_growth_tokens_per_iteration", label, value)
+            for label, value in some(BAD_COUNTS)
+        ],
         c(
             f"{GEPA}.per_iteration[1]",
             "empty-step",
@@ -942,11 +960,13 @@ BOUNDARIES = [
         "context-window",
         CARD.models["gpt-4o"].context_window,
     ),
+    # gpt-4o is chat-only: its plain prompt is counted as the user message it is sent as, whose
+    # 7 tokens of framing (3 + 3 + "user") fill the window with the text.
     case(
         "Preview",
         f"job.{INF}.prompt_text",
         "context-window",
-        " a" * CARD.models["gpt-4o"].context_window,
+        " a" * (CARD.models["gpt-4o"].context_window - 7),
     ),
     case(
         "Preview",
@@ -956,6 +976,13 @@ BOUNDARIES = [
     ),
     case("Preview", f"job.{INF}.max_output_tokens", "zero-model-max", 0),
     case("Preview", f"job.{INF}.samples", "zero-is-one", 0),
+    # A judge reads the answer of an inference item of its list, or a bound in tokens as large
+    # as a count may be (what a call reads stops at the judge's context window).
+    case("Preview", f"job.{JUDGE}.answer_of_item", "the-inference", 0),
+    case("Preview", f"job.{GEPA_JUDGE}.answer_of_item", "the-inference", 0),
+    case("Preview", f"job.{JUDGE}.answer_max_tokens", "largest-count", 2**53 - 1),
+    # A GEPA prompt that grows stops at the model's context window, however fast it grows.
+    case("Preview", f"job.{GEPA}.prompt_growth_tokens_per_iteration", "largest-count", 2**53 - 1),
     case("Preview", f"job.{JUDGE}.calls", "zero-is-one", 0),
     case("Preview", f"job.{INF}.prompt_tokens", "zero", 0),
     case("Preview", f"job.{INF}.byok", "byok", True),
@@ -971,6 +998,14 @@ BOUNDARIES = [
     case("ReserveBatch", "items[2].job", "instead-of-amount", BATCH_JOB),
     case("Commit", "usage_lines", "priced-with-the-pinned-version", COMMIT_USAGE),
     case("Commit", "usage_lines", "empty-is-a-plain-commit", {"usage_lines": []}),
+    # A job that made no call: the version alone, no line, prices at 0.
+    case("Commit", "usage_lines", "none-used-priced-at-zero", {**COMMIT_USAGE, "usage_lines": []}),
+    case(
+        "CommitBatch",
+        "items[2].usage_lines",
+        "none-used-priced-at-zero",
+        {**BATCH_USAGE, "items[2].usage_lines": []},
+    ),
 ]
 
 

@@ -408,6 +408,7 @@ def test_rates_shows_the_loaded_card(sidecar_proc: Serve) -> None:
         "judge_call_uecu": CARD.fees.judge_call_uecu,
         "gepa_iteration_uecu": CARD.fees.gepa_iteration_uecu,
         "trace_uecu": CARD.fees.trace_uecu,
+        "byok_engine_call_uecu": CARD.fees.engine_call_uecu,  # the card sets none
     }
     assert {m["name"]: m["input_uecu_per_mtok"] for m in data["models"]} == {
         name: m.input_uecu_per_mtok for name, m in CARD.models.items()

@@ -685,7 +685,9 @@ async def test_rate_card_and_auto_top_up(client: AsyncQuotaClient) -> None:
     card = await client.rate_card()
     assert isinstance(card, qc.RateCardInfo)
     assert (card.version, card.versions) == (CARD.version, [CARD.version])
-    assert card.fees == CARD.fees
+    # The card sets no BYOK engine fee: the answer says what a BYOK call pays, the engine fee.
+    assert CARD.fees.byok_engine_call_uecu is None
+    assert card.fees == replace(CARD.fees, byok_engine_call_uecu=CARD.fees.engine_call_uecu)
     assert card.models == sorted(CARD.models.values(), key=lambda m: m.name)
     assert card.organizations_with_terms == sorted(CARD.organizations)
 

@@ -62,6 +62,13 @@ def calls_cost(model: str, prompt: int, max_out: int, calls: int, *, judge: bool
     return total
 
 
+def as_user_message(text: str, encoding: str) -> int:
+    """Tokens of ``text`` sent as one chat user message, as every model of the example card is
+    (chat_only): priming 3, framing 3, the role, the content (OpenAI's cookbook count)."""
+    enc = tokens.get_encoding(encoding)
+    return 3 + 3 + len(enc.encode_ordinary("user")) + len(enc.encode_ordinary(text))
+
+
 def check_consistent(quote: Quote) -> None:
     assert quote.rate_card_version == CARD.version
     assert quote.total_uecu == sum(line.subtotal_uecu for line in quote.lines)
@@ -98,7 +105,8 @@ def test_inference_from_text_uses_the_encoding_and_safety_factor() -> None:
     text = "Summarize the following evaluation transcript. " * 40
     model = "anthropic/claude-sonnet-4"
     m = CARD.models[model]
-    raw = len(tokens.get_encoding(m.encoding).encode_ordinary(text))
+    assert m.chat_only
+    raw = as_user_message(text, m.encoding)
     priced = ceil_div(raw * m.estimate_factor_percent, 100)
     assert priced > raw  # the card gives this non-OpenAI model a factor above 100
     quote = preview(CARD, "", [InferenceSpec(model, prompt_text=text, max_output_tokens=2_000)])
@@ -174,7 +182,7 @@ def test_trace_evaluation() -> None:
     check_consistent(quote)
     m = CARD.models[llama]
     rubric_tokens = ceil_div(
-        len(tokens.get_encoding(m.encoding).encode_ordinary(rubric)) * m.estimate_factor_percent,
+        as_user_message(rubric, m.encoding) * m.estimate_factor_percent,
         100,
     )
     expected = 250 * CARD.fees.trace_uecu
@@ -490,7 +498,7 @@ def test_field_prefix_is_configurable() -> None:
 def test_preview_of_a_100k_token_prompt_completes() -> None:
     text = " ".join(f"token{i % 997}" for i in range(60_000))
     model = CARD.models["gpt-4.1"]
-    raw = len(tokens.get_encoding(model.encoding).encode_ordinary(text))
+    raw = as_user_message(text, model.encoding)
     assert raw >= 100_000
     quote = preview(CARD, "", [InferenceSpec("gpt-4.1", prompt_text=text)])
     assert quote.lines[0].quantity == raw

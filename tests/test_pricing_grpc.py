@@ -176,6 +176,55 @@ JOBS: dict[str, tuple[dict[str, Any], list[Any]]] = {
             )
         ],
     ),
+    # A judge that reads the candidate's answer: a bound in tokens, or the answer of an item
+    # (local to the GEPA iteration's list, so the "mixed" job's indices stay valid).
+    "judge-of-an-answer": (
+        {
+            "items": [
+                {
+                    "judge": {
+                        "judgeModel": "gpt-4o-mini",
+                        "calls": 2,
+                        "promptTokensPerCall": 300,
+                        "answerMaxTokens": 900,
+                    }
+                }
+            ]
+        },
+        [JudgeSpec("gpt-4o-mini", calls=2, prompt_tokens_per_call=300, answer_max_tokens=900)],
+    ),
+    "gepa-growing-judged-answers": (
+        {
+            "items": [
+                {
+                    "gepa": {
+                        "iterations": 3,
+                        "perIteration": [
+                            {
+                                "judge": {
+                                    "judgeModel": "gpt-4o",
+                                    "promptText": TEXT,
+                                    "answerOfItem": 1,
+                                }
+                            },
+                            {"inference": {"model": "gpt-4.1", "promptTokens": 2000}},
+                        ],
+                        "promptGrowthTokensPerIteration": 300,
+                    }
+                }
+            ]
+        },
+        [
+            GepaSpec(
+                3,
+                [
+                    JudgeSpec("gpt-4o", prompt_text=TEXT, answer_of_item=1),
+                    InferenceSpec("gpt-4.1", prompt_tokens=2000),
+                ],
+                prompt_growth_tokens_per_iteration=300,
+            )
+        ],
+    ),
     "trace-eval": (
         {
             "items": [
@@ -675,6 +724,99 @@ async def test_commit_batch_prices_each_item(stub) -> None:
     ]
 
 
+async def test_a_byok_model_the_card_does_not_list_bills_the_engine_work(sidecar, stub) -> None:
+    """A customer's own model on its own key: accepted though the card does not list it, its
+    tokens free, the platform's engine (and judge) fees billed; without BYOK it is refused
+    with the field and nothing changes."""
+    custom = "acme/support-ft-v3"
+    assert CARD.model(custom) is None
+    job = {
+        "items": [
+            {"inference": {"model": custom, "promptTokens": 900, "samples": 2, "byok": True}},
+            {"judge": {"judgeModel": custom, "calls": 3, "promptText": "Grade.", "byok": True}},
+        ]
+    }
+    await grant(stub, PLAIN, ECU)
+    held = await reserve_job(stub, PLAIN, "r-custom", ParseDict(job, pb.JobSpec()))
+    f = CARD.fees
+    assert held.hold.amount_uecu == 2 * f.engine_call_uecu + 3 * (
+        f.engine_call_uecu + f.judge_call_uecu
+    )
+    assert {(x.model, x.subtotal_uecu) for x in held.quote.lines if x.unit == "token"} == {
+        (custom, 0)
+    }
+    used = [
+        UsageLine("inference", custom, tokens_in=1_800, tokens_out=700, calls=2, byok=True),
+        UsageLine("judge", custom, tokens_in=60, tokens_out=30, calls=1, byok=True),
+    ]
+    out = await stub.Commit(
+        pb.CommitRequest(
+            reservation_id="r-custom",
+            organization=PLAIN,
+            usage_lines=usage_pb(used),
+            rate_card_version=V1,
+        )
+    )
+    assert out.committed_uecu == 2 * f.engine_call_uecu + f.engine_call_uecu + f.judge_call_uecu
+
+    before = await snapshot(sidecar.settings)
+    job["items"][0]["inference"]["byok"] = False
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await reserve_job(stub, PLAIN, "r-custom-2", ParseDict(job, pb.JobSpec()))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        details(ei.value)["BadRequest"].field_violations[0].field == "job.items[0].inference.model"
+    )
+    assert f"unknown model {custom!r}" in ei.value.details()
+    assert await snapshot(sidecar.settings) == before
+
+
+async def test_a_commit_of_no_usage_lines_prices_at_zero(sidecar, stub) -> None:
+    """A job that made no call (it short-circuited) reports an empty usage list: the commit is
+    priced at 0, commits 0 and returns the whole hold. On the wire an empty list is no list at
+    all; the rate card version alone says the commit is priced from usage lines."""
+    await grant(stub, PLAIN, 50 * ECU)
+    held = await reserve_job(stub, PLAIN, "r-none", job_pb("judge"))
+    batched = await reserve_job(stub, PLAIN, "r-none-b", job_pb("gepa"))
+
+    out = await stub.Commit(
+        pb.CommitRequest(reservation_id="r-none", organization=PLAIN, rate_card_version=V1)
+    )
+    assert (out.committed_uecu, out.released_uecu, out.overage_uecu) == (
+        0,
+        held.hold.amount_uecu,
+        0,
+    )
+    assert (out.quote.total_uecu, list(out.quote.lines), out.quote.rate_card_version) == (
+        0,
+        [],
+        V1,
+    )
+    batch = await stub.CommitBatch(
+        pb.CommitBatchRequest(
+            organization=PLAIN,
+            items=[pb.CommitItem(reservation_id="r-none-b", rate_card_version=V1)],
+        )
+    )
+    (result,) = batch.results
+    assert (result.code, result.commit.committed_uecu, result.commit.released_uecu) == (
+        0,
+        0,
+        batched.hold.amount_uecu,
+    )
+    b = await balance(stub, PLAIN)
+    assert (b.committed_uecu, b.held_uecu, b.available_uecu) == (0, 0, 50 * ECU)
+    events = [e for e in await outbox(sidecar, PLAIN) if e["type"] == "commit"]
+    assert [(e["rcv"], int(e["committed"]), json.loads(e["lines"])) for e in events] == [
+        (V1, 0, [])
+    ] * 2
+
+    again = await stub.Commit(
+        pb.CommitRequest(reservation_id="r-none", organization=PLAIN, rate_card_version=V1)
+    )
+    assert again.replayed and again.committed_uecu == 0
+
+
 # -- the rate card -----------------------------------------------------------------------------
 
 
@@ -692,6 +834,9 @@ async def test_get_rate_card_returns_the_card(stub) -> None:
         CARD.fees.gepa_iteration_uecu,
         CARD.fees.trace_uecu,
     )
+    # The example card sets no BYOK engine fee: BYOK calls pay the engine fee.
+    assert CARD.fees.byok_engine_call_uecu is None
+    assert out.byok_engine_call_uecu == CARD.fees.engine_call_uecu
     assert list(out.organizations_with_terms) == sorted(CARD.organizations)
     assert {m.model: m for m in out.models}.keys() == set(CARD.models)
     for m in out.models:
@@ -703,6 +848,7 @@ async def test_get_rate_card_returns_the_card(stub) -> None:
             m.context_window,
             m.max_output_tokens,
             m.estimate_factor_percent,
+            m.chat_only,
         ) == (
             card.input_uecu_per_mtok,
             card.output_uecu_per_mtok,
@@ -710,7 +856,9 @@ async def test_get_rate_card_returns_the_card(stub) -> None:
             card.context_window,
             card.max_output_tokens,
             card.estimate_factor_percent,
+            card.chat_only,
         )
+    assert any(m.chat_only for m in out.models)
 
 
 async def test_without_a_rate_card_pricing_is_a_failed_precondition(backend: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
@@ -128,6 +130,15 @@ def test_usage_lines_carry_the_amount_usage_and_need_the_rate_card_version() -> 
         check_usage_lines(CommitItem("r", 0, usage_lines=lines))
     with pytest.raises(errors.InvalidArgument, match="rate_card_version"):
         check_commit(CommitItem("r", 5, rate_card_version="v1"))  # without lines
+    # No line at all (the job made no call) is a usage commit too, priced at 0; with an
+    # amount or usage counts beside it, the version is the stray field.
+    empty = CommitItem("r", 0, rate_card_version="v1", usage_lines=[])
+    assert check_usage_lines(empty) is empty
+    for stray in (CommitItem("r", 5, usage_lines=[]), CommitItem("r", 0, Usage(1), usage_lines=[])):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            check_usage_lines(replace(stray, rate_card_version="v1"), item=2)
+        assert caught.value.field == "items[2].rate_card_version"
+        assert "empty usage list at 0" in caught.value.description
     # Once priced, a sum of counts past the bound names the lines.
     with pytest.raises(errors.InvalidArgument) as caught:
         check_commit(CommitItem("r", 5, Usage(MAX_COUNT + 1), "v1"), priced=True, item=0)
@@ -143,3 +154,15 @@ def test_reservation_ids_are_valid_and_distinct_within_a_request() -> None:
     for odd in ("", "x" * 129, "{a}", "a:b"):
         with pytest.raises(errors.InvalidArgument):
             check_reservation_id(odd, set())
+
+
+def test_a_commit_naming_only_the_rate_card_version_is_an_empty_usage_list() -> None:
+    """proto3 cannot tell an empty repeated field from a missing one: the version is what says
+    a commit is priced from usage lines, so naming it alone reports no usage (priced at 0)."""
+    from ecu_sidecar.api.v1 import quota_pb2 as pb
+    from ecu_sidecar.convert import commit_item_from_pb
+
+    named = commit_item_from_pb(pb.CommitRequest(reservation_id="r", rate_card_version="v1"))
+    assert named.usage_lines == []
+    plain = commit_item_from_pb(pb.CommitRequest(reservation_id="r", actual_uecu=5))
+    assert plain.usage_lines is None

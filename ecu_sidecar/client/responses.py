@@ -68,6 +68,7 @@ class RateCardInfo:
 
     version: str
     fees: Fees
+    """The card's fees; ``byok_engine_call_uecu`` is what a BYOK call pays (never None here)."""
     models: list[ModelRates]
     """Every model with its rates, sorted by name."""
     organizations_with_terms: list[str]
@@ -237,7 +238,13 @@ def rate_card_info(r: pb.GetRateCardResponse) -> RateCardInfo:
     """GetRateCard's answer: the card's version, fees, models and versions."""
     return RateCardInfo(
         version=r.version,
-        fees=Fees(r.engine_call_uecu, r.judge_call_uecu, r.gepa_iteration_uecu, r.trace_uecu),
+        fees=Fees(
+            r.engine_call_uecu,
+            r.judge_call_uecu,
+            r.gepa_iteration_uecu,
+            r.trace_uecu,
+            r.byok_engine_call_uecu,
+        ),
         models=[
             ModelRates(
                 name=m.model,
@@ -247,6 +254,7 @@ def rate_card_info(r: pb.GetRateCardResponse) -> RateCardInfo:
                 context_window=m.context_window,
                 max_output_tokens=m.max_output_tokens,
                 estimate_factor_percent=m.estimate_factor_percent,
+                chat_only=m.chat_only,
             )
             for m in r.models
         ],

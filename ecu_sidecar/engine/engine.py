@@ -306,7 +306,7 @@ class QuotaEngine:
             at = i if batch else None
             check_reservation_id(it.reservation_id, seen, item=at)
             quote = None
-            if it.usage_lines:
+            if it.usage_lines is not None:
                 check_usage_lines(it, item=at)
                 card = self._card(it.rate_card_version)
                 quote = price_usage(card, org, it.usage_lines, field=field_path(at, "usage_lines"))

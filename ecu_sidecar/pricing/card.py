@@ -55,6 +55,9 @@ class ModelRates:
     """Most completion tokens one call may produce; the worst case when a spec says 0."""
     estimate_factor_percent: int = 100
     """Estimated prompt tokens are multiplied by this / 100 (≥ 100, for other tokenizers)."""
+    chat_only: bool = False
+    """The model is only reached through a chat API: a plain prompt text is sent, and billed,
+    as one user message, so it is counted with that message's framing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +65,18 @@ class Fees:
     """Platform fees, each µECU per unit."""
 
     engine_call_uecu: int
-    """Every model call (inference sample or judge call), BYOK or not."""
+    """Every model call (inference sample or judge call); BYOK calls too, unless
+    ``byok_engine_call_uecu`` is set."""
     judge_call_uecu: int
     """Every judge call, on top of the judge model's tokens and the engine fee."""
     gepa_iteration_uecu: int
     """Every GEPA iteration, on top of the calls the iteration makes."""
     trace_uecu: int
     """Every trace evaluated, on top of the judge calls on it."""
+    byok_engine_call_uecu: int | None = None
+    """Every BYOK model call, instead of ``engine_call_uecu`` (None: BYOK calls pay that one).
+    Lets a card bill the engine work of BYOK calls, whose tokens it does not sell, without a
+    per-call fee on public-model calls (``engine_call_uecu = 0``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +95,7 @@ class FeeOverride:
     judge_call_uecu: int | None = None
     gepa_iteration_uecu: int | None = None
     trace_uecu: int | None = None
+    byok_engine_call_uecu: int | None = None
 
 
 _NO_MODELS: Mapping[str, ModelOverride] = MappingProxyType({})

@@ -145,6 +145,15 @@ class Pricer:
             return negotiated, True
         return getattr(self.card.fees, key), False
 
+    def engine_fee(self, byok: bool) -> tuple[str, str]:
+        """The fee key and wording of a call's engine fee: BYOK calls pay
+        ``byok_engine_call_uecu`` when the card or the organization's terms set one, every
+        other call (and BYOK calls when neither does) ``engine_call_uecu``."""
+        own = (self.terms.fees.byok_engine_call_uecu, self.card.fees.byok_engine_call_uecu)
+        if byok and own != (None, None):
+            return "byok_engine_call_uecu", "BYOK engine fee per call"
+        return "engine_call_uecu", "engine fee per call"
+
     def model_calls(
         self,
         *,
@@ -159,7 +168,10 @@ class Pricer:
         item: str,
     ) -> list[Line]:
         """Token lines (always shown, 0 under BYOK), then the engine (and judge) fee lines."""
-        suffix = " (BYOK: 0, paid by the customer's key)" if byok else ""
+        suffix = ""
+        if byok:
+            unlisted = "" if self.card.model(model.name) else ", not on the rate card"
+            suffix = f" (BYOK{unlisted}: 0, paid by the customer's key)"
         lines = []
         for which, quantity, what in (
             ("input_uecu_per_mtok", tokens_in, "input tokens"),
@@ -180,7 +192,7 @@ class Pricer:
                     byok=byok,
                 )
             )
-        fees = [("engine_call_uecu", "engine fee per call")]
+        fees = [self.engine_fee(byok)]
         if judge:
             fees.append(("judge_call_uecu", "judge fee per call"))
         for key, what in fees:

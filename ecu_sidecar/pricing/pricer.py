@@ -11,7 +11,8 @@ both are monotone, so:
   preview (property-tested), and splitting usage into more lines never costs more.
 
 Spec errors raise ``InvalidArgument`` with field paths like ``job.items[1].judge.calls``.
-An unknown model is refused, never priced as zero.
+An unknown model is refused, never priced as zero, unless it runs on the customer's own key
+(BYOK: its tokens are free, the platform's fees are billed).
 
 This module is the pricer's public face; each part lives in the module that owns it:
 ``spec`` (job specs and usage lines), ``lines`` (one priced line: rates, BYOK, negotiated

@@ -39,6 +39,7 @@ __all__ = [
     "MAX_CONTEXT_TOKENS",
     "MAX_ESTIMATE_FACTOR_PERCENT",
     "MAX_RATE_UECU",
+    "OPTIONAL_FEE_KEYS",
     "FeeOverride",
     "Fees",
     "ModelOverride",
@@ -59,8 +60,11 @@ MAX_RATE_UECU = 10**12
 MAX_CONTEXT_TOKENS = 100_000_000
 #: Ceiling on estimate_factor_percent (10× the tokenizer's count).
 MAX_ESTIMATE_FACTOR_PERCENT = 1_000
-#: The four platform fees, each an integer µECU amount.
+#: The four platform fees every card sets, each an integer µECU amount.
 FEE_KEYS = ("engine_call_uecu", "judge_call_uecu", "gepa_iteration_uecu", "trace_uecu")
+#: Fees a card may leave out (absent: BYOK calls pay engine_call_uecu).
+OPTIONAL_FEE_KEYS = ("byok_engine_call_uecu",)
+_ALL_FEE_KEYS = FEE_KEYS + OPTIONAL_FEE_KEYS
 
 _TOP_KEYS = ("version", "description", "fees", "models", "organizations")
 _MODEL_KEYS = (
@@ -70,6 +74,7 @@ _MODEL_KEYS = (
     "context_window",
     "max_output_tokens",
     "estimate_factor_percent",
+    "chat_only",
 )
 _OVERRIDE_RATE_KEYS = ("input_uecu_per_mtok", "output_uecu_per_mtok")
 _ORG_KEYS = ("discount_percent", "models", "fees")
@@ -199,6 +204,12 @@ class _Validator:
     def optional_uecu(self, table: dict[str, Any], parts: tuple[str, ...], key: str) -> int | None:
         return self.uecu(table, parts, key) if key in table else None
 
+    def boolean(self, table: dict[str, Any], parts: tuple[str, ...], key: str) -> bool:
+        value = table.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error((*parts, key), f"must be true or false, got {_describe(value)}")
+        return value
+
     def string(self, table: dict[str, Any], parts: tuple[str, ...], key: str) -> str:
         here = (*parts, key)
         if key not in table:
@@ -223,8 +234,11 @@ class _Validator:
         if "fees" not in raw:
             raise self.error(("fees",), "missing: the [fees] table is required")
         fees_table = self.table(raw["fees"], ("fees",))
-        self.keys(fees_table, ("fees",), FEE_KEYS)
-        fees = Fees(**{key: self.uecu(fees_table, ("fees",), key) for key in FEE_KEYS})
+        self.keys(fees_table, ("fees",), _ALL_FEE_KEYS)
+        fees = Fees(
+            **{key: self.uecu(fees_table, ("fees",), key) for key in FEE_KEYS},
+            **{key: self.optional_uecu(fees_table, ("fees",), key) for key in OPTIONAL_FEE_KEYS},
+        )
         models = self.models(raw)
         organizations = self.organizations(raw.get("organizations", {}), models)
         fingerprint = hashlib.sha256(
@@ -310,6 +324,7 @@ class _Validator:
             context_window=context_window,
             max_output_tokens=max_output,
             estimate_factor_percent=factor,
+            chat_only=self.boolean(table, parts, "chat_only"),
         )
 
     def organizations(
@@ -361,9 +376,9 @@ class _Validator:
             )
         fees_parts = (*parts, "fees")
         fees_table = self.table(table.get("fees", {}), fees_parts)
-        self.keys(fees_table, fees_parts, FEE_KEYS)
+        self.keys(fees_table, fees_parts, _ALL_FEE_KEYS)
         fees = FeeOverride(
-            **{key: self.optional_uecu(fees_table, fees_parts, key) for key in FEE_KEYS}
+            **{key: self.optional_uecu(fees_table, fees_parts, key) for key in _ALL_FEE_KEYS}
         )
         return OrganizationTerms(
             organization=org,

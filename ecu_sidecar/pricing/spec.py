@@ -2,7 +2,7 @@
 job really used), and the checks of their shape that the preview and usage pricing share.
 
 Spec errors raise ``InvalidArgument`` with field paths like ``job.items[1].judge.calls``.
-An unknown model is refused, never priced as zero.
+An unknown model is refused, never priced as zero, unless it runs on the customer's own key.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import KW_ONLY, dataclass
 
 from ecu_sidecar.errors import InvalidArgument
 from ecu_sidecar.pricing.card import ModelRates, RateCard
+from ecu_sidecar.pricing.ratecard import MAX_CONTEXT_TOKENS
 from ecu_sidecar.pricing.tokens import ChatMessage
 from ecu_sidecar.validation import check_model
 
@@ -30,6 +31,7 @@ __all__ = [
     "check_list",
     "flag",
     "known_model",
+    "unlisted_byok_model",
 ]
 
 #: Most items in one list of a spec (job items, GEPA per-iteration items, trace judges, usage).
@@ -81,7 +83,9 @@ class JudgeSpec:
     """An LLM judge run: ``calls`` calls of the judge model, each with the same prompt bound.
 
     Exactly one of ``prompt_tokens_per_call``, ``prompt_text`` and ``messages`` gives the
-    per-call prompt. In a TraceEvalSpec, ``calls`` are the calls per trace.
+    per-call prompt (the rubric). A judge of a candidate's answer reads that answer on top of
+    it: ``answer_of_item`` or ``answer_max_tokens`` bounds it. In a TraceEvalSpec, ``calls``
+    are the calls per trace.
     """
 
     judge_model: str
@@ -93,6 +97,12 @@ class JudgeSpec:
     max_output_tokens_per_call: int = 0
     """Completion bound per call; 0 means the judge model's max_output_tokens."""
     byok: bool = False
+    answer_max_tokens: int = 0
+    """Each call also reads a candidate's answer of up to this many tokens (0: none)."""
+    answer_of_item: int | None = None
+    """Each call also reads the answer of this inference item of the same list (the job's
+    items, or the GEPA iteration's ``per_iteration``): up to that item's output bound. At most
+    one of this and ``answer_max_tokens``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +111,10 @@ class GepaSpec:
 
     iterations: int
     per_iteration: Sequence[InferenceSpec | JudgeSpec]
+    prompt_growth_tokens_per_iteration: int = 0
+    """Tokens each iteration's reflection may append to the candidate prompt: iteration i
+    (1 to ``iterations``) sends each per-iteration inference prompt + i × this, at most the
+    model's context window. Judges' prompts (their rubric) do not grow."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,19 +158,37 @@ def check_list(value: object, field: str, *, allow_empty: bool = False) -> Seque
     return value
 
 
-def known_model(card: RateCard, name: object, field: str) -> ModelRates:
-    """The rates of a model the card lists; any other name is refused, never priced."""
+def known_model(card: RateCard, name: object, field: str, *, byok: bool = False) -> ModelRates:
+    """The rates of a model the card lists, or under BYOK of any well-formed model name
+    (``unlisted_byok_model``); any other name is refused, never priced."""
     if not isinstance(name, str):
         raise InvalidArgument(field, f"must be a string, got {type(name).__name__}")
     check_model(field, name, required=True)
     model = card.model(name)
-    if model is None:
-        raise InvalidArgument(
-            field,
-            f"unknown model {name!r}: rate card {card.version} has no rates for it "
-            "(an unknown model is never priced)",
-        )
-    return model
+    if model is not None:
+        return model
+    if byok:
+        return unlisted_byok_model(card, name)
+    raise InvalidArgument(
+        field,
+        f"unknown model {name!r}: rate card {card.version} has no rates for it (an unknown "
+        "model is never priced; a model on the customer's own provider key needs byok = true)",
+    )
+
+
+def unlisted_byok_model(card: RateCard, name: str) -> ModelRates:
+    """A BYOK model the card does not list: its tokens cost 0 (the customer's key pays the
+    provider) and only the platform's fees are billed, so no card needs to list every customer
+    model. Its limits are the card's ceilings (its provider enforces its own); its prompts are
+    estimated with one of the card's encodings, for the volume the breakdown shows."""
+    return ModelRates(
+        name=name,
+        input_uecu_per_mtok=0,
+        output_uecu_per_mtok=0,
+        encoding=min(card.encodings()),
+        context_window=MAX_CONTEXT_TOKENS,
+        max_output_tokens=MAX_CONTEXT_TOKENS,
+    )
 
 
 def flag(value: object, field: str) -> bool:

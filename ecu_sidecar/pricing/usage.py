@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from ecu_sidecar.errors import InvalidArgument
 from ecu_sidecar.model import JobType
-from ecu_sidecar.pricing.card import RateCard
+from ecu_sidecar.pricing.card import ModelRates, RateCard
 from ecu_sidecar.pricing.lines import Line, Pricer, Quote, Unit, check_total
 from ecu_sidecar.pricing.spec import UsageKind, UsageLine, check_list, flag, known_model
 from ecu_sidecar.validation import check_count, check_optional_id
@@ -31,14 +31,17 @@ def price_usage(
     lines_in = check_list(usage, field, allow_empty=True)
     groups: dict[tuple[UsageKind, str, bool], list[int]] = {}
     first: dict[tuple[UsageKind, str, bool], str] = {}
+    models: dict[str, ModelRates] = {}
     for index, line in enumerate(lines_in):
         path = f"{field}[{index}]"
-        key, counts = _usage_line(card, line, path)
+        key, model, counts = _usage_line(card, line, path)
         if key in groups:
             groups[key] = [a + b for a, b in zip(groups[key], counts, strict=True)]
         else:
             groups[key] = counts
             first[key] = path
+        if model is not None:
+            models[model.name] = model
     lines: list[Line] = []
     for (kind, model_name, byok), (tokens_in, tokens_out, calls) in groups.items():
         item = first[(kind, model_name, byok)]
@@ -63,7 +66,7 @@ def price_usage(
         else:
             judge = kind is UsageKind.JUDGE
             lines += pricer.model_calls(
-                model=card.models[model_name],
+                model=models[model_name],
                 tokens_in=tokens_in,
                 tokens_out=tokens_out,
                 calls=calls,
@@ -80,7 +83,7 @@ def price_usage(
 
 def _usage_line(
     card: RateCard, line: object, path: str
-) -> tuple[tuple[UsageKind, str, bool], list[int]]:
+) -> tuple[tuple[UsageKind, str, bool], ModelRates | None, list[int]]:
     if not isinstance(line, UsageLine):
         raise InvalidArgument(path, f"must be a UsageLine, got {type(line).__name__}")
     try:
@@ -95,8 +98,8 @@ def _usage_line(
     calls = check_count(f"{path}.calls", line.calls)
     byok = flag(line.byok, f"{path}.byok")
     if kind in (UsageKind.INFERENCE, UsageKind.JUDGE):
-        model = known_model(card, line.model, f"{path}.model").name
-        return (kind, model, byok), [tokens_in, tokens_out, calls]
+        model = known_model(card, line.model, f"{path}.model", byok=byok)
+        return (kind, model.name, byok), model, [tokens_in, tokens_out, calls]
     if line.model:
         raise InvalidArgument(
             f"{path}.model",
@@ -111,4 +114,4 @@ def _usage_line(
                 f"{UsageKind.INFERENCE.wire_name} or {UsageKind.JUDGE.wire_name} usage)",
             )
     # BYOK has no effect on platform fees: fold it so such lines aggregate together.
-    return (kind, "", False), [0, 0, calls]
+    return (kind, "", False), None, [0, 0, calls]

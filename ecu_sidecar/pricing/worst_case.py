@@ -7,7 +7,8 @@ spec gives a token count. Error paths name the spec field (``job.items[0].infere
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from ecu_sidecar.errors import InvalidArgument
 from ecu_sidecar.model import JobType
@@ -40,10 +41,11 @@ def preview(card: RateCard, organization: str, job: JobSpec, *, field: str = "jo
     organization = check_optional_id("organization", organization)
     pricer = Pricer(card, card.terms(organization))
     items = check_list(job, f"{field}.items")
+    siblings = _Siblings(items, f"{field}.items")
     lines: list[Line] = []
     for index, item in enumerate(items):
         path = f"{field}.items[{index}]"
-        item_lines = _preview_item(pricer, item, path)
+        item_lines = _preview_item(pricer, item, path, siblings)
         check_total(path, sum(line.subtotal_uecu for line in item_lines), "this item's worst case")
         lines.extend(item_lines)
     total = sum(line.subtotal_uecu for line in lines)
@@ -51,11 +53,19 @@ def preview(card: RateCard, organization: str, job: JobSpec, *, field: str = "jo
     return Quote(total_uecu=total, lines=tuple(lines), rate_card_version=card.version)
 
 
-def _preview_item(pricer: Pricer, item: object, path: str) -> list[Line]:
+@dataclass(frozen=True, slots=True)
+class _Siblings:
+    """The list a judge's ``answer_of_item`` indexes: the job's items, or a GEPA iteration's."""
+
+    items: Sequence[object]
+    path: str
+
+
+def _preview_item(pricer: Pricer, item: object, path: str, siblings: _Siblings) -> list[Line]:
     if isinstance(item, InferenceSpec):
         return _inference(pricer, item, f"{path}.inference", 1, JobType.INFERENCE, "inference")
     if isinstance(item, JudgeSpec):
-        return _judge(pricer, item, f"{path}.judge", 1, JobType.JUDGE, "judge")
+        return _judge(pricer, item, f"{path}.judge", 1, JobType.JUDGE, "judge", siblings)
     if isinstance(item, GepaSpec):
         return _gepa(pricer, item, f"{path}.gepa")
     if isinstance(item, TraceEvalSpec):
@@ -70,9 +80,18 @@ def _preview_item(pricer: Pricer, item: object, path: str) -> list[Line]:
 
 
 def _inference(
-    pricer: Pricer, spec: InferenceSpec, path: str, repeat: int, job_type: JobType, label: str
+    pricer: Pricer,
+    spec: InferenceSpec,
+    path: str,
+    repeat: int,
+    job_type: JobType,
+    label: str,
+    growth: int = 0,
 ) -> list[Line]:
-    model = known_model(pricer.card, spec.model, f"{path}.model")
+    """``repeat`` rounds of the spec's samples; with ``growth``, round i's prompt is
+    i × growth tokens longer (a GEPA iteration's)."""
+    byok = flag(spec.byok, f"{path}.byok")
+    model = known_model(pricer.card, spec.model, f"{path}.model", byok=byok)
     prompt = _prompt(
         model,
         path,
@@ -82,25 +101,44 @@ def _inference(
     )
     max_out = _max_output(model, spec.max_output_tokens, f"{path}.max_output_tokens")
     samples = _positive(spec.samples, f"{path}.samples")
-    byok = flag(spec.byok, f"{path}.byok")
     calls = samples * repeat
+    sent = f"{prompt} in"
+    if growth:
+        sent += f" + {growth} per iteration up to {max(prompt, model.context_window)}"
     return pricer.model_calls(
         model=model,
-        tokens_in=prompt * calls,
+        tokens_in=samples * _grown(prompt, growth, repeat, model.context_window),
         tokens_out=max_out * calls,
         calls=calls,
         byok=byok,
         judge=False,
         job_type=job_type,
-        label=f"{label} {model.name} ({calls} calls × {prompt} in, {max_out} max out)",
+        label=f"{label} {model.name} ({calls} calls × {sent}, {max_out} max out)",
         item=path,
     )
 
 
+def _grown(prompt: int, growth: int, rounds: int, window: int) -> int:
+    """Σ over rounds i = 1..rounds of ``prompt + i × growth``, each at most the context window
+    (the provider refuses more; an estimate above it stays as estimated)."""
+    if not growth:
+        return prompt * rounds
+    cap = max(prompt, window)
+    below = min(rounds, (cap - prompt) // growth)  # rounds whose prompt is under the cap
+    return below * prompt + growth * below * (below + 1) // 2 + (rounds - below) * cap
+
+
 def _judge(
-    pricer: Pricer, spec: JudgeSpec, path: str, repeat: int, job_type: JobType, label: str
+    pricer: Pricer,
+    spec: JudgeSpec,
+    path: str,
+    repeat: int,
+    job_type: JobType,
+    label: str,
+    siblings: _Siblings | None,
 ) -> list[Line]:
-    model = known_model(pricer.card, spec.judge_model, f"{path}.judge_model")
+    byok = flag(spec.byok, f"{path}.byok")
+    model = known_model(pricer.card, spec.judge_model, f"{path}.judge_model", byok=byok)
     prompt = _prompt(
         model,
         path,
@@ -108,27 +146,98 @@ def _judge(
         ("messages", spec.messages),
         ("prompt_tokens_per_call", spec.prompt_tokens_per_call),
     )
+    answer = _answer(pricer, spec, path, model, siblings)
+    # A call reads no more than the judge's context window: its provider refuses the rest.
+    per_call = min(prompt + answer, max(prompt, model.context_window))
     max_out = _max_output(
         model, spec.max_output_tokens_per_call, f"{path}.max_output_tokens_per_call"
     )
     calls = _positive(spec.calls, f"{path}.calls") * repeat
-    byok = flag(spec.byok, f"{path}.byok")
+    read = f"{prompt} in + {answer} answer" if answer else f"{prompt} in"
+    if per_call < prompt + answer:
+        read += f", at most {per_call}"
     return pricer.model_calls(
         model=model,
-        tokens_in=prompt * calls,
+        tokens_in=per_call * calls,
         tokens_out=max_out * calls,
         calls=calls,
         byok=byok,
         judge=True,
         job_type=job_type,
-        label=f"{label} {model.name} ({calls} calls × {prompt} in, {max_out} max out)",
+        label=f"{label} {model.name} ({calls} calls × {read}, {max_out} max out)",
         item=path,
     )
+
+
+def _answer(
+    pricer: Pricer, spec: JudgeSpec, path: str, judge: ModelRates, siblings: _Siblings | None
+) -> int:
+    """The answer tokens one judge call reads on top of its prompt, in the judge's tokens."""
+    writer = None
+    if spec.answer_of_item is None:
+        bound = check_count(f"{path}.answer_max_tokens", spec.answer_max_tokens)  # type: ignore[arg-type]
+    elif spec.answer_max_tokens:
+        raise InvalidArgument(
+            f"{path}.answer", "give at most one of answer_max_tokens, answer_of_item, got both"
+        )
+    else:
+        writer, bound = _answered(pricer, spec.answer_of_item, f"{path}.answer_of_item", siblings)
+    if writer is not None and writer.name == judge.name:
+        return bound
+    # Written in another model's tokens: read through the judge's tokenizer, an estimate.
+    return ceil_div(bound * judge.estimate_factor_percent, 100)
+
+
+def _answered(
+    pricer: Pricer, of: object, field: str, siblings: _Siblings | None
+) -> tuple[ModelRates, int]:
+    """The model and the output bound of the inference item whose answer a judge reads."""
+    if siblings is None:
+        raise InvalidArgument(
+            field,
+            "the judges of a trace evaluation read traces, not an item's answer: count the "
+            "trace in the prompt, or give answer_max_tokens",
+        )
+    if isinstance(of, bool) or not isinstance(of, int):
+        raise InvalidArgument(field, f"must be an integer, got {type(of).__name__}")
+    last = len(siblings.items) - 1
+    if not 0 <= of <= last:
+        raise InvalidArgument(
+            field,
+            f"must be the index of an inference item of {siblings.path} (0 to {last}), got {of}",
+        )
+    target, here = siblings.items[of], f"{siblings.path}[{of}]"
+    if not isinstance(target, InferenceSpec):
+        raise InvalidArgument(
+            field, f"must name an inference item: {here} is {_kind(target)}, not an inference"
+        )
+    byok = flag(target.byok, f"{here}.inference.byok")
+    model = known_model(pricer.card, target.model, f"{here}.inference.model", byok=byok)
+    return model, _max_output(
+        model, target.max_output_tokens, f"{here}.inference.max_output_tokens"
+    )
+
+
+_KINDS: dict[type, str] = {
+    JudgeSpec: "a judge run",
+    GepaSpec: "a GEPA optimization",
+    TraceEvalSpec: "a trace evaluation",
+}
+
+
+def _kind(item: object) -> str:
+    if item is None:
+        return "an empty item"
+    return _KINDS.get(type(item), f"a {type(item).__name__}")
 
 
 def _gepa(pricer: Pricer, spec: GepaSpec, path: str) -> list[Line]:
     iterations = _positive(spec.iterations, f"{path}.iterations")
     inner = check_list(spec.per_iteration, f"{path}.per_iteration")
+    growth = check_count(
+        f"{path}.prompt_growth_tokens_per_iteration",
+        spec.prompt_growth_tokens_per_iteration,  # type: ignore[arg-type]
+    )
     label = f"GEPA × {iterations} iterations"
     lines = pricer.fee_line(
         "gepa_iteration_uecu",
@@ -138,15 +247,28 @@ def _gepa(pricer: Pricer, spec: GepaSpec, path: str) -> list[Line]:
         JobType.GEPA,
         path,
     )
+    siblings = _Siblings(inner, f"{path}.per_iteration")
     for index, item in enumerate(inner):
         here = f"{path}.per_iteration[{index}]"
         if isinstance(item, InferenceSpec):
             lines += _inference(
-                pricer, item, f"{here}.inference", iterations, JobType.GEPA, f"{label}, inference"
+                pricer,
+                item,
+                f"{here}.inference",
+                iterations,
+                JobType.GEPA,
+                f"{label}, inference",
+                growth,
             )
         elif isinstance(item, JudgeSpec):
             lines += _judge(
-                pricer, item, f"{here}.judge", iterations, JobType.GEPA, f"{label}, judge"
+                pricer,
+                item,
+                f"{here}.judge",
+                iterations,
+                JobType.GEPA,
+                f"{label}, judge",
+                siblings,
             )
         elif item is None:
             raise InvalidArgument(here, "exactly one of inference, judge is required")
@@ -168,7 +290,7 @@ def _trace_eval(pricer: Pricer, spec: TraceEvalSpec, path: str) -> list[Line]:
         here = f"{path}.judges[{index}]"
         if not isinstance(judge, JudgeSpec):
             raise InvalidArgument(here, f"must be a JudgeSpec, got {type(judge).__name__}")
-        lines += _judge(pricer, judge, here, traces, JobType.TRACE_EVAL, f"{label}, judge")
+        lines += _judge(pricer, judge, here, traces, JobType.TRACE_EVAL, f"{label}, judge", None)
     return lines
 
 
@@ -205,7 +327,11 @@ def _prompt(model: ModelRates, path: str, *sources: tuple[str, object]) -> int:
     if name == "prompt_text":
         if not isinstance(value, str):
             raise InvalidArgument(field, f"must be a string, got {type(value).__name__}")
-        counted = tokens.count_text(value, model.encoding)
+        if model.chat_only:
+            # Sent, and billed, as the one user message a chat API takes it as.
+            counted = tokens.count_messages([ChatMessage("user", value)], model.encoding)
+        else:
+            counted = tokens.count_text(value, model.encoding)
     elif name == "messages":
         counted = tokens.count_messages(_messages(value, field), model.encoding)
     else:

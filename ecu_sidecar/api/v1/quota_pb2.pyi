@@ -143,7 +143,7 @@ class InferenceSpec(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., samples: _Optional[int] = ..., byok: _Optional[bool] = ...) -> None: ...
 
 class JudgeSpec(_message.Message):
-    __slots__ = ("judge_model", "calls", "prompt_text", "messages", "prompt_tokens_per_call", "max_output_tokens_per_call", "byok")
+    __slots__ = ("judge_model", "calls", "prompt_text", "messages", "prompt_tokens_per_call", "max_output_tokens_per_call", "byok", "answer_max_tokens", "answer_of_item")
     JUDGE_MODEL_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,8 @@ class JudgeSpec(_message.Message):
     PROMPT_TOKENS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_TOKENS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
     BYOK_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_OF_ITEM_FIELD_NUMBER: _ClassVar[int]
     judge_model: str
     calls: int
     prompt_text: str
@@ -158,7 +160,9 @@ class JudgeSpec(_message.Message):
     prompt_tokens_per_call: int
     max_output_tokens_per_call: int
     byok: bool
-    def __init__(self, judge_model: _Optional[str] = ..., calls: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_tokens_per_call: _Optional[int] = ..., max_output_tokens_per_call: _Optional[int] = ..., byok: _Optional[bool] = ...) -> None: ...
+    answer_max_tokens: int
+    answer_of_item: int
+    def __init__(self, judge_model: _Optional[str] = ..., calls: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_tokens_per_call: _Optional[int] = ..., max_output_tokens_per_call: _Optional[int] = ..., byok: _Optional[bool] = ..., answer_max_tokens: _Optional[int] = ..., answer_of_item: _Optional[int] = ...) -> None: ...
 
 class GepaStep(_message.Message):
     __slots__ = ("inference", "judge")
@@ -169,12 +173,14 @@ class GepaStep(_message.Message):
     def __init__(self, inference: _Optional[_Union[InferenceSpec, _Mapping]] = ..., judge: _Optional[_Union[JudgeSpec, _Mapping]] = ...) -> None: ...
 
 class GepaSpec(_message.Message):
-    __slots__ = ("iterations", "per_iteration")
+    __slots__ = ("iterations", "per_iteration", "prompt_growth_tokens_per_iteration")
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     PER_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_GROWTH_TOKENS_PER_ITERATION_FIELD_NUMBER: _ClassVar[int]
     iterations: int
     per_iteration: _containers.RepeatedCompositeFieldContainer[GepaStep]
-    def __init__(self, iterations: _Optional[int] = ..., per_iteration: _Optional[_Iterable[_Union[GepaStep, _Mapping]]] = ...) -> None: ...
+    prompt_growth_tokens_per_iteration: int
+    def __init__(self, iterations: _Optional[int] = ..., per_iteration: _Optional[_Iterable[_Union[GepaStep, _Mapping]]] = ..., prompt_growth_tokens_per_iteration: _Optional[int] = ...) -> None: ...
 
 class TraceEvalSpec(_message.Message):
     __slots__ = ("traces", "judges")
@@ -285,7 +291,7 @@ class GetRateCardRequest(_message.Message):
     def __init__(self, organization: _Optional[str] = ...) -> None: ...
 
 class ModelRate(_message.Message):
-    __slots__ = ("model", "input_uecu_per_mtok", "output_uecu_per_mtok", "encoding", "context_window", "max_output_tokens", "estimate_factor_percent")
+    __slots__ = ("model", "input_uecu_per_mtok", "output_uecu_per_mtok", "encoding", "context_window", "max_output_tokens", "estimate_factor_percent", "chat_only")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_UECU_PER_MTOK_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_UECU_PER_MTOK_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +299,7 @@ class ModelRate(_message.Message):
     CONTEXT_WINDOW_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_FACTOR_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_ONLY_FIELD_NUMBER: _ClassVar[int]
     model: str
     input_uecu_per_mtok: int
     output_uecu_per_mtok: int
@@ -300,10 +307,11 @@ class ModelRate(_message.Message):
     context_window: int
     max_output_tokens: int
     estimate_factor_percent: int
-    def __init__(self, model: _Optional[str] = ..., input_uecu_per_mtok: _Optional[int] = ..., output_uecu_per_mtok: _Optional[int] = ..., encoding: _Optional[str] = ..., context_window: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., estimate_factor_percent: _Optional[int] = ...) -> None: ...
+    chat_only: bool
+    def __init__(self, model: _Optional[str] = ..., input_uecu_per_mtok: _Optional[int] = ..., output_uecu_per_mtok: _Optional[int] = ..., encoding: _Optional[str] = ..., context_window: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., estimate_factor_percent: _Optional[int] = ..., chat_only: _Optional[bool] = ...) -> None: ...
 
 class GetRateCardResponse(_message.Message):
-    __slots__ = ("version", "models", "engine_call_uecu", "judge_call_uecu", "gepa_iteration_uecu", "trace_uecu", "organizations_with_terms", "versions")
+    __slots__ = ("version", "models", "engine_call_uecu", "judge_call_uecu", "gepa_iteration_uecu", "trace_uecu", "organizations_with_terms", "versions", "byok_engine_call_uecu")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_CALL_UECU_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +320,7 @@ class GetRateCardResponse(_message.Message):
     TRACE_UECU_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATIONS_WITH_TERMS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    BYOK_ENGINE_CALL_UECU_FIELD_NUMBER: _ClassVar[int]
     version: str
     models: _containers.RepeatedCompositeFieldContainer[ModelRate]
     engine_call_uecu: int
@@ -320,7 +329,8 @@ class GetRateCardResponse(_message.Message):
     trace_uecu: int
     organizations_with_terms: _containers.RepeatedScalarFieldContainer[str]
     versions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRate, _Mapping]]] = ..., engine_call_uecu: _Optional[int] = ..., judge_call_uecu: _Optional[int] = ..., gepa_iteration_uecu: _Optional[int] = ..., trace_uecu: _Optional[int] = ..., organizations_with_terms: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[str]] = ...) -> None: ...
+    byok_engine_call_uecu: int
+    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRate, _Mapping]]] = ..., engine_call_uecu: _Optional[int] = ..., judge_call_uecu: _Optional[int] = ..., gepa_iteration_uecu: _Optional[int] = ..., trace_uecu: _Optional[int] = ..., organizations_with_terms: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[str]] = ..., byok_engine_call_uecu: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("reservation_id", "account", "amount_uecu", "job_type", "model", "ttl_ms", "job")
