@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -896,3 +899,43 @@ def test_job_ttl_settings_are_bounded() -> None:
         Settings.from_env({"ECU_JOB_MAX_TTL_MS": "60000"})
     s = Settings.from_env({"ECU_JOB_TTL_MS": "60000", "ECU_JOB_MAX_TTL_MS": "60000"})
     assert (s.job_ttl_ms, s.job_max_ttl_ms) == (60_000, 60_000)
+
+
+# -- the README's example ------------------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "approved_job.py"
+
+
+def test_the_approved_job_example_runs_end_to_end(serve: Any) -> None:
+    """examples/approved_job.py (the README's preview -> approve -> workers -> close) against a
+    real ``serve``: its accuracy line adds up, and the wallet says the same."""
+    from tests.test_cli import clean_env
+
+    org = "example-co"
+    cli_json(serve, "grant", org, "25ECU", "--grant-id", "seed")
+    args = ["--org", org, "--job-id", "ex-1", "--traces", "40", "--stop-after", "10"]
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--target", serve.target, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.splitlines()[-1]
+    m = re.fullmatch(
+        r"job ex-1 closed: approved (\d+) uECU, committed (\d+) uECU in 10 steps, "
+        r"returned (\d+) uECU; accuracy (\d+\.\d)% of the preview",
+        last,
+    )
+    assert m, out.stdout
+    approved, committed, returned = (int(m.group(i)) for i in (1, 2, 3))
+    assert returned == approved - committed and 0 < committed < approved // 3
+    assert m.group(4) == f"{100 * committed / approved:.1f}"
+    job = cli_json(serve, "job", "show", org, "ex-1")
+    assert (job["approved_uecu"], job["committed_uecu"], job["state"]) == (
+        approved, committed, "closed",
+    )  # fmt: skip
+    b = cli_json(serve, "balance", org)
+    assert (b["committed_uecu"], b["held_uecu"]) == (committed, 0)
+    assert b["available_uecu"] == 25 * ECU - committed
