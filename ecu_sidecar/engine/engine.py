@@ -12,7 +12,7 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -225,7 +225,8 @@ class QuotaEngine:
         resolved, quotes, priced = await self._resolve(org, items, batch, version)
         default_ttl = settings.default_ttl_ms
 
-        def hold() -> Any:
+        def hold() -> Awaitable[ReserveOutcome]:
+            # Reads ``resolved`` when called: a retry holds the items as priced again.
             return self.store.reserve(account, resolved, default_ttl_ms=default_ttl, job_id=job_id)
 
         try:
