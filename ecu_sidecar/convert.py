@@ -15,6 +15,7 @@ import hashlib
 from typing import Any
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
+from ecu_sidecar.jobs import JobApproval, JobPolicy, JobState, JobView
 from ecu_sidecar.model import (
     AccountRef,
     Balance,
@@ -50,7 +51,10 @@ __all__ = [
     "grant_kind_from_pb",
     "hold_state_to_pb",
     "hold_to_pb",
+    "job_approval_from_pb",
     "job_from_pb",
+    "job_view_from_pb",
+    "job_view_to_pb",
     "quote_to_pb",
     "reserve_item_from_pb",
     "scope_from_pb",
@@ -81,6 +85,17 @@ _HOLD_STATES = {
     HoldState.EXPIRED: pb.HOLD_STATE_EXPIRED,
 }
 _CAP_SCOPES = {pb.CAP_SCOPE_TEAM: "team", pb.CAP_SCOPE_PROJECT: "project"}
+_JOB_POLICY_PB = {JobPolicy.REFUSE: pb.JOB_POLICY_REFUSE, JobPolicy.WALLET: pb.JOB_POLICY_WALLET}
+#: Unset (0) is the default policy, refuse.
+_JOB_POLICIES = {pb.JOB_POLICY_UNSPECIFIED: JobPolicy.REFUSE} | {
+    number: policy for policy, number in _JOB_POLICY_PB.items()
+}
+_JOB_STATE_PB = {
+    JobState.OPEN: pb.JOB_STATE_OPEN,
+    JobState.CLOSED: pb.JOB_STATE_CLOSED,
+    JobState.ABANDONED: pb.JOB_STATE_ABANDONED,
+}
+_JOB_STATES = {number: state for state, number in _JOB_STATE_PB.items()}
 _USAGE_KINDS = {
     pb.USAGE_KIND_INFERENCE: "inference",
     pb.USAGE_KIND_JUDGE: "judge",
@@ -144,6 +159,28 @@ def reserve_item_from_pb(msg: Any) -> ReserveItem:
         msg.ttl_ms,
         fingerprint=fingerprint(msg.job),
         job=job_from_pb(msg.job),
+    )
+
+
+def job_approval_from_pb(msg: pb.ApproveJobRequest) -> JobApproval:
+    """What the user approved, from an ApproveJobRequest: a previewed job spec (priced again by
+    the engine; its job type derived unless given) or a plain amount."""
+    job_type: Any = _JOB_TYPES.get(msg.job_type) or unmapped_enum(pb.JobType, msg.job_type)
+    policy: Any = _JOB_POLICIES.get(msg.policy) or unmapped_enum(pb.JobPolicy, msg.policy)
+    spec, digest = None, ""
+    if msg.HasField("job"):
+        spec, digest = job_from_pb(msg.job), fingerprint(msg.job)
+        if msg.job_type == pb.JOB_TYPE_UNSPECIFIED:
+            job_type = None  # derived from the job by the engine
+    return JobApproval(
+        job_id=msg.job_id,
+        amount_uecu=msg.approved_total_uecu,
+        job_type=job_type,
+        policy=policy,
+        ttl_ms=msg.ttl_ms,
+        rate_card_version=msg.rate_card_version,
+        fingerprint=digest,
+        spec=spec,
     )
 
 
@@ -246,6 +283,68 @@ def hold_to_pb(org: str, h: HoldView) -> pb.Hold:
         amount_uecu=h.amount_uecu,
         deadline_unix_ms=h.deadline_unix_ms,
         state=_HOLD_STATES[h.state],
+    )
+
+
+def job_view_to_pb(org: str, j: JobView) -> pb.Job:
+    """A job of ``org`` as its protobuf message."""
+    return pb.Job(
+        job_id=j.job_id,
+        organization=org,
+        state=_JOB_STATE_PB[j.state],
+        approved_uecu=j.approved_uecu,
+        drawn_uecu=j.drawn_uecu,
+        committed_uecu=j.committed_uecu,
+        held_uecu=j.steps_held_uecu,
+        remaining_uecu=j.room_uecu,
+        extra_uecu=j.extra_uecu,
+        extra_max_uecu=j.extra_max_uecu,
+        steps=j.steps,
+        steps_committed=j.steps_committed,
+        steps_ended=j.steps_ended,
+        policy=_JOB_POLICY_PB[j.policy],
+        team=j.team,
+        project=j.project,
+        user=j.user,
+        job_type=_JOB_TYPE_PB.get(j.job_type, pb.JOB_TYPE_UNSPECIFIED),  # type: ignore[call-overload]
+        rate_card_version=j.rate_card_version,
+        ttl_ms=j.ttl_ms,
+        deadline_unix_ms=j.deadline_unix_ms,
+        opened_at_unix_ms=j.opened_at_ms,
+        ended_at_unix_ms=j.ended_at_ms,
+        returned_uecu=j.returned_uecu,
+    )
+
+
+def job_view_from_pb(m: pb.Job, available_uecu: int = 0, replayed: bool = False) -> JobView:
+    """The domain value of a protobuf Job (an answer's available balance and replay flag
+    given beside it)."""
+    job_type = _JOB_TYPES.get(m.job_type)
+    return JobView(
+        job_id=m.job_id,
+        state=_JOB_STATES[m.state],
+        approved_uecu=m.approved_uecu,
+        extra_uecu=m.extra_uecu,
+        extra_max_uecu=m.extra_max_uecu,
+        room_uecu=m.remaining_uecu,
+        steps_held_uecu=m.held_uecu,
+        committed_uecu=m.committed_uecu,
+        steps=m.steps,
+        steps_committed=m.steps_committed,
+        steps_ended=m.steps_ended,
+        policy=_JOB_POLICIES.get(m.policy, JobPolicy.REFUSE),
+        team=m.team,
+        project=m.project,
+        user=m.user,
+        job_type=job_type.value if job_type else "",
+        rate_card_version=m.rate_card_version,
+        ttl_ms=m.ttl_ms,
+        deadline_unix_ms=m.deadline_unix_ms,
+        opened_at_ms=m.opened_at_unix_ms,
+        ended_at_ms=m.ended_at_unix_ms,
+        returned_uecu=m.returned_uecu,
+        available_uecu=available_uecu,
+        replayed=replayed,
     )
 
 

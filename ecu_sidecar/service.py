@@ -30,12 +30,15 @@ from ecu_sidecar.convert import (
     grant_kind_from_pb,
     hold_state_to_pb,
     hold_to_pb,
+    job_approval_from_pb,
     job_from_pb,
+    job_view_to_pb,
     quote_to_pb,
     reserve_item_from_pb,
     scope_to_pb,
 )
 from ecu_sidecar.engine import QuotaEngine
+from ecu_sidecar.jobs import JobView
 from ecu_sidecar.metrics import Metrics
 from ecu_sidecar.model import CommitOutcome
 from ecu_sidecar.pricing import NoRateCard
@@ -52,7 +55,7 @@ Resp = TypeVar("Resp")
 #: RPCs that change state: each success is logged once at DEBUG.
 _STATE_CHANGES = frozenset(
     {"Reserve", "ReserveBatch", "Commit", "CommitBatch", "Release", "Extend", "Grant", "SetCap",
-     "SetAutoTopUp"}
+     "SetAutoTopUp", "ApproveJob", "HeartbeatJob", "CloseJob"}
 )  # fmt: skip
 #: The pause an OVERLOADED answer suggests before a retry.
 _OVERLOADED_RETRY_MS = 50
@@ -87,6 +90,8 @@ def _log_fields(request: Any, context: Any, response: Any = None) -> dict[str, A
         out["items"] = len(items)
     if getattr(request, "grant_id", ""):
         out["grant_id"] = request.grant_id
+    if getattr(request, "job_id", ""):
+        out["job_id"] = request.job_id
     if response is not None:
         hold = getattr(response, "hold", None)
         if hold is not None and hold.reservation_id:
@@ -248,7 +253,8 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     @_handle("Reserve")
     async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
         account = account_from_pb(request.account)
-        out = await self.engine.reserve(account, [reserve_item_from_pb(request)])
+        item = reserve_item_from_pb(request)
+        out = await self.engine.reserve(account, [item], job_id=request.job_id)
         quote = out.quotes[0] if out.quotes else None
         if out.degraded and not out.replayed:
             self.metrics.degraded_grants.inc()
@@ -259,6 +265,7 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             replayed=out.replayed,
             quote=quote_to_pb(quote) if quote else None,
             degraded=out.degraded,
+            job_remaining_uecu=out.job_room_uecu or 0,
         )
 
     @_handle("ReserveBatch")
@@ -267,13 +274,14 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     ) -> pb.ReserveBatchResponse:
         account = account_from_pb(request.account)
         items = [reserve_item_from_pb(it) for it in request.items]
-        out = await self.engine.reserve(account, items, batch=True)
+        out = await self.engine.reserve(account, items, batch=True, job_id=request.job_id)
         org = account.organization
         return pb.ReserveBatchResponse(
             holds=[hold_to_pb(org, h) for h in out.holds],
             available_uecu=out.available_uecu,
             replayed=out.replayed,
             quotes=[quote_to_pb(q) if q else pb.Quote() for q in out.quotes],
+            job_remaining_uecu=out.job_room_uecu or 0,
         )
 
     @_handle("Commit")
@@ -424,3 +432,34 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
             organizations_with_terms=with_terms,
             versions=list(rates.versions()),
         )
+
+    # -- approved jobs: worker RPCs, like Reserve ------------------------------------------------
+
+    @staticmethod
+    def _job_response(org: str, view: JobView) -> pb.JobResponse:
+        return pb.JobResponse(
+            job=job_view_to_pb(org, view),
+            available_uecu=view.available_uecu,
+            replayed=view.replayed,
+        )
+
+    @_handle("ApproveJob")
+    async def ApproveJob(self, request: pb.ApproveJobRequest, context: Any) -> pb.JobResponse:
+        account = account_from_pb(request.account)
+        view = await self.engine.approve_job(account, job_approval_from_pb(request))
+        return self._job_response(account.organization, view)
+
+    @_handle("GetJob")
+    async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.JobResponse:
+        view = await self.engine.job(request.organization, request.job_id, "get")
+        return self._job_response(request.organization, view)
+
+    @_handle("HeartbeatJob")
+    async def HeartbeatJob(self, request: pb.HeartbeatJobRequest, context: Any) -> pb.JobResponse:
+        view = await self.engine.job(request.organization, request.job_id, "touch")
+        return self._job_response(request.organization, view)
+
+    @_handle("CloseJob")
+    async def CloseJob(self, request: pb.CloseJobRequest, context: Any) -> pb.JobResponse:
+        view = await self.engine.job(request.organization, request.job_id, "close")
+        return self._job_response(request.organization, view)

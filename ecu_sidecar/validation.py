@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable
 
 from ecu_sidecar.errors import InvalidArgument, OrganizationNotAllowed
+from ecu_sidecar.jobs import JobApproval, JobPolicy
 from ecu_sidecar.model import (
     MAX_GRANTED_UECU,
     MAX_REQUEST_UECU,
@@ -34,6 +35,7 @@ __all__ = [
     "SCOPE_ID_MAX",
     "check_account",
     "check_amount",
+    "check_approval",
     "check_batch_size",
     "check_cap",
     "check_commit",
@@ -41,6 +43,7 @@ __all__ = [
     "check_expiry",
     "check_grant_kind",
     "check_id",
+    "check_job_type",
     "check_model",
     "check_optional_id",
     "check_org",
@@ -240,15 +243,52 @@ def check_step(
                 )
             return it  # the rest is checked once the job spec is priced
         check_amount("amount_uecu", it.amount_uecu, item=item)
-    job_type = it.job_type
-    if type(job_type) is not JobType:
-        raise InvalidArgument(
-            field_path(item, "job_type"),
-            f"must be one of {', '.join(j.wire_name for j in JobType)}, got {job_type}",
-        )
+    job_type = check_job_type("job_type", it.job_type, item=item)
     check_model("model", it.model, job_type in MODEL_REQUIRED and not priced, item=item)
     check_ttl("ttl_ms", it.ttl_ms, min_ttl_ms, max_ttl_ms, item=item)
     return it
+
+
+def check_job_type(field: str, job_type: JobType, *, item: int | None = None) -> JobType:
+    """A job type, named as on the wire when refused (JOB_TYPE_INFERENCE)."""
+    if type(job_type) is not JobType:
+        raise InvalidArgument(
+            field_path(item, field),
+            f"must be one of {', '.join(j.wire_name for j in JobType)}, got {job_type}",
+        )
+    return job_type
+
+
+def check_approval(approval: JobApproval, min_ttl_ms: int, max_ttl_ms: int) -> JobApproval:
+    """An approved job's fields, but its job spec (checked by pricing it): the job id (a caller
+    id, like a reservation id), the approved total, the job type (optional with a spec, which
+    names it), the rate card version (required with a spec, the quote's; none without), the
+    policy and the abandonment ttl (0: the default)."""
+    check_id("job_id", approval.job_id, CALLER_ID_MAX)
+    check_amount("approved_total_uecu", approval.amount_uecu)
+    if approval.spec is None:
+        check_job_type("job_type", approval.job_type)
+        if approval.rate_card_version:
+            raise InvalidArgument(
+                "rate_card_version",
+                "is only meaningful with job (the previewed spec its quote priced)",
+            )
+    else:
+        if approval.job_type is not None:
+            check_job_type("job_type", approval.job_type)
+        if not approval.rate_card_version:
+            raise InvalidArgument(
+                "rate_card_version",
+                "is required with job: the rate_card_version of the preview's quote",
+            )
+    if not isinstance(approval.policy, JobPolicy):
+        raise InvalidArgument(
+            "policy",
+            "must be JOB_POLICY_UNSPECIFIED (refuse), "
+            f"{', '.join(p.wire_name for p in JobPolicy)}, got {approval.policy}",
+        )
+    check_ttl("ttl_ms", approval.ttl_ms, min_ttl_ms, max_ttl_ms)
+    return approval
 
 
 def check_usage_lines(it: CommitItem, *, item: int | None = None) -> CommitItem:

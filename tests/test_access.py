@@ -297,6 +297,17 @@ async def test_pinned_sidecar_refuses_other_organizations(backend: str) -> None:
                 ),
                 stub.Commit(pb.CommitRequest(reservation_id="r", organization="other")),
                 stub.GetBalance(pb.GetBalanceRequest(organization="other")),
+                stub.ApproveJob(
+                    pb.ApproveJobRequest(
+                        job_id="j",
+                        account=pb.Account(organization="other"),
+                        approved_total_uecu=1,
+                        job_type=pb.JOB_TYPE_GEPA,
+                    )
+                ),
+                stub.GetJob(pb.GetJobRequest(organization="other", job_id="j")),
+                stub.HeartbeatJob(pb.HeartbeatJobRequest(organization="other", job_id="j")),
+                stub.CloseJob(pb.CloseJobRequest(organization="other", job_id="j")),
                 stub.Grant(
                     pb.GrantRequest(
                         grant_id="g", organization="other", amount_uecu=1, kind=pb.GRANT_KIND_TOP_UP

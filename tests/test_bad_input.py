@@ -18,7 +18,11 @@ FAILED_PRECONDITION, ABORTED, UNAUTHENTICATED, ...) and identical replays must c
 either. A bounded hypothesis fuzz closes the module: Reserve/Commit/Release/Extend messages with
 arbitrary values get only documented codes, and INVALID_ARGUMENT never comes with a state change.
 
-Every hold lives for an hour, so nothing expires (and no sweep writes) during a test.
+The seed also approves two jobs (issue 16): one open, holding a step, and one closed; the job
+RPCs (ApproveJob, GetJob, HeartbeatJob, CloseJob) and the job_id of Reserve and ReserveBatch go
+through the same matrix.
+
+Every hold and job lives for an hour, so nothing expires (and no sweep writes) during a test.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.convert import fingerprint, job_from_pb
 from ecu_sidecar.engine import QuotaEngine
+from ecu_sidecar.jobs import JobApproval
 from ecu_sidecar.model import (
     MAX_GRANTED_UECU,
     MAX_REQUEST_UECU,
@@ -49,7 +54,7 @@ from ecu_sidecar.model import (
     JobType,
     ReserveItem,
 )
-from ecu_sidecar.pricing import ModelRates, RateCardRegistry, load_rate_card
+from ecu_sidecar.pricing import ModelRates, RateCardRegistry, load_rate_card, preview
 from ecu_sidecar.server import SidecarServer
 from ecu_sidecar.settings import Settings
 from tests.conftest import ADMIN_METADATA, EXAMPLE_RATE_CARD, drop_keys, open_store, snapshot
@@ -77,6 +82,13 @@ MAX_EPOCH_MS = 253_402_300_799_000
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 MAX_BATCH = Settings().max_batch_items
+JOB_MAX_TTL_MS = Settings().job_max_ttl_ms
+#: An open job of the account (a plain amount) holding one step, and a closed one.
+OPEN_JOB = "job-open-1"
+OPEN_JOB_UECU = 1 * ECU
+JOB_STEP = "job-step-1"
+JOB_STEP_UECU = 100_000
+CLOSED_JOB = "job-closed-1"
 
 #: The card every test sidecar prices with (conftest.make_settings); limits are read from it.
 CARD = load_rate_card(EXAMPLE_RATE_CARD)
@@ -132,6 +144,12 @@ async def seed(engine: QuotaEngine) -> None:
     await engine.extend(ORG, HELD, HOUR_MS, HELD_SEQ)
     await engine.commit(ORG, [CommitItem(DONE, 150_000)])
     await engine.release(ORG, GONE)
+    for job_id in (OPEN_JOB, CLOSED_JOB):
+        approval = JobApproval(job_id, OPEN_JOB_UECU, JobType.JUDGE, ttl_ms=HOUR_MS)
+        await engine.approve_job(account, approval)
+    await engine.job(ORG, CLOSED_JOB, "close")
+    step = ReserveItem(JOB_STEP, JOB_STEP_UECU, JobType.JUDGE, "judge-1", HOUR_MS)
+    await engine.reserve(account, [step], job_id=OPEN_JOB)
 
 
 async def state(server: SidecarServer) -> dict[bytes, Any]:
@@ -144,6 +162,9 @@ async def seeded_state(server: SidecarServer) -> dict[bytes, Any]:
     snap = await state(server)
     holds = next(v for k, v in snap.items() if k.endswith(b":holds"))[1]
     assert {HELD.encode(), DONE.encode(), GONE.encode(), JOB_HELD.encode()} <= set(holds)
+    assert JOB_STEP.encode() in holds
+    jobs = next(v for k, v in snap.items() if k.endswith(b":jobs"))[1]
+    assert {OPEN_JOB.encode(), CLOSED_JOB.encode()} <= set(jobs)
     assert any(k.endswith(b":outbox") for k in snap)
     return snap
 
@@ -335,6 +356,19 @@ BASE: dict[str, Message] = {
     ),
     "Preview": pb.PreviewRequest(account=ACCOUNT, job=JOB),
     "GetRateCard": pb.GetRateCardRequest(),
+    # Approves JOB's preview total, pinned to V1; the job type is derived from the spec.
+    "ApproveJob": pb.ApproveJobRequest(
+        job_id="job-new-1",
+        account=ACCOUNT,
+        job=JOB,
+        approved_total_uecu=preview(CARD, ORG, job_from_pb(JOB)).total_uecu,
+        rate_card_version=V1,
+        policy=pb.JOB_POLICY_WALLET,
+        ttl_ms=HOUR_MS,
+    ),
+    "GetJob": pb.GetJobRequest(organization=ORG, job_id=OPEN_JOB),
+    "HeartbeatJob": pb.HeartbeatJobRequest(organization=ORG, job_id=OPEN_JOB),
+    "CloseJob": pb.CloseJobRequest(organization=ORG, job_id=OPEN_JOB),
 }
 #: RPCs whose request has no input field at all (the coverage test checks it stays so).
 NO_INPUT: frozenset[str] = frozenset()
@@ -528,8 +562,12 @@ def commit_item(rid: str) -> pb.CommitItem:
     return pb.CommitItem(reservation_id=rid, actual_uecu=1)
 
 
+OPTIONAL_CALLER_IDS = bad_ids(128, required=False)
+BAD_JOB_TTLS = [*BAD_TTLS[:3], ("above-max", JOB_MAX_TTL_MS + 1), *BAD_TTLS[4:]]
+
 RESERVE = [
     *field_cases("Reserve", "reservation_id", CALLER_IDS),
+    *field_cases("Reserve", "job_id", OPTIONAL_CALLER_IDS),
     *account_cases("Reserve"),
     *field_cases("Reserve", "amount_uecu", BAD_POSITIVE_AMOUNTS),
     *field_cases("Reserve", "job_type", BAD_ENUMS),
@@ -540,6 +578,7 @@ RESERVE = [
 # The bad item is always in the middle (items[2] of 5): the field path must say which.
 RESERVE_BATCH = [
     *account_cases("ReserveBatch"),
+    *field_cases("ReserveBatch", "job_id", OPTIONAL_CALLER_IDS),
     *field_cases("ReserveBatch", "items[2].reservation_id", CALLER_IDS),
     *field_cases("ReserveBatch", "items[2].amount_uecu", BAD_POSITIVE_AMOUNTS),
     *field_cases("ReserveBatch", "items[2].job_type", BAD_ENUMS),
@@ -820,6 +859,37 @@ RESERVE_WITH_JOB = [
     *job_cases("ReserveBatch", BATCH_JOB, "items[2].job.", full=False),
 ]
 
+#: ApproveJob without a spec: a plain amount the caller priced (its job type is then required).
+PLAIN_APPROVAL = {"job": CLEAR, "rate_card_version": "", "job_type": pb.JOB_TYPE_JUDGE}
+
+APPROVE_JOB = [
+    *field_cases("ApproveJob", "job_id", CALLER_IDS),
+    *account_cases("ApproveJob"),
+    *field_cases("ApproveJob", "approved_total_uecu", BAD_POSITIVE_AMOUNTS),
+    case("ApproveJob", "rate_card_version", "missing-with-job", ""),
+    case(
+        "ApproveJob",
+        "rate_card_version",
+        "without-job",
+        {**PLAIN_APPROVAL, "rate_card_version": V1},
+    ),
+    case("ApproveJob", "job_type", "unspecified-without-job", {**PLAIN_APPROVAL, "job_type": 0}),
+    *field_cases("ApproveJob", "job_type", BAD_ENUMS[1:]),
+    *field_cases("ApproveJob", "policy", BAD_ENUMS[1:]),
+    *field_cases("ApproveJob", "ttl_ms", BAD_JOB_TTLS),
+    *job_cases("ApproveJob", {}, "job.", full=False),
+]
+
+#: GetJob, HeartbeatJob and CloseJob name a job of an organization.
+JOB_OPS = [
+    cc
+    for rpc in ("GetJob", "HeartbeatJob", "CloseJob")
+    for cc in (
+        *field_cases(rpc, "organization", SCOPE_IDS),
+        *field_cases(rpc, "job_id", CALLER_IDS),
+    )
+]
+
 COMMIT_WITH_USAGE = [
     *usage_cases("Commit", COMMIT_USAGE, "", full=True),
     *usage_cases("CommitBatch", BATCH_USAGE, "items[2].", full=False),
@@ -840,6 +910,8 @@ CASES = [
     *PREVIEW,
     *RESERVE_WITH_JOB,
     *COMMIT_WITH_USAGE,
+    *APPROVE_JOB,
+    *JOB_OPS,
 ]
 
 
@@ -1006,6 +1078,13 @@ BOUNDARIES = [
         "none-used-priced-at-zero",
         {**BATCH_USAGE, "items[2].usage_lines": []},
     ),
+    case("ApproveJob", "job_id", "128-chars", "j" * 128),
+    case("ApproveJob", "job", "plain-amount", PLAIN_APPROVAL),
+    case("ApproveJob", "job_type", "given-with-job", pb.JOB_TYPE_TRACE_EVAL),
+    case("ApproveJob", "policy", "unspecified-refuse", pb.JOB_POLICY_UNSPECIFIED),
+    case("ApproveJob", "ttl_ms", "zero-default", 0),
+    case("ApproveJob", "ttl_ms", "min", 1_000),
+    case("ApproveJob", "ttl_ms", "max", JOB_MAX_TTL_MS),
 ]
 
 
@@ -1395,6 +1474,31 @@ REPLAYS = [
     # No side effects at all.
     pytest.param("Preview", BASE["Preview"], id="preview"),
     pytest.param("GetRateCard", BASE["GetRateCard"], id="rate-card"),
+    pytest.param(
+        "ApproveJob",
+        pb.ApproveJobRequest(
+            job_id=OPEN_JOB,
+            account=ACCOUNT,
+            approved_total_uecu=OPEN_JOB_UECU,
+            job_type=pb.JOB_TYPE_JUDGE,
+            ttl_ms=HOUR_MS,
+        ),
+        id="approve-job",
+    ),
+    pytest.param("CloseJob", pb.CloseJobRequest(organization=ORG, job_id=CLOSED_JOB), id="close"),
+    pytest.param(
+        "Reserve",
+        pb.ReserveRequest(
+            reservation_id=JOB_STEP,
+            account=ACCOUNT,
+            amount_uecu=JOB_STEP_UECU,
+            job_type=pb.JOB_TYPE_JUDGE,
+            model="judge-1",
+            ttl_ms=HOUR_MS,
+            job_id=OPEN_JOB,
+        ),
+        id="reserve-job-step",
+    ),
 ]
 
 

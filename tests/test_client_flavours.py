@@ -36,11 +36,12 @@ CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
             ttl_ms=7,
             reservation_id="r1",
             job=JOB,
+            job_id="j1",
         ),
     ),
     "reserve_batch": (
         (ORG, [ReserveItem("a", 5, JobType.GEPA), ReserveItem("b", 0, None, job=JOB)]),  # type: ignore[arg-type]
-        dict(team="t", project="p", user="u"),
+        dict(team="t", project="p", user="u", job_id="j1"),
     ),
     "commit": (
         (ORG, "r1", 5),
@@ -59,8 +60,27 @@ CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "set_auto_topup": ((ORG, 5, 6), {}),
     "preview": ((ORG, JOB), dict(team="t", project="p", user="u")),
     "rate_card": (("acme",), {}),
+    "approve_job": (
+        (ORG, "j1", 5),
+        dict(
+            job=JOB,
+            rate_card_version="v1",
+            job_type="judge",
+            policy="wallet",
+            ttl_ms=60_000,
+            team="t",
+            project="p",
+            user="u",
+        ),
+    ),
+    "get_job": ((ORG, "j1"), {}),
+    "heartbeat_job": ((ORG, "j1"), {}),
+    "close_job": ((ORG, "j1"), {}),
 }
 KEEPALIVE = ("keepalive", "keepalive_margin")
+HEARTBEAT = ("heartbeat", "heartbeat_margin")
+#: Context managers: not coroutines, and each flavour answers its own class.
+CONTEXTS = ("hold", "job")
 
 
 def public_methods(cls: type) -> set[str]:
@@ -77,19 +97,19 @@ def parameters(f: Any) -> list[tuple[str, Any, Any, Any]]:
 
 def test_both_flavours_have_the_same_methods() -> None:
     assert public_methods(AsyncQuotaClient) == public_methods(QuotaClient)
-    assert public_methods(AsyncQuotaClient) == {*CALLS, "call", "hold", "close"}
+    assert public_methods(AsyncQuotaClient) == {*CALLS, "call", *CONTEXTS, "close"}
 
 
-@pytest.mark.parametrize("name", [*CALLS, "hold", "close"])
+@pytest.mark.parametrize("name", [*CALLS, *CONTEXTS, "close"])
 def test_a_method_reads_the_same_in_both_flavours(name: str) -> None:
     aio, sync = getattr(AsyncQuotaClient, name), getattr(QuotaClient, name)
     assert parameters(aio) == parameters(sync)
-    if name != "hold":  # AsyncHold / Hold
+    if name not in CONTEXTS:  # AsyncHold / Hold, AsyncJob / Job
         ret = inspect.signature(aio).return_annotation
         assert ret == inspect.signature(sync).return_annotation
     if name != "close":  # the async one says what happens to calls in flight
         assert aio.__doc__ and aio.__doc__ == sync.__doc__
-    assert inspect.iscoroutinefunction(aio) == (name not in ("hold",))
+    assert inspect.iscoroutinefunction(aio) == (name not in CONTEXTS)
     assert not inspect.iscoroutinefunction(sync)
 
 
@@ -105,6 +125,12 @@ def test_hold_takes_reserves_parameters_and_the_keepalive() -> None:
     hold = parameters(AsyncQuotaClient.hold)
     assert [p[0] for p in hold[-2:]] == list(KEEPALIVE)
     assert hold[:-2] == parameters(requests.reserve)
+
+
+def test_job_takes_approve_jobs_parameters_and_the_heartbeat() -> None:
+    job = parameters(AsyncQuotaClient.job)
+    assert [p[0] for p in job[-2:]] == list(HEARTBEAT)
+    assert job[:-2] == parameters(requests.approve_job)
 
 
 def same_call(sent: Call[Any], built: Call[Any]) -> bool:
@@ -162,6 +188,22 @@ def test_hold_forwards_every_argument(flavour: type[AsyncQuotaClient | QuotaClie
     assert isinstance(h, qc.AsyncHold if flavour is AsyncQuotaClient else qc.Hold)
 
 
+@pytest.mark.parametrize("flavour", [AsyncQuotaClient, QuotaClient])
+def test_job_forwards_every_argument(flavour: type[AsyncQuotaClient | QuotaClient]) -> None:
+    args, kwargs = CALLS["approve_job"]
+    j = flavour().job(*args, **kwargs, heartbeat=False, heartbeat_margin=0.5)
+    assert same_call(j._approve_call, requests.approve_job(*args, **kwargs))
+    assert (j.heartbeat, j.heartbeat_margin, j.job_id, j.organization) == (False, 0.5, "j1", ORG)
+    assert isinstance(j, qc.AsyncJob if flavour is AsyncQuotaClient else qc.Job)
+    # Its steps are the client's own reserve, on the job's account and id.
+    step = j._step(5, "judge", "m", 7, "r1", None)
+    built = requests.reserve(
+        ORG, 5, job_type="judge", model="m", team="t", project="p", user="u", ttl_ms=7,
+        reservation_id="r1", job_id="j1",
+    )  # fmt: skip
+    assert step.request == built.request
+
+
 def test_the_package_exports_the_public_names() -> None:
     assert set(qc.__all__) == {
         "DEFAULT_KEEPALIVE_MARGIN",
@@ -169,6 +211,7 @@ def test_the_package_exports_the_public_names() -> None:
         "DEFAULT_TIMEOUT_S",
         "RETRYABLE_CODES",
         "AsyncHold",
+        "AsyncJob",
         "AsyncQuotaClient",
         "Conflict",
         "DeadlineExceeded",
@@ -176,6 +219,10 @@ def test_the_package_exports_the_public_names() -> None:
         "Hold",
         "InsufficientEcu",
         "InvalidArgument",
+        "Job",
+        "JobPolicy",
+        "JobState",
+        "JobView",
         "NotFound",
         "OutOfRange",
         "PermissionDenied",

@@ -1,5 +1,6 @@
 """The ``ecu-sidecar`` commands that call a running sidecar: the client they use (target,
-TLS, admin token) and one function per command."""
+TLS, admin token) and one function per command (``job approve|show|heartbeat|close``: one for
+the approval, one for the rest)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ecu_sidecar.cli.output import (
     when,
 )
 from ecu_sidecar.client import QuotaClient, tls_credentials
+from ecu_sidecar.jobs import JobView
 from ecu_sidecar.model import Usage
 from ecu_sidecar.settings import Settings
 
@@ -151,6 +153,7 @@ def cmd_reserve(args: argparse.Namespace, c: QuotaClient) -> None:
         user=args.user,
         ttl_ms=args.ttl_ms,
         reservation_id=args.id,
+        job_id=args.job or "",
     )
     (h,) = out.holds
     rows = [
@@ -160,6 +163,9 @@ def cmd_reserve(args: argparse.Namespace, c: QuotaClient) -> None:
         ("available", money(out.available_uecu)),
     ]
     data = {**dataclasses.asdict(h), "available_uecu": out.available_uecu}
+    if out.job_room_uecu is not None:
+        rows.append(("job room left", f"{money(out.job_room_uecu)} of job {args.job}"))
+        data["job_id"], data["job_remaining_uecu"] = args.job, out.job_room_uecu
     emit(args, {**data, "replayed": out.replayed}, table(rows))
 
 
@@ -199,7 +205,7 @@ def cmd_extend(args: argparse.Namespace, c: QuotaClient) -> None:
     emit(args, dataclasses.asdict(out), table(rows))
 
 
-def _read_job(path: str) -> pb.JobSpec:
+def read_job(path: str) -> pb.JobSpec:
     """A job spec file (``-``: standard input): JSON, or YAML when PyYAML is installed."""
     name = "<stdin>" if path == "-" else path
     try:
@@ -246,7 +252,7 @@ def _per(unit: str, per: int) -> str:
 
 
 def cmd_preview(args: argparse.Namespace, c: QuotaClient) -> None:
-    job = _read_job(args.job_file)
+    job = read_job(args.job_file)
     out = c.preview(args.org, job, team=args.team, project=args.project, user=args.user)
     q = out.quote
     data = {
@@ -355,3 +361,57 @@ def cmd_auto_top_up(args: argparse.Namespace, c: QuotaClient) -> None:
 def cmd_set_cap(args: argparse.Namespace, c: QuotaClient) -> None:
     out = c.set_cap(args.org, args.scope, args.id, None if args.clear else args.cap)
     emit(args, scope_json(out), [scope_line(args.scope, out)])
+
+
+def _job_json(v: JobView) -> dict[str, object]:
+    data = {k: plain(x) for k, x in dataclasses.asdict(v).items()}
+    data["state"] = v.state.name.lower()
+    return {**data, "drawn_uecu": v.drawn_uecu, "accuracy": v.accuracy}
+
+
+def _emit_job(args: argparse.Namespace, v: JobView) -> None:
+    state = v.state.name.lower() + (" (replayed)" if v.replayed else "")
+    rows = [
+        ("job", f"{v.job_id} {state}"),
+        ("approved", money(v.approved_uecu) + f" ({v.policy.value}, rate card "
+         f"{v.rate_card_version or 'none: a plain amount'})"),
+        ("committed", money(v.committed_uecu)),
+        ("held by steps", money(v.steps_held_uecu)),
+        ("remaining", money(v.room_uecu)),
+        ("extra", f"{money(v.extra_uecu)} of at most {money(v.extra_max_uecu)}"),
+        ("steps", f"{v.steps} ({v.steps_committed} committed, {v.steps_ended} ended unbilled)"),
+    ]  # fmt: skip
+    if v.state.name == "OPEN":
+        rows.append(("ends unless alive", f"{when(v.deadline_unix_ms)} (ttl {v.ttl_ms} ms)"))
+    else:
+        rows.append(("returned", f"{money(v.returned_uecu)} at {when(v.ended_at_ms)}"))
+    if v.accuracy is not None:
+        rows.append(("accuracy", f"{v.accuracy:.1%} of the approval committed"))
+    rows.append(("available", money(v.available_uecu)))
+    emit(args, _job_json(v), table(rows))
+
+
+def cmd_job_approve(args: argparse.Namespace, c: QuotaClient) -> None:
+    view = c.approve_job(
+        args.org,
+        args.job_id,
+        args.amount,
+        job=read_job(args.job) if args.job else None,
+        rate_card_version=args.rate_card_version,
+        job_type=args.job_type,
+        policy=args.policy,
+        ttl_ms=args.ttl_ms,
+        team=args.team,
+        project=args.project,
+        user=args.user,
+    )
+    _emit_job(args, view)
+
+
+#: ``job show|heartbeat|close``: what each does to the job.
+JOB_ACTIONS = {"show": "get", "heartbeat": "touch", "close": "close"}
+
+
+def cmd_job(args: argparse.Namespace, c: QuotaClient) -> None:
+    calls = {"get": c.get_job, "touch": c.heartbeat_job, "close": c.close_job}
+    _emit_job(args, calls[JOB_ACTIONS[args.action]](args.org, args.job_id))

@@ -21,6 +21,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -31,6 +32,7 @@ from ecu_sidecar.cli import ledger as ledger_commands
 from ecu_sidecar.cli.client_commands import Defaults, client_for
 from ecu_sidecar.cli.output import UsageError, parse_uecu
 from ecu_sidecar.client import DEFAULT_TIMEOUT_S, QuotaClient, QuotaError
+from ecu_sidecar.jobs import JobPolicy
 from ecu_sidecar.ledger import LedgerError
 from ecu_sidecar.logs import configure as configure_logging
 from ecu_sidecar.model import GrantKind, JobType
@@ -225,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="")
     p.add_argument("--ttl-ms", type=non_negative, default=0, help="0 = the sidecar's default")
     p.add_argument("--id", default=None, help="reservation id (default: a fresh uuid4 hex)")
+    p.add_argument("--job", metavar="JOB_ID", help="a step of this approved job (job approve)")
 
     p = client_command("commit", "settle a hold with its actual cost", cc.cmd_commit)
     p.add_argument("org")
@@ -265,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default="")
     p.add_argument("--user", default="")
 
+    _add_job_commands(sub, common)
+
     p = client_command("rates", "show the rate card the sidecar prices with", cc.cmd_rates)
     p.add_argument(
         "--org", help="your organization: whether it has negotiated terms (without the admin token)"
@@ -283,6 +288,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("amount", nargs="?", type=parse_uecu, help="top up this much: uECU or ECU")
     p.add_argument("--off", action="store_true", help="turn auto-top-up off")
     return parser
+
+
+def _add_job_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``job approve|show|heartbeat|close``: approved jobs (docs/jobs.md)."""
+    jobs = sub.add_parser(
+        "job", help="approved jobs: approve a preview once, then steps draw from it (--job)"
+    )
+    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "approve",
+        parents=[common],
+        help="open a job holding the approved total (idempotent on JOB_ID)",
+    )
+    p.set_defaults(call=cc.cmd_job_approve)
+    p.add_argument("org")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument(
+        "amount", type=parse_uecu, help="the approved total: the preview's total with --job"
+    )
+    p.add_argument(
+        "--job", metavar="JOB_FILE", help="the previewed job spec (as for preview), priced again"
+    )
+    p.add_argument(
+        "--rate-card-version", default="", help="with --job: the preview's rate card version"
+    )
+    p.add_argument("--job-type", choices=[j.value for j in JobType], help="required without --job")
+    p.add_argument(
+        "--policy",
+        choices=[x.value for x in JobPolicy],
+        default=JobPolicy.REFUSE.value,
+        help="a step beyond the job's room: refused (default), or drawn from the wallet",
+    )
+    p.add_argument("--ttl-ms", type=non_negative, default=0, help="0 = ECU_JOB_TTL_MS")
+    p.add_argument("--team", default="")
+    p.add_argument("--project", default="")
+    p.add_argument("--user", default="")
+    for action, what in (
+        ("show", "a job's amounts, steps and state"),
+        ("heartbeat", "keep an open job alive for another ttl"),
+        ("close", "close a job: what it did not bill returns to the wallet"),
+    ):
+        p = actions.add_parser(action, parents=[common], help=what)
+        p.set_defaults(call=cc.cmd_job)
+        p.add_argument("org")
+        p.add_argument("job_id", metavar="JOB_ID")
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ written out in both; everything but the wire call is shared. One module per conc
 - ``errors``: ``QuotaError`` and one subclass per status a worker acts on;
 - ``retry``: ``RetryPolicy`` and the decision to try a failed call again;
 - ``hold``: the ``hold()`` context managers and their keep-alive;
+- ``job``: the ``job()`` context managers (an approved job: approve, heartbeat, close);
 - ``base``: the connection settings both flavours take;
 - ``aio`` and ``sync``: the two clients, each a channel, a call loop (per-attempt deadline,
   admin metadata, retries) and one thin method per RPC.
@@ -47,6 +48,19 @@ version, which the hold sends by itself::
         ...
         await h.commit(usage_lines=[UsageLine("inference", "gpt-4o", tokens_in=812,
                                               tokens_out=240, calls=1)])
+
+An approved job (docs/jobs.md): the user approves the preview once, and every step of the run
+draws from that approval instead of the wallet, so the run completes even when other traffic
+drains the wallet; closing the job returns what it did not bill::
+
+    shown = await client.preview("acme", job)
+    async with client.job("acme", "eval-42", shown, job=job) as run:
+        async with run.hold(job=step) as h:      # any number of steps, any workers
+            ...
+            await h.commit(usage_lines=[...])
+    print(run.view.committed_uecu, run.accuracy)  # closed: committed / approved
+
+Workers in other processes draw with ``client.hold(..., job_id="eval-42")``.
 """
 
 from __future__ import annotations
@@ -67,9 +81,11 @@ from ecu_sidecar.client.errors import (
     error_from_rpc,
 )
 from ecu_sidecar.client.hold import DEFAULT_KEEPALIVE_MARGIN, AsyncHold, Hold
+from ecu_sidecar.client.job import AsyncJob, Job
 from ecu_sidecar.client.requests import PreviewOutcome, RateCardInfo, new_caller_id
 from ecu_sidecar.client.retry import RETRYABLE_CODES, RetryPolicy
 from ecu_sidecar.client.sync import QuotaClient
+from ecu_sidecar.jobs import JobPolicy, JobState, JobView
 from ecu_sidecar.pricing import UsageLine
 
 __all__ = [
@@ -78,6 +94,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "RETRYABLE_CODES",
     "AsyncHold",
+    "AsyncJob",
     "AsyncQuotaClient",
     "Conflict",
     "DeadlineExceeded",
@@ -85,6 +102,10 @@ __all__ = [
     "Hold",
     "InsufficientEcu",
     "InvalidArgument",
+    "Job",
+    "JobPolicy",
+    "JobState",
+    "JobView",
     "NotFound",
     "OutOfRange",
     "PermissionDenied",

@@ -20,8 +20,10 @@ from ecu_sidecar.api.v1 import quota_pb2_grpc
 from ecu_sidecar.client import requests
 from ecu_sidecar.client.base import ClientBase
 from ecu_sidecar.client.hold import DEFAULT_KEEPALIVE_MARGIN, AsyncHold
+from ecu_sidecar.client.job import AsyncJob
 from ecu_sidecar.client.requests import Call, PreviewOutcome, RateCardInfo
 from ecu_sidecar.client.retry import give_up, retry_after
+from ecu_sidecar.jobs import JobPolicy, JobView
 from ecu_sidecar.model import (
     Balance,
     CommitItem,
@@ -36,7 +38,7 @@ from ecu_sidecar.model import (
     ScopeUsage,
     Usage,
 )
-from ecu_sidecar.pricing import UsageLine
+from ecu_sidecar.pricing import Quote, UsageLine
 
 __all__ = ["AsyncQuotaClient"]
 
@@ -114,10 +116,12 @@ class AsyncQuotaClient(ClientBase):
         ttl_ms: int = 0,
         reservation_id: str | None = None,
         job: pb.JobSpec | Mapping[str, Any] | None = None,
+        job_id: str = "",
     ) -> ReserveOutcome:
         """Hold a step's worst case: ``amount_uecu`` with its ``job_type``, or a ``job`` spec
         that the sidecar prices (its quote in ``quotes[0]``, pinned to the rate card version).
-        The reservation id is generated when not given."""
+        The reservation id is generated when not given. With ``job_id``: a step of that
+        approved job, drawn from its room (``job_room_uecu``: the room left)."""
         return await self.call(
             requests.reserve(
                 org,
@@ -130,6 +134,7 @@ class AsyncQuotaClient(ClientBase):
                 ttl_ms=ttl_ms,
                 reservation_id=reservation_id,
                 job=job,
+                job_id=job_id,
             )
         )
 
@@ -141,11 +146,13 @@ class AsyncQuotaClient(ClientBase):
         team: str = "",
         project: str = "",
         user: str = "",
+        job_id: str = "",
     ) -> ReserveOutcome:
         """Hold many steps of one account, all or none; items with an empty id get one. An
-        item with ``job`` (amount 0, job_type None or given) is priced by the sidecar."""
+        item with ``job`` (amount 0, job_type None or given) is priced by the sidecar. With
+        ``job_id``: steps of that approved job."""
         return await self.call(
-            requests.reserve_batch(org, items, team=team, project=project, user=user)
+            requests.reserve_batch(org, items, team=team, project=project, user=user, job_id=job_id)
         )
 
     async def commit(
@@ -240,6 +247,89 @@ class AsyncQuotaClient(ClientBase):
         else at most ``org``."""
         return await self.call(requests.rate_card(org))
 
+    async def approve_job(
+        self,
+        org: str,
+        job_id: str | None,
+        approved: int | Quote | PreviewOutcome,
+        *,
+        job: pb.JobSpec | Mapping[str, Any] | None = None,
+        rate_card_version: str = "",
+        job_type: JobType | str | None = None,
+        policy: JobPolicy | str = JobPolicy.REFUSE,
+        ttl_ms: int = 0,
+        team: str = "",
+        project: str = "",
+        user: str = "",
+    ) -> JobView:
+        """Open a job from what the user approved: a preview (or its quote) of ``job``, which
+        the sidecar prices again to check it, or a plain amount with its ``job_type``. Its
+        steps (``reserve(..., job_id=...)``) draw from it; a replay answers the job as it
+        stands. The job id is generated when not given."""
+        return await self.call(
+            requests.approve_job(
+                org,
+                job_id,
+                approved,
+                job=job,
+                rate_card_version=rate_card_version,
+                job_type=job_type,
+                policy=policy,
+                ttl_ms=ttl_ms,
+                team=team,
+                project=project,
+                user=user,
+            )
+        )
+
+    async def get_job(self, org: str, job_id: str) -> JobView:
+        """A job's amounts, step counts and state."""
+        return await self.call(requests.get_job(org, job_id))
+
+    async def heartbeat_job(self, org: str, job_id: str) -> JobView:
+        """Keep an open job alive for another ttl."""
+        return await self.call(requests.heartbeat_job(org, job_id))
+
+    async def close_job(self, org: str, job_id: str) -> JobView:
+        """Close a job: its room and its steps still held return to the wallet."""
+        return await self.call(requests.close_job(org, job_id))
+
+    def job(
+        self,
+        org: str,
+        job_id: str | None,
+        approved: int | Quote | PreviewOutcome,
+        *,
+        job: pb.JobSpec | Mapping[str, Any] | None = None,
+        rate_card_version: str = "",
+        job_type: JobType | str | None = None,
+        policy: JobPolicy | str = JobPolicy.REFUSE,
+        ttl_ms: int = 0,
+        team: str = "",
+        project: str = "",
+        user: str = "",
+        heartbeat: bool = True,
+        heartbeat_margin: float = DEFAULT_KEEPALIVE_MARGIN,
+    ) -> AsyncJob:
+        """A context manager approving the job on entry (``approve_job``'s arguments; the job
+        id is fixed now), heartbeating it while the block runs (whenever ``heartbeat_margin``
+        of its ttl is left; ``heartbeat=False`` turns that off) and closing it on exit, also
+        on an exception. Inside, ``job.hold(...)`` and ``job.reserve(...)`` draw its steps."""
+        approve = requests.approve_job(
+            org,
+            job_id,
+            approved,
+            job=job,
+            rate_card_version=rate_card_version,
+            job_type=job_type,
+            policy=policy,
+            ttl_ms=ttl_ms,
+            team=team,
+            project=project,
+            user=user,
+        )
+        return AsyncJob(self, approve, heartbeat=heartbeat, heartbeat_margin=heartbeat_margin)
+
     def hold(
         self,
         org: str,
@@ -253,6 +343,7 @@ class AsyncQuotaClient(ClientBase):
         ttl_ms: int = 0,
         reservation_id: str | None = None,
         job: pb.JobSpec | Mapping[str, Any] | None = None,
+        job_id: str = "",
         keepalive: bool = True,
         keepalive_margin: float = DEFAULT_KEEPALIVE_MARGIN,
     ) -> AsyncHold:
@@ -271,5 +362,6 @@ class AsyncQuotaClient(ClientBase):
             ttl_ms=ttl_ms,
             reservation_id=reservation_id,
             job=job,
+            job_id=job_id,
         )
         return AsyncHold(self, reserve, keepalive=keepalive, keepalive_margin=keepalive_margin)

@@ -90,13 +90,16 @@ class InsufficientEcu(QuotaError):
 
 
 class NotFound(QuotaError):
-    """NOT_FOUND: no such organization account or hold."""
+    """NOT_FOUND: no such organization account, hold or job (JOB_NOT_FOUND)."""
 
 
 class FailedPrecondition(QuotaError):
     """FAILED_PRECONDITION: the hold is committed, released or expired; or the rate card
     version named is not loaded (RATE_CARD_VERSION_UNKNOWN) or not the hold's
-    (RATE_CARD_MISMATCH); or no rate card is configured (RATE_CARD_UNAVAILABLE)."""
+    (RATE_CARD_MISMATCH); or no rate card is configured (RATE_CARD_UNAVAILABLE); or the job
+    ended (JOB_CLOSED), a step named another team or project (JOB_SCOPE_MISMATCH), or the
+    approved quote's rate card is no longer current (QUOTE_STALE: ``metadata`` carries the
+    re-quote, ``total_uecu`` under ``rate_card_version``)."""
 
 
 class Conflict(QuotaError):
@@ -104,7 +107,8 @@ class Conflict(QuotaError):
 
 
 class OutOfRange(QuotaError):
-    """OUT_OF_RANGE: a grant would take an account past its largest total."""
+    """OUT_OF_RANGE: a grant would take an account past its largest total, or one step needs
+    more than its job may ever hold (STEP_EXCEEDS_APPROVAL)."""
 
 
 class PermissionDenied(QuotaError):

@@ -22,6 +22,7 @@ from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.client import responses
 from ecu_sidecar.client.errors import invalid
 from ecu_sidecar.client.responses import JOB_TYPES, PreviewOutcome, RateCardInfo
+from ecu_sidecar.jobs import JobPolicy, JobView
 from ecu_sidecar.model import (
     Balance,
     CommitItem,
@@ -36,17 +37,21 @@ from ecu_sidecar.model import (
     ScopeUsage,
     Usage,
 )
-from ecu_sidecar.pricing import UsageKind, UsageLine
+from ecu_sidecar.pricing import Quote, UsageKind, UsageLine
 
 __all__ = [
     "Call",
     "PreviewOutcome",
     "RateCardInfo",
+    "approve_job",
     "balance",
+    "close_job",
     "commit",
     "commit_batch",
     "extend",
+    "get_job",
     "grant",
+    "heartbeat_job",
     "new_caller_id",
     "preview",
     "rate_card",
@@ -89,6 +94,7 @@ _GRANT_KINDS = {
     GrantKind.ADJUSTMENT: pb.GRANT_KIND_ADJUSTMENT,
 }
 _CAP_SCOPES = {"team": pb.CAP_SCOPE_TEAM, "project": pb.CAP_SCOPE_PROJECT}
+_JOB_POLICIES = {JobPolicy.REFUSE: pb.JOB_POLICY_REFUSE, JobPolicy.WALLET: pb.JOB_POLICY_WALLET}
 _USAGE_KINDS = {
     UsageKind.INFERENCE: pb.USAGE_KIND_INFERENCE,
     UsageKind.JUDGE: pb.USAGE_KIND_JUDGE,
@@ -119,7 +125,7 @@ def _job_type(field: str, job_type: JobType | str | None, job: Any) -> int:
     """The job type: required for an amount, optional (derived by the sidecar) with a job."""
     if job_type is None:
         if job is None:
-            raise invalid(field, "is required when reserving an amount (not a job)")
+            raise invalid(field, "is required with an amount (not a job)")
         return pb.JOB_TYPE_UNSPECIFIED
     return _choice(field, job_type, JOB_TYPES)
 
@@ -192,9 +198,10 @@ def reserve(
     ttl_ms: int = 0,
     reservation_id: str | None = None,
     job: pb.JobSpec | Mapping[str, Any] | None = None,
+    job_id: str = "",
 ) -> Call[ReserveOutcome]:
     """Reserve: an amount with its job type, or a job the sidecar prices; the reservation id
-    is generated here, once, when not given."""
+    is generated here, once, when not given. With ``job_id``: a step of that approved job."""
     request = pb.ReserveRequest(
         reservation_id=reservation_id or new_caller_id(),
         account=pb.Account(organization=org, team=team, project=project, user=user),
@@ -202,10 +209,12 @@ def reserve(
         job_type=_job_type("job_type", job_type, job),
         model=model,
         ttl_ms=_int("ttl_ms", ttl_ms),
+        job_id=job_id,
     )
     if job is not None:
         request.job.CopyFrom(_job("job", job))
-    return Call("Reserve", request, responses.reserve_outcome)
+    convert = responses.job_step_outcome if job_id else responses.reserve_outcome
+    return Call("Reserve", request, convert)
 
 
 def reserve_batch(
@@ -215,16 +224,18 @@ def reserve_batch(
     team: str = "",
     project: str = "",
     user: str = "",
+    job_id: str = "",
 ) -> Call[ReserveOutcome]:
     """ReserveBatch: many steps of one account, all or none; each item without an id gets
-    one here, once."""
+    one here, once. With ``job_id``: steps of that approved job."""
     return Call(
         "ReserveBatch",
         pb.ReserveBatchRequest(
             account=pb.Account(organization=org, team=team, project=project, user=user),
             items=[_reserve_item(f"items[{i}]", it) for i, it in enumerate(items)],
+            job_id=job_id,
         ),
-        responses.reserve_batch_outcome,
+        responses.job_steps_outcome if job_id else responses.reserve_batch_outcome,
     )
 
 
@@ -393,3 +404,58 @@ def rate_card(org: str = "") -> Call[RateCardInfo]:
     return Call(
         "GetRateCard", pb.GetRateCardRequest(organization=org), responses.rate_card_info, admin=True
     )
+
+
+def approve_job(
+    org: str,
+    job_id: str | None,
+    approved: int | Quote | PreviewOutcome,
+    *,
+    job: pb.JobSpec | Mapping[str, Any] | None = None,
+    rate_card_version: str = "",
+    job_type: JobType | str | None = None,
+    policy: JobPolicy | str = JobPolicy.REFUSE,
+    ttl_ms: int = 0,
+    team: str = "",
+    project: str = "",
+    user: str = "",
+) -> Call[JobView]:
+    """ApproveJob: what the user approved, a preview's quote (or the PreviewOutcome) of the
+    ``job`` spec, which the sidecar prices again to check it, or a plain amount with its job
+    type. The job id is generated here, once, when not given."""
+    quote = approved.quote if isinstance(approved, PreviewOutcome) else approved
+    if isinstance(quote, Quote):
+        if job is None:
+            raise invalid("job", "is required with a quote: the sidecar prices it again to check")
+        amount, rate_card_version = quote.total_uecu, quote.rate_card_version
+    else:
+        amount = _int("approved", quote)
+    request = pb.ApproveJobRequest(
+        job_id=job_id or new_caller_id(),
+        account=pb.Account(organization=org, team=team, project=project, user=user),
+        approved_total_uecu=amount,
+        rate_card_version=rate_card_version,
+        job_type=_job_type("job_type", job_type, job),
+        policy=_choice("policy", policy, _JOB_POLICIES),
+        ttl_ms=_int("ttl_ms", ttl_ms),
+    )
+    if job is not None:
+        request.job.CopyFrom(_job("job", job))
+    return Call("ApproveJob", request, responses.job_view)
+
+
+def get_job(org: str, job_id: str) -> Call[JobView]:
+    """GetJob: a job's amounts, step counts and state."""
+    return Call("GetJob", pb.GetJobRequest(organization=org, job_id=job_id), responses.job_view)
+
+
+def heartbeat_job(org: str, job_id: str) -> Call[JobView]:
+    """HeartbeatJob: keep an open job alive for another ttl."""
+    request = pb.HeartbeatJobRequest(organization=org, job_id=job_id)
+    return Call("HeartbeatJob", request, responses.job_view)
+
+
+def close_job(org: str, job_id: str) -> Call[JobView]:
+    """CloseJob: what the job did not bill returns to the wallet."""
+    request = pb.CloseJobRequest(organization=org, job_id=job_id)
+    return Call("CloseJob", request, responses.job_view)

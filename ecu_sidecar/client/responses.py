@@ -8,13 +8,14 @@ named it; a refused item of a batch carries its ``QuotaError``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.client.errors import error_for
-from ecu_sidecar.convert import balance_from_pb, scope_from_pb
+from ecu_sidecar.convert import balance_from_pb, job_view_from_pb, scope_from_pb
+from ecu_sidecar.jobs import JobView
 from ecu_sidecar.model import (
     Balance,
     CommitOutcome,
@@ -38,6 +39,9 @@ __all__ = [
     "commit_outcome",
     "extend_outcome",
     "grant_outcome",
+    "job_step_outcome",
+    "job_steps_outcome",
+    "job_view",
     "nothing",
     "preview_outcome",
     "rate_card_info",
@@ -169,6 +173,16 @@ def reserve_batch_outcome(resp: pb.ReserveBatchResponse) -> ReserveOutcome:
     )
 
 
+def job_step_outcome(resp: pb.ReserveResponse) -> ReserveOutcome:
+    """Reserve's answer for a step of an approved job: with the job's remaining room."""
+    return replace(reserve_outcome(resp), job_room_uecu=resp.job_remaining_uecu)
+
+
+def job_steps_outcome(resp: pb.ReserveBatchResponse) -> ReserveOutcome:
+    """ReserveBatch's answer for steps of an approved job: with the job's remaining room."""
+    return replace(reserve_batch_outcome(resp), job_room_uecu=resp.job_remaining_uecu)
+
+
 def commit_outcome(c: pb.CommitResponse) -> CommitOutcome:
     """Commit's answer: what was billed, released and over, with the usage's quote."""
     return CommitOutcome(
@@ -195,6 +209,11 @@ def commit_batch_outcomes(resp: pb.CommitBatchResponse) -> list[CommitOutcome]:
             error = error_for(code, r.message, r.reason)
             out.append(CommitOutcome(r.commit.reservation_id, error=error))
     return out
+
+
+def job_view(r: pb.JobResponse) -> JobView:
+    """A job RPC's answer: the job as it stands, the available balance, whether replayed."""
+    return job_view_from_pb(r.job, r.available_uecu, r.replayed)
 
 
 def release_outcome(r: pb.ReleaseResponse) -> ReleaseOutcome:

@@ -4,6 +4,8 @@
 - ``hydrator``: an organization Redis lost rebuilt from the ledger (LedgerReader), with its
   deadline and negative cache; commits of holds Redis lost settled by the ledger's record;
 - ``grants``: ledger-first grants (GrantLedger);
+- ``jobs``: approved jobs (JobDesk): approval against the current rate card, get, heartbeat,
+  close, and the rate card version a job's steps are priced with;
 - ``degraded``: opt-in local decisions while Redis is unreachable, and their replay;
 - ``journal``: degraded mode's fsynced journal;
 - ``sweep``: the background sweeper's schedule of recently served organizations.

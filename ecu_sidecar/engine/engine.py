@@ -12,7 +12,7 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -20,15 +20,18 @@ from typing import Any
 from ecu_sidecar.engine.degraded import DegradedMode
 from ecu_sidecar.engine.grants import GrantLedger, grant_ledger_first
 from ecu_sidecar.engine.hydrator import Hydrator
+from ecu_sidecar.engine.jobs import JobDesk, job_type_of
 from ecu_sidecar.engine.journal import Journal
 from ecu_sidecar.engine.sweep import SweepSchedule
 from ecu_sidecar.errors import (
     AccountNotFound,
     HoldNotFound,
+    RateCardMismatch,
     Rebuilding,
     ReplicationUnconfirmed,
     StoreUnavailable,
 )
+from ecu_sidecar.jobs import JobApproval, JobView
 from ecu_sidecar.model import (
     AccountRef,
     Balance,
@@ -70,6 +73,7 @@ from ecu_sidecar.validation import (
     check_expiry,
     check_grant_kind,
     check_id,
+    check_optional_id,
     check_org,
     check_reservation_id,
     check_scope,
@@ -85,12 +89,6 @@ __all__ = ["QuotaEngine"]
 
 #: Job specs with more prompt text than this are priced on a worker thread.
 _INLINE_PRICING_CHARS = 16_384
-_JOB_TYPE_OF_ITEM = {
-    InferenceSpec: JobType.INFERENCE,
-    JudgeSpec: JobType.JUDGE,
-    GepaSpec: JobType.GEPA,
-    TraceEvalSpec: JobType.TRACE_EVAL,
-}
 
 
 def _text_size(job: Any) -> int:
@@ -114,8 +112,7 @@ def _from_quote(item: ReserveItem, quote: Quote) -> ReserveItem:
     model derived when not given."""
     job_type = item.job_type
     if not isinstance(job_type, JobType):
-        first = item.job[0] if item.job else None
-        job_type = _JOB_TYPE_OF_ITEM.get(type(first), JobType.ENGINE)
+        job_type = job_type_of(item.job)
     models = {line.model for line in quote.lines if line.model}
     model = item.model or (models.pop() if len(models) == 1 else "")
     return ReserveItem(
@@ -183,6 +180,8 @@ class QuotaEngine:
         """Local decisions while Redis is unreachable, and their replay (None: fail closed)."""
         self.sweeps = SweepSchedule(settings.sweep_interval_ms, settings.sweep_max_orgs, clock)
         """The organizations served recently, for the background sweeper."""
+        self.jobs = JobDesk(self)
+        """Approved jobs, and the rate card versions their steps are priced with."""
 
     def close(self) -> None:
         """Let the engine's threads (pricing, ledger) end once their work is done."""
@@ -205,18 +204,68 @@ class QuotaEngine:
     # -- operations ---------------------------------------------------------------------------
 
     async def reserve(
-        self, account: AccountRef, items: Sequence[ReserveItem], *, batch: bool = False
+        self,
+        account: AccountRef,
+        items: Sequence[ReserveItem],
+        *,
+        batch: bool = False,
+        job_id: str = "",
     ) -> ReserveOutcome:
-        """Hold each item's worst case against the account (and its caps), all or nothing.
-        An item with a job spec holds exactly the spec's preview total, pinned to the card."""
+        """Hold each item's worst case against the account (and its caps), all or nothing; with
+        ``job_id``, against that approved job's room (never in degraded mode). An item with a
+        job spec holds exactly the spec's preview total, pinned to the card (a job's steps: to
+        the job's card, engine/jobs.py)."""
         settings = self.settings
         check_account(account, settings.allowed_org_set)
+        check_optional_id("job_id", job_id, CALLER_ID_MAX)
         if batch:
             check_batch_size(len(items), settings.max_batch_items)
-        min_ttl, max_ttl = settings.min_ttl_ms, settings.max_ttl_ms
+        org = account.organization
+        version = self.jobs.pinned(org, job_id)
+        resolved, quotes, priced = await self._resolve(org, items, batch, version)
+        default_ttl = settings.default_ttl_ms
+
+        def hold() -> Awaitable[ReserveOutcome]:
+            # Reads ``resolved`` when called: a retry holds the items as priced again.
+            return self.store.reserve(account, resolved, default_ttl_ms=default_ttl, job_id=job_id)
+
+        try:
+            try:
+                outcome = await self.hydrator.hydrating(org, hold)
+            except RateCardMismatch as exc:
+                version = self.jobs.repin(org, job_id, exc, bool(priced))
+                resolved, quotes, priced = await self._resolve(org, items, batch, version)
+                outcome = await self.hydrator.hydrating(org, hold)
+        except (ReplicationUnconfirmed, Rebuilding):
+            # Redis answered: the primary ran it (a local decision as well would count it
+            # twice), or it is fenced for a moment (a retry is served): nothing to degrade.
+            raise
+        except StoreUnavailable as exc:
+            if self.degraded is None or len(resolved) != 1 or job_id:
+                raise  # a job's steps draw from its room, which only Redis holds
+            item = resolved[0]
+            if not item.ttl_ms:
+                item = replace(item, ttl_ms=default_ttl)
+            return replace(self.degraded.reserve(account, item, exc), quotes=quotes)
+        self.sweeps.seen(org, min(it.ttl_ms or default_ttl for it in resolved))
+        # A replay of a hold priced before a rate card reload keeps its pinned price: answer
+        # the quote of the version it pinned, which is the one its commit must name.
+        for i in priced:
+            hold_view, quote = outcome.holds[i], quotes[i]
+            if quote and hold_view.rate_card_version != quote.rate_card_version:
+                pinned = self.card(hold_view.rate_card_version)
+                quotes[i] = preview(pinned, org, items[i].job, field="job")
+        return replace(outcome, quotes=quotes)
+
+    async def _resolve(
+        self, org: str, items: Sequence[ReserveItem], batch: bool, version: str | None
+    ) -> tuple[list[ReserveItem], list[Quote | None], list[int]]:
+        """The items checked, those with a job spec priced with ``version`` (None: the current
+        card); their quotes, and where the priced ones are."""
+        min_ttl, max_ttl = self.settings.min_ttl_ms, self.settings.max_ttl_ms
         resolved = []
         quotes: list[Quote | None] = []
-        priced: list[int] = []  # where the steps priced from a job spec are
+        priced: list[int] = []
         seen: set[str] = set()
         for i, it in enumerate(items):
             at = i if batch else None
@@ -224,46 +273,19 @@ class QuotaEngine:
             check_step(it, min_ttl, max_ttl, item=at)
             quote = None
             if it.job is not None:
-                quote = await self._price_job(account.organization, it.job, field_path(at, "job"))
+                quote = await self.price_job(org, it.job, field_path(at, "job"), version)
                 it = check_step(_from_quote(it, quote), min_ttl, max_ttl, priced=True, item=at)
                 priced.append(i)
             resolved.append(it)
             quotes.append(quote)
         check_total(it.amount_uecu for it in resolved)
-        default_ttl = settings.default_ttl_ms
-        try:
-            outcome = await self.hydrator.hydrating(
-                account.organization,
-                lambda: self.store.reserve(account, resolved, default_ttl_ms=default_ttl),
-            )
-        except (ReplicationUnconfirmed, Rebuilding):
-            # Redis answered: the primary ran it (a local decision as well would count it
-            # twice), or it is fenced for a moment (a retry is served): nothing to degrade.
-            raise
-        except StoreUnavailable as exc:
-            if self.degraded is None or len(resolved) != 1:
-                raise
-            item = resolved[0]
-            if not item.ttl_ms:
-                item = replace(item, ttl_ms=default_ttl)
-            return replace(self.degraded.reserve(account, item, exc), quotes=quotes)
-        self.sweeps.seen(account.organization, min(it.ttl_ms or default_ttl for it in resolved))
-        # A replay of a hold priced before a rate card reload keeps its pinned price: answer
-        # the quote of the version it pinned, which is the one its commit must name.
-        for i in priced:
-            hold, quote = outcome.holds[i], quotes[i]
-            if quote and hold.rate_card_version != quote.rate_card_version:
-                pinned = self._card(hold.rate_card_version)
-                quotes[i] = preview(pinned, account.organization, items[i].job, field="job")
-        return ReserveOutcome(
-            outcome.holds, outcome.available_uecu, outcome.replayed, quotes, outcome.degraded
-        )
+        return resolved, quotes, priced
 
     async def preview(self, account: AccountRef, job: JobSpec) -> tuple[Quote, int | None]:
         """The worst case of ``job`` for the account, and its available balance (None when the
         organization has no account). No side effects beyond sweeping overdue holds."""
         check_account(account, self.settings.allowed_org_set)
-        quote = await self._price_job(account.organization, job, "job")
+        quote = await self.price_job(account.organization, job, "job")
         try:
             balance = await self.hydrator.hydrating(
                 account.organization, lambda: self.store.balance(account.organization)
@@ -272,18 +294,30 @@ class QuotaEngine:
             return quote, None
         return quote, balance.available_uecu
 
-    def _card(self, version: str | None = None) -> RateCard:
+    def card(self, version: str | None = None) -> RateCard:
+        """The rate card of ``version`` (None: the current one)."""
         if self.rates is None:
             raise NoRateCard("no rate card is configured (set ECU_RATE_CARD_FILE)")
         return self.rates.current if version is None else self.rates.get(version)
 
-    async def _price_job(self, org: str, job: JobSpec, field: str) -> Quote:
-        card = self._card()
+    async def price_job(
+        self, org: str, job: JobSpec, field: str, version: str | None = None
+    ) -> Quote:
+        """The worst case of ``job`` under the card of ``version`` (None: the current one)."""
+        card = self.card(version)
         if _text_size(job) > _INLINE_PRICING_CHARS:
             # tiktoken releases the GIL: a long prompt is counted off the event loop.
             call = functools.partial(preview, card, org, job, field=field)
             return await asyncio.get_running_loop().run_in_executor(self.pricing_executor, call)
         return preview(card, org, job, field=field)
+
+    async def approve_job(self, account: AccountRef, approval: JobApproval) -> JobView:
+        """Open an approved job holding its amount (JobDesk.approve); idempotent on its id."""
+        return await self.jobs.approve(account, approval)
+
+    async def job(self, org: str, job_id: str, op: str = "get") -> JobView:
+        """``get``, ``touch`` (heartbeat) or ``close`` a job (JobDesk.run)."""
+        return await self.jobs.run(org, job_id, op)
 
     async def commit(
         self, org: str, items: Sequence[CommitItem], *, batch: bool = False
@@ -308,7 +342,7 @@ class QuotaEngine:
             quote = None
             if it.usage_lines is not None:
                 check_usage_lines(it, item=at)
-                card = self._card(it.rate_card_version)
+                card = self.card(it.rate_card_version)
                 quote = price_usage(card, org, it.usage_lines, field=field_path(at, "usage_lines"))
                 it = check_commit(_priced_commit(it, quote), priced=True, item=at)
             else:

@@ -123,6 +123,13 @@ class Settings:
     max_ttl_ms: int = field(default=86_400_000, metadata=int_range(1_000, 7 * 86_400_000))
     """ECU_MAX_TTL_MS: longest hold lifetime a request (or one extend) may ask for."""
 
+    job_ttl_ms: int = field(default=900_000, metadata=int_range(1, 30 * 86_400_000))
+    """ECU_JOB_TTL_MS: an approved job with no step and no heartbeat for this long ends by
+    itself (abandoned: its money returns to the wallet) when its approval leaves ttl_ms at 0."""
+
+    job_max_ttl_ms: int = field(default=604_800_000, metadata=int_range(1_000, 30 * 86_400_000))
+    """ECU_JOB_MAX_TTL_MS: the longest abandonment ttl an approval may ask for (7 days)."""
+
     tombstone_ttl_ms: int = field(default=3_600_000, metadata=int_range(1_000, 30 * 86_400_000))
     """ECU_TOMBSTONE_TTL_MS: how long a settled hold still answers replays."""
 
@@ -385,12 +392,15 @@ class Settings:
             raise SettingsError(f"ECU_UNIX_SOCKET_MODE: an octal mode like 0660, got {mode!r}")
 
     def _check(self) -> None:
-        if not self.min_ttl_ms <= self.default_ttl_ms <= self.max_ttl_ms:
-            raise SettingsError(
-                "ECU_DEFAULT_TTL_MS: must lie between ECU_MIN_TTL_MS "
-                f"({self.min_ttl_ms}) and ECU_MAX_TTL_MS ({self.max_ttl_ms}), "
-                f"got {self.default_ttl_ms}"
-            )
+        for var, ttl, top, most in (
+            ("ECU_DEFAULT_TTL_MS", self.default_ttl_ms, "ECU_MAX_TTL_MS", self.max_ttl_ms),
+            ("ECU_JOB_TTL_MS", self.job_ttl_ms, "ECU_JOB_MAX_TTL_MS", self.job_max_ttl_ms),
+        ):
+            if not self.min_ttl_ms <= ttl <= most:
+                raise SettingsError(
+                    f"{var}: must lie between ECU_MIN_TTL_MS ({self.min_ttl_ms}) and {top} "
+                    f"({most}), got {ttl}"
+                )
         if self.listen.startswith(UNIX_SCHEME):
             self._check_unix_socket()
         elif not is_loopback(split_hostport("ECU_LISTEN", self.listen)[0]) and not self.tls:

@@ -46,6 +46,19 @@ class CapScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CAP_SCOPE_UNSPECIFIED: _ClassVar[CapScope]
     CAP_SCOPE_TEAM: _ClassVar[CapScope]
     CAP_SCOPE_PROJECT: _ClassVar[CapScope]
+
+class JobPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_POLICY_UNSPECIFIED: _ClassVar[JobPolicy]
+    JOB_POLICY_REFUSE: _ClassVar[JobPolicy]
+    JOB_POLICY_WALLET: _ClassVar[JobPolicy]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_OPEN: _ClassVar[JobState]
+    JOB_STATE_CLOSED: _ClassVar[JobState]
+    JOB_STATE_ABANDONED: _ClassVar[JobState]
 JOB_TYPE_UNSPECIFIED: JobType
 JOB_TYPE_INFERENCE: JobType
 JOB_TYPE_JUDGE: JobType
@@ -71,6 +84,13 @@ GRANT_KIND_ADJUSTMENT: GrantKind
 CAP_SCOPE_UNSPECIFIED: CapScope
 CAP_SCOPE_TEAM: CapScope
 CAP_SCOPE_PROJECT: CapScope
+JOB_POLICY_UNSPECIFIED: JobPolicy
+JOB_POLICY_REFUSE: JobPolicy
+JOB_POLICY_WALLET: JobPolicy
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_OPEN: JobState
+JOB_STATE_CLOSED: JobState
+JOB_STATE_ABANDONED: JobState
 
 class Account(_message.Message):
     __slots__ = ("organization", "team", "project", "user")
@@ -333,7 +353,7 @@ class GetRateCardResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRate, _Mapping]]] = ..., engine_call_uecu: _Optional[int] = ..., judge_call_uecu: _Optional[int] = ..., gepa_iteration_uecu: _Optional[int] = ..., trace_uecu: _Optional[int] = ..., organizations_with_terms: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[str]] = ..., byok_engine_call_uecu: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("reservation_id", "account", "amount_uecu", "job_type", "model", "ttl_ms", "job")
+    __slots__ = ("reservation_id", "account", "amount_uecu", "job_type", "model", "ttl_ms", "job", "job_id")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_UECU_FIELD_NUMBER: _ClassVar[int]
@@ -341,6 +361,7 @@ class ReserveRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     account: Account
     amount_uecu: int
@@ -348,21 +369,24 @@ class ReserveRequest(_message.Message):
     model: str
     ttl_ms: int
     job: JobSpec
-    def __init__(self, reservation_id: _Optional[str] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., amount_uecu: _Optional[int] = ..., job_type: _Optional[_Union[JobType, str]] = ..., model: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+    job_id: str
+    def __init__(self, reservation_id: _Optional[str] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., amount_uecu: _Optional[int] = ..., job_type: _Optional[_Union[JobType, str]] = ..., model: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("hold", "available_uecu", "replayed", "quote", "degraded")
+    __slots__ = ("hold", "available_uecu", "replayed", "quote", "degraded", "job_remaining_uecu")
     HOLD_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_UECU_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     QUOTE_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    JOB_REMAINING_UECU_FIELD_NUMBER: _ClassVar[int]
     hold: Hold
     available_uecu: int
     replayed: bool
     quote: Quote
     degraded: bool
-    def __init__(self, hold: _Optional[_Union[Hold, _Mapping]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ..., degraded: _Optional[bool] = ...) -> None: ...
+    job_remaining_uecu: int
+    def __init__(self, hold: _Optional[_Union[Hold, _Mapping]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ..., degraded: _Optional[bool] = ..., job_remaining_uecu: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("reservation_id", "organization", "actual_uecu", "usage", "usage_lines", "rate_card_version")
@@ -467,24 +491,28 @@ class ReserveItem(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., amount_uecu: _Optional[int] = ..., job_type: _Optional[_Union[JobType, str]] = ..., model: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class ReserveBatchRequest(_message.Message):
-    __slots__ = ("account", "items")
+    __slots__ = ("account", "items", "job_id")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     account: Account
     items: _containers.RepeatedCompositeFieldContainer[ReserveItem]
-    def __init__(self, account: _Optional[_Union[Account, _Mapping]] = ..., items: _Optional[_Iterable[_Union[ReserveItem, _Mapping]]] = ...) -> None: ...
+    job_id: str
+    def __init__(self, account: _Optional[_Union[Account, _Mapping]] = ..., items: _Optional[_Iterable[_Union[ReserveItem, _Mapping]]] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class ReserveBatchResponse(_message.Message):
-    __slots__ = ("holds", "available_uecu", "replayed", "quotes")
+    __slots__ = ("holds", "available_uecu", "replayed", "quotes", "job_remaining_uecu")
     HOLDS_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_UECU_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     QUOTES_FIELD_NUMBER: _ClassVar[int]
+    JOB_REMAINING_UECU_FIELD_NUMBER: _ClassVar[int]
     holds: _containers.RepeatedCompositeFieldContainer[Hold]
     available_uecu: int
     replayed: bool
     quotes: _containers.RepeatedCompositeFieldContainer[Quote]
-    def __init__(self, holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., quotes: _Optional[_Iterable[_Union[Quote, _Mapping]]] = ...) -> None: ...
+    job_remaining_uecu: int
+    def __init__(self, holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ..., quotes: _Optional[_Iterable[_Union[Quote, _Mapping]]] = ..., job_remaining_uecu: _Optional[int] = ...) -> None: ...
 
 class CommitItem(_message.Message):
     __slots__ = ("reservation_id", "actual_uecu", "usage", "usage_lines", "rate_card_version")
@@ -671,3 +699,109 @@ class SetAutoTopUpRequest(_message.Message):
 class SetAutoTopUpResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "organization", "state", "approved_uecu", "drawn_uecu", "committed_uecu", "held_uecu", "remaining_uecu", "extra_uecu", "extra_max_uecu", "steps", "steps_committed", "steps_ended", "policy", "team", "project", "user", "job_type", "rate_card_version", "ttl_ms", "deadline_unix_ms", "opened_at_unix_ms", "ended_at_unix_ms", "returned_uecu")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_UECU_FIELD_NUMBER: _ClassVar[int]
+    DRAWN_UECU_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_UECU_FIELD_NUMBER: _ClassVar[int]
+    HELD_UECU_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_UECU_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_UECU_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_MAX_UECU_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    JOB_TYPE_FIELD_NUMBER: _ClassVar[int]
+    RATE_CARD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    OPENED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    RETURNED_UECU_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    organization: str
+    state: JobState
+    approved_uecu: int
+    drawn_uecu: int
+    committed_uecu: int
+    held_uecu: int
+    remaining_uecu: int
+    extra_uecu: int
+    extra_max_uecu: int
+    steps: int
+    steps_committed: int
+    steps_ended: int
+    policy: JobPolicy
+    team: str
+    project: str
+    user: str
+    job_type: JobType
+    rate_card_version: str
+    ttl_ms: int
+    deadline_unix_ms: int
+    opened_at_unix_ms: int
+    ended_at_unix_ms: int
+    returned_uecu: int
+    def __init__(self, job_id: _Optional[str] = ..., organization: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., approved_uecu: _Optional[int] = ..., drawn_uecu: _Optional[int] = ..., committed_uecu: _Optional[int] = ..., held_uecu: _Optional[int] = ..., remaining_uecu: _Optional[int] = ..., extra_uecu: _Optional[int] = ..., extra_max_uecu: _Optional[int] = ..., steps: _Optional[int] = ..., steps_committed: _Optional[int] = ..., steps_ended: _Optional[int] = ..., policy: _Optional[_Union[JobPolicy, str]] = ..., team: _Optional[str] = ..., project: _Optional[str] = ..., user: _Optional[str] = ..., job_type: _Optional[_Union[JobType, str]] = ..., rate_card_version: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., opened_at_unix_ms: _Optional[int] = ..., ended_at_unix_ms: _Optional[int] = ..., returned_uecu: _Optional[int] = ...) -> None: ...
+
+class ApproveJobRequest(_message.Message):
+    __slots__ = ("job_id", "account", "job", "approved_total_uecu", "rate_card_version", "job_type", "policy", "ttl_ms")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_TOTAL_UECU_FIELD_NUMBER: _ClassVar[int]
+    RATE_CARD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JOB_TYPE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    account: Account
+    job: JobSpec
+    approved_total_uecu: int
+    rate_card_version: str
+    job_type: JobType
+    policy: JobPolicy
+    ttl_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., approved_total_uecu: _Optional[int] = ..., rate_card_version: _Optional[str] = ..., job_type: _Optional[_Union[JobType, str]] = ..., policy: _Optional[_Union[JobPolicy, str]] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class JobResponse(_message.Message):
+    __slots__ = ("job", "available_uecu", "replayed")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_UECU_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    available_uecu: int
+    replayed: bool
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., available_uecu: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("organization", "job_id")
+    ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    organization: str
+    job_id: str
+    def __init__(self, organization: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatJobRequest(_message.Message):
+    __slots__ = ("organization", "job_id")
+    ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    organization: str
+    job_id: str
+    def __init__(self, organization: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class CloseJobRequest(_message.Message):
+    __slots__ = ("organization", "job_id")
+    ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    organization: str
+    job_id: str
+    def __init__(self, organization: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...

@@ -94,6 +94,26 @@ class QuotaStub:
                 request_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardRequest.SerializeToString,
                 response_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardResponse.FromString,
                 _registered_method=True)
+        self.ApproveJob = channel.unary_unary(
+                '/ecu_sidecar.api.v1.Quota/ApproveJob',
+                request_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.ApproveJobRequest.SerializeToString,
+                response_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/ecu_sidecar.api.v1.Quota/GetJob',
+                request_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.FromString,
+                _registered_method=True)
+        self.HeartbeatJob = channel.unary_unary(
+                '/ecu_sidecar.api.v1.Quota/HeartbeatJob',
+                request_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.HeartbeatJobRequest.SerializeToString,
+                response_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.FromString,
+                _registered_method=True)
+        self.CloseJob = channel.unary_unary(
+                '/ecu_sidecar.api.v1.Quota/CloseJob',
+                request_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.CloseJobRequest.SerializeToString,
+                response_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaServicer:
@@ -183,6 +203,34 @@ class QuotaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveJob(self, request, context):
+        """Open a job from an approved preview: hold its total against the wallet and caps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """A job's amounts, step counts and state. No side effects.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HeartbeatJob(self, request, context):
+        """Keep an open job alive (its abandonment deadline moves to now + ttl_ms).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseJob(self, request, context):
+        """Close a job: what it did not bill returns to the wallet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +293,26 @@ def add_QuotaServicer_to_server(servicer, server):
                     servicer.GetRateCard,
                     request_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardRequest.FromString,
                     response_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardResponse.SerializeToString,
+            ),
+            'ApproveJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveJob,
+                    request_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.ApproveJobRequest.FromString,
+                    response_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetJobRequest.FromString,
+                    response_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.SerializeToString,
+            ),
+            'HeartbeatJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.HeartbeatJob,
+                    request_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.HeartbeatJobRequest.FromString,
+                    response_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.SerializeToString,
+            ),
+            'CloseJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseJob,
+                    request_deserializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.CloseJobRequest.FromString,
+                    response_serializer=ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +639,114 @@ class Quota:
             '/ecu_sidecar.api.v1.Quota/GetRateCard',
             ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardRequest.SerializeToString,
             ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetRateCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ecu_sidecar.api.v1.Quota/ApproveJob',
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.ApproveJobRequest.SerializeToString,
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ecu_sidecar.api.v1.Quota/GetJob',
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.GetJobRequest.SerializeToString,
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HeartbeatJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ecu_sidecar.api.v1.Quota/HeartbeatJob',
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.HeartbeatJobRequest.SerializeToString,
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ecu_sidecar.api.v1.Quota/CloseJob',
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.CloseJobRequest.SerializeToString,
+            ecu__sidecar_dot_api_dot_v1_dot_quota__pb2.JobResponse.FromString,
             options,
             channel_credentials,
             insecure,
