@@ -132,7 +132,7 @@ BENCH_ARGS ?=
 .PHONY: bench bench-smoke bench-icount
 
 ## Every target as a ratio to its floor, each measured 3 times in turn: prints the verdicts and
-## writes bench/results.json and docs/benchmarks.md (about 9 minutes on 2 cores at the default).
+## writes bench/results.json and docs/benchmarks.md (about 10 minutes on 2 cores at the default).
 ## One section alone: make bench BENCH_ARGS='--only flusher' (writes no doc, results to /tmp).
 bench: $(STAMP)
 	BENCH_VIA_MAKE=1 BENCH_SECONDS=$(BENCH_SECONDS) $(BIN)/python -m bench $(BENCH_ARGS)

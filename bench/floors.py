@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench.stats import median
+from bench.stats import median, trimmed_mean
 
 __all__ = ["MINIMAL_HOLD", "copy_floor", "redis_cost"]
 
@@ -104,14 +104,6 @@ def copy_floor(pg_url: str, source: str, target: str) -> dict[str, Any]:
 # -- the minimal hold --------------------------------------------------------------------------
 
 
-def _trimmed_mean(durations: list[int]) -> float:
-    """The mean of the fastest half of the calls' µs: a call preempted mid-script on a loaded
-    machine is an outlier, not the script's cost (Redis counts whole µs per call, so a mean is
-    what resolves a few-µs script; a median would round to whole µs)."""
-    kept = sorted(durations)[: max(1, len(durations) // 2)]
-    return sum(kept) / len(kept)
-
-
 def _evalsha_usec(client: Any) -> tuple[int, int]:
     stats = client.info("commandstats").get("cmdstat_evalsha", {})
     return int(stats.get("calls", 0)), int(stats.get("usec", 0))
@@ -149,7 +141,7 @@ def redis_cost(
                     raise RuntimeError(f"redis cost: another client ran EVALSHA during {name}")
                 durations.append(usec1 - usec0)
                 calls0, usec0 = calls1, usec1
-            each[name].append(_trimmed_mean(durations))
+            each[name].append(trimmed_mean(durations))
 
         for rep in range(repeats):
             rid = f"rc{rep}-"

@@ -280,6 +280,20 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{us['minimal']:.1f} µs ({rc['redis']} Redis)",
             )
         )
+    jb = results.get("jobs") or {}
+    if jb.get("ratios"):
+        us, noise = jb["us_per_step"], spread(jb["ratios"])
+        noise = 0.0 if math.isnan(noise) else noise
+        out.append(
+            verdict(
+                "job_step",
+                "in-Redis µs of a job step ÷ a wallet step's (interleaved, same organization)",
+                jb["ratios"],
+                round(1 + noise, 3),  # no more than the wallet step, within this run's noise
+                "≤",
+                f"wallet {us['wallet']:.1f}, job {us['job']:.1f} µs ({jb['calls']} steps each)",
+            )
+        )
     fl = results.get("flusher_lag")
     if fl:
         interval = fl["interval_ms"] / 1000
@@ -524,6 +538,37 @@ def durability_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+JOBS_HEADER = ["figure", "wallet step", "job step", "job step, 1,000 live steps"]
+
+
+def job_rows(results: dict[str, Any]) -> list[list[str]]:
+    """Medians over the repeats (bench/jobs.py), the per-step µs with each repeat's."""
+    jb = results.get("jobs") or {}
+    if not jb.get("ratios"):
+        return []
+    kinds = ("wallet", "job", "job_live")
+    c = jb["concurrency"]
+
+    def flat(key: str, fmt: str) -> list[str]:
+        return [_f(median([r[key] for r in jb["flat_out"][k]]), fmt) for k in kinds[:2]] + ["–"]
+
+    def per_step(k: str) -> str:
+        each = " / ".join(_f(x, ".1f") for x in jb["us_each"][k])
+        return f"{_f(jb['us_per_step'][k], '.1f')} ({each})"
+
+    life = {k: _f(median(v), ",.0f") for k, v in jb["lifecycle_us"].items()}
+    return [
+        ["Redis µs per step, c=1 (each repeat)", *map(per_step, kinds)],
+        ["one organization's ceiling, steps/s (10⁶ ÷ µs)"]
+        + [_f(jb["ceiling_steps_per_s"][k], ",.0f") for k in kinds],
+        [f"c={c} closed loop, steps/s", *flat("steps_per_s", ",.0f")],
+        [f"c={c}: Redis CPU µs per step", *flat("cpu_us_per_step", ".1f")],
+        [f"c={c}: Redis busy (CPU s ÷ window s)", *flat("redis_busy", ".2f")],
+        ["approve / close, µs (no step's cost)", "–", f"{life['approve']} / {life['close']}",
+         f"– / {life['close_live']}"],
+    ]  # fmt: skip
+
+
 def _interference(results: dict[str, Any]) -> str:
     xs = sorted(r["foreign_cores"] for r in results["runs"] if r.get("foreign_cores") is not None)
     if not xs:
@@ -551,6 +596,8 @@ def _sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[s
             roundtrip_rows(results),
         ),
     ]
+    if job_rows(results):
+        out.append(("Approved jobs inside Redis (bench/jobs.py)", JOBS_HEADER, job_rows(results)))
     if durability_rows(results):
         out.append(
             (

@@ -22,6 +22,7 @@ from bench import procs
 from bench.durability import durability
 from bench.floors import copy_floor, redis_cost
 from bench.harness import Harness
+from bench.jobs import jobs
 from bench.reconciling import reconcile
 from bench.scriptargs import ScriptCall, capture
 from bench.stats import summarize
@@ -35,6 +36,7 @@ SECTIONS = (
     "batch",
     "preview",
     "redis_cost",
+    "jobs",
     "flusher",
     "lag",
     "durability",
@@ -81,6 +83,8 @@ def run_all(h: Harness) -> None:
         preview(h, sidecar)
     if "redis_cost" in want:
         scripts_vs_minimal(h)
+    if "jobs" in want:
+        jobs(h)
     if "flusher" in want:
         flusher_drain(h)
     if "lag" in want:

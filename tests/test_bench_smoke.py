@@ -47,12 +47,13 @@ def test_noop_server_uses_the_sidecars_server_options() -> None:
     assert [list(map(tuple, f)) for f in found] == [[tuple(o) for o in NOOP_SERVER_OPTIONS]]
 
 
-def test_smoke_run_produces_every_section(tmp_path: Path) -> None:
+def _smoke(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """``python -m bench --smoke ARGS``; its results (strict JSON: no NaN, no Infinity)."""
     require_redis()
     require_postgres()
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(out), "--no-doc"],
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out), "--no-doc", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -60,7 +61,35 @@ def test_smoke_run_produces_every_section(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())  # strict JSON: no NaN, no Infinity
+    return json.loads(out.read_text())
+
+
+def _check_jobs(results: dict[str, Any]) -> None:
+    """bench/jobs.py: each repeat has the three step kinds, the two flat-out runs and the jobs'
+    approve and close; job ÷ wallet is a verdict whose limit is 1 plus the run's noise."""
+    jb, repeats = results["jobs"], results["config"]["repeats"]
+    for kind in ("wallet", "job", "job_live"):
+        assert len(jb["us_each"][kind]) == repeats and jb["us_per_step"][kind] > 0, kind
+        assert _finite(jb["ceiling_steps_per_s"][kind]), kind
+    assert len(jb["ratios"]) == len(jb["live_ratios"]) == repeats
+    for kind in ("wallet", "job"):
+        runs = jb["flat_out"][kind]
+        assert len(runs) == repeats and all(r["steps_per_s"] > 0 for r in runs), kind
+        assert all(r["cpu_us_per_step"] > 0 and 0 < r["redis_busy"] for r in runs), kind
+    for name, us in jb["lifecycle_us"].items():
+        assert len(us) == repeats and min(us) > 0, name
+    (target,) = [t for t in results["targets"] if t["id"] == "job_step"]
+    assert target["ratios"] == jb["ratios"] and target["limit"] >= 1
+
+
+def test_smoke_run_measures_jobs_against_the_wallet(tmp_path: Path) -> None:
+    results = _smoke(tmp_path, "--only", "jobs")
+    _check_jobs(results)
+    assert [t["id"] for t in results["targets"]] == ["job_step"]
+
+
+def test_smoke_run_produces_every_section(tmp_path: Path) -> None:
+    results = _smoke(tmp_path)
 
     repeats = results["config"]["repeats"]
     assert repeats >= 2  # the smoke run has a noise figure too
@@ -116,13 +145,14 @@ def test_smoke_run_produces_every_section(tmp_path: Path) -> None:
     cost = results["redis_cost"]
     for name in ("minimal", "reserve", "commit"):
         assert len(cost["us_each"][name]) == repeats and cost["us_per_call"][name] > 0, name
+    _check_jobs(results)
     lag = results["flusher_lag"]
     assert lag["samples"] > 0 and _finite(lag["committed_steps_per_s"])
 
     # Every target is a ratio to its floor, with a limit, a verdict and the run's noise.
     targets = {t["id"]: t for t in results["targets"]}
     assert {"round_trips", "reserve_p50", "reserve_p99", "batch", "preview", "rss"} <= set(targets)
-    assert {"flusher_throughput", "flusher_lag", "redis_cost"} <= set(targets)
+    assert {"flusher_throughput", "flusher_lag", "redis_cost", "job_step"} <= set(targets)
     assert {"throughput_c4_orgs1", "throughput_c4_orgs10"} <= set(targets)
     for t in targets.values():
         assert isinstance(t["met"], bool) and _finite(t["ratio"]) and _finite(t["limit"]), t
