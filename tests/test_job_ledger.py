@@ -241,3 +241,5 @@ async def test_the_ledger_records_each_step_with_its_job(stack: Stack) -> None:
     }
     assert all(j == "j1" for _, _, j, _ in holds)
     assert jobs == [("j1", "closed", 100_000, 70_000, 35_000)]
+    by_job = await asyncio.to_thread(stack.ledger.consumption, org, by="job")
+    assert [(r.key, r.amount_uecu) for r in by_job] == [("j1", 35_000)]

@@ -423,3 +423,15 @@ async def test_a_refused_rpc_is_counted_before_its_status_is_sent(
         )
         == 1.0
     )  # and not counted twice
+
+
+def test_a_step_refused_beyond_its_job_is_counted_under_scope_job() -> None:
+    """A step beyond its approved job's room is refused with scope job (docs/jobs.md): it is
+    counted as such, not folded into organization; an unknown scope still is."""
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    m.rejected_insufficient("job")
+    m.rejected_insufficient("galaxy")
+    sample = registry.get_sample_value
+    assert sample("ecu_insufficient_ecu_total", {"scope": "job"}) == 1
+    assert sample("ecu_insufficient_ecu_total", {"scope": "organization"}) == 1

@@ -36,7 +36,7 @@ __all__ = ["add_commands"]
 
 log = logging.getLogger(__name__)
 
-_DIMENSIONS = ("team", "project", "user", "model", "job-type")
+_DIMENSIONS = ("team", "project", "user", "model", "job-type", "job")
 
 
 def add_commands(sub: Any) -> None:

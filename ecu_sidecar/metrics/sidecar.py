@@ -14,7 +14,7 @@ from ecu_sidecar.metrics.process import LATENCY_BUCKETS, StoreMetrics
 __all__ = ["SCOPES", "Metrics"]
 
 #: Values of the ``scope`` label of ecu_insufficient_ecu_total.
-SCOPES = frozenset({"organization", "team", "project"})
+SCOPES = frozenset({"organization", "team", "project", "job"})
 
 
 class Metrics:
