@@ -59,8 +59,8 @@ local function item_ok(rid, rec, replayed)
     tonumber(rec.late), replayed, tonumber(rec.av1)
 end
 
--- raw[rid]: the hold record as stored (false: none), as this call left it.
-local raw = {}
+-- recs[rid]: the hold record, decoded once (false: none), as this call left it.
+local recs = {}
 local rids = {}
 for i = 0, n - 1 do rids[i + 1] = ARGV[8 + i * 7] end
 local got = n == 1 and {redis.call('HGET', HOLDS, rids[1])} or call_sliced('HMGET', HOLDS, rids, 1)
@@ -69,7 +69,8 @@ local got = n == 1 and {redis.call('HGET', HOLDS, rids[1])} or call_sliced('HMGE
 local jobs = {}
 local ended = false
 for i = 1, n do
-  local jid = got[i] and cjson.decode(got[i]).jb
+  got[i] = got[i] and cjson.decode(got[i])
+  local jid = got[i] and got[i].jb
   if jid and jobs[jid] == nil then
     local j = get_job(jid)
     jobs[jid] = j or false
@@ -79,8 +80,11 @@ for i = 1, n do
     end
   end
 end
-if ended then got = call_sliced('HMGET', HOLDS, rids, 1) end
-for i = 1, n do raw[rids[i]] = got[i] end
+if ended then
+  got = call_sliced('HMGET', HOLDS, rids, 1)
+  for i = 1, n do got[i] = got[i] and cjson.decode(got[i]) end
+end
+for i = 1, n do recs[rids[i]] = got[i] end
 local puts, tombed = {}, {}
 
 -- Read once, when an item first needs it: the threshold state (no item changes it) with balance
@@ -105,8 +109,7 @@ end
 for i = 0, n - 1 do
   local b = 8 + i * 7
   local rid, actual_s, rcv, lines = ARGV[b], ARGV[b + 1], ARGV[b + 5], ARGV[b + 6]
-  local r = raw[rid]
-  local rec = r and cjson.decode(r) or nil
+  local rec = recs[rid] or nil
   if not rec and known[rid] then
     local k = known[rid]
     rec = {st = ARGV[k + 1] == 'D' and 'O' or 'E', amt = ARGV[k + 2], t0 = ARGV[k + 3],
@@ -120,7 +123,6 @@ for i = 0, n - 1 do
     local j = jid and jobs[jid] or nil
     if rec.st == 'A' and tonumber(rec.dl) <= NOW then
       settle_deadline(rid, rec)
-      raw[rid] = cjson.encode(rec)
       if j then j = get_job(jid); jobs[jid] = j end
       if wallet and not j then held = held - tonumber(rec.amt) end
     end
@@ -221,14 +223,13 @@ for i = 0, n - 1 do
       rec.cm = I(billed)
       rec.rel = I(released)
       rec.ov = I((late or orphan) and 0 or overage)
-      rec.ju = I(job_uecu)
       rec.uov = I(unbilled)
       rec.late = (late or orphan) and '1' or '0'
       rec.orphan = orphan and '1' or nil
       rec.fin = NOW_S
       rec.av1 = I(bal - held)
-      r = cjson.encode(rec)
-      raw[rid] = r
+      local r = cjson.encode(rec)
+      recs[rid] = rec
       puts[#puts + 1] = rid
       puts[#puts + 1] = r
       tombed[#tombed + 1] = rid
