@@ -13,7 +13,12 @@ from typing import Any
 
 from ecu_sidecar.model import JobType
 
-__all__ = ["JobApproval", "JobPolicy", "JobState", "JobView"]
+__all__ = ["ACCURACY_WINDOW", "JobAccuracy", "JobApproval", "JobPolicy", "JobState", "JobView"]
+
+
+#: Closed jobs per job type Preview's expected cost rests on: the latest 100 to 200 in Redis
+#: (halved at 200, store/lua/_lib.lua learn_accuracy), the latest 100 after a rebuild.
+ACCURACY_WINDOW = 100
 
 
 class JobPolicy(enum.StrEnum):
@@ -105,3 +110,20 @@ class JobView:
         """committed ÷ approved (None before any approval money): how pessimistic the preview
         was. A ratio for metrics only, never money."""
         return self.committed_uecu / self.approved_uecu if self.approved_uecu else None
+
+
+@dataclass(frozen=True, slots=True)
+class JobAccuracy:
+    """How pessimistic the previews of an organization's closed jobs of one type were: what
+    those jobs committed against what they approved (the latest ACCURACY_WINDOW or so)."""
+
+    job_type: str
+    jobs: int
+    committed_uecu: int
+    approved_uecu: int
+
+    def expected_uecu(self, worst_case_uecu: int) -> int:
+        """The worst case scaled by committed ÷ approved, rounded up: integer µECU."""
+        if not self.approved_uecu:
+            return worst_case_uecu
+        return -(-worst_case_uecu * self.committed_uecu // self.approved_uecu)

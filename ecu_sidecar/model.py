@@ -373,6 +373,9 @@ class LedgerAccount:
     jobs: list[Any] = field(default_factory=list)
     """Jobs to restore (ecu_sidecar.jobs.JobView): the open ones, with their room as the ledger
     derives it, and those ended within the tombstone retention (a replayed close)."""
+    job_accuracy: list[Any] = field(default_factory=list)
+    """The accuracy of its latest closed jobs per job type (ecu_sidecar.jobs.JobAccuracy), for
+    Preview's expected cost."""
     notice_reference_uecu: int | None = None
     """The reference level those notifications recorded (the available balance after the
     latest grant), when the ledger has one: the rebuild keeps it so that the 5 % threshold
@@ -418,6 +421,9 @@ class Balance:
     a fault outside the scripts (lost writes, manual edits) can cause."""
     auto_topup_threshold_uecu: int | None = None
     auto_topup_amount_uecu: int = 0
+    job_accuracy: dict[str, Any] = field(default_factory=dict)
+    """Job type -> the accuracy of the organization's closed jobs of that type
+    (ecu_sidecar.jobs.JobAccuracy), for Preview's expected cost."""
 
     @property
     def available_uecu(self) -> int:

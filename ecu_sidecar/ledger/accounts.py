@@ -11,7 +11,7 @@ from typing import Any
 from ecu_sidecar.ledger import burn
 from ecu_sidecar.ledger.backends import Tx
 from ecu_sidecar.ledger.db import Database
-from ecu_sidecar.ledger.jobs import ledger_jobs
+from ecu_sidecar.ledger.jobs import ledger_accuracy, ledger_jobs, open_jobs
 from ecu_sidecar.ledger.types import (
     AccountState,
     AutoTopup,
@@ -50,6 +50,10 @@ class Accounts:
         """Every organization the ledger knows, sorted (for hydration and reconciliation)."""
         rows = self._db.read(lambda tx: tx.rows("SELECT org_id FROM organizations ORDER BY org_id"))
         return [r[0] for r in rows]
+
+    def open_jobs(self) -> int:
+        """How many approved jobs are open across every organization."""
+        return self._db.read(open_jobs)
 
     def balance(self, org: str) -> int:
         """The ledger balance (granted − expired grants − committed); 0 for an unknown org."""
@@ -101,13 +105,13 @@ class Accounts:
             # generation counts confirmed grants only, as Redis's gen does
             generation = acct.generation
             holds = _outstanding_holds(tx, org)
-            jobs = ledger_jobs(tx, org, holds)
+            jobs = (ledger_jobs(tx, org, holds), ledger_accuracy(tx, org))
             return acct, generation, holds, _notices(tx, org, generation), jobs
 
         found = self._db.read(run)
         if found is None:
             return None
-        acct, generation, holds, notices, jobs = found
+        acct, generation, holds, notices, (jobs, accuracy) = found
         pending = [g for g in acct.grants if g.state == GrantStatus.PENDING]
         confirmed = [g for g in acct.grants if g.confirmed]
         latest = sorted(confirmed, key=lambda g: (g.granted_at_ms, g.grant_id))[-_RECENT:]
@@ -130,6 +134,7 @@ class Accounts:
             ],
             active_holds=holds,
             jobs=jobs,
+            job_accuracy=accuracy,
             notified=sorted({kind for kind, _ref in notices}),
             notice_reference_uecu=references[0] if references else None,
         )

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from ecu_sidecar.jobs import JobPolicy, JobState, JobView
+from ecu_sidecar.jobs import ACCURACY_WINDOW, JobAccuracy, JobPolicy, JobState, JobView
 from ecu_sidecar.ledger.backends import Tx
 from ecu_sidecar.ledger.events import Event
 from ecu_sidecar.model import LedgerHold
 
-__all__ = ["JOB_STATES", "flush_jobs", "ledger_jobs", "on_job_close", "on_job_open"]
+__all__ = [
+    "JOB_STATES",
+    "flush_jobs",
+    "ledger_accuracy",
+    "ledger_jobs",
+    "on_job_close",
+    "on_job_open",
+    "open_jobs",
+]
 
 #: A job_close event's state, as the jobs table spells it.
 JOB_STATES = {JobState.CLOSED.value: "closed", JobState.ABANDONED.value: "abandoned"}
@@ -146,3 +154,26 @@ def ledger_jobs(tx: Tx, org: str, outstanding: list[LedgerHold]) -> list[JobView
             )
         )
     return out
+
+
+_ACCURACY_SQL = f"""
+    SELECT job_type, COUNT(*), SUM(committed_at_end_uecu), SUM(approved_uecu) FROM (
+        SELECT job_type, committed_at_end_uecu, approved_uecu, ROW_NUMBER() OVER (
+                   PARTITION BY job_type ORDER BY ended_at_ms DESC, open_event_id DESC) AS r
+          FROM jobs WHERE org_id = ? AND state = 'closed') latest
+     WHERE r <= {ACCURACY_WINDOW} GROUP BY job_type ORDER BY job_type
+"""
+
+
+def ledger_accuracy(tx: Tx, org: str) -> list[JobAccuracy]:
+    """The accuracy of ``org``'s latest closed jobs per job type (what a rebuild restores for
+    Preview's expected cost; abandoned jobs are not counted, as in Redis)."""
+    return [
+        JobAccuracy(job, int(n), int(committed or 0), int(approved or 0))
+        for job, n, committed, approved in tx.rows(_ACCURACY_SQL, (org,))
+    ]
+
+
+def open_jobs(tx: Tx) -> int:
+    """How many jobs are open across every organization (index jobs_open)."""
+    return int(tx.rows("SELECT COUNT(*) FROM jobs WHERE state = 'open'", ())[0][0])

@@ -307,11 +307,16 @@ _V4 = (
     "CREATE INDEX jobs_by_state ON jobs (org_id, state, job_type)",
 )
 
+# Open jobs across every organization, for the ecu_jobs_open gauge the flusher sets whenever
+# it writes a job's open or end: a small index of the few open rows, not a scan of all jobs.
+_V5 = ("CREATE INDEX jobs_open ON jobs (org_id) WHERE state = 'open'",)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial ledger", _V1),
     Migration(2, "two-phase ledger-first grants", _V2),
     Migration(3, "usage entries by reservation", _V3),
     Migration(4, "approved jobs", _V4),
+    Migration(5, "open jobs index", _V5),
 )
 
 

@@ -231,6 +231,10 @@ class Ledger:
         """Every organization the ledger knows, sorted (for hydration and reconciliation)."""
         return self._accounts.organizations()
 
+    def open_jobs(self) -> int:
+        """How many approved jobs are open across every organization."""
+        return self._accounts.open_jobs()
+
     def balance(self, org: str) -> int:
         """The ledger balance (granted − expired grants − committed); 0 for an unknown org."""
         return self._accounts.balance(org)

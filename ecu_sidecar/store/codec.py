@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ecu_sidecar.errors import BY_REASON, EcuError
-from ecu_sidecar.jobs import JobApproval, JobPolicy, JobState, JobView
+from ecu_sidecar.jobs import JobAccuracy, JobApproval, JobPolicy, JobState, JobView
 from ecu_sidecar.model import (
     AccountRef,
     Balance,
@@ -190,7 +190,7 @@ def balance_reply(org: str, r: list[Any]) -> Balance:
     """balance.lua's reply: the counters, caps and usage by team and project."""
     fields = {text(r[i]): text(r[i + 1]) for i in range(2, len(r), 2)}
     values = {attr: int(fields.get(name, 0)) for name, attr in _BALANCE_FIELDS.items()}
-    scopes: dict[str, dict[str, dict[str, int]]] = {"t": {}, "p": {}}
+    scopes: dict[str, dict[str, dict[str, int]]] = {"t": {}, "p": {}, "js": {}}
     for name, value in fields.items():
         kind, sep, rest = name.partition(":")
         if sep and kind in scopes:
@@ -210,6 +210,10 @@ def balance_reply(org: str, r: list[Any]) -> Balance:
         teams=teams,
         projects=projects,
         auto_topup_threshold_uecu=int(threshold) if threshold else None,
+        job_accuracy={
+            job: JobAccuracy(job, c.get("n", 0), c.get("c", 0), c.get("a", 0))
+            for job, c in scopes["js"].items()
+        },
         **values,
     )
 
@@ -255,5 +259,8 @@ def hydrate_args(
             j.steps_ended, j.policy.value, j.team, j.project, j.user, j.job_type,
             j.rate_card_version, j.ttl_ms, j.opened_at_ms, j.ended_at_ms, j.returned_uecu,
         ]  # fmt: skip
+    args.append(len(account.job_accuracy))
+    for a in account.job_accuracy:
+        args += [a.job_type, a.jobs, a.committed_uecu, a.approved_uecu]
     args.append(epoch)
     return args

@@ -1,6 +1,7 @@
 """The Redis key layout. Every key of one organization shares the hash tag ``{org}``.
 
-    <prefix>:{<org>}:acct        hash   wallet counters, team/project caps and usage
+    <prefix>:{<org>}:acct        hash   wallet counters, team/project caps and usage, closed
+                                        jobs' preview accuracy per job type
     <prefix>:{<org>}:holds       hash   reservation id -> hold record (live and tombstones)
     <prefix>:{<org>}:deadlines   zset   reservation id -> deadline ms of every ACTIVE hold
     <prefix>:{<org>}:tombs       zset   reservation id -> purge time ms of settled holds

@@ -3,7 +3,8 @@
 -- Every operation script touches only the keys of one organization, all sharing the hash tag
 -- {org}, always passed in this order:
 --   KEYS[1] acct       hash: wallet counters, team/project caps (t:<team>:cap|held|used, p:<project>:...),
---                      the unspent rest of each expiring grant (g:<grant id>), threshold state
+--                      the unspent rest of each expiring grant (g:<grant id>), threshold state,
+--                      closed jobs' accuracy per job type (js:<job type>:n|c|a, learn_accuracy)
 --   KEYS[2] holds      hash: reservation id -> cjson hold record (live holds and tombstones)
 --   KEYS[3] deadlines  zset: reservation id -> deadline (ms) of every ACTIVE hold
 --   KEYS[4] tombs      zset: reservation id -> purge time (ms) of every terminal hold
@@ -225,6 +226,21 @@ end
 -- End an open job: 'C' closed by its owner (its ACTIVE steps are released) or 'X' abandoned (no
 -- step and no heartbeat for its ttl; its ACTIVE steps expire, so that a late commit still bills
 -- them). Its room and its steps' holds return to the wallet at once. O(its ACTIVE steps).
+-- What Preview's expected cost learns from (docs/jobs.md): per job type, the organization's
+-- closed jobs, the µECU they committed and the µECU they approved, as acct fields
+-- js:<job type>:n|c|a. Halved at 2 x ACC_WINDOW jobs, so the latest 100 to 200 weigh. Not
+-- money: a ratio shown beside the worst case (abandoned jobs stopped early: not counted).
+local ACC_WINDOW = 100
+local function learn_accuracy(j)
+  local f = 'js:' .. j.job .. ':'
+  local n = redis.call('HINCRBY', ACCT, f .. 'n', 1)
+  local v = {redis.call('HINCRBY', ACCT, f .. 'c', j.cm), redis.call('HINCRBY', ACCT, f .. 'a', j.amt)}
+  if n >= 2 * ACC_WINDOW then
+    redis.call('HSET', ACCT, f .. 'n', I(math.floor(n / 2)), f .. 'c', I(math.floor(v[1] / 2)),
+      f .. 'a', I(math.floor(v[2] / 2)))
+  end
+end
+
 local function end_job(jid, j, how)
   local members = redis.call('ZRANGEBYLEX', JSTEPS, '[' .. jid .. ':', '(' .. jid .. ';')
   local live, steps = {}, 0
@@ -266,6 +282,7 @@ local function end_job(jid, j, how)
   emit('job_close', 'job_close:' .. jid .. ':' .. j.t0, 'job_id', jid, 'state', how,
     'returned', I(room), 'steps_uecu', I(steps), 'committed', j.cm, 'approved', j.amt,
     'extra', j.x, 'job', j.job, 'team', j.tm, 'project', j.pj)
+  if how == 'C' then learn_accuracy(j) end
 end
 
 -- An open job past its abandonment deadline is ended on first touch, whether or not a sweep ran.

@@ -21,6 +21,8 @@
 --   room (open: approved + extra - what its steps billed from it - its outstanding steps),
 --   steps held, committed, steps, steps committed, steps ended, policy, team, project, user,
 --   job type, rate card version, ttl (ms), t0 (ms), ended at (ms), returned to the wallet
+--   then a, then a groups of 4: a job type, its latest closed jobs (at most 100), what they
+--   committed, what they approved (Preview's expected cost, see learn_accuracy)
 --   then the epoch of the node ('' = unknown; see epoch.lua), recorded in the rebuilt account
 -- Returns {'OK', 1} when it rebuilt the account, {'OK', 0} when the account already existed
 --   (and no rebuild was forced), {'OK', 'WAIT'} when the outbox moved since the caller looked or
@@ -71,7 +73,9 @@ for i = 0, nj - 1 do
   if ARGV[at + 1] == 'O' then held = held + tonumber(ARGV[at + 5]) end
 end
 local av_s = I(balance - held)
-local epoch = ARGV[jobs_at + 21 * nj] or ''
+local na = tonumber(ARGV[jobs_at + 21 * nj])
+local acc_at = jobs_at + 21 * nj + 1
+local epoch = ARGV[acc_at + 4 * na] or ''
 
 local ref = ARGV[14]
 if ref == '' then ref = I(math.max(balance - held, 0)) end
@@ -142,6 +146,12 @@ for _ = 1, nj do
   end
   put_job(jid, j)
   b = b + 21
+end
+b = acc_at
+for _ = 1, na do
+  local f = 'js:' .. ARGV[b] .. ':'
+  redis.call('HSET', ACCT, f .. 'n', ARGV[b + 1], f .. 'c', ARGV[b + 2], f .. 'a', ARGV[b + 3])
+  b = b + 4
 end
 emit('hydrate', 'hydrate:' .. NOW_S .. ':' .. I(granted) .. ':' .. I(committed),
   'granted', I(granted), 'expired', I(expired), 'committed', I(committed), 'balance', I(balance),
