@@ -15,7 +15,7 @@ import hashlib
 from typing import Any
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
-from ecu_sidecar.jobs import JobApproval, JobPolicy, JobState, JobView
+from ecu_sidecar.jobs import JobAccuracy, JobApproval, JobPolicy, JobState, JobView
 from ecu_sidecar.model import (
     AccountRef,
     Balance,
@@ -47,6 +47,7 @@ __all__ = [
     "cap_scope_from_pb",
     "commit_item_from_pb",
     "commit_to_pb",
+    "expected_to_pb",
     "fingerprint",
     "grant_kind_from_pb",
     "hold_state_to_pb",
@@ -361,6 +362,17 @@ def commit_to_pb(o: CommitOutcome) -> pb.CommitResponse:
         replayed=o.replayed,
         quote=quote_to_pb(o.quote) if o.quote else None,
         degraded=o.degraded,
+    )
+
+
+def expected_to_pb(total_uecu: int, accuracy: JobAccuracy) -> pb.ExpectedCost:
+    """Preview's expected cost: the worst case ``total_uecu`` scaled by ``accuracy``."""
+    return pb.ExpectedCost(
+        total_uecu=accuracy.expected_uecu(total_uecu),
+        jobs=accuracy.jobs,
+        committed_uecu=accuracy.committed_uecu,
+        approved_uecu=accuracy.approved_uecu,
+        job_type=_JOB_TYPE_PB.get(accuracy.job_type, pb.JOB_TYPE_UNSPECIFIED),  # type: ignore[call-overload]
     )
 
 

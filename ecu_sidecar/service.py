@@ -27,6 +27,7 @@ from ecu_sidecar.convert import (
     cap_scope_from_pb,
     commit_item_from_pb,
     commit_to_pb,
+    expected_to_pb,
     grant_kind_from_pb,
     hold_state_to_pb,
     hold_to_pb,
@@ -382,13 +383,14 @@ class QuotaService(quota_pb2_grpc.QuotaServicer):
     @_handle("Preview")
     async def Preview(self, request: pb.PreviewRequest, context: Any) -> pb.PreviewResponse:
         account = account_from_pb(request.account)
-        quote, available = await self.engine.preview(account, job_from_pb(request.job))
+        quote, available, accuracy = await self.engine.preview(account, job_from_pb(request.job))
         total = quote.total_uecu
         return pb.PreviewResponse(
             quote=quote_to_pb(quote),
             covered=available is not None and available >= total,
             available_uecu=available or 0,
             available_after_uecu=(available or 0) - total,
+            expected=expected_to_pb(total, accuracy) if accuracy else None,
         )
 
     @_handle("GetRateCard")

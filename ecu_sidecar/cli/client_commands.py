@@ -25,7 +25,7 @@ from ecu_sidecar.cli.output import (
     table,
     when,
 )
-from ecu_sidecar.client import QuotaClient, tls_credentials
+from ecu_sidecar.client import ExpectedCost, QuotaClient, tls_credentials
 from ecu_sidecar.jobs import JobView
 from ecu_sidecar.model import Usage
 from ecu_sidecar.settings import Settings
@@ -251,6 +251,15 @@ def _per(unit: str, per: int) -> str:
     return f"{per} {unit}s"
 
 
+def _expected(e: ExpectedCost | None) -> str:
+    if e is None:
+        return "- (no job of this type closed yet: the worst case is all there is)"
+    return (
+        f"{money(e.total_uecu)} (the latest {e.jobs} closed jobs of this type committed "
+        f"{e.committed_uecu * 100 // max(e.approved_uecu, 1)} % of what they approved)"
+    )
+
+
 def cmd_preview(args: argparse.Namespace, c: QuotaClient) -> None:
     job = read_job(args.job_file)
     out = c.preview(args.org, job, team=args.team, project=args.project, user=args.user)
@@ -262,6 +271,7 @@ def cmd_preview(args: argparse.Namespace, c: QuotaClient) -> None:
         "covered": out.covered,
         "available_uecu": out.available_uecu,
         "available_after_uecu": out.available_after_uecu,
+        "expected": plain(dataclasses.asdict(out.expected)) if out.expected else None,
         "lines": [plain(dataclasses.asdict(x)) for x in q.lines],
     }
     # Enterprise discounts make a subtotal less than quantity × rate: show them when present.
@@ -286,6 +296,7 @@ def cmd_preview(args: argparse.Namespace, c: QuotaClient) -> None:
     covered = "yes" if out.covered else "NO"
     rows = [
         ("total (worst case)", money(q.total_uecu)),
+        ("expected", _expected(out.expected)),
         ("rate card", q.rate_card_version),
         ("available", money(out.available_uecu)),
         ("covered", f"{covered} (available after: {money(out.available_after_uecu)})"),

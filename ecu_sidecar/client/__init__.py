@@ -83,6 +83,7 @@ from ecu_sidecar.client.errors import (
 from ecu_sidecar.client.hold import DEFAULT_KEEPALIVE_MARGIN, AsyncHold, Hold
 from ecu_sidecar.client.job import AsyncJob, Job
 from ecu_sidecar.client.requests import PreviewOutcome, RateCardInfo, new_caller_id
+from ecu_sidecar.client.responses import ExpectedCost
 from ecu_sidecar.client.retry import RETRYABLE_CODES, RetryPolicy
 from ecu_sidecar.client.sync import QuotaClient
 from ecu_sidecar.jobs import JobPolicy, JobState, JobView
@@ -98,6 +99,7 @@ __all__ = [
     "AsyncQuotaClient",
     "Conflict",
     "DeadlineExceeded",
+    "ExpectedCost",
     "FailedPrecondition",
     "Hold",
     "InsufficientEcu",

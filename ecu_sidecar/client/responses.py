@@ -32,6 +32,7 @@ from ecu_sidecar.pricing import Fees, Line, ModelRates, Quote, Unit
 
 __all__ = [
     "JOB_TYPES",
+    "ExpectedCost",
     "PreviewOutcome",
     "RateCardInfo",
     "balance",
@@ -53,6 +54,20 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
+class ExpectedCost:
+    """What a previewed job is expected to cost: the worst case scaled by what the
+    organization's latest closed jobs of its type committed against what they approved. An
+    estimate to show beside the worst case, never held or billed."""
+
+    total_uecu: int
+    jobs: int
+    """The closed jobs it rests on."""
+    committed_uecu: int
+    approved_uecu: int
+    job_type: JobType | None
+
+
+@dataclass(frozen=True, slots=True)
 class PreviewOutcome:
     """A job's worst case as the sidecar priced it, and whether the balance covers it."""
 
@@ -64,6 +79,9 @@ class PreviewOutcome:
     """The organization's available balance (0 when it has no account)."""
     available_after_uecu: int
     """available - total: negative when not covered."""
+    expected: ExpectedCost | None = None
+    """None until a job of its type has closed in the organization: the worst case is all
+    there is then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +268,14 @@ def nothing(r: pb.SetAutoTopUpResponse) -> None:
 
 def preview_outcome(r: pb.PreviewResponse) -> PreviewOutcome:
     """Preview's answer: the job's worst-case quote and whether the balance covers it."""
-    return PreviewOutcome(_quote(r.quote), r.covered, r.available_uecu, r.available_after_uecu)
+    expected = None
+    if r.HasField("expected"):
+        e = r.expected
+        job = _JOB_TYPES_BACK.get(e.job_type)
+        expected = ExpectedCost(e.total_uecu, e.jobs, e.committed_uecu, e.approved_uecu, job)
+    return PreviewOutcome(
+        _quote(r.quote), r.covered, r.available_uecu, r.available_after_uecu, expected
+    )
 
 
 def rate_card_info(r: pb.GetRateCardResponse) -> RateCardInfo:

@@ -31,7 +31,7 @@ from ecu_sidecar.errors import (
     ReplicationUnconfirmed,
     StoreUnavailable,
 )
-from ecu_sidecar.jobs import JobApproval, JobView
+from ecu_sidecar.jobs import JobAccuracy, JobApproval, JobView
 from ecu_sidecar.model import (
     AccountRef,
     Balance,
@@ -281,9 +281,13 @@ class QuotaEngine:
         check_total(it.amount_uecu for it in resolved)
         return resolved, quotes, priced
 
-    async def preview(self, account: AccountRef, job: JobSpec) -> tuple[Quote, int | None]:
-        """The worst case of ``job`` for the account, and its available balance (None when the
-        organization has no account). No side effects beyond sweeping overdue holds."""
+    async def preview(
+        self, account: AccountRef, job: JobSpec
+    ) -> tuple[Quote, int | None, JobAccuracy | None]:
+        """The worst case of ``job`` for the account, its available balance (None when the
+        organization has no account) and the accuracy of its closed jobs of the job's type
+        (None: none closed yet), for the expected cost. No side effects beyond sweeping
+        overdue holds."""
         check_account(account, self.settings.allowed_org_set)
         quote = await self.price_job(account.organization, job, "job")
         try:
@@ -291,8 +295,9 @@ class QuotaEngine:
                 account.organization, lambda: self.store.balance(account.organization)
             )
         except AccountNotFound:
-            return quote, None
-        return quote, balance.available_uecu
+            return quote, None, None
+        accuracy = balance.job_accuracy.get(job_type_of(job).value)
+        return quote, balance.available_uecu, accuracy if accuracy and accuracy.jobs else None
 
     def card(self, version: str | None = None) -> RateCard:
         """The rate card of ``version`` (None: the current one)."""

@@ -293,16 +293,32 @@ class PreviewRequest(_message.Message):
     def __init__(self, account: _Optional[_Union[Account, _Mapping]] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class PreviewResponse(_message.Message):
-    __slots__ = ("quote", "covered", "available_uecu", "available_after_uecu")
+    __slots__ = ("quote", "covered", "available_uecu", "available_after_uecu", "expected")
     QUOTE_FIELD_NUMBER: _ClassVar[int]
     COVERED_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_UECU_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_AFTER_UECU_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
     quote: Quote
     covered: bool
     available_uecu: int
     available_after_uecu: int
-    def __init__(self, quote: _Optional[_Union[Quote, _Mapping]] = ..., covered: _Optional[bool] = ..., available_uecu: _Optional[int] = ..., available_after_uecu: _Optional[int] = ...) -> None: ...
+    expected: ExpectedCost
+    def __init__(self, quote: _Optional[_Union[Quote, _Mapping]] = ..., covered: _Optional[bool] = ..., available_uecu: _Optional[int] = ..., available_after_uecu: _Optional[int] = ..., expected: _Optional[_Union[ExpectedCost, _Mapping]] = ...) -> None: ...
+
+class ExpectedCost(_message.Message):
+    __slots__ = ("total_uecu", "jobs", "committed_uecu", "approved_uecu", "job_type")
+    TOTAL_UECU_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_UECU_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_UECU_FIELD_NUMBER: _ClassVar[int]
+    JOB_TYPE_FIELD_NUMBER: _ClassVar[int]
+    total_uecu: int
+    jobs: int
+    committed_uecu: int
+    approved_uecu: int
+    job_type: JobType
+    def __init__(self, total_uecu: _Optional[int] = ..., jobs: _Optional[int] = ..., committed_uecu: _Optional[int] = ..., approved_uecu: _Optional[int] = ..., job_type: _Optional[_Union[JobType, str]] = ...) -> None: ...
 
 class GetRateCardRequest(_message.Message):
     __slots__ = ("organization",)
