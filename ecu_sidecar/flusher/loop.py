@@ -35,6 +35,9 @@ __all__ = ["Flusher"]
 
 log = logging.getLogger(__name__)
 
+#: Events that change how many jobs are open (ecu_jobs_open).
+_JOB_EVENTS = frozenset({"job_open", "job_close"})
+
 
 class Flusher:
     """One flusher process's loop (also run inside ``serve`` for the embedded default)."""
@@ -81,6 +84,7 @@ class Flusher:
         self._reread = False
         self._ahead: asyncio.Future[tuple[list[OutboxEntry], Any]] | None = None
         """The next batch's read and validation, started while the ledger writes this one."""
+        self._jobs_counted = False
 
     # -- fault injection (tests kill the process at the dangerous points) --------------------
 
@@ -114,6 +118,8 @@ class Flusher:
             entries, parsed = self._unwritten
         else:
             entries, parsed = await self._next_batch(orgs)
+        if not self._jobs_counted:
+            await self._count_open_jobs()
         if not entries:
             return 0
         try:
@@ -153,8 +159,16 @@ class Flusher:
                 "%d outbox events quarantined in the ledger (see ledger.quarantined())",
                 result.quarantined,
             )
-        self.metrics.count_events(result.applied)  # money by job type, notices
+        self.metrics.count_events(result.applied)  # money by job type, notices, jobs
+        if any(e.type in _JOB_EVENTS for e in result.applied):
+            await self._count_open_jobs()
         return len(entries)
+
+    async def _count_open_jobs(self) -> None:
+        """Set ecu_jobs_open from the ledger: at the first cycle, then whenever a batch
+        recorded a job's open or end."""
+        self.metrics.jobs_open.set(await asyncio.to_thread(self.ledger.open_jobs))
+        self._jobs_counted = True
 
     async def _next_batch(self, orgs: list[str]) -> tuple[list[OutboxEntry], Any]:
         """Entries claimed from silent flushers, and new ones: read (and validated) during the

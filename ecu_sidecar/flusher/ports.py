@@ -37,6 +37,10 @@ class FlusherLedger(Protocol):
         """Every organization the ledger knows."""
         ...
 
+    def open_jobs(self) -> int:
+        """How many approved jobs are open across every organization."""
+        ...
+
     def record_snapshot(self, org: str, ledger_balance: int, redis_balance: int) -> None:
         """Record a reconciliation's comparison."""
         ...

@@ -6,10 +6,11 @@ the holds outstanding across all organizations; the opt-in per-organization bala
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ecu_sidecar.jobs import JobState
 from ecu_sidecar.metrics.process import LATENCY_BUCKETS
 from ecu_sidecar.model import JobType
 
@@ -29,6 +30,9 @@ MAX_METRICS_ORGS = 100
 
 #: Values of the ``job_type`` label; anything else (an event from a newer sidecar) is "other".
 JOB_TYPES = frozenset(j.value for j in JobType)
+
+#: Buckets of ecu_job_preview_accuracy (committed ÷ approved of a closed job).
+ACCURACY_BUCKETS = (*(i / 10 for i in range(1, 10)), 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0)
 
 #: Values of the ``kind`` label of ecu_notifications_total.
 NOTIFICATION_KINDS = frozenset({"low_balance_20", "low_balance_5", "auto_topup_requested"})
@@ -205,6 +209,48 @@ class FlusherMetrics:
             "ecu_late_unbilled_uecu_total",
             "used by late commits beyond what was available plus their bound, recorded unbilled",
         )
+        # Approved jobs (docs/jobs.md): counted at their job_open and job_close events.
+        self.jobs_opened = Counter(
+            "ecu_jobs_opened_total",
+            "Approved jobs opened, by job type.",
+            ["job_type"],
+            registry=registry,
+        )
+        self.jobs_ended = Counter(
+            "ecu_jobs_ended_total",
+            "Approved jobs ended, by job type and state (closed by their owner, or abandoned: "
+            "no step and no heartbeat for their ttl).",
+            ["job_type", "state"],
+            registry=registry,
+        )
+        self.job_approved_uecu = money(
+            "ecu_job_approved_uecu_total", "approved by the jobs opened (held at approval)"
+        )
+        self.job_committed_uecu = money(
+            "ecu_job_committed_uecu_total",
+            "billed by the steps of jobs ended, counted at their end (compare with "
+            "ecu_job_approved_uecu_total)",
+        )
+        self.preview_accuracy = Histogram(
+            "ecu_job_preview_accuracy",
+            "Committed ÷ approved of each closed job, by job type: how pessimistic the previews "
+            "users approve are (1 = the worst case was spent; above 1 only with policy wallet). "
+            "Abandoned jobs are not observed.",
+            ["job_type"],
+            buckets=ACCURACY_BUCKETS,
+            registry=registry,
+        )
+        self.jobs_open = Gauge(
+            "ecu_jobs_open",
+            "Open approved jobs across every organization, as the ledger records them (behind "
+            "Redis by the flush lag; every flusher reports the same total: aggregate with max).",
+            registry=registry,
+        )
+        for job in sorted(JOB_TYPES):
+            self.jobs_opened.labels(job)
+            self.preview_accuracy.labels(job)
+            for state in (JobState.CLOSED, JobState.ABANDONED):
+                self.jobs_ended.labels(job, state.name.lower())
         self.holds_outstanding = Gauge(
             "ecu_holds_outstanding",
             "Active holds across every organization with an outbox (Redis ZCARD of the "
@@ -245,6 +291,8 @@ class FlusherMetrics:
                 ("overage", self.overage_uecu),
                 ("unbilled", self.unbilled_uecu),
             ),
+            "job_open": (("amount", self.job_approved_uecu),),
+            "job_close": (("committed", self.job_committed_uecu),),
         }
 
     def count_events(self, events: Iterable[Event]) -> None:
@@ -263,6 +311,10 @@ class FlusherMetrics:
                 continue
             values = ev.values
             job = job_type_label(values["job"])
+            if ev.type == "job_open":
+                self.jobs_opened.labels(job).inc()
+            elif ev.type == "job_close":
+                self._job_ended(job, values)
             for name, counter in series:
                 if (
                     counter is self.unbilled_uecu
@@ -277,6 +329,13 @@ class FlusherMetrics:
         for (counter, job), total in money.items():
             if total:
                 counter.labels(job).inc(total)
+
+    def _job_ended(self, job: str, values: dict[str, Any]) -> None:
+        state = JobState(values["state"])  # C or X: the ledger checked it
+        self.jobs_ended.labels(job, state.name.lower()).inc()
+        if state is JobState.CLOSED and values["approved"]:
+            # A ratio for a histogram, never money.
+            self.preview_accuracy.labels(job).observe(values["committed"] / values["approved"])
 
     def organization(self, org: str, balance: int, held: int) -> None:
         """Set the opt-in gauges of one configured organization."""
