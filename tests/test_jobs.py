@@ -398,12 +398,12 @@ REFUSALS = [
     ),
     pytest.param(
         "Reserve", step_request("x", 1, "closed-1"), grpc.StatusCode.FAILED_PRECONDITION,
-        "JOB_CLOSED", {"job_id": "closed-1"}, id="step-of-a-closed-job",
+        "JOB_CLOSED", {"job_id": "closed-1", "state": "closed"}, id="step-of-a-closed-job",
     ),
     pytest.param(
         "HeartbeatJob", pb.HeartbeatJobRequest(organization=ORG, job_id="closed-1"),
-        grpc.StatusCode.FAILED_PRECONDITION, "JOB_CLOSED", {"job_id": "closed-1"},
-        id="heartbeat-a-closed-job",
+        grpc.StatusCode.FAILED_PRECONDITION, "JOB_CLOSED",
+        {"job_id": "closed-1", "state": "closed"}, id="heartbeat-a-closed-job",
     ),
     # Another organization's job id is unknown in this one (job ids are per organization).
     pytest.param(
@@ -642,7 +642,8 @@ async def test_an_abandoned_job_ends_by_itself_and_returns_its_money(sidecar, st
         stub.HeartbeatJob(pb.HeartbeatJobRequest(organization=ORG, job_id="gone")),
         step(stub, "s2", 1, "gone"),
     ):
-        assert info(await refused(call))[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "JOB_CLOSED")
+        ended = (grpc.StatusCode.FAILED_PRECONDITION, "JOB_CLOSED")
+        assert info(await refused(call)) == (*ended, {"job_id": "gone", "state": "abandoned"})
     # Its step expired with it; a late commit still records (and bills) what the step used.
     c = await commit(stub, "s1", 400_000)
     assert (c.late, c.committed_uecu) == (True, 400_000)
