@@ -30,7 +30,13 @@ from google.protobuf.json_format import ParseDict
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
-from ecu_sidecar.client import AsyncQuotaClient, JobState, QuotaClient, UsageLine
+from ecu_sidecar.client import (
+    AsyncQuotaClient,
+    FailedPrecondition,
+    JobState,
+    QuotaClient,
+    UsageLine,
+)
 from ecu_sidecar.client import InsufficientEcu as ClientInsufficientEcu
 from ecu_sidecar.convert import balance_from_pb, job_from_pb
 from ecu_sidecar.engine import QuotaEngine
@@ -809,6 +815,27 @@ async def test_client_job_heartbeats_while_its_block_runs(
         assert (await run.refresh()).state is JobState.OPEN
         assert run.heartbeat_error is None
     assert run.view is not None and run.view.state is JobState.CLOSED
+    assert_conserved(await client.balance(ORG))
+
+
+async def test_a_failed_heartbeat_is_recorded_and_never_kills_the_block(
+    client: AsyncQuotaClient,
+) -> None:
+    """The job ends behind the block's back: the next heartbeat is refused, recorded, and stops
+    the heartbeat; the block carries on, and its exit closes the job again (a replay)."""
+    async with client.job(ORG, "ended", 1 * ECU, job_type="judge", ttl_ms=300) as run:
+        keeper = run.keeper
+        await client.close_job(ORG, "ended")
+        error = await wait_until(lambda: run.heartbeat_error, "the refused heartbeat")
+        assert isinstance(error, FailedPrecondition)
+        assert (error.reason, error.metadata) == (
+            "JOB_CLOSED",
+            {"job_id": "ended", "state": "closed"},
+        )
+        await wait_until(lambda: keeper is not None and keeper.done(), "the heartbeat stopping")
+        assert keeper is not None and keeper.exception() is None
+        assert (await client.balance(ORG)).held_uecu == 0  # the block goes on
+    assert run.keeper is None and run.view is not None and run.view.state is JobState.CLOSED
     assert_conserved(await client.balance(ORG))
 
 
