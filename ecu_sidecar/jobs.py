@@ -44,6 +44,12 @@ class JobState(enum.StrEnum):
     ABANDONED = "X"
     """No step and no heartbeat for its ttl: ended by the sweep, its steps expired."""
 
+    @property
+    def word(self) -> str:
+        """The state as a caller reads it (``open``, ``closed``, ``abandoned``): in the details
+        of a refusal and in the ledger's jobs rows, never the scripts' letter."""
+        return self.name.lower()
+
 
 @dataclass(frozen=True, slots=True)
 class JobApproval:

@@ -118,7 +118,7 @@ async def test_keepalive_stops_when_the_block_ends(
         async with client.hold(
             org=ORG, amount_uecu=1_000, job_type="gepa", ttl_ms=TTL_MS, keepalive_margin=MARGIN
         ) as h2:
-            raising = h2._keeper
+            raising = h2.keeper
             raise RuntimeError("the step failed")
     assert raising is not None and raising.done() and h2.state is HoldState.RELEASED
     b = sound(await client.balance(ORG))
@@ -185,7 +185,9 @@ async def test_a_failed_keepalive_is_recorded_and_never_kills_the_block(
     assert rpcs(sidecar, "Extend", "FAILED_PRECONDITION") == 1
 
 
-async def test_keepalive_retries_unavailable_and_records_it(sidecar: SidecarServer) -> None:
+async def test_keepalive_retries_unavailable_and_records_it(
+    sidecar: SidecarServer, caplog: pytest.LogCaptureFixture
+) -> None:
     failures = 2
 
     async def drop_extends(name, n, continuation, details, request):
@@ -209,6 +211,9 @@ async def test_keepalive_retries_unavailable_and_records_it(sidecar: SidecarServ
             assert (await c.balance(ORG)).outstanding_holds == 1
             out = await h.commit(100)
     assert not out.late
+    # The line docs/operations.md tells an operator to look for (EcuExpiredHoldSpike).
+    retried = f"keep-alive could not extend hold {ORG}/{h.reservation_id} (retrying in "
+    assert sum(r.getMessage().startswith(retried) for r in caplog.records) == failures
     # Each failed attempt took a new sequence (its outcome was unknown), none reused.
     assert [r.sequence for r in seen.of("Extend")][: failures + 1] == [1, 2, 3]
 

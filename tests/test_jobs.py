@@ -30,7 +30,13 @@ from google.protobuf.json_format import ParseDict
 
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.api.v1 import quota_pb2_grpc
-from ecu_sidecar.client import AsyncQuotaClient, JobState, QuotaClient, UsageLine
+from ecu_sidecar.client import (
+    AsyncQuotaClient,
+    FailedPrecondition,
+    JobState,
+    QuotaClient,
+    UsageLine,
+)
 from ecu_sidecar.client import InsufficientEcu as ClientInsufficientEcu
 from ecu_sidecar.convert import balance_from_pb, job_from_pb
 from ecu_sidecar.engine import QuotaEngine
@@ -398,12 +404,12 @@ REFUSALS = [
     ),
     pytest.param(
         "Reserve", step_request("x", 1, "closed-1"), grpc.StatusCode.FAILED_PRECONDITION,
-        "JOB_CLOSED", {"job_id": "closed-1"}, id="step-of-a-closed-job",
+        "JOB_CLOSED", {"job_id": "closed-1", "state": "closed"}, id="step-of-a-closed-job",
     ),
     pytest.param(
         "HeartbeatJob", pb.HeartbeatJobRequest(organization=ORG, job_id="closed-1"),
-        grpc.StatusCode.FAILED_PRECONDITION, "JOB_CLOSED", {"job_id": "closed-1"},
-        id="heartbeat-a-closed-job",
+        grpc.StatusCode.FAILED_PRECONDITION, "JOB_CLOSED",
+        {"job_id": "closed-1", "state": "closed"}, id="heartbeat-a-closed-job",
     ),
     # Another organization's job id is unknown in this one (job ids are per organization).
     pytest.param(
@@ -642,7 +648,8 @@ async def test_an_abandoned_job_ends_by_itself_and_returns_its_money(sidecar, st
         stub.HeartbeatJob(pb.HeartbeatJobRequest(organization=ORG, job_id="gone")),
         step(stub, "s2", 1, "gone"),
     ):
-        assert info(await refused(call))[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "JOB_CLOSED")
+        ended = (grpc.StatusCode.FAILED_PRECONDITION, "JOB_CLOSED")
+        assert info(await refused(call)) == (*ended, {"job_id": "gone", "state": "abandoned"})
     # Its step expired with it; a late commit still records (and bills) what the step used.
     c = await commit(stub, "s1", 400_000)
     assert (c.late, c.committed_uecu) == (True, 400_000)
@@ -808,6 +815,27 @@ async def test_client_job_heartbeats_while_its_block_runs(
         assert (await run.refresh()).state is JobState.OPEN
         assert run.heartbeat_error is None
     assert run.view is not None and run.view.state is JobState.CLOSED
+    assert_conserved(await client.balance(ORG))
+
+
+async def test_a_failed_heartbeat_is_recorded_and_never_kills_the_block(
+    client: AsyncQuotaClient,
+) -> None:
+    """The job ends behind the block's back: the next heartbeat is refused, recorded, and stops
+    the heartbeat; the block carries on, and its exit closes the job again (a replay)."""
+    async with client.job(ORG, "ended", 1 * ECU, job_type="judge", ttl_ms=300) as run:
+        keeper = run.keeper
+        await client.close_job(ORG, "ended")
+        error = await wait_until(lambda: run.heartbeat_error, "the refused heartbeat")
+        assert isinstance(error, FailedPrecondition)
+        assert (error.reason, error.metadata) == (
+            "JOB_CLOSED",
+            {"job_id": "ended", "state": "closed"},
+        )
+        await wait_until(lambda: keeper is not None and keeper.done(), "the heartbeat stopping")
+        assert keeper is not None and keeper.exception() is None
+        assert (await client.balance(ORG)).held_uecu == 0  # the block goes on
+    assert run.keeper is None and run.view is not None and run.view.state is JobState.CLOSED
     assert_conserved(await client.balance(ORG))
 
 

@@ -9,6 +9,7 @@ the project machines).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from ecu_sidecar import __version__
 from ecu_sidecar.metrics import FlusherMetrics, Metrics, process_metrics
+from ecu_sidecar.settings import Settings
 from tests.conftest import FAST_RECONNECT, wait_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,6 +145,29 @@ def test_chart_metadata_and_schema() -> None:
     for crd in ("servicemonitor", "podmonitor", "prometheusrule"):
         text = (CHART / "templates" / f"{crd}.yaml").read_text()
         assert '.Capabilities.APIVersions.Has "monitoring.coreos.com/v1"' in text
+
+
+def chart_config_settings() -> dict[str, str]:
+    """{values key under `config`: the ECU_* variable the chart renders it into}."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    pairs = re.findall(r"- name: (ECU_\w+)\n  value: \{\{ \.Values\.config\.(\w+) ", helpers)
+    return {key: var for var, key in pairs}
+
+
+def test_chart_config_defaults_and_bounds_are_the_settings() -> None:
+    block = re.search(r"^config:\n((?:  .*\n|\n)+)", (CHART / "values.yaml").read_text(), re.M)
+    assert block
+    defaults = dict(re.findall(r"^  (\w+): (\S+)$", block.group(1), re.MULTILINE))
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    bounds = schema["properties"]["config"]["properties"]
+    fields = {"ECU_" + f.name.upper(): f for f in dataclasses.fields(Settings)}
+    exposed = chart_config_settings()
+    assert {"jobTtlMs", "jobMaxTtlMs", "defaultTtlMs"} <= exposed.keys()
+    for key, var in exposed.items():
+        field = fields[var]
+        assert float(defaults[key]) == field.default, f"config.{key}: default is not {var}'s"
+        lo_hi = (bounds[key]["minimum"], bounds[key]["maximum"])
+        assert lo_hi == (field.metadata["lo"], field.metadata["hi"]), f"config.{key}: bounds"
 
 
 # -- the image -------------------------------------------------------------------------------

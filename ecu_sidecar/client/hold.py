@@ -10,10 +10,10 @@ While the block runs, the hold is kept alive: a background task (``AsyncHold``) 
 left, so a hold expires only when its worker died (an expired hold's late commit is billed
 only what is still available plus its overage bound). ``keepalive=False`` turns this off. A
 failed keep-alive extend never interrupts the block: it is logged and kept in
-``h.keepalive_error``.
+``h.keepalive_error``. The renewal loop is client/keeper.py's, which jobs share.
 
 The bookkeeping (state, deadlines, heartbeat sequence, what to do on exit) is ``_HoldBase``'s;
-each flavour adds only its lock, its keep-alive loop and its calls.
+each flavour adds only its lock, its keeper and its calls.
 """
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ from typing import TYPE_CHECKING, Any
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.client import requests
 from ecu_sidecar.client.errors import QuotaError, invalid
+from ecu_sidecar.client.keeper import (
+    DEFAULT_KEEPALIVE_MARGIN,
+    AsyncKeeper,
+    Lease,
+    ThreadKeeper,
+    check_switch,
+)
 from ecu_sidecar.client.requests import Call
 from ecu_sidecar.client.retry import RETRYABLE_CODES
 from ecu_sidecar.model import (
@@ -49,12 +56,6 @@ __all__ = ["DEFAULT_KEEPALIVE_MARGIN", "AsyncHold", "Hold"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KEEPALIVE_MARGIN = 1 / 3
-"""``hold()`` extends its hold when this fraction of the hold's TTL is left before the deadline."""
-
-#: Shortest pause of the keep-alive between two attempts (a TTL of a few ms must not spin).
-_KEEPALIVE_MIN_WAIT_S = 0.005
-
 
 class _HoldBase:
     """State and bookkeeping shared by AsyncHold and Hold; the flavours only make the calls.
@@ -73,13 +74,7 @@ class _HoldBase:
     ) -> None:
         request = reserve.request
         assert isinstance(request, pb.ReserveRequest)
-        if not isinstance(keepalive, bool):
-            raise TypeError(f"keepalive must be True or False, got {keepalive!r}")
-        if isinstance(keepalive_margin, bool) or not 0 < keepalive_margin < 1:
-            raise ValueError(
-                f"keepalive_margin must be a fraction of the TTL between 0 and 1 (exclusive), "
-                f"got {keepalive_margin!r}"
-            )
+        check_switch("keepalive", keepalive, "keepalive_margin", keepalive_margin)
         self._reserve_call = reserve
         self.reservation_id: str = request.reservation_id
         """The hold's reservation id (generated unless the caller chose one)."""
@@ -107,16 +102,27 @@ class _HoldBase:
         """Whether the hold is extended in the background while the block runs."""
         self.keepalive_margin = keepalive_margin
         """The keep-alive extends when this fraction of the TTL is left before the deadline."""
-        self.keepalive_extends = 0
-        """Extends the keep-alive made that the sidecar accepted."""
-        self.keepalive_error: BaseException | None = None
-        """The keep-alive's last failure (None while it never failed). UNAVAILABLE is retried
-        before the deadline; any other failure (the hold is gone) stops the keep-alive."""
         self._commit_in_doubt = False
         self._ttl_ms = request.ttl_ms
         """The hold's TTL: the one asked, else estimated when the hold is placed."""
-        self._extend_due = 0.0
-        """time.monotonic() at which the keep-alive extends next."""
+        where = f"hold {self.organization}/{self.reservation_id}"
+        self._lease = Lease(
+            keepalive_margin,
+            failing=f"keep-alive could not extend {where}",
+            stopping=f"keep-alive of {where}",
+            log=log,
+        )
+
+    @property
+    def keepalive_extends(self) -> int:
+        """Extends the keep-alive made that the sidecar accepted."""
+        return self._lease.renewals
+
+    @property
+    def keepalive_error(self) -> BaseException | None:
+        """The keep-alive's last failure (None while it never failed). UNAVAILABLE is retried
+        before the deadline; any other failure (the hold is gone) stops the keep-alive."""
+        return self._lease.error
 
     def __repr__(self) -> str:
         return (
@@ -142,38 +148,10 @@ class _HoldBase:
         """A hold placed or extended by a call sent at ``sent`` (monotonic) lives at least
         ``ttl_ms`` (0: its own TTL) from then: the sidecar's clock read the time after the
         call left, and an extend never shortens a deadline. Extend again before the margin."""
-        ttl_s = (ttl_ms or self._ttl_ms) / 1000
-        self._extend_due = sent + ttl_s - self.keepalive_margin * (self._ttl_ms / 1000)
+        self._lease.renewed(sent, ttl_ms or self._ttl_ms, self._ttl_ms)
 
-    def _keepalive_wait_s(self) -> float:
-        return max(self._extend_due - time.monotonic(), _KEEPALIVE_MIN_WAIT_S)
-
-    def _keepalive_failed(self, error: BaseException) -> bool:
-        """Record a failed keep-alive extend; True when the keep-alive should try again."""
-        self.keepalive_error = error
-        if isinstance(error, QuotaError) and error.code in RETRYABLE_CODES:
-            # The hold may still be alive: try again well before the deadline.
-            retry_s = max(self.keepalive_margin * self._ttl_ms / 4000, _KEEPALIVE_MIN_WAIT_S)
-            self._extend_due = time.monotonic() + retry_s
-            log.warning(
-                "keep-alive could not extend hold %s/%s (retrying in %.3fs): %s",
-                self.organization,
-                self.reservation_id,
-                retry_s,
-                error,
-            )
-            return True
-        log.warning(
-            "keep-alive of hold %s/%s stopped: %s",
-            self.organization,
-            self.reservation_id,
-            error,
-        )
-        return False
-
-    def _keepalive_due(self) -> bool:
-        """Whether the keep-alive (holding the lock) should extend now."""
-        return self.state is HoldState.ACTIVE and time.monotonic() >= self._extend_due
+    def _active(self) -> bool:
+        return self.state is HoldState.ACTIVE
 
     def _commit_call(
         self, actual_uecu: int, usage: Usage | None, usage_lines: Sequence[Any] | None
@@ -255,7 +233,7 @@ class AsyncHold(_HoldBase):
     def keeper(self) -> asyncio.Task[None] | None:
         """The keep-alive task while it runs (None before the hold is placed, with
         ``keepalive=False``, and once the hold is settled)."""
-        return self._keeper
+        return self._keeper.task
 
     def __init__(
         self,
@@ -268,15 +246,13 @@ class AsyncHold(_HoldBase):
         super().__init__(reserve, keepalive=keepalive, keepalive_margin=keepalive_margin)
         self._client = client
         self._lock = asyncio.Lock()
-        self._keeper: asyncio.Task[None] | None = None
+        self._keeper = AsyncKeeper(self._lease, self._lock, self._active, self._keepalive_extend)
 
     async def __aenter__(self) -> AsyncHold:
         sent = time.monotonic()
         self._placed(await self._client.call(self._reserve_call), sent)
-        if self.keepalive and self.state is HoldState.ACTIVE:
-            self._keeper = asyncio.create_task(
-                self._keep_alive(), name=f"ecu-keepalive-{self.reservation_id}"
-            )
+        if self.keepalive and self._active():
+            self._keeper.start(f"ecu-keepalive-{self.reservation_id}")
         return self
 
     async def __aexit__(
@@ -285,34 +261,15 @@ class AsyncHold(_HoldBase):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._stop_keepalive()
+        await self._keeper.stop()
         if self._must_release_on_exit():
             try:
                 await self.release()
             except QuotaError as error:
                 self._release_failed_on_exit(error, exc)
 
-    async def _keep_alive(self) -> None:
-        while True:
-            await asyncio.sleep(self._keepalive_wait_s())
-            async with self._lock:
-                if self.state is not HoldState.ACTIVE:
-                    return
-                if not self._keepalive_due():  # the caller extended meanwhile
-                    continue
-                try:
-                    await self._extend_locked(0)
-                except Exception as error:  # never into the block: recorded, logged
-                    if not self._keepalive_failed(error):
-                        return
-                else:
-                    self.keepalive_extends += 1
-
-    async def _stop_keepalive(self) -> None:
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            keeper.cancel()
-            await asyncio.wait([keeper])
+    async def _keepalive_extend(self) -> ExtendOutcome:
+        return await self._extend_locked(0)
 
     async def _extend_locked(self, ttl_ms: int) -> ExtendOutcome:
         call = self._extend_call(ttl_ms)
@@ -356,7 +313,7 @@ class Hold(_HoldBase):
     def keeper(self) -> threading.Thread | None:
         """The keep-alive thread while it runs (None before the hold is placed, with
         ``keepalive=False``, and once the hold is settled)."""
-        return self._keeper
+        return self._keeper.thread
 
     def __init__(
         self,
@@ -369,18 +326,13 @@ class Hold(_HoldBase):
         super().__init__(reserve, keepalive=keepalive, keepalive_margin=keepalive_margin)
         self._client = client
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._keeper: threading.Thread | None = None
+        self._keeper = ThreadKeeper(self._lease, self._lock, self._active, self._keepalive_extend)
 
     def __enter__(self) -> Hold:
         sent = time.monotonic()
         self._placed(self._client.call(self._reserve_call), sent)
-        if self.keepalive and self.state is HoldState.ACTIVE:
-            self._stop.clear()
-            self._keeper = threading.Thread(
-                target=self._keep_alive, name=f"ecu-keepalive-{self.reservation_id}", daemon=True
-            )
-            self._keeper.start()
+        if self.keepalive and self._active():
+            self._keeper.start(f"ecu-keepalive-{self.reservation_id}")
         return self
 
     def __exit__(
@@ -389,33 +341,15 @@ class Hold(_HoldBase):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._stop_keepalive()
+        self._keeper.stop()
         if self._must_release_on_exit():
             try:
                 self.release()
             except QuotaError as error:
                 self._release_failed_on_exit(error, exc)
 
-    def _keep_alive(self) -> None:
-        while not self._stop.wait(self._keepalive_wait_s()):
-            with self._lock:
-                if self._stop.is_set() or self.state is not HoldState.ACTIVE:
-                    return
-                if not self._keepalive_due():  # the caller extended meanwhile
-                    continue
-                try:
-                    self._extend_locked(0)
-                except Exception as error:  # never into the block: recorded, logged
-                    if not self._keepalive_failed(error):
-                        return
-                else:
-                    self.keepalive_extends += 1
-
-    def _stop_keepalive(self) -> None:
-        keeper, self._keeper = self._keeper, None
-        self._stop.set()
-        if keeper is not None and keeper is not threading.current_thread():
-            keeper.join()  # at most one extend in flight, bounded by the call's retries
+    def _keepalive_extend(self) -> ExtendOutcome:
+        return self._extend_locked(0)
 
     def _extend_locked(self, ttl_ms: int) -> ExtendOutcome:
         call = self._extend_call(ttl_ms)

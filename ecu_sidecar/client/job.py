@@ -10,7 +10,8 @@ third by default) of its abandonment ttl is left, so the job ends by itself only
 owner died. Leaving the block, normally or by an exception, closes the job: what it did not
 bill returns to the wallet at once, and ``job.view`` is the final job (``job.accuracy``:
 committed ÷ approved, how pessimistic the preview was). A failed heartbeat never interrupts
-the block: it is logged and kept in ``job.heartbeat_error``.
+the block: it is logged and kept in ``job.heartbeat_error``. The heartbeat is the keeper a
+hold's keep-alive uses (client/keeper.py).
 """
 
 from __future__ import annotations
@@ -26,9 +27,15 @@ from typing import TYPE_CHECKING, Any
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.client import requests
 from ecu_sidecar.client.errors import QuotaError
-from ecu_sidecar.client.hold import DEFAULT_KEEPALIVE_MARGIN, AsyncHold, Hold
+from ecu_sidecar.client.hold import AsyncHold, Hold
+from ecu_sidecar.client.keeper import (
+    DEFAULT_KEEPALIVE_MARGIN,
+    AsyncKeeper,
+    Lease,
+    ThreadKeeper,
+    check_switch,
+)
 from ecu_sidecar.client.requests import Call
-from ecu_sidecar.client.retry import RETRYABLE_CODES
 from ecu_sidecar.jobs import JobState, JobView
 from ecu_sidecar.model import JobType, ReserveItem, ReserveOutcome
 
@@ -39,9 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["AsyncJob", "Job"]
 
 log = logging.getLogger(__name__)
-
-#: Shortest pause of the heartbeat between two attempts (a ttl of a few ms must not spin).
-_HEARTBEAT_MIN_WAIT_S = 0.005
 
 Spec = pb.JobSpec | Mapping[str, Any] | None
 
@@ -61,13 +65,7 @@ class _JobBase:
     ) -> None:
         request = approve.request
         assert isinstance(request, pb.ApproveJobRequest)
-        if not isinstance(heartbeat, bool):
-            raise TypeError(f"heartbeat must be True or False, got {heartbeat!r}")
-        if isinstance(heartbeat_margin, bool) or not 0 < heartbeat_margin < 1:
-            raise ValueError(
-                "heartbeat_margin must be a fraction of the ttl between 0 and 1 (exclusive), "
-                f"got {heartbeat_margin!r}"
-            )
+        check_switch("heartbeat", heartbeat, "heartbeat_margin", heartbeat_margin)
         self._approve_call = approve
         self._account = request.account
         self.job_id: str = request.job_id
@@ -81,13 +79,24 @@ class _JobBase:
         """Whether the job is heartbeaten in the background while the block runs."""
         self.heartbeat_margin = heartbeat_margin
         """The heartbeat is sent when this fraction of the ttl is left before the deadline."""
-        self.heartbeats = 0
+        where = f"job {self.organization}/{self.job_id}"
+        self._lease = Lease(
+            heartbeat_margin,
+            failing=f"could not heartbeat {where}",
+            stopping=f"heartbeat of {where}",
+            log=log,
+        )
+
+    @property
+    def heartbeats(self) -> int:
         """Heartbeats the background made that the sidecar accepted."""
-        self.heartbeat_error: BaseException | None = None
+        return self._lease.renewals
+
+    @property
+    def heartbeat_error(self) -> BaseException | None:
         """The background heartbeat's last failure (None while it never failed). UNAVAILABLE
         is retried before the deadline; any other failure (the job ended) stops it."""
-        self._due = 0.0
-        """time.monotonic() at which the background heartbeat is sent next."""
+        return self._lease.error
 
     def __repr__(self) -> str:
         state = self.view.state.name if self.view else "not approved"
@@ -109,32 +118,8 @@ class _JobBase:
         keeps the job alive a ttl from then: heartbeat again before the margin."""
         self.view = view
         if sent is not None:
-            self._due = sent + view.ttl_ms / 1000 * (1 - self.heartbeat_margin)
+            self._lease.renewed(sent, view.ttl_ms, view.ttl_ms)
         return view
-
-    def _wait_s(self) -> float:
-        return max(self._due - time.monotonic(), _HEARTBEAT_MIN_WAIT_S)
-
-    def _heartbeat_due(self) -> bool:
-        return self.is_open and time.monotonic() >= self._due
-
-    def _heartbeat_failed(self, error: BaseException) -> bool:
-        """Record a failed background heartbeat; True when it should try again."""
-        self.heartbeat_error = error
-        ttl_ms = self.view.ttl_ms if self.view else 0
-        if isinstance(error, QuotaError) and error.code in RETRYABLE_CODES:
-            retry_s = max(self.heartbeat_margin * ttl_ms / 4000, _HEARTBEAT_MIN_WAIT_S)
-            self._due = time.monotonic() + retry_s
-            log.warning(
-                "could not heartbeat job %s/%s (retrying in %.3fs): %s",
-                self.organization,
-                self.job_id,
-                retry_s,
-                error,
-            )
-            return True
-        log.warning("heartbeat of job %s/%s stopped: %s", self.organization, self.job_id, error)
-        return False
 
     def _step(
         self,
@@ -207,13 +192,21 @@ class AsyncJob(_JobBase):
         super().__init__(approve, heartbeat=heartbeat, heartbeat_margin=heartbeat_margin)
         self._client = client
         self._lock = asyncio.Lock()
-        self._beater: asyncio.Task[None] | None = None
+        self._keeper = AsyncKeeper(
+            self._lease, self._lock, lambda: self.is_open, self._heartbeat_locked
+        )
+
+    @property
+    def keeper(self) -> asyncio.Task[None] | None:
+        """The heartbeat task while it runs (None before the job is approved, with
+        ``heartbeat=False``, and once the block ended)."""
+        return self._keeper.task
 
     async def __aenter__(self) -> AsyncJob:
         sent = time.monotonic()
         self._seen(await self._client.call(self._approve_call), sent)
         if self.heartbeat and self.is_open:
-            self._beater = asyncio.create_task(self._beat(), name=f"ecu-job-{self.job_id}")
+            self._keeper.start(f"ecu-job-{self.job_id}")
         return self
 
     async def __aexit__(
@@ -222,31 +215,12 @@ class AsyncJob(_JobBase):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        beater, self._beater = self._beater, None
-        if beater is not None:
-            beater.cancel()
-            await asyncio.wait([beater])
+        await self._keeper.stop()
         if self.is_open:
             try:
                 await self.close()
             except QuotaError as error:
                 self._close_failed_on_exit(error, exc)
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self._wait_s())
-            async with self._lock:
-                if not self.is_open:
-                    return
-                if not self._heartbeat_due():  # the caller heartbeat meanwhile
-                    continue
-                try:
-                    await self._heartbeat_locked()
-                except Exception as error:  # never into the block: recorded, logged
-                    if not self._heartbeat_failed(error):
-                        return
-                else:
-                    self.heartbeats += 1
 
     async def _heartbeat_locked(self) -> JobView:
         sent = time.monotonic()
@@ -317,18 +291,21 @@ class Job(_JobBase):
         super().__init__(approve, heartbeat=heartbeat, heartbeat_margin=heartbeat_margin)
         self._client = client
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._beater: threading.Thread | None = None
+        self._keeper = ThreadKeeper(
+            self._lease, self._lock, lambda: self.is_open, self._heartbeat_locked
+        )
+
+    @property
+    def keeper(self) -> threading.Thread | None:
+        """The heartbeat thread while it runs (None before the job is approved, with
+        ``heartbeat=False``, and once the block ended)."""
+        return self._keeper.thread
 
     def __enter__(self) -> Job:
         sent = time.monotonic()
         self._seen(self._client.call(self._approve_call), sent)
         if self.heartbeat and self.is_open:
-            self._stop.clear()
-            self._beater = threading.Thread(
-                target=self._beat, name=f"ecu-job-{self.job_id}", daemon=True
-            )
-            self._beater.start()
+            self._keeper.start(f"ecu-job-{self.job_id}")
         return self
 
     def __exit__(
@@ -337,30 +314,12 @@ class Job(_JobBase):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        beater, self._beater = self._beater, None
-        self._stop.set()
-        if beater is not None and beater is not threading.current_thread():
-            beater.join()  # at most one heartbeat in flight, bounded by the call's retries
+        self._keeper.stop()
         if self.is_open:
             try:
                 self.close()
             except QuotaError as error:
                 self._close_failed_on_exit(error, exc)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self._wait_s()):
-            with self._lock:
-                if self._stop.is_set() or not self.is_open:
-                    return
-                if not self._heartbeat_due():  # the caller heartbeat meanwhile
-                    continue
-                try:
-                    self._heartbeat_locked()
-                except Exception as error:  # never into the block: recorded, logged
-                    if not self._heartbeat_failed(error):
-                        return
-                else:
-                    self.heartbeats += 1
 
     def _heartbeat_locked(self) -> JobView:
         sent = time.monotonic()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ecu_sidecar.errors import BY_REASON, EcuError
+from ecu_sidecar.errors import BY_REASON, EcuError, JobClosed
 from ecu_sidecar.jobs import JobAccuracy, JobApproval, JobPolicy, JobState, JobView
 from ecu_sidecar.model import (
     AccountRef,
@@ -71,6 +71,8 @@ def script_error(reply: list[Any]) -> EcuError:
     """A script's refusal ``{'ERR', reason, message, name, value, ...}`` as its domain error."""
     reason, message = text(reply[1]), text(reply[2])
     meta = {text(reply[i]): text(reply[i + 1]) for i in range(3, len(reply) - 1, 2)}
+    if reason == JobClosed.reason:  # the scripts name the state by its stored letter
+        meta["state"] = JobState(meta["state"]).word
     return BY_REASON[reason](message, **meta)
 
 

@@ -177,6 +177,10 @@ Kubernetes' $(VAR) expansion: REDIS_PASSWORD must come first in the list. */}}
   value: {{ .Values.config.minTtlMs | int64 | quote }}
 - name: ECU_MAX_TTL_MS
   value: {{ .Values.config.maxTtlMs | int64 | quote }}
+- name: ECU_JOB_TTL_MS
+  value: {{ .Values.config.jobTtlMs | int64 | quote }}
+- name: ECU_JOB_MAX_TTL_MS
+  value: {{ .Values.config.jobMaxTtlMs | int64 | quote }}
 - name: ECU_TOMBSTONE_TTL_MS
   value: {{ .Values.config.tombstoneTtlMs | int64 | quote }}
 - name: ECU_OVERAGE_MAX_PERCENT
