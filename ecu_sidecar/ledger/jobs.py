@@ -29,8 +29,8 @@ __all__ = [
 ]
 
 #: A job_close event's state, as the jobs table spells it.
-JOB_STATES = {JobState.CLOSED.value: "closed", JobState.ABANDONED.value: "abandoned"}
-_BY_NAME = {"open": JobState.OPEN, "closed": JobState.CLOSED, "abandoned": JobState.ABANDONED}
+JOB_STATES = {s.value: s.word for s in (JobState.CLOSED, JobState.ABANDONED)}
+_BY_NAME = {s.word: s for s in JobState}
 #: Ended jobs a rebuild restores (so that a replayed close is still answered), newest first.
 _RECENT_ENDED = 1_000
 

@@ -250,7 +250,7 @@ class FlusherMetrics:
             self.jobs_opened.labels(job)
             self.preview_accuracy.labels(job)
             for state in (JobState.CLOSED, JobState.ABANDONED):
-                self.jobs_ended.labels(job, state.name.lower())
+                self.jobs_ended.labels(job, state.word)
         self.holds_outstanding = Gauge(
             "ecu_holds_outstanding",
             "Active holds across every organization with an outbox (Redis ZCARD of the "
@@ -332,7 +332,7 @@ class FlusherMetrics:
 
     def _job_ended(self, job: str, values: dict[str, Any]) -> None:
         state = JobState(values["state"])  # C or X: the ledger checked it
-        self.jobs_ended.labels(job, state.name.lower()).inc()
+        self.jobs_ended.labels(job, state.word).inc()
         if state is JobState.CLOSED and values["approved"]:
             # A ratio for a histogram, never money.
             self.preview_accuracy.labels(job).observe(values["committed"] / values["approved"])
