@@ -396,6 +396,29 @@ def pg_read_only(name: str, on: bool) -> None:
         pg_admin(f"ALTER DATABASE {name} RESET default_transaction_read_only")
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """One 3-master Redis Cluster (tests/redis_cluster.py) for the whole session, shared by
+    every module that needs it; torn down (processes, directory) at the end."""
+    from tests.redis_cluster import cluster_or_skip
+
+    with cluster_or_skip(masters=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_settings(redis_cluster: Any) -> Settings:
+    """Settings of a test on the session's cluster (its own key prefix)."""
+    # Generous timeouts: a loaded CI machine must not turn this into a latency test.
+    return make_settings(
+        "redis",
+        redis_url=redis_cluster.url,
+        redis_cluster=True,
+        redis_timeout_ms=2_000,
+        redis_connect_timeout_ms=2_000,
+    )
+
+
 @pytest.fixture
 def private_redis() -> Iterator[Any]:
     """A redis-server of the test's own on 127.0.0.1 (tests.test_unavailable.PrivateRedis), to

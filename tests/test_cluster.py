@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ from ecu_sidecar.store import RedisStore
 from ecu_sidecar.store.keys import SUFFIXES, org_keys
 from ecu_sidecar.store.scripts import SCRIPTS
 from tests.conftest import ADMIN_METADATA, assert_conserved, direct_client, make_settings
-from tests.redis_cluster import HOST, RedisClusterProcess, cluster_or_skip, slot_owners
+from tests.redis_cluster import HOST, RedisClusterProcess, slot_owners
 
 pytestmark = pytest.mark.cluster
 
@@ -74,23 +74,7 @@ SLOTS = 16_384
 # -- fixtures -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[RedisClusterProcess]:
-    """One 3-master cluster for the whole session; torn down (processes, directory) at the end."""
-    with cluster_or_skip(masters=3) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def cluster_settings(redis_cluster: RedisClusterProcess) -> Settings:
-    # Generous timeouts: a loaded CI machine must not turn this into a latency test.
-    return make_settings(
-        "redis",
-        redis_url=redis_cluster.url,
-        redis_cluster=True,
-        redis_timeout_ms=2_000,
-        redis_connect_timeout_ms=2_000,
-    )
+# redis_cluster (one 3-master cluster for the session) and cluster_settings: tests/conftest.py
 
 
 @pytest_asyncio.fixture

@@ -27,7 +27,17 @@ from google.protobuf.message import DecodeError
 from ecu_sidecar.api.v1 import quota_pb2 as pb
 from ecu_sidecar.server import SERVICE_NAME, SidecarServer
 from tests.conftest import ADMIN_METADATA, require_redis
-from tests.test_bad_input import ADMIN_RPCS, BASE, ORG, seeded_state, state
+from tests.test_bad_input import (
+    ADMIN_RPCS,
+    BASE,
+    CLOSED_JOB,
+    OPEN_JOB,
+    ORG,
+    PROJECT,
+    TEAM,
+    seeded_state,
+    state,
+)
 from tests.test_service import details
 
 METHODS = pb.DESCRIPTOR.services_by_name["Quota"].methods_by_name
@@ -231,3 +241,118 @@ async def test_fuzzed_bytes_never_get_unknown(sidecar, caplog) -> None:
                     assert parses(rpc, data), (rpc, data)
     assert undecodable > 100  # most random bytes do not parse: the fuzz is not vacuous
     assert_no_traceback(caplog)
+
+
+# -- the job RPCs and a step's job_id (issue 16) -------------------------------------------------
+
+#: Valid requests naming a job: the job RPCs' base requests, and a step and a batch of steps of
+#: the seeded open job (a Reserve / ReserveBatch with job_id).
+JOB_REQUESTS: dict[str, tuple[str, Any]] = {
+    "ApproveJob": ("ApproveJob", BASE["ApproveJob"]),
+    "GetJob": ("GetJob", BASE["GetJob"]),
+    "HeartbeatJob": ("HeartbeatJob", BASE["HeartbeatJob"]),
+    "CloseJob": ("CloseJob", BASE["CloseJob"]),
+    "Reserve-job-id": (
+        "Reserve",
+        pb.ReserveRequest(
+            reservation_id="new-step-1",
+            account=pb.Account(organization=ORG, team=TEAM, project=PROJECT),
+            amount_uecu=10_000,
+            job_type=pb.JOB_TYPE_JUDGE,
+            model="judge-1",
+            ttl_ms=3_600_000,
+            job_id=OPEN_JOB,
+        ),
+    ),
+    "ReserveBatch-job-id": (
+        "ReserveBatch",
+        pb.ReserveBatchRequest(
+            account=pb.Account(organization=ORG, team=TEAM, project=PROJECT),
+            items=[
+                pb.ReserveItem(
+                    reservation_id=f"new-step-{i}",
+                    amount_uecu=10_000,
+                    job_type=pb.JOB_TYPE_JUDGE,
+                    model="judge-1",
+                    ttl_ms=3_600_000,
+                )
+                for i in range(2, 4)
+            ],
+            job_id=OPEN_JOB,
+        ),
+    ),
+}
+
+
+def job_id_bytes(request: Any) -> bytes:
+    return request.job_id.encode()
+
+
+def job_cases() -> list[Any]:
+    """Bytes that break the request where it names the job: the job id's bytes made invalid
+    UTF-8 (same length), the request cut inside the job id, and the job id's length prefix
+    claiming more bytes than follow."""
+    out = []
+    for label, (rpc, request) in JOB_REQUESTS.items():
+        data, jid = request.SerializeToString(), job_id_bytes(request)
+        at = data.index(jid)
+        assert data[at - 1] == len(jid)  # a one-byte length prefix right before the id
+        payloads = {
+            "job-id-bad-utf8": data[:at] + b"\xff" + data[at + 1 :],
+            "cut-in-job-id": data[: at + len(jid) // 2],
+            "job-id-length-beyond-the-end": data[: at - 1] + bytes([len(jid) + 100]) + data[at:],
+        }
+        for kind, payload in payloads.items():
+            out.append(pytest.param(rpc, payload, id=f"{label}-{kind}"))
+    return out
+
+
+JOB_CASES = job_cases()
+
+
+async def jobs_seen(stub: Any) -> list[Any]:
+    """The seeded jobs as GetJob answers them (both must be unchanged by a refusal)."""
+    return [
+        await stub.GetJob(pb.GetJobRequest(organization=ORG, job_id=job_id))
+        for job_id in (OPEN_JOB, CLOSED_JOB)
+    ]
+
+
+def test_job_cases_do_not_parse() -> None:
+    assert len(JOB_CASES) == 3 * len(JOB_REQUESTS)
+    for p in JOB_CASES:
+        rpc, data = p.values
+        assert not parses(rpc, data), p.id
+
+
+@pytest.mark.parametrize(("rpc", "data"), JOB_CASES)
+async def test_undecodable_job_requests_change_no_job(
+    sidecar, stub, caplog: pytest.LogCaptureFixture, rpc: str, data: bytes
+) -> None:
+    before = await seeded_state(sidecar)
+    jobs = await jobs_seen(stub)
+    requests, errors = counted(sidecar, rpc)
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+
+    exc = await send(sidecar, rpc, data)
+
+    assert_undecodable(exc, rpc)
+    assert counted(sidecar, rpc) == (requests + 1, errors + 1)
+    assert_no_traceback(caplog)
+    assert await state(sidecar) == before
+    assert await jobs_seen(stub) == jobs
+
+
+@pytest.mark.parametrize("label", sorted(JOB_REQUESTS))
+async def test_the_uncorrupted_job_requests_are_served(sidecar, label: str) -> None:
+    """Control: the same bytes before the damage are valid requests the sidecar serves (and
+    the ones that move money change the state), so the refusals above are the damage's."""
+    rpc, request = JOB_REQUESTS[label]
+    before = await seeded_state(sidecar)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        method = channel.unary_unary(f"/{SERVICE_NAME}/{rpc}")
+        reply = await method(request.SerializeToString())
+    assert reply
+    if rpc in ("ApproveJob", "CloseJob", "Reserve", "ReserveBatch"):
+        assert await state(sidecar) != before
