@@ -333,11 +333,14 @@ class LedgerBalance:
     """What reconciliation compares of an organization (a cheap read of many at once): its
     ledger balance, equal to ``LedgerAccount.balance_uecu``, and whether it has ledger-first
     grants Redis has not confirmed (then the full LedgerAccount is read to finish them); and
-    whether a balance snapshot is due (none taken within the last day)."""
+    whether a balance snapshot is due (none taken within the last day); its open jobs."""
 
     balance_uecu: int
     unconfirmed_grants: bool
     snapshot_due: bool = False
+    open_jobs: int = 0
+    """Approved jobs the ledger records as open: Redis must hold as many (a job record lost
+    with nothing held by it shows only so)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -361,6 +361,22 @@ async def test_flusher_rebuilds_organizations_missing_from_redis(stack: Stack) -
         assert (await stack.engine.balance(org)).balance_uecu == 10_000 * (1 + i)
 
 
+async def test_the_flusher_loop_checks_a_slice_of_organizations_per_pass(stack: Stack) -> None:
+    """Each pass of the loop reads and checks ECU_RECONCILE_BATCH of the ledger's organizations,
+    round-robin in name order, so a pass costs the same however many organizations exist."""
+    orgs = [f"slice-{i}" for i in range(5)]
+    for org in orgs:
+        await stack.engine.grant(org, "g1", 1_000, GrantKind.TOP_UP)
+    await stack.flusher.drain()
+    await drop_keys(stack.settings)
+    await stack.engine.balance("slice-3")  # in use: rebuilt by its first call
+    passes = [await stack.flusher.hydrate_missing(batch=2) for _ in range(4)]
+    assert passes == [["slice-0", "slice-1"], ["slice-2"], ["slice-4"], []]
+    assert stack.metric("ecu_hydrations_total") == 4
+    await drop_keys(stack.settings)
+    assert await stack.flusher.hydrate_missing(batch=2) == ["slice-2", "slice-3"]  # goes round
+
+
 async def test_ledger_down_then_back_loses_nothing(backend: str, tmp_path: Any) -> None:
     """The ledger refuses writes (SQLite file locked by another writer): the flusher keeps its
     batch, backs off and counts the failures, then catches up."""

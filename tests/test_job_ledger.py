@@ -167,6 +167,34 @@ async def test_a_rebuild_restores_an_open_job_exactly(stack: Stack, lost: str) -
     await stack.agree(org)
 
 
+async def test_a_lost_job_that_holds_nothing_is_found_and_rebuilt(stack: Stack) -> None:
+    """A job whose room is spent and whose steps are all settled holds nothing, so held adds up
+    without it: only the ledger's count of open jobs shows its record lost."""
+    org = "job-empty"
+    await stack.engine.grant(org, "g1", 1_000_000, GrantKind.TOP_UP)
+    await approve(stack, org, "j1", 30_000)
+    await stack.store.reserve(AccountRef(org), [step("a", 30_000)], job_id="j1")
+    await stack.store.commit(org, [CommitItem("a", 30_000)], 20)
+    before = await stack.store.job(org, "j1")
+    assert (before.state, before.room_uecu, before.steps_held_uecu) == (JobState.OPEN, 0, 0)
+    await stack.flusher.drain()
+    assert await stack.flusher.reconcile() == {org: 0}
+    await stack.lose(org, "jobs", "jobdl")
+    with pytest.raises(errors.JobNotFound):
+        await stack.store.job(org, "j1")
+    assert await stack.flusher.reconcile() == {}  # found lost: rebuilt, not compared
+    assert stack.metric("ecu_flusher_key_loss_accounts") == 1
+    assert same(await stack.store.job(org, "j1")) == same(before)
+    closed = await stack.store.job(org, "j1", "close")
+    assert (closed.state, closed.returned_uecu, closed.committed_uecu) == (
+        JobState.CLOSED,
+        0,
+        30_000,
+    )
+    await stack.agree(org)
+    assert await stack.flusher.reconcile() == {org: 0}
+
+
 async def test_a_closed_job_answers_a_replayed_close_after_a_full_loss(stack: Stack) -> None:
     org = "job-closed"
     await busy_job(stack, org)

@@ -279,9 +279,10 @@ class Flusher:
         Reconciler.next_slice and Reconciler.reconcile)."""
         return await self.reconciler.reconcile_next(await self.discover(force=True))
 
-    async def hydrate_missing(self) -> list[str]:
-        """Rebuild every organization the ledger knows and Redis has lost."""
-        return await self.reconciler.hydrate_missing()
+    async def hydrate_missing(self, batch: int | None = None) -> list[str]:
+        """Rebuild the organizations the ledger knows and Redis has lost: all, or the next
+        ``batch`` of them (see Reconciler.hydrate_missing)."""
+        return await self.reconciler.hydrate_missing(batch)
 
     async def hydrate(self, org: str) -> bool:
         """Rebuild one organization from the ledger if Redis lacks it (see Reconciler.hydrate)."""
@@ -382,7 +383,7 @@ class Flusher:
                 moved = await self.flush_once(read_ahead=time.monotonic() < self._next_reconcile)
                 now = time.monotonic()
                 if now >= self._next_reconcile:
-                    await self.hydrate_missing()
+                    await self.hydrate_missing(self.settings.reconcile_batch)
                     await self.reconcile()
                     self._next_reconcile = now + self.settings.reconcile_interval_ms / 1000
                 backoff = 0.0

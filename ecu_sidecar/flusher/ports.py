@@ -33,8 +33,9 @@ class FlusherLedger(Protocol):
         """Drop a pending ledger-first grant Redis refuses for good."""
         ...
 
-    def organizations(self) -> list[str]:
-        """Every organization the ledger knows."""
+    def organizations(self, after: str = "", limit: int | None = None) -> list[str]:
+        """The organizations the ledger knows, sorted: every one, or a page of ``limit``
+        whose ids sort after ``after``."""
         ...
 
     def open_jobs(self) -> int:

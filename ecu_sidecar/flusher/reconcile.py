@@ -64,6 +64,8 @@ class Reconciler:
         self._known_epochs: set[str] = set()
         """The Redis node epochs (run id and replication id) the last pass saw."""
         self._cycle_started = 0.0
+        self._hydrate_after = ""
+        """The last organization the last sliced hydrate_missing checked ('' : start over)."""
 
     def next_slice(self, orgs: list[str]) -> list[str]:
         """The next ECU_RECONCILE_BATCH organizations of ``orgs`` (in name order) after the
@@ -208,7 +210,7 @@ class Reconciler:
                 await self._finish_grants(org, account.unconfirmed_grants)
             return None  # the new grant events must be flushed before balances compare
         expected = balance.balance_uecu
-        checked = await self.store.reconcile(org, last_id, expected, GROUP)
+        checked = await self.store.reconcile(org, last_id, expected, GROUP, balance.open_jobs)
         if checked.key_loss:
             # A key lost beside the account (eviction, a manual DEL): the organization is
             # rebuilt whole from the ledger, for the same outbox position (read before it).
@@ -270,9 +272,16 @@ class Reconciler:
                     "voided" if voided else "no longer pending",
                 )
 
-    async def hydrate_missing(self) -> list[str]:
-        """Rebuild every organization the ledger knows and Redis has lost."""
-        orgs = await asyncio.to_thread(self.ledger.organizations)
+    async def hydrate_missing(self, batch: int | None = None) -> list[str]:
+        """Rebuild the organizations the ledger knows and Redis has lost: every one, or with
+        ``batch`` the next ``batch`` of the ledger's organizations in name order after the
+        last call's (round-robin), so that a pass reads and checks as many at 100,000
+        organizations as at 100 (an organization in use is rebuilt by its first call anyway)."""
+        if batch is None:
+            orgs = await asyncio.to_thread(self.ledger.organizations)
+        else:
+            orgs = await asyncio.to_thread(self.ledger.organizations, self._hydrate_after, batch)
+            self._hydrate_after = orgs[-1] if len(orgs) == batch else ""
         missing = await self.store.missing_accounts(orgs)
         rebuilt = []
         for org in missing:

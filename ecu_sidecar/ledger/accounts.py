@@ -46,9 +46,13 @@ class Accounts:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def organizations(self) -> list[str]:
-        """Every organization the ledger knows, sorted (for hydration and reconciliation)."""
-        rows = self._db.read(lambda tx: tx.rows("SELECT org_id FROM organizations ORDER BY org_id"))
+    def organizations(self, after: str = "", limit: int | None = None) -> list[str]:
+        """The organizations the ledger knows, sorted (for hydration and reconciliation):
+        every one, or the first ``limit`` whose id sorts after ``after`` (a page)."""
+        sql = "SELECT org_id FROM organizations WHERE org_id > ? ORDER BY org_id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        rows = self._db.read(lambda tx: tx.rows(sql, (after,)))
         return [r[0] for r in rows]
 
     def open_jobs(self) -> int:
@@ -65,8 +69,9 @@ class Accounts:
     def balances(self, orgs: list[str]) -> dict[str, LedgerBalance]:
         """What reconciliation compares of each organization in ``orgs`` (one query per
         chunk of them, each a snapshot): the balance ``ledger_account`` reports, whether
-        pending ledger-first grants wait, and whether a balance snapshot is due (none within
-        SNAPSHOT_EVERY_MS by the ledger's clock). Unknown organizations are absent."""
+        pending ledger-first grants wait, whether a balance snapshot is due (none within
+        SNAPSHOT_EVERY_MS by the ledger's clock), and its open jobs (index jobs_open). Unknown
+        organizations are absent."""
         out: dict[str, LedgerBalance] = {}
         recent = self._db.clock() - SNAPSHOT_EVERY_MS
         for i in range(0, len(orgs), _BALANCE_CHUNK):
@@ -76,12 +81,16 @@ class Accounts:
                 "EXISTS (SELECT 1 FROM grants g WHERE g.org_id = o.org_id "
                 "AND g.state = 'pending'), "
                 "NOT EXISTS (SELECT 1 FROM balance_snapshots s WHERE s.org_id = o.org_id "
-                "AND s.taken_at_ms >= ?) FROM organizations o "
+                "AND s.taken_at_ms >= ?), "
+                "(SELECT COUNT(*) FROM jobs j WHERE j.org_id = o.org_id AND j.state = 'open') "
+                "FROM organizations o "
                 f"WHERE o.org_id IN ({', '.join(['?'] * len(part))})"
             )
             params = [recent, *part]
             rows = self._db.read(lambda tx, sql=sql, params=params: tx.rows(sql, params))
-            out.update({r[0]: LedgerBalance(int(r[1]), bool(r[2]), bool(r[3])) for r in rows})
+            out.update(
+                {r[0]: LedgerBalance(int(r[1]), bool(r[2]), bool(r[3]), int(r[4])) for r in rows}
+            )
         return out
 
     def account(self, org: str) -> AccountState | None:

@@ -227,9 +227,10 @@ class Ledger:
 
     # -- accounts (accounts.py)
 
-    def organizations(self) -> list[str]:
-        """Every organization the ledger knows, sorted (for hydration and reconciliation)."""
-        return self._accounts.organizations()
+    def organizations(self, after: str = "", limit: int | None = None) -> list[str]:
+        """The organizations the ledger knows, sorted (for hydration and reconciliation):
+        every one, or a page of ``limit`` after ``after``."""
+        return self._accounts.organizations(after, limit)
 
     def open_jobs(self) -> int:
         """How many approved jobs are open across every organization."""

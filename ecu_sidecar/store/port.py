@@ -172,7 +172,12 @@ class Store(Protocol):
         ...
 
     async def reconcile(
-        self, org: str, flushed_id: str, ledger_balance_uecu: int, group: str
+        self,
+        org: str,
+        flushed_id: str,
+        ledger_balance_uecu: int,
+        group: str,
+        ledger_open_jobs: int | None = None,
     ) -> Reconciled:
         """Check an organization's keys and repair its balance to the ledger's."""
         ...

@@ -294,13 +294,19 @@ class RedisStore:
         return bool(r[1])
 
     async def reconcile(
-        self, org: str, flushed_id: str, ledger_balance_uecu: int, group: str
+        self,
+        org: str,
+        flushed_id: str,
+        ledger_balance_uecu: int,
+        group: str,
+        ledger_open_jobs: int | None = None,
     ) -> Reconciled:
-        """Check the organization's keys against each other and repair Redis's balance to the
-        ledger's, when every event up to ``flushed_id`` is in the ledger and nothing newer
-        exists. Keys found lost are reported, not repaired here: a forced ``hydrate`` rebuilds
-        them."""
-        r = await self._run("reconcile", org, [flushed_id, ledger_balance_uecu, group])
+        """Check the organization's keys against each other (and, given ``ledger_open_jobs``,
+        its open jobs against the ledger's count) and repair Redis's balance to the ledger's,
+        when every event up to ``flushed_id`` is in the ledger and nothing newer exists. Keys
+        found lost are reported, not repaired here: a forced ``hydrate`` rebuilds them."""
+        jobs = "" if ledger_open_jobs is None else ledger_open_jobs
+        r = await self._run("reconcile", org, [flushed_id, ledger_balance_uecu, group, jobs])
         status = _s(r[1])
         if status == "LOSS":
             return Reconciled(None, key_loss=_s(r[3]))

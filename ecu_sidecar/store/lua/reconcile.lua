@@ -3,6 +3,7 @@
 --   ARGV[5] the outbox's last-generated id the caller saw fully flushed before reading the ledger
 --   ARGV[6] the ledger balance (granted - expired grants - committed)
 --   ARGV[7] the flusher's consumer group
+--   ARGV[8] how many jobs the ledger records as open ('' = not compared)
 -- Returns {'OK', 'SKIP', 0} when events arrived or are still unflushed since the caller looked
 -- (the ledger value would be stale: try again later), {'OK', 'LOSS', 0, why} when the
 -- organization's keys do not add up (a key lost beside the account: eviction, a manual DEL),
@@ -12,7 +13,8 @@
 --   held = the sum of the ACTIVE holds the deadline index lists, every one of them ACTIVE, plus
 --   the rooms of the open jobs; every ACTIVE step of a job is in the step index, and its job
 --   is open and its records' steps held add up to what its ACTIVE steps hold;
---   every job record is in the job deadline index, and every entry there has a record;
+--   every job record is in the job deadline index, and every entry there has a record; as
+--   many jobs are open as the ledger records (a job record lost with nothing held by it);
 --   every hold record is either in the deadline index or in the tombstone index;
 --   one grant-expiry index entry per g:<grant id> rest in the account;
 --   the grants hash exists once anything was granted.
@@ -22,7 +24,7 @@
 -- 'repaired' for operators.
 
 if not account_exists() then return {'OK', 'SKIP', 0} end
-local expected, ledger, group = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local expected, ledger, group, ledger_jobs = ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8]
 if not outbox_flushed(expected, group) then
   return {'OK', 'SKIP', 0}
 end
@@ -55,9 +57,10 @@ local function key_loss()
       end
     end
   end
-  local rooms = 0
+  local rooms, open = 0, 0
   for jid, j in pairs(jobs) do
     if j.st == 'O' then
+      open = open + 1
       rooms = rooms + tonumber(j.room)
       if tonumber(j.sh) ~= (step_sum[jid] or 0) then
         return 'job ' .. jid .. ' records ' .. j.sh .. ' uECU in steps but its active steps hold '
@@ -67,6 +70,9 @@ local function key_loss()
     if not redis.call('ZSCORE', JOBDL, jid) then
       return 'job ' .. jid .. ' is not in the job deadline index'
     end
+  end
+  if ledger_jobs ~= '' and open ~= tonumber(ledger_jobs) then
+    return 'the ledger records ' .. ledger_jobs .. ' open jobs but Redis ' .. open
   end
   if held ~= sum + rooms then
     return 'held ' .. I(held) .. ' uECU but the active holds hold ' .. I(sum)
