@@ -70,6 +70,11 @@ async def main() -> None:
             f"preview: {args.traces} traces cost at most {shown.quote.total_uecu} uECU "
             f"(rate card {shown.quote.rate_card_version}; available {shown.available_uecu})"
         )
+        if shown.expected is not None:  # learned from the organization's closed jobs
+            print(
+                f"expected: {shown.expected.total_uecu} uECU, as its last "
+                f"{shown.expected.jobs} closed trace evaluations went"
+            )
         # The user approves that quote: the job holds exactly it, pinned to its rate card.
         async with client.job(args.org, args.job_id, shown, job=plan(args.traces)) as run:
             queue: asyncio.Queue[int] = asyncio.Queue()

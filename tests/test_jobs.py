@@ -977,3 +977,17 @@ def test_the_approved_job_example_runs_end_to_end(serve: Any) -> None:
     assert (b["committed_uecu"], b["held_uecu"]) == (committed, 0)
     assert b["available_uecu"] == 25 * ECU - committed
     conserved(serve, org)
+    # Run again, the preview expects what the first run committed (scaled to its worst case).
+    again = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--target", serve.target, *args[:2], "--job-id", "ex-2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    assert again.returncode == 0, again.stderr
+    expected = again.stdout.splitlines()[1]
+    assert expected == (
+        f"expected: {committed} uECU, as its last 1 closed trace evaluations went"
+    ), again.stdout
+    assert "expected" not in out.stdout
