@@ -223,24 +223,25 @@ local function expire_hold(rid, rec)
     'project', rec.pj, 'user', rec.us, 'job', rec.job, 'model', rec.mdl, 'job_id', jid)
 end
 
--- End an open job: 'C' closed by its owner (its ACTIVE steps are released) or 'X' abandoned (no
--- step and no heartbeat for its ttl; its ACTIVE steps expire, so that a late commit still bills
--- them). Its room and its steps' holds return to the wallet at once. O(its ACTIVE steps).
 -- What Preview's expected cost learns from (docs/jobs.md): per job type, the organization's
 -- closed jobs, the µECU they committed and the µECU they approved, as acct fields
 -- js:<job type>:n|c|a. Halved at 2 x ACC_WINDOW jobs, so the latest 100 to 200 weigh. Not
 -- money: a ratio shown beside the worst case (abandoned jobs stopped early: not counted).
-local ACC_WINDOW = 100
+local ACC_WINDOW = 100  -- ecu_sidecar.jobs.ACCURACY_WINDOW (the ledger keeps that many)
 local function learn_accuracy(j)
   local f = 'js:' .. j.job .. ':'
   local n = redis.call('HINCRBY', ACCT, f .. 'n', 1)
-  local v = {redis.call('HINCRBY', ACCT, f .. 'c', j.cm), redis.call('HINCRBY', ACCT, f .. 'a', j.amt)}
+  local c = redis.call('HINCRBY', ACCT, f .. 'c', j.cm)
+  local a = redis.call('HINCRBY', ACCT, f .. 'a', j.amt)
   if n >= 2 * ACC_WINDOW then
-    redis.call('HSET', ACCT, f .. 'n', I(math.floor(n / 2)), f .. 'c', I(math.floor(v[1] / 2)),
-      f .. 'a', I(math.floor(v[2] / 2)))
+    redis.call('HSET', ACCT, f .. 'n', I(math.floor(n / 2)), f .. 'c', I(math.floor(c / 2)),
+      f .. 'a', I(math.floor(a / 2)))
   end
 end
 
+-- End an open job: 'C' closed by its owner (its ACTIVE steps are released) or 'X' abandoned (no
+-- step and no heartbeat for its ttl; its ACTIVE steps expire, so that a late commit still bills
+-- them). Its room and its steps' holds return to the wallet at once. O(its ACTIVE steps).
 local function end_job(jid, j, how)
   local members = redis.call('ZRANGEBYLEX', JSTEPS, '[' .. jid .. ':', '(' .. jid .. ';')
   local live, steps = {}, 0
