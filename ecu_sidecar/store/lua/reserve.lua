@@ -121,7 +121,8 @@ if jrec and fresh > 0 then
 end
 
 -- The threshold state is read here too: nothing below changes it but held, by wneed. Steps
--- the job's room covers (wneed 0) need only the available balance (speed: 2 fields, not 8).
+-- the job's room covers (wneed 0) need only the available balance (speed: HMGET of 2 fields, not
+-- 8 or more, ~1.5 us).
 local fields = {'balance', 'held'}
 if wneed > 0 then
   fields = {unpack(THRESHOLD_FIELDS)}
