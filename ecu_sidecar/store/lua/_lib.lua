@@ -191,8 +191,8 @@ end
 -- Steps or a heartbeat keep an open job alive for another ttl. The record's dl is the real
 -- deadline; the job deadline index may lag behind it (never ahead): it is moved only when the
 -- job is first indexed (dl '0': an approval, a rebuild) or when the sweep finds the entry due
--- and the job extended (sweep() re-indexes it there). Speed: a ZADD in each script of a step
--- (~3 us each, of a ~170 us wallet step on the bench machine; issue 16).
+-- and the job extended (sweep() re-indexes it there). Speed: the ZADD in both scripts of a step
+-- was ~18,600 of its ~933,000 instructions inside Redis (docs/benchmarks.md, issue 16).
 local function touch_job(jid, j)
   local was = tonumber(j.dl)
   local dl = NOW + tonumber(j.ttl)
