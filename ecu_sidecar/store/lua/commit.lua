@@ -183,14 +183,14 @@ for i = 0, n - 1 do
         else
           if job_uecu == 0 then job_uecu = from_hold end
           released = amt - from_hold
-          add('overage', billed - job_uecu)
+          if billed ~= job_uecu then add('overage', billed - job_uecu) end  -- speed: see reserve.lua
           jadd(j, 'room', amt - job_uecu)
           jadd(j, 'sh', -amt)
           unstep[#unstep + 1] = step_member(jid, rid)
         end
-        add('held', -job_uecu)
-        add('committed_from_holds', job_uecu)
         if job_uecu ~= 0 then
+          add('held', -job_uecu)
+          add('committed_from_holds', job_uecu)
           if tm ~= '' then add('t:' .. tm .. ':held', -job_uecu) end
           if pj ~= '' then add('p:' .. pj .. ':held', -job_uecu) end
         end
