@@ -184,15 +184,16 @@ end
 
 -- Add d to the job's numeric field f.
 local function jadd(j, f, d)
-  if d == 0 then return end  -- speed: a parse and a format (~0.5 us) per zero delta (x, mostly)
+  if d == 0 then return end  -- speed: a parse + a format, 0.5-1 us in EVAL loops (issue 16)
   j[f] = I(tonumber(j[f]) + d)
 end
 
 -- Steps or a heartbeat keep an open job alive for another ttl. The record's dl is the real
 -- deadline; the job deadline index may lag behind it (never ahead): it is moved only when the
--- job is first indexed (dl '0': an approval, a rebuild) or when the sweep finds the entry due
--- and the job extended (sweep() re-indexes it there). Speed: the ZADD in both scripts of a step
--- was ~18,600 of its ~933,000 instructions inside Redis (docs/benchmarks.md, issue 16).
+-- job is first indexed or when the sweep finds the entry due and the job extended (sweep()
+-- re-indexes it there). A script that makes or restores a job record (job.lua open, hydrate)
+-- leaves its dl '0' before this call: that is what indexes it. Speed: the ZADD in both scripts
+-- of a step was ~18,600 of its ~933,000 instructions inside Redis (docs/benchmarks.md, issue 16).
 local function touch_job(jid, j)
   local was = tonumber(j.dl)
   local dl = NOW + tonumber(j.ttl)

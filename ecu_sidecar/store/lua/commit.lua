@@ -183,7 +183,7 @@ for i = 0, n - 1 do
         else
           if job_uecu == 0 then job_uecu = from_hold end
           released = amt - from_hold
-          if billed ~= job_uecu then add('overage', billed - job_uecu) end  -- speed: see reserve.lua
+          if billed ~= job_uecu then add('overage', billed - job_uecu) end  -- speed: reserve.lua
           jadd(j, 'room', amt - job_uecu)
           jadd(j, 'sh', -amt)
           unstep[#unstep + 1] = step_member(jid, rid)
