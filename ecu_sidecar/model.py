@@ -247,9 +247,11 @@ class SweepOutcome:
     expired: int
     """Holds expired by this sweep."""
     waiting: int
-    """Overdue holds still waiting (more than one sweep's limit were due)."""
+    """Overdue holds and job deadline index entries still waiting (more than one sweep's limit
+    were due)."""
     next_due_ms: int | None
-    """Milliseconds until the next hold deadline or grant expiry falls due (None: none)."""
+    """Milliseconds until the next hold deadline, grant expiry or job deadline index entry (an
+    open job's abandonment, an ended job's purge) falls due (None: none)."""
 
 
 @dataclass(frozen=True, slots=True)

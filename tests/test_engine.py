@@ -444,6 +444,62 @@ async def test_background_sweeper_visits_an_organization_when_it_has_work(
     assert engine.sweeps.due_at(org) - clock() == pytest.approx(idle_ms / 1000)
 
 
+async def test_background_sweeper_ends_an_idle_abandoned_job_when_it_falls_due(
+    store: RedisStore, settings: Settings, direct: Any
+) -> None:
+    """An open job nobody touches is ended by the background sweeper at its abandonment
+    deadline: each sweep answers when the job deadline index next falls due, including a job
+    a step kept alive after its index entry was made (the entry then moves to the real
+    deadline). Time is stepped, never slept; the job is looked at in the outbox, since any call
+    touching it would end it itself."""
+    from ecu_sidecar.jobs import JobApproval
+
+    clock = ManualClock()
+    engine = QuotaEngine(store, settings, clock=clock)
+
+    def step(ms: int) -> None:
+        clock.now += ms / 1000
+        store.clock_offset_ms += ms
+
+    swept: list[str] = []
+    real_sweep = store.sweep
+
+    async def counting_sweep(org: str) -> Any:
+        swept.append(org)
+        return await real_sweep(org)
+
+    store.sweep = counting_sweep  # type: ignore[method-assign]
+
+    async def closed() -> list[str]:
+        return [e["state"] for e in await outbox(direct, store, org) if e["type"] == "job_close"]
+
+    idle_s = SWEEP_IDLE_INTERVALS * settings.sweep_interval_ms / 1000
+    assert idle_s < 60  # the idle bound alone would come after the job's deadline
+    org = await funded(engine, 10_000)
+    await engine.approve_job(
+        AccountRef(org), JobApproval("run", 5_000, JobType.GEPA, ttl_ms=60_000)
+    )
+    step(20_000)
+    await engine.reserve(AccountRef(org), [item("s1", 100, ttl_ms=3_600_000)], job_id="run")
+    (c,) = await engine.commit(org, [CommitItem("s1", 70)])
+    assert c.error is None and c.committed_uecu == 70  # the job now lives until 80 s
+    step(40_000)  # 60 s: the approval's deadline, which the step moved
+    assert await engine.sweep_recent() == 0
+    assert swept == [org] and await closed() == []
+    # Due at the job's real deadline (less the few ms Redis's own clock moved meanwhile), not
+    # at the idle bound.
+    assert 19 < engine.sweeps.due_at(org) - clock() <= 20
+    step(10_000)
+    assert await engine.sweep_recent() == 0
+    assert swept == [org] and await closed() == []
+    step(11_000)  # 81 s: abandoned, with nobody calling
+    assert await engine.sweep_recent() == 0
+    assert swept == [org, org] and await closed() == ["X"]
+    b = await engine.balance(org)
+    assert (b.held_uecu, b.available_uecu, b.committed_uecu) == (0, 10_000 - 70, 70)
+    assert b.conservation_faults() == []
+
+
 async def test_sweep_is_bounded_per_call(backend: str) -> None:
     from tests.conftest import drop_keys
 

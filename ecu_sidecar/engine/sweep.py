@@ -2,7 +2,8 @@
 
 Every script sweeps its organization before deciding, so the background pass only matters for
 organizations nobody touches. Each sweep answers how long until that organization next has
-work (a hold deadline or a grant expiry); it is left alone until then, a new hold brings its
+work (a hold deadline, a grant expiry, a job's abandonment deadline or an ended job's purge);
+it is left alone until then, a new hold brings its
 visit forward, and an organization nobody touches is swept at least every
 SWEEP_IDLE_INTERVALS intervals (for holds other sidecar processes made, which this one does
 not hear of). Time comes from an injected monotonic clock, so tests step it.
