@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import FrozenInstanceError
 from typing import Any
 
@@ -395,12 +396,11 @@ async def test_expired_holds_are_swept_and_counted(
     assert kinds.count("expire") == 5
 
 
-async def test_background_sweeper_visits_an_organization_when_it_has_work(
+def _swept_engine(
     store: RedisStore, settings: Settings
-) -> None:
-    """sweep_recent sweeps an organization when its next deadline comes, not every interval:
-    an idle one costs nothing until a hold falls due (or the idle bound passes). Time is
-    stepped, never slept: the engine's clock and the scripts' clock move together."""
+) -> tuple[QuotaEngine, ManualClock, Callable[[int], None], list[str]]:
+    """An engine on a stepped clock (``step(ms)`` moves it and the scripts' clock together),
+    and the organizations its background sweeper swept, in order."""
     clock = ManualClock()
     engine = QuotaEngine(store, settings, clock=clock)
 
@@ -416,6 +416,16 @@ async def test_background_sweeper_visits_an_organization_when_it_has_work(
         return await real_sweep(org)
 
     store.sweep = counting_sweep  # type: ignore[method-assign]
+    return engine, clock, step, swept
+
+
+async def test_background_sweeper_visits_an_organization_when_it_has_work(
+    store: RedisStore, settings: Settings
+) -> None:
+    """sweep_recent sweeps an organization when its next deadline comes, not every interval:
+    an idle one costs nothing until a hold falls due (or the idle bound passes). Time is
+    stepped, never slept: the engine's clock and the scripts' clock move together."""
+    engine, clock, step, swept = _swept_engine(store, settings)
     org = await funded(engine, 10_000)
     await engine.reserve(AccountRef(org), [item("short", 100, ttl_ms=1_000)])
     assert await engine.sweep_recent() == 0
@@ -454,21 +464,7 @@ async def test_background_sweeper_ends_an_idle_abandoned_job_when_it_falls_due(
     touching it would end it itself."""
     from ecu_sidecar.jobs import JobApproval
 
-    clock = ManualClock()
-    engine = QuotaEngine(store, settings, clock=clock)
-
-    def step(ms: int) -> None:
-        clock.now += ms / 1000
-        store.clock_offset_ms += ms
-
-    swept: list[str] = []
-    real_sweep = store.sweep
-
-    async def counting_sweep(org: str) -> Any:
-        swept.append(org)
-        return await real_sweep(org)
-
-    store.sweep = counting_sweep  # type: ignore[method-assign]
+    engine, clock, step, swept = _swept_engine(store, settings)
 
     async def closed() -> list[str]:
         return [e["state"] for e in await outbox(direct, store, org) if e["type"] == "job_close"]
