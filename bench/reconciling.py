@@ -3,7 +3,8 @@ organizations, each funded by one grant through the product's store and drained 
 ledger schema by the flusher, then passes of one ECU_RECONCILE_BATCH slice timed.
 
 Per repeat, interleaved: a whole pass of one slice (``Reconciler.reconcile``: epochs, outbox
-positions, the bulk ledger read, the compare script), and the ledger read alone both ways,
+positions, the bulk ledger read, the compare script), the same pass one organization at a time
+(``CONCURRENCY`` 1, the baseline), and the ledger read alone both ways,
 the bulk ``Ledger.balances`` of the slice against the old per-organization ``ledger_account``.
 The first pass over the slice writes a snapshot per organization (none exists yet) and is
 reported apart; the timed passes are the steady state (no drift, no snapshot due).
@@ -37,7 +38,9 @@ def reconcile(h: Harness) -> None:
     per_org = out["pass_us_per_org"]["median"]
     h.log(
         f"reconcile: {len(orgs):,} organizations, slice {out['slice']:,}: a pass "
-        f"{per_org:,.0f} µs/org (first pass {out['first_pass_us_per_org']:,.0f}); ledger read "
+        f"{per_org:,.0f} µs/org (one at a time "
+        f"{out['serial_pass_us_per_org']['median']:,.0f}; first pass "
+        f"{out['first_pass_us_per_org']:,.0f}); ledger read "
         f"{out['bulk_read_us_per_org']['median']:,.1f} µs/org bulk vs "
         f"{out['account_read_us_per_org']['median']:,.0f} µs/org ledger_account; a cycle over "
         f"{TARGET_ORGS:,}: {out['cycle_s_at_target']:,.1f} s of passes"
@@ -54,6 +57,7 @@ async def _measure(h: Harness, prefix: str, url: str, orgs: list[str]) -> dict[s
     from prometheus_client import CollectorRegistry
 
     from ecu_sidecar.flusher import Flusher
+    from ecu_sidecar.flusher import reconcile as reconcile_module
     from ecu_sidecar.ledger import open_ledger
     from ecu_sidecar.metrics import FlusherMetrics
     from ecu_sidecar.settings import Settings
@@ -82,13 +86,21 @@ async def _measure(h: Harness, prefix: str, url: str, orgs: list[str]) -> dict[s
         first_s = time.perf_counter() - t0
         if len(first) != n or any(first.values()):
             raise RuntimeError(f"reconcile: {n - len(first)} skipped or drifted in the bench")
-        passes, bulk, accounts = [], [], []
+        passes, serial, bulk, accounts = [], [], [], []
         for _ in range(cfg.repeats):
             t0 = time.perf_counter()
             checked = await flusher.reconciler.reconcile(part)
             passes.append((time.perf_counter() - t0) / n * 1e6)
             if len(checked) != n:
                 raise RuntimeError("reconcile: organizations skipped in a timed pass")
+            # The same pass one organization at a time (what it was before CONCURRENCY).
+            concurrency, reconcile_module.CONCURRENCY = reconcile_module.CONCURRENCY, 1
+            try:
+                t0 = time.perf_counter()
+                await flusher.reconciler.reconcile(part)
+                serial.append((time.perf_counter() - t0) / n * 1e6)
+            finally:
+                reconcile_module.CONCURRENCY = concurrency
             t0 = time.perf_counter()
             await asyncio.to_thread(ledger.balances, part)
             bulk.append((time.perf_counter() - t0) / n * 1e6)
@@ -101,6 +113,9 @@ async def _measure(h: Harness, prefix: str, url: str, orgs: list[str]) -> dict[s
             "slice": n,
             "first_pass_us_per_org": first_s / n * 1e6,
             "pass_us_per_org": per_org,
+            "concurrency": reconcile_module.CONCURRENCY,
+            "serial_pass_us_per_org": _figure(serial),
+            "serial_over_concurrent": [a / b for a, b in zip(serial, passes, strict=True)],
             "bulk_read_us_per_org": _figure(bulk),
             "account_read_us_per_org": _figure(accounts),
             "cycle_s_at_target": per_org["median"] * TARGET_ORGS / 1e6,

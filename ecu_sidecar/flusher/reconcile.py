@@ -38,6 +38,10 @@ DAY_MS = 86_400_000
 #: Balance snapshots one pass deletes at most, or twice its slice if more: above the most a
 #: pass writes (one per organization), so what is kept stays bounded.
 PRUNE_BATCH = 10_000
+#: Organizations one pass checks at once: each is a few Redis round trips of its own (its
+#: epoch, its outbox position, the compare script), which one at a time made a pass's time
+#: their sum (docs/benchmarks.md, "A reconciliation pass").
+CONCURRENCY = 16
 
 
 class Reconciler:
@@ -126,33 +130,43 @@ class Reconciler:
         it: pending grants to finish, lost keys to rebuild, a history to rebuild. Each outbox
         position is read before the ledger, so the ledger holds at least every event up to it.
 
-        Each organization is checked on its own: one that fails (a grant Redis refuses, a
-        ledger or Redis error for it) is logged and counted in
-        ``ecu_flusher_reconcile_errors_total``, and the pass goes on with the next one, so one
+        Each organization is checked on its own, CONCURRENCY at once: one that fails (a grant
+        Redis refuses, a ledger or Redis error for it) is logged and counted in
+        ``ecu_flusher_reconcile_errors_total``, and the pass goes on with the others, so one
         organization never stops the others' repairs nor slows the flushing down."""
-        drifts: dict[str, int] = {}
         lost: set[str] = set()
         if epochs is None:
             epochs = await self.store.epochs(orgs)
-        flushed: dict[str, str] = {}  # org -> the outbox position the ledger holds all of
-        for org in orgs:
-            last_id = await self._guard(org, self._flushed_position(org, epochs[org]))
-            if last_id is not None:
-                flushed[org] = last_id
-        balances = await self._guard(
-            "the ledger balances", asyncio.to_thread(self.ledger.balances, list(flushed))
+        # org -> the outbox position the ledger holds all of
+        flushed = await self._each(orgs, lambda org: self._flushed_position(org, epochs[org]))
+        balances = (
+            await self._guard(
+                "the ledger balances", asyncio.to_thread(self.ledger.balances, list(flushed))
+            )
+            or {}
         )
-        for org, last_id in flushed.items() if balances is not None else ():
-            if org not in balances:
-                continue  # the ledger does not know it (yet)
-            drift = await self._guard(org, self._compare(org, last_id, balances[org], lost))
-            if drift is not None:
-                drifts[org] = drift
+        known = [org for org in flushed if org in balances]  # the others: unknown to the ledger
+        drifts = await self._each(
+            known, lambda org: self._compare(org, flushed[org], balances[org], lost)
+        )
         self.metrics.key_loss_accounts.set(len(lost))
         self.metrics.drift_accounts.set(sum(1 for d in drifts.values() if d))
         self.metrics.drift_uecu.set(sum(abs(d) for d in drifts.values()))
         self.metrics.repairs.inc(sum(1 for d in drifts.values() if d))
         return drifts
+
+    async def _each(
+        self, orgs: list[str], step: Callable[[str], Awaitable[T | None]]
+    ) -> dict[str, T]:
+        """{org: step(org)} for each of ``orgs`` whose step answered (not None, not failed:
+        see _guard), CONCURRENCY at a time. Each organization's keys are its own."""
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(org: str) -> tuple[str, T | None]:
+            async with gate:
+                return org, await self._guard(org, step(org))
+
+        return {org: r for org, r in await asyncio.gather(*map(one, orgs)) if r is not None}
 
     async def _guard(self, what: str, step: Awaitable[T]) -> T | None:
         """``step``'s result, or None when it failed (logged and counted)."""
