@@ -24,6 +24,7 @@ from ecu_sidecar.metrics import FlusherMetrics
 from ecu_sidecar.model import AccountRef, CommitItem, GrantKind, JobType, ReserveItem, Usage
 from ecu_sidecar.settings import Settings
 from ecu_sidecar.store import RedisStore
+from ecu_sidecar.store.keys import org_keys
 from ecu_sidecar.store.outbox import GROUP, Backlog, OutboxEntry, OutboxReader
 from tests.conftest import (
     REDIS_PORT,
@@ -986,3 +987,29 @@ async def test_livez_fails_once_no_cycle_succeeded_for_the_stall_timeout(
         await drop_keys(settings)
         await s.store.close()
         ledger.close()
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)  # epochs are a Redis node's
+async def test_histories_changed_in_one_pass_are_rebuilt_one_at_a_time(stack: Stack) -> None:
+    """A pass checks its organizations concurrently; those whose Redis history changed (here
+    planted: their accounts name another node's epoch) are drained and rebuilt one after the
+    other, each behind a fence started when its turn comes, and every change survives."""
+    orgs = [f"hist-{i}" for i in range(6)]
+    for org in orgs:
+        await stack.engine.grant(org, "g1", 100_000, GrantKind.TOP_UP)
+    await stack.flusher.drain()
+    assert await stack.flusher.reconcile() == dict.fromkeys(orgs, 0)  # the node's epoch seen
+    changed = orgs[::2]
+    for org in changed:
+        await stack.engine.reserve(AccountRef(org), [item(f"{org}-r", 10_000)])  # unflushed
+        acct = org_keys(stack.settings.key_prefix, org)[0]
+        await stack.direct.hset(acct, "epoch", "a-lost-primary:its-history")
+    drifts = await stack.flusher.reconcile()
+    assert drifts == {org: 0 for org in orgs if org not in changed}  # the changed: next pass
+    assert stack.metric("ecu_flusher_history_rebuilds_total") == len(changed)
+    await stack.flusher.drain()  # the rebuilds' own events
+    assert await stack.flusher.reconcile() == dict.fromkeys(orgs, 0)
+    for org in changed:
+        b = await stack.engine.balance(org)
+        assert (b.held_uecu, b.outstanding_holds, b.available_uecu) == (10_000, 1, 90_000)
+    await assert_agree(stack, orgs)

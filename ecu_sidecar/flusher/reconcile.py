@@ -69,6 +69,9 @@ class Reconciler:
         """The Redis node epochs (run id and replication id) the last pass saw."""
         self._cycle_started = 0.0
         self._hydrate_after = ""
+        self._fenced = asyncio.Lock()
+        """Held by a fenced rebuild: its drain runs the flusher's cycle, which is one at a time
+        (the organizations of a pass are checked concurrently)."""
         """The last organization the last sliced hydrate_missing checked ('' : start over)."""
 
     def next_slice(self, orgs: list[str]) -> list[str]:
@@ -194,19 +197,25 @@ class Reconciler:
     async def _history_changed(self, org: str, epoch: str) -> bool:
         """Whether Redis changed ``org``'s history under it (its account records another node
         epoch than ``epoch``); if so it is rebuilt from the ledger now, behind a fence."""
-        was = await self.store.check_epoch(org, epoch, self.settings.rebuild_fence_ms)
-        if was is None:
+        fence_ms = self.settings.rebuild_fence_ms
+        if await self.store.check_epoch(org, epoch, fence_ms) is None:
             return False
-        # A failover or restart took back changes the ledger may hold: rebuilt whole from the
-        # ledger now, under traffic (a fence holds changes while it drains).
-        log.error(
-            "Redis holding %s changed history (%s, was %s): rebuilding it from the ledger",
-            org,
-            epoch,
-            was,
-        )
-        if await self.rebuild_fenced(org):
-            self.metrics.history_rebuilds.inc()
+        async with self._fenced:
+            # Checked again, one organization at a time: its fence starts now (not while
+            # another's rebuild ran), and another flusher may have rebuilt it meanwhile.
+            was = await self.store.check_epoch(org, epoch, fence_ms)
+            if was is None:
+                return True  # rebuilt meanwhile: compared next pass
+            # A failover or restart took back changes the ledger may hold: rebuilt whole from
+            # the ledger now, under traffic (a fence holds changes while it drains).
+            log.error(
+                "Redis holding %s changed history (%s, was %s): rebuilding it from the ledger",
+                org,
+                epoch,
+                was,
+            )
+            if await self._drain_and_rebuild(org):
+                self.metrics.history_rebuilds.inc()
         return True
 
     async def _compare(
@@ -248,6 +257,10 @@ class Reconciler:
         (which records the node's epoch and lifts the fence). False when the drain did not finish
         within the fence (another flusher's entries not yet claimable, the ledger down): the
         fence lapses, and the next pass fences again."""
+        async with self._fenced:
+            return await self._drain_and_rebuild(org)
+
+    async def _drain_and_rebuild(self, org: str) -> bool:
         deadline = time.monotonic() + self.settings.rebuild_fence_ms / 1000
         while time.monotonic() < deadline:
             state = await self.outbox.state(org)
