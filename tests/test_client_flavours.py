@@ -215,6 +215,7 @@ def test_the_package_exports_the_public_names() -> None:
         "AsyncQuotaClient",
         "Conflict",
         "DeadlineExceeded",
+        "ExpectedCost",
         "FailedPrecondition",
         "Hold",
         "InsufficientEcu",
