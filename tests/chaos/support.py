@@ -454,6 +454,7 @@ async def audit(store: RedisStore, org: str, settings: Settings) -> Audit:
             "released",
             "overage",
             "unbilled",
+            "late_unbilled",
             "late",
             "orphan",
             "expired",
@@ -483,7 +484,9 @@ async def audit(store: RedisStore, org: str, settings: Settings) -> Audit:
         elif st == "C":
             cm = int(rec["cm"])
             sums["committed"] += cm
-            sums["unbilled"] += int(rec["uov"])
+            # What a late commit used beyond what it could bill is late_unbilled, not an
+            # overage left unbilled (commit.lua); an orphan's is an overage's.
+            sums["late_unbilled" if late and not orphan else "unbilled"] += int(rec["uov"])
             if orphan:
                 sums["orphan"] += cm
             elif late:
@@ -502,6 +505,7 @@ async def audit(store: RedisStore, org: str, settings: Settings) -> Audit:
         "released": b.released_uecu,
         "overage": b.overage_uecu,
         "unbilled": b.unbilled_overage_uecu,
+        "late_unbilled": b.late_unbilled_uecu,
         "late": b.late_committed_uecu,
         "orphan": b.orphan_committed_uecu,
         "expired": b.expired_uecu,
