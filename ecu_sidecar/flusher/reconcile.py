@@ -69,10 +69,10 @@ class Reconciler:
         """The Redis node epochs (run id and replication id) the last pass saw."""
         self._cycle_started = 0.0
         self._hydrate_after = ""
+        """The last organization the last sliced hydrate_missing checked ('' : start over)."""
         self._fenced = asyncio.Lock()
         """Held by a fenced rebuild: its drain runs the flusher's cycle, which is one at a time
         (the organizations of a pass are checked concurrently)."""
-        """The last organization the last sliced hydrate_missing checked ('' : start over)."""
 
     def next_slice(self, orgs: list[str]) -> list[str]:
         """The next ECU_RECONCILE_BATCH organizations of ``orgs`` (in name order) after the
