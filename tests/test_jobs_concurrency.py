@@ -45,7 +45,6 @@ from ecu_sidecar.settings import Settings
 from ecu_sidecar.store.keys import org_keys
 from tests.chaos.support import ROOT, SidecarProcess, sidecar_env
 from tests.conftest import (
-    ADMIN_METADATA,
     EXAMPLE_RATE_CARD,
     FAST_RECONNECT,
     REDIS_URL,
@@ -59,6 +58,7 @@ from tests.conftest import (
     wait_until_sync,
 )
 from tests.test_job_ledger import agree
+from tests.test_jobs import grant
 from tests.test_rebuild import Stack
 from tests.test_service import details
 
@@ -446,15 +446,7 @@ async def test_eight_sidecars_never_bill_a_refuse_job_beyond_its_approval(run: R
     steps = plan(16)
     approved = sum(s.hold for s in steps) * 45 // 100  # the room runs out in the second half
     other_budget = 2 * ECU
-    await r.stub(0).Grant(
-        pb.GrantRequest(
-            grant_id="seed",
-            organization=r.org,
-            amount_uecu=approved + other_budget,
-            kind=pb.GRANT_KIND_TOP_UP,
-        ),
-        metadata=ADMIN_METADATA,
-    )
+    await grant(r.stub(0), r.org, approved + other_budget)
     await r.stub(1).ApproveJob(
         pb.ApproveJobRequest(
             job_id="big",
@@ -514,15 +506,7 @@ async def test_eight_sidecars_keep_a_wallet_job_within_its_bounds(run: Run) -> N
     approved = sum(s.hold for s in steps) * 25 // 100
     extra_max = approved * PCT // 100
     other_budget = 2 * ECU
-    await r.stub(0).Grant(
-        pb.GrantRequest(
-            grant_id="seed",
-            organization=r.org,
-            amount_uecu=approved + other_budget,
-            kind=pb.GRANT_KIND_TOP_UP,
-        ),
-        metadata=ADMIN_METADATA,
-    )
+    await grant(r.stub(0), r.org, approved + other_budget)
     j = (
         await r.stub(1).ApproveJob(
             pb.ApproveJobRequest(
