@@ -117,9 +117,13 @@ async def test_the_accuracy_rests_on_the_latest_jobs(stack: Stack) -> None:
     org = "acc-window"
     await stack.engine.grant(org, "g1", 10**6 * ECU, GrantKind.TOP_UP)
     for i in range(2 * ACCURACY_WINDOW - 1):
+        # A millisecond apart: "latest" is by the time a job ended (jobs that end within one
+        # millisecond are ordered by their ids, which says nothing of which ended last).
+        stack.store.clock_offset_ms += 1
         await close_judge_job(stack, org, f"j{i}", 1_000, 100 if i < ACCURACY_WINDOW else 900)
     got = (await accuracy(stack, org))["judge"]
     assert (got.jobs, got.committed_uecu, got.approved_uecu) == (199, 100 * 100 + 99 * 900, 199_000)
+    stack.store.clock_offset_ms += 1
     await close_judge_job(stack, org, "last", 1_000, 900)
     got = (await accuracy(stack, org))["judge"]
     assert (got.jobs, got.committed_uecu, got.approved_uecu) == (

@@ -156,6 +156,9 @@ def ledger_jobs(tx: Tx, org: str, outstanding: list[LedgerHold]) -> list[JobView
     return out
 
 
+# The latest by the time each job ended; among jobs that ended in the same millisecond the order
+# is by open event id, which says nothing of which ended last (a ratio shown beside the worst
+# case, not money: Redis's halving is no more exact).
 _ACCURACY_SQL = f"""
     SELECT job_type, COUNT(*), SUM(committed_at_end_uecu), SUM(approved_uecu) FROM (
         SELECT job_type, committed_at_end_uecu, approved_uecu, ROW_NUMBER() OVER (
