@@ -11,9 +11,10 @@
 --   KEYS[5] outbox     stream: one event per state change, for the ledger flusher
 --   KEYS[6] grants     hash: grant id -> cjson grant record
 --   KEYS[7] gexp       zset: grant id -> expiry (ms) of every expiring grant with an unspent rest
---   KEYS[8] jobs       hash: job id -> cjson job record (an approved job; see job.lua)
+--   KEYS[8] jobs       hash: job id -> cjson job record, and an open job's counters beside it as
+--                      '<job id>:<name>' (see the approved jobs section below and job.lua)
 --   KEYS[9] jobdl      zset: job id -> abandonment deadline (ms) of an open job (at or before
---                      its real one, the record's dl: see touch_job), purge time (ms) of an
+--                      its real one, its dl field: see touch_job), purge time (ms) of an
 --                      ended one
 --   KEYS[10] jsteps    zset: '<job id>:<reservation id>' of every ACTIVE step of an open job, all
 --                      scored 0, so that one lex range lists a job's steps (ids exclude ':')
@@ -161,49 +162,121 @@ local function available()
 end
 
 -- ---- approved jobs (job.lua) ----
--- A job record (cjson, numbers as decimal strings): st 'O' open | 'C' closed | 'X' abandoned,
--- amt the approved amount, x what steps drew from the wallet beyond it (policy 'wallet', at most
--- xmax), room the approved money no step holds, sh the sum of its ACTIVE steps, cm what its
--- steps billed, n / nc / nr steps reserved / committed / ended unbilled (released or expired),
--- pol the policy for a step beyond the room ('refuse' | 'wallet'), tm / pj / us its account,
--- job its job type, rcv the rate card version it is pinned to, ttl / dl its abandonment ttl and
--- deadline, t0 its creation time, fin when it ended, ret what its end returned to the wallet,
--- av0 available right after the approval, fp the approval's parameters (for replays).
+-- A job is a cjson record in JOBS under its id (numbers as decimal strings): st 'O' open | 'C'
+-- closed | 'X' abandoned, amt the approved amount, xmax what steps may draw from the wallet
+-- beyond it (policy 'wallet'), pol the policy for a step beyond the room ('refuse' | 'wallet'),
+-- tm / pj / us its account, job its job type, rcv the rate card version it is pinned to, ttl its
+-- abandonment ttl, t0 its creation time, av0 available right after the approval, fp the
+-- approval's parameters (for replays); once ended, fin when it ended, ret what its end returned
+-- to the wallet, and its final counters (below).
+-- While a job is open, what its steps change lives beside the record, as fields
+-- '<job id>:<name>' of JOBS (job ids exclude ':'), so that a step reads them with one HMGET and
+-- moves them with HINCRBY, never decoding or re-encoding the record (speed: that read, decode,
+-- encode and write in both scripts of a step made a job step ~1.15 x a wallet step inside
+-- Redis; docs/benchmarks.md, issue 16):
+--   room  the approved money no step holds       dl  its abandonment deadline (ms)
+--   x     what steps drew from the wallet beyond the approval (policy 'wallet')
+--   cm    what its steps billed                  xo  the part of cm the wallet paid (beyond
+--                                                    hold and room, policy 'wallet')
+--   nc    steps committed                        nr  steps ended unbilled (released, expired)
+--   nl    late commits of expired steps (each counted in nr too)
+--   and what a step reads besides: ttl, tm, pj, rcv (copies of the record's).
+-- Two figures are derived when read (get_job), not kept per step: sh, what its ACTIVE steps
+-- hold, = amt + x - room - (cm - xo) (the job's money is in its room, in its steps, or billed),
+-- and n, steps reserved, = nc + nr - nl + its entries in the step index. When the job ends they
+-- fold into the record and the fields go (put_job). A job is open exactly while they exist.
 -- The wallet holds an open job's room + sh (both in held, and in its team's and project's held):
 -- a step moves money from the room to its own hold and back, never through the wallet; what a
 -- step bills leaves held as committed_from_holds. An ACTIVE step's job is always open.
 
-local function get_job(jid)
+local JOB_COUNTERS = {'room', 'dl', 'x', 'cm', 'xo', 'nc', 'nr', 'nl'}
+local JOB_STEP_FIELDS = {'ttl', 'tm', 'pj', 'rcv'}
+
+local function step_member(jid, rid)
+  return jid .. ':' .. rid
+end
+
+-- The record alone (nil: no such job): what a step reads only off its hot path (the policy).
+local function job_record(jid)
   local raw = redis.call('HGET', JOBS, jid)
   if not raw then return nil end
   return cjson.decode(raw)
 end
 
-local function put_job(jid, j)
-  redis.call('HSET', JOBS, jid, cjson.encode(j))
+-- A job whole (nil: no such job): the record, and for an open job its counters and the
+-- derived sh and n.
+local function get_job(jid)
+  local j = job_record(jid)
+  if j and j.st == 'O' then
+    local names = {}
+    for i, f in ipairs(JOB_COUNTERS) do names[i] = jid .. ':' .. f end
+    local v = redis.call('HMGET', JOBS, unpack(names))
+    for i, f in ipairs(JOB_COUNTERS) do j[f] = v[i] or '0' end
+    j.sh = I(tonumber(j.amt) + tonumber(j.x) - tonumber(j.room) - tonumber(j.cm) + tonumber(j.xo))
+    j.n = I(tonumber(j.nc) + tonumber(j.nr) - tonumber(j.nl)
+      + redis.call('ZLEXCOUNT', JSTEPS, '[' .. jid .. ':', '(' .. jid .. ';'))
+  end
+  return j
 end
 
--- Add d to the job's numeric field f.
+-- Write a job whole (a new or rebuilt one, or one that ended): an open job's record without its
+-- counters, with the counters beside it; an ended job's record with its final counters, and its
+-- fields gone.
+local function put_job(jid, j)
+  local beside = {}
+  for _, f in ipairs(JOB_COUNTERS) do beside[#beside + 1] = f end
+  for _, f in ipairs(JOB_STEP_FIELDS) do beside[#beside + 1] = f end
+  if j.st == 'O' then
+    local rec = {}
+    for k, v in pairs(j) do rec[k] = v end
+    for _, f in ipairs(JOB_COUNTERS) do rec[f] = nil end
+    rec.sh, rec.n = nil, nil
+    local args = {jid, cjson.encode(rec)}
+    for _, f in ipairs(beside) do
+      args[#args + 1], args[#args + 2] = jid .. ':' .. f, j[f]
+    end
+    redis.call('HSET', JOBS, unpack(args))
+  else
+    j.xo, j.nl = nil, nil
+    redis.call('HSET', JOBS, jid, cjson.encode(j))
+    for i, f in ipairs(beside) do beside[i] = jid .. ':' .. f end
+    redis.call('HDEL', JOBS, unpack(beside))
+  end
+end
+
+-- What a step of a job reads, with one HMGET: nil when the job is not open (none, or ended).
+-- room is a number; dl and ttl stay decimal strings.
+local function job_view(jid)
+  local v = redis.call('HMGET', JOBS, jid .. ':room', jid .. ':dl', jid .. ':ttl', jid .. ':tm',
+    jid .. ':pj', jid .. ':rcv')
+  if not v[1] then return nil end
+  return {st = 'O', room = tonumber(v[1]), dl = v[2], ttl = v[3], tm = v[4], pj = v[5], rcv = v[6]}
+end
+
+-- Add d to an open job's counter f.
+local function job_incr(jid, f, d)
+  if d ~= 0 then redis.call('HINCRBY', JOBS, jid .. ':' .. f, I(d)) end
+end
+
+-- Add d to the numeric field f of an ended job's record (a late commit of one of its steps).
 local function jadd(j, f, d)
-  if d == 0 then return end  -- speed: a parse + a format, 0.5-1 us in EVAL loops (issue 16)
+  if d == 0 then return end
   j[f] = I(tonumber(j[f]) + d)
 end
 
--- Steps or a heartbeat keep an open job alive for another ttl. The record's dl is the real
--- deadline; the job deadline index may lag behind it (never ahead): it is moved only when the
--- job is first indexed or when the sweep finds the entry due and the job extended (sweep()
--- re-indexes it there). A script that makes or restores a job record (job.lua open, hydrate)
--- leaves its dl '0' before this call: that is what indexes it. Speed: the ZADD in both scripts
--- of a step was ~18,600 of its ~933,000 instructions inside Redis (docs/benchmarks.md, issue 16).
-local function touch_job(jid, j)
-  local was = tonumber(j.dl)
-  local dl = NOW + tonumber(j.ttl)
-  j.dl = I(dl)
-  if was == 0 or dl < was then redis.call('ZADD', JOBDL, j.dl, jid) end
-end
-
-local function step_member(jid, rid)
-  return jid .. ':' .. rid
+-- Steps or a heartbeat keep an open job alive for another ttl: its dl field moves (v: a job_view
+-- or a whole open job; its dl follows). The job deadline index may lag behind the real deadline
+-- (never ahead): it is moved only when the job is first indexed or when the sweep finds the
+-- entry due and the job extended (sweep() re-indexes it there). A script that makes or restores
+-- a job (job.lua open, hydrate) leaves its dl '0' before this call: that is what indexes it.
+-- Speed: a ZADD in both scripts of a step was ~18,600 of its ~933,000 instructions inside Redis
+-- (docs/benchmarks.md, issue 16).
+local function touch_job(jid, v)
+  local was = tonumber(v.dl)
+  local dl = NOW + tonumber(v.ttl)
+  v.dl = I(dl)
+  redis.call('HSET', JOBS, jid .. ':dl', v.dl)
+  if was == 0 or dl < was then redis.call('ZADD', JOBDL, v.dl, jid) end
 end
 
 -- Expire one ACTIVE hold whose deadline has passed: its amount returns to available, or to its
@@ -215,12 +288,9 @@ local function expire_hold(rid, rec)
   put_hold(rid, rec)
   entomb(rid)
   local jid = rec.jb or ''
-  local j = jid ~= '' and get_job(jid) or nil
-  if j and j.st == 'O' then
-    jadd(j, 'room', amt)
-    jadd(j, 'sh', -amt)
-    jadd(j, 'nr', 1)
-    put_job(jid, j)
+  if jid ~= '' and redis.call('HEXISTS', JOBS, jid .. ':room') == 1 then
+    job_incr(jid, 'room', amt)
+    job_incr(jid, 'nr', 1)
     redis.call('ZREM', JSTEPS, step_member(jid, rid))
   else
     redis.call('HINCRBY', ACCT, 'held', I(-amt))
@@ -251,6 +321,7 @@ end
 -- End an open job: 'C' closed by its owner (its ACTIVE steps are released) or 'X' abandoned (no
 -- step and no heartbeat for its ttl; its ACTIVE steps expire, so that a late commit still bills
 -- them). Its room and its steps' holds return to the wallet at once. O(its ACTIVE steps).
+-- j: the job whole (get_job).
 local function end_job(jid, j, how)
   local members = redis.call('ZRANGEBYLEX', JSTEPS, '[' .. jid .. ':', '(' .. jid .. ';')
   local live, steps = {}, 0

@@ -65,18 +65,28 @@ local rids = {}
 for i = 0, n - 1 do rids[i + 1] = ARGV[8 + i * 7] end
 local got = n == 1 and {redis.call('HGET', HOLDS, rids[1])} or call_sliced('HMGET', HOLDS, rids, 1)
 -- The jobs of these steps, ended first when abandoned (which ends their ACTIVE steps: those
--- records are read again).
+-- records are read again). jobs[jid]: an open job's step view (job_view), in which this call
+-- gathers what it moves of the job's counters (written once at the end, flush_job; speed: a
+-- write per item was ~20,000 instructions each, 5 % of a 100-step batch pair; issue 16); an
+-- ended job's record (written back at the end when a late commit changed it, dirty); false: no
+-- such job.
 local jobs = {}
 local ended = false
 for i = 1, n do
   got[i] = got[i] and cjson.decode(got[i])
   local jid = got[i] and got[i].jb
   if jid and jobs[jid] == nil then
-    local j = get_job(jid)
-    jobs[jid] = j or false
-    if j and j.st == 'O' and tonumber(j.dl) <= NOW then
-      end_job(jid, j, 'X')
+    local v = job_view(jid)
+    if v and tonumber(v.dl) <= NOW then
+      end_job(jid, get_job(jid), 'X')
       ended = true
+      v = nil
+    end
+    if v then
+      v.droom, v.dcm, v.dxo, v.dnc, v.dnl, v.touched = 0, 0, 0, 0, 0, false
+      jobs[jid] = v
+    else
+      jobs[jid] = get_job(jid) or false
     end
   end
 end
@@ -86,10 +96,19 @@ if ended then
 end
 for i = 1, n do recs[rids[i]] = got[i] end
 local puts, tombed = {}, {}
--- Jobs whose records this call changed, written once at the end (speed: a cjson encode and an
--- HSET per item was ~20,000 instructions each, 5 % of a 100-step batch pair; issue 16), and their
--- steps to drop from the step index, with one ZREM.
+-- Ended jobs whose records this call changed, and the steps to drop from the step index, with
+-- one ZREM.
 local dirty, unstep = {}, {}
+
+local function flush_job(jid, v)
+  job_incr(jid, 'room', v.droom)
+  job_incr(jid, 'cm', v.dcm)
+  job_incr(jid, 'xo', v.dxo)
+  job_incr(jid, 'nc', v.dnc)
+  job_incr(jid, 'nl', v.dnl)
+  if v.touched then touch_job(jid, v) end
+  v.droom, v.dcm, v.dxo, v.dnc, v.dnl, v.touched = 0, 0, 0, 0, 0, false
+end
 
 -- Read once, when an item first needs it: the threshold state (no item changes it) with balance
 -- and held, which `bal` and `held` then follow.
@@ -126,14 +145,15 @@ for i = 0, n - 1 do
     local jid = rec.jb
     local j = jid and jobs[jid] or nil
     if rec.st == 'A' and tonumber(rec.dl) <= NOW then
-      -- expire_hold reads and writes the job record itself: it must see this call's changes.
-      if dirty[jid] then
-        put_job(jid, j)
-        dirty[jid] = nil
-      end
+      -- expire_hold moves the job's counters itself: they must hold this call's changes first.
+      local open = j and j.st == 'O'
+      if open then flush_job(jid, j) end
       settle_deadline(rid, rec)
-      if j then j = get_job(jid); jobs[jid] = j end
-      if wallet and not j then held = held - tonumber(rec.amt) end
+      if open then
+        j.room = j.room + tonumber(rec.amt)
+      elseif wallet then
+        held = held - tonumber(rec.amt)
+      end
     end
     if rec.st == 'C' then
       if rec.act == actual_s and rec.ti == ARGV[b + 2] and rec.to == ARGV[b + 3]
@@ -157,7 +177,7 @@ for i = 0, n - 1 do
       local bound = overage_bound(amt, pct)
       local billed = math.min(actual, amt + bound)
       local job_open = j and j.st == 'O'
-      local room = job_open and tonumber(j.room) or 0
+      local room = job_open and j.room or 0
       local job_uecu = 0
       if late and job_open then
         billed = math.min(billed, room)
@@ -165,6 +185,7 @@ for i = 0, n - 1 do
         billed = math.min(billed, math.max(0, bal - held) + bound)
       elseif job_open and billed > amt then
         local ov_room = math.min(billed - amt, room)
+        if not j.pol then j.pol = job_record(jid).pol end
         if j.pol ~= 'wallet' then billed = amt + ov_room end
         job_uecu = amt + ov_room
       end
@@ -178,14 +199,17 @@ for i = 0, n - 1 do
         -- hold returns to the room, and only an overage beyond the room (policy 'wallet') is
         -- the wallet's.
         if late then
+          -- expired while the job is open: counted in nr then, and committed now (nl).
           job_uecu = billed
-          jadd(j, 'room', -billed)
+          j.room, j.droom, j.dnl = j.room - billed, j.droom - billed, j.dnl + 1
         else
           if job_uecu == 0 then job_uecu = from_hold end
           released = amt - from_hold
-          if billed ~= job_uecu then add('overage', billed - job_uecu) end  -- speed: reserve.lua
-          jadd(j, 'room', amt - job_uecu)
-          jadd(j, 'sh', -amt)
+          if billed ~= job_uecu then  -- speed: no zero HINCRBY (reserve.lua)
+            add('overage', billed - job_uecu)
+            j.dxo = j.dxo + billed - job_uecu
+          end
+          j.room, j.droom = j.room + amt - job_uecu, j.droom + amt - job_uecu
           unstep[#unstep + 1] = step_member(jid, rid)
         end
         if job_uecu ~= 0 then
@@ -216,10 +240,11 @@ for i = 0, n - 1 do
       add('committed', billed)
       bal = bal - billed
       if unbilled > 0 then add(late and 'late_unbilled' or 'unbilled_overage', unbilled) end
-      if j then
+      if job_open then
+        j.dcm, j.dnc, j.touched = j.dcm + billed, j.dnc + 1, true
+      elseif j then
         jadd(j, 'cm', billed)
         jadd(j, 'nc', 1)
-        if job_open then touch_job(jid, j) end
         dirty[jid] = true
       end
       if billed ~= 0 then
@@ -256,7 +281,13 @@ for i = 0, n - 1 do
     end
   end
 end
-for jid in pairs(dirty) do put_job(jid, jobs[jid]) end
+for jid, j in pairs(jobs) do
+  if j and j.st == 'O' then
+    flush_job(jid, j)
+  elseif dirty[jid] then
+    put_job(jid, j)
+  end
+end
 if #unstep > 0 then call_sliced('ZREM', JSTEPS, unstep, 1) end
 if #tombed > 0 then
   call_sliced('HSET', HOLDS, puts, 2)

@@ -48,11 +48,8 @@ rec.ettl = ttl_s
 put_hold(rid, rec)
 redis.call('ZADD', DEADLINES, I(dl), rid)
 -- A step's heartbeat is its job's too.
-local j = rec.jb and get_job(rec.jb)
-if j and j.st == 'O' and tonumber(j.dl) > NOW then
-  touch_job(rec.jb, j)
-  put_job(rec.jb, j)
-end
+local jv = rec.jb and job_view(rec.jb)
+if jv and tonumber(jv.dl) > NOW then touch_job(rec.jb, jv) end
 emit('extend', 'extend:' .. rid .. ':' .. rec.t0 .. ':' .. seq_s, 'rid', rid, 'deadline', rec.dl,
   'sequence', seq_s)
 return {'OK', dl, 0}

@@ -109,6 +109,7 @@ for _ = 1, k do
   b = b + 4
 end
 b = holds_at
+local live = {}  -- job id -> its steps restored here
 for _ = 1, h do
   local rid, amt, seq, tm, pj = ARGV[b], ARGV[b + 1], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
   -- The record reserve.lua writes. What the ledger does not keep: the job spec's fingerprint
@@ -120,7 +121,10 @@ for _ = 1, h do
     tm = tm, pj = pj, us = ARGV[b + 8], dl = ARGV[b + 3], t0 = ARGV[b + 2], av0 = av_s, seq = seq,
     ettl = seq == '0' and '0' or '', rcv = ARGV[b + 11], fp = '', jb = jid ~= '' and jid or nil})
   redis.call('ZADD', DEADLINES, ARGV[b + 3], rid)
-  if jid ~= '' then redis.call('ZADD', JSTEPS, '0', step_member(jid, rid)) end
+  if jid ~= '' then
+    redis.call('ZADD', JSTEPS, '0', step_member(jid, rid))
+    live[jid] = (live[jid] or 0) + 1
+  end
   if tm ~= '' then redis.call('HINCRBY', ACCT, 't:' .. tm .. ':held', amt) end
   if pj ~= '' then redis.call('HINCRBY', ACCT, 'p:' .. pj .. ':held', amt) end
   b = b + 13
@@ -137,6 +141,9 @@ for _ = 1, nj do
     job = ARGV[b + 15], rcv = ARGV[b + 16], ttl = ARGV[b + 17], dl = '0', t0 = ARGV[b + 18],
     fin = ARGV[b + 19], ret = ARGV[b + 20], av0 = av_s, fp = ''}
   if st == 'O' then
+    -- The counters get_job derives sh and n from, set so that it derives the ledger's.
+    j.xo = I(tonumber(j.cm) - (tonumber(j.amt) + tonumber(j.x) - tonumber(j.room) - tonumber(j.sh)))
+    j.nl = I(tonumber(j.nc) + tonumber(j.nr) + (live[jid] or 0) - tonumber(j.n))
     touch_job(jid, j)
     local room = tonumber(j.room)
     if j.tm ~= '' then redis.call('HINCRBY', ACCT, 't:' .. j.tm .. ':held', I(room)) end

@@ -80,8 +80,8 @@ if op == 'open' then
   end
   local xmax = 0
   if pol == 'wallet' then xmax = overage_bound(amt, tonumber(ARGV[15])) end
-  j = {st = 'O', amt = amt_s, x = '0', xmax = I(xmax), room = amt_s, sh = '0', cm = '0', n = '0',
-    nc = '0', nr = '0', pol = pol, tm = team, pj = project, us = user, job = ARGV[8],
+  j = {st = 'O', amt = amt_s, x = '0', xmax = I(xmax), room = amt_s, sh = '0', cm = '0', xo = '0',
+    n = '0', nc = '0', nr = '0', nl = '0', pol = pol, tm = team, pj = project, us = user, job = ARGV[8],
     rcv = ARGV[12], ttl = ttl, dl = '0', t0 = NOW_S, fin = '0', ret = '0',
     av0 = I(avail - amt), fp = fp}
   touch_job(jid, j)
@@ -109,6 +109,5 @@ if op == 'touch' then
       .. '; approve a new job', 'job_id', jid, 'state', j.st)
   end
   touch_job(jid, j)
-  put_job(jid, j)
 end
 return answer(j, 0)

@@ -12,7 +12,8 @@
 -- hydrate script, forced, with the same outbox id), which owns every key. They are found by:
 --   held = the sum of the ACTIVE holds the deadline index lists, every one of them ACTIVE, plus
 --   the rooms of the open jobs; every ACTIVE step of a job is in the step index, and its job
---   is open and its records' steps held add up to what its ACTIVE steps hold;
+--   is open and its steps held (derived from its counters, get_job) add up to what its ACTIVE
+--   steps hold; each open job has its fields beside its record, and no other job any;
 --   every job record is in the job deadline index, and every entry there has a record; as
 --   many jobs are open as the ledger records (a job record lost with nothing held by it);
 --   every hold record is either in the deadline index or in the tombstone index;
@@ -33,8 +34,16 @@ local function key_loss()
   local held, granted = N(v[1]), N(v[2])
   local rids = redis.call('ZRANGE', DEADLINES, '0', '-1')
   local active, sum, steps = 0, 0, 0
-  local jobs = {}
-  for _, jid in ipairs(redis.call('HKEYS', JOBS)) do jobs[jid] = get_job(jid) end
+  -- Job records, and the fields beside the open ones' (their ids hold a ':').
+  local jobs, njobs, beside = {}, 0, 0
+  for _, f in ipairs(redis.call('HKEYS', JOBS)) do
+    if string.find(f, ':', 1, true) then
+      beside = beside + 1
+    else
+      jobs[f] = get_job(f)
+      njobs = njobs + 1
+    end
+  end
   local step_sum = {}  -- job id -> what its ACTIVE steps hold
   if #rids > 0 then
     local raws = call_sliced('HMGET', HOLDS, rids, 1)
@@ -71,6 +80,9 @@ local function key_loss()
       return 'job ' .. jid .. ' is not in the job deadline index'
     end
   end
+  if beside ~= open * (#JOB_COUNTERS + #JOB_STEP_FIELDS) then
+    return open .. ' open jobs but ' .. beside .. ' job fields beside the records'
+  end
   if ledger_jobs ~= '' and open ~= tonumber(ledger_jobs) then
     return 'the ledger records ' .. ledger_jobs .. ' open jobs but Redis ' .. open
   end
@@ -83,9 +95,8 @@ local function key_loss()
       .. ' are active'
   end
   local indexed_jobs = redis.call('ZCARD', JOBDL)
-  if indexed_jobs ~= redis.call('HLEN', JOBS) then
-    return indexed_jobs .. ' jobs in the job deadline index but ' .. redis.call('HLEN', JOBS)
-      .. ' job records'
+  if indexed_jobs ~= njobs then
+    return indexed_jobs .. ' jobs in the job deadline index but ' .. njobs .. ' job records'
   end
   if #rids ~= active then
     return 'the deadline index lists ' .. #rids .. ' holds, of which ' .. active .. ' are active'

@@ -18,13 +18,13 @@ if not rec then
   return err('HOLD_NOT_FOUND', 'no hold ' .. rid .. ' in organization ' .. ORG, 'reservation_id', rid)
 end
 local jid = rec.jb
-local j = jid and get_job(jid) or nil
-if j and j.st == 'O' and tonumber(j.dl) <= NOW then
-  end_job(jid, j, 'X')
+local jv = jid and job_view(jid) or nil
+if jv and tonumber(jv.dl) <= NOW then
+  end_job(jid, get_job(jid), 'X')
   rec = get_hold(rid)
+  jv = nil
 end
 settle_deadline(rid, rec)
-if j then j = get_job(jid) end
 if rec.st == 'C' then
   return err('HOLD_COMMITTED', 'hold ' .. rid .. ' was committed; it cannot be released',
     'reservation_id', rid)
@@ -42,12 +42,10 @@ if rec.st == 'E' then
   return {'OK', available(), 0, 'E', replayed}
 end
 local amt = tonumber(rec.amt)
-if j and j.st == 'O' then
-  jadd(j, 'room', amt)
-  jadd(j, 'sh', -amt)
-  jadd(j, 'nr', 1)
-  touch_job(jid, j)
-  put_job(jid, j)
+if jv then
+  job_incr(jid, 'room', amt)
+  job_incr(jid, 'nr', 1)
+  touch_job(jid, jv)
   redis.call('ZREM', JSTEPS, step_member(jid, rid))
 else
   redis.call('HINCRBY', ACCT, 'held', I(-amt))

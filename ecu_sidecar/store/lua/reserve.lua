@@ -34,20 +34,30 @@ sweep()
 local team, project, user = ARGV[5], ARGV[6], ARGV[7]
 local jid = ARGV[8]
 local n = tonumber(ARGV[9])
-local jrec
+-- jv: what a step reads of an open job (job_view); jrec: the job whole, read only where a step
+-- needs more (its policy and bounds when the room is short), or when the job is not open (an
+-- ended job still answers replays of its steps).
+local jv, jrec
 if jid ~= '' then
-  jrec = get_job(jid)
-  if not jrec then
-    return err('JOB_NOT_FOUND', 'no job ' .. jid .. ' in organization ' .. ORG, 'job_id', jid,
-      'organization', ORG)
+  jv = job_view(jid)
+  if jv and tonumber(jv.dl) <= NOW then  -- abandoned: ended on first touch (settle_job)
+    end_job(jid, get_job(jid), 'X')
+    jv = nil
   end
-  settle_job(jid, jrec)
-  if (team ~= '' and team ~= jrec.tm) or (project ~= '' and project ~= jrec.pj) then
-    return err('JOB_SCOPE_MISMATCH', 'job ' .. jid .. " was approved for team '" .. jrec.tm
-      .. "' and project '" .. jrec.pj .. "'; its steps cannot name team '" .. team
-      .. "' and project '" .. project .. "'", 'job_id', jid, 'team', jrec.tm, 'project', jrec.pj)
+  if not jv then
+    jrec = get_job(jid)
+    if not jrec then
+      return err('JOB_NOT_FOUND', 'no job ' .. jid .. ' in organization ' .. ORG, 'job_id', jid,
+        'organization', ORG)
+    end
   end
-  team, project = jrec.tm, jrec.pj
+  local jtm, jpj = (jv or jrec).tm, (jv or jrec).pj
+  if (team ~= '' and team ~= jtm) or (project ~= '' and project ~= jpj) then
+    return err('JOB_SCOPE_MISMATCH', 'job ' .. jid .. " was approved for team '" .. jtm
+      .. "' and project '" .. jpj .. "'; its steps cannot name team '" .. team
+      .. "' and project '" .. project .. "'", 'job_id', jid, 'team', jtm, 'project', jpj)
+  end
+  team, project = jtm, jpj
 end
 -- Item i (0-based) is ARGV[10 + 7i ..]: rid, amount, job, model, ttl, rate card version,
 -- fingerprint; read in place (a table per item was a measurable part of a batch).
@@ -87,36 +97,44 @@ end
 -- A job's steps: the room covers need, or policy 'wallet' draws the rest (wneed) from the
 -- wallet, which the checks below then cover like any hold.
 local wneed = need
-if jrec and fresh > 0 then
-  if jrec.st ~= 'O' then
+if jid ~= '' and fresh > 0 then
+  if not jv then
     return err('JOB_CLOSED', 'job ' .. jid .. ' is ' .. (jrec.st == 'C' and 'closed' or 'abandoned')
       .. '; its steps cannot be reserved', 'job_id', jid, 'state', jrec.st)
   end
-  local most = tonumber(jrec.amt) + tonumber(jrec.xmax)
+  local room = jv.room
+  wneed = math.max(0, need - room)
+  -- Beyond the room (no single step can be beyond the approval unless the steps are): the
+  -- job whole decides, by its bounds and policy.
+  local most
+  if wneed > 0 then
+    jrec = get_job(jid)
+    most = tonumber(jrec.amt) + tonumber(jrec.xmax)
+  end
   for i = 0, n - 1 do
     local b = 10 + i * 7
     if not recs[i + 1] then
-      if ARGV[b + 5] ~= '' and ARGV[b + 5] ~= jrec.rcv then
+      if ARGV[b + 5] ~= '' and ARGV[b + 5] ~= jv.rcv then
         return err('RATE_CARD_MISMATCH', 'job ' .. jid .. " is pinned to rate card version '"
-          .. jrec.rcv .. "'; step " .. ARGV[b] .. " was priced with '" .. ARGV[b + 5] .. "'",
-          'rate_card_version', jrec.rcv, 'job_id', jid)
+          .. jv.rcv .. "'; step " .. ARGV[b] .. " was priced with '" .. ARGV[b + 5] .. "'",
+          'rate_card_version', jv.rcv, 'job_id', jid)
       end
-      if tonumber(ARGV[b + 1]) > most then
+      if most and tonumber(ARGV[b + 1]) > most then
         return err('STEP_EXCEEDS_APPROVAL', 'step ' .. ARGV[b] .. ' needs ' .. ARGV[b + 1]
           .. ' uECU, more than job ' .. jid .. ' may ever hold (' .. I(most) .. ' uECU)',
           'job_id', jid, 'requested', ARGV[b + 1], 'approved', jrec.amt, 'extra_max', jrec.xmax)
       end
     end
   end
-  local room = tonumber(jrec.room)
-  wneed = math.max(0, need - room)
-  local extra_left = tonumber(jrec.xmax) - tonumber(jrec.x)
-  if wneed > 0 and (jrec.pol ~= 'wallet' or wneed > extra_left) then
-    local can = room
-    if jrec.pol == 'wallet' then can = room + extra_left end
-    return err('INSUFFICIENT_ECU', 'insufficient ECU: job ' .. jid .. ' has ' .. I(can)
-      .. ' uECU of room left, ' .. I(need) .. ' requested (policy ' .. jrec.pol .. ')',
-      'scope', 'job', 'scope_id', jid, 'requested', I(need), 'available', I(can))
+  if wneed > 0 then
+    local extra_left = tonumber(jrec.xmax) - tonumber(jrec.x)
+    if jrec.pol ~= 'wallet' or wneed > extra_left then
+      local can = room
+      if jrec.pol == 'wallet' then can = room + extra_left end
+      return err('INSUFFICIENT_ECU', 'insufficient ECU: job ' .. jid .. ' has ' .. I(can)
+        .. ' uECU of room left, ' .. I(need) .. ' requested (policy ' .. jrec.pol .. ')',
+        'scope', 'job', 'scope_id', jid, 'requested', I(need), 'available', I(can))
+    end
   end
 end
 
@@ -165,7 +183,7 @@ local after = avail - wneed
 if fresh == 0 then after = tonumber(recs[n].av0) end
 local out = {'OK', after, fresh == 0 and 1 or 0, ''}
 -- What each fresh step of a job takes from the room; the rest of it comes from the wallet.
-local room_left = jrec and tonumber(jrec.room) or 0
+local room_left = jv and jv.room or 0
 local steps = {}
 local puts, deadlines, np = {}, {}, 0
 local after_s = I(after)
@@ -182,7 +200,7 @@ for i = 0, n - 1 do
     end
     rec = {st = 'A', amt = amt, job = job, mdl = mdl, ttl = ttl, tm = team, pj = project,
       us = user, dl = dl, t0 = NOW_S, av0 = after_s, seq = '0', ettl = '0', rcv = rcv,
-      fp = ARGV[b + 6], jb = jrec and jid or nil}
+      fp = ARGV[b + 6], jb = jv and jid or nil}
     puts[np + 1], puts[np + 2] = rid, cjson.encode(rec)
     deadlines[np + 1], deadlines[np + 2] = dl, rid
     np = np + 2
@@ -204,14 +222,11 @@ end
 if fresh > 0 then
   call_sliced('HSET', HOLDS, puts, 2)
   call_sliced('ZADD', DEADLINES, deadlines, 2)
-  if jrec then
+  if jv then
     call_sliced('ZADD', JSTEPS, steps, 2)
-    jadd(jrec, 'room', -(need - wneed))
-    jadd(jrec, 'x', wneed)
-    jadd(jrec, 'sh', need)
-    jadd(jrec, 'n', fresh)
-    touch_job(jid, jrec)
-    put_job(jid, jrec)
+    job_incr(jid, 'room', -(need - wneed))
+    job_incr(jid, 'x', wneed)
+    touch_job(jid, jv)
   end
   if wneed > 0 then
     redis.call('HINCRBY', ACCT, 'held', I(wneed))
@@ -222,5 +237,9 @@ if fresh > 0 then
     check_thresholds(v)
   end
 end
-if jrec then out[4] = tonumber(jrec.room) end
+if jv then
+  out[4] = jv.room - (need - wneed)
+elseif jrec then
+  out[4] = tonumber(jrec.room)
+end
 return out
