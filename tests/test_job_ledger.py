@@ -195,6 +195,30 @@ async def test_a_lost_job_that_holds_nothing_is_found_and_rebuilt(stack: Stack) 
     assert await stack.flusher.reconcile() == {org: 0}
 
 
+@pytest.mark.parametrize("fault", ["room moved", "counter gone"])
+async def test_an_open_jobs_counters_that_do_not_add_up_are_found_and_rebuilt(
+    stack: Stack, fault: str
+) -> None:
+    """An open job's counters live beside its record (room, deadline, committed, step counts):
+    one moved outside the scripts no longer adds up with the live steps and the wallet's held,
+    one deleted leaves the job short of its fields; either way reconciliation rebuilds the
+    organization from the ledger and the job is as it was."""
+    org = f"job-{fault.split()[0]}"
+    before = await busy_job(stack, org)
+    await stack.flusher.drain()
+    assert await stack.flusher.reconcile() == {org: 0}
+    jobs = stack.key(org, "jobs")
+    if fault == "room moved":
+        await stack.direct.hincrby(jobs, "j1:room", 1_000)
+    else:
+        await stack.direct.hdel(jobs, "j1:nc")
+    assert await stack.flusher.reconcile() == {}  # found: rebuilt, not compared
+    assert stack.metric("ecu_flusher_key_loss_accounts") == 1
+    assert same(await stack.store.job(org, "j1")) == same(before)
+    assert await stack.direct.hget(jobs, "j1:room") == str(before.room_uecu).encode()
+    await stack.agree(org)
+
+
 async def test_a_closed_job_answers_a_replayed_close_after_a_full_loss(stack: Stack) -> None:
     org = "job-closed"
     await busy_job(stack, org)
