@@ -979,6 +979,48 @@ def test_sqlite_runs_wal_full_sync_with_foreign_keys(tmp_path: Any) -> None:
         assert led.write_events(Sim(seed=9).run(20).events).inserted > 0
 
 
+def test_sqlite_writers_of_one_process_queue_and_only_another_process_times_out(
+    tmp_path: Any,
+) -> None:
+    """The reconciler writes from 16 threads at once. Each write transaction here holds the
+    database for 20 ms, 20 times the busy timeout: in one process they take turns and all
+    succeed; a hold from outside (another connection: another process, an outage) is still
+    refused after the busy timeout."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "ledger.db"
+    with open_ledger(f"sqlite://{path}") as led:
+        led.migrate()
+    with open_ledger(f"sqlite://{path}?busy_timeout_ms=1") as led:
+        outcome: list[Any] = []
+
+        def write(i: int) -> None:
+            try:
+                with led.backend.transaction(write=True) as tx:
+                    tx.rows("SELECT 1")
+                    time.sleep(0.02)
+                outcome.append(i)
+            except Exception as exc:
+                outcome.append(exc)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(outcome, key=str) == sorted(range(16), key=str), outcome
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(LedgerUnavailable, match="locked"):
+                with led.backend.transaction(write=True):
+                    pass
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+
+
 def test_bad_urls_are_refused() -> None:
     with pytest.raises(LedgerArgumentError, match="expected postgresql"):
         open_ledger("mysql://x/y")

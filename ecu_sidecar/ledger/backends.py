@@ -334,6 +334,12 @@ class SqliteBackend:
         self._all: list[sqlite3.Connection] = []
         self._closed = False
         self._shared = threading.Lock() if self._memory else None
+        # This process's writers queue here, so that the busy timeout measures only another
+        # process's hold on the database (an outage), never this process's own concurrent
+        # writers (the reconciler checks 16 organizations at once): SQLite's busy handler
+        # backs off by sleeps, and a few threads racing for the lock could each miss it
+        # past a short timeout.
+        self._writer = threading.RLock()
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float) -> SqliteBackend:
@@ -410,7 +416,7 @@ class SqliteBackend:
     @contextlib.contextmanager
     def transaction(self, *, write: bool) -> Iterator[Tx]:
         try:
-            with self._connection() as conn:
+            with self._connection() as conn, self._writer if write else contextlib.nullcontext():
                 conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
                     yield _SqliteTx(conn)
