@@ -9,10 +9,11 @@
     <prefix>:{<org>}:grants      hash   grant id -> grant record
     <prefix>:{<org>}:gexp        zset   grant id -> expiry ms of expiring grants with a rest
     <prefix>:{<org>}:jobs        hash   job id -> approved job record (open, and closed ones
-                                        until their purge time)
+                                        until their purge time); beside an open job's record its
+                                        counters, '<job id>:room', ':dl' ... (what a step moves)
     <prefix>:{<org>}:jobdl       zset   job id -> abandonment deadline ms of an open job (at or
-                                        before the record's: the sweep moves it on), purge time
-                                        ms of an ended one
+                                        before its ':dl': the sweep moves it on), purge time ms
+                                        of an ended one
     <prefix>:{<org>}:jsteps      zset   '<job id>:<reservation id>' of every ACTIVE step hold of
                                         an open job (all scores 0: a job's steps are one lex range)
     <prefix>:{<org>}:fence       string written after each confirmed script, so that the WAIT
