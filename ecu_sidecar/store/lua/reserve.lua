@@ -104,8 +104,8 @@ if jid ~= '' and fresh > 0 then
   end
   local room = jv.room
   wneed = math.max(0, need - room)
-  -- Beyond the room (no single step can be beyond the approval unless the steps are): the
-  -- job whole decides, by its bounds and policy.
+  -- Beyond the room the job whole decides, by its bounds and policy (read only then: a step
+  -- beyond what the job may ever hold is beyond its room too, which is at most that).
   local most
   if wneed > 0 then
     jrec = get_job(jid)
