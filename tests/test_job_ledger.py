@@ -27,10 +27,13 @@ MINUTE_MS = 60_000
 _VOLATILE = {"deadline_unix_ms": 0, "available_uecu": 0, "replayed": False}
 
 
-@pytest_asyncio.fixture
-async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
+async def _stack(backend: str, database: Database, **overrides: object) -> AsyncIterator[Stack]:
     settings = make_settings(
-        backend, ledger_url=database.url, flusher_claim_idle_ms=0, flusher_discovery_interval_ms=0
+        backend,
+        ledger_url=database.url,
+        flusher_claim_idle_ms=0,
+        flusher_discovery_interval_ms=0,
+        **overrides,
     )
     ledger = open_ledger(database.url)
     ledger.migrate()
@@ -40,6 +43,21 @@ async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
     await s.store.close()
     await s.direct.aclose()
     ledger.close()
+
+
+@pytest_asyncio.fixture
+async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
+    async for s in _stack(backend, database):
+        yield s
+
+
+@pytest_asyncio.fixture
+async def narrow(backend: str, database: Database) -> AsyncIterator[Stack]:
+    """Scripts that sweep one due item of each kind per call (ECU_SWEEP_LIMIT=1): a step
+    script then meets overdue steps and abandoned jobs its own sweep did not reach, which it
+    settles itself (the model-based test's sweep always reaches them first)."""
+    async for s in _stack(backend, database, sweep_limit=1):
+        yield s
 
 
 async def agree(s: Stack, org: str) -> None:
@@ -217,6 +235,75 @@ async def test_an_open_jobs_counters_that_do_not_add_up_are_found_and_rebuilt(
     assert same(await stack.store.job(org, "j1")) == same(before)
     assert await stack.direct.hget(jobs, "j1:room") == str(before.room_uecu).encode()
     await stack.agree(org)
+
+
+async def test_a_commit_batch_settles_the_overdue_steps_its_sweep_left_in_order(
+    narrow: Stack,
+) -> None:
+    """Three steps of one job committed in one CommitBatch, two of them overdue: the sweep
+    expires one (into the room), the batch commits the live one (its unused part back to the
+    room, written at the end), then expires the other itself (the counters it gathered written
+    first) and bills both late from the room."""
+    s, org = narrow, "job-narrow"
+    await s.engine.grant(org, "g1", 1_000_000, GrantKind.TOP_UP)
+    await approve(s, org, "j1", 100_000)
+    acct = AccountRef(org)
+    await s.store.reserve(
+        acct,
+        [step("s1", 10_000, MINUTE_MS), step("s2", 20_000, MINUTE_MS), step("s3", 30_000)],
+        job_id="j1",
+    )
+    s.store.clock_offset_ms += 2 * MINUTE_MS
+    items = [CommitItem("s3", 25_000), CommitItem("s2", 15_000), CommitItem("s1", 5_000)]
+    out = (await s.store.commit(org, items, 20)).outcomes
+    assert [(o.committed_uecu, o.released_uecu, o.late) for o in out] == [
+        (25_000, 5_000, False),
+        (15_000, 0, True),
+        (5_000, 0, True),
+    ]
+    job = await s.store.job(org, "j1")
+    # room: 100,000 - 60,000 + 10,000 (s1 expired) + 5,000 (s3's rest) + 20,000 (s2 expired)
+    # - 15,000 - 5,000 (billed late from it) = 55,000
+    assert (job.room_uecu, job.steps_held_uecu, job.committed_uecu) == (55_000, 0, 45_000)
+    assert (job.steps, job.steps_committed, job.steps_ended) == (3, 3, 2)
+    b = await s.balance(org)
+    assert (b.held_uecu, b.committed_uecu) == (55_000, 45_000)
+    await s.agree(org)
+    assert await s.flusher.reconcile() == {org: 0}
+
+
+async def test_the_step_scripts_end_abandoned_jobs_their_sweep_left(narrow: Stack) -> None:
+    """Six jobs past their abandonment deadline; each script's sweep ends one, and the job a
+    Reserve, a Commit or a Release names is ended by that script itself: the Reserve is refused
+    (JOB_CLOSED), the Commit bills its step late from the wallet (the ended job's record counts
+    it), the Release finds its step expired. Every job ends abandoned, nothing held."""
+    s, org = narrow, "job-abandon"
+    await s.engine.grant(org, "g1", 1_000_000, GrantKind.TOP_UP)
+    for i in range(1, 7):
+        await s.store.approve_job(
+            AccountRef(org),
+            JobApproval(f"j{i}", 50_000, JobType.JUDGE, JobPolicy.REFUSE),
+            ttl_ms=MINUTE_MS,
+            overage_max_percent=20,
+        )
+        await s.store.reserve(AccountRef(org), [step(f"s{i}", 10_000)], job_id=f"j{i}")
+    s.store.clock_offset_ms += 2 * MINUTE_MS
+    with pytest.raises(errors.JobClosed) as closed:
+        await s.store.reserve(AccountRef(org), [step("late", 1_000)], job_id="j6")
+    assert closed.value.metadata["state"] == "abandoned"
+    (c,) = (await s.store.commit(org, [CommitItem("s5", 8_000)], 20)).outcomes
+    assert (c.committed_uecu, c.late, c.error) == (8_000, True, None)
+    r = await s.store.release(org, "s4")
+    assert r.released_uecu == 0
+    for i in range(1, 7):
+        j = await s.store.job(org, f"j{i}")
+        assert (j.state, j.room_uecu, j.steps_held_uecu) == (JobState.ABANDONED, 0, 0), j
+    j5 = await s.store.job(org, "j5")
+    assert (j5.committed_uecu, j5.steps, j5.steps_committed, j5.steps_ended) == (8_000, 1, 1, 1)
+    b = await s.balance(org)
+    assert (b.held_uecu, b.committed_uecu) == (0, 8_000)
+    await s.agree(org)
+    assert await s.flusher.reconcile() == {org: 0}
 
 
 async def test_a_closed_job_answers_a_replayed_close_after_a_full_loss(stack: Stack) -> None:
