@@ -371,6 +371,17 @@ local function settle_job(jid, j)
   if j.st == 'O' and tonumber(j.dl) <= NOW and not FENCED then end_job(jid, j, 'X') end
 end
 
+-- What a step reads of its job (job_view), once an abandoned job is ended (settle_job): nil
+-- when the job is not open; true as second value when this call ended it.
+local function open_job_view(jid)
+  local v = job_view(jid)
+  if v and tonumber(v.dl) <= NOW and not FENCED then
+    end_job(jid, get_job(jid), 'X')
+    return nil, true
+  end
+  return v, false
+end
+
 -- Spend order: expiring grants soonest-expiry first, then the never-expiring pool (implicit).
 -- Each expiring grant keeps its unspent rest in acct g:<id>; a commit burns them in order.
 local function burn(amount)

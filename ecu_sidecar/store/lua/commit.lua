@@ -66,9 +66,8 @@ for i = 0, n - 1 do rids[i + 1] = ARGV[8 + i * 7] end
 local got = n == 1 and {redis.call('HGET', HOLDS, rids[1])} or call_sliced('HMGET', HOLDS, rids, 1)
 -- The jobs of these steps, ended first when abandoned (which ends their ACTIVE steps: those
 -- records are read again). jobs[jid]: an open job's step view (job_view), in which this call
--- gathers what it moves of the job's counters (written once at the end, flush_job; speed: a
--- write per item was ~20,000 instructions each, 5 % of a 100-step batch pair; issue 16); an
--- ended job's record (written back at the end when a late commit changed it, dirty); false: no
+-- gathers what it moves of the job's counters (added once at the end: a batch of one job's
+-- steps moves each counter once, as a single step does); an ended job's record (written back at the end when a late commit changed it, dirty); false: no
 -- such job.
 local jobs = {}
 local ended = false
@@ -76,12 +75,8 @@ for i = 1, n do
   got[i] = got[i] and cjson.decode(got[i])
   local jid = got[i] and got[i].jb
   if jid and jobs[jid] == nil then
-    local v = job_view(jid)
-    if v and tonumber(v.dl) <= NOW then
-      end_job(jid, get_job(jid), 'X')
-      ended = true
-      v = nil
-    end
+    local v, now_ended = open_job_view(jid)
+    ended = ended or now_ended
     if v then
       v.droom, v.dcm, v.dxo, v.dnc, v.dnl, v.touched = 0, 0, 0, 0, 0, false
       jobs[jid] = v
@@ -99,16 +94,6 @@ local puts, tombed = {}, {}
 -- Ended jobs whose records this call changed, and the steps to drop from the step index, with
 -- one ZREM.
 local dirty, unstep = {}, {}
-
-local function flush_job(jid, v)
-  job_incr(jid, 'room', v.droom)
-  job_incr(jid, 'cm', v.dcm)
-  job_incr(jid, 'xo', v.dxo)
-  job_incr(jid, 'nc', v.dnc)
-  job_incr(jid, 'nl', v.dnl)
-  if v.touched then touch_job(jid, v) end
-  v.droom, v.dcm, v.dxo, v.dnc, v.dnl, v.touched = 0, 0, 0, 0, 0, false
-end
 
 -- Read once, when an item first needs it: the threshold state (no item changes it) with balance
 -- and held, which `bal` and `held` then follow.
@@ -145,11 +130,10 @@ for i = 0, n - 1 do
     local jid = rec.jb
     local j = jid and jobs[jid] or nil
     if rec.st == 'A' and tonumber(rec.dl) <= NOW then
-      -- expire_hold moves the job's counters itself: they must hold this call's changes first.
-      local open = j and j.st == 'O'
-      if open then flush_job(jid, j) end
+      -- expire_hold adds to the job's counters in Redis itself (the deltas this call gathers
+      -- add to them at the end); the view's room follows here.
       settle_deadline(rid, rec)
-      if open then
+      if j and j.st == 'O' then
         j.room = j.room + tonumber(rec.amt)
       elseif wallet then
         held = held - tonumber(rec.amt)
@@ -283,7 +267,12 @@ for i = 0, n - 1 do
 end
 for jid, j in pairs(jobs) do
   if j and j.st == 'O' then
-    flush_job(jid, j)
+    job_incr(jid, 'room', j.droom)
+    job_incr(jid, 'cm', j.dcm)
+    job_incr(jid, 'xo', j.dxo)
+    job_incr(jid, 'nc', j.dnc)
+    job_incr(jid, 'nl', j.dnl)
+    if j.touched then touch_job(jid, j) end
   elseif dirty[jid] then
     put_job(jid, j)
   end

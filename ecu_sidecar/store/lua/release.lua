@@ -18,12 +18,9 @@ if not rec then
   return err('HOLD_NOT_FOUND', 'no hold ' .. rid .. ' in organization ' .. ORG, 'reservation_id', rid)
 end
 local jid = rec.jb
-local jv = jid and job_view(jid) or nil
-if jv and tonumber(jv.dl) <= NOW then
-  end_job(jid, get_job(jid), 'X')
-  rec = get_hold(rid)
-  jv = nil
-end
+local jv, ended
+if jid then jv, ended = open_job_view(jid) end
+if ended then rec = get_hold(rid) end
 settle_deadline(rid, rec)
 if rec.st == 'C' then
   return err('HOLD_COMMITTED', 'hold ' .. rid .. ' was committed; it cannot be released',

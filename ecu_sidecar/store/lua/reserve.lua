@@ -39,11 +39,7 @@ local n = tonumber(ARGV[9])
 -- ended job still answers replays of its steps).
 local jv, jrec
 if jid ~= '' then
-  jv = job_view(jid)
-  if jv and tonumber(jv.dl) <= NOW then  -- abandoned: ended on first touch (settle_job)
-    end_job(jid, get_job(jid), 'X')
-    jv = nil
-  end
+  jv = open_job_view(jid)
   if not jv then
     jrec = get_job(jid)
     if not jrec then
