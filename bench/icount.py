@@ -16,7 +16,8 @@ fresh process, and (I(HIGH) - I(LOW)) / (HIGH - LOW) is one iteration's count.
 
 An iteration is one operation: ``reserve`` (Reserve of one step), ``pair`` (Reserve then
 Commit of one step), ``reserve-batch`` (ReserveBatch of BATCH steps), ``batch-pair``
-(ReserveBatch then CommitBatch); Commit and CommitBatch are the differences.
+(ReserveBatch then CommitBatch), ``job-reserve`` and ``job-pair`` (the same step drawn from an
+approved job, issue 16); Commit, CommitBatch and a job step's Commit are the differences.
 
 - **flusher**: the flusher's process (``Flusher.flush_once`` in a loop: read the outboxes,
   validate, write the ledger, acknowledge) under valgrind, over a backlog of reserve and commit
@@ -57,7 +58,9 @@ FLUSH_EVENTS = 2_000
 FLUSH_ORGS = 100
 #: Flusher cycles of the shorter and the longer run.
 FLUSH_LOW, FLUSH_HIGH = 2, 6
-OPERATIONS = ("reserve", "pair", "reserve-batch", "batch-pair")
+OPERATIONS = ("reserve", "pair", "reserve-batch", "batch-pair", "job-reserve", "job-pair")
+#: The job the job operations draw from: room for far more steps than a run takes.
+JOB_ID, JOB_UECU = "icount-job", 10**12
 _VALGRIND = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
 _IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
@@ -68,7 +71,8 @@ _IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 async def handler_loop(op: str, n: int, redis_url: str, prefix: str = "") -> None:
     from bench.harness import ADMIN_TOKEN, RATE_CARD
     from ecu_sidecar.api.v1 import quota_pb2 as pb
-    from ecu_sidecar.model import GrantKind
+    from ecu_sidecar.jobs import JobApproval
+    from ecu_sidecar.model import AccountRef, GrantKind, JobType
     from ecu_sidecar.server import SidecarServer
     from ecu_sidecar.service import QuotaService
     from ecu_sidecar.settings import Settings
@@ -89,6 +93,11 @@ async def handler_loop(op: str, n: int, redis_url: str, prefix: str = "") -> Non
     service = QuotaService(server.engine, server.metrics, settings.admin_token)
     org = "icount-0"
     await server.engine.grant(org, "seed", 10**15, GrantKind.TOP_UP)
+    job_id = ""
+    if op.startswith("job-"):
+        job_id = JOB_ID
+        approval = JobApproval(JOB_ID, JOB_UECU, JobType.JUDGE)
+        await server.engine.approve_job(AccountRef(org), approval)
     batch = op in ("reserve-batch", "batch-pair")
     steps = BATCH if batch else 1
     # Requests as bytes with a 6-digit slot for the iteration, parsed per call: what the server
@@ -123,6 +132,7 @@ async def handler_loop(op: str, n: int, redis_url: str, prefix: str = "") -> Non
             amount_uecu=1_000,
             job_type=pb.JOB_TYPE_JUDGE,
             model="gpt-4o-mini",
+            job_id=job_id,
         ).SerializeToString()
         commit_bytes = pb.CommitRequest(
             reservation_id="r######-000",
@@ -139,7 +149,7 @@ async def handler_loop(op: str, n: int, redis_url: str, prefix: str = "") -> Non
             (pb.ReserveBatchRequest, service.ReserveBatch, reserve.SerializeToString()),
             (pb.CommitBatchRequest, service.CommitBatch, commit.SerializeToString()),
         )
-    if op in ("reserve", "reserve-batch"):
+    if op in ("reserve", "reserve-batch", "job-reserve"):
         calls = calls[:1]
     context = _Context()
     for i in range(n):
@@ -304,6 +314,7 @@ def measure(
             ops = out[side]
             ops["commit"] = ops["pair"] - ops["reserve"]
             ops["commit-batch"] = ops["batch-pair"] - ops["reserve-batch"]
+            ops["job-commit"] = ops["job-pair"] - ops["job-reserve"]
     return out
 
 
@@ -314,6 +325,8 @@ def render(result: dict[str, Any]) -> str:
         ("Commit", "commit"),
         (f"ReserveBatch of {BATCH}", "reserve-batch"),
         (f"CommitBatch of {BATCH}", "commit-batch"),
+        ("Reserve, a job's step", "job-reserve"),
+        ("Commit, a job's step", "job-commit"),
     ]
     lines = [
         "| operation | sidecar process (handler in-process) | Redis (scripts) |",
@@ -325,7 +338,8 @@ def render(result: dict[str, Any]) -> str:
         s = sides[side]
         lines.append(
             f"\n{side}: ReserveBatch of {BATCH} = {s['reserve-batch'] / s['reserve']:.2f} × "
-            f"Reserve; CommitBatch of {BATCH} = {s['commit-batch'] / s['commit']:.2f} × Commit"
+            f"Reserve; CommitBatch of {BATCH} = {s['commit-batch'] / s['commit']:.2f} × Commit; "
+            f"a job's step (Reserve + Commit) = {s['job-pair'] / s['pair']:.3f} × a wallet step"
         )
     if "flusher" in sides:
         lines.append(

@@ -185,13 +185,21 @@ def test_refuses_targets_other_than_loopback(url: str) -> None:
 
 @pytest.mark.parametrize(
     ("op", "reserved", "committed"),
-    [("reserve", 1, 0), ("pair", 1, 1), ("reserve-batch", 100, 0), ("batch-pair", 100, 100)],
+    [
+        ("reserve", 1, 0),
+        ("pair", 1, 1),
+        ("reserve-batch", 100, 0),
+        ("batch-pair", 100, 100),
+        ("job-reserve", 1, 0),
+        ("job-pair", 1, 1),
+    ],
 )
 async def test_the_instruction_count_loop_does_what_it_counts(
     op: str, reserved: int, committed: int
 ) -> None:
     """bench.icount's child (the loop valgrind measures, run here without valgrind): each
-    iteration places (and commits) its own fresh steps through the handlers, answered OK."""
+    iteration places (and commits) its own fresh steps through the handlers, answered OK; a job
+    operation's steps draw from the job's room, not from the wallet."""
     require_redis()
     import uuid
 
@@ -205,13 +213,24 @@ async def test_the_instruction_count_loop_does_what_it_counts(
     await icount.handler_loop(op, 3, REDIS_URL, prefix)
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
-        acct, holds = org_keys(prefix, "icount-0")[:2]
+        keys = org_keys(prefix, "icount-0")
+        acct, holds, jobs = keys[0], keys[1], keys[7]
         counters = await client.hmget(acct, ["reserved", "committed", "held"])
         reserved_uecu, committed_uecu, held_uecu = (int(v or 0) for v in counters)
-        assert reserved_uecu == 3 * reserved * 1_000
         assert committed_uecu == 3 * committed * 700
-        assert held_uecu == 3 * (reserved - committed) * 1_000
         assert await client.hlen(holds) == 3 * reserved
+        if op.startswith("job-"):
+            # The approval held the job's amount; its steps moved money inside it.
+            assert reserved_uecu == icount.JOB_UECU
+            assert held_uecu == icount.JOB_UECU - committed_uecu
+            job = icount.JOB_ID
+            room, cm = await client.hmget(jobs, [f"{job}:room", f"{job}:cm"])
+            drawn = 3 * (reserved - committed) * 1_000  # what live steps hold
+            assert int(room) == icount.JOB_UECU - drawn - committed_uecu
+            assert int(cm or 0) == committed_uecu
+        else:
+            assert reserved_uecu == 3 * reserved * 1_000
+            assert held_uecu == 3 * (reserved - committed) * 1_000
     finally:
         keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
         if keys:
@@ -241,12 +260,15 @@ def test_the_instruction_count_table_names_every_operation() -> None:
     from bench import icount
 
     per_op = {"reserve": 10, "pair": 25, "reserve-batch": 300, "batch-pair": 700}
-    sides = {side: {**per_op, "commit": 15, "commit-batch": 400} for side in ("sidecar", "redis")}
+    per_op |= {"job-reserve": 12, "job-pair": 30, "commit": 15, "commit-batch": 400}
+    sides = {side: {**per_op, "job-commit": 18} for side in ("sidecar", "redis")}
     text = icount.render({"instructions": {**sides, "flusher": {"event": 1234}}})
     assert "flusher process: 1,234 instructions per event" in text
     assert "| ReserveBatch of 100 | 300 | 300 |" in text
     assert "| Commit | 15 | 15 |" in text
+    assert "| Commit, a job's step | 18 | 18 |" in text
     assert "ReserveBatch of 100 = 30.00 × Reserve; CommitBatch of 100 = 26.67 × Commit" in text
+    assert "a job's step (Reserve + Commit) = 1.200 × a wallet step" in text
 
 
 @pytest.mark.parametrize(("reached", "calls"), [(1_990.0, [1]), (1_700.0, [1, 10])])
@@ -289,6 +311,7 @@ def test_the_instruction_counts_come_out_per_side_and_per_event(
     from bench import icount
 
     cost = {"reserve": 10, "pair": 25, "reserve-batch": 300, "batch-pair": 700}
+    cost |= {"job-reserve": 12, "job-pair": 30}
     sides: list[str] = []
 
     def count(op: str, n: int, side: str, binary: str, work: Path) -> int:
@@ -303,7 +326,7 @@ def test_the_instruction_counts_come_out_per_side_and_per_event(
     out = icount.measure("redis-server", 20, 120, log=lambda _: None, pg_url="postgresql://x")
     assert set(sides) == {"sidecar", "redis"}
     assert out["flusher"] == {"event": 7}
-    assert out["sidecar"] == {**cost, "commit": 15, "commit-batch": 400}
+    assert out["sidecar"] == {**cost, "commit": 15, "commit-batch": 400, "job-commit": 18}
     assert out["redis"]["commit-batch"] == 800
     assert "flusher" not in icount.measure("redis-server", 20, 120, log=lambda _: None)
 
