@@ -88,6 +88,35 @@ async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
     ledger.close()
 
 
+async def test_a_commit_never_burns_a_grant_a_limited_sweep_left_past_its_expiry(
+    stack: Stack,
+) -> None:
+    """Found by the model-based test with its sweep held back. Each script expires at most
+    ECU_SWEEP_LIMIT due grants (1 here): of three past their expiry, the reserve's sweep takes
+    one, the commit's another, and the commit's burn met the third still indexed and spent it,
+    where the ledger's replay of the burn order, which a rebuild trusts for the rests of the
+    grants not yet expired, never burns a grant at or after its expiry. Now the commit bills
+    from the pool, the third grant keeps its whole rest for its expiry, and a rebuild taken
+    before that expiry restores the same figures as no loss at all."""
+    stack.store.sweep_limit = 1
+    org = "late-grants"
+    t0 = await stack.store.now_ms()
+    await stack.engine.grant(org, "top", 1_000, GrantKind.TOP_UP)
+    for gid, amount in (("g1", 300), ("g2", 200), ("g3", 100)):
+        await stack.engine.grant(org, gid, amount, GrantKind.STARTER, t0 + MINUTE_MS)
+    stack.store.clock_offset_ms += MINUTE_MS + 1
+    await stack.engine.reserve(AccountRef(org), [item("h", 50)])  # its sweep expires g1
+    (c,) = await stack.engine.commit(org, [CommitItem("h", 50)])  # and this one g2
+    assert c.error is None and c.committed_uecu == 50
+    rest = await stack.direct.hget(stack.key(org, "acct"), "g:g3")
+    assert int(rest) == 100, "a grant past its expiry was burnt"
+    await stack.flusher.drain()
+    await stack.lose(org, *SUFFIXES)
+    b = await stack.balance(org)  # rebuilt from the ledger; its sweep expires g3
+    assert (b.expired_grants_uecu, b.committed_uecu, b.balance_uecu) == (600, 50, 950)
+    await stack.agree(org)
+
+
 async def test_losing_only_the_account_hash_rebuilds_the_holds_with_it(stack: Stack) -> None:
     """The reproduction of item 3: before, the old holds stayed beside a fresh held = 0, a
     release drove held negative for good and the organization could reserve beyond its

@@ -2,8 +2,9 @@
 
 Redis spends (burns) every billed commit from the organization's expiring grants, soonest
 expiry first (ties by grant id), and from the never-expiring pool after them; a grant leaves
-that order when it is burnt to zero or when it expires (every script sweeps expired grants
-before it commits anything, so a commit at or after a grant's expiry never burns it).
+that order when it is burnt to zero or when it expires: a commit at or after a grant's expiry
+never burns it (every script sweeps expired grants before it commits anything, and its burn
+skips one that a sweep held to ECU_SWEEP_LIMIT left).
 
 Between two consecutive boundaries (a grant's start or expiry) the set of active grants is
 fixed, and burning a then b from a fixed order is burning a + b: so the replay needs only the

@@ -62,6 +62,10 @@ class RedisStore:
         self.clock_offset_ms = 0
         """Added to Redis TIME inside every script. Production leaves it at 0; tests move it
         forward to let holds expire without sleeping."""
+        self.sweep_limit = settings.sweep_limit
+        """Most due items of each kind one script's sweep handles (ECU_SWEEP_LIMIT). Tests set
+        0 to hold a script's sweep back, as if other due items had used the limit up: the
+        script then settles only what it touches itself."""
         self.metrics: StoreMetrics | None = None
         """Where script latency and errors are counted (set by the server or the flusher)."""
 
@@ -354,7 +358,7 @@ class RedisStore:
             org,
             self.clock_offset_ms,
             self._settings.tombstone_ttl_ms,
-            self._settings.sweep_limit,
+            self.sweep_limit,
             *args,
         ]
         started = time.perf_counter()
