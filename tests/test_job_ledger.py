@@ -55,7 +55,8 @@ async def stack(backend: str, database: Database) -> AsyncIterator[Stack]:
 async def narrow(backend: str, database: Database) -> AsyncIterator[Stack]:
     """Scripts that sweep one due item of each kind per call (ECU_SWEEP_LIMIT=1): a step
     script then meets overdue steps and abandoned jobs its own sweep did not reach, which it
-    settles itself (the model-based test's sweep always reaches them first)."""
+    settles itself (the model-based test reaches these with its sweep held back; here they
+    are reached with a real limit, and checked against the ledger)."""
     async for s in _stack(backend, database, sweep_limit=1):
         yield s
 
