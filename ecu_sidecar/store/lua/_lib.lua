@@ -385,8 +385,8 @@ end
 -- Spend order: expiring grants soonest-expiry first, then the never-expiring pool (implicit).
 -- Each expiring grant keeps its unspent rest in acct g:<id>; a commit burns them in order.
 -- A grant at or past its expiry is never burnt, even while a sweep held to ECU_SWEEP_LIMIT
--- has not expired it yet: its rest is the expiry's (R4), as the ledger's replay of the burn
--- order assumes (ecu_sidecar/ledger/burn.py).
+-- has not expired it yet: its rest is left whole for its expiry (expire_grants), as the
+-- ledger's replay of the burn order assumes (ecu_sidecar/ledger/burn.py).
 local function burn(amount)
   while amount > 0 do
     local first = redis.call('ZRANGEBYSCORE', GEXP, '(' .. NOW_S, '+inf', 'LIMIT', '0', '1')
