@@ -2122,9 +2122,9 @@ def test_engine_matches_the_model(
     machine = _machine(ledger, tmp_path)
     # The first round is the same examples every time. Which calls succeed, and so what can be
     # replayed or committed late, follows the machine's timing, and in a short run an outcome
-    # seen only once or twice is sometimes missed: up to six further rounds of fresh examples
+    # seen only once or twice is sometimes missed: up to nine further rounds of fresh examples
     # then add to the count, and any failure they find is as real as the first round's.
-    for round_ in range(7):
+    for round_ in range(10):
         run_state_machine_as_test(
             machine,
             settings=settings(
