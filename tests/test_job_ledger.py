@@ -243,8 +243,8 @@ async def test_a_commit_batch_settles_the_overdue_steps_its_sweep_left_in_order(
 ) -> None:
     """Three steps of one job committed in one CommitBatch, two of them overdue: the sweep
     expires one (into the room), the batch commits the live one (its unused part back to the
-    room, written at the end), then expires the other itself (the counters it gathered written
-    first) and bills both late from the room."""
+    room, added at the end), then expires the other itself (into the room, at once) and bills
+    both late from the room."""
     s, org = narrow, "job-narrow"
     await s.engine.grant(org, "g1", 1_000_000, GrantKind.TOP_UP)
     await approve(s, org, "j1", 100_000)

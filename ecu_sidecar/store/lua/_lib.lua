@@ -366,16 +366,21 @@ local function end_job(jid, j, how)
   if how == 'C' then learn_accuracy(j) end
 end
 
--- An open job past its abandonment deadline is ended on first touch, whether or not a sweep ran.
-local function settle_job(jid, j)
-  if j.st == 'O' and tonumber(j.dl) <= NOW and not FENCED then end_job(jid, j, 'X') end
+-- An open job past its abandonment deadline is ended on first touch, whether or not a sweep ran
+-- (not while the rebuild fence is up). j: a job whole (get_job) or a step's view (job_view).
+local function abandoned(j)
+  return j.st == 'O' and tonumber(j.dl) <= NOW and not FENCED
 end
 
--- What a step reads of its job (job_view), once an abandoned job is ended (settle_job): nil
--- when the job is not open; true as second value when this call ended it.
+local function settle_job(jid, j)
+  if abandoned(j) then end_job(jid, j, 'X') end
+end
+
+-- What a step reads of its job (job_view), once an abandoned job is ended: nil when the job is
+-- not open; true as second value when this call ended it.
 local function open_job_view(jid)
   local v = job_view(jid)
-  if v and tonumber(v.dl) <= NOW and not FENCED then
+  if v and abandoned(v) then
     end_job(jid, get_job(jid), 'X')
     return nil, true
   end

@@ -67,8 +67,8 @@ local got = n == 1 and {redis.call('HGET', HOLDS, rids[1])} or call_sliced('HMGE
 -- The jobs of these steps, ended first when abandoned (which ends their ACTIVE steps: those
 -- records are read again). jobs[jid]: an open job's step view (job_view), in which this call
 -- gathers what it moves of the job's counters (added once at the end: a batch of one job's
--- steps moves each counter once, as a single step does); an ended job's record (written back at the end when a late commit changed it, dirty); false: no
--- such job.
+-- steps moves each counter once, as a single step does); an ended job's record (written back
+-- at the end when a late commit changed it, dirty); false: no such job.
 local jobs = {}
 local ended = false
 for i = 1, n do
